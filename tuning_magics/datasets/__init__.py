@@ -1,0 +1,1 @@
+"""Datasets: the JSONL formats, DataFrame conversion, validation and token statistics."""

@@ -1,0 +1,623 @@
+"""One validator for every way a dataset reaches the service.
+
+``validate(source, model=None, method="sft")`` accepts a local path, a
+``gs://`` URI, a pandas DataFrame whose columns are a format's keys, or a list
+of records, and returns a :class:`ValidationReport`: the format, the number of
+examples, errors (each with a 1-based line, a field and a message), warnings,
+token statistics and the number of examples the service would drop.
+
+Errors make a dataset unusable (the service would reject the job); warnings
+do not (an example will be truncated, text-only rows dropped from an image
+dataset, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from . import formats as F
+from .tokens import TokenCounter
+
+#: Stop listing errors after this many; the count stays exact.
+MAX_LISTED = 200
+
+_CHAT_ROLES = {"system", "user", "assistant", "model"}
+_GC_ROLES = {"user", "model", "assistant"}
+_IMAGE_EXTENSIONS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+_DETAILS = {"low", "high", "auto"}
+
+
+@dataclass
+class Issue:
+    """One problem found: where it is and what to do."""
+
+    message: str
+    line: int | None = None
+    field: str | None = None
+
+    def to_dict(self) -> dict:
+        out = {"line": self.line, "field": self.field, "message": self.message}
+        return out
+
+    def __str__(self) -> str:
+        where = []
+        # DataFrame rows are named by their index label in the field; lines are for files.
+        if self.line is not None and not (self.field or "").startswith("row "):
+            where.append(f"line {self.line}")
+        if self.field:
+            where.append(self.field)
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+@dataclass
+class ValidationReport:
+    """What the validator found in one dataset."""
+
+    source: str
+    format: str | None = None
+    examples: int = 0
+    errors: list[Issue] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)
+    error_count: int = 0
+    warning_count: int = 0
+    dropped: int = 0
+    images: int = 0
+    model: str | None = None
+    method: str = "sft"
+    token_lengths: list[int] = field(default_factory=list, repr=False)
+    tokens_estimated: bool = True
+    tokenizer_note: str = ""
+    example: list[dict] | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_count == 0
+
+    @property
+    def tokens(self) -> dict:
+        import numpy as np
+
+        lengths = np.asarray(self.token_lengths, dtype=np.int64)
+        total = int(lengths.sum())
+        return {
+            "total": total,
+            "max": int(lengths.max()) if len(lengths) else 0,
+            "mean": round(total / len(lengths), 1) if len(lengths) else 0.0,
+            "estimated": self.tokens_estimated,
+        }
+
+    def error(self, message: str, line: int | None = None, field: str | None = None) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_LISTED:
+            self.errors.append(Issue(message, line, field))
+
+    def warn(self, message: str, line: int | None = None, field: str | None = None) -> None:
+        self.warning_count += 1
+        if len(self.warnings) < MAX_LISTED:
+            self.warnings.append(Issue(message, line, field))
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON-ready data (what ``--json`` prints)."""
+        return {
+            "ok": self.ok,
+            "source": self.source,
+            "format": self.format,
+            "model": self.model,
+            "method": self.method,
+            "examples": self.examples,
+            "errors": [e.to_dict() for e in self.errors],
+            "error_count": self.error_count,
+            "warnings": [w.to_dict() for w in self.warnings],
+            "warning_count": self.warning_count,
+            "tokens": self.tokens,
+            "dropped": self.dropped,
+        }
+
+    def summary(self) -> str:
+        """A few lines of plain text: verdict, counts, the first problems."""
+        verdict = "valid" if self.ok else "INVALID"
+        tok = self.tokens
+        est = " (estimated)" if tok["estimated"] else ""
+        lines = [
+            f"{self.source}: {verdict}: {self.examples} examples ({self.format or 'unknown format'}), "
+            f"{self.error_count} errors, {self.warning_count} warnings",
+            f"tokens{est}: total {tok['total']:,}, max {tok['max']:,}, mean {tok['mean']:,}",
+        ]
+        if self.dropped:
+            lines.append(f"dropped by the service: {self.dropped} examples")
+        for issue in self.errors[:10]:
+            lines.append(f"  error   {issue}")
+        if self.error_count > 10:
+            lines.append(f"  ... and {self.error_count - 10} more errors")
+        for issue in self.warnings[:5]:
+            lines.append(f"  warning {issue}")
+        if self.warning_count > 5:
+            lines.append(f"  ... and {self.warning_count - 5} more warnings")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        from ..display.dataset_report import report_html
+
+        return report_html(self)
+
+
+# -- one record -----------------------------------------------------------------
+
+
+class RecordChecker:
+    """Checks single records; shared by the file, record and DataFrame paths."""
+
+    def __init__(self, report: ValidationReport, method: str):
+        self.report = report
+        self.method = method
+
+    def check(self, record, line: int) -> tuple[str | None, bool]:
+        """Check one record; returns (format, has_image). Problems go to the report."""
+        if not isinstance(record, dict):
+            kind = type(record).__name__ if not isinstance(record, list) else "array"
+            self.report.error(f"each line must be a JSON object, not a JSON {kind}", line)
+            return None, False
+        fmt = F.detect(record)
+        if fmt is None:
+            keys = ", ".join(sorted(record)) or "none"
+            self.report.error(
+                f"unknown keys ({keys}); expected prompt/completion, messages, or contents", line
+            )
+            return None, False
+        unknown = sorted(set(record) - F.TOP_KEYS[fmt])
+        if unknown:
+            self.report.error(f"unknown key {unknown[0]!r} for the {fmt} format; remove it", line, unknown[0])
+        if fmt == F.CHAT:
+            has_image = self._chat(record, line)
+        elif fmt == F.GENERATE_CONTENT:
+            has_image = self._generate_content(record, line)
+        else:
+            has_image = self._prompt_completion(record, line)
+        return fmt, has_image
+
+    # prompt/completion
+    def _prompt_completion(self, record, line) -> bool:
+        for key in ("prompt", "completion"):
+            if key == "completion" and self.method == "distillation" and key not in record:
+                continue
+            self._text(record.get(key, _MISSING), line, key)
+        return False
+
+    def _text(self, value, line, field_name) -> bool:
+        if value is _MISSING:
+            self.report.error("missing; add it", line, field_name)
+        elif value is None:
+            self.report.error("is null; give it text", line, field_name)
+        elif not isinstance(value, str):
+            self.report.error(f"must be a string, not {_json_type(value)}", line, field_name)
+        elif not value.strip():
+            self.report.error("is empty; give it text or drop the example", line, field_name)
+        else:
+            return True
+        return False
+
+    # chat
+    def _chat(self, record, line) -> bool:
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            self.report.error(f"must be a list of messages, not {_json_type(messages)}", line, "messages")
+            return False
+        if not messages:
+            self.report.error("is empty; add user and assistant messages", line, "messages")
+            return False
+        has_image = False
+        roles = []
+        for i, msg in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(msg, dict):
+                self.report.error(f"must be an object with role and content, not {_json_type(msg)}", line, where)
+                continue
+            extra = sorted(set(msg) - {"role", "content"})
+            if extra:
+                self.report.error(f"unknown key {extra[0]!r}; a message has role and content", line, f"{where}.{extra[0]}")
+            role = msg.get("role", _MISSING)
+            if role is _MISSING or role is None:
+                self.report.error("missing; use system, user or assistant", line, f"{where}.role")
+            elif role not in _CHAT_ROLES:
+                self.report.error(f"unknown role {role!r}; use system, user or assistant", line, f"{where}.role")
+            else:
+                roles.append("assistant" if role == "model" else role)
+                if role == "system" and i != 0:
+                    self.report.error("a system message must come first", line, f"{where}.role")
+            has_image |= self._chat_content(msg.get("content", _MISSING), line, f"{where}.content")
+        self._turns(roles, line, "messages")
+        return has_image
+
+    def _chat_content(self, content, line, where) -> bool:
+        if isinstance(content, list):
+            if not content:
+                self.report.error("is an empty list of parts; add a text part", line, where)
+                return False
+            has_image = False
+            for j, part in enumerate(content):
+                pw = f"{where}[{j}]"
+                if not isinstance(part, dict):
+                    self.report.error(f"must be an object with a type, not {_json_type(part)}", line, pw)
+                    continue
+                kind = part.get("type")
+                if kind == "text":
+                    extra = sorted(set(part) - {"type", "text"})
+                    if extra:
+                        self.report.error(f"unknown key {extra[0]!r} in a text part", line, f"{pw}.{extra[0]}")
+                    self._text(part.get("text", _MISSING), line, f"{pw}.text")
+                elif kind == "image_url":
+                    has_image = True
+                    self._image_url_part(part, line, pw)
+                else:
+                    self.report.error(f"unknown part type {kind!r}; use text or image_url", line, f"{pw}.type")
+            return has_image
+        self._text(content, line, where)
+        return False
+
+    def _image_url_part(self, part, line, where) -> None:
+        extra = sorted(set(part) - {"type", "image_url"})
+        if extra:
+            self.report.error(f"unknown key {extra[0]!r} in an image_url part", line, f"{where}.{extra[0]}")
+        image = part.get("image_url", _MISSING)
+        if isinstance(image, str):
+            url = image
+        elif isinstance(image, dict):
+            bad = sorted(set(image) - {"url", "detail"})
+            if bad:
+                self.report.error(f"unknown key {bad[0]!r}; image_url has url and detail", line, f"{where}.image_url.{bad[0]}")
+            detail = image.get("detail")
+            if detail is not None and detail not in _DETAILS:
+                self.report.error(f"detail must be low, high or auto, not {detail!r}", line, f"{where}.image_url.detail")
+            url = image.get("url", _MISSING)
+        else:
+            self.report.error("missing or not an object with a url", line, f"{where}.image_url")
+            return
+        self._image_uri(url, line, f"{where}.image_url.url")
+
+    def _image_uri(self, url, line, where, mime: str | None = None) -> None:
+        if not self._text(url, line, where):
+            return
+        if url.startswith("data:"):
+            self._data_uri(url, line, where)
+            return
+        if not url.startswith(("gs://", "https://", "http://")):
+            self.report.error("must be a gs://, https:// or data: URI", line, where)
+            return
+        path = url.split("?", 1)[0].lower()
+        ext = "." + path.rsplit(".", 1)[-1] if "." in path.rsplit("/", 1)[-1] else ""
+        if ext and ext not in _IMAGE_EXTENSIONS:
+            self.report.error(f"{ext} images are not supported; use JPEG, PNG or WEBP", line, where)
+
+    def _data_uri(self, url, line, where) -> None:
+        header, sep, payload = url.partition(",")
+        mime = header[5:].split(";", 1)[0]
+        if not sep or ";base64" not in header:
+            self.report.error("a data: URI must look like data:image/jpeg;base64,<data>", line, where)
+            return
+        if mime not in F.IMAGE_MIME_TYPES:
+            self.report.error(f"{mime or 'missing'} images are not supported; use image/jpeg, image/png or image/webp", line, where)
+            return
+        self._base64(payload, line, where)
+
+    def _base64(self, payload, line, where) -> None:
+        try:
+            if not payload:
+                raise binascii.Error("empty")
+            base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            self.report.error("the image data is not valid base64", line, where)
+
+    def _turns(self, roles: list[str], line, where) -> None:
+        convo = [r for r in roles if r != "system"]
+        if not convo:
+            self.report.error("has no user or assistant turn", line, where)
+            return
+        if self.method == "sft" and "assistant" not in convo:
+            self.report.error("has no assistant turn to learn from; add the answer (or use method='distillation')", line, where)
+        elif self.method == "sft" and convo[-1] != "assistant":
+            self.report.warn("ends with a user turn that has no answer; that turn teaches nothing", line, where)
+        if convo and convo[0] != "user":
+            self.report.error("must start with a user turn (after the system message)", line, where)
+
+    # GenerateContent
+    def _generate_content(self, record, line) -> bool:
+        system = F.get(record, "system_instruction", "systemInstruction")
+        key = "systemInstruction" if "systemInstruction" in record else "system_instruction"
+        if system is not None:
+            if not isinstance(system, dict) or not isinstance(system.get("parts"), list) or not system["parts"]:
+                self.report.error("must be an object with a non-empty parts list", line, key)
+            else:
+                extra = sorted(set(system) - {"parts", "role"})
+                if extra:
+                    self.report.error(f"unknown key {extra[0]!r}", line, f"{key}.{extra[0]}")
+                for j, part in enumerate(system["parts"]):
+                    if not isinstance(part, dict) or set(part) != {"text"}:
+                        self.report.error("system instruction parts must be text parts", line, f"{key}.parts[{j}]")
+                    else:
+                        self._text(part["text"], line, f"{key}.parts[{j}].text")
+        contents = record.get("contents", _MISSING)
+        if contents is _MISSING:
+            self.report.error("missing; add the conversation turns", line, "contents")
+            return False
+        if not isinstance(contents, list):
+            self.report.error(f"must be a list of turns, not {_json_type(contents)}", line, "contents")
+            return False
+        has_image = False
+        roles = []
+        for i, turn in enumerate(contents):
+            where = f"contents[{i}]"
+            if not isinstance(turn, dict):
+                self.report.error(f"must be an object with role and parts, not {_json_type(turn)}", line, where)
+                continue
+            extra = sorted(set(turn) - {"role", "parts"})
+            if extra:
+                self.report.error(f"unknown key {extra[0]!r}; a turn has role and parts", line, f"{where}.{extra[0]}")
+            role = turn.get("role")
+            if role not in _GC_ROLES:
+                self.report.error(f"role must be user or model, not {role!r}", line, f"{where}.role")
+            else:
+                roles.append("assistant" if role in ("model", "assistant") else "user")
+            parts = turn.get("parts", _MISSING)
+            if not isinstance(parts, list) or not parts:
+                self.report.error("must be a non-empty list of parts", line, f"{where}.parts")
+                continue
+            for j, part in enumerate(parts):
+                has_image |= self._gc_part(part, line, f"{where}.parts[{j}]")
+        self._turns(roles, line, "contents")
+        return has_image
+
+    def _gc_part(self, part, line, where) -> bool:
+        if not isinstance(part, dict):
+            self.report.error(f"must be an object, not {_json_type(part)}", line, where)
+            return False
+        kinds = [k for k in part if k in ("text", "file_data", "fileData", "inline_data", "inlineData")]
+        extra = sorted(set(part) - set(kinds))
+        if extra:
+            self.report.error(f"unknown key {extra[0]!r}; a part has text, fileData or inlineData", line, f"{where}.{extra[0]}")
+            return False
+        if len(kinds) != 1:
+            self.report.error("a part needs exactly one of text, fileData or inlineData", line, where)
+            return False
+        kind = kinds[0]
+        if kind == "text":
+            self._text(part["text"], line, f"{where}.text")
+            return False
+        data = part[kind]
+        if not isinstance(data, dict):
+            self.report.error("must be an object", line, f"{where}.{kind}")
+            return True
+        mime = F.get(data, "mime_type", "mimeType")
+        mime_key = "mime_type" if "mime_type" in data else "mimeType"
+        if mime is None:
+            self.report.error("missing; use image/jpeg, image/png or image/webp", line, f"{where}.{kind}.{mime_key}")
+        elif mime not in F.IMAGE_MIME_TYPES:
+            self.report.error(f"{mime} is not supported; use image/jpeg, image/png or image/webp", line, f"{where}.{kind}.{mime_key}")
+        if kind in ("file_data", "fileData"):
+            uri_key = "file_uri" if "file_uri" in data else "fileUri"
+            uri = F.get(data, "file_uri", "fileUri", _MISSING)
+            if self._text(uri, line, f"{where}.{kind}.{uri_key}") and not uri.startswith(("gs://", "https://", "http://")):
+                self.report.error("must be a gs:// or https:// URI", line, f"{where}.{kind}.{uri_key}")
+        else:
+            self._base64(data.get("data", ""), line, f"{where}.{kind}.data")
+        return True
+
+
+class _Missing:
+    def __repr__(self):
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+# -- whole datasets -------------------------------------------------------------------
+
+
+def _iter_file_lines(fh) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(fh, start=1):
+        yield number, raw
+
+
+def _parsed(lines: Iterable[tuple[int, bytes]], report: ValidationReport) -> Iterator[tuple[int, object]]:
+    import orjson
+
+    for number, raw in lines:
+        stripped = raw.strip()
+        if not stripped:
+            continue
+        try:
+            stripped.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            report.error(f"is not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8", number)
+            continue
+        try:
+            yield number, orjson.loads(stripped)
+        except orjson.JSONDecodeError as exc:
+            report.error(f"is not valid JSON ({exc.msg} at column {exc.colno})", number)
+
+
+def check_records(
+    records: Iterable[tuple[int, object]],
+    report: ValidationReport,
+    *,
+    model=None,
+    counter: TokenCounter | None = None,
+) -> ValidationReport:
+    """Validate numbered records into ``report``: per-record checks, then dataset-wide rules."""
+    checker = RecordChecker(report, report.method)
+    counter = counter or TokenCounter(model.id if model else None)
+    first_line = None
+    text_only: list[int] = []
+    max_len = model.max_seq_len if model else None
+    example_set = False
+    for line, record in records:
+        report.examples += 1
+        before = report.error_count
+        fmt, has_image = checker.check(record, line)
+        if fmt is not None:
+            if report.format is None:
+                report.format, first_line = fmt, line
+            elif fmt != report.format:
+                report.error(
+                    f"is {fmt} but line {first_line} is {report.format}; one file holds one format", line
+                )
+        if report.error_count != before or fmt is None:
+            report.token_lengths.append(0)
+            continue
+        messages = F.to_messages(record, fmt)
+        if has_image:
+            report.images += 1
+            if model is not None and not model.multimodal:
+                report.error(f"has an image but {model.id} is text-only; remove images or pick an image model", line)
+        else:
+            text_only.append(line)
+        n = counter.count(messages)
+        report.token_lengths.append(n)
+        if max_len and n > max_len:
+            report.warn(f"is about {n:,} tokens; {model.id} takes at most {max_len:,}, so it will be truncated", line)
+        if not example_set:
+            report.example, example_set = messages, True
+    if report.examples == 0:
+        report.error("the dataset has no examples; add at least one line")
+    if report.images and text_only:
+        report.dropped = len(text_only)
+        report.warn(
+            f"{len(text_only)} text-only examples will be dropped: the dataset has images, and the service "
+            "drops every text-only example of an image dataset; add images to them or split the dataset"
+        )
+        for line in text_only[:20]:
+            report.warn("is text-only in an image dataset: the service will drop it", line)
+    report.tokens_estimated = counter.estimated
+    report.tokenizer_note = counter.note
+    return report
+
+
+def _resolve_model(model):
+    from .. import catalog
+
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        return model
+    return catalog.get(model)
+
+
+def _check_method(method: str) -> str:
+    from ..catalog import METHODS
+    from ..errors import UserError
+
+    m = str(method).lower()
+    if m not in METHODS:
+        raise UserError(f"method must be sft or distillation, not {method!r}", field="method")
+    return m
+
+
+def validate(
+    source,
+    model: str | None = None,
+    method: str = "sft",
+    *,
+    training: object | None = None,
+) -> ValidationReport:
+    """Validate a dataset: a local path, a gs:// URI, a DataFrame or a list of records.
+
+    ``model`` (any catalog spelling) adds the model's rules: sequence length,
+    modality and its own tokenizer where available offline. ``method`` is
+    ``"sft"`` (every example needs an answer) or ``"distillation"`` (prompts
+    alone are enough). Pass the training set as ``training=`` when validating
+    a validation set: it may hold at most 5000 examples and must differ from it.
+    """
+    method = _check_method(method)
+    spec = _resolve_model(model)
+    report = ValidationReport(source=_describe(source), model=spec.id if spec else None, method=method)
+    counter = TokenCounter(spec.id if spec else None)
+    if isinstance(source, (list, tuple)):
+        check_records(enumerate(source, start=1), report, model=spec, counter=counter)
+    elif _is_dataframe(source):
+        records = source.to_dict(orient="records")
+        records = [{k: (None if _is_na(v) else v) for k, v in r.items()} for r in records]
+        check_records(enumerate(records, start=1), report, model=spec, counter=counter)
+    else:
+        from .. import storage
+
+        uri = str(getattr(source, "uri", source))
+        with storage.open_read(uri) as fh:
+            check_records(_parsed(_iter_file_lines(fh), report), report, model=spec, counter=counter)
+    if training is not None:
+        _check_validation_set(report, source, training)
+    return report
+
+
+def _check_validation_set(report: ValidationReport, source, training) -> None:
+    from ..catalog import MAX_VALIDATION_EXAMPLES
+
+    if report.examples > MAX_VALIDATION_EXAMPLES:
+        report.error(
+            f"the validation set has {report.examples:,} examples; the service takes at most "
+            f"{MAX_VALIDATION_EXAMPLES:,}: sample it down"
+        )
+    if _fingerprint(source) == _fingerprint(training):
+        report.error("the validation set is identical to the training set; hold out different examples")
+
+
+def _fingerprint(source) -> str:
+    import hashlib
+
+    import orjson
+
+    h = hashlib.sha256()
+    if isinstance(source, (list, tuple)):
+        for r in source:
+            h.update(orjson.dumps(r, option=orjson.OPT_SORT_KEYS) + b"\n")
+    elif _is_dataframe(source):
+        h.update(source.to_json(orient="records", lines=True).encode())
+    else:
+        from .. import storage
+
+        with storage.open_read(str(getattr(source, "uri", source))) as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_dataframe(obj) -> bool:
+    return type(obj).__name__ == "DataFrame" and hasattr(obj, "to_dict")
+
+
+def _is_na(value) -> bool:
+    try:
+        import pandas as pd
+
+        return not isinstance(value, (list, dict)) and bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _describe(source) -> str:
+    if isinstance(source, (list, tuple)):
+        return f"<{len(source)} records>"
+    if _is_dataframe(source):
+        return f"<DataFrame {len(source)} rows>"
+    return str(getattr(source, "uri", source))

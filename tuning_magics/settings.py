@@ -1,0 +1,163 @@
+"""One settings object for the whole extension.
+
+Values come from, in rising order of precedence: built-in defaults, a
+``[tool.tuning_magics]`` table in the nearest ``pyproject.toml`` (searched
+from the working directory upwards), the environment variables
+``GOOGLE_CLOUD_PROJECT``, ``GOOGLE_CLOUD_LOCATION``,
+``TUNING_MAGICS_STAGING_BUCKET``, ``TUNING_MAGICS_BACKEND`` and
+``TUNING_MAGICS_API_ENDPOINT``, and finally what the user sets in the session
+(``%tuning_config``, ``%config TuningMagics.<name> = ...`` or
+``tuning_magics.settings.update(...)``).
+
+``backend`` resolves to ``"vertex"`` when a project is configured and to
+``"local"`` (the embedded engine) otherwise, unless it is set explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+
+BACKENDS = ("auto", "local", "vertex")
+
+_ENV = {
+    "project": "GOOGLE_CLOUD_PROJECT",
+    "location": "GOOGLE_CLOUD_LOCATION",
+    "staging_bucket": "TUNING_MAGICS_STAGING_BUCKET",
+    "backend": "TUNING_MAGICS_BACKEND",
+    "api_endpoint": "TUNING_MAGICS_API_ENDPOINT",
+}
+
+
+@dataclass
+class _Values:
+    project: str | None = None
+    location: str = "us-central1"
+    staging_bucket: str | None = None
+    backend: str = "auto"
+    api_endpoint: str | None = None
+
+
+def _find_pyproject(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_pyproject(start: Path) -> tuple[dict, Path | None]:
+    path = _find_pyproject(start)
+    if path is None:
+        return {}, None
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{path}: cannot read [tool.tuning_magics] ({exc}); fix the TOML syntax") from exc
+    table = data.get("tool", {}).get("tuning_magics", {})
+    names = {f.name for f in fields(_Values)}
+    table = {k.replace("-", "_"): v for k, v in table.items()}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise UserError(
+            f"{path}: unknown key {unknown[0]!r} in [tool.tuning_magics]; known keys: {', '.join(sorted(names))}"
+        )
+    return table, path
+
+
+def _check(name: str, value):
+    if name == "backend":
+        if value not in BACKENDS:
+            raise UserError(f"backend must be one of {', '.join(BACKENDS)}, not {value!r}", field="backend")
+    if name == "staging_bucket" and value:
+        if not str(value).startswith("gs://"):
+            raise UserError(
+                f"staging_bucket must be a gs:// URI such as gs://my-bucket/tuning, not {value!r}",
+                field="staging_bucket",
+            )
+    if name == "api_endpoint" and value:
+        if not str(value).startswith(("http://", "https://")):
+            raise UserError(
+                f"api_endpoint must start with http:// or https://, not {value!r}", field="api_endpoint"
+            )
+    return value
+
+
+@dataclass
+class Settings:
+    """Project, location, staging bucket, backend and API endpoint, resolved from all sources."""
+
+    _session: dict = field(default_factory=dict)
+    _start: Path | None = None
+
+    def _layers(self) -> tuple[dict, dict, dict]:
+        pyproject, _ = _read_pyproject(self._start or Path.cwd())
+        env = {name: os.environ[var] for name, var in _ENV.items() if os.environ.get(var)}
+        return pyproject, env, self._session
+
+    def _resolve(self) -> tuple[_Values, dict]:
+        values = _Values()
+        sources = {f.name: "default" for f in fields(_Values)}
+        for label, layer in zip(("pyproject.toml", "environment", "session"), self._layers()):
+            for name, value in layer.items():
+                setattr(values, name, _check(name, value))
+                sources[name] = label
+        return values, sources
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name not in {f.name for f in fields(_Values)}:
+            raise AttributeError(name)
+        values, _ = self._resolve()
+        if name == "backend" and values.backend == "auto":
+            return "vertex" if values.project else "local"
+        return getattr(values, name)
+
+    def update(self, **values) -> None:
+        """Set session values; ``None`` removes a session value so lower layers show again."""
+        names = {f.name for f in fields(_Values)}
+        for name, value in values.items():
+            if name not in names:
+                raise UserError(
+                    f"unknown setting {name!r}; known settings: {', '.join(sorted(names))}", field=name
+                )
+        for name, value in values.items():
+            if value is None or value == "":
+                self._session.pop(name, None)
+            else:
+                self._session[name] = _check(name, value)
+
+    def reset(self) -> None:
+        """Forget every value set in this session."""
+        self._session.clear()
+
+    def as_dict(self) -> dict:
+        """Every setting with its resolved value."""
+        values, _ = self._resolve()
+        out = {f.name: getattr(values, f.name) for f in fields(_Values)}
+        out["backend"] = self.backend
+        return out
+
+    def describe(self) -> str:
+        """A small table of each setting, its value and where it came from."""
+        values, sources = self._resolve()
+        rows = []
+        for f in fields(_Values):
+            value = getattr(values, f.name)
+            if f.name == "backend" and value == "auto":
+                value = f"{self.backend} (auto)"
+            rows.append(f"{f.name:<15} {value if value is not None else '-':<40} {sources[f.name]}")
+        return "\n".join(rows)
+
+    def __setattr__(self, name, value):
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            self.update(**{name: value})
+
+
+settings = Settings()
