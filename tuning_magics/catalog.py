@@ -162,7 +162,7 @@ def get(model_id: str) -> Model:
         import difflib
 
         close = difflib.get_close_matches(str(model_id), [*_BY_ID, *_ALIASES], n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; run %tune_models to list them"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; list them with %tune_models or `tuning-magics models`"
         raise UserError(f"model {model_id!r} is not in the catalog{hint}", field="model")
     return found
 

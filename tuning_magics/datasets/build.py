@@ -111,6 +111,11 @@ class Dataset:
 
         return dataset_html(self)
 
+    def _repr_pretty_(self, printer, cycle) -> None:
+        from ..display.dataset_report import dataset_text
+
+        printer.text(repr(self) if cycle else dataset_text(self))
+
 
 # -- column mapping -------------------------------------------------------------------
 

@@ -146,6 +146,11 @@ class ValidationReport:
 
         return report_html(self)
 
+    def _repr_pretty_(self, printer, cycle) -> None:
+        from ..display.dataset_report import report_text
+
+        printer.text(report_text(self))
+
 
 # -- one record -----------------------------------------------------------------
 
@@ -450,11 +455,13 @@ def _parsed(lines: Iterable[tuple[int, bytes]], report: ValidationReport) -> Ite
         try:
             stripped.decode("utf-8")
         except UnicodeDecodeError as exc:
+            report.examples += 1
             report.error(f"is not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8", number)
             continue
         try:
             yield number, orjson.loads(stripped)
         except orjson.JSONDecodeError as exc:
+            report.examples += 1
             report.error(f"is not valid JSON ({exc.msg} at column {exc.colno})", number)
 
 
