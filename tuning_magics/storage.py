@@ -1,0 +1,552 @@
+"""Local paths and ``gs://`` URIs behind one small API.
+
+Every function here takes either a local path (``str`` or :class:`os.PathLike`)
+or a Cloud Storage URI ``gs://BUCKET/OBJECT`` and behaves the same way for
+both. Mistakes a user can fix (a malformed URI, a missing object, a file that
+already exists, missing credentials) raise :class:`~tuning_magics.errors.UserError`
+with a one-line message that names the path and says what to do.
+
+Guarantees
+----------
+* **Nothing half-written.** :func:`atomic_writer` writes local files to a
+  temporary file in the destination folder, flushes and fsyncs it, then moves it
+  into place in one step. ``gs://`` writes are spooled to a local temporary file
+  and uploaded only when the ``with`` block finishes without an exception; a
+  Cloud Storage object only becomes visible once the whole upload succeeded.
+  An exception inside the block removes the temporary file and leaves the
+  destination as it was.
+* **Nothing lost.** Without ``overwrite=True`` an existing destination is
+  refused up front, before anything is written, and again at the final step:
+  locally with a hard link (which never replaces a file created meanwhile),
+  on Cloud Storage with the precondition ``ifGenerationMatch=0``. With
+  ``overwrite=True`` the upload is conditional on the generation seen up front,
+  so a concurrent writer's object is not silently replaced either.
+* **Verified transfers.** Uploads send the CRC32C and MD5 of the local bytes
+  with the object metadata (the server refuses a mismatch), the client checks
+  the CRC32C of what was sent, and the stored object's checksums are read back
+  and compared; a corrupted object is deleted. Downloads compare the bytes
+  received with the object's CRC32C (and MD5 where the object has one).
+* **Resumable uploads.** ``gs://`` uploads always use the resumable protocol in
+  :data:`CHUNK_SIZE` pieces, so a dropped connection retries a chunk rather than
+  the whole file.
+
+``google-cloud-storage`` is imported only when a ``gs://`` URI is used. All
+clients come from :func:`gcs_client`, which honours ``STORAGE_EMULATOR_HOST``
+(a local emulator, no credentials needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import hashlib
+import mimetypes
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, BinaryIO
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from google.cloud.storage import Blob, Client
+
+PathOrUri = str | os.PathLike[str]
+
+#: Resumable upload chunk size; Cloud Storage requires a multiple of 256 KiB.
+CHUNK_SIZE = 8 * 1024 * 1024
+_BLOCK = 1024 * 1024
+_SCHEME = "gs://"
+_CREDENTIALS_HELP = (
+    "no Google Cloud credentials found; run `gcloud auth application-default login` "
+    "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file"
+)
+
+
+# ---------------------------------------------------------------- URIs
+
+
+def is_gcs(uri: PathOrUri) -> bool:
+    """True when ``uri`` is a ``gs://`` URI (a string), False for local paths."""
+    return isinstance(uri, str) and uri.startswith(_SCHEME)
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+    """Split ``gs://BUCKET/OBJECT`` into ``(BUCKET, OBJECT)``; both must be present."""
+    return _split(uri, need_object=True)
+
+
+def _split(uri: str, *, need_object: bool) -> tuple[str, str]:
+    if not is_gcs(uri):
+        raise UserError(f"{uri!r} is not a Cloud Storage URI; write it as gs://BUCKET/PATH")
+    bucket, _, name = uri[len(_SCHEME) :].partition("/")
+    problem = None
+    if not bucket:
+        problem = "the bucket name is missing"
+    elif not _valid_bucket(bucket):
+        problem = f"{bucket!r} is not a valid bucket name (lowercase letters, digits, '-', '_', '.')"
+    elif need_object and (not name or name.endswith("/")):
+        problem = "the object name is missing"
+    if problem:
+        raise UserError(f"{uri!r} is not a valid Cloud Storage URI: {problem}; write it as gs://BUCKET/PATH/FILE")
+    return bucket, name
+
+
+def _valid_bucket(name: str) -> bool:
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+    return 3 <= len(name) <= 222 and set(name) <= allowed and name[0].isalnum() and name[-1].isalnum()
+
+
+def _exists_message(display: str) -> str:
+    return f"{display} already exists; pass overwrite=True (--overwrite) or choose another path"
+
+
+# ---------------------------------------------------------------- client and errors
+
+
+def gcs_client(project: str | None = None) -> Client:
+    """The one place a Cloud Storage client is made (cached per project and environment).
+
+    With ``STORAGE_EMULATOR_HOST`` set, the client talks to that emulator with
+    anonymous credentials. Otherwise it uses Application Default Credentials
+    and raises :class:`UserError` when there are none.
+    """
+    return _client(
+        project or os.environ.get("GOOGLE_CLOUD_PROJECT") or None,
+        os.environ.get("STORAGE_EMULATOR_HOST") or None,
+        os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _client(project: str | None, emulator_host: str | None, _credentials_file: str | None) -> Client:
+    # The arguments are the cache key: a changed environment gets a new client.
+    from google.cloud import storage
+
+    if emulator_host:
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=project or "local", credentials=AnonymousCredentials())
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client(project=project)
+    except DefaultCredentialsError as exc:
+        raise UserError(_CREDENTIALS_HELP) from exc
+
+
+@contextlib.contextmanager
+def _gcs_errors(uri: str, *, missing: str | None = None, conflict: str | None = None) -> Iterator[None]:
+    """Turn Cloud Storage failures into one-line :class:`UserError` messages."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except api.NotFound as exc:
+        raise UserError(missing or f"{uri} not found; check the bucket and object name") from exc
+    except api.PreconditionFailed as exc:
+        raise UserError(conflict or f"{uri} changed while it was being written; run again") from exc
+    except (api.Unauthorized, auth.DefaultCredentialsError, auth.RefreshError) as exc:
+        raise UserError(_CREDENTIALS_HELP) from exc
+    except api.Forbidden as exc:
+        raise UserError(
+            f"permission denied for {uri}; ask for a Storage role on the bucket (e.g. roles/storage.objectAdmin) "
+            "or use another bucket"
+        ) from exc
+    except _data_corruption() as exc:
+        raise UserError(f"the transfer of {uri} was corrupted in transit; run again") from exc
+    except api.GoogleAPICallError as exc:
+        raise UserError(f"Cloud Storage refused the request for {uri}: {_reason(exc)}") from exc
+    except RequestsConnectionError as exc:
+        raise UserError(f"cannot reach Cloud Storage for {uri}; check the network connection") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """The server's own message, on one line (media requests otherwise include the URL and body)."""
+    try:
+        text = exc.response.json()["error"]["message"]  # type: ignore[attr-defined]
+    except Exception:
+        text = getattr(exc, "message", None) or str(exc)
+    return " ".join(str(text).split())[:300]
+
+
+def _data_corruption() -> type[Exception]:
+    try:
+        from google.cloud.storage.exceptions import DataCorruption
+    except ImportError:  # google-cloud-storage < 3
+        from google.resumable_media import DataCorruption
+    return DataCorruption
+
+
+def _blob(uri: str) -> Blob:
+    bucket, name = split_gcs(uri)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def _existing_blob(uri: str) -> Blob:
+    """The object's current metadata (generation, checksums), or a UserError if missing."""
+    blob = _blob(uri)
+    with _gcs_errors(uri):
+        found = blob.bucket.get_blob(blob.name)
+    if found is None:
+        raise UserError(f"{uri} not found; check the bucket and object name")
+    return found
+
+
+# ---------------------------------------------------------------- checksums
+
+
+@dataclass(frozen=True)
+class _Digests:
+    """Checksums base64-encoded the way Cloud Storage reports them."""
+
+    crc32c: str
+    md5: str
+
+
+def _digest_stream(stream: IO[bytes]) -> _Digests:
+    import google_crc32c
+
+    crc = google_crc32c.Checksum()
+    md5 = hashlib.md5(usedforsecurity=False)
+    for block in iter(lambda: stream.read(_BLOCK), b""):
+        crc.update(block)
+        md5.update(block)
+    return _Digests(_b64(crc.digest()), _b64(md5.digest()))
+
+
+def _digest_file(path: PathOrUri) -> _Digests:
+    with open(path, "rb") as stream:
+        return _digest_stream(stream)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _mismatches(blob: Blob, local: _Digests) -> list[str]:
+    """Names of the checksums where ``blob`` and ``local`` differ.
+
+    A checksum the object lacks (composite objects have no MD5) is skipped;
+    an object with neither cannot be verified and counts as a mismatch.
+    """
+    if blob.crc32c is None and blob.md5_hash is None:
+        return ["crc32c (missing)"]
+    pairs = (("crc32c", blob.crc32c, local.crc32c), ("md5", blob.md5_hash, local.md5))
+    return [name for name, remote, mine in pairs if remote is not None and remote != mine]
+
+
+def _verify_upload(blob: Blob, local: _Digests, uri: str) -> None:
+    """Read back the stored object's checksums; delete it and raise if they differ."""
+    with _gcs_errors(uri):
+        blob.reload()  # the generation we just wrote: ``blob.generation`` is pinned
+        bad = _mismatches(blob, local)
+        if bad:
+            blob.delete(if_generation_match=blob.generation)
+    if bad:
+        raise UserError(f"the upload to {uri} was corrupted ({', '.join(bad)} mismatch) and was deleted; run again")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def atomic_writer(
+    uri: PathOrUri, *, overwrite: bool = False, content_type: str = "application/jsonl"
+) -> contextlib.AbstractContextManager[BinaryIO]:
+    """Context manager yielding a binary file; the destination appears only if the block succeeds.
+
+    Refuses an existing destination unless ``overwrite`` (checked before
+    anything is written, and again atomically at the end). ``content_type``
+    applies to ``gs://`` objects.
+    """
+    if is_gcs(uri):
+        return _gcs_writer(str(uri), overwrite, content_type)
+    return _local_writer(uri, overwrite)
+
+
+@contextlib.contextmanager
+def _local_writer(uri: PathOrUri, overwrite: bool) -> Iterator[BinaryIO]:
+    path, display = Path(uri).expanduser(), os.fspath(uri)
+    if path.is_dir():
+        raise UserError(f"{display} is a folder; give a file path")
+    if not overwrite and os.path.lexists(path):
+        raise UserError(_exists_message(display))
+    with _os_errors(display, "write"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp, stream = _create_temp(path)
+    try:
+        with stream:
+            yield stream
+        _fsync_file(tmp)
+        _commit(tmp, path, overwrite, display)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_temp(path: Path) -> tuple[Path, BinaryIO]:
+    # os.open with mode 0o666 honours the umask, unlike mkstemp's 0o600.
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        return tmp, os.fdopen(fd, "w+b")
+
+
+def _fsync_file(path: Path) -> None:
+    # Reopened rather than fsync'd through the caller's stream, which the block may have closed.
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path, overwrite: bool, display: str) -> None:
+    """Move the finished temp file into place; never replaces a file unless ``overwrite``."""
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)  # fails if ``path`` appeared meanwhile
+        except FileExistsError:
+            raise UserError(_exists_message(display)) from None
+        except OSError:
+            # No hard links on this filesystem: check-then-rename, a tiny race window.
+            if os.path.lexists(path):
+                raise UserError(_exists_message(display)) from None
+            os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX only; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _os_errors(display: str, verb: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise UserError(f"{display} not found; check the path") from exc
+    except IsADirectoryError as exc:
+        raise UserError(f"{display} is a folder; give a file path") from exc
+    except PermissionError as exc:
+        raise UserError(f"cannot {verb} {display}: permission denied; choose another path") from exc
+    except OSError as exc:
+        raise UserError(f"cannot {verb} {display}: {exc.strerror or exc}; choose another path") from exc
+
+
+@contextlib.contextmanager
+def _gcs_writer(uri: str, overwrite: bool, content_type: str) -> Iterator[BinaryIO]:
+    generation = _write_precondition(uri, overwrite)
+    fd, spool = tempfile.mkstemp(prefix="tuning_magics-", suffix=".upload")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+        _upload(Path(spool), uri, generation, content_type, overwrite)
+    finally:
+        os.unlink(spool)
+
+
+def _write_precondition(uri: str, overwrite: bool) -> int:
+    """Check the destination up front; the generation the upload must find (0: none)."""
+    blob = _blob(uri)
+    with _gcs_errors(uri):
+        existing = blob.bucket.get_blob(blob.name)
+    if existing is None:
+        return 0
+    if not overwrite:
+        raise UserError(_exists_message(uri))
+    return int(existing.generation)
+
+
+def _upload(source: Path, uri: str, generation: int, content_type: str, overwrite: bool) -> None:
+    local = _digest_file(source)
+    blob = _blob(uri)
+    blob.chunk_size = CHUNK_SIZE
+    # Sent with the metadata: the server refuses the object if the bytes differ.
+    blob.crc32c, blob.md5_hash = local.crc32c, local.md5
+    missing = f"bucket {blob.bucket.name!r} not found (writing {uri}); create it or choose another bucket"
+    conflict = None if overwrite else _exists_message(uri)
+    with open(source, "rb") as stream, _gcs_errors(uri, missing=missing, conflict=conflict):
+        # size=None makes the client use a resumable upload whatever the size.
+        blob.upload_from_file(
+            stream, size=None, content_type=content_type, if_generation_match=generation, checksum="crc32c"
+        )
+    _verify_upload(blob, local, uri)
+
+
+def upload_file(
+    local_path: PathOrUri, uri: PathOrUri, *, overwrite: bool = False, content_type: str | None = None
+) -> None:
+    """Copy a local file to ``uri`` (``gs://`` or local), atomically and checksum-verified.
+
+    ``content_type`` defaults to one guessed from the file name.
+    """
+    if is_gcs(local_path):
+        raise UserError(f"{local_path} is not a local file; upload_file copies a local file to a path or gs:// URI")
+    source, display = Path(local_path).expanduser(), os.fspath(local_path)
+    if not source.is_file():
+        raise UserError(f"{display} not found; check the path")
+    if not is_gcs(uri):
+        with open_read(source) as src, atomic_writer(uri, overwrite=overwrite) as dst:
+            shutil.copyfileobj(src, dst, _BLOCK)
+        return
+    uri = str(uri)
+    generation = _write_precondition(uri, overwrite)
+    _upload(source, uri, generation, content_type or _guess_type(source.name), overwrite)
+
+
+def _guess_type(name: str) -> str:
+    if name.endswith(".jsonl"):
+        return "application/jsonl"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def remove(uri: PathOrUri) -> None:
+    """Delete the file or object if it exists (used to undo a partly written set of files)."""
+    if not is_gcs(uri):
+        Path(uri).expanduser().unlink(missing_ok=True)
+        return
+    uri = str(uri)
+    with _gcs_errors(uri):
+        blob = _blob(uri)
+        if blob.exists():
+            blob.delete()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def exists(uri: PathOrUri) -> bool:
+    """True when the file or object exists."""
+    if not is_gcs(uri):
+        return Path(uri).expanduser().exists()
+    uri = str(uri)
+    with _gcs_errors(uri):
+        return _blob(uri).exists()
+
+
+def size(uri: PathOrUri) -> int:
+    """Size in bytes of the file or object."""
+    if not is_gcs(uri):
+        display = os.fspath(uri)
+        with _os_errors(display, "read"):
+            return Path(uri).expanduser().stat().st_size
+    return int(_existing_blob(str(uri)).size)
+
+
+def open_read(uri: PathOrUri) -> BinaryIO:
+    """Open the file or object for binary reading; close it when done.
+
+    A ``gs://`` object is downloaded into an anonymous temporary file and its
+    checksums verified before the stream is returned.
+    """
+    if not is_gcs(uri):
+        display = os.fspath(uri)
+        with _os_errors(display, "read"):
+            return open(Path(uri).expanduser(), "rb")
+    stream = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller, who closes it
+    try:
+        _download(str(uri), stream)
+    except BaseException:
+        stream.close()
+        raise
+    stream.seek(0)
+    return stream  # type: ignore[return-value]
+
+
+def read_bytes(uri: PathOrUri) -> bytes:
+    """The whole content of the file or object (``gs://``: checksum-verified)."""
+    if not is_gcs(uri):
+        with open_read(uri) as stream:
+            return stream.read()
+    import io
+
+    buffer = io.BytesIO()
+    _download(str(uri), buffer)
+    return buffer.getvalue()
+
+
+def download_file(uri: PathOrUri, local_path: PathOrUri, *, overwrite: bool = False) -> Path:
+    """Copy ``uri`` to ``local_path`` atomically (``gs://``: checksum-verified); returns the path."""
+    with atomic_writer(local_path, overwrite=overwrite) as stream:
+        if is_gcs(uri):
+            _download(str(uri), stream)
+        else:
+            with open_read(uri) as src:
+                shutil.copyfileobj(src, stream, _BLOCK)
+    return Path(local_path).expanduser()
+
+
+@contextlib.contextmanager
+def local_copy(uri: PathOrUri) -> Iterator[Path]:
+    """A local path with the content of ``uri``, for code that needs a real file.
+
+    Local paths are yielded as they are; ``gs://`` objects are downloaded to a
+    temporary folder that is removed on exit.
+    """
+    if not is_gcs(uri):
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise UserError(f"{os.fspath(uri)} not found; check the path")
+        yield path
+        return
+    uri = str(uri)
+    folder = Path(tempfile.mkdtemp(prefix="tuning_magics-"))
+    try:
+        yield download_file(uri, folder / Path(split_gcs(uri)[1]).name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def list_uris(prefix: PathOrUri) -> list[str]:
+    """Sorted files or objects whose path starts with ``prefix`` (a folder lists everything under it)."""
+    if is_gcs(prefix):
+        prefix = str(prefix)
+        bucket, name = _split(prefix, need_object=False)
+        missing = f"bucket {bucket!r} not found (listing {prefix}); check the bucket name"
+        with _gcs_errors(prefix, missing=missing):
+            blobs = gcs_client().list_blobs(bucket, prefix=name or None)
+            return sorted(f"{_SCHEME}{bucket}/{b.name}" for b in blobs if not b.name.endswith("/"))
+    path = Path(prefix).expanduser()
+    if path.is_dir():
+        tops = [path]
+    elif path.parent.is_dir():
+        tops = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
+    else:
+        return []
+    files = (f for top in tops for f in ([top] if top.is_file() else top.rglob("*")))
+    return sorted(str(f) for f in files if f.is_file())
+
+
+def _download(uri: str, stream: IO[bytes]) -> None:
+    """Write the object into ``stream`` (seekable, empty) and verify its checksums."""
+    blob = _existing_blob(uri)  # pins the generation: content and checksums match
+    with _gcs_errors(uri):
+        blob.download_to_file(stream, checksum="auto")
+    stream.seek(0)
+    bad = _mismatches(blob, _digest_stream(stream))
+    if bad:
+        raise UserError(f"the download of {uri} was corrupted ({', '.join(bad)} mismatch); run again")
