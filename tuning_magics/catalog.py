@@ -161,7 +161,11 @@ def get(model_id: str) -> Model:
     if found is None:
         import difflib
 
-        close = difflib.get_close_matches(str(model_id), [*_BY_ID, *_ALIASES], n=3, cutoff=0.5)
+        needle = str(model_id).lower()
+        # Ids that contain what was typed ("llama4", "gemma3"), then spellings that look alike.
+        contains = [m for m in _BY_ID if len(needle) >= 3 and needle in m.lower()]
+        alike = difflib.get_close_matches(str(model_id), [*_BY_ID, *_ALIASES], n=3, cutoff=0.5)
+        close = list(dict.fromkeys(contains + [resolve(c) for c in alike]))[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else "; list them with %tune_models or `tuning-magics models`"
         raise UserError(f"model {model_id!r} is not in the catalog{hint}", field="model")
     return found

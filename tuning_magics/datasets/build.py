@@ -17,7 +17,15 @@ from pathlib import Path
 from ..errors import UserError
 from . import formats as F
 from .tokens import TEMPLATE_TOKENS_PER_MESSAGE, TokenCounter, estimate_text
-from .validate import Issue, RecordChecker, ValidationReport, _check_method, _resolve_model, check_records
+from .validate import (
+    Issue,
+    RecordChecker,
+    ValidationReport,
+    _check_method,
+    _is_unicode,
+    _resolve_model,
+    check_records,
+)
 
 #: Rows turned into JSON per chunk: bounds the extra memory while writing.
 CHUNK_ROWS = 20_000
@@ -162,6 +170,10 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
         raise UserError("a messages column already holds the turns; drop --user/--assistant", field="messages")
     if system and system_prompt:
         raise UserError("use a system column or a fixed system prompt, not both", field="system_prompt")
+    if system_prompt is not None and system_prompt != "" and (
+        not isinstance(system_prompt, str) or not system_prompt.strip() or not _is_unicode(system_prompt)
+    ):
+        raise UserError(f"system_prompt must be non-blank text, not {system_prompt!r}", field="system_prompt")
     mapping = _Mapping(
         roles=[r for r in (("user", user), ("assistant", assistant)) if r[1]],
         messages=messages,
@@ -232,18 +244,22 @@ def _check_text_column(col, name: str, report: ValidationReport, positions, labe
     import pandas as pd
 
     isna = col.isna().to_numpy()
-    if pd.api.types.is_string_dtype(col.dtype) and not pd.api.types.is_object_dtype(col.dtype):
-        bad_type = np.zeros(len(col), bool)
+    bad_text = np.zeros(len(col), bool)
+    if pd.api.types.is_string_dtype(col.dtype) and getattr(col.array, "_pa_array", None) is not None:
+        bad_type = np.zeros(len(col), bool)  # Arrow strings are always valid UTF-8
     else:
         values = col.to_numpy(dtype=object)
         bad_type = ~np.fromiter((type(v) is str for v in values), bool, len(values)) & ~isna
-        if bad_type.any() or isna.any():
-            col = col.where(~bad_type & ~isna, "x")
+        # Lone surrogates (a cut emoji) cannot be written as UTF-8.
+        bad_text = np.fromiter((type(v) is str and not _is_unicode(v) for v in values), bool, len(values))
+        if bad_type.any() or isna.any() or bad_text.any():
+            col = col.where(~bad_type & ~isna & ~bad_text, "x")
         col = col.astype("str")
-    blank = _blank_mask(col, isna) & ~bad_type
+    blank = _blank_mask(col, isna) & ~bad_type & ~bad_text
     for mask, message in (
         (isna, "is empty (null/NaN); fill it or drop the row"),
         (bad_type, "must be text"),
+        (bad_text, "is not valid Unicode text (it holds a lone surrogate); fix or remove it"),
         (blank, "is blank; give it text or drop the row"),
     ):
         for i in np.flatnonzero(mask)[:50]:
@@ -251,7 +267,7 @@ def _check_text_column(col, name: str, report: ValidationReport, positions, labe
         extra = int(mask.sum()) - 50
         if extra > 0:
             report.error_count += extra
-    return isna | bad_type | blank
+    return isna | bad_type | bad_text | blank
 
 
 def _label(value):

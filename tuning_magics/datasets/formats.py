@@ -194,7 +194,7 @@ def convert(record: dict, fmt: str) -> dict:
     """Convert one valid record to format ``fmt`` (any accepted spelling)."""
     fmt = normalise_format(fmt)
     source = detect(record)
-    if source == fmt and fmt != GENERATE_CONTENT:
+    if source == fmt == PROMPT_COMPLETION:
         return record
     return from_messages(to_messages(record, source), fmt)
 
@@ -226,8 +226,10 @@ def read_conversations(path) -> list[list[dict]]:
 
     out = []
     with open(path, "rb") as fh:
-        for raw in fh:
+        for number, raw in enumerate(fh):
             raw = raw.strip()
+            if number == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark
             if not raw:
                 continue
             record = orjson.loads(raw)

@@ -165,8 +165,7 @@ class RecordChecker:
     def check(self, record, line: int) -> tuple[str | None, bool]:
         """Check one record; returns (format, has_image). Problems go to the report."""
         if not isinstance(record, dict):
-            kind = type(record).__name__ if not isinstance(record, list) else "array"
-            self.report.error(f"each line must be a JSON object, not a JSON {kind}", line)
+            self.report.error(f"each line must be a JSON object, not {_json_type(record)}", line)
             return None, False
         fmt = F.detect(record)
         if fmt is None:
@@ -203,6 +202,8 @@ class RecordChecker:
             self.report.error(f"must be a string, not {_json_type(value)}", line, field_name)
         elif not value.strip():
             self.report.error("is empty; give it text or drop the example", line, field_name)
+        elif not _is_unicode(value):
+            self.report.error("is not valid Unicode text (it holds a lone surrogate); fix or remove it", line, field_name)
         else:
             return True
         return False
@@ -421,6 +422,17 @@ class _Missing:
 _MISSING = _Missing()
 
 
+def _is_unicode(text: str) -> bool:
+    """False for text that cannot be written as UTF-8 (lone surrogates, e.g. from a cut emoji)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _json_type(value) -> str:
     if value is None:
         return "null"
@@ -449,6 +461,8 @@ def _parsed(lines: Iterable[tuple[int, bytes]], report: ValidationReport) -> Ite
     import orjson
 
     for number, raw in lines:
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
         stripped = raw.strip()
         if not stripped:
             continue
@@ -590,23 +604,42 @@ def _check_validation_set(report: ValidationReport, source, training) -> None:
 
 
 def _fingerprint(source) -> str:
+    """A hash of the examples themselves: the same data gives the same hash whether it is a
+    file, a DataFrame or a list of records, whatever its key order and white space."""
     import hashlib
 
     import orjson
 
     h = hashlib.sha256()
+    for record in _records_of(source):
+        if isinstance(record, bytes):  # a line that is not JSON: compare it as it is
+            h.update(b"\x00" + record + b"\n")
+        else:
+            h.update(orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    return h.hexdigest()
+
+
+def _records_of(source) -> Iterator:
+    """The records of a list, a DataFrame or a JSONL file (raw bytes for lines that are not JSON)."""
     if isinstance(source, (list, tuple)):
-        for r in source:
-            h.update(orjson.dumps(r, option=orjson.OPT_SORT_KEYS) + b"\n")
+        yield from source
     elif _is_dataframe(source):
-        h.update(source.to_json(orient="records", lines=True).encode())
+        for r in source.to_dict(orient="records"):
+            yield {k: (None if _is_na(v) else v) for k, v in r.items()}
     else:
+        import orjson
+
         from .. import storage
 
         with storage.open_read(str(getattr(source, "uri", source))) as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+            for raw in fh:
+                raw = raw.strip()
+                if not raw:
+                    continue
+                try:
+                    yield orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    yield raw
 
 
 def _is_dataframe(obj) -> bool:

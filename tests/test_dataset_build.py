@@ -1,0 +1,651 @@
+"""tuning_magics.dataset: DataFrame -> validated JSONL, all or nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import tuning_magics
+from tuning_magics.datasets import build as B
+from tuning_magics.datasets.build import DatasetInvalid
+from tuning_magics.errors import UserError
+
+TEXT_MODEL = "qwen/qwen3@qwen3-4b"
+IMAGE_MODEL = "meta/llama4@llama-4-scout-17b-16e-instruct"
+
+# Real (tiny) image files: a 1x1 PNG and the start of a JFIF JPEG.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9"
+
+
+def read(path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def qa(n=3, **extra) -> pd.DataFrame:
+    return pd.DataFrame({"question": [f"q{i}" for i in range(n)], "answer": [f"a{i}" for i in range(n)], **extra})
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# -- column mappings and formats -----------------------------------------------------------
+
+
+def test_prompt_completion_columns_default_to_chat(tmp_path):
+    out = tmp_path / "train.jsonl"
+    ds = tuning_magics.dataset(qa(), out=str(out), prompt="question", completion="answer")
+    assert read(out) == [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)
+    ]
+    assert ds.uri == str(out) and ds.path == str(out)
+    assert ds.examples == 3 and ds.format == "chat"
+    assert ds.report.ok and ds.validation is None
+    assert tuning_magics.validate(str(out)).ok
+
+
+def test_format_prompt_completion(tmp_path):
+    out = tmp_path / "pc.jsonl"
+    ds = tuning_magics.dataset(qa(), out=str(out), prompt="question", completion="answer", format="prompt_completion")
+    assert read(out) == [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    assert ds.format == "prompt_completion"
+
+
+def test_format_generate_content(tmp_path):
+    out = tmp_path / "gc.jsonl"
+    tuning_magics.dataset(qa(), out=str(out), user="question", assistant="answer", format="generate_content")
+    assert read(out)[1] == {
+        "contents": [{"role": "user", "parts": [{"text": "q1"}]}, {"role": "model", "parts": [{"text": "a1"}]}]
+    }
+    assert tuning_magics.validate(str(out)).format == "generate_content"
+
+
+def test_gemini_models_default_to_generate_content(tmp_path):
+    out = tmp_path / "g.jsonl"
+    ds = tuning_magics.dataset(qa(), out=str(out), prompt="question", completion="answer", model="gemini-2.5-flash")
+    assert ds.format == "generate_content" and "contents" in read(out)[0]
+
+
+def test_unknown_format_is_a_user_error(tmp_path):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(tmp_path / "x.jsonl"), prompt="question", completion="answer", format="csv")
+    assert info.value.field == "format"
+    assert not list(tmp_path.iterdir())
+
+
+def test_common_column_names_are_recognised(tmp_path):
+    for df, expected in [
+        (pd.DataFrame({"prompt": ["p"], "completion": ["c"]}), ("p", "c")),
+        (pd.DataFrame({"user": ["u"], "assistant": ["a"], "other": [1]}), ("u", "a")),
+        (pd.DataFrame({"input": ["i"], "output": ["o"]}), ("i", "o")),
+        (qa(1), ("q0", "a0")),
+        (pd.DataFrame({"instruction": ["i"], "response": ["r"]}), ("i", "r")),
+    ]:
+        out = tmp_path / f"{'-'.join(df.columns)}.jsonl"
+        tuning_magics.dataset(df, out=str(out))
+        assert [m["content"] for m in read(out)[0]["messages"]] == list(expected)
+
+
+def test_no_recognisable_columns_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="name the columns"):
+        tuning_magics.dataset(pd.DataFrame({"x": ["1"], "y": ["2"]}), out=str(tmp_path / "x.jsonl"))
+
+
+def test_user_assistant_and_system_columns(tmp_path):
+    df = pd.DataFrame({"u": ["hi", "yo"], "a": ["hello", "hey"], "s": ["be formal", "be casual"]})
+    out = tmp_path / "chat.jsonl"
+    tuning_magics.dataset(df, out=str(out), user="u", assistant="a", system="s")
+    assert read(out) == [
+        {"messages": [{"role": "system", "content": "be formal"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "system", "content": "be casual"}, {"role": "user", "content": "yo"}, {"role": "assistant", "content": "hey"}]},
+    ]
+    gc = tmp_path / "gc.jsonl"
+    tuning_magics.dataset(df, out=str(gc), user="u", assistant="a", system="s", format="generate_content")
+    assert read(gc)[1]["systemInstruction"] == {"parts": [{"text": "be casual"}]}
+    assert tuning_magics.validate(str(gc)).ok
+
+
+def test_fixed_system_prompt(tmp_path):
+    out = tmp_path / "chat.jsonl"
+    tuning_magics.dataset(qa(2), out=str(out), prompt="question", completion="answer", system_prompt='Say "hi" \\ politely')
+    for record in read(out):
+        assert record["messages"][0] == {"role": "system", "content": 'Say "hi" \\ politely'}
+        assert len(record["messages"]) == 3
+    gc = tmp_path / "gc.jsonl"
+    tuning_magics.dataset(qa(2), out=str(gc), prompt="question", completion="answer", system_prompt="Be brief.", format="generate_content")
+    assert all(r["systemInstruction"] == {"parts": [{"text": "Be brief."}]} for r in read(gc))
+
+
+@pytest.mark.parametrize("bad", ["   ", 5, ["x"], "cut \ud83d"])
+def test_a_bad_system_prompt_is_a_user_error(tmp_path, bad):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(tmp_path / "x.jsonl"), prompt="question", completion="answer", system_prompt=bad)
+    assert info.value.field == "system_prompt"
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": "question", "completion": "answer", "user": "question"}, "prompt"),
+        ({"prompt": "question", "completion": "answer", "system": "answer", "system_prompt": "x"}, "system_prompt"),
+        ({"prompt": "question", "completion": "answer", "format": "prompt_completion", "system_prompt": "x"}, "format"),
+        ({"completion": "answer"}, "prompt"),
+    ],
+)
+def test_conflicting_or_incomplete_mappings_are_user_errors(tmp_path, kwargs, field):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(tmp_path / "x.jsonl"), **kwargs)
+    assert info.value.field == field
+    assert "\n" not in str(info.value)
+
+
+def test_sft_needs_an_answer_column_but_distillation_does_not(tmp_path):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(tmp_path / "x.jsonl"), prompt="question")
+    assert "distillation" in str(info.value)
+    out = tmp_path / "prompts.jsonl"
+    ds = tuning_magics.dataset(qa(), out=str(out), prompt="question", method="distillation")
+    assert read(out)[0] == {"messages": [{"role": "user", "content": "q0"}]}
+    assert ds.report.method == "distillation"
+    assert tuning_magics.validate(str(out), method="distillation").ok
+    pc = tmp_path / "prompts_pc.jsonl"
+    tuning_magics.dataset(qa(), out=str(pc), prompt="question", method="distillation", format="prompt_completion")
+    assert read(pc)[2] == {"prompt": "q2"}
+
+
+def test_messages_column_of_lists(tmp_path):
+    convo = [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "see you"},
+    ]
+    df = pd.DataFrame({"messages": [convo, convo[1:3]]})
+    out = tmp_path / "m.jsonl"
+    ds = tuning_magics.dataset(df, out=str(out))
+    assert read(out) == [{"messages": convo}, {"messages": convo[1:3]}]
+    assert ds.examples == 2
+    gc = tmp_path / "m_gc.jsonl"
+    tuning_magics.dataset(df, out=str(gc), messages="messages", format="generate_content")
+    first = read(gc)[0]
+    assert first["systemInstruction"] == {"parts": [{"text": "be kind"}]}
+    assert [t["role"] for t in first["contents"]] == ["user", "model", "user", "model"]
+
+
+def test_invalid_messages_rows_name_the_row_label(tmp_path):
+    good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    df = pd.DataFrame(
+        {"messages": [good, "not a list", [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]]},
+        index=["r1", "r2", "r3"],
+    )
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "m.jsonl"))
+    fields = sorted(e.field for e in info.value.report.errors)
+    assert fields == ["row 'r2', column 'messages'", "row 'r3', messages[1].content"]
+    assert not list(tmp_path.iterdir())
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image_df(tmp_path):
+    (tmp_path / "img").mkdir()
+    png_path = tmp_path / "img" / "dot.png"
+    jpg_path = tmp_path / "img" / "dot.jpg"
+    png_path.write_bytes(PNG)
+    jpg_path.write_bytes(JPEG)
+    return pd.DataFrame(
+        {
+            "q": ["gs image?", "https image?", "png file?", "jpeg file?", "raw bytes?"],
+            "a": ["gs", "https", "png", "jpeg", "bytes"],
+            "image": ["gs://bucket/cats/1.png", "https://example.com/x.jpg", str(png_path), str(jpg_path), PNG],
+        }
+    )
+
+
+def _data_uri(mime, data):
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def test_image_columns_make_multimodal_chat(tmp_path, image_df):
+    out = tmp_path / "mm.jsonl"
+    ds = tuning_magics.dataset(image_df, out=str(out), prompt="q", completion="a", images="image", model=IMAGE_MODEL)
+    records = read(out)
+    urls = [r["messages"][0]["content"][0]["image_url"]["url"] for r in records]
+    assert urls == [
+        "gs://bucket/cats/1.png",
+        "https://example.com/x.jpg",
+        _data_uri("image/png", PNG),
+        _data_uri("image/jpeg", JPEG),
+        _data_uri("image/png", PNG),
+    ]
+    for r, (q, a) in zip(records, zip(image_df.q, image_df.a)):
+        user, assistant = r["messages"]
+        assert user["content"][0]["type"] == "image_url"
+        assert user["content"][1] == {"type": "text", "text": q}
+        assert assistant == {"role": "assistant", "content": a}
+    assert ds.report.images == 5 and ds.report.dropped == 0
+    assert tuning_magics.validate(str(out), model=IMAGE_MODEL).ok
+
+
+def test_image_columns_in_generate_content(tmp_path, image_df):
+    out = tmp_path / "mm_gc.jsonl"
+    tuning_magics.dataset(image_df, out=str(out), prompt="q", completion="a", images=["image"], format="generate_content")
+    parts = [r["contents"][0]["parts"][0] for r in read(out)]
+    assert parts[0] == {"fileData": {"mimeType": "image/png", "fileUri": "gs://bucket/cats/1.png"}}
+    assert parts[1] == {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://example.com/x.jpg"}}
+    assert parts[3] == {"inlineData": {"mimeType": "image/jpeg", "data": base64.b64encode(JPEG).decode()}}
+    assert base64.b64decode(parts[4]["inlineData"]["data"]) == PNG
+    assert tuning_magics.validate(str(out)).ok
+
+
+def test_several_images_in_a_cell_and_several_image_columns(tmp_path):
+    df = pd.DataFrame({"q": ["compare"], "a": ["same"], "i1": [["gs://b/1.png", "gs://b/2.png"]], "i2": ["gs://b/3.webp"]})
+    out = tmp_path / "x.jsonl"
+    tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", images=["i1", "i2"])
+    content = read(out)[0]["messages"][0]["content"]
+    assert [p["image_url"]["url"] for p in content[:3]] == ["gs://b/1.png", "gs://b/2.png", "gs://b/3.webp"]
+    assert content[3] == {"type": "text", "text": "compare"}
+
+
+def test_images_for_a_text_only_model_fail_and_write_nothing(tmp_path, image_df):
+    out = tmp_path / "out" / "mm.jsonl"
+    out.parent.mkdir()
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(image_df, out=str(out), prompt="q", completion="a", images="image", model=TEXT_MODEL)
+    assert "text-only" in str(info.value)
+    assert info.value.report.error_count == 5
+    assert not list(out.parent.iterdir())
+
+
+def test_a_missing_image_file_and_an_unsupported_image_name_the_row(tmp_path):
+    df = pd.DataFrame(
+        {"q": ["a", "b", "c"], "a": ["x", "y", "z"], "img": ["gs://b/ok.png", str(tmp_path / "missing.png"), b"GIF89a\x01\x00"]},
+        index=[10, 11, 12],
+    )
+    out = tmp_path / "x.jsonl"
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", images="img")
+    errors = {e.field: e.message for e in info.value.report.errors}
+    assert "row 11, column 'img'" in errors and "does not exist" in errors["row 11, column 'img'"]
+    gif = [f for f in errors if f.startswith("row 12")]
+    assert gif and "image/gif" in errors[gif[0]]
+    assert not out.exists()
+
+
+def test_text_only_rows_in_an_image_dataset_warn_and_count_as_dropped(tmp_path):
+    df = pd.DataFrame({"q": ["a", "b", "c"], "a": ["x", "y", "z"], "img": ["gs://b/1.png", None, "gs://b/3.png"]})
+    out = tmp_path / "x.jsonl"
+    ds = tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", images="img", model=IMAGE_MODEL)
+    assert ds.report.ok and ds.report.dropped == 1
+    assert any(w.line == 2 for w in ds.report.warnings)
+    assert read(out)[1] == {"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}
+
+
+def test_images_do_not_fit_prompt_completion(tmp_path, image_df):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(image_df, out=str(tmp_path / "x.jsonl"), prompt="q", completion="a", images="image", format="prompt_completion")
+    assert info.value.field == "format"
+
+
+# -- invalid cells: nothing written ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cell", "words"),
+    [(None, "null"), (float("nan"), "null"), ("", "blank"), ("  \n\t", "blank"), (42, "must be text"), (["x"], "must be text"), ("cut \ud83d", "Unicode")],
+)
+def test_a_bad_cell_raises_naming_row_and_column_and_writes_nothing(tmp_path, cell, words):
+    df = pd.DataFrame({"question": ["fine", "ok"], "answer": ["good", "fine"]}, index=["first", "second"], dtype=object)
+    df.at["second", "answer"] = cell
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "train.jsonl"
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(out), prompt="question", completion="answer")
+    err = info.value
+    assert isinstance(err, UserError)
+    assert "row 'second'" in str(err) and "'answer'" in str(err) and words in str(err)
+    assert "nothing was written" in str(err) and "skip_invalid" in str(err)
+    assert "\n" not in str(err)
+    assert [(e.line, e.field) for e in err.report.errors] == [(2, "row 'second', column 'answer'")]
+    assert files(folder) == []  # no file, no temporary file
+
+
+def test_bad_cells_in_string_dtype_columns(tmp_path):
+    df = pd.DataFrame({"q": ["a", None, " ", "d"], "a": ["w", "x", "y", ""]})
+    assert pd.api.types.is_string_dtype(df["q"].dtype)
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "x.jsonl"), prompt="q", completion="a")
+    assert sorted(e.field for e in info.value.report.errors) == [
+        "row 1, column 'q'",
+        "row 2, column 'q'",
+        "row 3, column 'a'",
+    ]
+    assert info.value.report.error_count == 3
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_string_columns_are_refused(tmp_path):
+    df = pd.DataFrame({"q": [1, 2], "a": ["x", "y"]})
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "x.jsonl"), prompt="q", completion="a")
+    assert info.value.report.error_count == 2
+
+
+def test_skip_invalid_writes_the_rest(tmp_path):
+    df = pd.DataFrame({"q": ["a", None, "c", " ", "e"], "a": ["1", "2", "3", "4", 5]}, dtype=object)
+    out = tmp_path / "x.jsonl"
+    ds = tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", skip_invalid=True)
+    assert [r["messages"][0]["content"] for r in read(out)] == ["a", "c"]
+    assert ds.examples == 2 and ds.report.ok
+    assert any("3 invalid rows left out" in w.message for w in ds.report.warnings)
+
+
+def test_skip_invalid_on_the_general_path(tmp_path):
+    df = pd.DataFrame({"q": ["a", "b"], "a": ["x", "y"], "img": ["gs://b/1.png", "gs://b/2.gif"]})
+    out = tmp_path / "x.jsonl"
+    ds = tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", images="img", skip_invalid=True)
+    assert len(read(out)) == 1 and ds.examples == 1
+
+
+def test_skip_invalid_with_no_valid_rows_left_writes_nothing(tmp_path):
+    df = pd.DataFrame({"q": [None, " "], "a": ["1", "2"]})
+    with pytest.raises(DatasetInvalid, match="no valid rows"):
+        tuning_magics.dataset(df, out=str(tmp_path / "x.jsonl"), prompt="q", completion="a", skip_invalid=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_many_bad_rows_are_all_counted(tmp_path):
+    df = pd.DataFrame({"q": [None] * 120 + ["ok"], "a": ["x"] * 121})
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "x.jsonl"), prompt="q", completion="a")
+    assert info.value.report.error_count == 120
+    assert "(and 119 more)" in str(info.value)
+
+
+# -- overwrite protection ------------------------------------------------------------------------
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path):
+    out = tmp_path / "train.jsonl"
+    out.write_text("precious\n", encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(out), prompt="question", completion="answer")
+    message = str(info.value)
+    assert str(out) in message and "overwrite=True" in message
+    assert "\n" not in message
+    assert out.read_text(encoding="utf-8") == "precious\n"
+    assert files(tmp_path) == ["train.jsonl"]
+    tuning_magics.dataset(qa(), out=str(out), prompt="question", completion="answer", overwrite=True)
+    assert len(read(out)) == 3
+
+
+def test_an_existing_validation_file_blocks_the_pair(tmp_path):
+    out = tmp_path / "train.jsonl"
+    val = tmp_path / "train_validation.jsonl"
+    val.write_text("precious\n", encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(10), out=str(out), prompt="question", completion="answer", validation_split=0.2)
+    assert str(val) in str(info.value)
+    assert not out.exists() and val.read_text(encoding="utf-8") == "precious\n"
+
+
+# -- unknown columns ------------------------------------------------------------------------------
+
+
+def test_unknown_column_suggests_the_close_match(tmp_path):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(tmp_path / "x.jsonl"), prompt="questoin", completion="answer")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'questoin'" in message and "did you mean 'question'?" in message
+    assert info.value.field == "questoin"
+
+
+def test_unknown_column_without_a_close_match_lists_the_columns(tmp_path):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(tmp_path / "x.jsonl"), prompt="zzz", completion="answer")
+    assert "question, answer" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"images": "picture"}, "picture"), ({"system": "sys"}, "sys"), ({"messages": "msgs", "prompt": None, "completion": None}, "msgs")],
+)
+def test_unknown_image_system_or_messages_columns(tmp_path, kwargs, field):
+    args = {"prompt": "question", "completion": "answer", **kwargs}
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=str(tmp_path / "x.jsonl"), **args)
+    assert info.value.field == field
+
+
+# -- other argument checks --------------------------------------------------------------------------
+
+
+def test_not_a_dataframe_empty_dataframe_bad_epochs_and_method(tmp_path):
+    out = str(tmp_path / "x.jsonl")
+    with pytest.raises(UserError, match="DataFrame"):
+        tuning_magics.dataset([{"prompt": "p"}], out=out)
+    with pytest.raises(UserError, match="no rows"):
+        tuning_magics.dataset(qa(0), out=out, prompt="question", completion="answer")
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=out, prompt="question", completion="answer", epochs=0)
+    assert info.value.field == "epochs"
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=out, prompt="question", completion="answer", method="dpo")
+    assert info.value.field == "method"
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), out=out, prompt="question", completion="answer", model="not-a-model")
+    assert info.value.field == "model"
+    assert not list(tmp_path.iterdir())
+
+
+# -- train/validation split ---------------------------------------------------------------------------
+
+
+def _prompts(path) -> list[str]:
+    return [r["messages"][0]["content"] for r in read(path)]
+
+
+def test_seeded_split_is_deterministic_disjoint_and_sized(tmp_path):
+    df = qa(100)
+    a = tuning_magics.dataset(df, out=str(tmp_path / "a" / "train.jsonl"), prompt="question", completion="answer", validation_split=0.2, seed=7)
+    b = tuning_magics.dataset(df, out=str(tmp_path / "b" / "train.jsonl"), prompt="question", completion="answer", validation_split=0.2, seed=7)
+    c = tuning_magics.dataset(df, out=str(tmp_path / "c" / "train.jsonl"), prompt="question", completion="answer", validation_split=0.2, seed=8)
+    assert a.examples == 80 and a.validation.examples == 20
+    assert a.validation.uri == str(tmp_path / "a" / "train_validation.jsonl")
+    assert files(tmp_path / "a") == ["train.jsonl", "train_validation.jsonl"]
+    train, val = _prompts(a.uri), _prompts(a.validation.uri)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(df.question)
+    # Rows keep their DataFrame order inside each file.
+    assert train == sorted(train, key=lambda q: int(q[1:])) and val == sorted(val, key=lambda q: int(q[1:]))
+    assert (_prompts(b.uri), _prompts(b.validation.uri)) == (train, val)
+    assert _prompts(c.validation.uri) != val
+    assert "validation=20" in repr(a)
+
+
+def test_split_by_row_count_and_explicit_validation_out(tmp_path):
+    val_out = tmp_path / "held" / "val.jsonl"
+    ds = tuning_magics.dataset(qa(10), out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer",
+                               validation_split=3, validation_out=str(val_out))
+    assert ds.examples == 7 and ds.validation.examples == 3
+    assert ds.validation.uri == str(val_out) and len(read(val_out)) == 3
+
+
+@pytest.mark.parametrize("split", [1.0, 1.5, -0.1, 10, 11, -1, True, "0.2"])
+def test_bad_validation_splits_are_user_errors(tmp_path, split):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(10), out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer", validation_split=split)
+    assert info.value.field == "validation_split"
+    assert not list(tmp_path.iterdir())
+
+
+def test_zero_split_writes_no_validation_file(tmp_path):
+    ds = tuning_magics.dataset(qa(5), out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer", validation_split=0)
+    assert ds.validation is None and files(tmp_path) == ["t.jsonl"]
+
+
+def test_a_validation_split_over_5000_rows_writes_nothing(tmp_path, monkeypatch):
+    from tuning_magics import catalog
+
+    monkeypatch.setattr(catalog, "MAX_VALIDATION_EXAMPLES", 5)
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(qa(20), out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer", validation_split=6)
+    assert "at most 5" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_invalid_row_in_the_validation_part_stops_both_files(tmp_path):
+    df = qa(10)
+    df.loc[3, "answer"] = None
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer", validation_split=0.5, seed=1)
+    assert "row 3, column 'answer'" in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+# -- model rules and token counts ---------------------------------------------------------------------
+
+
+def test_model_rules_warn_about_rows_over_the_max_sequence_length(tmp_path):
+    df = pd.DataFrame({"q": ["short", "word " * 2000], "a": ["x", "y"]})
+    ds = tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), prompt="q", completion="a", model=IMAGE_MODEL)
+    assert ds.report.ok
+    assert [w.line for w in ds.report.warnings] == [2]
+    assert "2,048" in ds.report.warnings[0].message
+    ds8k = tuning_magics.dataset(df, out=str(tmp_path / "t8.jsonl"), prompt="q", completion="a", model=TEXT_MODEL)
+    assert ds8k.report.warnings == []
+    assert ds8k.model == TEXT_MODEL
+
+
+def test_vectorised_token_estimate_matches_the_validator(tmp_path):
+    df = pd.DataFrame({"q": ["a" * 40, "héllo wörld ✓"], "a": ["b" * 9, "ok"]})
+    out = tmp_path / "t.jsonl"
+    ds = tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system_prompt="be brief")
+    again = tuning_magics.validate(str(out))
+    assert ds.tokens == again.tokens
+    assert ds.tokens["estimated"] is True and ds.tokens["total"] > 0
+
+
+def test_dataset_object_helpers(tmp_path):
+    out = tmp_path / "t.jsonl"
+    ds = tuning_magics.dataset(qa(4), out=str(out), prompt="question", completion="answer", model="gemini-2.5-flash", epochs=3)
+    assert ds.head(2) == read(out)[:2]
+    assert ds.billed_tokens() == ds.tokens["total"] * 3
+    assert ds.billed_tokens(epochs=1) == ds.tokens["total"]
+    assert ds.cost() == round(ds.tokens["total"] * 3 / 1e6 * 5.0, 2)
+    assert tuning_magics.dataset(qa(1), out=str(tmp_path / "n.jsonl"), prompt="question", completion="answer").cost() is None
+
+
+# -- the vectorised text path: exact JSON ------------------------------------------------------------
+
+NASTY = [
+    'quotes " and \\" and \\\\" ',
+    "back\\slash\\",
+    'a","b',
+    '","',
+    '\\",\\"',
+    "new\nline\r\nand\ttab",
+    "control \x00\x01\x1f\x7f chars",
+    "emoji 😀👩‍👩‍👧 and CJK 한국어 中文",
+    "\u2028line\u2029separators",
+    "{\"json\": [1, 2]}",
+    "trailing space ",
+    "é" * 3,
+]
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt_completion", "generate_content"])
+def test_vectorised_output_parses_back_to_exactly_the_input(tmp_path, fmt):
+    df = pd.DataFrame({"q": NASTY, "a": list(reversed(NASTY))})
+    out = tmp_path / "t.jsonl"
+    kwargs = {} if fmt == "prompt_completion" else {"system_prompt": '","sys\\"'}
+    tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", format=fmt, **kwargs)
+    records = read(out)
+    assert len(records) == len(NASTY)
+    for record, q, a in zip(records, NASTY, reversed(NASTY)):
+        assert tuning_magics.datasets.formats.convert(record, "prompt_completion" if fmt == "prompt_completion" else "chat") == (
+            {"prompt": q, "completion": a} if fmt == "prompt_completion"
+            else {"messages": [{"role": "system", "content": '","sys\\"'}, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        )
+    assert tuning_magics.validate(str(out)).ok
+    # One record per line: no raw newline leaked out of a string.
+    assert out.read_bytes().count(b"\n") == len(NASTY)
+
+
+def test_chunked_writing_keeps_every_row_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "CHUNK_ROWS", 7)
+    df = pd.DataFrame({"q": [f"q{i} \"x\"" for i in range(50)], "a": [f"a{i}" for i in range(50)], "s": [f"s{i}" for i in range(50)]})
+    out = tmp_path / "t.jsonl"
+    tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system="s")
+    records = read(out)
+    assert [r["messages"][1]["content"] for r in records] == list(df.q)
+    assert [r["messages"][0]["content"] for r in records] == list(df.s)
+
+
+def test_object_categorical_and_python_string_columns(tmp_path):
+    df = pd.DataFrame(
+        {
+            "q": pd.Series(["x", "y"], dtype=object),
+            "a": pd.Categorical(["one", "two"]),
+            "s": pd.array(["s1", "s2"], dtype="string[python]"),
+        }
+    )
+    out = tmp_path / "t.jsonl"
+    tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system="s")
+    assert read(out)[1]["messages"] == [
+        {"role": "system", "content": "s2"},
+        {"role": "user", "content": "y"},
+        {"role": "assistant", "content": "two"},
+    ]
+
+
+try:
+    import hypothesis
+    from hypothesis import strategies as st
+except ImportError:  # hypothesis is a test extra; the properties are skipped without it
+    hypothesis = None
+
+if hypothesis is not None:
+    _any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+    _row_text = _any_text.filter(lambda s: s.strip())
+
+    @hypothesis.settings(max_examples=300, deadline=None)
+    @hypothesis.given(st.lists(_any_text, min_size=1, max_size=20))
+    def test_property_escaping_matches_json_loads(values):
+        escaped = B._escaped(values)
+        assert len(escaped) == len(values)
+        for raw, value in zip(escaped, values):
+            assert json.loads(b'"' + raw + b'"') == value
+
+    @hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(st.tuples(_row_text, _row_text), min_size=1, max_size=8), _row_text)
+    def test_property_dataset_round_trips_any_text(tmp_path_factory, rows, system):
+        folder = tmp_path_factory.mktemp("prop")
+        df = pd.DataFrame(rows, columns=["q", "a"])
+        out = folder / "t.jsonl"
+        tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system_prompt=system, format="generate_content")
+        records = read(out)
+        assert [r["contents"][0]["parts"][0]["text"] for r in records] == [q for q, _ in rows]
+        assert [r["contents"][1]["parts"][0]["text"] for r in records] == [a for _, a in rows]
+        assert all(r["systemInstruction"]["parts"][0]["text"] == system for r in records)
+
+else:
+
+    @pytest.mark.skip(reason="hypothesis is not installed")
+    def test_property_escaping_matches_json_loads():
+        pass

@@ -1,0 +1,552 @@
+"""tuning_magics.validate: every rule, with the right 1-based line and field, for files, DataFrames and records."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pandas as pd
+import pytest
+
+import tuning_magics
+from tuning_magics.datasets import validate as V
+from tuning_magics.errors import UserError
+
+TEXT_MODEL = "qwen/qwen3@qwen3-4b"
+IMAGE_MODEL = "meta/llama4@llama-4-scout-17b-16e-instruct"
+PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
+
+
+def pc(prompt="What is 2+2?", completion="4"):
+    return {"prompt": prompt, "completion": completion}
+
+
+def chat(*contents, system=None):
+    roles = ["user", "assistant"]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)]
+    return {"messages": messages}
+
+
+def image_chat(url="gs://bucket/cat.png", answer="a cat"):
+    return chat([{"type": "image_url", "image_url": {"url": url, "detail": "low"}}, {"type": "text", "text": "what is it?"}], answer)
+
+
+def gc(*parts_per_turn, system=None, roles=("user", "model")):
+    record = {"systemInstruction": {"parts": [{"text": system}]}} if system else {}
+    record["contents"] = [{"role": roles[i % 2], "parts": parts} for i, parts in enumerate(parts_per_turn)]
+    return record
+
+
+def write(tmp_path, lines, name="data.jsonl") -> str:
+    """Write lines (dicts are JSON-encoded, str/bytes written as they are) and return the path."""
+    path = tmp_path / name
+    out = []
+    for line in lines:
+        if isinstance(line, bytes):
+            out.append(line)
+        elif isinstance(line, str):
+            out.append(line.encode("utf-8"))
+        else:
+            out.append(json.dumps(line, ensure_ascii=False).encode("utf-8"))
+    path.write_bytes(b"\n".join(out) + b"\n")
+    return str(path)
+
+
+def issues(report, kind="errors"):
+    return [(i["line"], i["field"]) for i in report.to_dict()[kind]]
+
+
+def only_error(report):
+    d = report.to_dict()
+    assert not d["ok"]
+    assert len(d["errors"]) == 1, d["errors"]
+    return d["errors"][0]
+
+
+# -- valid data in every format ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pc(),
+        chat("hi", "hello", system="be kind"),
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "model", "content": "hello"}]},
+        gc([{"text": "hi"}], [{"text": "hello"}], system="be kind"),
+        gc([{"text": "hi"}], [{"text": "hello"}], roles=("user", "assistant")),
+        {"system_instruction": {"parts": [{"text": "s"}]}, "contents": [{"role": "user", "parts": [{"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]},
+        image_chat(),
+        image_chat(url=f"data:image/png;base64,{PNG_B64}"),
+        image_chat(url="https://example.com/x.webp?sig=1"),
+        gc([{"fileData": {"mimeType": "image/png", "fileUri": "gs://b/x.png"}}, {"text": "q"}], [{"text": "a"}]),
+        gc([{"file_data": {"mime_type": "image/jpeg", "file_uri": "gs://b/x"}}, {"text": "q"}], [{"text": "a"}]),
+        gc([{"inlineData": {"mimeType": "image/webp", "data": PNG_B64}}, {"text": "q"}], [{"text": "a"}]),
+        gc([{"inline_data": {"mime_type": "image/png", "data": PNG_B64}}, {"text": "q"}], [{"text": "a"}]),
+        gc([{"text": "long question, part one"}, {"text": "part two"}], [{"text": "a"}]),
+    ],
+)
+def test_valid_records_of_every_format_pass(tmp_path, record):
+    report = tuning_magics.validate(write(tmp_path, [record, record]))
+    d = report.to_dict()
+    assert d["ok"], d["errors"]
+    assert d["examples"] == 2
+    assert d["format"] == tuning_magics.datasets.formats.detect(record)
+    assert d["errors"] == []
+
+
+def test_report_to_dict_shape(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [pc(), pc("x" * 40, "y")]))
+    d = report.to_dict()
+    for key in ("ok", "format", "examples", "errors", "warnings", "tokens", "dropped"):
+        assert key in d
+    assert d["ok"] is True and d["format"] == "prompt_completion" and d["examples"] == 2 and d["dropped"] == 0
+    assert set(d["tokens"]) >= {"total", "max", "mean", "estimated"}
+    json.dumps(d)  # JSON-ready
+    assert report.ok is True
+
+
+def test_token_stats_are_estimated_without_a_tokenizer(tmp_path):
+    # 40 bytes of text = 10 tokens, plus 4 tokens of template per message.
+    report = tuning_magics.validate(write(tmp_path, [pc("a" * 40, "b" * 4), pc("c" * 80, "d" * 4)]))
+    tokens = report.tokens
+    assert tokens["estimated"] is True
+    assert tokens["max"] == 20 + 1 + 8
+    assert tokens["total"] == (10 + 1 + 8) + (20 + 1 + 8)
+    assert tokens["mean"] == pytest.approx(tokens["total"] / 2)
+    assert "estimate" in report.tokenizer_note
+    assert "estimated" in report.summary()
+
+
+def test_error_entries_carry_line_field_and_message(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [pc(), {"prompt": "p"}]))
+    err = only_error(report)
+    assert set(err) >= {"line", "field", "message"}
+    assert (err["line"], err["field"]) == (2, "completion")
+    assert "line 2, completion" in str(report.errors[0])
+    assert "INVALID" in report.summary()
+
+
+# -- lines that are not JSON objects --------------------------------------------------------
+
+
+def test_invalid_json_line_is_reported_with_its_line(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [pc(), '{"prompt": "unterminated', pc()]))
+    err = only_error(report)
+    assert err["line"] == 2 and "not valid JSON" in err["message"]
+    assert report.examples == 3
+
+
+def test_invalid_utf8_line_is_reported(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [pc(), b'{"prompt": "caf\xe9", "completion": "x"}']))
+    err = only_error(report)
+    assert err["line"] == 2 and "UTF-8" in err["message"]
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [pc(), "", "   ", {"prompt": None, "completion": "x"}]))
+    err = only_error(report)
+    assert (err["line"], err["field"]) == (4, "prompt")
+    assert report.examples == 2  # blank lines are not examples
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [("[1, 2]", "an array"), ('"text"', "a string"), ("42", "a number"), ("null", "null"), ("true", "a boolean")],
+)
+def test_a_line_that_is_not_an_object(tmp_path, line, kind):
+    report = tuning_magics.validate(write(tmp_path, [pc(), line]))
+    err = only_error(report)
+    assert err["line"] == 2
+    assert err["message"] == f"each line must be a JSON object, not {kind}"
+
+
+def test_several_formats_in_one_file(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [pc(), pc(), chat("q", "a"), gc([{"text": "q"}], [{"text": "a"}])]))
+    assert report.format == "prompt_completion"
+    assert issues(report) == [(3, None), (4, None)]
+    assert "one file holds one format" in report.errors[0].message
+    assert "line 1" in report.errors[0].message
+
+
+def test_an_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    report = tuning_magics.validate(str(path))
+    err = only_error(report)
+    assert err["line"] is None and "no examples" in err["message"]
+    assert report.examples == 0 and report.format is None
+
+
+def test_a_file_of_blank_lines_is_empty(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, ["", "  ", "\t"]))
+    assert "no examples" in only_error(report)["message"]
+
+
+def test_crlf_line_endings_are_fine(tmp_path):
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b'{"prompt":"a","completion":"b"}\r\n{"prompt":"c","completion":"d"}\r\n')
+    report = tuning_magics.validate(path)
+    assert report.ok and report.examples == 2
+
+
+# -- keys, roles, content ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"prompt": "p", "completion": "c", "answer": "x"}, "answer"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "id": 1}, "id"),
+        ({"messages": [{"role": "user", "content": "q", "name": "bob"}, {"role": "assistant", "content": "a"}]}, "messages[0].name"),
+        ({"contents": [{"role": "user", "parts": [{"text": "q"}], "extra": 1}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].extra"),
+        ({"contents": [{"role": "user", "parts": [{"text": "q", "thought": True}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0].thought"),
+        (chat([{"type": "text", "text": "q", "lang": "en"}], "a"), "messages[0].content[0].lang"),
+        (chat([{"type": "image_url", "image_url": {"url": "gs://b/x.png", "size": 3}}, {"type": "text", "text": "q"}], "a"), "messages[0].content[0].image_url.size"),
+    ],
+)
+def test_unknown_keys_are_errors_naming_the_key(tmp_path, record, field):
+    report = tuning_magics.validate(write(tmp_path, [record]))
+    assert (1, field) in issues(report)
+    assert not report.ok
+
+
+def test_a_record_with_no_known_keys(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [{"question": "q", "answer": "a"}]))
+    err = only_error(report)
+    assert err["line"] == 1 and "answer, question" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"messages": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages[0].role"),
+        ({"messages": [{"content": "q"}, {"role": "assistant", "content": "a"}]}, "messages[0].role"),
+        ({"contents": [{"role": "system", "parts": [{"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].role"),
+        ({"contents": [{"parts": [{"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].role"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "late"}, {"role": "assistant", "content": "a"}]}, "messages[1].role"),
+    ],
+)
+def test_unknown_missing_or_misplaced_roles(tmp_path, record, field):
+    report = tuning_magics.validate(write(tmp_path, [record]))
+    assert (1, field) in issues(report)
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "words"),
+    [
+        ({"prompt": "p"}, "completion", "missing"),
+        ({"completion": "c"}, "prompt", "missing"),
+        ({"prompt": None, "completion": "c"}, "prompt", "null"),
+        ({"prompt": "p", "completion": ""}, "completion", "empty"),
+        ({"prompt": "p", "completion": " \n\t "}, "completion", "empty"),
+        ({"prompt": 7, "completion": "c"}, "prompt", "must be a string, not a number"),
+        ({"prompt": ["p"], "completion": "c"}, "prompt", "must be a string, not an array"),
+        ({"prompt": "p", "completion": True}, "completion", "not a boolean"),
+        (chat("q", None), "messages[1].content", "null"),
+        (chat("q", ""), "messages[1].content", "empty"),
+        (chat("q", {"text": "a"}), "messages[1].content", "not an object"),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0].content", "missing"),
+        (chat([], "a"), "messages[0].content", "empty list"),
+        (chat([{"type": "text", "text": ""}], "a"), "messages[0].content[0].text", "empty"),
+        (chat([{"type": "text"}], "a"), "messages[0].content[0].text", "missing"),
+        (gc([{"text": ""}], [{"text": "a"}]), "contents[0].parts[0].text", "empty"),
+        (gc([{"text": None}], [{"text": "a"}]), "contents[0].parts[0].text", "null"),
+        (gc([{"text": 3}], [{"text": "a"}]), "contents[0].parts[0].text", "not a number"),
+        (gc([{"text": "q"}], [{"text": "a"}], system=" "), "systemInstruction.parts[0].text", "empty"),
+    ],
+)
+def test_missing_null_empty_or_mistyped_content(tmp_path, record, field, words):
+    report = tuning_magics.validate(write(tmp_path, [pc() if "prompt" in record or "completion" in record else record, record]))
+    errors = report.to_dict()["errors"]
+    hits = [e for e in errors if e["line"] == 2 and e["field"] == field]
+    assert hits, errors
+    assert words in hits[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"messages": "hello"}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": ["hello", {"role": "assistant", "content": "a"}]}, "messages[0]"),
+        ({"contents": "hello"}, "contents"),
+        ({"contents": [{"role": "user", "parts": []}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts"),
+        ({"contents": [{"role": "user", "parts": "q"}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts"),
+        ({"contents": [{"role": "user", "parts": ["q"]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0]"),
+        ({"contents": [{"role": "user", "parts": [{"text": "q", "fileData": {"mimeType": "image/png", "fileUri": "gs://b/x.png"}}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0]"),
+        ({"contents": [{"role": "user", "parts": [{}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0]"),
+        ({"contents": [{"role": "user", "parts": [{"fileData": "gs://b/x.png"}, {"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0].fileData"),
+        ({"contents": [{"role": "user", "parts": [{"fileData": {"fileUri": "gs://b/x.png"}}, {"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0].fileData.mimeType"),
+        ({"contents": [{"role": "user", "parts": [{"fileData": {"mimeType": "image/png"}}, {"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0].fileData.fileUri"),
+        ({"contents": [{"role": "user", "parts": [{"file_data": {"mime_type": "image/png", "file_uri": "/local/x.png"}}, {"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "contents[0].parts[0].file_data.file_uri"),
+        ({"systemInstruction": "be kind", "contents": [{"role": "user", "parts": [{"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "systemInstruction"),
+        ({"system_instruction": {"parts": []}, "contents": [{"role": "user", "parts": [{"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "system_instruction"),
+        ({"systemInstruction": {"parts": [{"fileData": {"mimeType": "image/png", "fileUri": "gs://b/x.png"}}]}, "contents": [{"role": "user", "parts": [{"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]}, "systemInstruction.parts[0]"),
+        ({"systemInstruction": {"parts": [{"text": "s"}]}}, "contents"),
+        (chat([{"type": "audio", "data": "x"}, {"type": "text", "text": "q"}], "a"), "messages[0].content[0].type"),
+        (chat(["q"], "a"), "messages[0].content[0]"),
+        (chat([{"type": "image_url"}, {"type": "text", "text": "q"}], "a"), "messages[0].content[0].image_url"),
+        (chat([{"type": "image_url", "image_url": {"detail": "low"}}, {"type": "text", "text": "q"}], "a"), "messages[0].content[0].image_url.url"),
+        (chat([{"type": "image_url", "image_url": {"url": "gs://b/x.png", "detail": "tiny"}}, {"type": "text", "text": "q"}], "a"), "messages[0].content[0].image_url.detail"),
+        (chat([{"type": "image_url", "image_url": {"url": "/home/me/x.png"}}, {"type": "text", "text": "q"}], "a"), "messages[0].content[0].image_url.url"),
+    ],
+)
+def test_wrong_types_and_malformed_parts(tmp_path, record, field):
+    report = tuning_magics.validate(write(tmp_path, [record]))
+    assert not report.ok
+    assert (1, field) in issues(report), report.to_dict()["errors"]
+
+
+def test_lone_surrogates_in_records_are_errors_not_crashes():
+    report = tuning_magics.validate([pc(), pc("cut emoji \ud83d", "x")])
+    err = only_error(report)
+    assert (err["line"], err["field"]) == (2, "prompt")
+    assert "Unicode" in err["message"]
+
+
+# -- the assistant turn and the method -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+        {"contents": [{"role": "user", "parts": [{"text": "q"}]}]},
+        {"prompt": "q"},
+    ],
+)
+def test_no_assistant_turn_is_an_error_for_sft_and_fine_for_distillation(tmp_path, record):
+    path = write(tmp_path, [record])
+    sft = tuning_magics.validate(path)
+    assert not sft.ok
+    assert sft.errors[0].line == 1
+    distillation = tuning_magics.validate(path, method="distillation")
+    assert distillation.ok, distillation.to_dict()["errors"]
+    assert distillation.method == "distillation"
+
+
+def test_conversation_must_start_with_a_user_turn(tmp_path):
+    record = {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    report = tuning_magics.validate(write(tmp_path, [record]))
+    assert (1, "messages") in issues(report)
+    assert "start with a user turn" in report.errors[0].message
+
+
+def test_a_conversation_ending_with_a_user_turn_is_a_warning(tmp_path):
+    record = chat("q", "a", "another question")
+    report = tuning_magics.validate(write(tmp_path, [record]))
+    assert report.ok
+    assert issues(report, "warnings") == [(1, "messages")]
+
+
+def test_only_a_system_message_is_an_error(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [{"messages": [{"role": "system", "content": "s"}]}]), method="distillation")
+    assert (1, "messages") in issues(report)
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(UserError) as info:
+        tuning_magics.validate([pc()], method="rlhf")
+    assert info.value.field == "method" and "rlhf" in str(info.value)
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        (image_chat(url="gs://b/anim.gif"), "messages[0].content[0].image_url.url"),
+        (image_chat(url="https://x.org/scan.BMP"), "messages[0].content[0].image_url.url"),
+        (image_chat(url=f"data:image/gif;base64,{PNG_B64}"), "messages[0].content[0].image_url.url"),
+        (image_chat(url=f"data:image/bmp;base64,{PNG_B64}"), "messages[0].content[0].image_url.url"),
+        (gc([{"fileData": {"mimeType": "image/gif", "fileUri": "gs://b/x"}}, {"text": "q"}], [{"text": "a"}]), "contents[0].parts[0].fileData.mimeType"),
+        (gc([{"file_data": {"mime_type": "image/bmp", "file_uri": "gs://b/x"}}, {"text": "q"}], [{"text": "a"}]), "contents[0].parts[0].file_data.mime_type"),
+        (gc([{"inlineData": {"mimeType": "image/gif", "data": PNG_B64}}, {"text": "q"}], [{"text": "a"}]), "contents[0].parts[0].inlineData.mimeType"),
+    ],
+)
+def test_unsupported_image_types(tmp_path, record, field):
+    report = tuning_magics.validate(write(tmp_path, [record]))
+    err = only_error(report)
+    assert (err["line"], err["field"]) == (1, field)
+    assert "not supported" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("data:image/png;base64,not*base64!", "not valid base64"),
+        ("data:image/png;base64,", "not valid base64"),
+        ("data:image/png;base64,AAA", "not valid base64"),
+        (f"data:image/png,{PNG_B64}", "data:image/jpeg;base64"),
+        ("data:image/png;base64", "data:image/jpeg;base64"),
+    ],
+)
+def test_bad_data_uris(tmp_path, url, words):
+    report = tuning_magics.validate(write(tmp_path, [image_chat(url=url)]))
+    err = only_error(report)
+    assert (err["line"], err["field"]) == (1, "messages[0].content[0].image_url.url")
+    assert words in err["message"]
+
+
+def test_bad_base64_in_inline_data(tmp_path):
+    record = gc([{"inlineData": {"mimeType": "image/png", "data": "%%%"}}, {"text": "q"}], [{"text": "a"}])
+    err = only_error(tuning_magics.validate(write(tmp_path, [record])))
+    assert (err["line"], err["field"]) == (1, "contents[0].parts[0].inlineData.data")
+
+
+def test_images_for_a_text_only_model_are_errors(tmp_path):
+    path = write(tmp_path, [image_chat(), image_chat()])
+    report = tuning_magics.validate(path, model=TEXT_MODEL)
+    assert issues(report) == [(1, None), (2, None)]
+    assert TEXT_MODEL in report.errors[0].message and "text-only" in report.errors[0].message
+    assert report.model == TEXT_MODEL
+
+
+def test_images_for_an_image_model_are_fine(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [image_chat(), image_chat()]), model=IMAGE_MODEL)
+    assert report.ok, report.to_dict()["errors"]
+    assert report.images == 2 and report.dropped == 0
+
+
+def test_images_without_a_model_are_fine(tmp_path):
+    assert tuning_magics.validate(write(tmp_path, [image_chat()])).ok
+
+
+def test_text_only_rows_in_an_image_dataset_are_a_warning_and_counted_as_dropped(tmp_path):
+    path = write(tmp_path, [image_chat(), chat("q", "a"), image_chat(), chat("q2", "a2")])
+    report = tuning_magics.validate(path, model=IMAGE_MODEL)
+    d = report.to_dict()
+    assert d["ok"] and d["errors"] == []
+    assert d["dropped"] == 2
+    assert (2, None) in issues(report, "warnings") and (4, None) in issues(report, "warnings")
+    assert any("dropped" in w["message"] and w["line"] is None for w in d["warnings"])
+
+
+def test_a_text_only_dataset_drops_nothing(tmp_path):
+    report = tuning_magics.validate(write(tmp_path, [chat("q", "a")]), model=IMAGE_MODEL)
+    assert report.ok and report.dropped == 0 and report.warnings == []
+
+
+# -- models and sequence length ---------------------------------------------------------------
+
+
+def test_examples_longer_than_the_max_sequence_length_are_warnings(tmp_path):
+    long = pc("word " * 2000, "ok")  # ~2,500 estimated tokens: over 2,048, under 8,192
+    path = write(tmp_path, [pc(), long])
+    scout = tuning_magics.validate(path, model=IMAGE_MODEL)
+    assert scout.ok
+    assert issues(scout, "warnings") == [(2, None)]
+    assert "2,048" in scout.warnings[0].message and "truncated" in scout.warnings[0].message
+    qwen = tuning_magics.validate(path, model=TEXT_MODEL)
+    assert qwen.ok and qwen.warnings == []
+
+
+def test_model_short_names_are_accepted():
+    report = tuning_magics.validate([pc()], model="qwen3-4b")
+    assert report.model == TEXT_MODEL
+
+
+def test_unknown_model_is_a_user_error_with_suggestions():
+    with pytest.raises(UserError) as info:
+        tuning_magics.validate([pc()], model="qwen3-5b")
+    assert info.value.field == "model"
+    assert "qwen3-4b" in str(info.value) or "qwen3-8b" in str(info.value)
+
+
+# -- DataFrames and record lists ------------------------------------------------------------------
+
+
+def test_validate_a_dataframe_reports_rows_as_lines():
+    df = pd.DataFrame({"prompt": ["a", "b", None, "d"], "completion": ["w", "", "y", "z"]})
+    report = tuning_magics.validate(df)
+    assert report.examples == 4
+    assert issues(report) == [(2, "completion"), (3, "prompt")]
+    assert report.source.startswith("<DataFrame")
+
+
+def test_validate_a_dataframe_of_messages():
+    df = pd.DataFrame({"messages": [chat("q", "a")["messages"], chat("q", None)["messages"]]})
+    report = tuning_magics.validate(df)
+    assert report.format == "chat"
+    assert issues(report) == [(2, "messages[1].content")]
+
+
+def test_validate_a_list_of_records():
+    report = tuning_magics.validate([pc(), "oops", {"prompt": "p", "completion": 1}])
+    assert issues(report) == [(2, None), (3, "completion")]
+    assert report.examples == 3
+
+
+def test_validate_a_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError) as info:
+        tuning_magics.validate(str(tmp_path / "nope.jsonl"))
+    assert "nope.jsonl" in str(info.value)
+
+
+def test_validate_accepts_a_path_object(tmp_path):
+    from pathlib import Path
+
+    assert tuning_magics.validate(Path(write(tmp_path, [pc()]))).ok
+
+
+def test_errors_are_counted_beyond_the_listed_ones(tmp_path):
+    n = V.MAX_LISTED + 25
+    report = tuning_magics.validate(write(tmp_path, [{"prompt": "p"}] * n))
+    assert report.error_count == n
+    assert len(report.errors) == V.MAX_LISTED
+    assert f"{n} errors" in report.summary()
+
+
+# -- validation sets ------------------------------------------------------------------------------
+
+
+def test_a_validation_set_over_5000_examples_is_an_error(tmp_path):
+    train = write(tmp_path, [pc("t", "t")], name="train.jsonl")
+    val = write(tmp_path, [pc(f"q{i}", "a") for i in range(5001)], name="val.jsonl")
+    report = tuning_magics.validate(val, training=train)
+    err = only_error(report)
+    assert "5,001" in err["message"] and "5,000" in err["message"]
+    ok = tuning_magics.validate(write(tmp_path, [pc(f"q{i}", "a") for i in range(5000)], name="v2.jsonl"), training=train)
+    assert ok.ok
+
+
+def test_a_validation_set_identical_to_the_training_set_is_an_error(tmp_path):
+    records = [pc("a", "b"), pc("c", "d")]
+    train = write(tmp_path, records, name="train.jsonl")
+    val = write(tmp_path, records, name="val.jsonl")
+    err = only_error(tuning_magics.validate(val, training=train))
+    assert "identical" in err["message"]
+    assert tuning_magics.validate(records, training=list(records)).ok is False
+    assert tuning_magics.validate(write(tmp_path, [pc("e", "f")], name="v2.jsonl"), training=train).ok
+
+
+def test_identical_content_is_found_across_spellings(tmp_path):
+    df = pd.DataFrame({"prompt": ["a", "c"], "completion": ["b", "d"]})
+    path = tmp_path / "val.jsonl"
+    # Other key order and spacing, a blank line: the same examples.
+    path.write_text('{"completion": "b", "prompt": "a"}\n\n{"prompt":"c",  "completion":"d"}\n', encoding="utf-8")
+    assert not tuning_magics.validate(str(path), training=df).ok
+    assert not tuning_magics.validate(str(path), training=[pc("a", "b"), pc("c", "d")]).ok
+    assert tuning_magics.validate(str(path), training=df.iloc[:1]).ok
+
+
+# -- Cloud Storage ------------------------------------------------------------------------------------
+
+
+def test_dataset_written_to_gcs_validates_back(gcs_emulator):
+    df = pd.DataFrame({"question": ["What is 2+2?", "Capital of France?"], "answer": ["4", "Paris"]})
+    uri = gcs_emulator.uri("train.jsonl")
+    ds = tuning_magics.dataset(df, out=uri, prompt="question", completion="answer")
+    assert ds.uri == uri
+    report = tuning_magics.validate(uri)
+    assert report.ok and report.examples == 2 and report.format == "chat"
+    assert report.source == uri
+    bad = gcs_emulator.uri("bad.jsonl")
+    from tuning_magics import storage
+
+    with storage.atomic_writer(bad) as fh:
+        fh.write(b'{"prompt": "p"}\n')
+    assert issues(tuning_magics.validate(bad)) == [(1, "completion")]
