@@ -125,7 +125,9 @@ def tune(
         validation_dataset = train_dataset.validation
 
     from .backends.local import jobs as local
+    from .backends.local.scheduler import concurrency
 
+    concurrency()  # a bad TUNING_MAGICS_LOCAL_CONCURRENCY is refused before anything is written
     job_id, out = local.new_job_folder(output_uri, prefix="distill" if method == "distillation" else "tune")
     try:
         train_path = _dataset_file("train_dataset", train_dataset, out / "train.jsonl", model, method)
@@ -133,28 +135,28 @@ def tune(
         if validation_dataset is not None:
             validation_path = _dataset_file("validation_dataset", validation_dataset, out / "validation.jsonl",
                                             model, "sft")
-        config = {
-            "base_model": model.id,
-            "custom_base_model": custom_base_model,
-            "tuning_mode": mode,
-            "method": method,
-            "base_teacher_model": teacher,
-            "epochs": epochs,
-            "learning_rate": learning_rate,
-            "learning_rate_multiplier": learning_rate_multiplier,
-            "adapter_size": adapter_size,
-            "train_dataset": _describe(train_dataset),
-            "validation_dataset": _describe(validation_dataset),
-            "train_path": str(train_path),
-            "validation_path": str(validation_path) if validation_path else None,
-            "output_uri": str(out),
-            "engine_options": engine_options,
-        }
-        job = local.submit(job_id, config, out, display_name=tuned_model_display_name)
     except BaseException:
         # Nothing half-made: a refused submission leaves no job folder behind.
         shutil.rmtree(out, ignore_errors=True)
         raise
+    config = {
+        "base_model": model.id,
+        "custom_base_model": custom_base_model,
+        "tuning_mode": mode,
+        "method": method,
+        "base_teacher_model": teacher,
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "learning_rate_multiplier": learning_rate_multiplier,
+        "adapter_size": adapter_size,
+        "train_dataset": _describe(train_dataset),
+        "validation_dataset": _describe(validation_dataset),
+        "train_path": str(train_path),
+        "validation_path": str(validation_path) if validation_path else None,
+        "output_uri": str(out),
+        "engine_options": engine_options,
+    }
+    job = local.submit(job_id, config, out, display_name=tuned_model_display_name)
     return job.wait() if wait else job
 
 
