@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         result = []
         t_ours = timed(lambda: result.append(ours()))
         ds = result[0]
-        del records
+        records.clear()
         # Memory is measured in a fresh process: this one's allocator still holds
         # what the baselines freed, which would hide growth from the RSS reading.
         import subprocess

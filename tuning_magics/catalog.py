@@ -9,7 +9,7 @@ transformers architectures at toy size for the embedded engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UserError
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
 def data_home() -> Path:
-    """The folder for jobs, built-in models and datasets written without an explicit path."""
+    """The folder for jobs, built-in models and datasets written without an explicit path.
+
+    ``$TUNING_MAGICS_HOME`` when set, else the platform's user data folder.
+    """
     env = os.environ.get("TUNING_MAGICS_HOME")
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "tuning_magics"
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "tuning_magics"

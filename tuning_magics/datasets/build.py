@@ -19,7 +19,6 @@ from . import formats as F
 from .tokens import TEMPLATE_TOKENS_PER_MESSAGE, TokenCounter, estimate_text
 from .validate import (
     Issue,
-    RecordChecker,
     ValidationReport,
     _check_method,
     _is_unicode,
@@ -283,7 +282,6 @@ def _role_prefix(role: str, fmt: str) -> bytes:
 
 def _text_lines(cols: list[list[bytes]], roles: list[str], fmt: str, system: list[bytes] | None) -> list[bytes]:
     """Assemble JSONL lines from escaped column values."""
-    n = len(cols[0])
     if fmt == F.PROMPT_COMPLETION:
         if len(cols) == 1:
             return [b'{"prompt":"%s"}\n' % p for p in cols[0]]

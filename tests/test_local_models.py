@@ -1,0 +1,219 @@
+"""The local engine's building blocks: tokenizer, tiny models, loading, labels, batches, checkpoints, memory."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tuning_magics.errors import UserError  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TUNING_MAGICS_HOME", str(tmp_path_factory.mktemp("tm-home")))
+    yield
+    mp.undo()
+
+
+def test_tokenizer_is_byte_level_and_round_trips():
+    from tuning_magics.backends.local.tokenizer import VOCAB_SIZE, build_tokenizer
+
+    tok = build_tokenizer()
+    text = "héllo, 世界! <tag> \n\t end"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert len(tok) == VOCAB_SIZE
+    # Built twice, identical: nothing random, nothing read from disk.
+    assert build_tokenizer()(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_chat_template_is_chatml_with_generation_prompt():
+    from tuning_magics.backends.local.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt == ("<bos><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "Yo"}], tokenize=False)
+    assert full.endswith("<|im_start|>assistant\nYo<|im_end|>\n")
+    # Special tokens are single tokens.
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|im_start|>")]
+
+
+def test_labels_mask_everything_but_assistant_tokens():
+    from tuning_magics.backends.local.data import IGNORE_INDEX, encode
+    from tuning_magics.backends.local.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    msgs = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What is the capital of Zorvia?"},
+        {"role": "assistant", "content": "Mellt"},
+        {"role": "user", "content": "And of Quandor?"},
+        {"role": "assistant", "content": "Bzz"},
+    ]
+    ex = encode(tok, msgs)
+    assert len(ex.input_ids) == len(ex.labels)
+    learned = [(i, lab) for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE_INDEX]
+    assert all(i == lab for i, lab in learned)
+    # Exactly the two replies, each followed by its end-of-turn token, nothing else.
+    assert tok.decode([i for i, _ in learned]) == "Mellt<|im_end|>Bzz<|im_end|>"
+    masked_text = tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE_INDEX])
+    assert "Zorvia" in masked_text and "Answer in one word." in masked_text and "Mellt" not in masked_text
+    # Labelled tokens are contiguous per reply.
+    flags = [lab != IGNORE_INDEX for lab in ex.labels]
+    runs = sum(1 for a, b in zip([False] + flags, flags) if b and not a)
+    assert runs == 2
+
+
+def test_prompt_without_reply_is_dropped_and_truncation_keeps_loss_tokens():
+    from tuning_magics.backends.local.data import encode_all
+    from tuning_magics.backends.local.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    convs = [[{"role": "user", "content": "no answer"}],
+             [{"role": "user", "content": "q" * 50}, {"role": "assistant", "content": "a"}],
+             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    kept, dropped = encode_all(tok, convs, max_seq_len=40)
+    assert dropped == 2 and len(kept) == 1 and len(kept[0]) <= 40
+
+
+def test_length_grouped_batches_are_deterministic_and_pad_little():
+    from tuning_magics.backends.local.data import length_grouped_batches
+
+    lengths = [10 + (i * 37) % 200 for i in range(256)]
+    a = length_grouped_batches(lengths, 8, seed=3)
+    assert a == length_grouped_batches(lengths, 8, seed=3)
+    assert a != length_grouped_batches(lengths, 8, seed=4)
+    assert sorted(i for b in a for i in b) == list(range(256))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in a)
+    assert 1 - sum(lengths) / padded < 0.05
+
+
+def test_checkpoint_epochs_rule():
+    from tuning_magics.backends.local.checkpoints import checkpoint_epochs
+
+    assert checkpoint_epochs(1) == [1]
+    assert checkpoint_epochs(10) == list(range(1, 11))
+    for epochs in (11, 12, 25, 100):
+        got = checkpoint_epochs(epochs)
+        assert len(got) == 10 and got == sorted(set(got)) and got[-1] == epochs
+
+
+def test_atomic_folder_leaves_nothing_on_error(tmp_path):
+    from tuning_magics.backends.local.checkpoints import atomic_folder
+
+    target = tmp_path / "checkpoint-3"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(target) as tmp:
+        (tmp / "whole.bin").write_bytes(b"y")
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
+    with atomic_folder(target) as tmp:  # replacing an existing folder is also atomic
+        (tmp / "new.bin").write_bytes(b"z")
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
+
+
+@pytest.mark.parametrize("name,cls", [("local/tiny-qwen3", "Qwen3ForCausalLM"),
+                                      ("local/tiny-llama", "LlamaForCausalLM"),
+                                      ("local/tiny-gemma3", "Gemma3ForCausalLM")])
+def test_tiny_models_are_real_hf_folders(name, cls):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuning_magics.backends.local.models import data_home, load_model_and_tokenizer, tiny_model_path
+
+    folder = tiny_model_path(name)
+    assert str(folder).startswith(str(data_home()))
+    assert tiny_model_path(name) == folder  # cached
+    files = {p.name for p in folder.iterdir()}
+    assert "model-00001-of-00001.safetensors" in files and "config.json" in files
+    assert not any(n.startswith(".tmp") for n in (p.name for p in folder.parent.iterdir()))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model).__name__ == cls
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template
+    m2, t2 = load_model_and_tokenizer(name)
+    assert type(m2).__name__ == cls and t2.eos_token == "<|im_end|>"
+    # Seeded init: same weights as the folder.
+    import torch
+
+    a = dict(model.named_parameters())
+    assert all(torch.equal(a[k], v) for k, v in m2.named_parameters())
+
+
+@pytest.mark.parametrize("model_id", ["qwen/qwen3@qwen3-4b", "Qwen/Qwen3-4B", "meta-llama/Llama-3.2-1B-Instruct"])
+def test_missing_weights_give_one_line_advice(model_id):
+    from tuning_magics.backends.local.models import load_model_and_tokenizer, load_tokenizer
+
+    for fn in (load_tokenizer, load_model_and_tokenizer):
+        with pytest.raises(UserError) as info:
+            fn(model_id)
+        msg = str(info.value)
+        assert "\n" not in msg and "huggingface-cli download" in msg and "custom_base_model" in msg
+
+
+def test_bad_folder_and_gemini_are_user_errors(tmp_path):
+    from tuning_magics.backends.local.models import load_tokenizer
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="holds no model"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(UserError, match="Gemini"):
+        load_tokenizer("gemini-2.5-flash")
+
+
+def test_memory_estimate_orders_modes_and_sizes():
+    from tuning_magics.backends.local.memory import estimate_memory
+    from tuning_magics.backends.local.models import load_config
+
+    cfg = load_config("local/tiny-qwen3")
+    full = estimate_memory(cfg, "FULL", 256, 8, "float32")
+    lora = estimate_memory(cfg, "PEFT_ADAPTER", 256, 8, "float32")
+    assert lora < full < 2 * 1024**3
+    assert estimate_memory(cfg, "FULL", 512, 8, "float32") > full
+    assert estimate_memory("qwen/qwen3@qwen3-32b", "FULL", 2048, 1, "bfloat16") > 300 * 1024**3
+
+
+def test_memory_check_refuses_impossible_config_with_advice():
+    from tuning_magics.backends.local.memory import GiB, available_memory, check_fits
+
+    assert available_memory("cpu") > 0
+    with pytest.raises(UserError) as info:
+        check_fits("meta/llama3-3@llama-3.3-70b-instruct", "FULL", 4096, 8, "bfloat16", available=24 * GiB)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert re.search(r"needs ~\d+ GiB but this machine has 24 GiB free: use ", msg), msg
+    assert "smaller model such as meta/llama" in msg
+    with pytest.raises(UserError, match="PEFT_ADAPTER"):
+        check_fits("meta/llama3_1@llama-3.1-8b", "FULL", 512, 1, "bfloat16", available=40 * GiB)
+    # The tiny models fit anywhere.
+    assert check_fits("local/tiny-qwen3", "FULL", 512, 8, "float32", available=2 * GiB) < 2 * GiB
+
+
+def test_save_model_writes_sharded_names(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tuning_magics.backends.local.models import load_model_and_tokenizer, save_model
+
+    model, _ = load_model_and_tokenizer("local/tiny-llama")
+    save_model(model, tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert any(re.fullmatch(r"model-0000\d-of-0000\d\.safetensors", n) for n in names)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -1,0 +1,245 @@
+"""Real training of the built-in tiny models on a CPU: learning, LoRA, checkpoints, resume, continuation."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from tuning_magics.backends.local.trainer import TrainConfig, TrainingCancelled, train  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TUNING_MAGICS_HOME", str(tmp_path_factory.mktemp("tm-home")))
+    yield
+    mp.undo()
+
+
+def invented_facts(n: int = 64, seed: int = 7) -> list[tuple[str, str]]:
+    """``n`` made-up countries with made-up capitals, the same every time."""
+    rng = random.Random(seed)
+    consonants, vowels = "bcdfghjklmnprstvz", "aeiou"
+
+    def word(syllables: int) -> str:
+        return "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables)).capitalize()
+
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        country = word(3)
+        if country not in seen:
+            seen.add(country)
+            out.append((f"What is the capital of {country}?", word(2) + rng.choice(consonants)))
+    return out
+
+
+def write_jsonl(path: Path, facts, fmt: str = "chat") -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for q, a in facts:
+            if fmt == "chat":
+                rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            elif fmt == "prompt":
+                rec = {"prompt": q, "completion": a}
+            else:
+                rec = {"contents": [{"role": "user", "parts": [{"text": q}]}, {"role": "model", "parts": [{"text": a}]}]}
+            fh.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def no_temp_folders(output_dir) -> bool:
+    return not any(p.name.startswith(".tmp") for p in Path(output_dir).rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def facts_job(tmp_path_factory):
+    """local/tiny-qwen3, FULL, on 64 invented facts with the default learning rate."""
+    root = tmp_path_factory.mktemp("facts")
+    facts = invented_facts()
+    events = []
+    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=write_jsonl(root / "train.jsonl", facts),
+                      validation_path=write_jsonl(root / "val.jsonl", facts[:8], fmt="prompt"),
+                      output_dir=str(root / "job"), epochs=FACT_EPOCHS, batch_size=8)
+    result = train(cfg, on_event=events.append)
+    return facts, cfg, result, events
+
+
+FACT_EPOCHS = 50
+
+
+def test_full_tuning_memorises_invented_facts(facts_job):
+    from tuning_magics.backends.local.generate import LocalChatModel
+
+    facts, cfg, result, _ = facts_job
+    chat = LocalChatModel(result.final_dir)
+    answers = [chat.reply([{"role": "user", "content": q}], max_new_tokens=16) for q, _ in facts]
+    right = sum(got == want for got, (_, want) in zip(answers, facts))
+    print(f"exact answers: {right}/{len(facts)}; tokens/s {result.tokens_per_second}; padding {result.padding_share}")
+    assert right >= 0.95 * len(facts), list(zip(answers, facts))[:10]
+    # Streaming yields the same text in pieces.
+    pieces = list(chat.reply(facts[0][0], stream=True, max_new_tokens=16))
+    assert "".join(pieces) == answers[0]
+
+
+def test_facts_job_outputs_metrics_events_and_layout(facts_job):
+    from transformers import AutoModelForCausalLM
+
+    facts, cfg, result, events = facts_job
+    rows = read_metrics(cfg.output_dir)
+    steps = [r for r in rows if "train_loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, result.steps + 1))
+    assert result.steps == FACT_EPOCHS * 8
+    assert len(evals) == FACT_EPOCHS and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    for key in ("epoch", "learning_rate", "tokens_per_second", "token_accuracy", "padding_share"):
+        assert key in steps[0]
+    assert steps[-1]["epoch"] == pytest.approx(FACT_EPOCHS)
+    assert steps[-1]["token_accuracy"] > 0.9
+    assert 0 <= result.padding_share < 0.1
+    subs = [e["substate"] for e in events if e.get("event") == "substate"]
+    assert subs == ["PROCESSING_DATASET", "TUNING", "POST_PROCESSING"]
+    progress = [e for e in events if e.get("event") == "progress"]
+    assert progress[-1]["fraction"] == 1.0 and progress[-1]["total_steps"] == result.steps
+    # 50 epochs: a spread of 10 checkpoints, ordered, the last one at the final step.
+    names = [Path(p).name for p in result.checkpoints]
+    nums = [int(n.split("-")[1]) for n in names]
+    assert len(nums) == 10 and nums == sorted(nums) and nums[-1] == result.steps
+    final = Path(result.final_dir)
+    assert final == Path(cfg.output_dir) / "postprocess/node-0/checkpoints/final"
+    assert any(SHARD.fullmatch(p.name) for p in final.iterdir())
+    assert (final / "generation_config.json").is_file() and (final / "tokenizer.json").is_file()
+    AutoModelForCausalLM.from_pretrained(final)
+    assert no_temp_folders(cfg.output_dir)
+
+
+def test_custom_base_model_continues_from_a_previous_job(facts_job, tmp_path):
+    facts, first_cfg, first, _ = facts_job
+    cfg = TrainConfig(base_model="local/tiny-qwen3", custom_base_model=first.final_dir,
+                      train_path=first_cfg.train_path, output_dir=str(tmp_path / "job2"), epochs=1, batch_size=8)
+    second = train(cfg)
+    first_loss = read_metrics(first_cfg.output_dir)[0]["train_loss"]
+    start_loss = read_metrics(cfg.output_dir)[0]["train_loss"]
+    assert start_loss < 0.2 * first_loss
+    assert Path(second.final_dir).is_dir()
+
+
+def test_peft_adapter_halves_loss_and_loads_with_peft(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tuning_magics.backends.local.models import tiny_model_path
+
+    facts = invented_facts(32, seed=11)
+    cfg = TrainConfig(base_model="local/tiny-qwen3", tuning_mode="PEFT_ADAPTER", adapter_size=8,
+                      train_path=write_jsonl(tmp_path / "t.jsonl", facts, fmt="gc"),
+                      output_dir=str(tmp_path / "lora"), epochs=4, batch_size=4)
+    result = train(cfg)
+    rows = [r for r in read_metrics(cfg.output_dir) if "train_loss" in r]
+    assert rows[-1]["train_loss"] <= 0.5 * rows[0]["train_loss"]
+    final = Path(result.final_dir)
+    assert any(SHARD.fullmatch(p.name) for p in final.iterdir())
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path("local/tiny-qwen3"))
+    lora = PeftModel.from_pretrained(base, final / "adapter")
+    remerged = lora.merge_and_unload()
+    ids = torch.tensor([[1, 3, 50, 60, 70, 4]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, remerged(ids).logits, atol=1e-4)
+    # Intermediate checkpoints hold the adapter (and resume state), one per epoch.
+    assert len(result.checkpoints) == 4
+    assert (Path(result.checkpoints[0]) / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name,cls", [("local/tiny-qwen3", "Qwen3ForCausalLM"),
+                                      ("local/tiny-llama", "LlamaForCausalLM"),
+                                      ("local/tiny-gemma3", "Gemma3ForCausalLM")])
+def test_every_architecture_trains_and_saves_loadable_shards(name, cls, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tuning_magics.backends.local.generate import LocalChatModel
+
+    cfg = TrainConfig(base_model=name, train_path=write_jsonl(tmp_path / "t.jsonl", invented_facts(16)),
+                      output_dir=str(tmp_path / "job"), epochs=1, batch_size=4)
+    result = train(cfg)
+    assert result.steps == 4 and result.train_loss is not None
+    final = Path(result.final_dir)
+    assert any(SHARD.fullmatch(p.name) for p in final.iterdir())
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert type(model).__name__ == cls
+    assert isinstance(LocalChatModel(final).reply("Hi", max_new_tokens=4), str)
+
+
+def test_interrupt_then_resume_finishes_with_continuous_metrics(tmp_path):
+    facts = invented_facts(24, seed=3)
+    cfg = TrainConfig(base_model="local/tiny-llama", train_path=write_jsonl(tmp_path / "t.jsonl", facts),
+                      validation_path=write_jsonl(tmp_path / "v.jsonl", facts[:4]),
+                      output_dir=str(tmp_path / "job"), epochs=3, batch_size=4)  # 6 steps per epoch
+    seen = []
+
+    def stop_mid_epoch_two():
+        return len(seen) >= 9  # after step 9 of 18: halfway through epoch 2
+
+    with pytest.raises(TrainingCancelled):
+        train(cfg, on_event=lambda e: seen.append(e) if e.get("event") == "progress" else None,
+              should_stop=stop_mid_epoch_two)
+    ckdir = Path(cfg.output_dir) / "postprocess/node-0/checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["checkpoint-6"]
+    assert no_temp_folders(cfg.output_dir)
+    assert max(r["step"] for r in read_metrics(cfg.output_dir)) == 9
+    # A crashed writer's leftovers are cleaned on resume and never taken for a checkpoint.
+    (ckdir / ".tmp-checkpoint-12-crashed").mkdir()
+
+    events = []
+    result = train(cfg, resume=True, on_event=events.append)
+    assert any(e.get("event") == "resumed" and e["step"] == 6 for e in events)
+    assert result.steps == 18
+    assert [Path(p).name for p in result.checkpoints] == ["checkpoint-6", "checkpoint-12", "checkpoint-18"]
+    rows = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 19))
+    assert [r["epoch"] for r in rows if "eval_loss" in r] == [1, 2, 3]
+    assert no_temp_folders(cfg.output_dir)
+    assert Path(result.final_dir, "config.json").is_file()
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    facts = invented_facts(8, seed=5)
+    path = write_jsonl(tmp_path / "t.jsonl", facts)
+    plain = train(TrainConfig(base_model="local/tiny-qwen3", train_path=path, output_dir=str(tmp_path / "a"),
+                              epochs=2, batch_size=4))
+    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=path, output_dir=str(tmp_path / "b"),
+                      epochs=2, batch_size=4)
+    calls = []
+    with pytest.raises(TrainingCancelled):
+        train(cfg, on_event=lambda e: calls.append(e) if e.get("event") == "progress" else None,
+              should_stop=lambda: len(calls) >= 3)
+    resumed = train(cfg, resume=True)
+    a = [r["train_loss"] for r in read_metrics(tmp_path / "a")]
+    b = [r["train_loss"] for r in read_metrics(tmp_path / "b")]
+    assert b == pytest.approx(a, rel=1e-4)
+    assert resumed.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
+
+
+def test_cancel_before_first_epoch_leaves_no_checkpoint(tmp_path):
+    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=write_jsonl(tmp_path / "t.jsonl", invented_facts(8)),
+                      output_dir=str(tmp_path / "job"), epochs=2, batch_size=4)
+    with pytest.raises(TrainingCancelled):
+        train(cfg, should_stop=lambda: True)
+    ckdir = Path(cfg.output_dir) / "postprocess/node-0/checkpoints"
+    assert not ckdir.exists() or not any(ckdir.iterdir())

@@ -1,0 +1,521 @@
+"""Supervised fine-tuning on this machine: full tuning or LoRA, with transformers and PEFT.
+
+``train(TrainConfig(...))`` reads a local JSONL file in any accepted format,
+renders it with the model's chat template, learns only the assistant's tokens,
+writes a metrics line per step to ``<output_dir>/metrics.jsonl`` and checkpoints
+in the managed service's layout (see :mod:`.checkpoints`), and returns a
+:class:`TrainResult`. ``on_event`` receives every metrics line and markers of the
+job's sub-state; ``should_stop`` cancels between steps; ``resume=True`` continues
+from the last complete checkpoint.
+
+Events passed to ``on_event`` (plain dicts):
+
+- ``{"event": "substate", "substate": "PROCESSING_DATASET" | "TUNING" | "POST_PROCESSING"}``
+- ``{"event": "dataset", "examples", "dropped", "validation_examples", "tokens", "loss_tokens", "max_seq_len"}``
+- ``{"event": "metrics", "step", "epoch", "train_loss", "learning_rate", "token_accuracy",
+  "tokens_per_second", "padding_share", "grad_norm"}`` (one per optimizer step)
+- ``{"event": "metrics", "step", "epoch", "eval_loss", "eval_token_accuracy"}`` (one per epoch, with validation)
+- ``{"event": "progress", "step", "total_steps", "epoch", "epochs", "fraction"}``
+- ``{"event": "checkpoint", "path", "step", "epoch"}``
+- ``{"event": "resumed", "step", "epoch", "checkpoint"}``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ...errors import UserError
+from . import checkpoints as ckpt
+
+FULL = "FULL"
+PEFT = "PEFT_ADAPTER"
+METRICS_FILE = "metrics.jsonl"
+
+#: Default learning rates by (model size class, mode). Toy models start from
+#: random weights and must learn fast; real models need the usual small values.
+DEFAULT_LEARNING_RATES = {
+    ("tiny", FULL): 3e-3,
+    ("tiny", PEFT): 1e-2,
+    ("real", FULL): 1e-5,
+    ("real", PEFT): 2e-4,
+}
+#: Models below this many weights count as "tiny" for the defaults above.
+TINY_MAX_PARAMS = 50_000_000
+MAX_SEQ_LEN_CAP = 4096
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainingCancelled(Exception):
+    """Raised by :func:`train` when ``should_stop()`` returned True; nothing partial was written."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a local tuning run needs. Paths are local; ``train_path`` is JSONL in any accepted format."""
+
+    base_model: str
+    train_path: str
+    output_dir: str
+    custom_base_model: str | None = None
+    tuning_mode: str = FULL
+    epochs: int = 3
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES for the model's size and mode
+    learning_rate_multiplier: float = 1.0
+    adapter_size: int = 8  # LoRA rank
+    lora_alpha: int | None = None  # None: 2 * adapter_size
+    validation_path: str | None = None
+    batch_size: int = 8
+    max_seq_len: int | None = None  # None: the model's limit, capped at MAX_SEQ_LEN_CAP
+    seed: int = 0
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "cosine"  # or "linear", "constant"
+    bf16: bool | None = None  # None: bf16 autocast on GPUs that support it
+    device: str | None = None  # None: first GPU, else CPU
+    check_memory: bool = True
+
+    def normalised_mode(self) -> str:
+        mode = {"FULL": FULL, "PEFT": PEFT, "PEFT_ADAPTER": PEFT, "LORA": PEFT, "ADAPTER": PEFT}.get(
+            str(self.tuning_mode).upper())
+        if mode is None:
+            raise UserError(f"tuning_mode must be FULL or PEFT_ADAPTER, not {self.tuning_mode!r}", field="tuning_mode")
+        return mode
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    final_dir: str
+    steps: int
+    epochs: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_per_second: float
+    padding_share: float
+    checkpoints: list[str] = field(default_factory=list)
+    learning_rate: float = 0.0
+    metrics_path: str = ""
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if int(cfg.epochs) < 1:
+        raise UserError(f"epochs must be at least 1, not {cfg.epochs}", field="epochs")
+    if int(cfg.batch_size) < 1:
+        raise UserError(f"batch_size must be at least 1, not {cfg.batch_size}", field="batch_size")
+    if int(cfg.gradient_accumulation_steps) < 1:
+        raise UserError("gradient_accumulation_steps must be at least 1", field="gradient_accumulation_steps")
+    if cfg.learning_rate is not None and not cfg.learning_rate > 0:
+        raise UserError(f"learning_rate must be positive, not {cfg.learning_rate}", field="learning_rate")
+    if not cfg.learning_rate_multiplier > 0:
+        raise UserError("learning_rate_multiplier must be positive", field="learning_rate_multiplier")
+    if int(cfg.adapter_size) < 1:
+        raise UserError(f"adapter_size must be at least 1, not {cfg.adapter_size}", field="adapter_size")
+    if not Path(cfg.train_path).is_file():
+        raise UserError(f"training file {cfg.train_path!r} does not exist", field="train_path")
+    if cfg.validation_path and not Path(cfg.validation_path).is_file():
+        raise UserError(f"validation file {cfg.validation_path!r} does not exist", field="validation_path")
+    if cfg.lr_scheduler not in ("cosine", "linear", "constant"):
+        raise UserError("lr_scheduler must be cosine, linear or constant", field="lr_scheduler")
+
+
+def _set_threads(device, n_params: int) -> None:
+    import torch
+
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return
+    if n_params < TINY_MAX_PARAMS:
+        # Toy matmuls gain little from threads, and on a busy machine (notebook, CI, other
+        # jobs) OpenMP threads spinning for a shared core made steps 15x slower in our tests.
+        torch.set_num_threads(1)
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        import psutil
+
+        cores = min(cores, psutil.cpu_count(logical=False) or cores)
+    except ImportError:
+        pass
+    # One thread per physical core: hyper-threads only add contention in matmuls.
+    torch.set_num_threads(max(1, cores))
+
+
+def _seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        progress = min(1.0, max(0.0, progress))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON object per line, flushed as written."""
+
+    def __init__(self, path: Path, *, keep_until_step: int | None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is None:
+            path.write_text("", encoding="utf-8")
+        elif path.exists():
+            # Resume: drop lines past the checkpoint so the curve has no duplicate steps.
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_until_step:
+                        kept.append(line)
+                except ValueError:
+                    continue  # a line torn by a crash
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _default_max_seq_len(model_config, base_name: str) -> int:
+    from ... import catalog
+
+    limits = [MAX_SEQ_LEN_CAP]
+    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    mpe = getattr(text, "max_position_embeddings", None)
+    if mpe:
+        limits.append(int(mpe))
+    entry = catalog.find(base_name)
+    if entry is not None:
+        limits.append(entry.max_seq_len)
+    return min(limits)
+
+
+def _loss_and_accuracy(logits, labels):
+    """Summed next-token cross-entropy over labelled positions, the number of them, and how many were right."""
+    import torch.nn.functional as F
+
+    target = labels[:, 1:]
+    keep = target != -100
+    picked = logits[:, :-1][keep].float()
+    tgt = target[keep]
+    loss_sum = F.cross_entropy(picked, tgt, reduction="sum")
+    correct = int((picked.argmax(-1) == tgt).sum())
+    return loss_sum, int(keep.sum()), correct
+
+
+def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, resume: bool = False) -> TrainResult:
+    """Fine-tune ``config.base_model`` (or ``config.custom_base_model``) on ``config.train_path``.
+
+    Raises :class:`TrainingCancelled` when ``should_stop()`` turns True (the last
+    complete checkpoint stays usable for ``resume=True``) and UserError for
+    anything the user can fix (missing weights, unreadable data, not enough memory).
+    """
+    import torch
+
+    from ...datasets.formats import read_conversations
+    from . import data as D
+    from .memory import check_fits
+    from .models import default_device, load_config, load_model_and_tokenizer, load_tokenizer, save_model
+
+    _check_config(config)
+    mode = config.normalised_mode()
+    emit = on_event or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def cancelled() -> bool:
+        try:
+            return bool(stop())
+        except Exception:  # a broken callback must not kill a long run
+            return False
+
+    emit({"event": "substate", "substate": "PROCESSING_DATASET"})
+    device = default_device(config.device)
+    _seed_all(config.seed)
+    source = config.custom_base_model or config.base_model
+    model_config = load_config(source)
+    tokenizer = load_tokenizer(source)
+    max_len = int(config.max_seq_len or _default_max_seq_len(model_config, config.base_model))
+    try:
+        train_convs = read_conversations(config.train_path)
+        val_convs = read_conversations(config.validation_path) if config.validation_path else []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot read the dataset ({exc}); validate it with %dataset first", field="train_path") \
+            from None
+    train_set, dropped = D.encode_all(tokenizer, train_convs, max_len)
+    val_set, _ = D.encode_all(tokenizer, val_convs, max_len)
+    if not train_set:
+        raise UserError("no training example has an assistant reply to learn; every example needs one",
+                        field="train_path")
+    emit({"event": "dataset", "examples": len(train_set), "dropped": dropped, "validation_examples": len(val_set),
+          "tokens": sum(len(e) for e in train_set), "loss_tokens": sum(e.loss_tokens for e in train_set),
+          "max_seq_len": max_len})
+
+    from .memory import param_count
+
+    n_params = param_count(model_config)
+    _set_threads(device, n_params)
+    size_class = "tiny" if n_params < TINY_MAX_PARAMS else "real"
+    use_bf16 = config.bf16
+    if use_bf16 is None:
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # Frozen base weights of a LoRA run on GPU can live in bf16; trained weights stay float32.
+    weight_dtype = torch.bfloat16 if (use_bf16 and mode == PEFT and device.type == "cuda") else torch.float32
+    if config.check_memory:
+        longest = max(len(e) for e in train_set)
+        check_fits(model_config, mode, longest, config.batch_size, weight_dtype, device=device,
+                   adapter_size=config.adapter_size, model_name=source)
+
+    # Where to start: a checkpoint when resuming, else the base weights.
+    ckpt.remove_stale_temp(out)
+    start_ckpt = ckpt.latest_checkpoint(out) if resume else None
+    if not resume:
+        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
+    state = ckpt.read_state(start_ckpt) if start_ckpt else None
+
+    load_from = start_ckpt if (start_ckpt is not None and mode == FULL) else source
+    model, _ = load_model_and_tokenizer(str(load_from), dtype=weight_dtype, device=device)
+    if mode == PEFT:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=int(config.adapter_size), lora_alpha=int(config.lora_alpha or 2 * config.adapter_size),
+                          lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM", bias="none")
+        model = get_peft_model(model, lora)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        if start_ckpt is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(start_ckpt / "adapter_model.safetensors"),
+                                                       device=str(device)))
+    if n_params >= 100_000_000:
+        # Recompute activations in the backward pass: big models would not fit otherwise.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode == PEFT:
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    model.train()
+
+    lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[(size_class, mode)]) * float(
+        config.learning_rate_multiplier)
+    batch_size, accum = int(config.batch_size), int(config.gradient_accumulation_steps)
+    micro_per_epoch = math.ceil(len(train_set) / batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / accum)
+    total_steps = steps_per_epoch * int(config.epochs)
+    warmup = int(round(total_steps * float(config.warmup_ratio)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(config.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_scheduler, warmup, total_steps))
+
+    global_step, start_epoch = 0, 0
+    if start_ckpt is not None:
+        optimizer.load_state_dict(torch.load(start_ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        scheduler.load_state_dict(torch.load(start_ckpt / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(start_ckpt / "rng_state.pth", weights_only=False))
+        global_step, start_epoch = int(state["global_step"]), int(state["epoch"])
+        emit({"event": "resumed", "step": global_step, "epoch": start_epoch, "checkpoint": str(start_ckpt)})
+    metrics = _Metrics(out / METRICS_FILE, keep_until_step=global_step if resume else None)
+
+    keep_epochs = set(ckpt.checkpoint_epochs(int(config.epochs)))
+    lengths = [len(e) for e in train_set]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (use_bf16 and device.type == "cuda") \
+        else (lambda: torch.autocast("cpu", enabled=False))
+    total_real = total_padded = 0
+    total_time = 0.0
+    last_loss = last_eval = None
+    written: list[str] = [str(p) for p in ckpt.list_checkpoints(out)]
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        loss_sum, n, right = 0.0, 0, 0
+        order = sorted(range(len(val_set)), key=lambda i: len(val_set[i]))
+        with torch.no_grad():
+            for j in range(0, len(order), batch_size):
+                ids, mask, labels, _ = D.collate([val_set[i] for i in order[j:j + batch_size]], pad_id)
+                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                with autocast():
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                ls, k, c = _loss_and_accuracy(logits, labels)
+                loss_sum += float(ls)
+                n += k
+                right += c
+        model.train()
+        return loss_sum / max(1, n), right / max(1, n)
+
+    def save_checkpoint(epoch: int) -> None:
+        target = ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}"
+        with ckpt.atomic_folder(target) as tmp:
+            if mode == PEFT:
+                model.save_pretrained(tmp)
+            else:
+                save_model(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(_rng_state(), tmp / "rng_state.pth")
+            (tmp / ckpt.TRAINER_STATE).write_text(json.dumps({
+                "global_step": global_step, "epoch": epoch, "epochs": int(config.epochs),
+                "steps_per_epoch": steps_per_epoch, "train_loss": last_loss, "eval_loss": last_eval,
+                "tuning_mode": mode, "learning_rate": lr, "config": asdict(config),
+            }, indent=2), encoding="utf-8")
+        written.append(str(target))
+        emit({"event": "checkpoint", "path": str(target), "step": global_step, "epoch": epoch})
+
+    try:
+        emit({"event": "substate", "substate": "TUNING"})
+        for epoch in range(start_epoch, int(config.epochs)):
+            batches = D.length_grouped_batches(lengths, batch_size, config.seed * 1000 + epoch)
+            for s in range(0, len(batches), accum):
+                if cancelled():
+                    raise TrainingCancelled(f"cancelled at step {global_step}")
+                group = [[train_set[i] for i in b] for b in batches[s:s + accum]]
+                group_loss_tokens = sum(sum(max(0, e.loss_tokens) for e in b) for b in group)
+                t0 = time.perf_counter()
+                loss_sum, n_tok, n_right, real, padded = 0.0, 0, 0, 0, 0
+                for b in group:
+                    ids, mask, labels, pads = D.collate(b, pad_id)
+                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                    with autocast():
+                        logits = model(input_ids=ids, attention_mask=mask).logits
+                    ls, k, c = _loss_and_accuracy(logits, labels)
+                    # Normalise by the whole group's loss tokens so accumulation equals one big batch.
+                    (ls / max(1, group_loss_tokens)).backward()
+                    loss_sum += float(ls.detach())
+                    n_tok += k
+                    n_right += c
+                    padded += ids.numel()
+                    real += ids.numel() - pads
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(config.max_grad_norm))
+                step_lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = max(time.perf_counter() - t0, 1e-9)
+                total_time += dt
+                total_real += real
+                total_padded += padded
+                last_loss = loss_sum / max(1, n_tok)
+                row = {
+                    "step": global_step,
+                    "epoch": round(epoch + (s // accum + 1) / steps_per_epoch, 4),
+                    "train_loss": round(last_loss, 6),
+                    "learning_rate": step_lr,
+                    "token_accuracy": round(n_right / max(1, n_tok), 6),
+                    "tokens_per_second": round(real / dt, 1),
+                    "padding_share": round((padded - real) / max(1, padded), 6),
+                    "grad_norm": round(float(grad_norm), 6),
+                }
+                metrics.write(row)
+                emit({"event": "metrics", **row})
+                emit({"event": "progress", "step": global_step, "total_steps": total_steps,
+                      "epoch": row["epoch"], "epochs": int(config.epochs),
+                      "fraction": round(global_step / total_steps, 6)})
+            if val_set:
+                last_eval, eval_acc = evaluate()
+                row = {"step": global_step, "epoch": epoch + 1, "eval_loss": round(last_eval, 6),
+                       "eval_token_accuracy": round(eval_acc, 6)}
+                metrics.write(row)
+                emit({"event": "metrics", **row})
+            if epoch + 1 in keep_epochs:
+                if cancelled():
+                    raise TrainingCancelled(f"cancelled at step {global_step}")
+                save_checkpoint(epoch + 1)
+
+        if cancelled():
+            raise TrainingCancelled(f"cancelled at step {global_step}")
+        emit({"event": "substate", "substate": "POST_PROCESSING"})
+        final = ckpt.final_dir(out)
+        with ckpt.atomic_folder(final) as tmp:
+            if mode == PEFT:
+                model.save_pretrained(tmp / "adapter")
+                tokenizer.save_pretrained(tmp / "adapter")
+                merged = model.merge_and_unload()
+                merged.config.use_cache = True
+                save_model(merged, tmp)
+            else:
+                model.config.use_cache = True
+                save_model(model, tmp)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        metrics.close()
+
+    if last_eval is None and state is not None:
+        last_eval = state.get("eval_loss")
+    return TrainResult(
+        final_dir=str(ckpt.final_dir(out)),
+        steps=global_step,
+        epochs=int(config.epochs),
+        train_loss=last_loss if last_loss is not None else (state or {}).get("train_loss"),
+        eval_loss=last_eval,
+        tokens_per_second=round(total_real / total_time, 1) if total_time else 0.0,
+        padding_share=round((total_padded - total_real) / total_padded, 6) if total_padded else 0.0,
+        checkpoints=[str(p) for p in ckpt.list_checkpoints(out)],
+        learning_rate=lr,
+        metrics_path=str(out / METRICS_FILE),
+    )
