@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+# ====================================================================== an isolated data folder
+# The suite never touches the user's own jobs, models or datasets: for the whole
+# session TUNING_MAGICS_HOME points at a temporary folder (tests that need a
+# fresh registry set their own on top of it).
+import pytest as _pytest
+
+
+@_pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    mp = _pytest.MonkeyPatch()
+    mp.setenv("TUNING_MAGICS_HOME", str(tmp_path_factory.mktemp("tuning-magics-home")))
+    yield
+    mp.undo()
+
+
 # ====================================================================== Cloud Storage emulator
 # A real gcp-storage-emulator server on 127.0.0.1, started once per session in a
 # subprocess and stopped at the end; tests that request ``gcs_emulator`` get

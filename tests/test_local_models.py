@@ -13,14 +13,6 @@ pytest.importorskip("transformers")
 from tuning_magics.errors import UserError  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TUNING_MAGICS_HOME", str(tmp_path_factory.mktemp("tm-home")))
-    yield
-    mp.undo()
-
-
 def test_tokenizer_is_byte_level_and_round_trips():
     from tuning_magics.backends.local.tokenizer import VOCAB_SIZE, build_tokenizer
 

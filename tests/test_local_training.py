@@ -19,14 +19,6 @@ pytestmark = pytest.mark.slow
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _home(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TUNING_MAGICS_HOME", str(tmp_path_factory.mktemp("tm-home")))
-    yield
-    mp.undo()
-
-
 def invented_facts(n: int = 64, seed: int = 7) -> list[tuple[str, str]]:
     """``n`` made-up countries with made-up capitals, the same every time."""
     rng = random.Random(seed)

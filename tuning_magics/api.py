@@ -42,7 +42,7 @@ _OWN_FIELDS = {"base_model", "custom_base_model", "tuning_mode", "epochs", "lear
                "learning_rate_multiplier", "adapter_size", "train_path", "validation_path", "output_dir"}
 
 
-def engine_options() -> list[str]:
+def local_engine_options() -> list[str]:
     """The local engine's extra options (``batch_size``, ``max_seq_len``, ``seed``, ...), from its TrainConfig."""
     import dataclasses
 
@@ -306,7 +306,7 @@ def _teacher(model: catalog.Model, method: str, teacher) -> str | None:
 
 
 def _check_engine_options(options: dict) -> None:
-    known = engine_options()
+    known = local_engine_options()
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise UserError(
@@ -374,10 +374,13 @@ def _dataset_file(name: str, dataset, target: Path, model: catalog.Model, method
         )
     text = str(source)
     if text.startswith("gs://"):
-        raise UserError(
-            f"{name}: the local engine reads local files, not {text}; download it or pass the DataFrame",
-            field=name,
-        )
+        # The local engine trains from the job folder: fetch the object (checksum-verified) once.
+        from . import storage
+
+        storage.download_file(text, target, overwrite=True)
+        if not validated:
+            _validate_file(name, target, model, method)
+        return target
     path = Path(text).expanduser()
     if not path.is_file():
         raise UserError(f"{name} {text!r} does not exist; check the path", field=name)
@@ -400,13 +403,34 @@ def _validate_file(name: str, path: Path, model: catalog.Model, method: str) -> 
 
 
 def _write_frame(data, target: Path, model: catalog.Model, method: str, name: str) -> None:
-    """A DataFrame or list of records -> validated JSONL at ``target`` (through ``tuning_magics.dataset``)."""
-    import pandas as pd
+    """A DataFrame or list of records -> validated JSONL at ``target``.
 
-    from .datasets.build import dataset
+    Records (and DataFrames whose columns already are record keys, such as
+    ``messages`` or ``prompt``/``completion``) are checked and written as they are;
+    other DataFrames go through :func:`tuning_magics.dataset`, which maps columns.
+    """
+    from .datasets.formats import TOP_KEYS
 
-    frame = data if _is_dataframe(data) else pd.DataFrame(list(data))
-    try:
-        dataset(frame, out=str(target), overwrite=True, model=model.id, method=method)
-    except UserError as exc:
-        raise UserError(f"{name}: {exc}", field=name) from None
+    record_keys = set().union(*TOP_KEYS.values())
+    if _is_dataframe(data) and not set(data.columns) <= record_keys:
+        from .datasets.build import dataset
+
+        try:
+            dataset(data, out=str(target), overwrite=True, model=model.id, method=method)
+        except UserError as exc:
+            raise UserError(f"{name}: {exc}", field=name) from None
+        return
+    import orjson
+
+    from .datasets.validate import validate
+    from .storage import atomic_writer
+
+    rows = data.to_dict(orient="records") if _is_dataframe(data) else list(data)
+    report = validate(rows, model=model.id, method=method)
+    if not report.ok:
+        more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
+        raise UserError(f"{name}: {report.errors[0]}{more}; tuning_magics.validate(records) lists them all",
+                        field=name)
+    with atomic_writer(target, overwrite=True) as fh:
+        for row in rows:
+            fh.write(orjson.dumps(row) + b"\n")

@@ -326,10 +326,21 @@ def _commit(tmp: Path, path: Path, overwrite: bool, display: str) -> None:
             if os.path.lexists(path):
                 raise UserError(_exists_message(display)) from None
             os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_tree(folder: PathOrUri) -> None:
+    """Flush every file under a local ``folder``, and the folders themselves, to disk.
+
+    Used before a whole folder (a checkpoint, a built model) is renamed into place.
+    """
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(folder: Path) -> None:
     """Make the rename durable (POSIX only; a no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

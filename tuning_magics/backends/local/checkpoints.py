@@ -20,7 +20,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import _TMP_PREFIX, _fsync_dir, fsync_tree
+from ...storage import fsync_dir, fsync_tree
+from .models import _TMP_PREFIX
 
 MAX_CHECKPOINTS = 10
 TRAINER_STATE = "trainer_state.json"
@@ -98,7 +99,7 @@ def atomic_folder(target: Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

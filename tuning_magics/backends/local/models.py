@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...paths import data_home
+from ...storage import fsync_tree
 
 TINY_PREFIX = "local/tiny-"
 # Bump when the recipe of a tiny model changes so stale caches are not reused.
@@ -161,30 +162,6 @@ def save_model(model, folder, *, max_shard_size: str = "5GB") -> None:
         os.replace(single, folder / name)
         index = {"metadata": {"total_size": total}, "weight_map": {k: name for k in sorted(keys)}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-
-
-def fsync_tree(folder) -> None:
-    """Flush every file under ``folder`` (and the folders themselves) to disk."""
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
-
-
-def _fsync_dir(path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,501 @@
+"""The local engine's job system with real worker processes and real tiny-model training.
+
+Every test gets its own registry (a temp ``TUNING_MAGICS_HOME``); the built-in
+tiny model is built once per session and shared through a symlink. Teardown
+kills any worker still running, so no process outlives the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import tuning_magics as tm
+from tuning_magics.backends.local import registry, scheduler
+from tuning_magics.errors import UserError
+from tuning_magics.jobs import (
+    JOB_STATE_CANCELLED,
+    JOB_STATE_FAILED,
+    JOB_STATE_QUEUED,
+    JOB_STATE_RUNNING,
+    JOB_STATE_SUCCEEDED,
+    METRIC_COLUMNS,
+    JobFailedError,
+    TUNING,
+)
+
+MODEL = "local/tiny-qwen3"
+
+
+# -- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def _shared_models(tmp_path_factory) -> Path:
+    """Build the tiny model once; every test's home links to it."""
+    home = tmp_path_factory.mktemp("models-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNING_MAGICS_HOME", str(home))
+        from tuning_magics.backends.local.models import tiny_model_path
+
+        tiny_model_path(MODEL)
+    return home / "models"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, _shared_models) -> Path:
+    """A fresh registry for this test; kills every worker it started on the way out."""
+    h = tmp_path / "home"
+    h.mkdir()
+    (h / "models").symlink_to(_shared_models, target_is_directory=True)
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(h))
+    monkeypatch.setenv(scheduler.CONCURRENCY_ENV, "1")
+    yield h
+    _kill_workers()
+
+
+def _kill_workers() -> None:
+    victims = []
+    for rec in registry.find():
+        # Some tests record this very process as a "worker": never kill that one.
+        if rec.pid is not None and rec.pid != os.getpid() and scheduler.worker_alive(rec):
+            victims.append(rec.pid)
+    victims += [pid for pid, proc in scheduler._children.items() if proc.poll() is None]
+    for pid in set(victims):
+        try:
+            os.killpg(pid, signal.SIGKILL)  # workers lead their own session and group
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in set(victims):
+        proc = scheduler._children.get(pid)
+        if proc is not None:
+            proc.wait(timeout=30)
+        else:
+            try:
+                psutil.Process(pid).wait(timeout=30)
+            except psutil.Error:
+                pass
+    scheduler.poll_children()
+
+
+def records(n: int, *, long: bool = False) -> list[dict]:
+    """Short prompt/completion pairs; ``long`` makes each step slow enough to interrupt reliably."""
+    filler = " and so on" * 20 if long else ""
+    return [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}{filler}."} for i in range(n)]
+
+
+def wait_for(cond, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# -- real training ---------------------------------------------------------------------
+
+
+def test_sigkill_mid_epoch_fails_with_reason_and_resume_finishes(home):
+    # 16 examples, batch 2: 8 steps (one checkpoint) per epoch; killed once epoch 2 has begun.
+    # Three epochs leave the worker enough work that it is still running when the kill lands.
+    job = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
+    ckpt_dir = Path(job.output_uri) / "postprocess" / "node-0" / "checkpoints"
+    wait_for(lambda: (ckpt_dir / "checkpoint-8").is_dir() and job.metrics()["step"].max() > 8,
+             what="the first checkpoint and a step of epoch 2")
+    pid = registry.get(job.id).pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: pid_gone(pid), 30, "the worker to die")
+
+    job.refresh()
+    assert job.state == JOB_STATE_FAILED
+    first_line = job.error.splitlines()[0]
+    assert "ended unexpectedly (signal 9" in first_line, (pid, scheduler._children, scheduler._exited, job.error)
+    assert re.search(r"during epoch [23] \(after step", first_line), first_line
+    names = [c.name for c in job.checkpoints]
+    assert names and "final" not in names
+    assert f"job.resume() continues from {names[-1]}" in first_line
+    # Only complete checkpoints are listed: each has its trainer state; temp folders are not listed.
+    for c in job.checkpoints:
+        assert (Path(c.uri) / "trainer_state.json").is_file()
+    assert not any(c.name.startswith(".tmp-") for c in job.checkpoints)
+    assert registry.get(job.id).pid is None
+
+    job.resume()
+    assert job.wait(timeout=180).state == JOB_STATE_SUCCEEDED, job.error
+    assert job.attempts == 2
+    assert job.error is None
+    assert [c.name for c in job.checkpoints] == ["checkpoint-8", "checkpoint-16", "checkpoint-24", "final"]
+    m = job.metrics()
+    assert list(m.columns[: len(METRIC_COLUMNS)]) == list(METRIC_COLUMNS)
+    assert m["step"].tolist() == list(range(1, 25))
+    reply = job.chat("What is 3 plus 3?", max_new_tokens=4)
+    assert isinstance(reply, str)
+
+
+def test_three_jobs_with_limit_one_run_one_after_another(home):
+    jobs = [tm.tune(MODEL, records(8), epochs=1, batch_size=4, tuned_model_display_name=f"seq-{i}")
+            for i in range(3)]
+    # Right after submission at most one is past QUEUED.
+    assert sum(j.refresh().state != JOB_STATE_QUEUED for j in jobs) <= 1
+    for j in jobs:
+        assert j.wait(timeout=180).state == JOB_STATE_SUCCEEDED, j.error
+    spans = [(j.started, j.ended) for j in jobs]
+    # Oldest first, and each starts only after the previous one ended.
+    for (s1, e1), (s2, e2) in itertools.pairwise(spans):
+        assert s1 < e1 <= s2 < e2
+    assert all(j.tuned_model and Path(j.tuned_model, "config.json").is_file() for j in jobs)
+    # The serving hook: the tuned model behind a local OpenAI-compatible endpoint.
+    from tuning_magics.backends.local.server import chat_completion
+
+    with jobs[0].deploy() as endpoint:
+        answer = chat_completion(endpoint.url, [{"role": "user", "content": "What is 1 plus 1?"}], max_tokens=4)
+    assert answer["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_cancel_queued_and_running_jobs(home):
+    running = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
+    queued = tm.tune(MODEL, records(8), epochs=1)
+    assert queued.state == JOB_STATE_QUEUED
+
+    queued.cancel()
+    assert queued.state == JOB_STATE_CANCELLED and queued.ended is not None
+    assert queued.attempts == 0 and queued.started is None
+
+    wait_for(lambda: running.refresh().state == JOB_STATE_RUNNING and running.substate == TUNING
+             and len(running.metrics()) > 0, what="training to start")
+    pid = registry.get(running.id).pid
+    running.cancel()
+    assert running.wait(timeout=60).state == JOB_STATE_CANCELLED
+    wait_for(lambda: pid_gone(pid), 30, "the cancelled worker to exit")
+    assert running.tuned_model is None
+    assert "JOB_STATE_CANCELLED" in (Path(running.output_uri) / "worker.log").read_text()
+    # The cancelled queued job was never started, even after the running one freed the slot.
+    assert queued.refresh().state == JOB_STATE_CANCELLED and queued.attempts == 0
+
+
+def test_sigterm_stops_worker_cleanly(home):
+    job = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
+    wait_for(lambda: len(job.metrics()) > 0, what="training to start")
+    pid = registry.get(job.id).pid
+    os.kill(pid, signal.SIGTERM)
+    assert job.wait(timeout=60).state == JOB_STATE_CANCELLED
+    assert "stopped by SIGTERM" in job.error
+    wait_for(lambda: pid_gone(pid), 30, "the worker to exit")
+    # Stopped at a step boundary: no half-written checkpoint folder is left behind.
+    ckpt_dir = Path(job.output_uri) / "postprocess" / "node-0" / "checkpoints"
+    assert not ckpt_dir.exists() or not [p for p in ckpt_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_new_process_lists_and_reattaches(home):
+    # One process submits and exits at once, as a restarted kernel would.
+    submit = textwrap.dedent(f"""
+        import tuning_magics as tm
+        recs = [{{"prompt": f"q{{i}}", "completion": f"a{{i}}"}} for i in range(16)]
+        print(tm.tune({MODEL!r}, recs, epochs=2, batch_size=4, tuned_model_display_name="reattach").id)
+    """)
+    out = subprocess.run([sys.executable, "-c", submit], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().splitlines()[-1]
+
+    # Another process finds the job by listing, then by name, and waits for it to finish.
+    watch = textwrap.dedent("""
+        import json, tuning_magics as tm
+        listed = [j.id for j in tm.list_jobs()]
+        job = tm.get_job("reattach").wait(timeout=150)
+        print(json.dumps({"listed": listed, "id": job.id, "state": job.state, "steps": len(job.metrics())}))
+    """)
+    out = subprocess.run([sys.executable, "-c", watch], capture_output=True, text=True, timeout=200, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["listed"] == [job_id]
+    assert seen == {"listed": [job_id], "id": job_id, "state": JOB_STATE_SUCCEEDED, "steps": 8}
+    assert tm.get_job(job_id).state == JOB_STATE_SUCCEEDED
+
+
+# -- liveness, without training --------------------------------------------------------
+
+
+def _fake_active(job_id: str, pid: int, pid_started: float | None, out: Path, *, state=JOB_STATE_RUNNING):
+    out.mkdir(parents=True, exist_ok=True)
+    registry.insert(registry.JobRecord(id=job_id, config={"base_model": MODEL}, state=state, output_dir=str(out),
+                                       created=time.time(), pid=pid, pid_started=pid_started, started=time.time()))
+
+
+def test_dead_worker_is_noticed_on_refresh(home, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    _fake_active("tune-dead", proc.pid, None, tmp_path / "dead")
+    (tmp_path / "dead" / "metrics.jsonl").write_text(
+        '{"step": 3, "epoch": 1.5, "train_loss": 1.0}\n{"step": 4, "ep'  # torn last line
+    )
+    job = tm.get_job("tune-dead")
+    assert job.state == JOB_STATE_FAILED
+    first = job.error.splitlines()[0]
+    assert "ended unexpectedly" in first and "during epoch 2 (after step 3)" in first
+    assert "job.resume() starts it again" in first
+    assert job.ended is not None
+
+
+def test_reused_pid_counts_as_dead(home, tmp_path):
+    me = psutil.Process()
+    _fake_active("tune-reused", me.pid, me.create_time() - 1000, tmp_path / "reused")
+    _fake_active("tune-alive", me.pid, me.create_time(), tmp_path / "alive")
+    assert tm.get_job("tune-reused").state == JOB_STATE_FAILED
+    assert tm.get_job("tune-alive").state == JOB_STATE_RUNNING
+
+
+def test_metrics_and_checkpoints_tolerate_partial_writes(home, tmp_path):
+    out = tmp_path / "partial"
+    ck = out / "postprocess" / "node-0" / "checkpoints"
+    for name in ("checkpoint-10", "checkpoint-2", ".tmp-checkpoint-20-x", "checkpoint-30"):
+        (ck / name).mkdir(parents=True)
+    for name in ("checkpoint-10", "checkpoint-2"):
+        (ck / name / "trainer_state.json").write_text("{}")
+    (out / "metrics.jsonl").write_text(
+        '{"step": 1, "epoch": 0.5, "train_loss": 2.0}\n'
+        '{"step": 2, "epoch": 1.0, "train_loss": 1.5}\n'
+        '{"step": 2, "epoch": 1, "eval_loss": 1.7}\n'
+        '{"step": 3, "epoch": 1.5, "train_lo'
+    )
+    _fake_active("tune-partial", os.getpid(), psutil.Process().create_time(), out)
+    job = tm.get_job("tune-partial")
+    assert [c.name for c in job.checkpoints] == ["checkpoint-2", "checkpoint-10"]
+    assert job.tuned_model is None
+    m = job.metrics()
+    assert m["step"].tolist() == [1, 2]
+    assert m.loc[1, "train_loss"] == 1.5 and m.loc[1, "eval_loss"] == 1.7
+    assert list(m.columns[:7]) == list(METRIC_COLUMNS)
+    with pytest.raises(UserError, match="no final model yet"):
+        job.chat("hi")
+
+
+def test_resume_and_cancel_rules(home, tmp_path):
+    out = tmp_path / "done"
+    out.mkdir()
+    registry.insert(registry.JobRecord(id="tune-done", config={}, state=JOB_STATE_SUCCEEDED, output_dir=str(out),
+                                       created=time.time(), ended=time.time()))
+    job = tm.get_job("tune-done")
+    with pytest.raises(UserError, match="already succeeded"):
+        job.resume()
+    assert job.cancel().state == JOB_STATE_SUCCEEDED  # an ended job is left as it is
+
+
+def test_concurrency_setting(monkeypatch):
+    monkeypatch.setenv(scheduler.CONCURRENCY_ENV, "3")
+    assert scheduler.concurrency() == 3
+    monkeypatch.setenv(scheduler.CONCURRENCY_ENV, "zero")
+    with pytest.raises(UserError, match=scheduler.CONCURRENCY_ENV):
+        scheduler.concurrency()
+
+
+def test_wait_timeout_and_raise_on_failure(home, tmp_path):
+    out = tmp_path / "f"
+    out.mkdir()
+    registry.insert(registry.JobRecord(id="tune-failed", config={}, state=JOB_STATE_FAILED, output_dir=str(out),
+                                       created=time.time(), error="Traceback ...\nValueError: boom"))
+    job = tm.get_job("tune-failed")
+    assert job.wait() is job
+    with pytest.raises(JobFailedError, match="ValueError: boom"):
+        job.wait(raise_on_failure=True)
+    _fake_active("tune-slow", os.getpid(), psutil.Process().create_time(), tmp_path / "s", state=JOB_STATE_QUEUED)
+    with pytest.raises(TimeoutError, match="still JOB_STATE_QUEUED"):
+        tm.get_job("tune-slow").wait(timeout=0.2, poll=0.05)
+
+
+# -- user errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(train_dataset=records(4)), "base_model"),
+        (dict(base_model="no-such-model", train_dataset=records(4)), "base_model"),
+        (dict(base_model=MODEL), "train_dataset"),
+        (dict(base_model=MODEL, train_dataset="/nonexistent/train.jsonl"), "train_dataset"),
+        (dict(base_model=MODEL, train_dataset=42), "train_dataset"),
+        (dict(base_model=MODEL, train_dataset=[]), "train_dataset"),
+        (dict(base_model=MODEL, train_dataset=records(4), epochs=0), "epochs"),
+        (dict(base_model=MODEL, train_dataset=records(4), epochs=1.5), "epochs"),
+        (dict(base_model=MODEL, train_dataset=records(4), learning_rate=-1), "learning_rate"),
+        (dict(base_model=MODEL, train_dataset=records(4), learning_rate=1e-3, learning_rate_multiplier=2.0),
+         "learning_rate"),
+        (dict(base_model=MODEL, train_dataset=records(4), tuning_mode="QLORA"), "tuning_mode"),
+        (dict(base_model="qwen3-4b", train_dataset=records(4), tuning_mode="PEFT_ADAPTER"), "tuning_mode"),
+        (dict(base_model=MODEL, train_dataset=records(4), adapter_size=8), "adapter_size"),
+        (dict(base_model=MODEL, train_dataset=records(4), method="rlhf"), "method"),
+        (dict(base_model=MODEL, train_dataset=records(4), method="distillation"), "base_teacher_model"),
+        (dict(base_model="llama-3.1-8b", train_dataset=records(4), method="distillation",
+              base_teacher_model="deepseek-ai/deepseek-v3.2-maas"), "base_model"),
+        (dict(base_model=MODEL, train_dataset=records(4), base_teacher_model="deepseek-ai/deepseek-v3.2-maas"),
+         "base_teacher_model"),
+        (dict(base_model="gemini-2.5-flash", train_dataset=records(4)), "base_model"),
+        (dict(base_model=MODEL, train_dataset=records(4), backend="vertex"), "backend"),
+        (dict(base_model=MODEL, train_dataset=records(4), output_uri="gs://b/out"), "output_uri"),
+        (dict(base_model=MODEL, train_dataset=records(4), custom_base_model="/nonexistent"), "custom_base_model"),
+        (dict(base_model=MODEL, train_dataset=records(4), batch_sise=4), "batch_sise"),
+        (dict(base_model=MODEL, train_dataset=records(4), batch_size=0), "batch_size"),
+        (dict(base_model=MODEL, source_model=MODEL, train_dataset=records(4)), "base_model"),
+        (dict(base_model=MODEL, train_dataset=[{"prompt": "no answer"}]), "train_dataset"),
+    ],
+)
+def test_tune_user_errors_are_one_line_and_name_the_parameter(home, kwargs, field):
+    with pytest.raises(UserError) as info:
+        tm.tune(**kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert field in message, message
+    assert registry.find() == []
+    assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())
+
+
+def test_tune_rejects_a_non_empty_output_folder(home, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("x")
+    with pytest.raises(UserError, match="output_uri .* already holds files"):
+        tm.tune(MODEL, records(4), output_uri=str(tmp_path / "used"))
+    assert (tmp_path / "used" / "x").exists()
+
+
+def test_get_job_unknown_name(home):
+    with pytest.raises(UserError, match="no local tuning job 'tune-nope'"):
+        tm.get_job("tune-nope")
+    with pytest.raises(UserError, match="Vertex AI backend is not available"):
+        tm.get_job("projects/p/locations/us-central1/tuningJobs/1")
+
+
+def test_api_import_is_light():
+    heavy = ("torch", "transformers", "pandas", "google.genai", "vertexai", "google.cloud.storage")
+    code = f"import sys, tuning_magics.api; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+# -- submission details, with the only slot held so nothing starts --------------------------
+
+
+@pytest.fixture
+def slot_taken(home, tmp_path):
+    """A live 'running' job (this process) fills the one slot: new submissions stay QUEUED."""
+    _fake_active("tune-busy", os.getpid(), psutil.Process().create_time(), tmp_path / "busy")
+    return home
+
+
+def test_submission_records_config_and_copies_datasets(slot_taken, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records(6)))
+    val = records(3)
+    job = tm.tune(source_model=MODEL, training_dataset=str(train), validation_dataset=val, epoch_count=2,
+                  tuning_mode="lora", adapter_size=4, learning_rate=1e-3, tuned_model_display_name="copy-test",
+                  batch_size=2, seed=7, output_uri=str(tmp_path / "out"))
+    assert job.state == JOB_STATE_QUEUED and job.attempts == 0
+    assert job.output_uri == str((tmp_path / "out").resolve())
+    cfg = job.config
+    assert cfg["base_model"] == MODEL and cfg["tuning_mode"] == "PEFT_ADAPTER" and cfg["adapter_size"] == 4
+    assert cfg["epochs"] == 2 and cfg["learning_rate"] == 1e-3
+    assert cfg["engine_options"] == {"batch_size": 2, "seed": 7}
+    assert cfg["train_dataset"] == str(train) and cfg["validation_dataset"] == "list of 3 records"
+    # The data is copied into the job folder: a resumed job trains on what it started with.
+    assert Path(cfg["train_path"]).read_text() == train.read_text()
+    assert len(Path(cfg["validation_path"]).read_text().splitlines()) == 3
+    assert tm.get_job("copy-test").id == job.id
+    assert [j.id for j in tm.list_jobs()] == [job.id, "tune-busy"]
+    assert [j.id for j in tm.list_jobs(limit=1)] == [job.id]
+    text = repr(job)
+    assert "\n" not in text and job.id in text and "QUEUED" in text and "copy-test" in text
+    assert job.cancel().state == JOB_STATE_CANCELLED
+
+
+def test_source_model_object_and_dataset_object(slot_taken, tmp_path):
+    from types import SimpleNamespace
+
+    train = tmp_path / "t.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records(4)))
+    source = SimpleNamespace(base_model=MODEL, custom_base_model=None)
+    job = tm.tune(source, SimpleNamespace(uri=str(train)))
+    assert job.config["base_model"] == MODEL and job.config["tuning_mode"] == "FULL"
+    assert Path(job.config["train_path"]).is_file()
+    with pytest.raises(UserError, match="train_dataset .*line"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "x"}\n')
+        tm.tune(MODEL, str(bad))
+
+
+@pytest.fixture
+def teacher_endpoint():
+    """A minimal OpenAI-compatible endpoint on 127.0.0.1 that answers every prompt the same way."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self._send({"object": "list", "data": [{"id": "teacher", "object": "model"}]})
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._send({"choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": "Step by step: 42."}}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_distillation_labels_with_the_teacher_then_trains(home, teacher_endpoint):
+    job = tm.tune(MODEL, [{"prompt": f"Explain {i}"} for i in range(8)], method="distillation",
+                  base_teacher_model=teacher_endpoint, epochs=1, batch_size=4)
+    assert job.id.startswith("distill-")
+    assert job.wait(timeout=180).state == JOB_STATE_SUCCEEDED, job.error
+    labelled = Path(job.output_uri) / "distillation_labelled_dataset.jsonl"
+    rows = [json.loads(line) for line in labelled.read_text().splitlines()]
+    assert len(rows) == 8 and rows[0]["messages"][-1] == {"role": "assistant", "content": "Step by step: 42."}
+    assert job.tuned_model is not None and len(job.metrics()) == 2
+
+
+def test_gs_dataset_is_fetched_into_the_job_folder(home, gcs_emulator, tmp_path):
+    import pandas as pd
+
+    uri = gcs_emulator.uri("train.jsonl")
+    df = pd.DataFrame(records(8))
+    ds = tm.dataset(df, out=uri, prompt="prompt", completion="completion")
+    job = tm.tune(MODEL, uri, epochs=1)
+    job.wait(timeout=180)
+    assert job.state == JOB_STATE_SUCCEEDED, job.error
+    from tuning_magics import storage
+
+    copied = Path(job.config["train_path"])
+    assert copied.parent == Path(job.output_dir)
+    assert copied.read_bytes() == storage.read_bytes(ds.uri)

@@ -1,0 +1,271 @@
+"""LocalJob: a tuning job of the embedded engine, read from the shared registry and its output folder.
+
+Any Python process can build a ``LocalJob`` from a job id and see, cancel or
+resume it; nothing lives only in the process that submitted it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ...errors import UserError
+from ...jobs import (
+    ACTIVE_STATES,
+    JOB_STATE_CANCELLED,
+    JOB_STATE_CANCELLING,
+    JOB_STATE_FAILED,
+    JOB_STATE_PENDING,
+    JOB_STATE_QUEUED,
+    JOB_STATE_RUNNING,
+    JOB_STATE_SUCCEEDED,
+    Checkpoint,
+    Job,
+    JobInfo,
+    metrics_frame,
+    timestamp,
+)
+from . import registry, scheduler
+from .checkpoints import final_dir
+from .checkpoints import list_checkpoints as _checkpoint_folders
+from .trainer import METRICS_FILE  # trainer.py imports torch only inside train()
+
+
+def jobs_root() -> Path:
+    """Where job folders go unless ``output_uri`` names one: ``<home>/jobs``."""
+    return registry.home() / "jobs"
+
+
+def read_metrics(output_dir) -> list[dict]:
+    """Every complete record of ``<output_dir>/metrics.jsonl``; a line still being written is skipped."""
+    path = Path(output_dir) / METRICS_FILE
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    rows = []
+    for line in data.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # the writer's last line, caught half-way
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def last_metric(output_dir) -> dict:
+    """The last training record (one with an epoch) of the metrics file, or {}."""
+    for row in reversed(read_metrics(output_dir)):
+        if row.get("epoch") is not None:
+            return row
+    return {}
+
+
+def list_checkpoints(output_dir) -> list[Checkpoint]:
+    """Complete ``checkpoint-N`` folders in step order, then ``final`` when it exists."""
+    out = [Checkpoint(p.name, int(p.name.split("-")[1]), str(p)) for p in _checkpoint_folders(output_dir)]
+    final = final_dir(output_dir)
+    if final.is_dir():
+        out.append(Checkpoint("final", None, str(final)))
+    return out
+
+
+def new_job_folder(output_uri=None, *, prefix: str = "tune") -> tuple[str, Path]:
+    """A fresh job id and its (not yet created) output folder: ``output_uri`` or ``<home>/jobs/<id>``."""
+    job_id = registry.new_id(prefix)
+    while registry.get(job_id) is not None:
+        job_id = registry.new_id(prefix)
+    if output_uri is None:
+        return job_id, jobs_root() / job_id
+    folder = Path(output_uri).expanduser().resolve()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(
+            f"output_uri {str(output_uri)!r} already holds files; give an empty or new folder, or leave output_uri out",
+            field="output_uri",
+        )
+    return job_id, folder
+
+
+def submit(job_id: str, config: dict, output_dir, *, display_name: str | None = None) -> LocalJob:
+    """Record a new QUEUED job and let the scheduler start it when a slot is free."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "job.json").write_text(
+        json.dumps({"id": job_id, "display_name": display_name, "config": config}, indent=2, default=str),
+        encoding="utf-8",
+    )
+    rec = registry.insert(
+        registry.JobRecord(
+            id=job_id,
+            config=config,
+            state=JOB_STATE_QUEUED,
+            output_dir=str(output_dir),
+            created=time.time(),
+            display_name=display_name,
+        )
+    )
+    scheduler.schedule()
+    return LocalJob(rec.id)
+
+
+def get(job_id: str) -> LocalJob:
+    """The local job with this id or (unique) display name; a UserError when there is none."""
+    rec = registry.get(job_id)
+    if rec is None:
+        named = registry.find(display_name=job_id, limit=2)
+        if len(named) == 1:
+            rec = named[0]
+        elif named:
+            raise UserError(f"several local jobs are named {job_id!r}; use the job id (list_jobs() shows them)")
+    if rec is None:
+        raise UserError(f"there is no local tuning job {job_id!r}; list_jobs() shows the jobs there are", field="name")
+    return LocalJob(rec.id)
+
+
+def find(limit: int | None = None) -> list[LocalJob]:
+    """Local jobs, newest first."""
+    records = registry.find(limit=limit)
+    if any(scheduler.has_dead_worker(r) for r in records):
+        scheduler.schedule()
+        records = registry.find(limit=limit)
+    return [LocalJob(r.id, _record=r) for r in records]
+
+
+class LocalJob(Job):
+    """A job of the embedded local engine."""
+
+    backend = "local"
+
+    def __init__(self, job_id: str, *, _record: registry.JobRecord | None = None):
+        self._id = job_id
+        self._chat_models: dict[str, object] = {}
+        super().__init__(_info(_record) if _record is not None else None)
+
+    @property
+    def name(self) -> str:
+        return self._id
+
+    @property
+    def output_dir(self) -> Path:
+        """The job's folder on this machine."""
+        return Path(self.info.output_uri)
+
+    def _record(self) -> registry.JobRecord:
+        rec = registry.get(self._id)
+        if rec is None:
+            raise UserError(f"local tuning job {self._id!r} is no longer in the registry {registry.db_path()}")
+        return rec
+
+    def _fetch(self) -> JobInfo:
+        scheduler.poll_children()
+        rec = self._record()
+        if scheduler.has_dead_worker(rec):
+            # Liveness: the worker died without a word. Mark it (under the lock) and move the queue on.
+            scheduler.schedule()
+            rec = self._record()
+        return _info(rec)
+
+    def cancel(self) -> LocalJob:
+        """Stop the job: a queued one is CANCELLED at once; a running one goes CANCELLING, then CANCELLED.
+
+        A job that has already ended is left as it is.
+        """
+        now = time.time()
+        if registry.transition(self._id, JOB_STATE_QUEUED, state=JOB_STATE_CANCELLED, ended=now):
+            return self.refresh()
+        if registry.transition(self._id, [JOB_STATE_PENDING, JOB_STATE_RUNNING], state=JOB_STATE_CANCELLING):
+            # The worker also polls the registry; the signal makes it notice even between training steps.
+            scheduler.terminate(self._record())
+        return self.refresh()
+
+    def resume(self) -> LocalJob:
+        """Queue a FAILED or CANCELLED job again; its worker continues from the last complete checkpoint."""
+        rec = self.refresh()._record()
+        if rec.state == JOB_STATE_SUCCEEDED:
+            raise UserError(
+                f"job {self._id} already succeeded; to train further, tune(custom_base_model=job.tuned_model, ...)"
+            )
+        if rec.state not in (JOB_STATE_FAILED, JOB_STATE_CANCELLED):
+            raise UserError(f"job {self._id} is {rec.state}; only a FAILED or CANCELLED job can be resumed")
+        if not registry.transition(
+            self._id, [JOB_STATE_FAILED, JOB_STATE_CANCELLED],
+            state=JOB_STATE_QUEUED, resume=True, error=None, substate=None, ended=None, pid=None, pid_started=None,
+        ):
+            raise UserError(f"job {self._id} changed state while resuming; look at job.state and try again")
+        scheduler.schedule()
+        return self.refresh()
+
+    def metrics(self):
+        """Per-step metrics from ``metrics.jsonl``: step, epoch, train_loss, eval_loss, token_accuracy, ..."""
+        return metrics_frame(read_metrics(self.output_dir))
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return list_checkpoints(self.output_dir)
+
+    @property
+    def log(self) -> str:
+        """The worker's output (``worker.log``): useful when a job failed."""
+        try:
+            return (self.output_dir / "worker.log").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def _checkpoint_path(self, checkpoint: str | None) -> str:
+        ckpts = {c.name: c.uri for c in self.checkpoints}
+        if checkpoint is None:
+            if "final" not in ckpts:
+                raise UserError(
+                    f"job {self._id} has no final model yet ({self.state}); wait for it, or chat with "
+                    f"checkpoint= one of {', '.join(ckpts) or 'its checkpoints once they exist'}"
+                )
+            return ckpts["final"]
+        if checkpoint in ckpts:
+            return ckpts[checkpoint]
+        if isinstance(checkpoint, int) or str(checkpoint).isdigit():
+            name = f"checkpoint-{int(checkpoint)}"
+            if name in ckpts:
+                return ckpts[name]
+        raise UserError(
+            f"job {self._id} has no checkpoint {checkpoint!r}; choose one of {', '.join(ckpts) or '(none yet)'}",
+            field="checkpoint",
+        )
+
+    def chat(self, messages_or_text, *, checkpoint: str | None = None, stream: bool = False, **gen):
+        """Reply with the tuned model (or ``checkpoint``: a name such as ``checkpoint-8``, or a step).
+
+        ``messages_or_text`` is a string or a list of ``{"role", "content"}`` messages;
+        ``gen`` holds generation options (``max_new_tokens``, ``temperature``, ...).
+        With ``stream=True`` an iterator of text pieces is returned.
+        """
+        path = self._checkpoint_path(checkpoint)
+        model = self._chat_models.get(path)
+        if model is None:
+            from .generate import LocalChatModel
+
+            model = self._chat_models[path] = LocalChatModel(path)
+        return model.reply(messages_or_text, stream=stream, **gen)
+
+    def deploy(self, **options):
+        """Serve the tuned model on an OpenAI-compatible local endpoint; returns the endpoint."""
+        from . import server
+
+        return server.deploy(self._checkpoint_path(options.pop("checkpoint", None)), **options)
+
+
+def _info(rec: registry.JobRecord) -> JobInfo:
+    return JobInfo(
+        name=rec.id,
+        state=rec.state,
+        display_name=rec.display_name,
+        substate=rec.substate if rec.state in ACTIVE_STATES else None,
+        error=rec.error,
+        config=rec.config,
+        output_uri=rec.output_dir,
+        created=timestamp(rec.created),
+        started=timestamp(rec.started),
+        ended=timestamp(rec.ended),
+        attempts=rec.attempts,
+    )

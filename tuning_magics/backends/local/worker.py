@@ -1,0 +1,207 @@
+"""The process that runs one local tuning job: ``python -m tuning_magics.backends.local.worker <job id>``.
+
+Started by the scheduler in its own session, it owns the job from PENDING to
+an end state: RUNNING with sub-states from the trainer's events, then
+SUCCEEDED, FAILED (with the full traceback in ``error``) or CANCELLED. It
+watches for a cancel by polling the registry between training steps, and
+treats SIGTERM the same way, so a stop always happens at a step boundary and
+leaves only complete checkpoints. Whatever happens, it runs the scheduler
+before exiting so the next queued job starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from ...errors import UserError
+from ...jobs import (
+    DISTILLING,
+    JOB_STATE_CANCELLED,
+    JOB_STATE_CANCELLING,
+    JOB_STATE_FAILED,
+    JOB_STATE_PENDING,
+    JOB_STATE_RUNNING,
+    JOB_STATE_SUCCEEDED,
+    PROCESSING_DATASET,
+)
+from . import registry, scheduler
+
+#: Seconds between registry reads while watching for a cancel.
+CANCEL_POLL = 0.5
+
+
+class _Stop(Exception):
+    """Raised between phases when a stop was asked for before the trainer could see it."""
+
+
+class Worker:
+    """Runs one job; ``run()`` returns the end state."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.signalled: int | None = None
+        self._cancel_seen = False
+        self._last_poll = 0.0
+
+    # -- stop requests ---------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        self.signalled = signum
+        # A second signal is not ignored: the default action ends the process at once.
+        signal.signal(signum, signal.SIG_DFL)
+
+    def should_stop(self) -> bool:
+        """True once a cancel was asked for (registry CANCELLING, or SIGTERM/SIGINT); cheap to call often."""
+        if self.signalled is not None or self._cancel_seen:
+            return True
+        now = time.monotonic()
+        if now - self._last_poll >= CANCEL_POLL:
+            self._last_poll = now
+            self._cancel_seen = registry.state_of(self.job_id) == JOB_STATE_CANCELLING
+        return self._cancel_seen
+
+    def _check_stop(self) -> None:
+        self._last_poll = 0.0  # between phases, always look
+        if self.should_stop():
+            raise _Stop()
+
+    # -- events ----------------------------------------------------------------
+    def on_event(self, event: dict) -> None:
+        """Trainer and labeller events: sub-state changes go to the registry (metrics are in metrics.jsonl)."""
+        if event.get("event") == "substate":
+            self._substate(event.get("substate"))
+
+    def _substate(self, substate: str | None) -> None:
+        registry.transition(self.job_id, [JOB_STATE_RUNNING, JOB_STATE_CANCELLING], substate=substate)
+
+    # -- the job ---------------------------------------------------------------
+    def run(self) -> str:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        rec = registry.get(self.job_id)
+        if rec is None:
+            print(f"worker: no job {self.job_id} in {registry.db_path()}", file=sys.stderr)
+            return JOB_STATE_FAILED
+        print(f"worker {os.getpid()}: job {self.job_id} (attempt {rec.attempts + 1})", flush=True)
+        me = dict(pid=os.getpid(), pid_started=scheduler._create_time(os.getpid()))
+        if not registry.transition(self.job_id, JOB_STATE_PENDING, state=JOB_STATE_RUNNING, started=time.time(),
+                                   substate=PROCESSING_DATASET, attempts=rec.attempts + 1, error=None, **me):
+            # Cancelled between the scheduler's claim and our start: nothing was done yet.
+            if registry.transition(self.job_id, JOB_STATE_CANCELLING, state=JOB_STATE_CANCELLED,
+                                   ended=time.time(), pid=None, pid_started=None):
+                return JOB_STATE_CANCELLED
+            print(f"worker: job {self.job_id} is {registry.state_of(self.job_id)}, not PENDING; nothing to do",
+                  file=sys.stderr)
+            return registry.state_of(self.job_id) or JOB_STATE_FAILED
+        try:
+            self._train(rec)
+        except BaseException as exc:  # noqa: BLE001 - every ending must reach the registry
+            return self._ended_by(exc)
+        return self._end(JOB_STATE_SUCCEEDED)
+
+    def _train(self, rec: registry.JobRecord) -> None:
+        # trainer.py imports torch only inside train(), so these names are cheap to import here.
+        from .trainer import TrainingCancelled, train
+
+        cfg = dict(rec.config)
+        out = Path(rec.output_dir)
+        try:
+            train_path = self._label(cfg, out) if cfg.get("method") == "distillation" else cfg["train_path"]
+            self._check_stop()
+            # train() checks that the job fits in memory (a UserError) before it loads any weights.
+            config = self._train_config(cfg, train_path, out)
+            train(config, on_event=self.on_event, should_stop=self.should_stop, resume=rec.resume)
+        except TrainingCancelled:
+            raise _Stop() from None
+
+    def _label(self, cfg: dict, out: Path) -> str:
+        """Distillation: the teacher answers every prompt; the student then trains on its answers."""
+        from .distill import LABELLED_FILE, label_dataset
+
+        labelled = out / LABELLED_FILE
+        self._substate(DISTILLING)
+        # label_dataset writes the file atomically, so one that exists is complete: a resumed
+        # job keeps the teacher's answers it already paid for.
+        if not labelled.is_file():
+            label_dataset(cfg["base_teacher_model"], cfg["train_path"], str(labelled), on_event=self.on_event,
+                          should_stop=self.should_stop)
+        return str(labelled)
+
+    def _train_config(self, cfg: dict, train_path: str, out: Path):
+        import dataclasses
+
+        from .trainer import TrainConfig
+
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = dict(
+            base_model=cfg["base_model"],
+            custom_base_model=cfg.get("custom_base_model"),
+            tuning_mode=cfg["tuning_mode"],
+            epochs=cfg.get("epochs"),
+            learning_rate=cfg.get("learning_rate"),
+            learning_rate_multiplier=cfg.get("learning_rate_multiplier"),
+            adapter_size=cfg.get("adapter_size"),
+            train_path=train_path,
+            validation_path=cfg.get("validation_path"),
+            output_dir=str(out),
+            **(cfg.get("engine_options") or {}),
+        )
+        # None means "the trainer's default"; options this trainer does not know are an error, not silently lost.
+        values = {k: v for k, v in values.items() if v is not None}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(f"the local trainer has no option {unknown[0]!r}; remove it from the tune() call")
+        return TrainConfig(**values)
+
+    # -- endings ---------------------------------------------------------------
+    def _ended_by(self, exc: BaseException) -> str:
+        if isinstance(exc, _Stop) or (isinstance(exc, KeyboardInterrupt) and self.signalled):
+            note = None
+            # A signal that did not come with a cancel in the registry (e.g. `kill`, a shutdown) is worth a word.
+            if self.signalled is not None and registry.state_of(self.job_id) != JOB_STATE_CANCELLING:
+                name = signal.Signals(self.signalled).name
+                note = f"stopped by {name} at a step boundary; job.resume() continues from the last checkpoint"
+            return self._end(JOB_STATE_CANCELLED, error=note)
+        if isinstance(exc, UserError):
+            # The user's mistake: the one-line message is the whole story.
+            return self._end(JOB_STATE_FAILED, error=str(exc))
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        print(text, file=sys.stderr, flush=True)
+        return self._end(JOB_STATE_FAILED, error=text)
+
+    def _end(self, state: str, *, error: str | None = None) -> str:
+        end = dict(ended=time.time(), pid=None, pid_started=None)
+        if state == JOB_STATE_SUCCEEDED:
+            if registry.transition(self.job_id, JOB_STATE_RUNNING, state=state, **end):
+                return state
+            # A cancel arrived after the last step: the user asked for it to stop, so it ends cancelled;
+            # the trained model stays in the output folder.
+            state = JOB_STATE_CANCELLED
+        registry.transition(self.job_id, [JOB_STATE_RUNNING, JOB_STATE_CANCELLING], state=state, error=error, **end)
+        return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job named on the command line; the exit status is 0 unless it failed."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m tuning_magics.backends.local.worker <job id>", file=sys.stderr)
+        return 2
+    state = JOB_STATE_FAILED
+    try:
+        state = Worker(argv[0]).run()
+    finally:
+        print(f"worker {os.getpid()}: job {argv[0]} ended {state}", flush=True)
+        try:
+            scheduler.schedule()  # our slot is free: start the next queued job
+        except Exception:  # noqa: BLE001 - the job's own end is recorded; the next refresh schedules again
+            traceback.print_exc()
+    return 0 if state != JOB_STATE_FAILED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

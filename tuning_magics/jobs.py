@@ -1,0 +1,301 @@
+"""The backend-neutral tuning job: what the display layer and users see.
+
+Both backends (the embedded local engine and Vertex AI) return a :class:`Job`.
+State and sub-state names are the managed service's own, so code written
+against one backend reads the same against the other.
+
+Attributes (``state``, ``substate``, ``error``, ...) show the job as it was
+at most ``Job.max_age`` seconds ago: reading them on a job that has not ended
+fetches a fresh snapshot when the last one is older than that, so
+``job.state`` in a notebook cell is always current, while several attributes
+read together come from one consistent snapshot. ``refresh()`` forces a fetch.
+A job that has ended never changes again (until ``resume()``), so it is not
+fetched again.
+
+``wait()`` returns the job whatever its final state: a failed job is a result
+to look at (``job.error``), not an exception, unless ``wait(raise_on_failure=True)``
+is asked for, which raises :class:`JobFailedError` with the job's error.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+JOB_STATE_QUEUED = "JOB_STATE_QUEUED"
+JOB_STATE_PENDING = "JOB_STATE_PENDING"
+JOB_STATE_RUNNING = "JOB_STATE_RUNNING"
+JOB_STATE_SUCCEEDED = "JOB_STATE_SUCCEEDED"
+JOB_STATE_FAILED = "JOB_STATE_FAILED"
+JOB_STATE_CANCELLING = "JOB_STATE_CANCELLING"
+JOB_STATE_CANCELLED = "JOB_STATE_CANCELLED"
+
+STATES = (
+    JOB_STATE_QUEUED,
+    JOB_STATE_PENDING,
+    JOB_STATE_RUNNING,
+    JOB_STATE_SUCCEEDED,
+    JOB_STATE_FAILED,
+    JOB_STATE_CANCELLING,
+    JOB_STATE_CANCELLED,
+)
+TERMINAL_STATES = frozenset({JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED})
+#: States in which a worker (or the service) is working on the job.
+ACTIVE_STATES = frozenset({JOB_STATE_PENDING, JOB_STATE_RUNNING, JOB_STATE_CANCELLING})
+
+# Sub-states while RUNNING, in the order a job passes through them.
+DISTILLING = "DISTILLING"  # distillation only: the teacher labels the prompts
+PROCESSING_DATASET = "PROCESSING_DATASET"
+TUNING = "TUNING"
+POST_PROCESSING = "POST_PROCESSING"
+SUBSTATES = (DISTILLING, PROCESSING_DATASET, TUNING, POST_PROCESSING)
+
+#: Columns of :meth:`Job.metrics`, in this order (extra columns a backend records follow them).
+METRIC_COLUMNS = ("step", "epoch", "train_loss", "eval_loss", "token_accuracy", "learning_rate", "tokens_per_second")
+
+
+class JobFailedError(RuntimeError):
+    """Raised by ``wait(raise_on_failure=True)`` when the job failed; ``.job`` is the job."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        first = (job.error or "no error text was recorded").strip().splitlines()
+        # The last line of a traceback is the exception itself: the most useful single line.
+        summary = first[-1] if first else ""
+        super().__init__(f"tuning job {job.name} failed: {summary} (job.error has the full text)")
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One snapshot of a job, as a backend reports it."""
+
+    name: str
+    state: str
+    display_name: str | None = None
+    substate: str | None = None
+    error: str | None = None
+    config: dict = field(default_factory=dict)
+    output_uri: str | None = None
+    created: datetime | None = None
+    started: datetime | None = None
+    ended: datetime | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved model: ``checkpoint-N`` (``step`` N) or ``final`` (``step`` None)."""
+
+    name: str
+    step: int | None
+    uri: str
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def timestamp(seconds: float | None) -> datetime | None:
+    """A UTC datetime for seconds since the epoch (None stays None)."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+class Job(ABC):
+    """A tuning job on any backend. Subclasses implement ``_fetch`` and the actions."""
+
+    #: Seconds a snapshot of a job that has not ended is trusted before attributes fetch a new one.
+    max_age: float = 0.5
+    #: "local" or "vertex".
+    backend: str = ""
+
+    def __init__(self, info: JobInfo | None = None):
+        self._info = info
+        self._fetched_at = time.monotonic() if info is not None else 0.0
+
+    # -- what a backend provides -------------------------------------------------
+    @abstractmethod
+    def _fetch(self) -> JobInfo:
+        """Read the job's current snapshot from the backend."""
+
+    @abstractmethod
+    def cancel(self) -> Job:
+        """Ask the job to stop; a queued job is cancelled at once. Returns the job."""
+
+    @abstractmethod
+    def resume(self) -> Job:
+        """Queue a FAILED or CANCELLED job again, continuing from its last complete checkpoint."""
+
+    @abstractmethod
+    def metrics(self):
+        """A pandas DataFrame, one row per step, with the columns of :data:`METRIC_COLUMNS`."""
+
+    @property
+    @abstractmethod
+    def checkpoints(self) -> list[Checkpoint]:
+        """The complete checkpoints so far, in step order, ``final`` last when there is one."""
+
+    def chat(self, messages_or_text, *, checkpoint: str | None = None, stream: bool = False,
+             **gen) -> str | Iterator[str]:
+        """Reply to a text or a list of chat messages with the tuned model (or ``checkpoint``)."""
+        raise NotImplementedError(f"chat is not available for {type(self).__name__}")
+
+    def deploy(self, **options):
+        """Serve the tuned model behind an endpoint; returns the endpoint."""
+        raise NotImplementedError(f"deploy is not available for {type(self).__name__}")
+
+    # -- snapshot ----------------------------------------------------------------
+    def refresh(self) -> Job:
+        """Fetch the job's current state from the backend now. Returns the job."""
+        self._info = self._fetch()
+        self._fetched_at = time.monotonic()
+        return self
+
+    @property
+    def info(self) -> JobInfo:
+        """The current snapshot (fetched again when stale and the job has not ended)."""
+        if self._info is None or (
+            self._info.state not in TERMINAL_STATES and time.monotonic() - self._fetched_at > self.max_age
+        ):
+            self.refresh()
+        return self._info
+
+    @property
+    def name(self) -> str:
+        """The job's resource name (for the local engine, its short id)."""
+        return self.info.name if self._info is None else self._info.name
+
+    @property
+    def id(self) -> str:
+        """The last part of the job's name: short and readable."""
+        return self.name.rsplit("/", 1)[-1]
+
+    @property
+    def display_name(self) -> str | None:
+        return self.info.display_name
+
+    @property
+    def state(self) -> str:
+        """One of the ``JOB_STATE_*`` names."""
+        return self.info.state
+
+    @property
+    def substate(self) -> str | None:
+        """What a running job is doing: ``PROCESSING_DATASET``, ``TUNING``, ``POST_PROCESSING`` (or ``DISTILLING``)."""
+        return self.info.substate
+
+    @property
+    def done(self) -> bool:
+        """True once the job has ended: succeeded, failed or cancelled."""
+        return self.info.state in TERMINAL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.info.state == JOB_STATE_SUCCEEDED
+
+    @property
+    def error(self) -> str | None:
+        """The full error text of a failed job (a traceback when the engine raised)."""
+        return self.info.error
+
+    @property
+    def config(self) -> dict:
+        """The parameters the job was submitted with."""
+        return self.info.config
+
+    @property
+    def output_uri(self) -> str | None:
+        """The folder (local path or gs:// URI) that holds the job's artifacts."""
+        return self.info.output_uri
+
+    @property
+    def created(self) -> datetime | None:
+        return self.info.created
+
+    @property
+    def started(self) -> datetime | None:
+        """When the latest attempt started running."""
+        return self.info.started
+
+    @property
+    def ended(self) -> datetime | None:
+        return self.info.ended
+
+    @property
+    def attempts(self) -> int:
+        """How many times a worker has started on the job (resumes add one each)."""
+        return self.info.attempts
+
+    @property
+    def tuned_model(self) -> str | None:
+        """Path or URI of the ``final`` checkpoint once it exists, else None."""
+        for ckpt in reversed(self.checkpoints):
+            if ckpt.name == "final":
+                return ckpt.uri
+        return None
+
+    # -- waiting -----------------------------------------------------------------
+    def wait(self, timeout: float | None = None, poll: float = 1.0, *, raise_on_failure: bool = False) -> Job:
+        """Block until the job ends and return it.
+
+        ``timeout`` (seconds) raises ``TimeoutError`` when the job is still going
+        then; the job itself keeps running, as it does on Ctrl-C. A failed or
+        cancelled job is returned like a successful one; pass
+        ``raise_on_failure=True`` to get a :class:`JobFailedError` for a failure.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if self.done:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"tuning job {self.name} is still {self.state} after {timeout:g} s; "
+                    f"it keeps running: call job.wait() again or job.cancel()"
+                )
+            pause = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+            time.sleep(pause)
+        if raise_on_failure and self.state == JOB_STATE_FAILED:
+            raise JobFailedError(self)
+        return self
+
+    def __repr__(self) -> str:
+        info = self.info
+        parts = [f"{type(self).__name__} {info.name}", info.state.replace("JOB_STATE_", "")]
+        if info.substate and info.state not in TERMINAL_STATES:
+            parts.append(info.substate)
+        model = info.config.get("base_model")
+        if model:
+            parts.append(str(model))
+        if info.display_name:
+            parts.append(repr(info.display_name))
+        return f"<{' '.join(parts)}>"
+
+
+def metrics_frame(rows: list[dict[str, Any]]):
+    """A per-step DataFrame from metric records; records of the same step are merged, later values winning.
+
+    Training and evaluation lines of one step arrive as separate records, and a
+    resumed job may record a step again: one row per step keeps the curve clean.
+    """
+    import pandas as pd
+
+    merged: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        step = row.get("step")
+        if step is None:
+            continue
+        target = merged.setdefault(step, {})
+        target.update({k: v for k, v in row.items() if v is not None and k != "event"})
+    frame = pd.DataFrame(list(merged.values()))
+    for col in METRIC_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = pd.Series(dtype="float64")
+    extra = [c for c in frame.columns if c not in METRIC_COLUMNS]
+    frame = frame[[*METRIC_COLUMNS, *extra]]
+    if len(frame):
+        frame = frame.sort_values("step", kind="stable").reset_index(drop=True)
+        frame["step"] = frame["step"].astype("int64")
+    return frame
