@@ -1,0 +1,288 @@
+"""Distillation on this machine: a tuned teacher labels the prompts, a fresh student learns its answers.
+
+The bar: a tiny Qwen3 teacher is tuned until it knows 32 invented facts; a
+distillation job (``tune(method="distillation")``, real worker process) has it
+label the prompts and tunes a fresh tiny Llama on its answers; the student must
+give the teacher's answer on at least 90% of the prompts. The same teacher is
+also asked through the OpenAI-compatible endpoint of ``serve()`` and must give
+the same labels. Endpoint error handling (retry, API key, failure naming the
+line) runs against a scripted fake endpoint, without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tuning_magics.backends.local.distill import (
+    LABELLED_FILE,
+    SOURCES_FILE,
+    label_dataset,
+    read_prompts,
+)
+from tuning_magics.errors import UserError
+
+TEACHER_BASE = "local/tiny-qwen3"
+STUDENT_BASE = "local/tiny-llama"
+# Settings found to make a tiny model learn 32 short facts (100% recall) in ~320 steps.
+EPOCHS, BATCH, LR = 80, 8, 3e-3
+
+
+def _facts(n: int = 32, seed: int = 7) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    cons, vows = "bcdfghjklmnprstvz", "aeiou"
+
+    def word(k: int) -> str:
+        return "".join(rng.choice(cons) + rng.choice(vows) for _ in range(k)).capitalize()
+
+    seen, out = set(), []
+    while len(out) < n:
+        country = word(3)
+        if country not in seen:
+            seen.add(country)
+            out.append((f"Capital of {country}?", word(2) + "."))
+    return out
+
+
+FACTS = _facts()
+
+
+def _write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# -- prompts and errors, no model ----------------------------------------------------------
+
+
+def test_prompts_drop_the_final_answer_in_every_format(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "P1", "completion": "old answer"}),
+        "",  # blank lines do not count as examples but do count as lines
+        json.dumps({"prompt": "P2"}),
+        json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                                 {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
+                                 {"role": "assistant", "content": "A2"}]}),
+        json.dumps({"contents": [{"role": "user", "parts": [{"text": "G1"}, {"text": "G2"}]},
+                                 {"role": "model", "parts": [{"text": "old"}]}]}),
+    ]) + "\n")
+    got = read_prompts(path)
+    assert [line for line, _ in got] == [1, 3, 4, 5]
+    assert got[0][1] == [{"role": "user", "content": "P1"}]
+    assert got[1][1] == [{"role": "user", "content": "P2"}]
+    # Earlier turns stay as context; only the final answer is the teacher's to write.
+    assert [m["content"] for m in got[2][1]] == ["S", "U1", "A1", "U2"]
+    assert got[3][1] == [{"role": "user", "content": "G1\nG2"}]
+
+
+def test_catalog_teacher_asks_for_an_endpoint(tmp_path):
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(UserError, match="endpoint URL") as err:
+        label_dataset("deepseek-ai/deepseek-r1-0528-maas", data, tmp_path / "out")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / LABELLED_FILE).exists()
+
+
+class _FakeEndpoint:
+    """An OpenAI-style endpoint with scripted answers: ``answer(prompt_text, attempt) -> str | int (HTTP error)``."""
+
+    def __init__(self, answer, models=("teacher-x",)):
+        self.calls: dict[str, int] = {}
+        self.auth: list[str | None] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _json(self, status, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._json(200, {"object": "list", "data": [{"id": m} for m in models]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                with lock:
+                    outer.calls[prompt] = attempt = outer.calls.get(prompt, 0) + 1
+                    outer.auth.append(self.headers.get("Authorization"))
+                assert body["model"] == models[0] and body["temperature"] == 0.0
+                reply = answer(prompt, attempt)
+                if isinstance(reply, int):
+                    self._json(reply, {"error": {"message": f"scripted {reply}"}})
+                else:
+                    self._json(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_endpoint():
+    made = []
+
+    def make(answer, **kw):
+        made.append(_FakeEndpoint(answer, **kw))
+        return made[-1]
+
+    yield make
+    for ep in made:
+        ep.close()
+
+
+def test_endpoint_teacher_retries_once_and_sends_the_api_key(tmp_path, fake_endpoint, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    # "flaky" prompts fail (empty, then a 503) on the first try only.
+    ep = fake_endpoint(lambda p, n: ("" if "4" in p else 503) if ("flaky" in p and n == 1) else f"answer to {p}")
+    prompts = [{"prompt": f"q{i}" + (" flaky" if i % 4 == 0 else "")} for i in range(12)]
+    data = _write_jsonl(tmp_path / "p.jsonl", prompts)
+    events = []
+    n = label_dataset(ep.url, data, tmp_path, on_event=events.append)
+    assert n == 12
+    out = _read_jsonl(tmp_path / LABELLED_FILE)
+    assert [r["messages"][-1]["content"] for r in out] == [f"answer to {p['prompt']}" for p in prompts]
+    assert all(set(r) == {"messages"} for r in out)
+    assert _read_jsonl(tmp_path / SOURCES_FILE) == [{"line": i + 1, "source_line": i + 1} for i in range(12)]
+    assert {p: c for p, c in ep.calls.items() if c > 1} == {p["prompt"]: 2 for p in prompts if "flaky" in p["prompt"]}
+    assert set(ep.auth) == {"Bearer sk-test"}
+    progress = [e for e in events if e.get("event") == "progress"]
+    assert progress[0]["done"] == 0 and progress[-1] == {"event": "progress", "stage": "labelling", "done": 12,
+                                                         "total": 12}
+    assert [e["done"] for e in progress] == sorted(e["done"] for e in progress)
+
+
+def test_endpoint_teacher_failing_twice_names_the_line_and_writes_nothing(tmp_path, fake_endpoint):
+    ep = fake_endpoint(lambda p, n: "" if p == "bad" else "fine")
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + json.dumps({"prompt": "bad"}) + "\n")
+    with pytest.raises(UserError, match="line 3 of p.jsonl") as err:
+        label_dataset(ep.url, data, tmp_path / "out" / LABELLED_FILE)
+    assert err.value.line == 3 and ep.calls["bad"] == 2
+    assert list((tmp_path / "out").iterdir()) == []  # nothing half-written
+
+
+def test_endpoint_refusal_and_silence_are_one_line_errors(tmp_path, fake_endpoint):
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    ep = fake_endpoint(lambda p, n: 400)
+    with pytest.raises(UserError, match="refused a prompt.*scripted 400"):
+        label_dataset(ep.url, data, tmp_path)
+    ep.close()
+    with pytest.raises(UserError, match="does not answer"):
+        label_dataset(ep.url, data, tmp_path)
+
+
+# -- the real thing: teacher, endpoint, distillation job ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A private TUNING_MAGICS_HOME for the module, one torch thread (see test_local_server)."""
+    import torch
+
+    from tuning_magics.backends.local import scheduler
+
+    h = tmp_path_factory.mktemp("distill-home")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNING_MAGICS_HOME", str(h))
+        mp.setenv(scheduler.CONCURRENCY_ENV, "1")
+        mp.setenv("OMP_NUM_THREADS", "1")  # inherited by job workers
+        torch.set_num_threads(1)
+        yield h
+        for pid, proc in list(scheduler._children.items()):
+            if proc.poll() is None:
+                os.killpg(pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(home):
+    """A tiny Qwen3 tuned on FACTS; the path of its final checkpoint."""
+    from tuning_magics.backends.local.trainer import TrainConfig, train
+
+    data = _write_jsonl(home / "facts.jsonl", [{"prompt": q, "completion": a} for q, a in FACTS])
+    res = train(TrainConfig(base_model=TEACHER_BASE, train_path=str(data), output_dir=str(home / "teacher"),
+                            epochs=EPOCHS, batch_size=BATCH, learning_rate=LR))
+    return res.final_dir
+
+
+@pytest.mark.slow
+def test_teacher_knows_the_facts(teacher):
+    from tuning_magics.backends.local.generate import LocalChatModel
+
+    chat = LocalChatModel(teacher)
+    right = sum(chat.reply(q, max_new_tokens=16) == a for q, a in FACTS)
+    assert right >= 0.9 * len(FACTS)
+
+
+@pytest.mark.slow
+def test_endpoint_teacher_gives_the_folder_teachers_labels(teacher, home, tmp_path):
+    from tuning_magics.backends.local.server import serve
+
+    # Chat records whose (wrong) final answers must be replaced, one with a system prompt.
+    subset = [{"messages": [*([{"role": "system", "content": "Answer briefly."}] if i == 0 else []),
+                            {"role": "user", "content": q}, {"role": "assistant", "content": "I do not know."}]}
+              for i, (q, _) in enumerate(FACTS[:8])]
+    data = _write_jsonl(tmp_path / "subset.jsonl", subset)
+    local_n = label_dataset(teacher, data, tmp_path / "local", batch_size=4, max_new_tokens=16)
+    events = []
+    with serve(teacher) as srv:
+        remote_n = label_dataset(srv.url, data, tmp_path / "remote", on_event=events.append, max_new_tokens=16)
+    assert local_n == remote_n == 8
+    local = _read_jsonl(tmp_path / "local" / LABELLED_FILE)
+    remote = _read_jsonl(tmp_path / "remote" / LABELLED_FILE)
+    assert remote == local
+    assert [r["messages"][:-1] for r in local] == [s["messages"][:-1] for s in subset]
+    assert all(r["messages"][-1]["content"] != "I do not know." for r in local)
+    assert events[-1]["event"] == "labelled" and [e["done"] for e in events[:-1]][-1] == 8
+
+
+@pytest.mark.slow
+def test_distillation_job_student_gives_the_teachers_answers(teacher, home):
+    import tuning_magics as tm
+    from tuning_magics.jobs import JOB_STATE_SUCCEEDED
+
+    # A prompt-only JSONL file: the teacher writes every answer.
+    prompts = _write_jsonl(home / "prompts.jsonl", [{"prompt": q} for q, _ in FACTS])
+    job = tm.tune(STUDENT_BASE, str(prompts), method="distillation", base_teacher_model=teacher, epochs=EPOCHS,
+                  batch_size=BATCH, learning_rate=LR)
+    job.wait(timeout=600)
+    assert job.state == JOB_STATE_SUCCEEDED, job.error
+
+    out = Path(job.output_uri)
+    labelled = _read_jsonl(out / LABELLED_FILE)
+    assert len(labelled) == len(FACTS)
+    assert [r["messages"][:-1] for r in labelled] == [[{"role": "user", "content": q}] for q, _ in FACTS]
+    assert tm.validate(str(out / LABELLED_FILE)).ok  # a plain chat file: reusable as an SFT dataset
+    assert [s["source_line"] for s in _read_jsonl(out / SOURCES_FILE)] == list(range(1, len(FACTS) + 1))
+    teacher_said = {r["messages"][0]["content"]: r["messages"][-1]["content"] for r in labelled}
+    # The teacher knew the facts, so the labels are the facts (batched greedy = one-by-one greedy).
+    assert sum(teacher_said[q] == a for q, a in FACTS) >= 0.9 * len(FACTS)
+
+    student_agrees = sum(job.chat(q, max_new_tokens=16) == teacher_said[q] for q, _ in FACTS)
+    assert student_agrees >= 0.9 * len(FACTS), f"student matched the teacher on {student_agrees}/{len(FACTS)}"
