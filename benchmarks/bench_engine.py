@@ -6,15 +6,16 @@
 Both trainers get the same model (a Qwen3 config built here with the project's
 byte-level tokenizer, saved once, so both start from the same weights), the
 same chat data (lengths log-normal, from tens to about a thousand tokens), and
-the same epochs, learning rate, per-device batch size and maximum length.
+the same hyperparameters: epochs, learning rate and its schedule (TRL's default,
+linear without warm-up, which the engine is given too), per-device batch size
+and maximum length.
 Everything else is each side's default: TRL's ``SFTConfig()`` only gets
 ``report_to="none"``, a temp ``output_dir``, ``save_strategy="no"`` (checkpoint
 writing is pure I/O; the engine's checkpoint saves are likewise outside its timed
 steps) and, on CPU only, ``bf16=False`` (its default bf16 refuses to run on a CPU).
-TRL's defaults include gradient checkpointing, random (not length-grouped)
-batches and a linear schedule without warm-up; the engine uses length-grouped
-batches, cosine with 5% warm-up, and gradient checkpointing only from 100M
-parameters. TRL sees the data as conversational prompt/completion records, so
+TRL's defaults include gradient checkpointing and random (not length-grouped)
+batches; the engine uses length-grouped batches and gradient checkpointing only
+from 100M parameters. TRL sees the data as conversational prompt/completion records, so
 by default it learns only the completion, as the engine does.
 
 Reported: tokens/s (real, non-padding tokens per second of the training loop,
@@ -131,6 +132,7 @@ def run_engine(model_dir: str, train_path: str, out: str, args) -> dict:
     t = time.perf_counter()
     res = train(TrainConfig(base_model=model_dir, train_path=train_path, output_dir=out, epochs=args.epochs,
                             learning_rate=args.lr, batch_size=args.batch_size, max_seq_len=args.max_len,
+                            lr_scheduler="linear", warmup_ratio=0.0,  # TRL's default schedule
                             check_memory=False))
     wall = time.perf_counter() - t
     # The engine's own figure is the same definition as TRL's below: real (attention-mask) tokens

@@ -121,8 +121,11 @@ def test_plain_and_streamed_replies_equal_the_chat_class(server):
     status, _, data = _post(server.url + "/chat/completions",
                             {"messages": [{"role": "user", "content": QA[0][0]}], "max_tokens": 2})
     assert data["choices"][0]["finish_reason"] == "length" and data["usage"]["completion_tokens"] == 2
-    # The convenience client goes through the same HTTP path.
+    # The convenience client goes through the same HTTP path, whole or streamed.
     assert server.chat(QA[1][0]) == QA[1][1]
+    streamed = server.chat(QA[2][0], stream=True)
+    assert not isinstance(streamed, str)  # an iterator of pieces as the server sends them
+    assert "".join(streamed) == QA[2][1]
 
 
 def test_stream_with_include_usage_sends_a_usage_chunk(server):

@@ -148,13 +148,14 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
     columns = list(df.columns)
     images = [images] if isinstance(images, str) else list(images or [])
     if not any((prompt, completion, user, assistant, messages)):
-        for names in _AUTO:
-            if all(n in columns for n in names):
-                if names == ("messages",):
-                    messages = "messages"
-                else:
-                    user, assistant = names
-                break
+        # Whole pairs first; then a prompt column alone (what distillation takes).
+        found = next((names for names in _AUTO if all(n in columns for n in names)), None)
+        if found is None:
+            found = next(((names[0], None) for names in _AUTO[1:] if names[0] in columns), None)
+        if found == ("messages",):
+            messages = "messages"
+        elif found is not None:
+            user, assistant = found
         else:
             raise UserError(
                 f"name the columns to use: --prompt/--completion, --user/--assistant or --messages "

@@ -120,7 +120,7 @@ class _LocalTeacher:
         # Longest first: similar lengths share a batch (little padding) and a batch that
         # does not fit in memory fails at once, not at the end.
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        kwargs = self.chat._gen_kwargs(gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"],
+        kwargs = self.chat.generation_kwargs(gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"],
                                        gen["seed"])
         answers: list[str] = [""] * len(texts)
         side = tok.padding_side

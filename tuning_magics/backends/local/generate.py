@@ -33,7 +33,8 @@ class LocalChatModel:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _stop_ids(self) -> list[int]:
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a reply (end of sequence and the template's end-of-turn markers)."""
         ids = set()
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -49,17 +50,19 @@ class LocalChatModel:
                 ids.add(tid)
         return sorted(ids)
 
-    def _inputs(self, messages):
+    def encode(self, messages) -> dict:
+        """The prompt's input ids and attention mask, rendered with the chat template."""
         text = self.tokenizer.apply_chat_template(_as_messages(messages), tokenize=False, add_generation_prompt=True)
         enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def _gen_kwargs(self, max_new_tokens, temperature, top_p, top_k, seed):
+    def generation_kwargs(self, max_new_tokens, temperature, top_p, top_k, seed) -> dict:
+        """``generate()`` options for greedy (temperature 0) or sampled decoding."""
         import torch
 
-        kw = dict(max_new_tokens=int(max_new_tokens), eos_token_id=self._stop_ids(),
+        kw = dict(max_new_tokens=int(max_new_tokens), eos_token_id=self.stop_ids(),
                   pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                  else self._stop_ids()[0])
+                  else self.stop_ids()[0])
         if temperature and temperature > 0:
             kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k or 0))
             if seed is not None:
@@ -79,25 +82,41 @@ class LocalChatModel:
         if stream:
             return self.stream(messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                top_k=top_k, seed=seed)
+        return self.complete(messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed)[0]
+
+    def complete(self, messages, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None) -> tuple[str, int, list[int]]:
+        """(reply text, prompt length in tokens, generated token ids): what a server needs for usage counts."""
         import torch
 
-        inputs = self._inputs(messages)
+        inputs = self.encode(messages)
         with torch.no_grad():
-            out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p, top_k, seed))
-        new = out[0, inputs["input_ids"].shape[1]:]
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+            out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens, temperature, top_p, top_k,
+                                                                         seed))
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        return self.tokenizer.decode(new, skip_special_tokens=True), int(inputs["input_ids"].shape[1]), new
 
     def stream(self, messages, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None) -> Iterator[str]:
-        """Yield the answer as it is generated, in text pieces (generation runs in a helper thread)."""
+               top_k: int = 0, seed: int | None = None, ids: list | None = None) -> Iterator[str]:
+        """Yield the answer as it is generated, in text pieces (generation runs in a helper thread).
+
+        When ``ids`` is a list, the generated token ids are appended to it as they come.
+        """
         import threading
 
         import torch
         from transformers import TextIteratorStreamer
 
-        inputs = self._inputs(messages)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**inputs, **self._gen_kwargs(max_new_tokens, temperature, top_p, top_k, seed),
+        class _Streamer(TextIteratorStreamer):
+            def put(self, value):
+                if ids is not None and not (self.skip_prompt and self.next_tokens_are_prompt):
+                    ids.extend(value.reshape(-1).tolist())
+                super().put(value)
+
+        inputs = self.encode(messages)
+        streamer = _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**inputs, **self.generation_kwargs(max_new_tokens, temperature, top_p, top_k, seed),
                       streamer=streamer)
         errors: list[BaseException] = []
 

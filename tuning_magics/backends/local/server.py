@@ -17,6 +17,8 @@ only unless ``allow_remote=True``, because it has no authentication.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import ipaddress
 import json
 import threading
@@ -170,10 +172,15 @@ class Server:
         state = "running" if self._thread.is_alive() else "stopped"
         return f"<Server {self.model_name!r} at {self.url} ({state})>"
 
-    def chat(self, messages_or_text, **params) -> str:
-        """The reply to a string or a message list, through this endpoint's HTTP API (greedy by default)."""
+    def chat(self, messages_or_text, *, stream: bool = False, **params):
+        """The reply to a string or a message list, through this endpoint's HTTP API (greedy by default).
+
+        With ``stream=True``, an iterator of text pieces as the server sends them.
+        """
         messages = [{"role": "user", "content": messages_or_text}] if isinstance(messages_or_text, str) \
             else list(messages_or_text)
+        if stream:
+            return stream_chat_completion(self.url, messages, model=self.model_name, **params)
         data = chat_completion(self.url, messages, model=self.model_name, **params)
         return data["choices"][0]["message"]["content"]
 
@@ -187,63 +194,27 @@ class Server:
         return out
 
     # -- generation (called by the request handler) ------------------------------
-    # The chat model's own prompt rendering and decoding options are used, so a reply here is
-    # token for token the one LocalChatModel.reply() gives; generating here (not through reply())
-    # is what yields exact token counts and the finish reason.
-    def _prepare(self, req: dict):
-        cm = self.chat_model
-        inputs = cm._inputs(req["messages"])
-        kwargs = cm._gen_kwargs(req["max_new_tokens"], req["temperature"], req["top_p"], req["top_k"], req["seed"])
-        return inputs, kwargs, set(cm._stop_ids())
+    # The chat model's own rendering and decoding are used, so a reply here is token
+    # for token the one LocalChatModel.reply() gives, with exact token counts.
+    def _gen(self, req: dict) -> dict:
+        return {k: req[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
 
     def complete(self, req: dict) -> tuple[str, dict, str]:
         """One reply: (text, usage, finish_reason)."""
-        import torch
-
+        stops = set(self.chat_model.stop_ids())
         with self._lock:
-            inputs, kwargs, stops = self._prepare(req)
-            with torch.no_grad():
-                out = self.chat_model.model.generate(**inputs, **kwargs)
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        text = self.chat_model.tokenizer.decode(new, skip_special_tokens=True)
-        return text, _usage(inputs["input_ids"].shape[1], new, stops), _finish(new, stops)
+            text, prompt_len, new = self.chat_model.complete(req["messages"], **self._gen(req))
+        return text, _usage(prompt_len, new, stops), _finish(new, stops)
 
     def complete_stream(self, req: dict):
         """Yield text pieces, then a final (usage, finish_reason) tuple; holds the lock until generation ends."""
-        import torch
-        from transformers import TextIteratorStreamer
-
-        class Counting(TextIteratorStreamer):
-            ids: list  # set per instance below
-
-            def put(self, value):
-                if not (self.skip_prompt and self.next_tokens_are_prompt):
-                    self.ids.extend(value.reshape(-1).tolist())
-                super().put(value)
-
+        cm = self.chat_model
+        stops = set(cm.stop_ids())
+        ids: list[int] = []
         with self._lock:
-            inputs, kwargs, stops = self._prepare(req)
-            streamer = Counting(self.chat_model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            streamer.ids = []
-            errors: list[BaseException] = []
-
-            def run():
-                try:
-                    with torch.no_grad():
-                        self.chat_model.model.generate(**inputs, **kwargs, streamer=streamer)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the request's thread
-                    errors.append(exc)
-                    streamer.end()
-
-            thread = threading.Thread(target=run, daemon=True)
-            thread.start()
-            for piece in streamer:
-                if piece:
-                    yield piece
-            thread.join()
-            if errors:
-                raise errors[0]
-        yield _usage(inputs["input_ids"].shape[1], streamer.ids, stops), _finish(streamer.ids, stops)
+            prompt_len = int(cm.encode(req["messages"])["input_ids"].shape[1])
+            yield from cm.stream(req["messages"], **self._gen(req), ids=ids)
+        yield _usage(prompt_len, ids, stops), _finish(ids, stops)
 
 
 def _usage(prompt_len: int, new: list[int], stops: set) -> dict:
@@ -449,18 +420,18 @@ def chat_url(base_url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
-def _request(url: str, payload: dict | None, *, api_key: str | None, timeout: float) -> dict:
+def _open(url: str, payload: dict | None, *, api_key: str | None, timeout: float, accept: str):
+    """Open one request; HTTP and connection failures become EndpointError."""
     import urllib.error
     import urllib.request
 
     data = None if payload is None else json.dumps(payload).encode()
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    headers = {"Content-Type": "application/json", "Accept": accept}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
+        return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:500].decode(errors="replace")
         try:
@@ -471,8 +442,14 @@ def _request(url: str, payload: dict | None, *, api_key: str | None, timeout: fl
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise EndpointError(f"no answer from {url} ({reason})") from None
-    except ValueError as exc:
-        raise EndpointError(f"{url} did not answer with JSON ({exc})") from None
+
+
+def _request(url: str, payload: dict | None, *, api_key: str | None, timeout: float) -> dict:
+    with _open(url, payload, api_key=api_key, timeout=timeout, accept="application/json") as resp:
+        try:
+            return json.loads(resp.read() or b"{}")
+        except ValueError as exc:
+            raise EndpointError(f"{url} did not answer with JSON ({exc})") from None
 
 
 def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 30.0) -> list[str]:
@@ -481,6 +458,30 @@ def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 3
     base = base.removesuffix("/chat/completions")
     data = _request(base + "/models", None, api_key=api_key, timeout=timeout)
     return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+
+
+def stream_chat_completion(base_url: str, messages: list[dict], *, model: str | None = None,
+                           api_key: str | None = None, timeout: float = 600.0, **params) -> Iterator[str]:
+    """POST one streaming chat completion and yield the reply's text pieces as they arrive (SSE)."""
+    payload = {"messages": messages, "stream": True, **{k: v for k, v in params.items() if v is not None}}
+    if model:
+        payload["model"] = model
+    url = chat_url(base_url)
+    with _open(url, payload, api_key=api_key, timeout=timeout, accept="text/event-stream") as resp:
+        for raw in resp:
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                choices = json.loads(data).get("choices") or []
+            except ValueError:
+                raise EndpointError(f"{url} sent a malformed stream event: {data[:80]}") from None
+            piece = choices[0].get("delta", {}).get("content") if choices else None
+            if piece:
+                yield piece
 
 
 def chat_completion(base_url: str, messages: list[dict], *, model: str | None = None, api_key: str | None = None,
