@@ -499,3 +499,17 @@ def test_gs_dataset_is_fetched_into_the_job_folder(home, gcs_emulator, tmp_path)
     copied = Path(job.config["train_path"])
     assert copied.parent == Path(job.output_dir)
     assert copied.read_bytes() == storage.read_bytes(ds.uri)
+
+
+def test_a_job_that_cannot_fit_is_refused_at_submission(home, monkeypatch):
+    from tuning_magics.backends.local import memory
+
+    # A fixed machine size, so the verdict does not depend on where the test runs.
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 16 * 2**30)
+    with pytest.raises(UserError) as err:
+        tm.tune("meta/llama3-3@llama-3.3-70b-instruct", records(4), tuning_mode="FULL")
+    message = str(err.value)
+    assert "\n" not in message and "needs ~" in message and "16 GiB" in message
+    assert "use " in message  # says what would fit
+    assert registry.find() == []
+    assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())

@@ -113,6 +113,8 @@ def tune(
     if tuned_model_display_name is not None and not isinstance(tuned_model_display_name, str):
         raise UserError("tuned_model_display_name must be a string", field="tuned_model_display_name")
     _check_engine_options(engine_options)
+    if model.provider == "open" and custom_base_model is None:
+        _check_fits(model, mode, adapter_size, engine_options)
     if custom_base_model is not None:
         custom_base_model = _local_folder("custom_base_model", custom_base_model)
     if output_uri is not None and str(output_uri).startswith("gs://"):
@@ -303,6 +305,18 @@ def _teacher(model: catalog.Model, method: str, teacher) -> str | None:
         "folder; catalog.teachers() lists the teachers",
         field="base_teacher_model",
     )
+
+
+def _check_fits(model: catalog.Model, mode: str, adapter_size, options: dict) -> None:
+    """Refuse at once a job that could not fit in memory even with short sequences.
+
+    The worker checks again, with the dataset's real lengths, before loading weights.
+    """
+    from .backends.local.memory import check_fits
+
+    seq = min(512, options.get("max_seq_len") or 512)
+    check_fits(model.id, mode, seq, options.get("batch_size") or 8, adapter_size=adapter_size or 8,
+               model_name=model.id)
 
 
 def _check_engine_options(options: dict) -> None:
