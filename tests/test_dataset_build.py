@@ -648,3 +648,34 @@ else:
     @pytest.mark.skip(reason="hypothesis is not installed")
     def test_property_escaping_matches_json_loads():
         pass
+
+
+def test_message_lists_from_parquet_are_plain_lists(tmp_path):
+    # Parquet (and Hugging Face datasets) hand nested lists back as numpy arrays.
+    turn = [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}]
+    pd.DataFrame({"messages": [turn] * 3}).to_parquet(tmp_path / "m.parquet")
+    df = pd.read_parquet(tmp_path / "m.parquet")
+    ds = tuning_magics.dataset(df, out=str(tmp_path / "m.jsonl"))
+    assert ds.examples == 3
+    assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0]) == {"messages": turn}
+    assert tuning_magics.validate(df).ok
+
+
+def test_duplicate_columns_and_bad_seed_are_one_line_errors(tmp_path):
+    dup = pd.DataFrame([["a", "b", "c"]], columns=["prompt", "completion", "completion"])
+    with pytest.raises(UserError, match="column 'completion' appears more than once"):
+        tuning_magics.dataset(dup, out=str(tmp_path / "x.jsonl"))
+    df = pd.DataFrame({"q": ["a", "b"], "a": ["c", "d"]})
+    with pytest.raises(UserError, match="seed must be a whole number, not 'x'"):
+        tuning_magics.dataset(df, out=str(tmp_path / "y.jsonl"), prompt="q", completion="a",
+                              validation_split=0.5, seed="x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_image_is_the_only_error(tmp_path):
+    df = pd.DataFrame({"q": ["a"], "a": ["b"], "img": [str(tmp_path / "nope.png")]})
+    with pytest.raises(UserError) as err:
+        tuning_magics.dataset(df, out=str(tmp_path / "z.jsonl"), prompt="q", completion="a", images="img")
+    assert err.value.report.error_count == 1
+    assert "does not exist; check the path" in str(err.value)

@@ -513,3 +513,33 @@ def test_a_job_that_cannot_fit_is_refused_at_submission(home, monkeypatch):
     assert "use " in message  # says what would fit
     assert registry.find() == []
     assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(learning_rate=float("inf")), "learning_rate must be a finite number above 0"),
+    (dict(warmup_ratio=5), "warmup_ratio must be a number from 0 up to"),
+    (dict(lr_scheduler="foo"), "lr_scheduler must be cosine, linear or constant"),
+    (dict(max_grad_norm="x"), "max_grad_norm must be a finite number above 0"),
+    (dict(bf16="no"), "bf16 must be True, False or None"),
+    (dict(device="tpu"), "device must be cpu, cuda, cuda:N, mps or auto"),
+])
+def test_engine_options_are_checked_before_queueing(home, kwargs, needle):
+    with pytest.raises(UserError, match=needle):
+        tm.tune(MODEL, records(4), **kwargs)
+    assert registry.find() == []
+
+
+def test_validation_set_rules_apply_to_tune(home):
+    with pytest.raises(UserError, match="validation_dataset: the validation set is identical to the training set"):
+        tm.tune(MODEL, records(4), validation_dataset=records(4))
+    assert registry.find() == []
+
+
+def test_a_dataset_built_for_another_model_is_checked_again(home, tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"q": ["Describe it"], "a": ["A cat."], "img": ["gs://bucket/cat.jpg"]})
+    ds = tm.dataset(df, out=str(tmp_path / "img.jsonl"), prompt="q", completion="a", images="img")
+    with pytest.raises(UserError, match="has an image but local/tiny-qwen3 is text-only"):
+        tm.tune(MODEL, ds)
+    assert registry.find() == []

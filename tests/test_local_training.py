@@ -235,3 +235,17 @@ def test_cancel_before_first_epoch_leaves_no_checkpoint(tmp_path):
         train(cfg, should_stop=lambda: True)
     ckdir = Path(cfg.output_dir) / "postprocess/node-0/checkpoints"
     assert not ckdir.exists() or not any(ckdir.iterdir())
+
+
+def test_divergence_fails_without_writing_a_checkpoint(tmp_path):
+    from tuning_magics.errors import UserError
+
+    train_path = tmp_path / "t.jsonl"
+    train_path.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"What is {i}?"},
+                                 {"role": "assistant", "content": f"It is {i}."}]}) + "\n" for i in range(16)))
+    with pytest.raises(UserError, match="training diverged: .* lower learning_rate"):
+        train(TrainConfig(base_model="local/tiny-qwen3", train_path=str(train_path), output_dir=str(tmp_path / "out"),
+                          epochs=2, learning_rate=1e9))
+    checkpoints = tmp_path / "out" / "postprocess" / "node-0" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())

@@ -121,6 +121,10 @@ def test_tune_models_filters(ip):
     assert "qwen/qwen3@qwen3-32b" in set(table["model"])
     assert "qwen/qwen3@qwen3-4b" not in set(table["model"])  # FULL only
     assert (table["provider"] == "open").all()
+    with pytest.raises(UsageError, match="--mode must be FULL or PEFT_ADAPTER"):
+        ip.run_line_magic("tune_models", "--mode foo")
+    with pytest.raises(UsageError, match="--provider must be one of gemini, local, open"):
+        ip.run_line_magic("tune_models", "--provider aws")
 
 
 def test_report_html_escapes_data(ip):

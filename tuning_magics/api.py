@@ -15,6 +15,7 @@ imported by this module.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -137,6 +138,7 @@ def tune(
         if validation_dataset is not None:
             validation_path = _dataset_file("validation_dataset", validation_dataset, out / "validation.jsonl",
                                             model, "sft")
+            _check_validation_set(validation_path, train_path, model)
     except BaseException:
         # Nothing half-made: a refused submission leaves no job folder behind.
         shutil.rmtree(out, ignore_errors=True)
@@ -251,8 +253,8 @@ def _check_positive_int(name: str, value) -> None:
 def _check_positive_number(name: str, value) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
-        raise UserError(f"{name} must be a number above 0, not {value!r}", field=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UserError(f"{name} must be a finite number above 0, not {value!r}", field=name)
 
 
 def _check_adapter_size(model: catalog.Model, mode: str, adapter_size) -> None:
@@ -332,6 +334,28 @@ def _check_engine_options(options: dict) -> None:
     seed = options.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise UserError(f"seed must be a whole number, not {seed!r}", field="seed")
+    _check_positive_number("max_grad_norm", options.get("max_grad_norm"))
+    for name, low, high in (("warmup_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf)):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not low <= value < high):
+            raise UserError(f"{name} must be a number from {low:g} up to (not including) {high:g}, not {value!r}",
+                            field=name)
+    scheduler = options.get("lr_scheduler")
+    if scheduler is not None and scheduler not in ("cosine", "linear", "constant"):
+        raise UserError(f"lr_scheduler must be cosine, linear or constant, not {scheduler!r}", field="lr_scheduler")
+    bf16 = options.get("bf16")
+    if bf16 is not None and not isinstance(bf16, bool):
+        raise UserError(f"bf16 must be True, False or None (automatic), not {bf16!r}", field="bf16")
+    device = options.get("device")
+    if device is not None and str(device).split(":")[0] not in ("cpu", "cuda", "mps", "auto"):
+        raise UserError(f"device must be cpu, cuda, cuda:N, mps or auto, not {device!r}", field="device")
+    if device is not None and str(device).startswith("cuda"):
+        import torch  # only when a GPU is asked for: say now, not from the worker, that there is none
+
+        if not torch.cuda.is_available():
+            raise UserError("device='cuda' was asked for but this machine has no CUDA GPU; leave device out",
+                            field="device")
 
 
 def _local_folder(name: str, value) -> str:
@@ -379,7 +403,10 @@ def _dataset_file(name: str, dataset, target: Path, model: catalog.Model, method
             raise UserError(f"{name} is empty; give at least one example", field=name)
         _write_frame(dataset, target, model, method, name)
         return target
-    validated = hasattr(dataset, "report")  # a Dataset from tuning_magics.dataset() was checked when built
+    # A Dataset from tuning_magics.dataset() was checked when built, if for this model and method.
+    report = getattr(dataset, "report", None)
+    validated = (report is not None and getattr(dataset, "model", None) == model.id
+                 and getattr(report, "method", None) == method)
     source = getattr(dataset, "uri", None) or getattr(dataset, "path", None) or dataset
     if not isinstance(source, (str, os.PathLike)):
         raise UserError(
@@ -404,6 +431,15 @@ def _dataset_file(name: str, dataset, target: Path, model: catalog.Model, method
     return target
 
 
+def _check_validation_set(validation_path: Path, train_path: Path, model: catalog.Model) -> None:
+    """The service's rules for a validation set: at most 5000 examples, not the training set again."""
+    from .datasets.validate import validate
+
+    report = validate(str(validation_path), model=model.id, training=str(train_path))
+    if not report.ok:
+        raise UserError(f"validation_dataset: {report.errors[0]}", field="validation_dataset")
+
+
 def _validate_file(name: str, path: Path, model: catalog.Model, method: str) -> None:
     from .datasets.validate import validate
 
@@ -425,8 +461,10 @@ def _write_frame(data, target: Path, model: catalog.Model, method: str, name: st
     """
     from .datasets.formats import TOP_KEYS
 
-    record_keys = set().union(*TOP_KEYS.values())
-    if _is_dataframe(data) and not set(data.columns) <= record_keys:
+    # Only GenerateContent columns need the records as they are; every other
+    # DataFrame goes through dataset(), which names bad cells by row and column.
+    gc_keys = TOP_KEYS["generate_content"]
+    if _is_dataframe(data) and not (set(data.columns) <= gc_keys and "contents" in data.columns):
         from .datasets.build import dataset
 
         try:
@@ -439,7 +477,9 @@ def _write_frame(data, target: Path, model: catalog.Model, method: str, name: st
     from .datasets.validate import validate
     from .storage import atomic_writer
 
-    rows = data.to_dict(orient="records") if _is_dataframe(data) else list(data)
+    from .datasets.validate import plain
+
+    rows = [plain(r) for r in (data.to_dict(orient="records") if _is_dataframe(data) else data)]
     report = validate(rows, model=model.id, method=method)
     if not report.ok:
         more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""

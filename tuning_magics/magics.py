@@ -154,9 +154,14 @@ class TuningMagics(Magics):
 
         df = catalog.table()
         if args.provider:
+            if args.provider not in set(df["provider"]):
+                raise UsageError(f"--provider must be one of {', '.join(sorted(set(df['provider'])))}, "
+                                 f"not {args.provider!r}")
             df = df[df["provider"] == args.provider]
         if args.mode:
             mode = {"LORA": "PEFT_ADAPTER", "PEFT": "PEFT_ADAPTER"}.get(args.mode.upper(), args.mode.upper())
+            if mode not in catalog.TUNING_MODES:
+                raise UsageError(f"--mode must be FULL or PEFT_ADAPTER (LoRA), not {args.mode!r}")
             df = df[df["modes"].str.contains(mode)]
         return df.reset_index(drop=True)
 
@@ -177,8 +182,12 @@ class TuningMagics(Magics):
             raise UsageError("%dataset needs a DataFrame: %dataset df --prompt question --completion answer")
         df = self._eval(source) if isinstance(source, str) else source
         split = merged.pop("validation_split", None)
-        if split is not None and float(split) >= 1:
-            split = int(split)
+        if split is not None:
+            try:
+                split = int(split) if float(split) >= 1 else float(split)
+            except (TypeError, ValueError):
+                raise UsageError(f"validation_split must be a fraction such as 0.1 or a row count, not {split!r}") \
+                    from None
         if split is not None:
             merged["validation_split"] = split
         known = {a.dest for a in _dataset_parser()._actions} - {"help", "df", "as_", "verbose"}

@@ -21,9 +21,11 @@ from .validate import (
     Issue,
     ValidationReport,
     _check_method,
+    _is_na,
     _is_unicode,
     _resolve_model,
     check_records,
+    plain,
 )
 
 #: Rows turned into JSON per chunk: bounds the extra memory while writing.
@@ -43,13 +45,12 @@ _AUTO = (
 class DatasetInvalid(UserError):
     """The dataset has errors; nothing was written. ``.report`` lists them all."""
 
-    def __init__(self, report: ValidationReport):
+    def __init__(self, report: ValidationReport, *, skipping: bool = False):
         first = report.errors[0] if report.errors else Issue("unknown problem")
         more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
-        super().__init__(
-            f"{first}{more}; nothing was written: fix the data, or pass skip_invalid=True "
-            "(--skip-invalid) to leave those rows out"
-        )
+        fix = "fix the data" if skipping else \
+            "fix the data, or pass skip_invalid=True (--skip-invalid) to leave those rows out"
+        super().__init__(f"{first}{more}; nothing was written: {fix}")
         self.report = report
 
 
@@ -181,7 +182,10 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
         system_column=system,
         system_prompt=system_prompt,
     )
+    duplicated = set(df.columns[df.columns.duplicated()])
     for col in mapping.used_columns():
+        if col in duplicated:
+            raise UserError(f"column {col!r} appears more than once; rename or drop the duplicates", field=str(col))
         if col not in columns:
             import difflib
 
@@ -369,7 +373,8 @@ def _image_part(value, line, column) -> dict:
         return {"type": "image_url", "image_url": {"url": value}}
     path = Path(value).expanduser()
     if not path.is_file():
-        raise UserError(f"row {line}, column {column!r}: image file {value!r} does not exist", field=column)
+        raise UserError(f"row {line}, column {column!r}: image file {value!r} does not exist; check the path "
+                        "(relative paths start from the working folder)", field=column)
     data = path.read_bytes()
     return {"type": "image_url", "image_url": {"url": f"data:{_sniff(data)};base64,{base64.b64encode(data).decode()}"}}
 
@@ -388,24 +393,19 @@ def _sniff(data: bytes) -> str:
 
 def _row_records(df, mapping: _Mapping, fmt: str, rows):
     """Yield (position, label, record or None, problem) for the general path."""
-    import pandas as pd
-
     sub = df.iloc[rows] if rows is not None else df
     positions = rows if rows is not None else range(len(df))
     cols = {c: sub[c].tolist() for c in mapping.used_columns()}
     for i, (pos, label) in enumerate(zip(positions, sub.index)):
         if mapping.messages:
-            msgs = cols[mapping.messages][i]
-            if hasattr(msgs, "tolist"):
-                msgs = msgs.tolist()
+            msgs = plain(cols[mapping.messages][i])  # Parquet gives numpy arrays for lists
             if not isinstance(msgs, list):
                 yield pos, label, None, ("must be a list of {role, content} messages", mapping.messages)
                 continue
-            msgs = [dict(m) if isinstance(m, dict) else m for m in msgs]
         else:
             msgs = [{"role": role, "content": cols[c][i]} for role, c in mapping.roles]
         for m in msgs:
-            if isinstance(m, dict) and m.get("content") is not None and not isinstance(m.get("content"), (str, list)) and pd.isna(m["content"]):
+            if isinstance(m, dict) and _is_na(m.get("content")):
                 m["content"] = None
         system = mapping.system_prompt if mapping.system_prompt else (cols[mapping.system_column][i] if mapping.system_column else None)
         if system is not None and not (isinstance(system, float) and system != system):
@@ -451,6 +451,9 @@ def _validation_path(out: str) -> str:
 
 def _split(n: int, validation_split, seed: int):
     import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed must be a whole number, not {seed!r}", field="seed")
 
     if validation_split is None or validation_split == 0:
         return None, None
@@ -548,7 +551,7 @@ def dataset(
                           f"{MAX_VALIDATION_EXAMPLES:,}: use a smaller validation_split", field="validation_split")
     for _, _, report, _ in prepared:
         if not report.ok:
-            raise DatasetInvalid(report)
+            raise DatasetInvalid(report, skipping=skip_invalid)
     written = []
     try:
         for kind, target, report, writer in prepared:
@@ -594,7 +597,7 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     report.examples = len(sub)
     if not report.ok or len(sub) == 0:
         if len(sub) == 0 and report.ok:
-            report.error("no valid rows are left to write")
+            report.error(f"no valid rows are left to write to {report.source}")
         return None
     names = [c for _, c in mapping.roles]
     fixed = mapping.system_prompt
@@ -639,7 +642,8 @@ def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid
             continue
         records_for_check.append((pos + 1, record))
         labels.append(label)
-    check_records(records_for_check, checker_report, model=spec, counter=counter)
+    if records_for_check or not report.error_count:  # else "no examples" would only repeat the errors
+        check_records(records_for_check, checker_report, model=spec, counter=counter)
     bad_lines = {e.line for e in checker_report.errors}
     label_of = {line: lab for (line, _), lab in zip(records_for_check, labels)}
     for e in checker_report.errors:
@@ -663,7 +667,7 @@ def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid
     if not report.ok:
         return None
     if not keep:
-        report.error("no valid rows are left to write")
+        report.error(f"no valid rows are left to write to {report.source}")
         return None
     lines = [orjson.dumps(records_for_check[i][1]) + b"\n" for i in keep]
     del np

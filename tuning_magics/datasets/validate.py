@@ -578,7 +578,7 @@ def validate(
         check_records(enumerate(source, start=1), report, model=spec, counter=counter)
     elif _is_dataframe(source):
         records = source.to_dict(orient="records")
-        records = [{k: (None if _is_na(v) else v) for k, v in r.items()} for r in records]
+        records = [{k: (None if _is_na(v) else plain(v)) for k, v in r.items()} for r in records]
         check_records(enumerate(records, start=1), report, model=spec, counter=counter)
     else:
         from .. import storage
@@ -642,6 +642,20 @@ def _records_of(source) -> Iterator:
                     yield raw
 
 
+def plain(value):
+    """Plain Python from what a DataFrame cell may hold: numpy arrays become lists, numpy scalars numbers.
+
+    Parquet and Hugging Face datasets hand message lists back as numpy arrays.
+    """
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):
+        return plain(value.tolist())
+    return value
+
+
 def _is_dataframe(obj) -> bool:
     return type(obj).__name__ == "DataFrame" and hasattr(obj, "to_dict")
 
@@ -650,7 +664,8 @@ def _is_na(value) -> bool:
     try:
         import pandas as pd
 
-        return not isinstance(value, (list, dict)) and bool(pd.isna(value))
+        # Only scalars can be "missing"; arrays, lists and dicts are values.
+        return not hasattr(value, "__len__") or isinstance(value, str) and bool(pd.isna(value))
     except (TypeError, ValueError):
         return False
 

@@ -328,8 +328,18 @@ def default_device(device=None):
     """The torch device to use: ``device`` when given, else the first GPU when there is one, else the CPU."""
     import torch
 
-    if device is not None:
-        return torch.device(device)
+    if device is not None and str(device) != "auto":
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise UserError(f"device must be cpu, cuda, cuda:N, mps or auto, not {device!r}", field="device") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("device='cuda' was asked for but this machine has no CUDA GPU; "
+                            "leave device out to use what is there", field="device")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError("device='mps' was asked for but MPS is not available here; leave device out",
+                            field="device")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

@@ -450,6 +450,14 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
                     real += ids.numel() - pads
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(config.max_grad_norm))
                 step_lr = optimizer.param_groups[0]["lr"]
+                if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                    # Diverged: stop before the weights turn to NaN, so no checkpoint holds them.
+                    what = (f"the gradient norm became {float(grad_norm):g}" if math.isfinite(loss_sum)
+                            else f"the loss became {loss_sum:g}")
+                    raise UserError(
+                        f"training diverged: {what} at step {global_step + 1} with "
+                        f"learning_rate {step_lr:g}; lower learning_rate (or learning_rate_multiplier)",
+                        field="learning_rate")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
