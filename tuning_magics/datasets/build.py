@@ -316,8 +316,8 @@ def _text_lines(cols: list[list[bytes]], roles: list[str], fmt: str, system: lis
     return [template % t for t in zip(system, *cols)]
 
 
-def _text_pass(df, mapping: _Mapping, fmt: str, report: ValidationReport, counter: TokenCounter, rows):
-    """Validate and encode one subset of rows on the vectorised path; returns a chunk generator factory."""
+def _text_pass(df, mapping: _Mapping, report: ValidationReport, rows):
+    """Check the text columns of one subset of rows; returns (those rows, a mask of the bad ones)."""
     import numpy as np
 
     sub = df.iloc[rows] if rows is not None else df
@@ -332,20 +332,23 @@ def _text_pass(df, mapping: _Mapping, fmt: str, report: ValidationReport, counte
     return sub, bad
 
 
-def _token_lengths_text(sub, names: list[str], counter: TokenCounter, n_fixed_bytes: int):
+def _token_lengths_text(sub, names: list[str], counter: TokenCounter, fixed: str | None):
+    """Tokens per row: the text columns ``names`` plus an optional fixed system prompt, with template overhead."""
     import numpy as np
 
-    n_messages = len(names) + (1 if n_fixed_bytes else 0)
+    n_messages = len(names) + (1 if fixed else 0)
     if counter.tokenizer is not None and not counter.estimated:
         total = np.zeros(len(sub), np.int64)
         for name in names:
             enc = counter.tokenizer(sub[name].tolist(), add_special_tokens=False)["input_ids"]
             total += np.fromiter(map(len, enc), np.int64, len(sub))
-        overhead = counter.count([{"role": "user", "content": ""}] * 0 + [{"role": r, "content": ""} for r in ["user"] * n_messages])
-        if n_fixed_bytes:
-            total += len(counter.tokenizer(counter._fixed_text, add_special_tokens=False)["input_ids"])
+        # The template's own tokens, counted once on empty messages.
+        overhead = counter.count([{"role": "user", "content": ""}] * n_messages)
+        if fixed:
+            total += len(counter.tokenizer(fixed, add_special_tokens=False)["input_ids"])
         return total + overhead
-    total = np.full(len(sub), n_messages * TEMPLATE_TOKENS_PER_MESSAGE + estimate_text(n_fixed_bytes), np.int64)
+    fixed_bytes = len(fixed.encode()) if fixed else 0
+    total = np.full(len(sub), n_messages * TEMPLATE_TOKENS_PER_MESSAGE + estimate_text(fixed_bytes), np.int64)
     for name in names:
         col = sub[name]
         try:
@@ -355,7 +358,7 @@ def _token_lengths_text(sub, names: list[str], counter: TokenCounter, n_fixed_by
             lengths = pc.binary_length(nbytes.cast("binary")).to_numpy(zero_copy_only=False)
         except Exception:  # noqa: BLE001 - no pyarrow: count characters in Python
             lengths = np.fromiter((len(v.encode()) for v in col.tolist()), np.int64, len(col))
-        total += -(-lengths.astype(np.int64) // 4)
+        total += estimate_text(lengths.astype(np.int64))
     return total
 
 
@@ -586,7 +589,7 @@ def _finish_report(report: ValidationReport, lengths, spec, line_numbers) -> Non
 def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     import numpy as np
 
-    sub, bad = _text_pass(df, mapping, fmt, report, counter, rows)
+    sub, bad = _text_pass(df, mapping, report, rows)
     report.format = fmt
     if bad.any() and skip_invalid:
         dropped = int(bad.sum())
@@ -601,10 +604,8 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
         return None
     names = [c for _, c in mapping.roles]
     fixed = mapping.system_prompt
-    n_fixed = len(fixed.encode()) if fixed else 0
-    counter._fixed_text = fixed or ""
     text_names = ([mapping.system_column] if mapping.system_column else []) + names
-    lengths = _token_lengths_text(sub, text_names, counter, n_fixed)
+    lengths = _token_lengths_text(sub, text_names, counter, fixed)
     report.tokens_estimated = counter.estimated
     report.tokenizer_note = counter.note
     _finish_report(report, lengths, spec, np.arange(1, len(sub) + 1))
@@ -629,11 +630,9 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
 
 
 def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
-    import numpy as np
     import orjson
 
     checker_report = ValidationReport(source=report.source, model=report.model, method=report.method)
-    lines: list[bytes] = []
     records_for_check = []
     labels = []
     for pos, label, record, problem in _row_records(df, mapping, fmt, rows):
@@ -670,7 +669,6 @@ def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid
         report.error(f"no valid rows are left to write to {report.source}")
         return None
     lines = [orjson.dumps(records_for_check[i][1]) + b"\n" for i in keep]
-    del np
 
     def write(fh):
         for start in range(0, len(lines), CHUNK_ROWS):
