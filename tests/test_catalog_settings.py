@@ -6,7 +6,7 @@ import pytest
 
 from tuning_magics import catalog
 from tuning_magics.errors import UserError
-from tuning_magics.settings import Settings
+from tuning_magics.config import Settings
 
 FULL, PEFT = catalog.FULL, catalog.PEFT
 

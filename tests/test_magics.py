@@ -11,7 +11,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from tuning_magics.settings import settings
+from tuning_magics.config import settings
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # name -> (module, attribute); resolved on first use so `import tuning_magics` stays light.
 _LAZY = {
-    "settings": ("tuning_magics.settings", "settings"),
+    "settings": ("tuning_magics.config", "settings"),
     "UserError": ("tuning_magics.errors", "UserError"),
     "catalog": ("tuning_magics.catalog", None),
     "dataset": ("tuning_magics.datasets.build", "dataset"),

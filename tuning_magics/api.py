@@ -191,12 +191,12 @@ def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[J
 
 def _backend(backend: str | None) -> str:
     if backend is None:
-        from .settings import settings
+        from .config import settings
 
         backend = settings.backend
     backend = str(backend).lower()
     if backend == "auto":
-        from .settings import settings
+        from .config import settings
 
         backend = settings.backend
     if backend == "vertex":

@@ -24,7 +24,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Unicode, observe
 
 from .errors import UserError
-from .settings import settings
+from .config import settings
 
 
 class _ArgParser(argparse.ArgumentParser):
