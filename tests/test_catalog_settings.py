@@ -340,3 +340,35 @@ def test_broken_pyproject_is_a_user_error(tmp_path, clean_env):
         Settings(_start=tmp_path).project  # noqa: B018
     assert "pyproject.toml" in str(info.value) and "TOML" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_pyproject_is_parsed_once_and_again_when_it_changes(tmp_path, clean_env, monkeypatch):
+    import os
+
+    from tuning_magics import config
+
+    _pyproject(tmp_path, '[tool.tuning_magics]\nproject = "first"\n')
+    parsed = []
+    real = config._parse_pyproject
+    monkeypatch.setattr(config, "_parse_pyproject", lambda path: parsed.append(path) or real(path))
+    s = Settings(_start=tmp_path)
+    for _ in range(50):
+        assert s.project == "first" and s.location == "us-central1"
+    s.describe()
+    assert len(parsed) == 1
+    _pyproject(tmp_path, '[tool.tuning_magics]\nproject = "second-value"\n')
+    stat = (tmp_path / "pyproject.toml").stat()
+    os.utime(tmp_path / "pyproject.toml", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert s.project == "second-value"
+    assert len(parsed) == 2
+
+
+@pytest.mark.parametrize("value", [5, True, ["a"]])
+def test_settings_are_text(tmp_path, clean_env, value):
+    s = Settings(_start=tmp_path)
+    with pytest.raises(UserError, match="project must be text"):
+        s.update(project=value)
+    literal = {5: "5", True: "true"}.get(value) if not isinstance(value, list) else '["a"]'
+    _pyproject(tmp_path, f"[tool.tuning_magics]\nlocation = {literal}\n")
+    with pytest.raises(UserError, match="location must be text"):
+        s.location  # noqa: B018

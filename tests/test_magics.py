@@ -134,3 +134,64 @@ def test_report_html_escapes_data(ip):
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;bold&lt;/b&gt;" in html
     assert "data:image/png;base64," in html  # the token histogram
+
+
+@pytest.mark.parametrize(("magic", "line"), [
+    ("dataset", "df --prompt 'q --completion a"),
+    ("tuning_config", "project='x"),
+    ("tune_models", "'x"),
+])
+def test_an_unclosed_quote_is_one_line(ip, magic, line):
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic(magic, line)
+    message = str(info.value)
+    assert f"%{magic}: no closing quotation" in message and "close the quote" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("split", ["inf", "1e400", "-0.5", "nan"])
+def test_an_impossible_split_is_one_line_naming_the_option(ip, tmp_path, split):
+    with pytest.raises(UsageError, match="validation_split must be a fraction") as info:
+        ip.run_line_magic("dataset", f"df --prompt q --completion a --out s.jsonl --split {split}")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_a_split_that_is_not_a_number_is_one_line(ip):
+    with pytest.raises(UsageError, match="'half' is not a number"):
+        ip.run_line_magic("dataset", "df --prompt q --completion a --split half")
+
+
+@pytest.mark.parametrize("name", ["1bad", "class", "my-ds", "a b"])
+def test_as_needs_a_python_name(ip, tmp_path, name):
+    with pytest.raises(UsageError, match="--as needs a Python variable name"):
+        ip.run_cell_magic("dataset", f"df --as '{name}'", "prompt: q\ncompletion: a\nout: n.jsonl\n")
+    assert name not in ip.user_ns
+    assert not (tmp_path / "n.jsonl").exists()
+
+
+def test_verbose_in_a_cell_body_takes_a_boolean(ip):
+    with pytest.raises(UsageError, match="verbose must be true or false, not 'yes please'"):
+        ip.run_cell_magic("dataset", "df", "prompt: q\ncompletion: a\nverbose: yes please\n")
+
+
+def test_settings_object_survives_load_ext_and_imports():
+    code = (
+        "import tuning_magics as tm\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "InteractiveShell.instance().run_line_magic('load_ext', 'tuning_magics')\n"
+        "import tuning_magics.config, tuning_magics.api\n"
+        "tm.settings.update(location='europe-west4')\n"
+        "print(tm.settings.location, tm.settings is tuning_magics.config.settings)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["europe-west4", "True"], out.stderr
+
+
+def test_a_broken_pyproject_is_one_line_from_tuning_config(ip, tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[tool.tuning_magics\nproject = \n")
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("tuning_config", "")
+    message = str(info.value)
+    assert str(tmp_path / "pyproject.toml") in message and "not valid TOML" in message
+    assert "\n" not in message

@@ -11,6 +11,10 @@ from the working directory upwards), the environment variables
 
 ``backend`` resolves to ``"vertex"`` when a project is configured and to
 ``"local"`` (the embedded engine) otherwise, unless it is set explicitly.
+
+``pyproject.toml`` is parsed once and again only when the file changes. A file
+that cannot be read is reported, in one line naming it, when a setting is read;
+features that read no setting (local jobs, datasets) are not held up by it.
 """
 
 from __future__ import annotations
@@ -53,24 +57,49 @@ def _read_pyproject(start: Path) -> tuple[dict, Path | None]:
     path = _find_pyproject(start)
     if path is None:
         return {}, None
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc}); fix its permissions or remove it") from None
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _PYPROJECT_CACHE:
+        _PYPROJECT_CACHE.clear()  # one file is in use at a time; a changed file replaces its entry
+        _PYPROJECT_CACHE[key] = _parse_pyproject(path)
+    table = _PYPROJECT_CACHE[key]
+    if isinstance(table, UserError):
+        raise table
+    return table, path
+
+
+#: (path, mtime, size) -> the [tool.tuning_magics] table, or the UserError the file gave.
+_PYPROJECT_CACHE: dict[tuple, dict | UserError] = {}
+
+
+def _parse_pyproject(path: Path) -> dict | UserError:
     import tomllib
 
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"{path}: cannot read [tool.tuning_magics] ({exc}); fix the TOML syntax") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        return UserError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc}); fix or remove it")
+    except tomllib.TOMLDecodeError as exc:
+        return UserError(f"{path}: not valid TOML ({exc}); fix the syntax to read [tool.tuning_magics] from it")
     table = data.get("tool", {}).get("tuning_magics", {})
+    if not isinstance(table, dict):
+        return UserError(f"{path}: [tool.tuning_magics] must be a table of settings; fix the TOML")
     names = {f.name for f in fields(_Values)}
     table = {k.replace("-", "_"): v for k, v in table.items()}
     unknown = sorted(set(table) - names)
     if unknown:
-        raise UserError(
+        return UserError(
             f"{path}: unknown key {unknown[0]!r} in [tool.tuning_magics]; known keys: {', '.join(sorted(names))}"
         )
-    return table, path
+    return table
 
 
 def _check(name: str, value):
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be text, not {value!r}", field=name)
     if name == "backend":
         if value not in BACKENDS:
             raise UserError(f"backend must be one of {', '.join(BACKENDS)}, not {value!r}", field="backend")

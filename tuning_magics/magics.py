@@ -17,6 +17,7 @@ traceback; add ``--verbose`` to see the traceback.
 from __future__ import annotations
 
 import argparse
+import keyword
 import shlex
 
 from IPython.core.error import UsageError
@@ -51,7 +52,7 @@ def _dataset_parser() -> _ArgParser:
         p.add_argument(f"--{name}", help=f"the {name} column")
     p.add_argument("--images", "--image", nargs="+", help="image column(s)")
     p.add_argument("--system-prompt", help="one system prompt for every example")
-    p.add_argument("--validation-split", "--split", type=float, help="fraction (or count >= 1) held out")
+    p.add_argument("--validation-split", "--split", type=_number, help="fraction (or count >= 1) held out")
     p.add_argument("--validation-out", help="where the validation set goes")
     p.add_argument("--seed", type=int)
     p.add_argument("--model", "-m", help="target model (its rules and tokenizer)")
@@ -62,6 +63,32 @@ def _dataset_parser() -> _ArgParser:
     p.add_argument("--skip-invalid", action="store_const", const=True, help="leave invalid rows out")
     p.add_argument("--verbose", action="store_const", const=True, help="show tracebacks")
     return p
+
+
+def _words(line: str, prog: str) -> list[str]:
+    """The words of a magic's line, shell-style; an unclosed quote is a one-line UsageError."""
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise UsageError(f"%{prog}: {str(exc).lower()} in {line.strip()!r}; close the quote or escape it") from None
+
+
+def _number(text: str) -> int | float:
+    """A count (``20``) or a fraction (``0.1``) from the command line; the API checks the range."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _variable_name(value, option: str) -> str:
+    if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value):
+        raise UsageError(f"{option} needs a Python variable name such as ds, not {value!r}")
+    return value
 
 
 def _parse_body(cell: str) -> dict:
@@ -130,7 +157,7 @@ class TuningMagics(Magics):
     def tuning_config(self, line: str = ""):
         """Show the settings, or set them: ``%tuning_config project=my-proj location=us-central1``."""
         values = {}
-        for token in shlex.split(line):
+        for token in _words(line, "tuning_config"):
             token = token.lstrip("-")
             if "=" not in token:
                 raise UsageError(f"%tuning_config takes name=value pairs, e.g. project=my-project (got {token!r})")
@@ -138,7 +165,7 @@ class TuningMagics(Magics):
             values[name.replace("-", "_")] = value
         if values:
             self._run(lambda: settings.update(**values))
-        print(settings.describe())
+        print(self._run(settings.describe))
 
     @line_magic
     def tune_models(self, line: str = ""):
@@ -147,7 +174,7 @@ class TuningMagics(Magics):
         p.add_argument("--provider")
         p.add_argument("--mode")
         try:
-            args = p.parse_args(shlex.split(line))
+            args = p.parse_args(_words(line, "tune_models"))
         except _HelpShown:
             return None
         from . import catalog
@@ -169,27 +196,25 @@ class TuningMagics(Magics):
     def dataset(self, line: str = "", cell: str | None = None):
         """DataFrame -> validated JSONL. ``%dataset df --prompt q --completion a --out train.jsonl --as ds``."""
         try:
-            args = _dataset_parser().parse_args(shlex.split(line))
+            args = _dataset_parser().parse_args(_words(line, "dataset"))
         except _HelpShown:
             return None
         options = {k: v for k, v in vars(args).items() if v is not None}
         body = _parse_body(cell) if cell is not None else {}
         merged = {**body, **options}  # the cell body gives options; the line overrides them
-        verbose = bool(merged.pop("verbose", False))
+        verbose = merged.pop("verbose", False)
+        if not isinstance(verbose, bool):
+            raise UsageError(f"verbose must be true or false, not {verbose!r}")
         as_ = merged.pop("as_", None) or merged.pop("as", None)
+        if as_ is not None:
+            as_ = _variable_name(as_, "--as")
         source = merged.pop("df", None) or merged.pop("source", None) or merged.pop("dataframe", None)
         if source is None:
             raise UsageError("%dataset needs a DataFrame: %dataset df --prompt question --completion answer")
         df = self._eval(source) if isinstance(source, str) else source
-        split = merged.pop("validation_split", None)
-        if split is not None:
-            try:
-                split = int(split) if float(split) >= 1 else float(split)
-            except (TypeError, ValueError):
-                raise UsageError(f"validation_split must be a fraction such as 0.1 or a row count, not {split!r}") \
-                    from None
-        if split is not None:
-            merged["validation_split"] = split
+        split = merged.get("validation_split")
+        if isinstance(split, float) and split.is_integer() and split >= 1:
+            merged["validation_split"] = int(split)  # YAML's 20.0 is a row count, like 20
         known = {a.dest for a in _dataset_parser()._actions} - {"help", "df", "as_", "verbose"}
         unknown = sorted(set(merged) - known)
         if unknown:
