@@ -165,7 +165,7 @@ def test_three_jobs_with_limit_one_run_one_after_another(home):
         assert s1 < e1 <= s2 < e2
     assert all(j.tuned_model and Path(j.tuned_model, "config.json").is_file() for j in jobs)
     # The serving hook: the tuned model behind a local OpenAI-compatible endpoint.
-    from tuning_magics.backends.local.server import chat_completion
+    from tuning_magics.backends.local.client import chat_completion
 
     with jobs[0].deploy() as endpoint:
         answer = chat_completion(endpoint.url, [{"role": "user", "content": "What is 1 plus 1?"}], max_tokens=4)

@@ -150,7 +150,7 @@ class _EndpointTeacher:
     """An OpenAI-compatible chat-completions endpoint, asked from a small thread pool."""
 
     def __init__(self, url: str, *, api_key: str | None, model: str | None, timeout: float, concurrency: int):
-        from .server import EndpointError, list_models
+        from .client import EndpointError, list_models
 
         self.url = url
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -174,7 +174,7 @@ class _EndpointTeacher:
                                 "name one with model=...", field="base_teacher_model")
 
     def _ask(self, prompt: list[dict], gen: dict) -> str:
-        from .server import EndpointError, chat_completion
+        from .client import EndpointError, chat_completion
 
         params = {"max_tokens": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"]}
         if gen.get("seed") is not None:
@@ -194,7 +194,7 @@ class _EndpointTeacher:
     def answer(self, prompts: list[list[dict]], *, batch_size: int, progress, stop, **gen) -> list[str]:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        from .server import EndpointError
+        from .client import EndpointError
 
         answers: list[str] = [""] * len(prompts)
         errors: dict[int, str] = {}
@@ -230,7 +230,7 @@ class _EndpointTeacher:
         return answers
 
     def answer_one(self, prompt: list[dict], **gen) -> str:
-        from .server import EndpointError
+        from .client import EndpointError
 
         try:
             return self._ask(prompt, gen)

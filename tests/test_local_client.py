@@ -1,0 +1,133 @@
+"""The client for OpenAI-compatible endpoints, against a scripted HTTP server on 127.0.0.1 (no model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tuning_magics.backends.local.client import (
+    EndpointError,
+    chat_completion,
+    chat_url,
+    list_models,
+    stream_chat_completion,
+)
+
+
+class _Scripted:
+    """Answers GET /v1/models and POST /v1/chat/completions; records what it was sent."""
+
+    def __init__(self, status: int = 200, events: list[str] | None = None):
+        self.seen: list[tuple[dict, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _json(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._json(200, {"object": "list", "data": [{"id": "m1"}, {"id": "m2"}, {"no": "id"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.seen.append((body, self.headers.get("Authorization")))
+                if status != 200:
+                    self._json(status, {"error": {"message": "you may not"}})
+                elif body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for event in events or []:
+                        self.wfile.write(f"data: {event}\n\n".encode())
+                    self.close_connection = True
+                else:
+                    self._json(200, {"choices": [{"message": {"role": "assistant", "content": "hello"}}]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted():
+    made = []
+
+    def make(**kw):
+        made.append(_Scripted(**kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def _chunk(text):
+    return json.dumps({"choices": [{"delta": {"content": text}}]})
+
+
+def test_chat_url_accepts_a_base_or_a_full_url():
+    assert chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert chat_url("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+
+
+def test_completion_models_and_stream(scripted):
+    ep = scripted(events=[_chunk("hel"), json.dumps({"choices": []}), _chunk("lo"), "[DONE]", _chunk("late")])
+    msgs = [{"role": "user", "content": "hi"}]
+    data = chat_completion(ep.url, msgs, model="m1", api_key="sk-1", max_tokens=3, seed=None)
+    assert data["choices"][0]["message"]["content"] == "hello"
+    assert ep.seen[-1] == ({"messages": msgs, "stream": False, "model": "m1", "max_tokens": 3}, "Bearer sk-1")
+    assert list(stream_chat_completion(ep.url, msgs)) == ["hel", "lo"]  # nothing after [DONE]
+    assert ep.seen[-1][0]["stream"] is True and ep.seen[-1][1] is None
+    assert list_models(ep.url + "/chat/completions") == ["m1", "m2"]
+
+
+def test_errors_carry_the_status_and_the_servers_message(scripted):
+    ep = scripted(status=401)
+    with pytest.raises(EndpointError, match="HTTP 401 from .*: you may not") as err:
+        chat_completion(ep.url, [{"role": "user", "content": "hi"}])
+    assert err.value.status == 401
+    ep.close()
+    with pytest.raises(EndpointError, match="no answer from") as err:
+        chat_completion(ep.url, [{"role": "user", "content": "hi"}], timeout=5)
+    assert err.value.status is None
+
+
+def test_a_malformed_stream_event_is_an_endpoint_error(scripted):
+    ep = scripted(events=["{broken"])
+    with pytest.raises(EndpointError, match="malformed stream event"):
+        list(stream_chat_completion(ep.url, [{"role": "user", "content": "hi"}]))
+
+
+def test_the_client_needs_neither_the_server_nor_the_local_extra(without_extra):
+    code = ("import sys, tuning_magics.backends.local.client as c; "
+            "assert 'tuning_magics.backends.local.server' not in sys.modules; "
+            "assert not {'torch', 'transformers'} & set(sys.modules); print(c.chat_url('http://x/v1'))")
+    proc = without_extra("local", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "http://x/v1/chat/completions"
+
+
+def test_distillation_uses_the_client_not_the_server():
+    code = ("import sys; from tuning_magics.backends.local import distill; "
+            "t = distill._EndpointTeacher('http://127.0.0.1:9/v1', api_key=None, model='m', timeout=1, "
+            "concurrency=1); assert 'tuning_magics.backends.local.server' not in sys.modules, 'server imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
