@@ -408,3 +408,43 @@ def test_gcs_client_without_credentials(monkeypatch: pytest.MonkeyPatch, tmp_pat
         storage.gcs_client()
     assert "gcloud auth application-default login" in str(info.value)
     assert "GOOGLE_APPLICATION_CREDENTIALS" in str(info.value)
+
+
+# ---------------------------------------------------------------- unreachable servers
+
+
+def test_nothing_listening_fails_at_once_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    with pytest.raises(UserError) as info:
+        storage.read_bytes("gs://some-bucket/train.jsonl")
+    message = str(info.value)
+    assert f"cannot reach the Cloud Storage emulator at http://127.0.0.1:{port}" in message
+    assert "connection was refused" in message and "unset STORAGE_EMULATOR_HOST" in message
+    assert "\n" not in message
+
+
+def test_a_server_that_never_answers_fails_after_the_bounded_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 1.5)
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        with pytest.raises(UserError) as info:
+            storage.exists("gs://some-bucket/train.jsonl")
+    assert "no answer in time" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_cli_says_why_and_exits_2_when_storage_is_unreachable(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from tuning_magics.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    assert main(["validate", "gs://some-bucket/train.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuning-magics: error: cannot reach") and "\n" not in err

@@ -58,6 +58,11 @@ if TYPE_CHECKING:
 
 PathOrUri = str | os.PathLike[str]
 
+#: Seconds to wait for a connection, and for each answer, before a request counts as failed.
+CONNECT_TIMEOUT, READ_TIMEOUT = 10.0, 60.0
+#: Seconds a request that failed transiently (503, a dropped connection) is retried for in all.
+#: A server that refuses the connection or a name that does not resolve is not retried.
+RETRY_SECONDS = 30.0
 #: Resumable upload chunk size; Cloud Storage requires a multiple of 256 KiB.
 CHUNK_SIZE = 8 * 1024 * 1024
 _BLOCK = 1024 * 1024
@@ -140,6 +145,36 @@ def _client(project: str | None, emulator_host: str | None, _credentials_file: s
         raise UserError(_CREDENTIALS_HELP) from exc
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """True for failures no retry can fix: nothing listens at the address, or the host name is unknown."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        text = str(exc)
+        if "Connection refused" in text or "Failed to resolve" in text or "Name or service not known" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__ or next(
+            (a for a in getattr(exc, "args", ()) if isinstance(a, BaseException)), None)
+    return False
+
+
+def _call_options() -> dict:
+    """``timeout`` and ``retry`` for every Cloud Storage call: bounded, so a dead server fails in seconds."""
+    from google.api_core.retry import Retry
+    from google.cloud.storage.retry import _should_retry
+
+    retry = Retry(predicate=lambda exc: _should_retry(exc) and not _unreachable(exc), initial=0.5, maximum=8.0,
+                  multiplier=2.0, timeout=RETRY_SECONDS)
+    return {"timeout": (CONNECT_TIMEOUT, READ_TIMEOUT), "retry": retry}
+
+
+def _endpoint() -> str:
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    return f"the Cloud Storage emulator at {host} (STORAGE_EMULATOR_HOST)" if host else "Cloud Storage"
+
+
 @contextlib.contextmanager
 def _gcs_errors(uri: str, *, missing: str | None = None, conflict: str | None = None) -> Iterator[None]:
     """Turn Cloud Storage failures into one-line :class:`UserError` messages."""
@@ -166,8 +201,12 @@ def _gcs_errors(uri: str, *, missing: str | None = None, conflict: str | None = 
         raise UserError(f"the transfer of {uri} was corrupted in transit; run again") from exc
     except api.GoogleAPICallError as exc:
         raise UserError(f"Cloud Storage refused the request for {uri}: {_reason(exc)}") from exc
-    except RequestsConnectionError as exc:
-        raise UserError(f"cannot reach Cloud Storage for {uri}; check the network connection") from exc
+    except (RequestsConnectionError, api.RetryError, ConnectionError, TimeoutError) as exc:
+        cause = getattr(exc, "cause", None) or exc
+        why = "the connection was refused" if _unreachable(cause) else "no answer in time"
+        fix = "start it or unset STORAGE_EMULATOR_HOST" if os.environ.get("STORAGE_EMULATOR_HOST") \
+            else "check the network connection and run again"
+        raise UserError(f"cannot reach {_endpoint()} for {uri} ({why}); {fix}") from exc
 
 
 def _reason(exc: Exception) -> str:
@@ -196,7 +235,7 @@ def _existing_blob(uri: str) -> Blob:
     """The object's current metadata (generation, checksums), or a UserError if missing."""
     blob = _blob(uri)
     with _gcs_errors(uri):
-        found = blob.bucket.get_blob(blob.name)
+        found = blob.bucket.get_blob(blob.name, **_call_options())
     if found is None:
         raise UserError(f"{uri} not found; check the bucket and object name")
     return found
@@ -248,10 +287,10 @@ def _mismatches(blob: Blob, local: _Digests) -> list[str]:
 def _verify_upload(blob: Blob, local: _Digests, uri: str) -> None:
     """Read back the stored object's checksums; delete it and raise if they differ."""
     with _gcs_errors(uri):
-        blob.reload()  # the generation we just wrote: ``blob.generation`` is pinned
+        blob.reload(**_call_options())  # the generation we just wrote: ``blob.generation`` is pinned
         bad = _mismatches(blob, local)
         if bad:
-            blob.delete(if_generation_match=blob.generation)
+            blob.delete(if_generation_match=blob.generation, **_call_options())
     if bad:
         raise UserError(f"the upload to {uri} was corrupted ({', '.join(bad)} mismatch) and was deleted; run again")
 
@@ -354,6 +393,104 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: Names starting with this are the unfinished work of :func:`atomic_folder`; readers skip them.
+TEMP_PREFIX = ".tmp-"
+
+
+def _swap_names(target: Path) -> tuple[Path, Path]:
+    """Where :func:`atomic_folder` keeps the finished new copy and the old one while it swaps them."""
+    return (target.with_name(f"{TEMP_PREFIX}new-{target.name}"),
+            target.with_name(f"{TEMP_PREFIX}old-{target.name}"))
+
+
+@contextlib.contextmanager
+def atomic_folder(target: PathOrUri, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside local ``target``; when the block succeeds it becomes ``target``.
+
+    An exception in the block removes the temporary folder and leaves ``target``
+    as it was. A new ``target`` appears in one rename. No portable call replaces
+    a non-empty folder, so replacing takes three renames; a crash between them is
+    settled by :func:`recover_folder`, which readers call: the finished new copy
+    wins, else the old one comes back. With ``replace=False`` an existing
+    ``target`` (a concurrent writer's) is kept and the new copy dropped.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise  # not "target exists": a real failure (the parent vanished, ...)
+            if replace:
+                _swap(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    new, old = _swap_names(target)
+    for leftover in (new, old):  # a crash's leftovers that recover_folder left (target was there)
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.rename(tmp, new)  # the new copy is complete, under a name recovery knows
+    os.rename(target, old)  # until the next rename, recover_folder puts ``new`` in place
+    try:
+        os.rename(new, target)
+    except FileNotFoundError:
+        if not target.is_dir():
+            raise  # a reader's recover_folder did the last rename for us otherwise
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(target: PathOrUri) -> bool:
+    """Settle a replacement of ``target`` by :func:`atomic_folder` that a crash cut short; True if ``target`` exists.
+
+    Safe to call at any time, from any process, even while a writer works.
+    """
+    target = Path(target)
+    new, old = _swap_names(target)
+    if not target.exists():
+        for copy in (new, old):  # the finished new copy wins; else the old one comes back
+            try:
+                os.rename(copy, target)
+                break
+            except OSError:
+                continue  # not there, or another process settled it first
+    if target.exists() and old.exists() and not new.exists():
+        shutil.rmtree(old, ignore_errors=True)  # the swap finished; only the removal of the old copy was cut
+    return target.exists()
+
+
+def remove_stale_temp(folder: PathOrUri) -> int:
+    """In local ``folder``: settle interrupted replacements, then delete what unfinished writers left; how many.
+
+    Only for a folder no writer is working in (a job's own folder when it starts).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    for child in list(root.iterdir()):
+        for role in ("new-", "old-"):
+            if child.name.startswith(TEMP_PREFIX + role):
+                recover_folder(root / child.name[len(TEMP_PREFIX + role):])
+    removed = 0
+    for child in list(root.iterdir()):
+        if child.name.startswith(TEMP_PREFIX):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def _os_errors(display: str, verb: str) -> Iterator[None]:
     try:
@@ -384,7 +521,7 @@ def _write_precondition(uri: str, overwrite: bool) -> int:
     """Check the destination up front; the generation the upload must find (0: none)."""
     blob = _blob(uri)
     with _gcs_errors(uri):
-        existing = blob.bucket.get_blob(blob.name)
+        existing = blob.bucket.get_blob(blob.name, **_call_options())
     if existing is None:
         return 0
     if not overwrite:
@@ -403,7 +540,8 @@ def _upload(source: Path, uri: str, generation: int, content_type: str, overwrit
     with open(source, "rb") as stream, _gcs_errors(uri, missing=missing, conflict=conflict):
         # size=None makes the client use a resumable upload whatever the size.
         blob.upload_from_file(
-            stream, size=None, content_type=content_type, if_generation_match=generation, checksum="crc32c"
+            stream, size=None, content_type=content_type, if_generation_match=generation, checksum="crc32c",
+            **_call_options(),
         )
     _verify_upload(blob, local, uri)
 
@@ -443,8 +581,8 @@ def remove(uri: PathOrUri) -> None:
     uri = str(uri)
     with _gcs_errors(uri):
         blob = _blob(uri)
-        if blob.exists():
-            blob.delete()
+        if blob.exists(**_call_options()):
+            blob.delete(**_call_options())
 
 
 # ---------------------------------------------------------------- reading
@@ -456,7 +594,7 @@ def exists(uri: PathOrUri) -> bool:
         return Path(uri).expanduser().exists()
     uri = str(uri)
     with _gcs_errors(uri):
-        return _blob(uri).exists()
+        return _blob(uri).exists(**_call_options())
 
 
 def size(uri: PathOrUri) -> int:
@@ -539,7 +677,7 @@ def list_uris(prefix: PathOrUri) -> list[str]:
         bucket, name = _split(prefix, need_object=False)
         missing = f"bucket {bucket!r} not found (listing {prefix}); check the bucket name"
         with _gcs_errors(prefix, missing=missing):
-            blobs = gcs_client().list_blobs(bucket, prefix=name or None)
+            blobs = gcs_client().list_blobs(bucket, prefix=name or None, **_call_options())
             return sorted(f"{_SCHEME}{bucket}/{b.name}" for b in blobs if not b.name.endswith("/"))
     path = Path(prefix).expanduser()
     if path.is_dir():
@@ -556,7 +694,7 @@ def _download(uri: str, stream: IO[bytes]) -> None:
     """Write the object into ``stream`` (seekable, empty) and verify its checksums."""
     blob = _existing_blob(uri)  # pins the generation: content and checksums match
     with _gcs_errors(uri):
-        blob.download_to_file(stream, checksum="auto")
+        blob.download_to_file(stream, checksum="auto", **_call_options())
     stream.seek(0)
     bad = _mismatches(blob, _digest_stream(stream))
     if bad:
