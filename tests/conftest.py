@@ -123,3 +123,36 @@ def gcs_emulator(gcs_emulator_server: GcsEmulator, monkeypatch: pytest.MonkeyPat
     """The session's emulator, with STORAGE_EMULATOR_HOST set for this test only."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_server.host)
     return gcs_emulator_server
+
+
+# ====================================================================== an install without an extra
+# ``without_extra("local")`` runs Python code in a fresh interpreter in which the
+# packages of that extra cannot be imported (as if `pip install tuning_magics` had
+# been run without `[local]`), and returns the CompletedProcess.
+_BLOCKER = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.fixture
+def without_extra(tmp_path):
+    from tuning_magics.errors import EXTRAS
+
+    def run(extra: str, code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        blocked = {name.split(".")[0] for name in EXTRAS[extra]}
+        if extra == "local":
+            blocked.add("accelerate")
+        site = tmp_path / f"without-{extra}"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(_BLOCKER.format(blocked=sorted(blocked)), encoding="utf-8")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                              timeout=timeout, cwd=tmp_path)
+
+    return run

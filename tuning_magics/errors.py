@@ -18,3 +18,34 @@ class UserError(ValueError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+#: What each optional part of the package needs, and the extra that installs it.
+EXTRAS = {
+    "local": ("torch", "transformers", "tokenizers", "peft", "safetensors"),
+    "vertex": ("google.genai", "google.cloud.storage", "google_crc32c"),
+}
+
+
+class MissingExtra(UserError):
+    """A feature needs packages of an optional extra that is not installed; the message says what to run."""
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise :class:`MissingExtra` naming ``pip install "tuning_magics[extra]"`` when a module is missing.
+
+    ``modules`` defaults to everything the extra installs. Only looks the
+    modules up, without importing them, so the check is cheap.
+    """
+    import importlib.util
+
+    for name in modules or EXTRAS[extra]:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+            found = False
+        if not found:
+            raise MissingExtra(
+                f"this needs {name.split('.')[0]}, which is not installed: pip install \"tuning_magics[{extra}]\"",
+                field=extra,
+            )
