@@ -4,7 +4,8 @@
     tuning-magics models [--json]
 
 ``validate`` exits 0 when the dataset is valid (warnings allowed), 1 when it
-is invalid and 2 on a usage error (unknown option or model, unreadable path).
+is invalid and 2 on a usage or environment error (unknown option or model,
+unreadable path, unreachable storage, a missing optional package).
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ def main(argv=None) -> int:
         return {"validate": _validate, "models": _models}[args.command](args)
     except UserError as exc:
         print(f"tuning-magics: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        from .errors import missing_extra
+
+        problem = missing_extra(exc)
+        if problem is None:
+            raise
+        print(f"tuning-magics: error: {problem}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

@@ -31,6 +31,16 @@ class MissingExtra(UserError):
     """A feature needs packages of an optional extra that is not installed; the message says what to run."""
 
 
+def missing_extra(exc: ImportError) -> MissingExtra | None:
+    """The :class:`MissingExtra` for an ImportError of a package an extra installs, else None."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    for extra, modules in EXTRAS.items():
+        if name and name in {m.split(".")[0] for m in modules}:
+            return MissingExtra(f"this needs {name}, which is not installed: pip install \"tuning_magics[{extra}]\"",
+                                field=extra)
+    return None
+
+
 def require_extra(extra: str, *modules: str) -> None:
     """Raise :class:`MissingExtra` naming ``pip install "tuning_magics[extra]"`` when a module is missing.
 

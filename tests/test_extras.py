@@ -1,0 +1,14 @@
+"""Installed without an optional extra: what needs it says so in one line; the rest keeps working."""
+
+from __future__ import annotations
+
+
+def test_an_environment_problem_exits_2_with_the_extra_to_install(without_extra, tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    # A model whose tokenizer must be loaded by transformers: without the [local] extra the
+    # counts are estimates or the command names the extra; it never exits 1 ("invalid") for it.
+    result = without_extra("local", "import sys; from tuning_magics.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "validate", str(tmp_path / "train.jsonl"), "--model", "local/tiny-qwen3")
+    assert result.returncode in (0, 2), result.stderr
+    if result.returncode == 2:
+        assert 'pip install "tuning_magics[local]"' in result.stderr and "Traceback" not in result.stderr
