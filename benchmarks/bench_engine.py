@@ -73,7 +73,7 @@ def build_model(folder: Path, *, gpu: bool, hidden: int | None, layers: int | No
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from tuning_magics.backends.local.models import save_model
-    from tuning_magics.backends.local.tokenizer import (
+    from tuning_magics.datasets.tokenizer import (
         BOS,
         IM_END,
         PAD,

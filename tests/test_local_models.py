@@ -14,7 +14,7 @@ from tuning_magics.errors import UserError  # noqa: E402
 
 
 def test_tokenizer_is_byte_level_and_round_trips():
-    from tuning_magics.backends.local.tokenizer import VOCAB_SIZE, build_tokenizer
+    from tuning_magics.datasets.tokenizer import VOCAB_SIZE, build_tokenizer
 
     tok = build_tokenizer()
     text = "héllo, 世界! <tag> \n\t end"
@@ -27,7 +27,7 @@ def test_tokenizer_is_byte_level_and_round_trips():
 
 
 def test_chat_template_is_chatml_with_generation_prompt():
-    from tuning_magics.backends.local.tokenizer import build_tokenizer
+    from tuning_magics.datasets.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -43,7 +43,7 @@ def test_chat_template_is_chatml_with_generation_prompt():
 
 def test_labels_mask_everything_but_assistant_tokens():
     from tuning_magics.backends.local.data import IGNORE_INDEX, encode
-    from tuning_magics.backends.local.tokenizer import build_tokenizer
+    from tuning_magics.datasets.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     msgs = [
@@ -69,7 +69,7 @@ def test_labels_mask_everything_but_assistant_tokens():
 
 def test_prompt_without_reply_is_dropped_and_truncation_keeps_loss_tokens():
     from tuning_magics.backends.local.data import encode_all
-    from tuning_magics.backends.local.tokenizer import build_tokenizer
+    from tuning_magics.datasets.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     convs = [[{"role": "user", "content": "no answer"}],

@@ -3,8 +3,8 @@
 Modules (import them directly; none is imported here so that
 ``import tuning_magics`` stays fast):
 
-- ``tokenizer``: the byte-level tokenizer and ChatML chat template built in code.
-- ``models``: the built-in ``local/tiny-*`` models and loading of catalog ids,
+- ``models``: the built-in ``local/tiny-*`` models (their tokenizer is in
+  ``tuning_magics.datasets.tokenizer``) and loading of catalog ids,
   Hugging Face repo ids (offline, from the HF cache) and local folders.
 - ``data``: chat template application, completion-only labels, length-grouped batches.
 - ``checkpoints``: atomic checkpoint folders in the managed service's layout.

@@ -52,7 +52,7 @@ def tiny_model_names() -> list[str]:
 
 
 def _tiny_config(family: str):
-    from .tokenizer import BOS, IM_END, PAD, SPECIAL_TOKENS, VOCAB_SIZE
+    from ...datasets.tokenizer import BOS, IM_END, PAD, SPECIAL_TOKENS, VOCAB_SIZE
 
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     common = dict(
@@ -115,7 +115,7 @@ def _build_tiny(family: str, folder: Path) -> None:
     import transformers
     from transformers import GenerationConfig
 
-    from .tokenizer import EOS, IM_END, build_tokenizer
+    from ...datasets.tokenizer import EOS, IM_END, build_tokenizer
 
     _quiet()
     config = _tiny_config(family)
@@ -205,8 +205,9 @@ def resolve_source(name) -> ModelSource:
         if entry.provider == "local":
             return ModelSource(text, str(tiny_model_path(entry.id)), True, catalog_id=entry.id)
         repo = entry.hf_repo or text
-    cached = _hf_cached_folder(repo)
-    if cached is None:
+    from ...datasets.tokenizer import hf_cached_folder
+
+    if hf_cached_folder(repo) is None:
         raise UserError(f"the weights of {repo} are not on this machine and the local engine never downloads: "
                         + _hint(repo), field="base_model")
     return ModelSource(text, repo, False, catalog_id=entry.id if entry else None)
@@ -228,21 +229,6 @@ def _model_folder(path: Path) -> Path:
 
 def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
-
-
-def _hf_cached_folder(repo: str) -> str | None:
-    """The snapshot folder of ``repo`` in the local HF cache when its config is there, else None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
-        return None
-    try:
-        found = try_to_load_from_cache(repo, "config.json")
-    except Exception:  # malformed repo ids raise validation errors
-        return None
-    if isinstance(found, str):
-        return str(Path(found).parent)
-    return None
 
 
 def load_config(model_id_or_path):
@@ -276,35 +262,17 @@ def _load_failure(src: ModelSource, exc: Exception) -> str:
     return f"cannot load {src.location} from the local Hugging Face cache ({first}); " + _hint(src.location)
 
 
-def _has_tokenizer(folder: str) -> bool:
-    p = Path(folder)
-    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-
 def load_tokenizer(model_id_or_path):
-    """The tokenizer (with chat template) of a model id or folder, offline.
-
-    Tokenizers without a chat template get the project's ChatML template so
-    that training and chat always agree on the format.
-    """
-    from transformers import AutoTokenizer
+    """The tokenizer (with chat template) of a model id or folder, offline (see datasets.tokenizer.load_offline)."""
+    from ...datasets.tokenizer import has_tokenizer, load_offline
 
     src = resolve_source(model_id_or_path)
-    location = src.location
-    if src.adapter and not _has_tokenizer(location):
-        return load_tokenizer(_adapter_base(location))
+    if src.adapter and not has_tokenizer(src.location):
+        return load_tokenizer(_adapter_base(src.location))
     try:
-        tok = AutoTokenizer.from_pretrained(location, local_files_only=True)
+        return load_offline(src.location)
     except (OSError, ValueError) as exc:
         raise UserError(_load_failure(src, exc), field="base_model") from None
-    if not getattr(tok, "chat_template", None):
-        from .tokenizer import CHAT_TEMPLATE
-
-        tok.chat_template = CHAT_TEMPLATE
-    if tok.pad_token is None:
-        # Padding positions are masked out of attention and loss, so any token works.
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _resolve_dtype(dtype, device):
