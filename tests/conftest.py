@@ -156,3 +156,77 @@ def without_extra(tmp_path):
                               timeout=timeout, cwd=tmp_path)
 
     return run
+
+
+# ====================================================================== a tuned tiny model
+# ``tuned_tiny_model``: local/tiny-qwen3 fully tuned, once per session, on
+# ``invented_facts()`` (64 made-up capitals, 50 epochs, the first 8 as validation
+# set), so it answers them exactly. For tests that need a tuned model rather than
+# test training: chat, serving, distillation teachers, continuation. Treat its
+# folders as read-only.
+import json as _json
+import random as _random
+from pathlib import Path as _Path
+
+TUNED_FACT_EPOCHS = 50
+
+
+def invented_facts(n: int = 64, seed: int = 7) -> list[tuple[str, str]]:
+    """``n`` made-up countries with made-up capitals (question, answer), the same every time."""
+    rng = _random.Random(seed)
+    consonants, vowels = "bcdfghjklmnprstvz", "aeiou"
+
+    def word(syllables: int) -> str:
+        return "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables)).capitalize()
+
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        country = word(3)
+        if country not in seen:
+            seen.add(country)
+            out.append((f"What is the capital of {country}?", word(2) + rng.choice(consonants)))
+    return out
+
+
+def write_facts_jsonl(path, facts, fmt: str = "chat") -> str:
+    """Write (question, answer) pairs as JSONL: ``chat`` messages, ``prompt``/completion or GenerateContent (``gc``)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for q, a in facts:
+            if fmt == "chat":
+                rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            elif fmt == "prompt":
+                rec = {"prompt": q, "completion": a}
+            else:
+                rec = {"contents": [{"role": "user", "parts": [{"text": q}]}, {"role": "model", "parts": [{"text": a}]}]}
+            fh.write(_json.dumps(rec) + "\n")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class TunedTinyModel:
+    """The session's tuned tiny model: its final checkpoint, its job folder and what it was trained on."""
+
+    final_dir: str  # <output_dir>/postprocess/node-0/checkpoints/final: a Hugging Face folder
+    output_dir: str  # the job folder: metrics.jsonl, checkpoints
+    facts: list  # the (question, answer) pairs it learned
+    config: object  # the TrainConfig
+    result: object  # the TrainResult
+    events: list  # every on_event dict of the run
+
+
+@pytest.fixture(scope="session")
+def tuned_tiny_model(tmp_path_factory) -> TunedTinyModel:
+    """local/tiny-qwen3, FULL, tuned on ``invented_facts()`` for TUNED_FACT_EPOCHS epochs (once per session)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tuning_magics.backends.local.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tuned-tiny-model")
+    facts = invented_facts()
+    events: list = []
+    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=write_facts_jsonl(root / "train.jsonl", facts),
+                      validation_path=write_facts_jsonl(root / "val.jsonl", facts[:8], fmt="prompt"),
+                      output_dir=str(root / "job"), epochs=TUNED_FACT_EPOCHS, batch_size=8)
+    result = train(cfg, on_event=events.append)
+    return TunedTinyModel(str(_Path(result.final_dir)), cfg.output_dir, facts, cfg, result, events)

@@ -102,7 +102,7 @@ def test_checkpoint_epochs_rule():
 
 
 def test_atomic_folder_leaves_nothing_on_error(tmp_path):
-    from tuning_magics.backends.local.checkpoints import atomic_folder
+    from tuning_magics.storage import atomic_folder
 
     target = tmp_path / "checkpoint-3"
     with pytest.raises(RuntimeError):
@@ -117,6 +117,101 @@ def test_atomic_folder_leaves_nothing_on_error(tmp_path):
         (tmp / "new.bin").write_bytes(b"z")
     assert [p.name for p in target.iterdir()] == ["new.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
+    with atomic_folder(target, replace=False) as tmp:  # first writer wins: the existing copy stays
+        (tmp / "late.bin").write_bytes(b"w")
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
+
+
+# A process that writes final/, then replaces it and dies (os._exit: no cleanup) just
+# before its Nth rename: the crash points of a folder replacement.
+_CRASH_WHILE_REPLACING = """
+import os, sys
+from pathlib import Path
+from tuning_magics.storage import atomic_folder
+
+target, crash_at = Path(sys.argv[1]), int(sys.argv[2])
+with atomic_folder(target) as tmp:
+    (tmp / "weights").write_text("old")
+real_rename, calls = os.rename, []
+
+def rename(src, dst):
+    calls.append(src)
+    if len(calls) == crash_at:
+        os._exit(9)
+    real_rename(src, dst)
+
+os.rename = rename
+with atomic_folder(target) as tmp:
+    (tmp / "weights").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 3])
+def test_a_crash_while_replacing_final_loses_neither_copy(tmp_path, crash_at):
+    import subprocess
+    import sys
+
+    from tuning_magics.backends.local.checkpoints import final_dir, job_checkpoints, remove_stale_temp
+
+    out = tmp_path / "job"
+    final = final_dir(out)
+    proc = subprocess.run([sys.executable, "-c", _CRASH_WHILE_REPLACING, str(final), str(crash_at)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    # A reader finds a whole final/: the old copy, or the new one once it was complete.
+    found = {c.name: c.uri for c in job_checkpoints(out)}
+    assert found == {"final": str(final)}
+    assert (final / "weights").read_text() in ("old", "new")
+    # A resumed job's clean-up keeps it, and leaves nothing else.
+    remove_stale_temp(out)
+    assert [p.name for p in final.parent.iterdir()] == ["final"]
+    assert (final / "weights").read_text() in ("old", "new")
+
+
+def test_tuning_mode_spellings_have_one_normaliser():
+    from tuning_magics import catalog
+    from tuning_magics.backends.local import memory, trainer
+
+    assert trainer.FULL is catalog.FULL and trainer.PEFT is catalog.PEFT
+    for spelling in ("lora", "LoRA", "peft", "adapter", " peft_adapter ", "PEFT-ADAPTER"):
+        assert catalog.normalise_mode(spelling) == catalog.PEFT
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 300}
+    lora = memory.estimate_memory(shape, "PEFT_ADAPTER", 128, 2)
+    assert lora < memory.estimate_memory(shape, "FULL", 128, 2)
+    # Every spelling catalog accepts means the same to the memory estimate...
+    assert memory.estimate_memory(shape, "adapter", 128, 2) == lora
+    # ...and one it refuses is refused there too, not estimated as full tuning.
+    with pytest.raises(UserError, match="tuning_mode must be FULL or PEFT_ADAPTER, not 'qlora'"):
+        memory.estimate_memory(shape, "qlora", 128, 2)
+
+
+def test_engine_options_have_one_check(tmp_path):
+    from tuning_magics.backends.local.trainer import TrainConfig, check_engine_options
+    from tuning_magics.backends.local.worker import Worker
+
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a"}\n')
+    base = dict(base_model="local/tiny-qwen3", train_path=str(data), output_dir=str(tmp_path / "out"))
+    cases = [(dict(warmup_ratio=5), "warmup_ratio must be a number from 0 up to (not including) 1, not 5"),
+             (dict(lr_scheduler="foo"), "lr_scheduler must be cosine, linear or constant, not 'foo'"),
+             (dict(batch_size=0), "batch_size must be a whole number of at least 1, not 0"),
+             (dict(device="tpu"), "device must be cpu, cuda, cuda:N, mps or auto, not 'tpu'"),
+             (dict(bf16="no"), "bf16 must be True, False or None (automatic), not 'no'")]
+    for option, message in cases:
+        # The same words whether tune() checks the option or the trainer is called directly.
+        with pytest.raises(UserError) as direct:
+            TrainConfig(**base, **option).check()
+        with pytest.raises(UserError) as submitted:
+            check_engine_options(option)
+        assert str(direct.value) == str(submitted.value) == message
+    with pytest.raises(UserError, match="tuning_mode must be FULL or PEFT_ADAPTER"):
+        TrainConfig(**base, tuning_mode="qlora").check()
+    # A queued job whose options this trainer does not know: the worker says so in the same words as tune().
+    with pytest.raises(UserError) as unknown:
+        Worker("tune-x")._train_config({"base_model": "local/tiny-qwen3", "tuning_mode": "FULL",
+                                        "engine_options": {"batch_sise": 2}}, str(data), tmp_path)
+    assert str(unknown.value).startswith("tune() got an unknown parameter 'batch_sise'; engine options are ")
 
 
 @pytest.mark.parametrize("name,cls", [("local/tiny-qwen3", "Qwen3ForCausalLM"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 
@@ -13,41 +12,13 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import TUNED_FACT_EPOCHS as FACT_EPOCHS  # noqa: E402
+from conftest import invented_facts  # noqa: E402
+from conftest import write_facts_jsonl as write_jsonl  # noqa: E402
 from tuning_magics.backends.local.trainer import TrainConfig, TrainingCancelled, train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
-def invented_facts(n: int = 64, seed: int = 7) -> list[tuple[str, str]]:
-    """``n`` made-up countries with made-up capitals, the same every time."""
-    rng = random.Random(seed)
-    consonants, vowels = "bcdfghjklmnprstvz", "aeiou"
-
-    def word(syllables: int) -> str:
-        return "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables)).capitalize()
-
-    seen: set[str] = set()
-    out = []
-    while len(out) < n:
-        country = word(3)
-        if country not in seen:
-            seen.add(country)
-            out.append((f"What is the capital of {country}?", word(2) + rng.choice(consonants)))
-    return out
-
-
-def write_jsonl(path: Path, facts, fmt: str = "chat") -> str:
-    with open(path, "w", encoding="utf-8") as fh:
-        for q, a in facts:
-            if fmt == "chat":
-                rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            elif fmt == "prompt":
-                rec = {"prompt": q, "completion": a}
-            else:
-                rec = {"contents": [{"role": "user", "parts": [{"text": q}]}, {"role": "model", "parts": [{"text": a}]}]}
-            fh.write(json.dumps(rec) + "\n")
-    return str(path)
 
 
 def read_metrics(output_dir) -> list[dict]:
@@ -59,19 +30,10 @@ def no_temp_folders(output_dir) -> bool:
 
 
 @pytest.fixture(scope="module")
-def facts_job(tmp_path_factory):
-    """local/tiny-qwen3, FULL, on 64 invented facts with the default learning rate."""
-    root = tmp_path_factory.mktemp("facts")
-    facts = invented_facts()
-    events = []
-    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=write_jsonl(root / "train.jsonl", facts),
-                      validation_path=write_jsonl(root / "val.jsonl", facts[:8], fmt="prompt"),
-                      output_dir=str(root / "job"), epochs=FACT_EPOCHS, batch_size=8)
-    result = train(cfg, on_event=events.append)
-    return facts, cfg, result, events
-
-
-FACT_EPOCHS = 50
+def facts_job(tuned_tiny_model):
+    """local/tiny-qwen3, FULL, on 64 invented facts with the default learning rate (the session's tuned model)."""
+    t = tuned_tiny_model
+    return t.facts, t.config, t.result, t.events
 
 
 def test_full_tuning_memorises_invented_facts(facts_job):

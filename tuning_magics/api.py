@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from . import catalog
-from .errors import UserError
+from .errors import UserError, require_extra
 from .jobs import Job
 
 #: google-genai / vertexai spellings accepted for our parameters.
@@ -38,19 +38,12 @@ _METHODS = {
     "distillation": "distillation",
     "distill": "distillation",
 }
-#: TrainConfig fields that tune() fills itself; the others are engine options.
-_OWN_FIELDS = {"base_model", "custom_base_model", "tuning_mode", "epochs", "learning_rate",
-               "learning_rate_multiplier", "adapter_size", "train_path", "validation_path", "output_dir"}
-
-
 def local_engine_options() -> list[str]:
     """The local engine's extra options (``batch_size``, ``max_seq_len``, ``seed``, ...), from its TrainConfig."""
-    import dataclasses
-
     # trainer.py imports torch only inside train(), so this is cheap.
-    from .backends.local.trainer import TrainConfig
+    from .backends.local.trainer import engine_options
 
-    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _OWN_FIELDS]
+    return engine_options()
 
 
 def tune(
@@ -99,6 +92,7 @@ def tune(
         base_model = base_model.base_model
 
     backend = _backend(backend)
+    require_extra("local")  # before anything is checked against, or written by, the local engine
     method = _method(method)
     model = _model(base_model, backend)
     mode = _mode(model, tuning_mode)
@@ -322,40 +316,9 @@ def _check_fits(model: catalog.Model, mode: str, adapter_size, options: dict) ->
 
 
 def _check_engine_options(options: dict) -> None:
-    known = local_engine_options()
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise UserError(
-            f"tune() got an unknown parameter {unknown[0]!r}; engine options are {', '.join(known)}",
-            field=unknown[0],
-        )
-    for name in ("batch_size", "max_seq_len", "gradient_accumulation_steps", "lora_alpha"):
-        _check_positive_int(name, options.get(name))
-    seed = options.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise UserError(f"seed must be a whole number, not {seed!r}", field="seed")
-    _check_positive_number("max_grad_norm", options.get("max_grad_norm"))
-    for name, low, high in (("warmup_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf)):
-        value = options.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not low <= value < high):
-            raise UserError(f"{name} must be a number from {low:g} up to (not including) {high:g}, not {value!r}",
-                            field=name)
-    scheduler = options.get("lr_scheduler")
-    if scheduler is not None and scheduler not in ("cosine", "linear", "constant"):
-        raise UserError(f"lr_scheduler must be cosine, linear or constant, not {scheduler!r}", field="lr_scheduler")
-    bf16 = options.get("bf16")
-    if bf16 is not None and not isinstance(bf16, bool):
-        raise UserError(f"bf16 must be True, False or None (automatic), not {bf16!r}", field="bf16")
-    device = options.get("device")
-    if device is not None and str(device).split(":")[0] not in ("cpu", "cuda", "mps", "auto"):
-        raise UserError(f"device must be cpu, cuda, cuda:N, mps or auto, not {device!r}", field="device")
-    if device is not None and str(device).startswith("cuda"):
-        import torch  # only when a GPU is asked for: say now, not from the worker, that there is none
+    from .backends.local.trainer import check_engine_options
 
-        if not torch.cuda.is_available():
-            raise UserError("device='cuda' was asked for but this machine has no CUDA GPU; leave device out",
-                            field="device")
+    check_engine_options(options)
 
 
 def _local_folder(name: str, value) -> str:

@@ -179,11 +179,21 @@ def get_teacher(teacher_id: str) -> Teacher | None:
     return None
 
 
-def check_mode(model: Model, mode: str) -> str:
-    """Normalise a tuning mode (``full``, ``lora``, ``peft``, ...) and check the model supports it."""
-    norm = {"FULL": FULL, "PEFT": PEFT, "PEFT_ADAPTER": PEFT, "LORA": PEFT, "ADAPTER": PEFT}.get(str(mode).upper())
+#: Every accepted spelling of a tuning mode (upper case), and the mode it means.
+_MODE_SPELLINGS = {"FULL": FULL, "PEFT": PEFT, "PEFT_ADAPTER": PEFT, "LORA": PEFT, "ADAPTER": PEFT}
+
+
+def normalise_mode(mode) -> str:
+    """``FULL`` or ``PEFT_ADAPTER`` for any accepted spelling (``full``, ``lora``, ``peft``, ...); else a UserError."""
+    norm = _MODE_SPELLINGS.get(str(mode).strip().upper().replace("-", "_"))
     if norm is None:
         raise UserError(f"tuning_mode must be FULL or PEFT_ADAPTER, not {mode!r}", field="tuning_mode")
+    return norm
+
+
+def check_mode(model: Model, mode: str) -> str:
+    """Normalise a tuning mode (see :func:`normalise_mode`) and check the model supports it."""
+    norm = normalise_mode(mode)
     if norm not in model.modes:
         raise UserError(
             f"{model.id} supports tuning_mode {' or '.join(model.modes)}, not {norm}; "

@@ -1,27 +1,24 @@
-"""Checkpoint folders in the managed service's layout, written whole or not at all.
+"""A job folder's checkpoints, in the managed service's layout, written whole or not at all.
 
 ::
 
     <output_dir>/postprocess/node-0/checkpoints/checkpoint-<global step>/   one per epoch (at most 10)
     <output_dir>/postprocess/node-0/checkpoints/final/                        the tuned model
 
-Every folder is written under a ``.tmp-`` name in the same parent, flushed to
-disk and renamed into place, so a reader (or a resumed job) never sees half a
-checkpoint; readers ignore ``.tmp-`` folders and a resumed job deletes them.
+Every folder is written by :func:`tuning_magics.storage.atomic_folder`, so a
+reader (or a resumed job) never sees half a checkpoint: readers skip its
+``.tmp-`` folders, settle a replacement a crash cut short, and a resumed job
+deletes the leftovers.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-from ...storage import fsync_dir, fsync_tree
-from .models import _TMP_PREFIX
+from ...jobs import Checkpoint
+from ...storage import recover_folder, remove_stale_temp as _remove_stale_temp
 
 MAX_CHECKPOINTS = 10
 TRAINER_STATE = "trainer_state.json"
@@ -58,6 +55,21 @@ def list_checkpoints(output_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def find_final(output_dir) -> Path | None:
+    """The ``final`` folder when it exists (after settling a replacement a crash cut short), else None."""
+    final = final_dir(output_dir)
+    return final if recover_folder(final) and final.is_dir() else None
+
+
+def job_checkpoints(output_dir) -> list[Checkpoint]:
+    """Complete ``checkpoint-N`` folders in step order, then ``final`` when it exists."""
+    out = [Checkpoint(p.name, int(p.name.split("-")[1]), str(p)) for p in list_checkpoints(output_dir)]
+    final = find_final(output_dir)
+    if final is not None:
+        out.append(Checkpoint("final", None, str(final)))
+    return out
+
+
 def latest_checkpoint(output_dir) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     found = list_checkpoints(output_dir)
@@ -70,36 +82,5 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def remove_stale_temp(output_dir) -> int:
-    """Delete leftover ``.tmp-`` folders of an interrupted writer; returns how many were removed."""
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        return 0
-    n = 0
-    for child in root.iterdir():
-        if child.name.startswith(_TMP_PREFIX):
-            shutil.rmtree(child, ignore_errors=True)
-            n += 1
-    return n
-
-
-@contextmanager
-def atomic_folder(target: Path):
-    """Yield a temp folder beside ``target``; on success it replaces ``target`` in one rename, on error it vanishes."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if target.exists():
-            # Move the old copy aside first: rename cannot replace a non-empty folder.
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-{target.name}-", dir=target.parent))
-            os.rename(target, old / "x")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        fsync_dir(target.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Settle an interrupted replacement and delete an interrupted writer's temp folders; how many were removed."""
+    return _remove_stale_temp(checkpoints_dir(output_dir))

@@ -7,10 +7,12 @@ resume it; nothing lives only in the process that submitted it.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
-from ...errors import UserError
+from ...errors import UserError, require_extra
+from ...storage import atomic_writer
 from ...jobs import (
     ACTIVE_STATES,
     JOB_STATE_CANCELLED,
@@ -27,85 +29,59 @@ from ...jobs import (
     timestamp,
 )
 from . import registry, scheduler
-from .checkpoints import final_dir
-from .checkpoints import list_checkpoints as _checkpoint_folders
-from .trainer import METRICS_FILE  # trainer.py imports torch only inside train()
+from .checkpoints import job_checkpoints
+from .metrics import read_metrics
 
 
 def jobs_root() -> Path:
     """Where job folders go unless ``output_uri`` names one: ``<home>/jobs``."""
-    return registry.home() / "jobs"
-
-
-def read_metrics(output_dir) -> list[dict]:
-    """Every complete record of ``<output_dir>/metrics.jsonl``; a line still being written is skipped."""
-    path = Path(output_dir) / METRICS_FILE
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return []
-    rows = []
-    for line in data.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # the writer's last line, caught half-way
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def last_metric(output_dir) -> dict:
-    """The last training record (one with an epoch) of the metrics file, or {}."""
-    for row in reversed(read_metrics(output_dir)):
-        if row.get("epoch") is not None:
-            return row
-    return {}
-
-
-def list_checkpoints(output_dir) -> list[Checkpoint]:
-    """Complete ``checkpoint-N`` folders in step order, then ``final`` when it exists."""
-    out = [Checkpoint(p.name, int(p.name.split("-")[1]), str(p)) for p in _checkpoint_folders(output_dir)]
-    final = final_dir(output_dir)
-    if final.is_dir():
-        out.append(Checkpoint("final", None, str(final)))
-    return out
+    return registry.jobs_root()
 
 
 def new_job_folder(output_uri=None, *, prefix: str = "tune") -> tuple[str, Path]:
-    """A fresh job id and its (not yet created) output folder: ``output_uri`` or ``<home>/jobs/<id>``."""
+    """A fresh job id and its output folder, made empty and checked writable: ``output_uri`` or ``<home>/jobs/<id>``."""
     job_id = registry.new_id(prefix)
     while registry.get(job_id) is not None:
         job_id = registry.new_id(prefix)
-    if output_uri is None:
-        return job_id, jobs_root() / job_id
-    folder = Path(output_uri).expanduser().resolve()
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    folder = jobs_root() / job_id if output_uri is None else Path(output_uri).expanduser().resolve()
+    if output_uri is not None and folder.is_dir() and any(folder.iterdir()):
         raise UserError(
             f"output_uri {str(output_uri)!r} already holds files; give an empty or new folder, or leave output_uri out",
             field="output_uri",
         )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # can we write there? (mkdir succeeds on an existing folder)
+    except OSError as exc:
+        why = _unwritable_reason(folder, exc)
+        if output_uri is None:
+            raise UserError(f"cannot create the job folder {folder} ({why}); set TUNING_MAGICS_HOME to a folder "
+                            "you can write to", field="TUNING_MAGICS_HOME") from None
+        raise UserError(f"output_uri {str(output_uri)!r} cannot be used: {why}; give a folder you can write to, "
+                        "or leave output_uri out", field="output_uri") from None
     return job_id, folder
 
 
+def _unwritable_reason(folder: Path, exc: OSError) -> str:
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            return f"{parent} is a file, not a folder" if not parent.is_dir() else (exc.strerror or str(exc)).lower()
+    return (exc.strerror or str(exc)).lower()
+
+
 def submit(job_id: str, config: dict, output_dir, *, display_name: str | None = None) -> LocalJob:
-    """Record a new QUEUED job and let the scheduler start it when a slot is free."""
+    """Record a new QUEUED job and let the scheduler start it when a slot is free.
+
+    ``job.json`` in the folder keeps what :func:`registry.rebuild` needs to list the job again.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "job.json").write_text(
-        json.dumps({"id": job_id, "display_name": display_name, "config": config}, indent=2, default=str),
-        encoding="utf-8",
-    )
-    rec = registry.insert(
-        registry.JobRecord(
-            id=job_id,
-            config=config,
-            state=JOB_STATE_QUEUED,
-            output_dir=str(output_dir),
-            created=time.time(),
-            display_name=display_name,
-        )
-    )
+    rec = registry.JobRecord(id=job_id, config=config, state=JOB_STATE_QUEUED, output_dir=str(output_dir),
+                             created=time.time(), display_name=display_name)
+    with atomic_writer(output_dir / registry.JOB_FILE, overwrite=True) as fh:
+        fh.write(json.dumps({"id": job_id, "display_name": display_name, "created": rec.created, "config": config},
+                            indent=2, default=str).encode())
+    registry.insert(rec)
     scheduler.schedule()
     return LocalJob(rec.id)
 
@@ -203,7 +179,7 @@ class LocalJob(Job):
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
-        return list_checkpoints(self.output_dir)
+        return job_checkpoints(self.output_dir)
 
     @property
     def log(self) -> str:
@@ -240,6 +216,9 @@ class LocalJob(Job):
         ``gen`` holds generation options (``max_new_tokens``, ``temperature``, ...).
         With ``stream=True`` an iterator of text pieces is returned.
         """
+        from .chat_request import chat_request
+
+        chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
         path = self._checkpoint_path(checkpoint)
         model = self._chat_models.get(path)
         if model is None:
@@ -250,6 +229,7 @@ class LocalJob(Job):
 
     def deploy(self, **options):
         """Serve the tuned model on an OpenAI-compatible local endpoint; returns the endpoint."""
+        require_extra("local")
         from . import server
 
         return server.deploy(self._checkpoint_path(options.pop("checkpoint", None)), **options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 
+from ...catalog import FULL, PEFT, normalise_mode
 from ...errors import UserError
 
 GiB = 1024**3
@@ -102,9 +103,9 @@ def estimate_memory(model_config_or_id, tuning_mode: str, max_seq_len: int, batc
     """
     s = _shape_for(model_config_or_id)
     w = _dtype_bytes(dtype)
-    mode = str(tuning_mode).upper()
+    mode = normalise_mode(tuning_mode)
     weights = s["params"] * w
-    if mode in ("PEFT_ADAPTER", "PEFT", "LORA"):
+    if mode == PEFT:
         trainable = s["lora_per_rank"] * int(adapter_size)
         # LoRA weights, their gradients and the two Adam moments stay in float32.
         states = trainable * 16
@@ -163,6 +164,7 @@ def check_fits(model_config_or_id, tuning_mode: str, max_seq_len: int, batch_siz
     The message says what would fit: LoRA instead of full tuning, a smaller
     batch or sequence length, or a smaller model of the catalog.
     """
+    tuning_mode = normalise_mode(tuning_mode)
     need = estimate_memory(model_config_or_id, tuning_mode, max_seq_len, batch_size, dtype,
                            adapter_size=adapter_size)
     have = available_memory(device) if available is None else int(available)
@@ -177,9 +179,9 @@ def check_fits(model_config_or_id, tuning_mode: str, max_seq_len: int, batch_siz
                                dtype, adapter_size=adapter_size) <= usable
 
     options = []
-    mode = str(tuning_mode).upper()
-    if mode == "FULL" and fits(tuning_mode="PEFT_ADAPTER"):
-        options.append("tuning_mode=PEFT_ADAPTER")
+    mode = tuning_mode
+    if mode == FULL and fits(tuning_mode=PEFT):
+        options.append(f"tuning_mode={PEFT}")
     if batch_size > 1 and fits(batch_size=1):
         options.append("batch_size=1")
     if max_seq_len > 512 and fits(batch_size=1, max_seq_len=512):
@@ -217,10 +219,10 @@ def _smaller_model(model, name, mode, seq, batch, dtype, adapter_size, usable) -
             continue
         found = None
         for b in dict.fromkeys((batch, 1)):
-            for md in ("FULL", "PEFT_ADAPTER"):
+            for md in (FULL, PEFT):
                 if found is None and md in m.modes and \
                         estimate_memory(m.id, md, seq, b, dtype, adapter_size=adapter_size) <= usable:
-                    extra = ([] if md == str(mode).upper() else [md]) + ([] if b == batch else ["batch_size=1"])
+                    extra = ([] if md == mode else [md]) + ([] if b == batch else ["batch_size=1"])
                     found = m.id + (f" ({', '.join(extra)})" if extra else "")
         if found:
             candidates.append((p, found))

@@ -17,14 +17,13 @@ A model is named by one of:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import UserError
 from ...paths import data_home
-from ...storage import fsync_tree
+from ...storage import atomic_folder
 
 TINY_PREFIX = "local/tiny-"
 # Bump when the recipe of a tiny model changes so stale caches are not reused.
@@ -36,7 +35,6 @@ TINY_SHAPE = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 3
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
 TINY_MAX_POSITIONS = 1024
 TINY_EMBEDDING_STD = 0.1
-_TMP_PREFIX = ".tmp-"
 
 
 def _quiet() -> None:
@@ -90,23 +88,12 @@ def tiny_model_path(name: str) -> Path:
         raise UserError(
             f"unknown built-in model {name!r}; choose one of {', '.join(tiny_model_names())}", field="base_model"
         )
-    root = data_home() / "models"
-    final = root / f"tiny-{family}-{_TINY_VERSION}"
+    final = data_home() / "models" / f"tiny-{family}-{_TINY_VERSION}"
     if (final / "config.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}tiny-{family}-", dir=root))
-    try:
+    # Another process may finish the same build first: its copy is identical, so it stays.
+    with atomic_folder(final, replace=False) as tmp:
         _build_tiny(family, tmp)
-        fsync_tree(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process finished the same build first; its copy is identical.
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -220,8 +207,10 @@ def _model_folder(path: Path) -> Path:
     if (path / "config.json").is_file() or _is_adapter(path):
         return path
     # A job's output folder: use its final checkpoint.
-    final = path / "postprocess" / "node-0" / "checkpoints" / "final"
-    if (final / "config.json").is_file():
+    from .checkpoints import find_final
+
+    final = find_final(path)
+    if final is not None and (final / "config.json").is_file():
         return final
     raise UserError(f"{str(path)!r} holds no model (no config.json or adapter_config.json); pass a Hugging Face "
                     "checkpoint folder or a job's postprocess/node-0/checkpoints/final", field="custom_base_model")
@@ -292,22 +281,46 @@ def _resolve_dtype(dtype, device):
     return dtype
 
 
-def default_device(device=None):
-    """The torch device to use: ``device`` when given, else the first GPU when there is one, else the CPU."""
-    import torch
+_DEVICE = re.compile(r"(cpu|cuda|mps)(:\d+)?|auto")
 
-    if device is not None and str(device) != "auto":
-        try:
-            chosen = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise UserError(f"device must be cpu, cuda, cuda:N, mps or auto, not {device!r}", field="device") from None
-        if chosen.type == "cuda" and not torch.cuda.is_available():
+
+def check_device(device) -> None:
+    """Raise a one-line UserError unless ``device`` (None, auto, cpu, cuda, cuda:N, mps) exists on this machine.
+
+    torch is imported only when a GPU is asked for.
+    """
+    if device is None:
+        return
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise UserError(f"device must be cpu, cuda, cuda:N, mps or auto, not {device!r}", field="device")
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
             raise UserError("device='cuda' was asked for but this machine has no CUDA GPU; "
                             "leave device out to use what is there", field="device")
-        if chosen.type == "mps" and not torch.backends.mps.is_available():
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device={device!r} was asked for but this machine has {torch.cuda.device_count()} "
+                            "CUDA GPU(s), numbered from 0; leave device out to use the first", field="device")
+    if kind == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
             raise UserError("device='mps' was asked for but MPS is not available here; leave device out",
                             field="device")
-        return chosen
+
+
+def default_device(device=None):
+    """The torch device to use: ``device`` when given (see :func:`check_device`), else the first GPU, else the CPU."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device is not None and str(device) != "auto":
+        check_device(str(device))
+        return torch.device(str(device))
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")

@@ -8,21 +8,34 @@ readers go on while a worker writes; a busy timeout makes writers queue
 instead of failing. State changes are compare-and-set (``transition``) so
 that a cancel and a worker finishing at the same moment cannot overwrite
 each other.
+
+The file is made whole (schema included) and linked into place, so an empty
+or unreadable registry is damage, never a new one: it is reported in one line
+(:class:`RegistryDamaged`) and never written over. :func:`rebuild` moves it
+aside and lists the jobs again from the ``job.json`` every job folder holds
+(``python -m tuning_magics.backends.local.registry rebuild`` does the same).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
+import sys
 import time
-from contextlib import closing
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ...errors import UserError, require_extra
+from ...jobs import JOB_STATE_FAILED, JOB_STATE_SUCCEEDED, STATES
 from ...paths import data_home as home
 
 SCHEMA_VERSION = 1
+#: Each job folder's own record of the job: what :func:`rebuild` reads.
+JOB_FILE = "job.json"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -50,6 +63,47 @@ def db_path() -> Path:
     return home() / "jobs.sqlite3"
 
 
+def jobs_root() -> Path:
+    """Where job folders go unless ``output_uri`` names one: ``<home>/jobs``."""
+    return home() / "jobs"
+
+
+class RegistryDamaged(UserError):
+    """The registry file cannot be read; the message names it and says how to rebuild it."""
+
+
+def _damaged(reason: str) -> RegistryDamaged:
+    return RegistryDamaged(
+        f"the local job registry {db_path()} is damaged ({reason}); "
+        "`from tuning_magics.backends.local import registry; registry.rebuild()` moves it aside and "
+        f"lists the jobs again from their {JOB_FILE} files",
+        field="registry",
+    )
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return False
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc).lower()
+    return (name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+            or any(s in text for s in ("malformed", "not a database", "no such table", "no such column")))
+
+
+@contextmanager
+def lock():
+    """An exclusive lock, across processes, for changes that span jobs (scheduling, rebuilding)."""
+    try:
+        from filelock import FileLock
+    except ImportError:
+        require_extra("local", "filelock")
+        raise
+    path = home() / "scheduler.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path):
+        yield
+
+
 @dataclass
 class JobRecord:
     """One row of the ``jobs`` table."""
@@ -71,38 +125,117 @@ class JobRecord:
 
 
 _COLUMNS = tuple(f.name for f in fields(JobRecord))
-_JSON_COLUMNS = ("config",)
 
 
-def connect() -> sqlite3.Connection:
-    """A new connection to the registry (created on first use); autocommit, WAL, 30 s busy timeout."""
-    path = db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 30000")
-    if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+def _create(path: Path, records=()) -> None:
+    """Make a registry with ``records`` in a temp file and link it into place (never over an existing file)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
         conn.execute("PRAGMA journal_mode = WAL")  # persistent: set once, when the file is made
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a crash loses at most the last commit
+        for rec in records:
+            _insert(conn, rec)
+    finally:
+        conn.close()  # the last connection folds the WAL into the file and removes it
+    try:
+        os.link(tmp, path)  # fails if another process made the registry meanwhile: theirs stays
+    except FileExistsError:
+        pass
+    except OSError:
+        if not path.exists():  # no hard links on this filesystem
+            os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def connect() -> sqlite3.Connection:
+    """A new connection to the registry (made on first use); autocommit, WAL, 30 s busy timeout.
+
+    Raises :class:`RegistryDamaged` when the file is not a readable registry.
+    """
+    path = db_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _create(path)
+    # mode=rw: a registry that vanished is not silently made anew here.
+    conn = sqlite3.connect(path.as_uri() + "?mode=rw", uri=True, timeout=30.0, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 30000")
+        if path.stat().st_size == 0:
+            raise _damaged("it is empty")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"the local job registry {path} was written by a newer tuning_magics; upgrade it "
+                            "(pip install -U tuning_magics)", field="registry")
+        if version != SCHEMA_VERSION:
+            raise _damaged("it has no jobs table")
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a crash loses at most the last commit
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if _is_damage(exc):
+            raise _damaged(str(exc)) from None
+        raise
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
+@contextmanager
+def _db():
+    conn = connect()
+    try:
+        yield conn
+    except sqlite3.DatabaseError as exc:
+        if _is_damage(exc):
+            raise _damaged(str(exc)) from None
+        raise
+    finally:
+        conn.close()
+
+
 def _encode(name: str, value):
-    if name in _JSON_COLUMNS:
-        return json.dumps(value if value is not None else {})
+    if name == "config":
+        return json.dumps(value if value is not None else {}, default=str)
     if name == "resume":
         return int(bool(value))
     return value
 
 
-def _decode(row: sqlite3.Row) -> JobRecord:
+def _decode(row) -> JobRecord:
+    """A row as a JobRecord; a config that is not JSON is read from the job's ``job.json`` instead."""
     values = {name: row[name] for name in _COLUMNS}
-    for name in _JSON_COLUMNS:
-        values[name] = json.loads(values[name]) if values[name] else {}
+    try:
+        values["config"] = json.loads(values["config"]) if values["config"] else {}
+    except (ValueError, TypeError) as exc:
+        values["config"] = _config_from_folder(values["output_dir"])
+        if values["config"] is None:
+            raise ValueError(f"its config is not JSON ({exc})") from None
+    if not isinstance(values["config"], dict) or values["state"] not in STATES:
+        raise ValueError("its config or state is not valid")
     values["resume"] = bool(values["resume"])
     return JobRecord(**values)
+
+
+def _config_from_folder(output_dir) -> dict | None:
+    try:
+        data = json.loads((Path(output_dir) / JOB_FILE).read_text(encoding="utf-8"))
+        return data["config"] if isinstance(data.get("config"), dict) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _decode_or_warn(row) -> JobRecord | None:
+    try:
+        return _decode(row)
+    except (ValueError, TypeError, KeyError) as exc:
+        warnings.warn(f"job {row['id']} in the registry {db_path()} cannot be read ({exc}); it is left out",
+                      stacklevel=3)
+        return None
 
 
 def new_id(prefix: str = "tune") -> str:
@@ -112,26 +245,33 @@ def new_id(prefix: str = "tune") -> str:
 
 def insert(record: JobRecord) -> JobRecord:
     """Add a job; raises sqlite3.IntegrityError when the id is taken."""
-    names = ", ".join(_COLUMNS)
-    marks = ", ".join("?" for _ in _COLUMNS)
-    with closing(connect()) as conn:
-        conn.execute(
-            f"INSERT INTO jobs ({names}) VALUES ({marks})",
-            [_encode(n, getattr(record, n)) for n in _COLUMNS],
-        )
+    with _db() as conn:
+        _insert(conn, record)
     return record
 
 
+def _insert(conn: sqlite3.Connection, record: JobRecord) -> None:
+    names = ", ".join(_COLUMNS)
+    marks = ", ".join("?" for _ in _COLUMNS)
+    conn.execute(f"INSERT INTO jobs ({names}) VALUES ({marks})", [_encode(n, getattr(record, n)) for n in _COLUMNS])
+
+
 def get(job_id: str) -> JobRecord | None:
-    """The job with this id, or None."""
-    with closing(connect()) as conn:
+    """The job with this id, or None; a UserError when its row cannot be read."""
+    with _db() as conn:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    return _decode(row) if row else None
+    if row is None:
+        return None
+    try:
+        return _decode(row)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"job {job_id} in the registry {db_path()} cannot be read ({exc}) and its folder has no "
+                        f"readable {JOB_FILE}; submit the job again", field="name") from None
 
 
 def state_of(job_id: str) -> str | None:
     """Just the state: the cheap read a worker polls for cancellation."""
-    with closing(connect()) as conn:
+    with _db() as conn:
         row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return row[0] if row else None
 
@@ -155,8 +295,9 @@ def find(*, states=None, display_name: str | None = None, limit: int | None = No
     if limit is not None:
         sql += " LIMIT ?"
         args.append(int(limit))
-    with closing(connect()) as conn:
-        return [_decode(r) for r in conn.execute(sql, args).fetchall()]
+    with _db() as conn:
+        rows = conn.execute(sql, args).fetchall()
+    return [rec for rec in map(_decode_or_warn, rows) if rec is not None]
 
 
 def update(job_id: str, **values) -> None:
@@ -177,6 +318,114 @@ def transition(job_id: str, from_states, **values) -> bool:
         from_states = [from_states] if isinstance(from_states, str) else list(from_states)
         sql += f" AND state IN ({', '.join('?' for _ in from_states)})"
         args += from_states
-    with closing(connect()) as conn:
+    with _db() as conn:
         return conn.execute(sql, args).rowcount == 1
 
+
+
+# -- recovery ----------------------------------------------------------------------------
+
+
+def rebuild(*folders) -> Path | None:
+    """Move a damaged registry aside and make a new one; returns where the old file went (None: there was none).
+
+    Jobs come from the rows still readable in the old file and from the
+    ``job.json`` of every folder under ``<home>/jobs`` (and of ``folders``: job
+    folders given as ``output_uri``). A job known only from its folder is
+    SUCCEEDED when it has a final model, else FAILED, so ``job.resume()``
+    continues it from its last checkpoint. A readable registry is left alone.
+    """
+    path = db_path()
+    with lock():
+        if path.exists() and _readable():
+            raise UserError(f"the local job registry {path} is readable; there is nothing to rebuild",
+                            field="registry")
+        records = {rec.id: rec for rec in _salvage(path)} if path.exists() else {}
+        for folder in [*sorted(jobs_root().glob("*")), *map(Path, folders)]:
+            rec = _from_folder(folder)
+            if rec is not None and rec.id not in records:
+                records[rec.id] = rec
+        aside = None
+        tmp = path.with_name(f".{path.name}.rebuilt-{secrets.token_hex(4)}")
+        _create(tmp, sorted(records.values(), key=lambda r: r.created))
+        if path.exists():
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            for suffix in ("-wal", "-shm", ""):  # its WAL belongs to it, not to the new file
+                if Path(f"{path}{suffix}").exists():
+                    os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+        os.replace(tmp, path)
+    return aside
+
+
+def _readable() -> bool:
+    try:
+        with _db() as conn:
+            rows = conn.execute("SELECT * FROM jobs").fetchall()
+        for row in rows:
+            _decode(row)
+    except (RegistryDamaged, ValueError, TypeError, KeyError):
+        return False
+    return True
+
+
+def _salvage(path: Path) -> list[JobRecord]:
+    """The rows that can still be read from a damaged registry."""
+    out = []
+    try:
+        conn = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return out
+    try:
+        conn.row_factory = sqlite3.Row
+        for row in conn.execute("SELECT * FROM jobs"):
+            try:
+                out.append(_decode(row))
+            except (ValueError, TypeError, KeyError, IndexError):
+                continue  # its folder's job.json may still tell
+    except sqlite3.Error:
+        pass  # the rest of the file is unreadable
+    finally:
+        conn.close()
+    return out
+
+
+def _from_folder(folder: Path) -> JobRecord | None:
+    """A job as its folder's ``job.json`` and outputs tell it, or None when there is no readable ``job.json``."""
+    try:
+        data = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+        job_id, config = str(data["id"]), data["config"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    from .checkpoints import find_final
+
+    done = find_final(folder) is not None
+    created = data.get("created")
+    if not isinstance(created, (int, float)):
+        created = (folder / JOB_FILE).stat().st_mtime
+    return JobRecord(
+        id=job_id, config=config, output_dir=str(folder.resolve()), created=float(created),
+        display_name=data.get("display_name"), state=JOB_STATE_SUCCEEDED if done else JOB_STATE_FAILED,
+        error=None if done else "the job registry was rebuilt and this job's last state was lost; "
+                                "job.resume() continues it from its last checkpoint",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tuning_magics.backends.local.registry rebuild [JOB_FOLDER ...]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "rebuild":
+        print("usage: python -m tuning_magics.backends.local.registry rebuild [JOB_FOLDER ...]", file=sys.stderr)
+        return 2
+    try:
+        aside = rebuild(*argv[1:])
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"rebuilt {db_path()}" + (f"; the damaged file is now {aside}" if aside else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

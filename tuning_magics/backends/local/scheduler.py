@@ -1,7 +1,7 @@
 """The local engine's queue: start queued jobs, at most N at a time, each in its own worker process.
 
 There is no daemon. :func:`schedule` runs under an exclusive file lock
-(``<home>/scheduler.lock``) whenever a job is submitted or resumed, whenever a
+(``<home>/scheduler.lock``, :func:`registry.lock`) whenever a job is submitted or resumed, whenever a
 worker finishes, and whenever someone notices a dead worker. It first marks
 jobs whose worker died as failed (:func:`reap`), then starts the oldest
 QUEUED jobs while fewer than :func:`concurrency` jobs are active. Because
@@ -9,20 +9,19 @@ every change goes through the shared registry, any Python process, not only
 the one that submitted a job, keeps the queue moving.
 
 A worker is ``python -m tuning_magics.backends.local.worker <job id>`` in a
-new session (so a kernel restart or Ctrl-C does not reach it), writing to
-``<output>/worker.log``.
+new session (a new process group on Windows), so a kernel restart or Ctrl-C
+does not reach it, writing to ``<output>/worker.log``. POSIX-only calls stay
+behind checks: this module runs on Windows too.
 """
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from ...errors import UserError
@@ -35,6 +34,8 @@ from ...jobs import (
     JOB_STATE_QUEUED,
 )
 from . import registry
+from .checkpoints import list_checkpoints
+from .metrics import last_metric
 
 CONCURRENCY_ENV = "TUNING_MAGICS_LOCAL_CONCURRENCY"
 #: Lines of ``worker.log`` quoted in the error of a job whose worker died.
@@ -60,23 +61,11 @@ def concurrency() -> int:
     return value
 
 
-@contextmanager
-def _lock():
-    path = registry.home() / "scheduler.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def schedule() -> list[str]:
     """Reap dead workers, then start queued jobs up to the concurrency limit; the ids started."""
     limit = concurrency()
     started: list[str] = []
-    with _lock():
+    with registry.lock():
         reap(locked=True)
         active = len(registry.find(states=ACTIVE_STATES))
         for rec in registry.find(states=[JOB_STATE_QUEUED], oldest_first=True):
@@ -110,16 +99,26 @@ def _spawn(rec: registry.JobRecord) -> subprocess.Popen:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
             close_fds=True,
             env=env,
+            **_detached(),
         )
     _children[proc.pid] = proc
     return proc
 
 
+def _detached() -> dict:
+    """Popen options that keep the worker out of reach of the notebook's Ctrl-C and its process group."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
 def _create_time(pid: int) -> float | None:
-    import psutil
+    try:
+        import psutil
+    except ImportError:  # the [local] extra brings it; without it a pid cannot be told apart from a reused one
+        return None
 
     try:
         return psutil.Process(pid).create_time()
@@ -160,7 +159,10 @@ def worker_alive(rec: registry.JobRecord, *, locked: bool = False) -> bool:
     poll_children()
     if rec.pid in _exited:
         return False
-    import psutil
+    try:
+        import psutil
+    except ImportError:
+        return True  # the [local] extra brings psutil; without it we cannot tell, so leave the job alone
 
     try:
         proc = psutil.Process(rec.pid)
@@ -201,8 +203,6 @@ def reap(*, locked: bool = False) -> list[str]:
 
 def death_reason(rec: registry.JobRecord) -> str:
     """Why a job whose worker vanished failed, where it was, and how to continue it."""
-    from .jobs import last_metric, list_checkpoints
-
     code = _exited.get(rec.pid) if rec.pid is not None else None
     if code is None:
         how = "(exit status unknown; killed, or out of memory?)"
@@ -211,12 +211,14 @@ def death_reason(rec: registry.JobRecord) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown signal"
-        how = f"(signal {-code}, {name}{'; out of memory?' if -code == signal.SIGKILL else ''})"
+        # SIGKILL is POSIX-only; it is the signal the kernel's out-of-memory killer sends.
+        oom = -code == getattr(signal, "SIGKILL", None)
+        how = f"(signal {-code}, {name}{'; out of memory?' if oom else ''})"
     else:
         how = f"(exit status {code})"
     where = ""
     last = last_metric(rec.output_dir)
-    ckpts = [c for c in list_checkpoints(rec.output_dir) if c.name != "final"]
+    ckpts = list_checkpoints(rec.output_dir)
     if last.get("epoch") is not None:
         where = f" during epoch {_epoch_number(last, ckpts)} (after step {last.get('step')})"
     elif rec.substate:
@@ -245,7 +247,7 @@ def _epoch_number(last: dict, ckpts) -> int | str:
         epoch = float(last["epoch"])
     except (TypeError, ValueError):
         return last["epoch"]
-    if epoch.is_integer() and any(c.step == last.get("step") for c in ckpts):
+    if epoch.is_integer() and any(c.name == f"checkpoint-{last.get('step')}" for c in ckpts):
         return int(epoch) + 1
     return max(1, math.ceil(epoch))
 
@@ -262,8 +264,12 @@ def _tail(path: Path, lines: int) -> str:
 
 
 def terminate(rec: registry.JobRecord) -> None:
-    """Send SIGTERM to the job's worker (if it is really ours): it stops at its next check."""
-    if rec.pid is None or not worker_alive(rec):
+    """Send SIGTERM to the job's worker (if it is really ours): it stops at its next check.
+
+    Not on Windows, where os.kill ends a process at once: there the worker sees the
+    cancel in the registry within ``worker.CANCEL_POLL`` seconds and stops at a step boundary.
+    """
+    if os.name == "nt" or rec.pid is None or not worker_alive(rec):
         return
     try:
         os.kill(rec.pid, signal.SIGTERM)

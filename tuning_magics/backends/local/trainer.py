@@ -22,22 +22,23 @@ Events passed to ``on_event`` (plain dicts):
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from ...catalog import FULL, PEFT, normalise_mode
 from ...errors import UserError
+from ...storage import atomic_folder
 from . import checkpoints as ckpt
-
-FULL = "FULL"
-PEFT = "PEFT_ADAPTER"
-METRICS_FILE = "metrics.jsonl"
+from .metrics import METRICS_FILE, MetricsWriter
 
 #: Default learning rates by (model size class, mode). Toy models start from
 #: random weights and must learn fast; real models need the usual small values.
@@ -84,12 +85,17 @@ class TrainConfig:
     device: str | None = None  # None: first GPU, else CPU
     check_memory: bool = True
 
-    def normalised_mode(self) -> str:
-        mode = {"FULL": FULL, "PEFT": PEFT, "PEFT_ADAPTER": PEFT, "LORA": PEFT, "ADAPTER": PEFT}.get(
-            str(self.tuning_mode).upper())
-        if mode is None:
-            raise UserError(f"tuning_mode must be FULL or PEFT_ADAPTER, not {self.tuning_mode!r}", field="tuning_mode")
-        return mode
+    def check(self) -> None:
+        """Raise a one-line UserError naming the first option out of range, or a data file that is missing."""
+        normalise_mode(self.tuning_mode)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _RULES and not (value is None and f.name in _NONE_MEANS_DEFAULT):
+                _RULES[f.name](f.name, value)
+        if not Path(self.train_path).is_file():
+            raise UserError(f"training file {self.train_path!r} does not exist", field="train_path")
+        if self.validation_path and not Path(self.validation_path).is_file():
+            raise UserError(f"validation file {self.validation_path!r} does not exist", field="validation_path")
 
 
 @dataclass
@@ -108,25 +114,96 @@ class TrainResult:
     metrics_path: str = ""
 
 
-def _check_config(cfg: TrainConfig) -> None:
-    if int(cfg.epochs) < 1:
-        raise UserError(f"epochs must be at least 1, not {cfg.epochs}", field="epochs")
-    if int(cfg.batch_size) < 1:
-        raise UserError(f"batch_size must be at least 1, not {cfg.batch_size}", field="batch_size")
-    if int(cfg.gradient_accumulation_steps) < 1:
-        raise UserError("gradient_accumulation_steps must be at least 1", field="gradient_accumulation_steps")
-    if cfg.learning_rate is not None and not cfg.learning_rate > 0:
-        raise UserError(f"learning_rate must be positive, not {cfg.learning_rate}", field="learning_rate")
-    if not cfg.learning_rate_multiplier > 0:
-        raise UserError("learning_rate_multiplier must be positive", field="learning_rate_multiplier")
-    if int(cfg.adapter_size) < 1:
-        raise UserError(f"adapter_size must be at least 1, not {cfg.adapter_size}", field="adapter_size")
-    if not Path(cfg.train_path).is_file():
-        raise UserError(f"training file {cfg.train_path!r} does not exist", field="train_path")
-    if cfg.validation_path and not Path(cfg.validation_path).is_file():
-        raise UserError(f"validation file {cfg.validation_path!r} does not exist", field="validation_path")
-    if cfg.lr_scheduler not in ("cosine", "linear", "constant"):
-        raise UserError("lr_scheduler must be cosine, linear or constant", field="lr_scheduler")
+# -- option checks: the one place each option's range is written --------------------------
+
+
+def _whole_at_least_1(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a whole number of at least 1, not {value!r}", field=name)
+
+
+def _whole(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name} must be a whole number, not {value!r}", field=name)
+
+
+def _above_0(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UserError(f"{name} must be a finite number above 0, not {value!r}", field=name)
+
+
+def _from(low: float, high: float):
+    def check(name: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+            raise UserError(f"{name} must be a number from {low:g} up to (not including) {high:g}, not {value!r}",
+                            field=name)
+
+    return check
+
+
+def _lr_scheduler(name: str, value) -> None:
+    if value not in ("cosine", "linear", "constant"):
+        raise UserError(f"{name} must be cosine, linear or constant, not {value!r}", field=name)
+
+
+def _bf16(name: str, value) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise UserError(f"{name} must be True, False or None (automatic), not {value!r}", field=name)
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False, not {value!r}", field=name)
+
+
+def _device(name: str, value) -> None:
+    from .models import check_device
+
+    check_device(value)
+
+
+_RULES = {
+    "epochs": _whole_at_least_1,
+    "learning_rate": _above_0,
+    "learning_rate_multiplier": _above_0,
+    "adapter_size": _whole_at_least_1,
+    "lora_alpha": _whole_at_least_1,
+    "batch_size": _whole_at_least_1,
+    "max_seq_len": _whole_at_least_1,
+    "seed": _whole,
+    "warmup_ratio": _from(0.0, 1.0),
+    "weight_decay": _from(0.0, math.inf),
+    "max_grad_norm": _above_0,
+    "gradient_accumulation_steps": _whole_at_least_1,
+    "lr_scheduler": _lr_scheduler,
+    "bf16": _bf16,
+    "device": _device,
+    "check_memory": _flag,
+}
+#: Options whose None means "the trainer's default".
+_NONE_MEANS_DEFAULT = {"learning_rate", "lora_alpha", "max_seq_len", "bf16", "device"}
+#: TrainConfig fields that tune() fills from its own parameters; the others are engine options.
+OWN_FIELDS = frozenset({"base_model", "custom_base_model", "tuning_mode", "epochs", "learning_rate",
+                        "learning_rate_multiplier", "adapter_size", "train_path", "validation_path", "output_dir"})
+
+
+def engine_options() -> list[str]:
+    """The engine options ``tune()`` passes through (``batch_size``, ``max_seq_len``, ``seed``, ...)."""
+    return [f.name for f in fields(TrainConfig) if f.name not in OWN_FIELDS]
+
+
+def check_engine_options(options: dict) -> None:
+    """Raise a one-line UserError for an unknown engine option or a value out of range (None: the default)."""
+    known = engine_options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UserError(
+            f"tune() got an unknown parameter {unknown[0]!r}; engine options are {', '.join(known)}",
+            field=unknown[0],
+        )
+    for name, value in options.items():
+        if value is not None:
+            _RULES[name](name, value)
 
 
 def _set_threads(device, n_params: int) -> None:
@@ -199,34 +276,50 @@ def _lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-class _Metrics:
-    """metrics.jsonl: one JSON object per line, flushed as written."""
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file: a full disk then raises OSError(ENOSPC), not an opaque RuntimeError."""
+    import torch
 
-    def __init__(self, path: Path, *, keep_until_step: int | None):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if keep_until_step is None:
-            path.write_text("", encoding="utf-8")
-        elif path.exists():
-            # Resume: drop lines past the checkpoint so the curve has no duplicate steps.
-            kept = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= keep_until_step:
-                        kept.append(line)
-                except ValueError:
-                    continue  # a line torn by a crash
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, path)
-        self.fh = open(path, "a", encoding="utf-8")
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
-    def write(self, row: dict) -> None:
-        self.fh.write(json.dumps(row) + "\n")
-        self.fh.flush()
 
-    def close(self) -> None:
-        self.fh.close()
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the disk is full; safetensors reports it only in its text."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc) \
+                or "os error 28" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def output_failure(exc: BaseException, out: Path, metrics_file: Path | None = None) -> UserError | None:
+    """The one-line reason for a failure caused by the job folder vanishing or the disk filling up, else None."""
+    out = Path(out)
+    gone = out if not out.is_dir() else metrics_file if metrics_file is not None and not metrics_file.is_file() \
+        else None
+    if gone is not None:
+        return UserError(f"{gone} was removed while the job was running, so its metrics and checkpoints are lost; "
+                         "submit the job again (to a folder that stays)", field="output_uri")
+    if _disk_full(exc):
+        return UserError(f"no space left on device in {out}; free some space, then job.resume() continues from "
+                         "the last checkpoint", field="output_uri")
+    return None
+
+
+@contextmanager
+def _job_writes(out: Path, metrics_file: Path):
+    """Turn a write that failed because the job folder vanished, or the disk is full, into a one-line UserError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        failure = output_failure(exc, out, metrics_file)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _default_max_seq_len(model_config, base_name: str) -> int:
@@ -271,8 +364,8 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     from .memory import check_fits
     from .models import default_device, load_config, load_model_and_tokenizer, load_tokenizer, save_model
 
-    _check_config(config)
-    mode = config.normalised_mode()
+    config.check()
+    mode = normalise_mode(config.tuning_mode)
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
     out = Path(config.output_dir)
@@ -376,7 +469,8 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         _set_rng_state(torch.load(start_ckpt / "rng_state.pth", weights_only=False))
         global_step, start_epoch = int(state["global_step"]), int(state["epoch"])
         emit({"event": "resumed", "step": global_step, "epoch": start_epoch, "checkpoint": str(start_ckpt)})
-    metrics = _Metrics(out / METRICS_FILE, keep_until_step=global_step if resume else None)
+    metrics = MetricsWriter(out, keep_until_step=global_step if resume else None)
+    writes = _job_writes(out, metrics.path)
 
     keep_epochs = set(ckpt.checkpoint_epochs(int(config.epochs)))
     lengths = [len(e) for e in train_set]
@@ -407,15 +501,16 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
 
     def save_checkpoint(epoch: int) -> None:
         target = ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}"
-        with ckpt.atomic_folder(target) as tmp:
+        metrics.check()  # a vanished job folder must not be made again by the write below
+        with atomic_folder(target) as tmp:
             if mode == PEFT:
                 model.save_pretrained(tmp)
             else:
                 save_model(model, tmp)
             tokenizer.save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng_state.pth")
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _torch_save(_rng_state(), tmp / "rng_state.pth")
             (tmp / ckpt.TRAINER_STATE).write_text(json.dumps({
                 "global_step": global_step, "epoch": epoch, "epochs": int(config.epochs),
                 "steps_per_epoch": steps_per_epoch, "train_loss": last_loss, "eval_loss": last_eval,
@@ -425,91 +520,94 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         emit({"event": "checkpoint", "path": str(target), "step": global_step, "epoch": epoch})
 
     try:
-        emit({"event": "substate", "substate": "TUNING"})
-        for epoch in range(start_epoch, int(config.epochs)):
-            batches = D.length_grouped_batches(lengths, batch_size, config.seed * 1000 + epoch)
-            for s in range(0, len(batches), accum):
-                if cancelled():
-                    raise TrainingCancelled(f"cancelled at step {global_step}")
-                group = [[train_set[i] for i in b] for b in batches[s:s + accum]]
-                group_loss_tokens = sum(sum(max(0, e.loss_tokens) for e in b) for b in group)
-                t0 = time.perf_counter()
-                loss_sum, n_tok, n_right, real, padded = 0.0, 0, 0, 0, 0
-                for b in group:
-                    ids, mask, labels, pads = D.collate(b, pad_id)
-                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                    with autocast():
-                        logits = model(input_ids=ids, attention_mask=mask).logits
-                    ls, k, c = _loss_and_accuracy(logits, labels)
-                    # Normalise by the whole group's loss tokens so accumulation equals one big batch.
-                    (ls / max(1, group_loss_tokens)).backward()
-                    loss_sum += float(ls.detach())
-                    n_tok += k
-                    n_right += c
-                    padded += ids.numel()
-                    real += ids.numel() - pads
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(config.max_grad_norm))
-                step_lr = optimizer.param_groups[0]["lr"]
-                if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
-                    # Diverged: stop before the weights turn to NaN, so no checkpoint holds them.
-                    what = (f"the gradient norm became {float(grad_norm):g}" if math.isfinite(loss_sum)
-                            else f"the loss became {loss_sum:g}")
-                    raise UserError(
-                        f"training diverged: {what} at step {global_step + 1} with "
-                        f"learning_rate {step_lr:g}; lower learning_rate (or learning_rate_multiplier)",
-                        field="learning_rate")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = max(time.perf_counter() - t0, 1e-9)
-                total_time += dt
-                total_real += real
-                total_padded += padded
-                last_loss = loss_sum / max(1, n_tok)
-                row = {
-                    "step": global_step,
-                    "epoch": round(epoch + (s // accum + 1) / steps_per_epoch, 4),
-                    "train_loss": round(last_loss, 6),
-                    "learning_rate": step_lr,
-                    "token_accuracy": round(n_right / max(1, n_tok), 6),
-                    "tokens_per_second": round(real / dt, 1),
-                    "padding_share": round((padded - real) / max(1, padded), 6),
-                    "grad_norm": round(float(grad_norm), 6),
-                }
-                metrics.write(row)
-                emit({"event": "metrics", **row})
-                emit({"event": "progress", "step": global_step, "total_steps": total_steps,
-                      "epoch": row["epoch"], "epochs": int(config.epochs),
-                      "fraction": round(global_step / total_steps, 6)})
-            if val_set:
-                last_eval, eval_acc = evaluate()
-                row = {"step": global_step, "epoch": epoch + 1, "eval_loss": round(last_eval, 6),
-                       "eval_token_accuracy": round(eval_acc, 6)}
-                metrics.write(row)
-                emit({"event": "metrics", **row})
-            if epoch + 1 in keep_epochs:
-                if cancelled():
-                    raise TrainingCancelled(f"cancelled at step {global_step}")
-                save_checkpoint(epoch + 1)
+        with writes:
+            emit({"event": "substate", "substate": "TUNING"})
+            for epoch in range(start_epoch, int(config.epochs)):
+                batches = D.length_grouped_batches(lengths, batch_size, config.seed * 1000 + epoch)
+                for s in range(0, len(batches), accum):
+                    if cancelled():
+                        raise TrainingCancelled(f"cancelled at step {global_step}")
+                    group = [[train_set[i] for i in b] for b in batches[s:s + accum]]
+                    group_loss_tokens = sum(sum(max(0, e.loss_tokens) for e in b) for b in group)
+                    t0 = time.perf_counter()
+                    loss_sum, n_tok, n_right, real, padded = 0.0, 0, 0, 0, 0
+                    for b in group:
+                        ids, mask, labels, pads = D.collate(b, pad_id)
+                        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                        with autocast():
+                            logits = model(input_ids=ids, attention_mask=mask).logits
+                        ls, k, c = _loss_and_accuracy(logits, labels)
+                        # Normalise by the whole group's loss tokens so accumulation equals one big batch.
+                        (ls / max(1, group_loss_tokens)).backward()
+                        loss_sum += float(ls.detach())
+                        n_tok += k
+                        n_right += c
+                        padded += ids.numel()
+                        real += ids.numel() - pads
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(config.max_grad_norm))
+                    step_lr = optimizer.param_groups[0]["lr"]
+                    if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                        # Diverged: stop before the weights turn to NaN, so no checkpoint holds them.
+                        what = (f"the gradient norm became {float(grad_norm):g}" if math.isfinite(loss_sum)
+                                else f"the loss became {loss_sum:g}")
+                        raise UserError(
+                            f"training diverged: {what} at step {global_step + 1} with "
+                            f"learning_rate {step_lr:g}; lower learning_rate (or learning_rate_multiplier)",
+                            field="learning_rate")
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    total_time += dt
+                    total_real += real
+                    total_padded += padded
+                    last_loss = loss_sum / max(1, n_tok)
+                    row = {
+                        "step": global_step,
+                        "epoch": round(epoch + (s // accum + 1) / steps_per_epoch, 4),
+                        "train_loss": round(last_loss, 6),
+                        "learning_rate": step_lr,
+                        "token_accuracy": round(n_right / max(1, n_tok), 6),
+                        "tokens_per_second": round(real / dt, 1),
+                        "padding_share": round((padded - real) / max(1, padded), 6),
+                        "grad_norm": round(float(grad_norm), 6),
+                    }
+                    metrics.write(row)
+                    emit({"event": "metrics", **row})
+                    emit({"event": "progress", "step": global_step, "total_steps": total_steps,
+                          "epoch": row["epoch"], "epochs": int(config.epochs),
+                          "fraction": round(global_step / total_steps, 6)})
+                if val_set:
+                    last_eval, eval_acc = evaluate()
+                    row = {"step": global_step, "epoch": epoch + 1, "eval_loss": round(last_eval, 6),
+                           "eval_token_accuracy": round(eval_acc, 6)}
+                    metrics.write(row)
+                    emit({"event": "metrics", **row})
+                if epoch + 1 in keep_epochs:
+                    if cancelled():
+                        raise TrainingCancelled(f"cancelled at step {global_step}")
+                    save_checkpoint(epoch + 1)
 
-        if cancelled():
-            raise TrainingCancelled(f"cancelled at step {global_step}")
-        emit({"event": "substate", "substate": "POST_PROCESSING"})
-        final = ckpt.final_dir(out)
-        with ckpt.atomic_folder(final) as tmp:
-            if mode == PEFT:
-                model.save_pretrained(tmp / "adapter")
-                tokenizer.save_pretrained(tmp / "adapter")
-                merged = model.merge_and_unload()
-                merged.config.use_cache = True
-                save_model(merged, tmp)
-            else:
-                model.config.use_cache = True
-                save_model(model, tmp)
-            tokenizer.save_pretrained(tmp)
+            if cancelled():
+                raise TrainingCancelled(f"cancelled at step {global_step}")
+            emit({"event": "substate", "substate": "POST_PROCESSING"})
+            final = ckpt.final_dir(out)
+            metrics.check()
+            with atomic_folder(final) as tmp:
+                if mode == PEFT:
+                    model.save_pretrained(tmp / "adapter")
+                    tokenizer.save_pretrained(tmp / "adapter")
+                    merged = model.merge_and_unload()
+                    merged.config.use_cache = True
+                    save_model(merged, tmp)
+                else:
+                    model.config.use_cache = True
+                    save_model(model, tmp)
+                tokenizer.save_pretrained(tmp)
+            metrics.check()  # the run is only a success if what it wrote is still there
     finally:
         metrics.close()
 

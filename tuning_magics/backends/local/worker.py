@@ -44,6 +44,7 @@ class Worker:
 
     def __init__(self, job_id: str):
         self.job_id = job_id
+        self.output_dir: str | None = None
         self.signalled: int | None = None
         self._cancel_seen = False
         self._last_poll = 0.0
@@ -86,6 +87,7 @@ class Worker:
         if rec is None:
             print(f"worker: no job {self.job_id} in {registry.db_path()}", file=sys.stderr)
             return JOB_STATE_FAILED
+        self.output_dir = rec.output_dir
         print(f"worker {os.getpid()}: job {self.job_id} (attempt {rec.attempts + 1})", flush=True)
         me = dict(pid=os.getpid(), pid_started=scheduler._create_time(os.getpid()))
         if not registry.transition(self.job_id, JOB_STATE_PENDING, state=JOB_STATE_RUNNING, started=time.time(),
@@ -117,6 +119,8 @@ class Worker:
             train(config, on_event=self.on_event, should_stop=self.should_stop, resume=rec.resume)
         except TrainingCancelled:
             raise _Stop() from None
+        if not out.is_dir():  # removed after the trainer's last look: nothing of the result is left
+            raise FileNotFoundError(f"{out} was removed")
 
     def _label(self, cfg: dict, out: Path) -> str:
         """Distillation: the teacher answers every prompt; the student then trains on its answers."""
@@ -132,11 +136,10 @@ class Worker:
         return str(labelled)
 
     def _train_config(self, cfg: dict, train_path: str, out: Path):
-        import dataclasses
+        from .trainer import TrainConfig, check_engine_options
 
-        from .trainer import TrainConfig
-
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        options = cfg.get("engine_options") or {}
+        check_engine_options(options)  # a job queued by another version may carry options this one lacks
         values = dict(
             base_model=cfg["base_model"],
             custom_base_model=cfg.get("custom_base_model"),
@@ -148,14 +151,10 @@ class Worker:
             train_path=train_path,
             validation_path=cfg.get("validation_path"),
             output_dir=str(out),
-            **(cfg.get("engine_options") or {}),
+            **options,
         )
-        # None means "the trainer's default"; options this trainer does not know are an error, not silently lost.
-        values = {k: v for k, v in values.items() if v is not None}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserError(f"the local trainer has no option {unknown[0]!r}; remove it from the tune() call")
-        return TrainConfig(**values)
+        # None means "the trainer's default".
+        return TrainConfig(**{k: v for k, v in values.items() if v is not None})
 
     # -- endings ---------------------------------------------------------------
     def _ended_by(self, exc: BaseException) -> str:
@@ -166,6 +165,11 @@ class Worker:
                 name = signal.Signals(self.signalled).name
                 note = f"stopped by {name} at a step boundary; job.resume() continues from the last checkpoint"
             return self._end(JOB_STATE_CANCELLED, error=note)
+        if isinstance(exc, Exception) and not isinstance(exc, UserError) and self.output_dir:
+            from .trainer import output_failure
+
+            # A vanished job folder or a full disk fails any step (labelling too) in its own words.
+            exc = output_failure(exc, Path(self.output_dir)) or exc
         if isinstance(exc, UserError):
             # The user's mistake: the one-line message is the whole story.
             return self._end(JOB_STATE_FAILED, error=str(exc))
