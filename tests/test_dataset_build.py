@@ -6,11 +6,14 @@ import base64
 import json
 from pathlib import Path
 
+import hypothesis
 import pandas as pd
 import pytest
+from hypothesis import strategies as st
 
 import tuning_magics
 from tuning_magics.datasets import build as B
+from tuning_magics.datasets import validate as V
 from tuning_magics.datasets.build import DatasetInvalid
 from tuning_magics.errors import UserError
 
@@ -613,41 +616,61 @@ def test_object_categorical_and_python_string_columns(tmp_path):
     ]
 
 
-try:
-    import hypothesis
-    from hypothesis import strategies as st
-except ImportError:  # hypothesis is a test extra; the properties are skipped without it
-    hypothesis = None
+_any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+_row_text = _any_text.filter(lambda s: not V.is_blank(s))
 
-if hypothesis is not None:
-    _any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
-    _row_text = _any_text.filter(lambda s: s.strip())
 
-    @hypothesis.settings(max_examples=300, deadline=None)
-    @hypothesis.given(st.lists(_any_text, min_size=1, max_size=20))
-    def test_property_escaping_matches_json_loads(values):
-        escaped = B._escaped(values)
-        assert len(escaped) == len(values)
-        for raw, value in zip(escaped, values):
-            assert json.loads(b'"' + raw + b'"') == value
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.lists(_any_text, min_size=1, max_size=20))
+def test_property_escaping_matches_json_loads(values):
+    escaped = B._escaped(values)
+    assert len(escaped) == len(values)
+    for raw, value in zip(escaped, values):
+        assert json.loads(b'"' + raw + b'"') == value
 
-    @hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
-    @hypothesis.given(st.lists(st.tuples(_row_text, _row_text), min_size=1, max_size=8), _row_text)
-    def test_property_dataset_round_trips_any_text(tmp_path_factory, rows, system):
-        folder = tmp_path_factory.mktemp("prop")
-        df = pd.DataFrame(rows, columns=["q", "a"])
-        out = folder / "t.jsonl"
-        tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system_prompt=system, format="generate_content")
-        records = read(out)
-        assert [r["contents"][0]["parts"][0]["text"] for r in records] == [q for q, _ in rows]
-        assert [r["contents"][1]["parts"][0]["text"] for r in records] == [a for _, a in rows]
-        assert all(r["systemInstruction"]["parts"][0]["text"] == system for r in records)
 
-else:
+@hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(st.lists(st.tuples(_row_text, _row_text), min_size=1, max_size=8), _row_text)
+def test_property_dataset_round_trips_any_text(tmp_path_factory, rows, system):
+    folder = tmp_path_factory.mktemp("prop")
+    df = pd.DataFrame(rows, columns=["q", "a"])
+    out = folder / "t.jsonl"
+    tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system_prompt=system, format="generate_content")
+    records = read(out)
+    assert [r["contents"][0]["parts"][0]["text"] for r in records] == [q for q, _ in rows]
+    assert [r["contents"][1]["parts"][0]["text"] for r in records] == [a for _, a in rows]
+    assert all(r["systemInstruction"]["parts"][0]["text"] == system for r in records)
 
-    @pytest.mark.skip(reason="hypothesis is not installed")
-    def test_property_escaping_matches_json_loads():
-        pass
+
+_invisible = st.sampled_from(["", " ", "\t", "\n", "\u200b", "\u200d", "\ufeff", "\x00", "\x7f", "\u3164",
+                              "\u2800", "\ufe0f", "\u00a0", "\u2028", "\u180e", "\U000e0101"])
+_cell = st.one_of(
+    _any_text,
+    st.lists(_invisible, max_size=4).map("".join),
+    st.tuples(st.lists(_invisible, max_size=2).map("".join), _any_text).map("".join),
+    st.none(), st.integers(), st.floats(), st.booleans(),
+)
+
+
+@hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(st.lists(_cell, min_size=1, max_size=6), st.sampled_from(["object", "str"]))
+def test_property_dataframe_checks_agree_with_the_record_validator(tmp_path_factory, cells, dtype):
+    """The vectorised column checks and the record validator apply one rule table: same rows, same messages."""
+    if dtype == "str" and not all(isinstance(c, str) or c is None for c in cells):
+        dtype = "object"
+    df = pd.DataFrame({"q": pd.Series(cells, dtype=dtype), "a": ["fine"] * len(cells)})
+    expected = [(i + 1, V.text_message(V.text_rule(None if V._is_na(c) else c), c))
+                for i, c in enumerate(cells) if V.text_rule(None if V._is_na(c) else c)]
+    records = tuning_magics.validate(df.rename(columns={"q": "prompt", "a": "completion"}))
+    assert [(e.line, e.message) for e in records.errors] == expected
+    out = tmp_path_factory.mktemp("agree") / "t.jsonl"
+    if not expected:
+        assert tuning_magics.dataset(df, out=str(out), prompt="q", completion="a").examples == len(cells)
+        return
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(out), prompt="q", completion="a")
+    assert sorted((e.line, e.message) for e in info.value.report.errors) == sorted(expected)
+    assert not out.exists()
 
 
 def test_message_lists_from_parquet_are_plain_lists(tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from tuning_magics.datasets import formats as F
 from tuning_magics.errors import UserError
@@ -315,37 +317,26 @@ def test_read_conversations_of_every_format(tmp_path):
 
 # -- a property: chat <-> generate_content round trips for any text ------------------------
 
-try:
-    import hypothesis
-    from hypothesis import strategies as st
-except ImportError:  # hypothesis is a test extra; the property is skipped without it
-    hypothesis = None
+_text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30)
+_content = st.one_of(
+    _text, st.lists(_text.map(lambda t: {"type": "text", "text": t}), min_size=2, max_size=3)
+)
 
-if hypothesis is not None:
-    _text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30)
-    _content = st.one_of(
-        _text, st.lists(_text.map(lambda t: {"type": "text", "text": t}), min_size=2, max_size=3)
-    )
 
-    @st.composite
-    def _chats(draw):
-        messages = []
-        if draw(st.booleans()):
-            messages.append({"role": "system", "content": draw(_content)})
-        for i in range(draw(st.integers(1, 4))):
-            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": draw(_content)})
-        return {"messages": messages}
+@st.composite
+def _chats(draw):
+    messages = []
+    if draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(_content)})
+    for i in range(draw(st.integers(1, 4))):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": draw(_content)})
+    return {"messages": messages}
 
-    @hypothesis.settings(max_examples=150, deadline=None)
-    @hypothesis.given(_chats())
-    def test_property_chat_generate_content_round_trip(record):
-        gc = F.convert(record, "generate_content")
-        back = F.convert(json.loads(json.dumps(gc)), "chat")
-        assert back == record
-        assert F.convert(back, "generate_content") == gc
 
-else:
-
-    @pytest.mark.skip(reason="hypothesis is not installed")
-    def test_property_chat_generate_content_round_trip():
-        pass
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(_chats())
+def test_property_chat_generate_content_round_trip(record):
+    gc = F.convert(record, "generate_content")
+    back = F.convert(json.loads(json.dumps(gc)), "chat")
+    assert back == record
+    assert F.convert(back, "generate_content") == gc

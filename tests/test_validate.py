@@ -334,11 +334,19 @@ def test_conversation_must_start_with_a_user_turn(tmp_path):
     assert "start with a user turn" in report.errors[0].message
 
 
-def test_a_conversation_ending_with_a_user_turn_is_a_warning(tmp_path):
-    record = chat("q", "a", "another question")
-    report = tuning_magics.validate(write(tmp_path, [record]))
-    assert report.ok
-    assert issues(report, "warnings") == [(1, "messages")]
+@pytest.mark.parametrize(
+    "record",
+    [chat("q", "a", "another question"),
+     gc([{"text": "q"}], [{"text": "a"}], [{"text": "another question"}])],
+)
+def test_a_conversation_ending_with_a_user_turn_is_an_error_for_sft_but_the_prompt_for_distillation(
+        tmp_path, record):
+    good = chat("q", "a") if "messages" in record else gc([{"text": "q"}], [{"text": "a"}])
+    path = write(tmp_path, [good, record])
+    err = only_error(tuning_magics.validate(path))
+    assert (err["line"], err["field"]) == (2, "messages" if "messages" in record else "contents")
+    assert "ends with a user turn" in err["message"] and "truncated" in err["message"]
+    assert tuning_magics.validate(path, method="distillation").ok
 
 
 def test_only_a_system_message_is_an_error(tmp_path):

@@ -345,13 +345,11 @@ def _describe(dataset) -> str | None:
         return str(dataset)
     if isinstance(dataset, (list, tuple)):
         return f"list of {len(dataset)} records"
-    if _is_dataframe(dataset):
+    from .datasets.validate import is_dataframe
+
+    if is_dataframe(dataset):
         return f"DataFrame of {len(dataset)} rows"
     return type(dataset).__name__
-
-
-def _is_dataframe(obj) -> bool:
-    return type(obj).__name__ == "DataFrame" and hasattr(obj, "columns")
 
 
 def _dataset_file(name: str, dataset, target: Path, model: catalog.Model, method: str) -> Path:
@@ -360,8 +358,10 @@ def _dataset_file(name: str, dataset, target: Path, model: catalog.Model, method
     Files are copied so that a resumed job trains on exactly the data it started
     with, even if the user's file changes meanwhile.
     """
+    from .datasets.validate import is_dataframe
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    if _is_dataframe(dataset) or isinstance(dataset, (list, tuple)):
+    if is_dataframe(dataset) or isinstance(dataset, (list, tuple)):
         if not len(dataset):
             raise UserError(f"{name} is empty; give at least one example", field=name)
         _write_frame(dataset, target, model, method, name)
@@ -421,28 +421,39 @@ def _write_frame(data, target: Path, model: catalog.Model, method: str, name: st
     Records (and DataFrames whose columns already are record keys, such as
     ``messages`` or ``prompt``/``completion``) are checked and written as they are;
     other DataFrames go through :func:`tuning_magics.dataset`, which maps columns.
+    Hints name what the user can do from tune(), which has no dataset options.
     """
     from .datasets.formats import TOP_KEYS
+    from .datasets.validate import is_dataframe, plain, validate
 
     # Only GenerateContent columns need the records as they are; every other
     # DataFrame goes through dataset(), which names bad cells by row and column.
     gc_keys = TOP_KEYS["generate_content"]
-    if _is_dataframe(data) and not (set(data.columns) <= gc_keys and "contents" in data.columns):
-        from .datasets.build import dataset
+    if is_dataframe(data) and not (set(data.columns) <= gc_keys and "contents" in data.columns):
+        from .datasets.build import DatasetInvalid, dataset
 
         try:
             dataset(data, out=str(target), overwrite=True, model=model.id, method=method)
+        except DatasetInvalid as exc:
+            raise UserError(f"{name}: {exc.problem}; nothing was submitted: fix the data, or build it with "
+                            "tuning_magics.dataset(df, skip_invalid=True) and pass that", field=name) from None
         except UserError as exc:
+            if exc.field == "completion":  # prompts but no answers
+                raise UserError(f"{name}: the DataFrame has prompts but no answer column (completion, assistant, "
+                                "output, answer or response); add one, or use method='distillation'",
+                                field=name) from None
+            if exc.field in ("columns", "prompt"):
+                raise UserError(f"{name}: the DataFrame's columns are not prompt/completion, user/assistant or "
+                                f"messages ({', '.join(map(str, list(data.columns)[:8]))}); rename them, or build it "
+                                "with tuning_magics.dataset(df, prompt=..., completion=...) and pass that",
+                                field=name) from None
             raise UserError(f"{name}: {exc}", field=name) from None
         return
     import orjson
 
-    from .datasets.validate import validate
     from .storage import atomic_writer
 
-    from .datasets.validate import plain
-
-    rows = [plain(r) for r in (data.to_dict(orient="records") if _is_dataframe(data) else data)]
+    rows = [plain(r) for r in (data.to_dict(orient="records") if is_dataframe(data) else data)]
     report = validate(rows, model=model.id, method=method)
     if not report.ok:
         more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""

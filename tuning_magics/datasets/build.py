@@ -4,20 +4,26 @@
 one of the JSONL formats, validates every row for the target model and method,
 and writes the file only when the whole dataset is valid (or, with
 ``skip_invalid=True``, without the rows at fault). Text columns take a
-vectorised path: columns are checked as arrays and JSON-escaped in one call
-each, so a million rows take seconds, with memory bounded by the chunk size.
+vectorised path: columns are checked as arrays (with the validator's rules and
+messages) and JSON-escaped in one call each, so a million rows take seconds,
+with memory bounded by the chunk size. Message lists and images go through the
+record validator itself.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from . import formats as F
-from .tokens import TEMPLATE_TOKENS_PER_MESSAGE, TokenCounter, estimate_text
+from .tokens import TokenCounter
 from .validate import (
+    BLANK_PATTERN,
     Issue,
     ValidationReport,
     _check_method,
@@ -25,11 +31,15 @@ from .validate import (
     _is_unicode,
     _resolve_model,
     check_records,
+    is_dataframe,
     plain,
+    text_message,
 )
 
 #: Rows turned into JSON per chunk: bounds the extra memory while writing.
 CHUNK_ROWS = 20_000
+#: Bad cells listed per rule and column; the count stays exact.
+_LISTED_PER_RULE = 50
 
 # Column names tried, in order, when the caller names none.
 _AUTO = (
@@ -41,16 +51,17 @@ _AUTO = (
     ("instruction", "response"),
 )
 
+_SKIP_HINT = "fix the data, or pass skip_invalid=True (--skip-invalid) to leave those rows out"
+
 
 class DatasetInvalid(UserError):
-    """The dataset has errors; nothing was written. ``.report`` lists them all."""
+    """The dataset has errors; nothing was written. ``.report`` lists them all, ``.problem`` names the first."""
 
-    def __init__(self, report: ValidationReport, *, skipping: bool = False):
+    def __init__(self, report: ValidationReport, *, hint: str = _SKIP_HINT):
         first = report.errors[0] if report.errors else Issue("unknown problem")
         more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
-        fix = "fix the data" if skipping else \
-            "fix the data, or pass skip_invalid=True (--skip-invalid) to leave those rows out"
-        super().__init__(f"{first}{more}; nothing was written: {fix}")
+        self.problem = f"{first}{more}"
+        super().__init__(f"{self.problem}; nothing was written: {hint}")
         self.report = report
 
 
@@ -125,30 +136,80 @@ class Dataset:
         printer.text(repr(self) if cycle else dataset_text(self))
 
 
-# -- column mapping -------------------------------------------------------------------
+# -- options and column mapping ---------------------------------------------------------------
 
 
 @dataclass
 class _Mapping:
-    roles: list[tuple[str, str]]  # (role, column) for text columns, in turn order
-    messages: str | None = None
-    images: list[str] = field(default_factory=list)
-    system_column: str | None = None
+    roles: list[tuple[str, object]]  # (role, column) for text columns, in turn order
+    messages: object = None
+    images: list = field(default_factory=list)
+    system_column: object = None
     system_prompt: str | None = None
 
-    def used_columns(self) -> list[str]:
+    def used_columns(self) -> list:
         cols = [c for _, c in self.roles] + self.images
-        if self.messages:
+        if self.messages is not None:
             cols.append(self.messages)
-        if self.system_column:
+        if self.system_column is not None:
             cols.append(self.system_column)
         return cols
+
+    def text_columns(self) -> list[tuple[str, object]]:
+        """(role, column) of every text column in turn order, the system column first."""
+        system = [("system", self.system_column)] if self.system_column is not None else []
+        return system + self.roles
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False, not {value!r}", field=name)
+
+
+def _check_path(name: str, value) -> None:
+    if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+        raise UserError(f"{name} must be a local path or a gs:// URI, not {value!r}", field=name)
+
+
+def _column(df, name: str, value):
+    """A column option as the DataFrame's own label: any label it has, or text / a whole number.
+
+    ``"0"`` names column ``0`` when the DataFrame has no column ``"0"`` (the magics pass text).
+    """
+    if value is None:
+        return None
+    try:
+        present = value in df.columns
+    except TypeError:  # unhashable: a list or a dict
+        present = False
+    if present:
+        return value
+    if isinstance(value, str):
+        if value.lstrip("-").isdigit() and int(value) in df.columns:
+            return int(value)
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return value
+    raise UserError(f"{name} must be a column name, not {value!r}", field=name)
 
 
 def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, messages, images) -> _Mapping:
     columns = list(df.columns)
-    images = [images] if isinstance(images, str) else list(images or [])
-    if not any((prompt, completion, user, assistant, messages)):
+    prompt, completion, user, assistant, system, messages = (
+        _column(df, n, v) for n, v in (("prompt", prompt), ("completion", completion), ("user", user),
+                                       ("assistant", assistant), ("system", system), ("messages", messages)))
+    if images is None:
+        images = []
+    elif isinstance(images, (list, tuple)):
+        images = [_column(df, "images", c) for c in images]
+    else:
+        try:
+            images = [_column(df, "images", images)]
+        except UserError:
+            raise UserError(f"images must be a column name or a list of them, not {images!r}",
+                            field="images") from None
+    given = lambda *values: any(v is not None for v in values)  # noqa: E731 - column 0 is a column
+    if not given(prompt, completion, user, assistant, messages):
         # Whole pairs first; then a prompt column alone (what distillation takes).
         found = next((names for names in _AUTO if all(n in columns for n in names)), None)
         if found is None:
@@ -159,28 +220,29 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
             user, assistant = found
         else:
             raise UserError(
-                f"name the columns to use: --prompt/--completion, --user/--assistant or --messages "
-                f"(the DataFrame has {', '.join(map(str, columns[:8]))})",
+                f"name the columns to use: prompt=/completion=, user=/assistant= or messages= "
+                f"(--prompt/--completion ...); the DataFrame has {', '.join(map(str, columns[:8]))}",
                 field="columns",
             )
-    if prompt or completion:
-        if user or assistant:
+    if given(prompt, completion):
+        if given(user, assistant):
             raise UserError("use either prompt/completion or user/assistant columns, not both", field="prompt")
         user, assistant = prompt, completion
-    if messages and (user or assistant):
-        raise UserError("a messages column already holds the turns; drop --user/--assistant", field="messages")
-    if system and system_prompt:
+    if messages is not None and given(user, assistant):
+        raise UserError("a messages column already holds the turns; drop the user/assistant columns",
+                        field="messages")
+    if system is not None and system_prompt is not None:
         raise UserError("use a system column or a fixed system prompt, not both", field="system_prompt")
     if system_prompt is not None and system_prompt != "" and (
         not isinstance(system_prompt, str) or not system_prompt.strip() or not _is_unicode(system_prompt)
     ):
         raise UserError(f"system_prompt must be non-blank text, not {system_prompt!r}", field="system_prompt")
     mapping = _Mapping(
-        roles=[r for r in (("user", user), ("assistant", assistant)) if r[1]],
+        roles=[r for r in (("user", user), ("assistant", assistant)) if r[1] is not None],
         messages=messages,
         images=images,
         system_column=system,
-        system_prompt=system_prompt,
+        system_prompt=system_prompt or None,
     )
     duplicated = set(df.columns[df.columns.duplicated()])
     for col in mapping.used_columns():
@@ -192,15 +254,18 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
             close = difflib.get_close_matches(str(col), [str(c) for c in columns], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {', '.join(map(str, columns[:8]))}"
             raise UserError(f"column {col!r} is not in the DataFrame{hint}", field=str(col))
-    if not messages and not any(r == "user" for r, _ in mapping.roles):
-        raise UserError("name the column that holds the prompts (--prompt or --user)", field="prompt")
+    if messages is None and not any(r == "user" for r, _ in mapping.roles):
+        raise UserError("name the column that holds the prompts (prompt= or user=)", field="prompt")
     return mapping
 
 
 def _output_format(fmt, mapping: _Mapping, spec) -> str:
-    if fmt:
+    if fmt is not None:
+        if not isinstance(fmt, str):
+            raise UserError(f"format must be chat, prompt_completion or generate_content, not {fmt!r}", field="format")
         fmt = F.normalise_format(fmt)
-        if fmt == F.PROMPT_COMPLETION and (mapping.messages or mapping.images or mapping.system_column or mapping.system_prompt):
+        if fmt == F.PROMPT_COMPLETION and (mapping.messages is not None or mapping.images
+                                           or mapping.system_column is not None or mapping.system_prompt):
             raise UserError(
                 "prompt_completion holds one prompt and one answer; use format=chat for system prompts, "
                 "images or message lists",
@@ -228,55 +293,50 @@ def _escaped(values: list) -> list[bytes]:
     return orjson.dumps(values)[2:-2].split(b'","')
 
 
-def _blank_mask(col, isna):
-    """Rows whose text is empty or only white space (False where the value is missing)."""
-    import numpy as np
-
-    arrow = getattr(col.array, "_pa_array", None)
-    if arrow is not None:
-        import pyarrow.compute as pc
-
-        blank = pc.or_(pc.equal(pc.binary_length(arrow), 0), pc.utf8_is_space(arrow))
-        return blank.to_numpy(zero_copy_only=False).astype(bool) & ~isna
-    values = col.to_numpy(dtype=object)
-    return np.fromiter((isinstance(v, str) and not v.strip() for v in values), bool, len(values))
-
-
-def _check_text_column(col, name: str, report: ValidationReport, positions, labels):
-    """Vectorised null/type/empty checks; returns a boolean numpy mask of bad rows."""
-    import numpy as np
+def _arrow_strings(col):
+    """The column as an Arrow string array when it is stored as one (no copy), else None."""
     import pandas as pd
 
-    isna = col.isna().to_numpy()
-    bad_text = np.zeros(len(col), bool)
-    if pd.api.types.is_string_dtype(col.dtype) and getattr(col.array, "_pa_array", None) is not None:
-        bad_type = np.zeros(len(col), bool)  # Arrow strings are always valid UTF-8
-    else:
+    dtype = col.dtype
+    arrow_backed = (isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow") or (
+        isinstance(dtype, pd.ArrowDtype) and str(dtype.pyarrow_dtype) in ("string", "large_string"))
+    if not arrow_backed:
+        return None
+    import pyarrow as pa
+
+    return pa.array(col, from_pandas=True)
+
+
+def _check_text_column(col, name, report: ValidationReport, positions):
+    """The validator's text rules over a whole column at once; returns a boolean numpy mask of bad rows.
+
+    Works for every dtype: text, object, categorical, nullable numbers, Arrow types.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(col)
+    isna = col.isna().to_numpy(dtype=bool)
+    strings = _arrow_strings(col)
+    values = None
+    bad_type = bad_text = np.zeros(n, bool)
+    if strings is None:  # object, categorical, numbers, dates...: look at each value
         values = col.to_numpy(dtype=object)
-        bad_type = ~np.fromiter((type(v) is str for v in values), bool, len(values)) & ~isna
+        is_text = np.fromiter((isinstance(v, str) for v in values), bool, n)
+        bad_type = ~is_text & ~isna
         # Lone surrogates (a cut emoji) cannot be written as UTF-8.
-        bad_text = np.fromiter((type(v) is str and not _is_unicode(v) for v in values), bool, len(values))
-        if bad_type.any() or isna.any() or bad_text.any():
-            col = col.where(~bad_type & ~isna & ~bad_text, "x")
-        col = col.astype("str")
-    blank = _blank_mask(col, isna) & ~bad_type & ~bad_text
-    for mask, message in (
-        (isna, "is empty (null/NaN); fill it or drop the row"),
-        (bad_type, "must be text"),
-        (bad_text, "is not valid Unicode text (it holds a lone surrogate); fix or remove it"),
-        (blank, "is blank; give it text or drop the row"),
-    ):
-        for i in np.flatnonzero(mask)[:50]:
-            report.error(message, int(positions[i]) + 1, f"row {_label(labels[i])!r}, column {name!r}")
-        extra = int(mask.sum()) - 50
-        if extra > 0:
-            report.error_count += extra
+        bad_text = np.fromiter((isinstance(v, str) and not _is_unicode(v) for v in values), bool, n)
+        strings = pa.array(np.where(is_text & ~bad_text, values, "x"), type=pa.large_string())
+    blank = pc.fill_null(pc.match_substring_regex(strings, BLANK_PATTERN), False).to_numpy(zero_copy_only=False)
+    blank = blank & ~isna & ~bad_type & ~bad_text
+    for mask, rule in ((isna, "null"), (bad_type, "type"), (bad_text, "surrogate"), (blank, "blank")):
+        where = np.flatnonzero(mask)
+        for i in where[:_LISTED_PER_RULE]:
+            report.error(text_message(rule, values[i] if values is not None else None), int(positions[i]) + 1,
+                         f"column {name!r}")
+        report.error_count += max(0, len(where) - _LISTED_PER_RULE)
     return isna | bad_type | bad_text | blank
-
-
-def _label(value):
-    """A DataFrame index label as plain Python (``5``, not ``np.int64(5)``)."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def _role_prefix(role: str, fmt: str) -> bytes:
@@ -317,55 +377,21 @@ def _text_lines(cols: list[list[bytes]], roles: list[str], fmt: str, system: lis
 
 
 def _text_pass(df, mapping: _Mapping, report: ValidationReport, rows):
-    """Check the text columns of one subset of rows; returns (those rows, a mask of the bad ones)."""
+    """Check the text columns of one subset of rows; returns (those rows, their positions, a mask of the bad ones)."""
     import numpy as np
 
     sub = df.iloc[rows] if rows is not None else df
     positions = np.asarray(rows) if rows is not None else np.arange(len(df))
-    labels = sub.index.to_numpy()
-    names = [c for _, c in mapping.roles]
-    if mapping.system_column:
-        names = [mapping.system_column] + names
     bad = np.zeros(len(sub), bool)
-    for name in names:
-        bad |= _check_text_column(sub[name], name, report, positions, labels)
-    return sub, bad
-
-
-def _token_lengths_text(sub, names: list[str], counter: TokenCounter, fixed: str | None):
-    """Tokens per row: the text columns ``names`` plus an optional fixed system prompt, with template overhead."""
-    import numpy as np
-
-    n_messages = len(names) + (1 if fixed else 0)
-    if counter.tokenizer is not None and not counter.estimated:
-        total = np.zeros(len(sub), np.int64)
-        for name in names:
-            enc = counter.tokenizer(sub[name].tolist(), add_special_tokens=False)["input_ids"]
-            total += np.fromiter(map(len, enc), np.int64, len(sub))
-        # The template's own tokens, counted once on empty messages.
-        overhead = counter.count([{"role": "user", "content": ""}] * n_messages)
-        if fixed:
-            total += len(counter.tokenizer(fixed, add_special_tokens=False)["input_ids"])
-        return total + overhead
-    fixed_bytes = len(fixed.encode()) if fixed else 0
-    total = np.full(len(sub), n_messages * TEMPLATE_TOKENS_PER_MESSAGE + estimate_text(fixed_bytes), np.int64)
-    for name in names:
-        col = sub[name]
-        try:
-            nbytes = col.astype("string[pyarrow]").array._pa_array
-            import pyarrow.compute as pc
-
-            lengths = pc.binary_length(nbytes.cast("binary")).to_numpy(zero_copy_only=False)
-        except Exception:  # noqa: BLE001 - no pyarrow: count characters in Python
-            lengths = np.fromiter((len(v.encode()) for v in col.tolist()), np.int64, len(col))
-        total += estimate_text(lengths.astype(np.int64))
-    return total
+    for _, name in mapping.text_columns():
+        bad |= _check_text_column(sub[name], name, report, positions)
+    return sub, positions, bad
 
 
 # -- the general path (message lists, images) -----------------------------------------
 
 
-def _image_part(value, line, column) -> dict:
+def _image_part(value) -> dict:
     import base64
 
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -376,8 +402,8 @@ def _image_part(value, line, column) -> dict:
         return {"type": "image_url", "image_url": {"url": value}}
     path = Path(value).expanduser()
     if not path.is_file():
-        raise UserError(f"row {line}, column {column!r}: image file {value!r} does not exist; check the path "
-                        "(relative paths start from the working folder)", field=column)
+        raise UserError(f"image file {value!r} does not exist; check the path "
+                        "(relative paths start from the working folder)")
     data = path.read_bytes()
     return {"type": "image_url", "image_url": {"url": f"data:{_sniff(data)};base64,{base64.b64encode(data).decode()}"}}
 
@@ -395,35 +421,36 @@ def _sniff(data: bytes) -> str:
 
 
 def _row_records(df, mapping: _Mapping, fmt: str, rows):
-    """Yield (position, label, record or None, problem) for the general path."""
+    """Yield (position, record or None, (problem, column) or None) for the general path."""
     sub = df.iloc[rows] if rows is not None else df
     positions = rows if rows is not None else range(len(df))
     cols = {c: sub[c].tolist() for c in mapping.used_columns()}
-    for i, (pos, label) in enumerate(zip(positions, sub.index)):
-        if mapping.messages:
+    for i, pos in enumerate(positions):
+        if mapping.messages is not None:
             msgs = plain(cols[mapping.messages][i])  # Parquet gives numpy arrays for lists
             if not isinstance(msgs, list):
-                yield pos, label, None, ("must be a list of {role, content} messages", mapping.messages)
+                yield pos, None, ("must be a list of {role, content} messages", mapping.messages)
                 continue
         else:
             msgs = [{"role": role, "content": cols[c][i]} for role, c in mapping.roles]
         for m in msgs:
             if isinstance(m, dict) and _is_na(m.get("content")):
                 m["content"] = None
-        system = mapping.system_prompt if mapping.system_prompt else (cols[mapping.system_column][i] if mapping.system_column else None)
-        if system is not None and not (isinstance(system, float) and system != system):
+        system = mapping.system_prompt if mapping.system_prompt else (
+            cols[mapping.system_column][i] if mapping.system_column is not None else None)
+        if system is not None and not _is_na(system):
             msgs = [{"role": "system", "content": system}] + msgs
         if mapping.images:
             parts = []
             try:
                 for c in mapping.images:
                     v = cols[c][i]
-                    if v is None or (isinstance(v, float) and v != v):
+                    if _is_na(v):
                         continue
                     for item in (v if isinstance(v, (list, tuple)) else [v]):
-                        parts.append(_image_part(item, label, c))
+                        parts.append(_image_part(item))
             except UserError as exc:
-                yield pos, label, None, (str(exc).split(": ", 1)[-1], exc.field)
+                yield pos, None, (str(exc), c)
                 continue
             if parts:
                 first_user = next((m for m in msgs if isinstance(m, dict) and m.get("role") == "user"), None)
@@ -433,7 +460,7 @@ def _row_records(df, mapping: _Mapping, fmt: str, rows):
             record = F.from_messages(msgs, fmt) if fmt != F.CHAT else {"messages": msgs}
         except (ValueError, KeyError, TypeError, AttributeError):
             record = {"messages": msgs}
-        yield pos, label, record, None
+        yield pos, record, None
 
 
 # -- the public function -------------------------------------------------------------------
@@ -452,25 +479,44 @@ def _validation_path(out: str) -> str:
     return out + "_validation"
 
 
-def _split(n: int, validation_split, seed: int):
+def _split(n: int, validation_split, seed):
     import numpy as np
 
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise UserError(f"seed must be a whole number, not {seed!r}", field="seed")
-
-    if validation_split is None or validation_split == 0:
+    if validation_split is None or (validation_split == 0 and not isinstance(validation_split, bool)):
         return None, None
-    if isinstance(validation_split, float) and 0 < validation_split < 1:
-        k = max(1, round(n * validation_split))
-    elif isinstance(validation_split, int) and not isinstance(validation_split, bool) and 0 < validation_split < n:
-        k = validation_split
+    wrong = UserError(
+        f"validation_split must be a fraction between 0 and 1 or a row count below {n}, not {validation_split!r}",
+        field="validation_split",
+    )
+    if isinstance(validation_split, bool) or not isinstance(validation_split, numbers.Real) \
+            or not math.isfinite(validation_split):
+        raise wrong
+    if isinstance(validation_split, numbers.Integral):
+        if not 0 < validation_split < n:
+            raise wrong
+        k = int(validation_split)
     else:
-        raise UserError(
-            f"validation_split must be a fraction between 0 and 1 or a row count below {n}, not {validation_split!r}",
-            field="validation_split",
-        )
-    order = np.random.default_rng(seed).permutation(n)
+        if not 0 < validation_split < 1:
+            raise wrong
+        k = max(1, round(n * validation_split))
+        if k >= n:
+            raise UserError(
+                f"validation_split={validation_split} of {n} row{'s' if n != 1 else ''} holds out every row and "
+                "leaves none to train on; add rows or leave validation_split out",
+                field="validation_split",
+            )
+    order = np.random.default_rng(int(seed)).permutation(n)
     return np.sort(order[k:]), np.sort(order[:k])
+
+
+def _same_file(a: str, b: str) -> bool:
+    from .. import storage
+
+    if storage.is_gcs(a) or storage.is_gcs(b):
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def dataset(
@@ -509,17 +555,21 @@ def dataset(
     written unless every row is valid, unless ``skip_invalid`` leaves bad rows out;
     an existing file or object is never replaced unless ``overwrite``.
     """
-    if not (type(df).__name__ == "DataFrame" and hasattr(df, "columns")):
+    if not is_dataframe(df):
         raise UserError(f"dataset() takes a pandas DataFrame, not {type(df).__name__}", field="df")
+    _check_flag("overwrite", overwrite)
+    _check_flag("skip_invalid", skip_invalid)
+    _check_path("out", out)
+    _check_path("validation_out", validation_out)
     method = _check_method(method)
     spec = _resolve_model(model)
-    if not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise UserError(f"epochs must be a positive whole number, not {epochs!r}", field="epochs")
     mapping = _mapping(df, prompt=prompt, completion=completion, user=user, assistant=assistant,
                        system=system, system_prompt=system_prompt, messages=messages, images=images)
-    if method == "sft" and not mapping.messages and not any(r == "assistant" for r, _ in mapping.roles):
-        raise UserError("supervised tuning needs answers: name the --completion/--assistant column "
-                        "(or use --method distillation for prompts alone)", field="completion")
+    if method == "sft" and mapping.messages is None and not any(r == "assistant" for r, _ in mapping.roles):
+        raise UserError("supervised tuning needs answers: name the completion/assistant column "
+                        "(or use method='distillation' for prompts alone)", field="completion")
     fmt = _output_format(format, mapping, spec)
     if len(df) == 0:
         raise UserError("the DataFrame has no rows", field="df")
@@ -527,7 +577,10 @@ def dataset(
     out = str(out) if out is not None else _default_out()
     val_out = None
     if val_rows is not None:
-        val_out = str(validation_out) if validation_out else _validation_path(out)
+        val_out = str(validation_out) if validation_out is not None else _validation_path(out)
+        if _same_file(out, val_out):
+            raise UserError(f"validation_out {val_out!r} is the training file itself; give the validation set "
+                            "its own path", field="validation_out")
     from .. import storage
 
     if not overwrite:
@@ -539,11 +592,10 @@ def dataset(
     parts = [("train", out, train_rows)] + ([("validation", val_out, val_rows)] if val_rows is not None else [])
     prepared = []
     for kind, target, rows in parts:
-        report = ValidationReport(source=target, model=spec.id if spec else None, method=method)
-        if mapping.messages or mapping.images:
-            writer = _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid)
-        else:
-            writer = _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid)
+        report = ValidationReport(source=target, model=spec.id if spec else None, method=method,
+                                  row_labels=df.index)
+        prepare = _prepare_general if mapping.messages is not None or mapping.images else _prepare_text
+        writer = prepare(df, mapping, fmt, report, counter, rows, spec, skip_invalid)
         prepared.append((kind, target, report, writer))
     if val_rows is not None:
         from ..catalog import MAX_VALIDATION_EXAMPLES
@@ -554,7 +606,7 @@ def dataset(
                           f"{MAX_VALIDATION_EXAMPLES:,}: use a smaller validation_split", field="validation_split")
     for _, _, report, _ in prepared:
         if not report.ok:
-            raise DatasetInvalid(report, skipping=skip_invalid)
+            raise DatasetInvalid(report, hint="fix the data" if skip_invalid else _SKIP_HINT)
     written = []
     try:
         for kind, target, report, writer in prepared:
@@ -573,54 +625,53 @@ def dataset(
     return train
 
 
-def _finish_report(report: ValidationReport, lengths, spec, line_numbers) -> None:
-    import numpy as np
+def _skip_bad_rows(report: ValidationReport, bad_count: int) -> None:
+    """skip_invalid: the errors become one warning; the rows at fault are left out by the caller."""
+    report.errors.clear()
+    report.error_count = 0
+    report.warn(f"{bad_count} invalid rows left out (skip_invalid)")
 
-    report.token_lengths = np.asarray(lengths, dtype=np.int32)
-    if spec is not None and len(lengths):
-        over = np.flatnonzero(np.asarray(lengths) > spec.max_seq_len)
-        for i in over[:50]:
-            report.warn(f"is about {int(lengths[i]):,} tokens; {spec.id} takes at most {spec.max_seq_len:,}, "
-                        "so it will be truncated", int(line_numbers[i]))
-        if len(over) > 50:
-            report.warning_count += len(over) - 50
+
+def _no_rows_left(report: ValidationReport) -> None:
+    report.error(f"no valid rows are left to write to {report.source}; fix the data")
 
 
 def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     import numpy as np
 
-    sub, bad = _text_pass(df, mapping, report, rows)
+    sub, positions, bad = _text_pass(df, mapping, report, rows)
     report.format = fmt
     if bad.any() and skip_invalid:
-        dropped = int(bad.sum())
-        report.warn(f"{dropped} invalid rows left out (skip_invalid)")
-        report.errors.clear()
-        report.error_count = 0
-        sub = sub[~bad]
+        _skip_bad_rows(report, int(bad.sum()))
+        sub, positions = sub[~bad], positions[~bad]
     report.examples = len(sub)
-    if not report.ok or len(sub) == 0:
-        if len(sub) == 0 and report.ok:
-            report.error(f"no valid rows are left to write to {report.source}")
+    if not report.ok:
         return None
-    names = [c for _, c in mapping.roles]
+    if len(sub) == 0:
+        _no_rows_left(report)
+        return None
+    columns = mapping.text_columns()
     fixed = mapping.system_prompt
-    text_names = ([mapping.system_column] if mapping.system_column else []) + names
-    lengths = _token_lengths_text(sub, text_names, counter, fixed)
-    report.tokens_estimated = counter.estimated
-    report.tokenizer_note = counter.note
-    _finish_report(report, lengths, spec, np.arange(1, len(sub) + 1))
-    first = {c: sub[c].iloc[0] for c in text_names}
-    report.example = ([{"role": "system", "content": fixed}] if fixed else []) + (
-        [{"role": "system", "content": first[mapping.system_column]}] if mapping.system_column else []
-    ) + [{"role": r, "content": first[c]} for r, c in mapping.roles]
+    lengths = counter.count_columns(sub, columns, fixed)
+    report.token_lengths = lengths
+    report.tokens_estimated, report.tokenizer_note = counter.estimated, counter.note
+    if spec is not None:
+        over = np.flatnonzero(lengths > spec.max_seq_len)
+        for i in over[:_LISTED_PER_RULE]:
+            report.warn(f"is about {int(lengths[i]):,} tokens; {spec.id} takes at most {spec.max_seq_len:,}, "
+                        "so it will be truncated", int(positions[i]) + 1)
+        report.warning_count += max(0, len(over) - _LISTED_PER_RULE)
+    report.example = ([{"role": "system", "content": fixed}] if fixed else []) + [
+        {"role": role, "content": sub[name].iloc[0]} for role, name in columns]
     roles = [r for r, _ in mapping.roles]
+    names = [c for _, c in mapping.roles]
     fixed_escaped = _escaped([fixed])[0] if fixed else None
 
     def write(fh):
         for start in range(0, len(sub), CHUNK_ROWS):
             chunk = sub.iloc[start:start + CHUNK_ROWS]
             cols = [_escaped(chunk[c].tolist()) for c in names]
-            if mapping.system_column:
+            if mapping.system_column is not None:
                 system = _escaped(chunk[mapping.system_column].tolist())
             else:
                 system = [fixed_escaped] if fixed_escaped is not None else None
@@ -632,46 +683,35 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
 def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     import orjson
 
-    checker_report = ValidationReport(source=report.source, model=report.model, method=report.method)
-    records_for_check = []
-    labels = []
-    for pos, label, record, problem in _row_records(df, mapping, fmt, rows):
-        if problem is not None:
-            report.error(problem[0], pos + 1, f"row {_label(label)!r}, column {problem[1]!r}")
-            continue
-        records_for_check.append((pos + 1, record))
-        labels.append(label)
-    if records_for_check or not report.error_count:  # else "no examples" would only repeat the errors
-        check_records(records_for_check, checker_report, model=spec, counter=counter)
-    bad_lines = {e.line for e in checker_report.errors}
-    label_of = {line: lab for (line, _), lab in zip(records_for_check, labels)}
-    for e in checker_report.errors:
-        field = f"row {_label(label_of.get(e.line))!r}" + (f", {e.field}" if e.field else "")
-        report.error(e.message, e.line, field)
-    report.error_count += checker_report.error_count - len(checker_report.errors)
-    report.warnings.extend(checker_report.warnings)
-    report.warning_count += checker_report.warning_count
-    report.dropped = checker_report.dropped
-    report.images = checker_report.images
-    report.format = checker_report.format or fmt
-    report.example = checker_report.example
-    report.tokens_estimated, report.tokenizer_note = checker_report.tokens_estimated, checker_report.tokenizer_note
-    keep = [i for i, (line, _) in enumerate(records_for_check) if line not in bad_lines]
-    if skip_invalid and report.error_count:
-        report.warn(f"{report.error_count} invalid rows left out (skip_invalid)")
-        report.errors.clear()
-        report.error_count = 0
-    report.examples = len(keep) if (skip_invalid or report.ok) else len(records_for_check)
-    report.token_lengths = [checker_report.token_lengths[i] for i in keep]
+    records = []
+    bad_lines: set[int] = set()
+
+    def numbered():
+        for pos, record, problem in _row_records(df, mapping, fmt, rows):
+            if problem is not None:
+                report.examples += 1
+                report.error(problem[0], pos + 1, f"column {problem[1]!r}")
+                bad_lines.add(pos + 1)
+                continue
+            records.append((pos + 1, record))
+            yield pos + 1, record
+
+    check_records(numbered(), report, model=spec, counter=counter, bad_lines=bad_lines)
+    report.format = report.format or fmt
+    keep = [i for i, (line, _) in enumerate(records) if line not in bad_lines]
+    if skip_invalid and bad_lines:
+        _skip_bad_rows(report, len(bad_lines))
+        lengths = report.token_lengths
+        report.token_lengths = [lengths[i] for i in keep]
+        report.examples = len(keep)
     if not report.ok:
         return None
     if not keep:
-        report.error(f"no valid rows are left to write to {report.source}")
+        _no_rows_left(report)
         return None
-    lines = [orjson.dumps(records_for_check[i][1]) + b"\n" for i in keep]
 
     def write(fh):
-        for start in range(0, len(lines), CHUNK_ROWS):
-            fh.write(b"".join(lines[start:start + CHUNK_ROWS]))
+        for start in range(0, len(keep), CHUNK_ROWS):
+            fh.write(b"".join(orjson.dumps(records[i][1]) + b"\n" for i in keep[start:start + CHUNK_ROWS]))
 
     return write

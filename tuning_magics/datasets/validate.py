@@ -8,26 +8,85 @@ token statistics and the number of examples the service would drop.
 
 Errors make a dataset unusable (the service would reject the job); warnings
 do not (an example will be truncated, text-only rows dropped from an image
-dataset, ...).
+dataset, ...). Files are read line by line with a bound on a line's size, so
+memory stays small whatever the file holds.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import unicodedata
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from . import formats as F
-from .tokens import TokenCounter
+from .tokens import BATCH_CHARS, BATCH_EXAMPLES, TOKENIZER, TokenCounter
 
 #: Stop listing errors after this many; the count stays exact.
 MAX_LISTED = 200
+#: Longest line read as one example. A longer line is reported and skipped without being held in memory.
+MAX_LINE_BYTES = 32 * 2**20
+_SKIP_CHUNK = 1 << 20
 
 _CHAT_ROLES = {"system", "user", "assistant", "model"}
 _GC_ROLES = {"user", "model", "assistant"}
 _IMAGE_EXTENSIONS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 _DETAILS = {"low", "high", "auto"}
+
+
+# -- the rules for one text value -----------------------------------------------------------
+# One message per rule, used by the record validator and by the DataFrame writer's
+# vectorised checks alike.
+
+TEXT_RULES = {
+    "missing": "missing; add it",
+    "null": "is null; give it text or drop the example",
+    "type": "must be text (it must be a string, not {type})",
+    "blank": "is blank (empty, or only white space or invisible characters); give it text or drop the example",
+    "surrogate": "is not valid Unicode text (it holds a lone surrogate); fix or remove it",
+}
+
+# Characters that show nothing: white space, control and format characters (zero-width
+# spaces and joiners, the byte-order mark, NUL ...) and a few fillers of other categories.
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+_INVISIBLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x2800, 0x2800),
+                     (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0xE0100, 0xE01EF))
+_INVISIBLE_POINTS = frozenset(c for lo, hi in _INVISIBLE_RANGES for c in range(lo, hi + 1))
+#: The same set as an RE2 pattern (Arrow's regex engine) matching a blank text.
+BLANK_PATTERN = "^[\\p{Z}\\p{Cc}\\p{Cf}" + "".join(
+    f"\\x{{{lo:04X}}}" + (f"-\\x{{{hi:04X}}}" if hi != lo else "") for lo, hi in _INVISIBLE_RANGES) + "]*$"
+
+
+def is_blank(text: str) -> bool:
+    """True when the text shows nothing: empty, or only white space and invisible characters."""
+    for ch in text:
+        if " " < ch < "\x7f":  # visible ASCII: the common first character
+            return False
+        if ord(ch) not in _INVISIBLE_POINTS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES:
+            return False
+    return True
+
+
+def text_rule(value) -> str | None:
+    """The TEXT_RULES key that ``value`` breaks as a text field, or None when it is good text."""
+    if value is _MISSING:
+        return "missing"
+    if value is None:
+        return "null"
+    if not isinstance(value, str):
+        return "type"
+    if is_blank(value):
+        return "blank"
+    if not _is_unicode(value):
+        return "surrogate"
+    return None
+
+
+def text_message(rule: str, value=None) -> str:
+    """The message of a TEXT_RULES rule (``value`` names the wrong type)."""
+    return TEXT_RULES[rule].format(type=json_type(value))
 
 
 @dataclass
@@ -39,8 +98,7 @@ class Issue:
     field: str | None = None
 
     def to_dict(self) -> dict:
-        out = {"line": self.line, "field": self.field, "message": self.message}
-        return out
+        return {"line": self.line, "field": self.field, "message": self.message}
 
     def __str__(self) -> str:
         where = []
@@ -67,10 +125,12 @@ class ValidationReport:
     images: int = 0
     model: str | None = None
     method: str = "sft"
-    token_lengths: list[int] = field(default_factory=list, repr=False)
+    token_lengths: object = field(default_factory=lambda: array("q"), repr=False)
     tokens_estimated: bool = True
     tokenizer_note: str = ""
     example: list[dict] | None = field(default=None, repr=False)
+    #: The DataFrame's index when lines are its rows: issues then name the row by its label.
+    row_labels: object = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -89,15 +149,29 @@ class ValidationReport:
             "estimated": self.tokens_estimated,
         }
 
+    @property
+    def example_segments(self) -> list[tuple[str, bool]]:
+        """The first example in the model's chat template, as (text, carries_loss) pieces."""
+        from .templates import segments
+
+        return segments(self.example, self.model) if self.example else []
+
+    def _field(self, line, field):
+        if self.row_labels is None or line is None:
+            return field
+        label = self.row_labels[line - 1]
+        label = label.item() if hasattr(label, "item") else label  # 5, not np.int64(5)
+        return f"row {label!r}" + (f", {field}" if field else "")
+
     def error(self, message: str, line: int | None = None, field: str | None = None) -> None:
         self.error_count += 1
         if len(self.errors) < MAX_LISTED:
-            self.errors.append(Issue(message, line, field))
+            self.errors.append(Issue(message, line, self._field(line, field)))
 
     def warn(self, message: str, line: int | None = None, field: str | None = None) -> None:
         self.warning_count += 1
         if len(self.warnings) < MAX_LISTED:
-            self.warnings.append(Issue(message, line, field))
+            self.warnings.append(Issue(message, line, self._field(line, field)))
 
     def to_dict(self) -> dict:
         """The report as plain JSON-ready data (what ``--json`` prints)."""
@@ -165,7 +239,7 @@ class RecordChecker:
     def check(self, record, line: int) -> tuple[str | None, bool]:
         """Check one record; returns (format, has_image). Problems go to the report."""
         if not isinstance(record, dict):
-            self.report.error(f"each line must be a JSON object, not {_json_type(record)}", line)
+            self.report.error(f"each line must be a JSON object, not {json_type(record)}", line)
             return None, False
         fmt = F.detect(record)
         if fmt is None:
@@ -194,25 +268,17 @@ class RecordChecker:
         return False
 
     def _text(self, value, line, field_name) -> bool:
-        if value is _MISSING:
-            self.report.error("missing; add it", line, field_name)
-        elif value is None:
-            self.report.error("is null; give it text", line, field_name)
-        elif not isinstance(value, str):
-            self.report.error(f"must be a string, not {_json_type(value)}", line, field_name)
-        elif not value.strip():
-            self.report.error("is empty; give it text or drop the example", line, field_name)
-        elif not _is_unicode(value):
-            self.report.error("is not valid Unicode text (it holds a lone surrogate); fix or remove it", line, field_name)
-        else:
+        rule = text_rule(value)
+        if rule is None:
             return True
+        self.report.error(text_message(rule, value), line, field_name)
         return False
 
     # chat
     def _chat(self, record, line) -> bool:
         messages = record["messages"]
         if not isinstance(messages, list):
-            self.report.error(f"must be a list of messages, not {_json_type(messages)}", line, "messages")
+            self.report.error(f"must be a list of messages, not {json_type(messages)}", line, "messages")
             return False
         if not messages:
             self.report.error("is empty; add user and assistant messages", line, "messages")
@@ -222,7 +288,7 @@ class RecordChecker:
         for i, msg in enumerate(messages):
             where = f"messages[{i}]"
             if not isinstance(msg, dict):
-                self.report.error(f"must be an object with role and content, not {_json_type(msg)}", line, where)
+                self.report.error(f"must be an object with role and content, not {json_type(msg)}", line, where)
                 continue
             extra = sorted(set(msg) - {"role", "content"})
             if extra:
@@ -249,7 +315,7 @@ class RecordChecker:
             for j, part in enumerate(content):
                 pw = f"{where}[{j}]"
                 if not isinstance(part, dict):
-                    self.report.error(f"must be an object with a type, not {_json_type(part)}", line, pw)
+                    self.report.error(f"must be an object with a type, not {json_type(part)}", line, pw)
                     continue
                 kind = part.get("type")
                 if kind == "text":
@@ -327,7 +393,9 @@ class RecordChecker:
         if self.method == "sft" and "assistant" not in convo:
             self.report.error("has no assistant turn to learn from; add the answer (or use method='distillation')", line, where)
         elif self.method == "sft" and convo[-1] != "assistant":
-            self.report.warn("ends with a user turn that has no answer; that turn teaches nothing", line, where)
+            # For distillation a last user turn is the prompt; for tuning it is a cut-off example.
+            self.report.error("ends with a user turn that has no answer (a truncated example); add the answer "
+                              "or remove the last turn", line, where)
         if convo and convo[0] != "user":
             self.report.error("must start with a user turn (after the system message)", line, where)
 
@@ -352,14 +420,14 @@ class RecordChecker:
             self.report.error("missing; add the conversation turns", line, "contents")
             return False
         if not isinstance(contents, list):
-            self.report.error(f"must be a list of turns, not {_json_type(contents)}", line, "contents")
+            self.report.error(f"must be a list of turns, not {json_type(contents)}", line, "contents")
             return False
         has_image = False
         roles = []
         for i, turn in enumerate(contents):
             where = f"contents[{i}]"
             if not isinstance(turn, dict):
-                self.report.error(f"must be an object with role and parts, not {_json_type(turn)}", line, where)
+                self.report.error(f"must be an object with role and parts, not {json_type(turn)}", line, where)
                 continue
             extra = sorted(set(turn) - {"role", "parts"})
             if extra:
@@ -380,7 +448,7 @@ class RecordChecker:
 
     def _gc_part(self, part, line, where) -> bool:
         if not isinstance(part, dict):
-            self.report.error(f"must be an object, not {_json_type(part)}", line, where)
+            self.report.error(f"must be an object, not {json_type(part)}", line, where)
             return False
         kinds = [k for k in part if k in ("text", "file_data", "fileData", "inline_data", "inlineData")]
         extra = sorted(set(part) - set(kinds))
@@ -433,12 +501,15 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
+    """What a value is, in words: "null", "a number", "a string", ... ("a Timestamp" for other types)."""
+    import numbers
+
     if value is None:
         return "null"
-    if isinstance(value, bool):
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):
         return "a boolean"
-    if isinstance(value, (int, float)):
+    if isinstance(value, numbers.Number):
         return "a number"
     if isinstance(value, str):
         return "a string"
@@ -446,37 +517,139 @@ def _json_type(value) -> str:
         return "an array"
     if isinstance(value, dict):
         return "an object"
-    return type(value).__name__
+    return f"a {type(value).__name__}"
 
 
-# -- whole datasets -------------------------------------------------------------------
+# -- reading files ------------------------------------------------------------------------------
+
+# First bytes of files that are often handed over in place of JSONL.
+_MAGIC = (
+    (b"\x1f\x8b", "looks gzip-compressed", "decompress it first (gunzip FILE)"),
+    (b"PK\x03\x04", "looks like a zip archive", "extract the JSONL file from it first"),
+    (b"PAR1", "looks like a Parquet file", "read it with pandas.read_parquet and pass the DataFrame"),
+    (b"BZh", "looks bzip2-compressed", "decompress it first (bunzip2 FILE)"),
+    (b"\xfd7zXZ\x00", "looks xz-compressed", "decompress it first (unxz FILE)"),
+    (b"\x28\xb5\x2f\xfd", "looks zstd-compressed", "decompress it first (unzstd FILE)"),
+    (b"\xff\xfe", "is UTF-16 text", "save it as UTF-8"),
+    (b"\xfe\xff", "is UTF-16 text", "save it as UTF-8"),
+)
 
 
-def _iter_file_lines(fh) -> Iterator[tuple[int, bytes]]:
-    for number, raw in enumerate(fh, start=1):
-        yield number, raw
+def _not_text(first: bytes) -> str | None:
+    """Why a file whose first line is ``first`` is not JSONL text at all, or None."""
+    for magic, what, fix in _MAGIC:
+        if first.startswith(magic):
+            return f"the file {what}, not JSONL text; {fix}"
+    if b"\x00" in first:
+        return "the file holds NUL bytes: it is binary (or UTF-16) data, not JSONL text; give a UTF-8 JSONL file"
+    return None
+
+
+def _raw_lines(fh, report: ValidationReport) -> Iterator[tuple[int, bytes]]:
+    """(line number, stripped bytes) of every non-blank line, each at most MAX_LINE_BYTES.
+
+    A longer line is one error, and the rest of it is read past in chunks. A file
+    that is compressed or binary is one error, and nothing more of it is read.
+    """
+    limit = MAX_LINE_BYTES
+    number = 0
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        if number == 1:
+            problem = _not_text(raw)
+            if problem:
+                report.error(problem)
+                return
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            report.examples += 1
+            report.error(f"is longer than {limit:,} bytes, the most one example may take; shorten it "
+                         "(images: give gs:// URIs rather than inline data)", number)
+            while True:
+                chunk = fh.readline(_SKIP_CHUNK)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+                if b"\x00" in chunk:  # binary data, where a newline may never come
+                    report.error("holds NUL bytes: the rest of the file is binary data, not JSONL text", number)
+                    return
+            continue
+        stripped = raw.strip()
+        if stripped:
+            yield number, stripped
 
 
 def _parsed(lines: Iterable[tuple[int, bytes]], report: ValidationReport) -> Iterator[tuple[int, object]]:
     import orjson
 
+    loads, dumps = orjson.loads, orjson.dumps
     for number, raw in lines:
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
-        stripped = raw.strip()
-        if not stripped:
-            continue
         try:
-            stripped.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            report.examples += 1
-            report.error(f"is not valid UTF-8 (byte {exc.start + 1}); save the file as UTF-8", number)
-            continue
-        try:
-            yield number, orjson.loads(stripped)
+            record = loads(raw)
         except orjson.JSONDecodeError as exc:
             report.examples += 1
-            report.error(f"is not valid JSON ({exc.msg} at column {exc.colno})", number)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                report.error(f"is not valid UTF-8 (byte {bad.start + 1}); save the file as UTF-8", number)
+            else:
+                report.error(f"is not valid JSON ({exc.msg} at column {exc.colno})", number)
+            continue
+        # orjson keeps the last of duplicate keys silently. A line naming more keys than the
+        # parsed record holds is parsed again, slowly, to find the duplicate.
+        if type(record) is dict and raw.count(b'":') > _key_count(record):
+            duplicate = _duplicate_key(raw)
+            if duplicate is not None:
+                report.examples += 1
+                report.error(f"key {duplicate!r} appears twice in one object; keep one (JSON readers keep only "
+                             "the last, silently)", number, duplicate)
+                continue
+        yield number, record
+
+
+def _key_count(value) -> int:
+    n = len(value)
+    for v in value.values():
+        t = type(v)
+        if t is dict:
+            n += _key_count(v)
+        elif t is list:
+            n += _key_count_list(v)
+    return n
+
+
+def _key_count_list(values: list) -> int:
+    n = 0
+    for v in values:
+        t = type(v)
+        if t is dict:
+            n += _key_count(v)
+        elif t is list:
+            n += _key_count_list(v)
+    return n
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    import json
+
+    found = []
+
+    def pairs(items):
+        seen = set()
+        for key, _ in items:
+            if key in seen and not found:
+                found.append(key)
+            seen.add(key)
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return found[0] if found else None
+
+
+# -- whole datasets -------------------------------------------------------------------
 
 
 def check_records(
@@ -485,14 +658,32 @@ def check_records(
     *,
     model=None,
     counter: TokenCounter | None = None,
+    bad_lines: set | None = None,
 ) -> ValidationReport:
-    """Validate numbered records into ``report``: per-record checks, then dataset-wide rules."""
+    """Validate numbered records into ``report``: per-record checks, then dataset-wide rules.
+
+    ``bad_lines``, when given, collects the line of every example with an error.
+    """
     checker = RecordChecker(report, report.method)
     counter = counter or TokenCounter(model.id if model else None)
-    first_line = None
-    text_only: list[int] = []
+    batched = counter.kind == TOKENIZER
+    lengths = report.token_lengths = array("q")
     max_len = model.max_seq_len if model else None
-    example_set = False
+    first_line = None
+    text_only, text_only_lines = 0, []
+    pending: list[tuple[int, int, list]] = []
+    pending_chars = 0
+
+    def record_length(slot: int, line: int, n: int) -> None:
+        lengths[slot] = n
+        if max_len and n > max_len:
+            report.warn(f"is about {n:,} tokens; {model.id} takes at most {max_len:,}, so it will be truncated", line)
+
+    def flush() -> None:
+        for (slot, line, _), n in zip(pending, counter.count_many([m for _, _, m in pending])):
+            record_length(slot, line, n)
+        pending.clear()
+
     for line, record in records:
         report.examples += 1
         before = report.error_count
@@ -504,31 +695,42 @@ def check_records(
                 report.error(
                     f"is {fmt} but line {first_line} is {report.format}; one file holds one format", line
                 )
+        lengths.append(0)
         if report.error_count != before or fmt is None:
-            report.token_lengths.append(0)
+            if bad_lines is not None:
+                bad_lines.add(line)
             continue
         messages = F.to_messages(record, fmt)
         if has_image:
             report.images += 1
             if model is not None and not model.multimodal:
                 report.error(f"has an image but {model.id} is text-only; remove images or pick an image model", line)
+                if bad_lines is not None:
+                    bad_lines.add(line)
         else:
-            text_only.append(line)
-        n = counter.count(messages)
-        report.token_lengths.append(n)
-        if max_len and n > max_len:
-            report.warn(f"is about {n:,} tokens; {model.id} takes at most {max_len:,}, so it will be truncated", line)
-        if not example_set:
-            report.example, example_set = messages, True
-    if report.examples == 0:
+            text_only += 1
+            if len(text_only_lines) < 20:
+                text_only_lines.append(line)
+        if report.example is None:
+            report.example = messages
+        if batched:
+            pending.append((len(lengths) - 1, line, messages))
+            pending_chars += sum(len(F.text_of(m["content"])) for m in messages)
+            if len(pending) >= BATCH_EXAMPLES or pending_chars >= BATCH_CHARS:
+                flush()
+                pending_chars = 0
+        else:
+            record_length(len(lengths) - 1, line, counter.count(messages))
+    flush()
+    if report.examples == 0 and report.ok:  # after errors, "no examples" would only repeat them
         report.error("the dataset has no examples; add at least one line")
     if report.images and text_only:
-        report.dropped = len(text_only)
+        report.dropped = text_only
         report.warn(
-            f"{len(text_only)} text-only examples will be dropped: the dataset has images, and the service "
+            f"{text_only} text-only examples will be dropped: the dataset has images, and the service "
             "drops every text-only example of an image dataset; add images to them or split the dataset"
         )
-        for line in text_only[:20]:
+        for line in text_only_lines:
             report.warn("is text-only in an image dataset: the service will drop it", line)
     report.tokens_estimated = counter.estimated
     report.tokenizer_note = counter.note
@@ -537,11 +739,12 @@ def check_records(
 
 def _resolve_model(model):
     from .. import catalog
+    from ..errors import UserError
 
-    if model is None:
-        return None
-    if not isinstance(model, str):
+    if model is None or isinstance(model, catalog.Model):
         return model
+    if not isinstance(model, str):
+        raise UserError(f"model must be a model id such as 'local/tiny-qwen3', not {model!r}", field="model")
     return catalog.get(model)
 
 
@@ -549,7 +752,7 @@ def _check_method(method: str) -> str:
     from ..catalog import METHODS
     from ..errors import UserError
 
-    m = str(method).lower()
+    m = method.lower() if isinstance(method, str) else None
     if m not in METHODS:
         raise UserError(f"method must be sft or distillation, not {method!r}", field="method")
     return m
@@ -576,19 +779,26 @@ def validate(
     counter = TokenCounter(spec.id if spec else None)
     if isinstance(source, (list, tuple)):
         check_records(enumerate(source, start=1), report, model=spec, counter=counter)
-    elif _is_dataframe(source):
-        records = source.to_dict(orient="records")
-        records = [{k: (None if _is_na(v) else plain(v)) for k, v in r.items()} for r in records]
-        check_records(enumerate(records, start=1), report, model=spec, counter=counter)
+    elif is_dataframe(source):
+        check_records(enumerate(_frame_records(source), start=1), report, model=spec, counter=counter)
     else:
         from .. import storage
 
-        uri = str(getattr(source, "uri", source))
-        with storage.open_read(uri) as fh:
-            check_records(_parsed(_iter_file_lines(fh), report), report, model=spec, counter=counter)
+        with storage.open_read(_uri(source)) as fh:
+            check_records(_parsed(_raw_lines(fh, report), report), report, model=spec, counter=counter)
     if training is not None:
         _check_validation_set(report, source, training)
     return report
+
+
+def _uri(source) -> str:
+    return str(getattr(source, "uri", source))
+
+
+def _frame_records(df) -> Iterator[dict]:
+    """The rows of a DataFrame whose columns are record keys, as plain records (missing cells as null)."""
+    for r in df.to_dict(orient="records"):
+        yield {k: (None if _is_na(v) else plain(v)) for k, v in r.items()}
 
 
 def _check_validation_set(report: ValidationReport, source, training) -> None:
@@ -623,19 +833,15 @@ def _records_of(source) -> Iterator:
     """The records of a list, a DataFrame or a JSONL file (raw bytes for lines that are not JSON)."""
     if isinstance(source, (list, tuple)):
         yield from source
-    elif _is_dataframe(source):
-        for r in source.to_dict(orient="records"):
-            yield {k: (None if _is_na(v) else v) for k, v in r.items()}
+    elif is_dataframe(source):
+        yield from _frame_records(source)
     else:
         import orjson
 
         from .. import storage
 
-        with storage.open_read(str(getattr(source, "uri", source))) as fh:
-            for raw in fh:
-                raw = raw.strip()
-                if not raw:
-                    continue
+        with storage.open_read(_uri(source)) as fh:
+            for _, raw in _raw_lines(fh, ValidationReport(source="")):
                 try:
                     yield orjson.loads(raw)
                 except orjson.JSONDecodeError:
@@ -656,16 +862,21 @@ def plain(value):
     return value
 
 
-def _is_dataframe(obj) -> bool:
-    return type(obj).__name__ == "DataFrame" and hasattr(obj, "to_dict")
+def is_dataframe(obj) -> bool:
+    """True for a pandas DataFrame (told by its class, so pandas is not imported to ask)."""
+    return any(c.__name__ == "DataFrame" and c.__module__.split(".")[0] == "pandas" for c in type(obj).__mro__)
 
 
 def _is_na(value) -> bool:
-    try:
-        import pandas as pd
+    """True for a missing cell: None, NaN, NA or NaT. Text, numbers, lists and arrays are values."""
+    if value is None:
+        return True
+    if isinstance(value, (str, bytes, list, tuple, dict)) or hasattr(value, "__len__"):
+        return False
+    import pandas as pd
 
-        # Only scalars can be "missing"; arrays, lists and dicts are values.
-        return not hasattr(value, "__len__") or isinstance(value, str) and bool(pd.isna(value))
+    try:
+        return bool(pd.isna(value))
     except (TypeError, ValueError):
         return False
 
@@ -673,6 +884,6 @@ def _is_na(value) -> bool:
 def _describe(source) -> str:
     if isinstance(source, (list, tuple)):
         return f"<{len(source)} records>"
-    if _is_dataframe(source):
+    if is_dataframe(source):
         return f"<DataFrame {len(source)} rows>"
-    return str(getattr(source, "uri", source))
+    return _uri(source)
