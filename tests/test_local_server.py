@@ -8,8 +8,12 @@ chat class's greedy reply token for token.
 from __future__ import annotations
 
 import json
+import re
+import socket
+import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +180,242 @@ def test_stop_frees_the_port(server):
     srv.stop()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url + "/models", timeout=5)
+
+
+# -- one set of request rules for job.chat(), LocalChatModel.reply() and the server ----------------
+
+_HI = [{"role": "user", "content": "hi"}]
+# (reply(...) arguments, the same request as an HTTP body, a piece of the one message both give)
+_SAME_RULES = [
+    (("hi \ud800",), {"messages": [{"role": "user", "content": "hi \ud800"}]}, "lone surrogate '\\ud800' at character 3"),
+    ((None,), {"messages": None}, "'messages' is required"),
+    ((5,), {"messages": 5}, "'messages' is required"),
+    (([{"role": "bogus", "content": "x"}],), {"messages": [{"role": "bogus", "content": "x"}]}, "role 'bogus'"),
+    (([{"role": "user", "content": [{"type": "image_url"}]}],),
+     {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text only"),
+    ((_HI,), {"messages": _HI, "temperature": -1}, "'temperature' must be between 0.0 and 2.0, not -1"),
+    ((_HI,), {"messages": _HI, "top_p": float("nan")}, "'top_p' must be a number"),
+    ((_HI,), {"messages": _HI, "seed": 1.5}, "'seed' must be a whole number"),
+    (("x" * 2000,), {"messages": [{"role": "user", "content": "x" * 2000}]}, "this model takes at most 1024"),
+]
+
+
+@pytest.mark.parametrize("args, body, needle", _SAME_RULES)
+def test_chat_and_the_server_refuse_the_same_requests_with_the_same_sentence(server, args, body, needle):
+    options = {k: v for k, v in body.items() if k != "messages"}
+    with pytest.raises(UserError) as err:
+        server.chat_model.reply(*args, **options)
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+    status, _, data = _post(server.url + "/chat/completions", body)
+    assert status == 400 and data["error"]["message"] == message
+
+
+def test_max_tokens_is_named_as_the_caller_spelt_it(server):
+    with pytest.raises(UserError, match="'max_new_tokens' must be between 1 and 8192, not 0"):
+        server.chat_model.reply("hi", max_new_tokens=0)
+    with pytest.raises(UserError, match="chat\\(\\) has no option 'max_tokens'"):
+        server.chat_model.reply("hi", max_tokens=5)
+    status, _, data = _post(server.url + "/chat/completions", {"messages": _HI, "max_tokens": 0})
+    assert status == 400 and data["error"]["message"] == "'max_tokens' must be between 1 and 8192, not 0"
+    # Prompt and reply must fit the context together; the message gives the numbers.
+    status, _, data = _post(server.url + "/chat/completions",
+                            {"messages": [{"role": "user", "content": "x" * 900}], "max_completion_tokens": 200})
+    assert status == 400
+    assert re.fullmatch(r"the prompt is \d+ tokens; this model takes at most 1024, including "
+                        r"max_completion_tokens=200: shorten the messages or lower max_completion_tokens",
+                        data["error"]["message"]), data
+    # Without max_tokens, the reply gets the room that is left.
+    status, _, data = _post(server.url + "/chat/completions", {"messages": [{"role": "user", "content": "x" * 900}]})
+    assert status == 200 and data["usage"]["total_tokens"] <= 1024
+
+
+def test_job_chat_checks_the_request_before_loading_the_model(tuned):
+    import time
+
+    from tuning_magics.backends.local import registry
+    from tuning_magics.backends.local.jobs import LocalJob
+    from tuning_magics.jobs import JOB_STATE_SUCCEEDED
+
+    job_id = registry.new_id("chat")
+    registry.insert(registry.JobRecord(id=job_id, config={}, state=JOB_STATE_SUCCEEDED,
+                                       output_dir=str(Path(tuned).parents[3]), created=time.time()))
+    job = LocalJob(job_id)
+    for bad, options in [("hi \ud800", {}), (None, {}), (5, {}), ("hi", {"max_new_tokens": 0}),
+                         ([{"role": "bogus", "content": "hi"}], {}), ("hi", {"temperature": -1}),
+                         ("hi", {"stream": "yes"}), ("hi", {"bogus": 1})]:
+        with pytest.raises(UserError) as err:
+            job.chat(bad, **options)
+        assert "\n" not in str(err.value)
+    assert job._chat_models == {}  # refused before any model was loaded
+    assert job.chat(QA[0][0], max_new_tokens=24) == QA[0][1]
+    assert "".join(job.chat(QA[1][0], stream=True)) == QA[1][1]
+
+
+# -- bounded resources ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def babbler(tuned):
+    """The untuned tiny model: it never says end-of-turn, so a reply runs to max_tokens (a long request)."""
+    from tuning_magics.backends.local.generate import LocalChatModel
+
+    return LocalChatModel(MODEL)
+
+
+def _raw(port: int, data: bytes, *, timeout: float = 60) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _status_and_error(reply: bytes) -> tuple[int, str]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body)["error"]["message"]
+
+
+_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+
+def test_bodies_over_the_limit_and_deep_json_are_refused_quietly(server, capfd):
+    from tuning_magics.backends.local.server import serve
+
+    # Content-Length alone decides: nothing is read, nothing allocated.
+    status, message = _status_and_error(_raw(server.port, _HEAD + b"Content-Length: 1000000000000\r\n\r\n"))
+    assert status == 413 and "over 2000000 bytes" in message
+    status, message = _status_and_error(_raw(server.port, _HEAD + b"Content-Length: -5\r\n\r\n"))
+    assert status == 400 and "Content-Length" in message
+    status, _, data = _post(server.url + "/chat/completions", b"[" * 200_000)
+    assert status == 400 and "nests JSON too deeply" in data["error"]["message"]
+    with serve(server.chat_model, max_body_bytes=1000) as small:
+        # A chunked body is refused as soon as it streams past the limit.
+        chunks = b"".join(b"%x\r\n%s\r\n" % (600, b" " * 600) for _ in range(2)) + b"0\r\n\r\n"
+        status, message = _status_and_error(_raw(small.port, _HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunks))
+        assert status == 413 and "over 1000 bytes" in message
+        # A chunked body within the limit is read like any other.
+        body = json.dumps({"messages": _HI, "max_tokens": 2}).encode()
+        reply = _raw(small.port, _HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                     + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        # curl's "Expect: 100-continue" is refused before the body is sent.
+        reply = _raw(small.port, _HEAD + b"Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        assert _status_and_error(reply)[0] == 413
+    err = capfd.readouterr().err
+    assert not any(word in err for word in ("Traceback", "MemoryError", "RecursionError")), err
+
+
+def test_a_stalled_client_is_dropped_after_the_request_timeout(server, capfd):
+    from tuning_magics.backends.local.server import serve
+
+    with serve(server.chat_model, request_timeout=0.5) as srv:
+        # Ten bytes of a promised hundred, then silence: the handler must not wait forever.
+        status, message = _status_and_error(_raw(srv.port, _HEAD + b"Content-Length: 100\r\n\r\n{\"messages\"", timeout=60))
+        assert status == 408 and "not received within 0.5 s" in message
+        # A connection that never sends a request is closed too.
+        assert _raw(srv.port, b"", timeout=60) == b""
+        assert srv.chat(QA[0][0]) == QA[0][1]  # and the server still serves
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def _stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    """Read a streamed reply in a thread; ``state`` has the pieces so far and ``done`` once [DONE] came."""
+    state = {"pieces": [], "done": False, "first": threading.Event()}
+
+    def read():
+        req = urllib.request.Request(url + "/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line == "data: [DONE]":
+                    state["done"] = True
+                elif line.startswith("data: "):
+                    choices = json.loads(line[6:])["choices"]
+                    if choices and choices[0]["delta"].get("content"):
+                        state["pieces"].append(choices[0]["delta"]["content"])
+                        state["first"].set()
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, state
+
+
+def test_requests_take_turns_and_a_huge_prompt_fails_fast(babbler):
+    from tuning_magics.backends.local.server import serve
+
+    with serve(babbler) as srv:
+        long_thread, long = _stream_in_thread(srv.url, {"messages": _HI, "max_tokens": 1000})
+        assert long["first"].wait(120)
+        # 10,000 messages: refused from the token count, without waiting for the long reply.
+        many = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(10_000)]
+        status, _, data = _post(srv.url + "/chat/completions", {"messages": many})
+        assert status == 400 and re.match(r"the prompt is \d{5,} tokens; this model takes at most 1024",
+                                          data["error"]["message"])
+        assert not long["done"]
+        # A short request is answered in turn with the long one, not after it.
+        status, _, data = _post(srv.url + "/chat/completions", {"messages": _HI, "max_tokens": 3})
+        assert status == 200 and data["usage"]["completion_tokens"] == 3
+        assert not long["done"], "the short request waited for the long one to end"
+        long_thread.join(300)
+        assert long["done"] and len("".join(long["pieces"])) > 0
+
+
+def _forward_counter(chat_model) -> tuple[list, object]:
+    calls: list[int] = []
+    return calls, chat_model.model.register_forward_hook(lambda *a: calls.append(1))
+
+
+def _wait_idle(srv, limit: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + limit
+    while srv.active_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.active_requests == 0
+
+
+def test_a_full_server_says_429_and_a_gone_client_stops_its_generation(babbler, capfd):
+    import time
+
+    from tuning_magics.backends.local.server import serve
+
+    calls, hook = _forward_counter(babbler)
+    try:
+        with serve(babbler, max_concurrent_requests=1) as srv:
+            # Streaming: the client reads one piece and hangs up.
+            body = json.dumps({"messages": _HI, "max_tokens": 1000, "stream": True}).encode()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+                sock.sendall(_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                assert b"data: " in sock.recv(65536)
+                # The only slot is taken: the next request is told to come back.
+                req = urllib.request.Request(srv.url + "/chat/completions", data=json.dumps({"messages": _HI}).encode())
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(req, timeout=60)
+                assert err.value.code == 429 and err.value.headers["Retry-After"] == "1"
+            _wait_idle(srv)
+            assert len(calls) < 500, f"{len(calls)} decoding steps after the client left"
+
+            # Not streaming: the client sends its request and leaves at once.
+            calls.clear()
+            body = json.dumps({"messages": _HI, "max_tokens": 1000}).encode()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+                sock.sendall(_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                deadline = time.monotonic() + 60
+                while not calls and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            _wait_idle(srv)
+            assert 0 < len(calls) < 500, f"{len(calls)} decoding steps after the client left"
+    finally:
+        hook.remove()
+    assert "Traceback" not in capfd.readouterr().err

@@ -1,18 +1,88 @@
 """Chat with a model on this machine: any checkpoint folder or model id the engine can load.
 
 The prompt is rendered with the model's own chat template, exactly as in
-training, so a tuned model sees the format it learned.
+training, so a tuned model sees the format it learned. Requests are checked by
+:mod:`.chat_request` (the rules the server uses too), including that prompt and
+reply fit the model's context.
+
+Several threads may share one model: they take turns one decoding step at a
+time, first come first served, so a long reply never holds back a short one.
+That is what continuous batching gives vLLM, TGI or llama.cpp's server,
+without the batching: one step of one request is the longest anyone waits per
+turn (a prefill is bounded by the context check).
 """
 
 from __future__ import annotations
 
+import collections
+import threading
+from collections.abc import Callable
 from typing import Iterator
 
+from .chat_request import BadRequest, chat_request, check_context
 
-def _as_messages(messages) -> list[dict]:
-    if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
-    return [dict(m) for m in messages]
+
+class _Turns:
+    """A first-come-first-served lock that its holder can pass to those waiting and get back after them."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._busy = False
+
+    def _wait_turn(self) -> None:  # called with the condition held
+        ticket = object()
+        self._queue.append(ticket)
+        while self._busy or self._queue[0] is not ticket:
+            self._cond.wait()
+        self._queue.popleft()
+        self._busy = True
+
+    def acquire(self) -> None:
+        with self._cond:
+            self._wait_turn()
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def waiting(self) -> bool:
+        return bool(self._queue)
+
+    def pass_turn(self) -> bool:
+        """Let everyone waiting go first, then take the lock back; False when nobody was waiting."""
+        with self._cond:
+            if not self._queue:
+                return False
+            self._busy = False
+            self._cond.notify_all()
+            self._wait_turn()
+            return True
+
+
+class _TakeTurns:
+    """A stopping criterion, called after every decoding step: stops on request, else passes the turn.
+
+    Sampling draws from torch's global generator, so a request that passes its
+    turn keeps its own generator state: a seeded reply stays the same when others interleave.
+    """
+
+    def __init__(self, turns: _Turns, should_stop: Callable[[], bool] | None, device):
+        self.turns, self.should_stop, self.device = turns, should_stop, device
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        stop = bool(self.should_stop is not None and self.should_stop())
+        if not stop and self.turns.waiting():
+            cuda = self.device.type == "cuda"
+            state = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+            if self.turns.pass_turn():
+                torch.set_rng_state(state[0])
+                if cuda:
+                    torch.cuda.set_rng_state(state[1], self.device)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class LocalChatModel:
@@ -28,10 +98,22 @@ class LocalChatModel:
         self.model, self.tokenizer = load_model_and_tokenizer(model_id_or_path, dtype=dtype, device=device)
         self.model.eval()
         self.model.config.use_cache = True
+        self._turns = _Turns()
 
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and reply) the model takes: its position limit or the tokenizer's, if known."""
+        config = self.model.config
+        limits = [getattr(config, "max_position_embeddings", None),
+                  getattr(getattr(config, "text_config", None), "max_position_embeddings", None),
+                  getattr(self.tokenizer, "model_max_length", None)]
+        # Tokenizers without a limit report a huge placeholder (1e30).
+        limits = [int(n) for n in limits if isinstance(n, (int, float)) and 0 < n < 10**9]
+        return min(limits) if limits else None
 
     def stop_ids(self) -> list[int]:
         """Token ids that end a reply (end of sequence and the template's end-of-turn markers)."""
@@ -52,60 +134,88 @@ class LocalChatModel:
 
     def encode(self, messages) -> dict:
         """The prompt's input ids and attention mask, rendered with the chat template."""
-        text = self.tokenizer.apply_chat_template(_as_messages(messages), tokenize=False, add_generation_prompt=True)
-        enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:
+            import jinja2
+
+            if not isinstance(exc, jinja2.TemplateError):
+                raise
+            # A template's own rule (e.g. roles must alternate) is the request's mistake.
+            raise BadRequest(f"the model's chat template refuses these messages: {exc}", field="messages") from None
+        # verbose=False: a prompt over the limit is refused by prepare(), not warned about on stderr.
+        enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    def generation_kwargs(self, max_new_tokens, temperature, top_p, top_k, seed) -> dict:
+    def generation_kwargs(self, max_new_tokens, temperature, top_p, top_k) -> dict:
         """``generate()`` options for greedy (temperature 0) or sampled decoding."""
-        import torch
-
-        kw = dict(max_new_tokens=int(max_new_tokens), eos_token_id=self.stop_ids(),
-                  pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                  else self.stop_ids()[0])
+        stops = self.stop_ids()
+        kw = dict(max_new_tokens=int(max_new_tokens), eos_token_id=stops,
+                  pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0])
         if temperature and temperature > 0:
             kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k or 0))
-            if seed is not None:
-                torch.manual_seed(int(seed))
         else:
             # Greedy: unset sampling knobs so the model's generation config cannot re-enable them.
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kw
 
-    def reply(self, messages, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-              top_k: int = 0, seed: int | None = None, stream: bool = False):
+    def prepare(self, req: dict) -> dict:
+        """A checked request (see :mod:`.chat_request`) with its prompt encoded and checked against the context.
+
+        Adds ``inputs`` and ``prompt_tokens``, and resolves ``max_new_tokens``;
+        raises BadRequest when the prompt and reply do not fit.
+        """
+        inputs = self.encode(req["messages"])
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        max_new = check_context(prompt_tokens, req["max_new_tokens"], self.context_length, max_name=req["max_name"])
+        return {**req, "inputs": inputs, "prompt_tokens": prompt_tokens, "max_new_tokens": max_new}
+
+    def reply(self, messages, *, stream: bool = False, **options):
         """The assistant's answer to ``messages`` (a list of chat messages or one user string).
 
-        ``temperature=0`` decodes greedily. With ``stream=True`` the result is an
-        iterator of text pieces instead of one string.
+        Options: ``max_new_tokens`` (default: 256, or what fits the context),
+        ``temperature`` (0 decodes greedily), ``top_p``, ``top_k``, ``seed``. With
+        ``stream=True`` the result is an iterator of text pieces instead of one
+        string. A mistake in the request raises a one-line UserError.
         """
-        if stream:
-            return self.stream(messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, seed=seed)
-        return self.complete(messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed)[0]
+        req = self.prepare(chat_request(messages, stream=stream, **options))
+        return self.stream(req) if stream else self.complete(req)[0]
 
-    def complete(self, messages, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None) -> tuple[str, int, list[int]]:
-        """(reply text, prompt length in tokens, generated token ids): what a server needs for usage counts."""
+    def _generate(self, req: dict, should_stop, streamer=None):
+        """Run ``generate`` in turn with other requests; stops early once ``should_stop()`` is true."""
         import torch
+        from transformers import StoppingCriteriaList
 
-        inputs = self.encode(messages)
-        with torch.no_grad():
-            out = self.model.generate(**inputs, **self.generation_kwargs(max_new_tokens, temperature, top_p, top_k,
-                                                                         seed))
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
-        return self.tokenizer.decode(new, skip_special_tokens=True), int(inputs["input_ids"].shape[1]), new
+        kwargs = self.generation_kwargs(req["max_new_tokens"], req["temperature"], req["top_p"], req["top_k"])
+        criteria = StoppingCriteriaList([_TakeTurns(self._turns, should_stop, self.device)])
+        self._turns.acquire()
+        try:
+            if req.get("seed") is not None:
+                torch.manual_seed(int(req["seed"]))
+            with torch.no_grad():
+                return self.model.generate(**req["inputs"], **kwargs, stopping_criteria=criteria, streamer=streamer)
+        finally:
+            self._turns.release()
 
-    def stream(self, messages, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, ids: list | None = None) -> Iterator[str]:
-        """Yield the answer as it is generated, in text pieces (generation runs in a helper thread).
+    def complete(self, req: dict, *, should_stop: Callable[[], bool] | None = None) -> tuple[str, int, list[int]]:
+        """(reply text, prompt length in tokens, generated token ids) for a checked request: what a server needs."""
+        req = req if "inputs" in req else self.prepare(req)
+        out = self._generate(req, should_stop)
+        new = out[0, req["prompt_tokens"]:].tolist()
+        return self.tokenizer.decode(new, skip_special_tokens=True), req["prompt_tokens"], new
 
-        When ``ids`` is a list, the generated token ids are appended to it as they come.
+    def stream(self, req: dict, *, ids: list | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """An iterator of the reply's text pieces as they are generated (in a helper thread).
+
+        When ``ids`` is a list, the generated token ids are appended to it as they
+        come. Generation stops when ``should_stop()`` is true or the iterator is
+        closed (its consumer went away).
         """
-        import threading
+        req = req if "inputs" in req else self.prepare(req)  # mistakes raise here, not at the first piece
+        return self._pieces(req, ids, should_stop)
 
-        import torch
+    def _pieces(self, req: dict, ids: list | None, should_stop) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         class _Streamer(TextIteratorStreamer):
@@ -114,25 +224,28 @@ class LocalChatModel:
                     ids.extend(value.reshape(-1).tolist())
                 super().put(value)
 
-        inputs = self.encode(messages)
         streamer = _Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**inputs, **self.generation_kwargs(max_new_tokens, temperature, top_p, top_k, seed),
-                      streamer=streamer)
+        closed = threading.Event()
         errors: list[BaseException] = []
+
+        def stop() -> bool:
+            return closed.is_set() or (should_stop is not None and should_stop())
 
         def run():
             try:
-                with torch.no_grad():
-                    self.model.generate(**kwargs)
+                self._generate(req, stop, streamer)
             except BaseException as exc:  # surfaced in the caller's thread below
                 errors.append(exc)
                 streamer.end()
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=run, daemon=True, name="tuning-magics-generate")
         thread.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            closed.set()
+            thread.join()
         if errors:
             raise errors[0]

@@ -10,17 +10,33 @@ accepts) and answers on a background thread::
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``messages``,
 ``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``, ``top_k``,
 ``seed``, ``stream`` with server-sent events ending in ``data: [DONE]``, and
-``usage`` token counts). Generation is serialised with a lock: one model, one
-request at a time, any number of waiting clients. The server binds to loopback
-only unless ``allow_remote=True``, because it has no authentication.
+``usage`` token counts). Requests follow the rules of :mod:`.chat_request`, the
+ones ``job.chat()`` follows; a mistake is answered 400 with the same sentence.
+
+Resources are bounded the way TGI and vLLM bound them:
+
+- a body over ``max_body_bytes`` is refused (413) from its Content-Length, or as
+  soon as a chunked body streams past it; deep JSON nesting is a 400;
+- a prompt that, with ``max_tokens``, does not fit the model's context is refused
+  (400, with the numbers) before generation, without waiting for the model;
+- a connection that sends nothing for ``request_timeout`` seconds is closed (408);
+- at most ``max_concurrent_requests`` generations at once, more are answered 429
+  (TGI's ``--max-concurrent-requests``): each holds its own KV cache;
+- those running take turns one decoding step at a time (see :mod:`.generate`),
+  so one long request cannot hold back the others;
+- a generation stops as soon as its client disconnects.
+
+The server binds to loopback only unless ``allow_remote=True``, because it has
+no authentication.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import ipaddress
 import json
+import select
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -28,21 +44,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ...errors import UserError
+from .chat_request import DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT, BadRequest, parse_chat_request  # noqa: F401
 from .client import chat_completion, stream_chat_completion
 
-#: Upper bound of ``max_tokens`` a request may ask for.
-MAX_TOKENS_LIMIT = 8192
-DEFAULT_MAX_TOKENS = 256
-_ROLES = ("system", "user", "assistant", "model", "developer")
-
-
-class BadRequest(Exception):
-    """A client mistake: answered with this status and message as an OpenAI-style JSON error."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.param = param
+#: Largest request body, as TGI's default payload limit: far above any prompt a context holds.
+MAX_BODY_BYTES = 2_000_000
+#: Seconds a connection may stay silent (request line, headers, body, or a stalled reader).
+REQUEST_TIMEOUT = 60.0
+#: Generations at once; more are answered 429.
+MAX_CONCURRENT_REQUESTS = 8
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,75 +64,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-# -- request parsing ------------------------------------------------------------
-
-
-def _content_text(content, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or "type" not in part:
-                raise BadRequest(f"{where}.content[{i}] must be an object with a type", param=f"{where}.content")
-            if part["type"] == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif part["type"] in ("image_url", "input_image"):
-                raise BadRequest("this model reads text only; remove the image parts", param=f"{where}.content")
-            else:
-                raise BadRequest(f"{where}.content[{i}] has unknown type {part['type']!r}; use text",
-                                 param=f"{where}.content")
-        return "\n".join(texts)
-    if content is None:
-        return ""
-    raise BadRequest(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-
-
-def parse_chat_request(body: dict) -> dict:
-    """Check an OpenAI chat-completions body; returns messages and generation options, or raises BadRequest."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' is required: a non-empty list of {role, content} objects", param="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or "role" not in m:
-            raise BadRequest(f"{where} must be an object with role and content", param="messages")
-        role = m["role"]
-        if role not in _ROLES:
-            raise BadRequest(f"{where}.role {role!r} is not supported; use system, user or assistant", param="messages")
-        role = {"model": "assistant", "developer": "system"}.get(role, role)
-        clean.append({"role": role, "content": _content_text(m.get("content"), where)})
-
-    def number(name, default, lo, hi, kind=float):
-        value = body.get(name, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
-            raise BadRequest(f"'{name}' must be a {'whole ' if kind is int else ''}number", param=name)
-        if not lo <= value <= hi:
-            raise BadRequest(f"'{name}' must be between {lo} and {hi}, not {value}", param=name)
-        return kind(value)
-
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    body = {**body, "max_tokens": max_tokens}
-    n = number("n", 1, 1, 1, int)  # noqa: F841 - checked only: one choice per request
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false", param="stream")
-    options = body.get("stream_options") or {}
-    return {
-        "messages": clean,
-        "max_new_tokens": number("max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_TOKENS_LIMIT, int),
-        "temperature": number("temperature", 0.0, 0.0, 2.0),
-        "top_p": number("top_p", 1.0, 0.0, 1.0) or 1.0,
-        "top_k": number("top_k", 0, 0, 1_000_000, int),
-        "seed": number("seed", None, -(2**63), 2**63 - 1, int),
-        "stream": stream,
-        "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
-    }
+class _ClientGone(Exception):
+    """The client closed the connection before its request was read."""
 
 
 # -- the server -------------------------------------------------------------------
@@ -131,14 +74,33 @@ def parse_chat_request(body: dict) -> dict:
 class Server:
     """A running endpoint: ``url`` (``http://127.0.0.1:PORT/v1``), ``model_name``, ``chat()``, ``stop()``."""
 
-    def __init__(self, chat_model, httpd: ThreadingHTTPServer, model_name: str):
+    def __init__(self, chat_model, httpd: ThreadingHTTPServer, model_name: str, *,
+                 max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS):
         self.chat_model = chat_model
         self.model_name = model_name
+        self.max_concurrent_requests = int(max_concurrent_requests)
         self._httpd = httpd
-        self._lock = threading.Lock()
+        self._active = 0
+        self._active_lock = threading.Lock()
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"tuning-magics-server-{self.port}", daemon=True)
         self.created = int(time.time())
+
+    @property
+    def active_requests(self) -> int:
+        """Generations in progress now."""
+        return self._active
+
+    def _enter(self) -> bool:
+        with self._active_lock:
+            if self._active >= self.max_concurrent_requests:
+                return False
+            self._active += 1
+            return True
+
+    def _leave(self) -> None:
+        with self._active_lock:
+            self._active -= 1
 
     @property
     def host(self) -> str:
@@ -176,7 +138,8 @@ class Server:
     def chat(self, messages_or_text, *, stream: bool = False, **params):
         """The reply to a string or a message list, through this endpoint's HTTP API (greedy by default).
 
-        With ``stream=True``, an iterator of text pieces as the server sends them.
+        ``params`` are the request's options (``max_tokens``, ``temperature``...). With
+        ``stream=True``, an iterator of text pieces as the server sends them.
         """
         messages = [{"role": "user", "content": messages_or_text}] if isinstance(messages_or_text, str) \
             else list(messages_or_text)
@@ -194,64 +157,137 @@ class Server:
             out.append(self.chat(messages, **params))
         return out
 
-    # -- generation (called by the request handler) ------------------------------
-    # The chat model's own rendering and decoding are used, so a reply here is token
-    # for token the one LocalChatModel.reply() gives, with exact token counts.
-    def _gen(self, req: dict) -> dict:
-        return {k: req[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
 
-    def complete(self, req: dict) -> tuple[str, dict, str]:
-        """One reply: (text, usage, finish_reason)."""
-        stops = set(self.chat_model.stop_ids())
-        with self._lock:
-            text, prompt_len, new = self.chat_model.complete(req["messages"], **self._gen(req))
-        return text, _usage(prompt_len, new, stops), _finish(new, stops)
-
-    def complete_stream(self, req: dict):
-        """Yield text pieces, then a final (usage, finish_reason) tuple; holds the lock until generation ends."""
-        cm = self.chat_model
-        stops = set(cm.stop_ids())
-        ids: list[int] = []
-        with self._lock:
-            prompt_len = int(cm.encode(req["messages"])["input_ids"].shape[1])
-            yield from cm.stream(req["messages"], **self._gen(req), ids=ids)
-        yield _usage(prompt_len, ids, stops), _finish(ids, stops)
-
-
-def _usage(prompt_len: int, new: list[int], stops: set) -> dict:
+def _usage(prompt_len: int, new: list[int]) -> dict:
     # The end-of-turn token is generated, so it counts, as with OpenAI's API.
-    completion = len(new)
-    return {"prompt_tokens": int(prompt_len), "completion_tokens": completion,
-            "total_tokens": int(prompt_len) + completion}
+    return {"prompt_tokens": int(prompt_len), "completion_tokens": len(new),
+            "total_tokens": int(prompt_len) + len(new)}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _finish(new: list[int], stops: set) -> str:
     return "stop" if new and new[-1] in stops else "length"
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that vanished or stalled is not worth a traceback on the notebook's stderr.
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "tuning-magics"
     protocol_version = "HTTP/1.1"
     endpoint: Server  # set on the subclass built per server
+    max_body_bytes: int = MAX_BODY_BYTES
+    timeout = REQUEST_TIMEOUT  # socket timeout, set by StreamRequestHandler.setup()
 
     def log_message(self, fmt, *args) -> None:  # quiet: notebooks should not fill with access logs
         pass
 
     # -- replies ------------------------------------------------------------------
-    def _send_json(self, status: int, payload: dict) -> None:
+    def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, param: str | None = None) -> None:
+    def _error(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
         kind = "invalid_request_error" if status < 500 else "server_error"
-        self._send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+        self._send_json(status, {"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        headers)
 
     def _path(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/")
+
+    def handle_expect_100(self) -> bool:
+        # "Expect: 100-continue" (curl sends it for large bodies): refuse before the client sends the body.
+        if self._declared_length() > self.max_body_bytes:
+            self.close_connection = True
+            self._error(413, self._too_big())
+            return False
+        return super().handle_expect_100()
+
+    def _declared_length(self) -> int:
+        try:
+            return int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return -1
+
+    def _too_big(self) -> str:
+        return f"the request body is over {self.max_body_bytes} bytes, the most this endpoint takes; send less"
+
+    def _linger(self) -> None:
+        """After refusing an unread body: drop what the client still sends, briefly, so that closing
+        does not reset the connection before the client has read the answer."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            for _ in range(64):  # at most 4 MiB
+                if not self.connection.recv(65536):
+                    break
+        except OSError:
+            pass
+
+    def _client_gone(self) -> bool:
+        """True once the client closed its end (checked between decoding steps; a poll, it never blocks)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    # -- the body -----------------------------------------------------------------
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(self.max_body_bytes)
+        length = self._declared_length()
+        if length < 0:
+            raise BadRequest("bad Content-Length header; send the body's length in bytes")
+        if length > self.max_body_bytes:
+            raise BadRequest(self._too_big(), status=413)
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise _ClientGone()
+        return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise _ClientGone()
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError
+            except ValueError:
+                raise BadRequest("bad chunk size in a chunked request body") from None
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailers, up to the blank line
+                    pass
+                return bytes(body)
+            if len(body) + size > limit:
+                raise BadRequest(self._too_big(), status=413)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise _ClientGone()
+            body += chunk
+            self.rfile.readline(3)  # the CRLF after the chunk
 
     # -- routes ---------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -264,56 +300,77 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"id": ep.model_name, "object": "model", "created": ep.created,
                                   "owned_by": "tuning_magics"})
         elif path in ("", "/health", "/v1"):
-            self._send_json(200, {"status": "ok", "model": ep.model_name})
+            self._send_json(200, {"status": "ok", "model": ep.model_name, "active_requests": ep.active_requests})
         else:
             self._error(404, f"no route GET {path}; use GET /v1/models or POST /v1/chat/completions")
 
     def do_POST(self) -> None:
-        path = self._path()
+        ep = self.endpoint
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True  # the body's end is unknown: the connection cannot be reused
-            self._error(400, "bad Content-Length header")
-            return
-        raw = self.rfile.read(length) if length > 0 else b""
-        if path not in ("/v1/chat/completions", "/chat/completions"):
-            self._error(404, f"no route POST {path}; use POST /v1/chat/completions")
-            return
-        try:
+            try:
+                raw = self._read_body()
+            except BadRequest as exc:
+                # The unread rest of the body cannot be taken for a next request: answer, then close.
+                self.close_connection = True
+                self._error(exc.status, str(exc), exc.field)
+                self._linger()
+                return
+            if self._path() not in ("/v1/chat/completions", "/chat/completions"):
+                raise BadRequest(f"no route POST {self._path()}; use POST /v1/chat/completions", status=404)
             try:
                 body = json.loads(raw or b"null")
             except ValueError as exc:
                 raise BadRequest(f"the request body is not valid JSON ({exc})") from None
+            except RecursionError:
+                raise BadRequest("the request body nests JSON too deeply") from None
             req = parse_chat_request(body)
             model = body.get("model")
-            if model not in (None, "", self.endpoint.model_name):
-                raise BadRequest(f"model {model!r} is not served here; this endpoint serves "
-                                 f"{self.endpoint.model_name!r} (GET /v1/models)", status=404, param="model")
+            if model not in (None, "", ep.model_name):
+                raise BadRequest(f"model {model!r} is not served here; this endpoint serves {ep.model_name!r} "
+                                 "(GET /v1/models)", status=404, field="model")
+            # Tokenised and checked against the context here, outside the model's turns.
+            req = ep.chat_model.prepare(req)
         except BadRequest as exc:
-            self._error(exc.status, str(exc), exc.param)
+            self._error(exc.status, str(exc), exc.field)
+            return
+        except TimeoutError:
+            self.close_connection = True
+            self._error(408, f"the request was not received within {self.timeout:g} s; send it whole")
+            return
+        except _ClientGone:
+            self.close_connection = True
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure: the server's error, not a crash
+            self._error(500, f"cannot prepare the prompt: {_first_line(exc)}")
+            return
+        if not ep._enter():
+            self._error(429, f"the server is busy with {ep.max_concurrent_requests} requests; retry shortly",
+                        headers={"Retry-After": "1"})
             return
         try:
             if req["stream"]:
                 self._stream(req)
             else:
                 self._complete(req)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; nothing to answer
+        except OSError:
+            self.close_connection = True  # the client went away or stalled; nothing to answer
         except Exception as exc:  # noqa: BLE001 - a failed generation is the server's error, not a crash
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             try:
-                self._error(500, f"generation failed: {first}")
+                self._error(500, f"generation failed: {_first_line(exc)}")
             except OSError:
                 pass
+        finally:
+            ep._leave()
 
     def _complete(self, req: dict) -> None:
-        text, usage, finish = self.endpoint.complete(req)
+        cm = self.endpoint.chat_model
+        text, prompt_len, new = cm.complete(req, should_stop=self._client_gone)
         self._send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": self.endpoint.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": _finish(new, set(cm.stop_ids()))}],
+            "usage": _usage(prompt_len, new),
         })
 
     def _stream(self, req: dict) -> None:
@@ -334,20 +391,20 @@ class _Handler(BaseHTTPRequestHandler):
 
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                    "finish_reason": None}]})
-        gen = ep.complete_stream(req)
-        client_gone = False
-        for item in gen:
-            if isinstance(item, tuple):
-                usage, finish = item
-                break
-            if client_gone:
-                continue  # keep draining so the model is free before the lock is released
-            try:
-                send({**base, "choices": [{"index": 0, "delta": {"content": item}, "finish_reason": None}]})
-            except OSError:
-                client_gone = True
-        if client_gone:
+        ids: list[int] = []
+        pieces = ep.chat_model.stream(req, ids=ids, should_stop=self._client_gone)
+        try:
+            for piece in pieces:
+                send({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        except OSError:
+            raise  # the client went away: closing the pieces below stops the generation at its next step
+        except Exception as exc:  # noqa: BLE001 - the status was sent; the error goes in the stream, as OpenAI's does
+            send({"error": {"message": f"generation failed: {_first_line(exc)}", "type": "server_error",
+                            "param": None, "code": 500}})
             return
+        finally:
+            pieces.close()
+        usage, finish = _usage(req["prompt_tokens"], ids), _finish(ids, set(ep.chat_model.stop_ids()))
         final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
         if req["include_usage"]:
             send(final)
@@ -359,29 +416,38 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(model_path_or_id, *, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
-          allow_remote: bool = False, device=None, dtype=None) -> Server:
+          allow_remote: bool = False, device=None, dtype=None, max_body_bytes: int = MAX_BODY_BYTES,
+          request_timeout: float = REQUEST_TIMEOUT,
+          max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS) -> Server:
     """Load a model once and serve it on ``http://host:port/v1`` from a background thread; returns the Server.
 
     ``port=0`` picks a free port. ``model_name`` is the id clients send
     (default: the folder's or model's name). Hosts other than loopback are
     refused unless ``allow_remote=True``: the endpoint has no authentication.
+    ``max_body_bytes``, ``request_timeout`` (seconds) and ``max_concurrent_requests``
+    bound what one client can take (see the module's notes).
     """
     from .generate import LocalChatModel
 
     if not allow_remote and not _is_loopback(str(host)):
         raise UserError(f"host {host!r} would expose the model to the network without authentication; "
                         "use 127.0.0.1, or pass allow_remote=True if you mean it", field="host")
+    for name, value in (("max_body_bytes", max_body_bytes), ("request_timeout", request_timeout),
+                        ("max_concurrent_requests", max_concurrent_requests)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                or (name != "request_timeout" and int(value) != value):
+            raise UserError(f"{name} must be a positive {'number' if name == 'request_timeout' else 'whole number'}"
+                            f", not {value!r}", field=name)
     chat_model = model_path_or_id if hasattr(model_path_or_id, "reply") else \
         LocalChatModel(model_path_or_id, device=device, dtype=dtype)
     name = model_name or _default_name(getattr(chat_model, "name", str(model_path_or_id)))
-    handler = type("Handler", (_Handler,), {})
+    handler = type("Handler", (_Handler,), {"max_body_bytes": int(max_body_bytes), "timeout": float(request_timeout)})
     try:
-        httpd = ThreadingHTTPServer((host, int(port)), handler)
+        httpd = _HTTPServer((host, int(port)), handler)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another port, "
                         "or port=0 for a free one", field="port") from None
-    httpd.daemon_threads = True
-    server = Server(chat_model, httpd, name)
+    server = Server(chat_model, httpd, name, max_concurrent_requests=int(max_concurrent_requests))
     handler.endpoint = server
     server._thread.start()
     return server
