@@ -219,9 +219,6 @@ class LocalJob(Job):
         from .chat_request import chat_request
 
         chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
-        from .chat_request import chat_request
-
-        chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
         path = self._checkpoint_path(checkpoint)
         model = self._chat_models.get(path)
         if model is None:
