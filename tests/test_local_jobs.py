@@ -543,3 +543,159 @@ def test_a_dataset_built_for_another_model_is_checked_again(home, tmp_path):
     with pytest.raises(UserError, match="has an image but local/tiny-qwen3 is text-only"):
         tm.tune(MODEL, ds)
     assert registry.find() == []
+
+
+# -- a damaged registry ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_a_damaged_registry_is_named_never_overwritten_and_rebuilt(slot_taken, tmp_path, damage):
+    job = tm.tune(MODEL, records(4), tuned_model_display_name="survivor")
+    elsewhere = tm.tune(MODEL, records(4), output_uri=str(tmp_path / "elsewhere"))
+    path = registry.db_path()
+    with registry.connect() as conn:  # fold the WAL into the file, as a closed registry would be
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = path.read_bytes()
+    broken = {"empty": b"", "garbage": b"this is not a database at all" * 100, "truncated": data[:200]}[damage]
+    path.write_bytes(broken)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    for call in (tm.list_jobs, lambda: tm.get_job(job.id),
+                 lambda: tm.tune(MODEL, records(4), output_uri=str(tmp_path / "new"))):
+        with pytest.raises(registry.RegistryDamaged) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message and "registry.rebuild()" in message
+        assert path.read_bytes() == broken  # never written over, never truncated
+    assert not (tmp_path / "new").exists()
+
+    aside = registry.rebuild(str(tmp_path / "elsewhere"))
+    assert aside is not None and aside.read_bytes() == broken
+    found = {j.id: j for j in tm.list_jobs()}
+    assert set(found) >= {job.id, elsewhere.id}
+    assert found[job.id].display_name == "survivor" and found[job.id].config == job.config
+    # Its last state was lost with the registry: FAILED, and resume() takes it from there.
+    assert found[job.id].state == JOB_STATE_FAILED and "job.resume()" in found[job.id].error
+    with pytest.raises(UserError, match="nothing to rebuild"):
+        registry.rebuild()
+
+
+def test_a_broken_row_hides_no_other_job(slot_taken, tmp_path):
+    kept = tm.tune(MODEL, records(4))
+    mended = tm.tune(MODEL, records(4))
+    lost = tm.tune(MODEL, records(4))
+    (Path(lost.output_uri) / "job.json").unlink()
+    with registry.connect() as conn:
+        conn.execute("UPDATE jobs SET config = '{not json' WHERE id IN (?, ?)", (mended.id, lost.id))
+
+    with pytest.warns(UserWarning, match=f"job {lost.id} in the registry .* cannot be read"):
+        listed = [j.id for j in tm.list_jobs()]
+    assert listed == [mended.id, kept.id, "tune-busy"]
+    assert tm.get_job(mended.id).config == kept.config | {"train_path": mended.config["train_path"],
+                                                          "output_uri": mended.output_uri}
+    with pytest.raises(UserError, match=f"job {lost.id} in the registry .* cannot be read"):
+        tm.get_job(lost.id)
+
+
+# -- the job folder and the disk ---------------------------------------------------------
+
+
+def test_output_uri_that_cannot_be_a_folder_is_one_line(home, tmp_path):
+    (tmp_path / "somefile.txt").write_text("x")
+    for bad in (tmp_path / "somefile.txt" / "run", tmp_path / "somefile.txt"):
+        with pytest.raises(UserError) as err:
+            tm.tune(MODEL, records(4), output_uri=str(bad))
+        message = str(err.value)
+        assert "\n" not in message and "output_uri" in message and "somefile.txt is a file" in message
+    assert registry.find() == []
+    assert (tmp_path / "somefile.txt").read_text() == "x"
+
+
+def test_removing_the_job_folder_while_it_trains_fails_the_job(home, tmp_path):
+    job = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2, output_uri=str(tmp_path / "doomed"))
+    wait_for(lambda: len(job.metrics()) > 0, what="training to start")
+    import shutil
+
+    shutil.rmtree(job.output_uri)
+    job.wait(timeout=120)
+    assert job.state == JOB_STATE_FAILED
+    assert job.error.splitlines() == [job.error]
+    assert f"{job.output_uri} was removed while the job was running" in job.error
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs): too small for a checkpoint of the tiny model."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        _kill_workers()  # nothing may hold a file on it
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_the_job_saying_so(home, small_disk):
+    job = tm.tune(MODEL, records(8), epochs=1, batch_size=4, output_uri=str(small_disk / "job"))
+    job.wait(timeout=120)
+    assert job.state == JOB_STATE_FAILED
+    assert job.error == (f"no space left on device in {small_disk / 'job'}; free some space, then job.resume() "
+                         "continues from the last checkpoint")
+    ckpts = small_disk / "job" / "postprocess" / "node-0" / "checkpoints"
+    assert not ckpts.exists() or not list(ckpts.iterdir())  # the half-written checkpoint is gone
+
+
+# -- installs and platforms -------------------------------------------------------------
+
+
+def test_without_the_local_extra_tune_names_it_and_jobs_still_list(home, tmp_path, without_extra):
+    _fake_active("tune-listed", os.getpid(), psutil.Process().create_time(), tmp_path / "listed")
+    code = textwrap.dedent(f"""
+        import tuning_magics as tm
+        print([j.id for j in tm.list_jobs()], tm.get_job("tune-listed").state)
+        tm.tune({MODEL!r}, [{{"prompt": "q", "completion": "a"}}], output_uri={str(tmp_path / "out")!r})
+    """)
+    done = without_extra("local", code)
+    assert done.stdout.splitlines() == ["['tune-listed'] JOB_STATE_RUNNING"], done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("tuning_magics.errors.MissingExtra: ") and 'pip install "tuning_magics[local]"' in last
+    assert not (tmp_path / "out").exists() and [r.id for r in registry.find()] == ["tune-listed"]
+
+
+def test_the_scheduler_runs_without_fcntl(home, tmp_path):
+    # As on Windows: no fcntl module. A dead worker makes list_jobs() take the scheduler's lock.
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    _fake_active("tune-gone", proc.pid, None, tmp_path / "gone")
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["fcntl"] = None
+        warnings.simplefilter("ignore")  # filelock says it falls back to a soft lock
+        import tuning_magics as tm
+        print(tm.list_jobs()[0].state)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert done.stdout.split() == [JOB_STATE_FAILED], done.stderr
+
+
+def test_death_reason_needs_no_posix_only_signal(home, tmp_path, monkeypatch):
+    _fake_active("tune-killed", 424242, None, tmp_path / "killed")
+    monkeypatch.delattr(signal, "SIGKILL")
+    monkeypatch.setitem(scheduler._exited, 424242, -9)
+    assert "ended unexpectedly (signal 9" in scheduler.death_reason(registry.get("tune-killed"))
+
+
+def test_scheduler_and_jobs_do_not_import_each_other(home, tmp_path):
+    _fake_active("tune-x", 424243, None, tmp_path / "x")
+    code = textwrap.dedent("""
+        import sys
+        from tuning_magics.backends.local import registry, scheduler
+        scheduler.death_reason(registry.get("tune-x"))
+        print("tuning_magics.backends.local.jobs" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ)
+    assert done.stdout.split() == ["False"], done.stderr
