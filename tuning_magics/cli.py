@@ -78,6 +78,14 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"tuning-magics: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # a package of an extra that is not installed: an environment problem
+        from .errors import missing_extra
+
+        problem = missing_extra(exc)
+        if problem is None:
+            raise
+        print(f"tuning-magics: error: {problem}", file=sys.stderr)
+        return 2
     except ImportError as exc:
         from .errors import missing_extra
 

@@ -7,10 +7,13 @@ the only tokens the loss is taken on, marked.
 
 from __future__ import annotations
 
+from . import tokenizer as T
 from .formats import images_of, text_of
 
 # family -> (turn opening by role, turn closing, text before the first turn)
 _TEMPLATES = {
+    # The built-in tiny models' own template, from their tokenizer module.
+    "builtin": (T.TEMPLATE_OPEN, T.TEMPLATE_CLOSE, T.TEMPLATE_START),
     "chatml": ({"system": "<|im_start|>system\n", "user": "<|im_start|>user\n",
                 "assistant": "<|im_start|>assistant\n"}, "<|im_end|>\n", ""),
     "llama": ({"system": "<|start_header_id|>system<|end_header_id|>\n\n",
@@ -32,7 +35,7 @@ def template_for(model_id: str | None) -> str:
     if spec is None:
         return "chatml"
     if spec.provider == "local":
-        return "chatml"  # the built-in tiny models use the project's ChatML template
+        return "builtin"
     return _FAMILY_TEMPLATE.get(spec.family, "chatml")
 
 

@@ -42,10 +42,11 @@ def _tokenizer_for(location: str):
     """The transformers tokenizer of a folder or cached Hugging Face repo, or None when not available offline."""
     from pathlib import Path
 
-    if not (Path(location).is_dir() or T.hf_cached_folder(location)):
+    folder = location if Path(location).is_dir() else T.hf_cached_folder(location)
+    if folder is None:
         return None
     try:
-        tok = T.load_offline(location)
+        tok = T.load_offline(folder)
     except Exception:  # noqa: BLE001 - any failure (transformers missing included) means "not available"
         return None
     backend = getattr(tok, "backend_tokenizer", None)

@@ -149,6 +149,22 @@ class ValidationReport:
             "estimated": self.tokens_estimated,
         }
 
+    def length_histogram(self, bins: int = 8) -> list[tuple[int, int, int]]:
+        """Token lengths of the valid examples in at most ``bins`` integer bins: [(first, last, count)].
+
+        Bins are whole numbers of tokens wide, so no two bins cover the same lengths.
+        """
+        import numpy as np
+
+        lengths = np.asarray(self.token_lengths, dtype=np.int64)
+        lengths = lengths[lengths > 0]
+        if not len(lengths):
+            return []
+        lo, hi = int(lengths.min()), int(lengths.max())
+        width = -(-(hi - lo + 1) // bins)
+        counts = np.bincount((lengths - lo) // width)
+        return [(lo + i * width, min(hi, lo + (i + 1) * width - 1), int(c)) for i, c in enumerate(counts)]
+
     @property
     def example_segments(self) -> list[tuple[str, bool]]:
         """The first example in the model's chat template, as (text, carries_loss) pieces."""

@@ -25,22 +25,21 @@ def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def histogram_png(lengths, *, bins: int = 30) -> bytes | None:
-    """A PNG of the token-length histogram (matplotlib, Agg), or None without data."""
-    import numpy as np
+def histogram_png(report, *, bins: int = 30) -> bytes | None:
+    """A PNG of the token-length histogram, or None without data.
 
-    lengths = np.asarray(lengths)
-    lengths = lengths[lengths > 0]
-    if not len(lengths):
+    Drawn on a bare ``Figure``: pyplot's global state (the backend of the user's
+    own plots) is never touched.
+    """
+    hist = report.length_histogram(bins)
+    if not hist:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.2, 1.9), dpi=96)
     ax = fig.add_subplot()
-    ax.hist(lengths, bins=bins, color="#4c72b0")
+    ax.bar([lo for lo, _, _ in hist], [c for _, _, c in hist], width=[hi - lo + 1 for lo, hi, _ in hist],
+           align="edge", color="#4c72b0")
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
     fig.tight_layout()
@@ -49,19 +48,16 @@ def histogram_png(lengths, *, bins: int = 30) -> bytes | None:
     return buf.getvalue()
 
 
-def histogram_text(lengths, *, bins: int = 8, width: int = 40) -> str:
-    """The token-length histogram as text bars."""
-    import numpy as np
-
-    lengths = np.asarray(lengths)
-    lengths = lengths[lengths > 0]
-    if not len(lengths):
+def histogram_text(report, *, bins: int = 8, width: int = 40) -> str:
+    """The token-length histogram as text bars, one per integer bin."""
+    hist = report.length_histogram(bins)
+    if not hist:
         return ""
-    counts, edges = np.histogram(lengths, bins=bins)
-    top = counts.max() or 1
+    top = max(c for _, _, c in hist) or 1
     rows = []
-    for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
-        rows.append(f"{int(lo):>7,}-{int(hi):<7,} {'#' * int(round(c / top * width)):<{width}} {c:,}")
+    for lo, hi, c in hist:
+        span = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+        rows.append(f"{span:>15} {'#' * int(round(c / top * width)):<{width}} {c:,}")
     return "\n".join(rows)
 
 
@@ -78,22 +74,18 @@ def _issues_table(issues, count: int, kind: str) -> str:
             f"{rows}</table>{more}")
 
 
-def example_html(messages, model_id) -> str:
-    """One example in the model's chat template, loss-bearing tokens highlighted."""
-    from ..datasets.templates import segments
-
+def example_html(segments) -> str:
+    """One example in the model's chat template (``report.example_segments``), loss-bearing text highlighted."""
     parts = []
-    for text, loss in segments(messages, model_id):
+    for text, loss in segments:
         cls = "tm-loss" if loss else "tm-tmpl"
         parts.append(f"<span class='{cls}'>{_e(text)}</span>")
     return "<div class='tm-example'>" + "".join(parts) + "</div>"
 
 
-def example_text(messages, model_id) -> str:
+def example_text(segments) -> str:
     """One example in the model's chat template; loss-bearing text between ⟦ and ⟧."""
-    from ..datasets.templates import segments
-
-    return "".join(f"⟦{t}⟧" if loss else t for t, loss in segments(messages, model_id))
+    return "".join(f"⟦{t}⟧" if loss else t for t, loss in segments)
 
 
 def report_html(report, *, epochs: int = 1, cost=None, uri=None, title: str | None = None) -> str:
@@ -121,13 +113,13 @@ def report_html(report, *, epochs: int = 1, cost=None, uri=None, title: str | No
         out.append(f"<div class='tm-tmpl'>{_e(report.tokenizer_note)}</div>")
     out.append(_issues_table(report.errors, report.error_count, "errors"))
     out.append(_issues_table(report.warnings, report.warning_count, "warnings"))
-    png = histogram_png(report.token_lengths)
+    png = histogram_png(report)
     if png:
         out.append(f"<img alt='token length histogram' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
     if report.example:
         out.append("<div>first example, as the model sees it (<span class='tm-loss'>highlighted</span>: "
                    "the tokens the loss is taken on)</div>")
-        out.append(example_html(report.example, report.model))
+        out.append(example_html(report.example_segments))
     out.append("</div>")
     return "".join(out)
 
@@ -138,11 +130,11 @@ def report_text(report, *, epochs: int = 1, cost=None) -> str:
     tok = report.tokens
     lines.append(f"billed tokens ({epochs} epochs): {tok['total'] * epochs:,}"
                  + (f", estimated cost ${cost:,.2f}" if cost is not None else ""))
-    hist = histogram_text(report.token_lengths)
+    hist = histogram_text(report)
     if hist:
         lines.append("token lengths:\n" + hist)
     if report.example:
-        lines.append("first example (⟦loss-bearing⟧):\n" + example_text(report.example, report.model))
+        lines.append("first example (⟦loss-bearing⟧):\n" + example_text(report.example_segments))
     return "\n".join(lines)
 
 
