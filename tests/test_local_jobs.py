@@ -656,11 +656,17 @@ def test_without_the_local_extra_tune_names_it_and_jobs_still_list(home, tmp_pat
     _fake_active("tune-listed", os.getpid(), psutil.Process().create_time(), tmp_path / "listed")
     code = textwrap.dedent(f"""
         import tuning_magics as tm
+        from tuning_magics.errors import MissingExtra
         print([j.id for j in tm.list_jobs()], tm.get_job("tune-listed").state)
+        try:
+            tm.get_job("tune-listed").deploy()
+        except MissingExtra as exc:
+            print(exc)
         tm.tune({MODEL!r}, [{{"prompt": "q", "completion": "a"}}], output_uri={str(tmp_path / "out")!r})
     """)
     done = without_extra("local", code)
-    assert done.stdout.splitlines() == ["['tune-listed'] JOB_STATE_RUNNING"], done.stderr
+    assert done.stdout.splitlines()[0] == "['tune-listed'] JOB_STATE_RUNNING", done.stderr
+    assert 'pip install "tuning_magics[local]"' in done.stdout.splitlines()[1]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("tuning_magics.errors.MissingExtra: ") and 'pip install "tuning_magics[local]"' in last
     assert not (tmp_path / "out").exists() and [r.id for r in registry.find()] == ["tune-listed"]

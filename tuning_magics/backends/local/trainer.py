@@ -311,7 +311,7 @@ def output_failure(exc: BaseException, out: Path, metrics_file: Path | None = No
 
 
 @contextmanager
-def _job_writes(out: Path, metrics_file: Path):
+def _job_writes(out: Path, metrics_file: Path | None):
     """Turn a write that failed because the job folder vanished, or the disk is full, into a one-line UserError."""
     try:
         yield
@@ -469,7 +469,8 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         _set_rng_state(torch.load(start_ckpt / "rng_state.pth", weights_only=False))
         global_step, start_epoch = int(state["global_step"]), int(state["epoch"])
         emit({"event": "resumed", "step": global_step, "epoch": start_epoch, "checkpoint": str(start_ckpt)})
-    metrics = MetricsWriter(out, keep_until_step=global_step if resume else None)
+    with _job_writes(out, None):
+        metrics = MetricsWriter(out, keep_until_step=global_step if resume else None)
     writes = _job_writes(out, metrics.path)
 
     keep_epochs = set(ckpt.checkpoint_epochs(int(config.epochs)))
