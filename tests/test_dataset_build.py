@@ -414,7 +414,7 @@ def test_unknown_column_suggests_the_close_match(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert "'questoin'" in message and "did you mean 'question'?" in message
-    assert info.value.field == "questoin"
+    assert info.value.field == "prompt"
 
 
 def test_unknown_column_without_a_close_match_lists_the_columns(tmp_path):
@@ -425,7 +425,7 @@ def test_unknown_column_without_a_close_match_lists_the_columns(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"images": "picture"}, "picture"), ({"system": "sys"}, "sys"), ({"messages": "msgs", "prompt": None, "completion": None}, "msgs")],
+    [({"images": "picture"}, "images"), ({"system": "sys"}, "system"), ({"messages": "msgs", "prompt": None, "completion": None}, "messages")],
 )
 def test_unknown_image_system_or_messages_columns(tmp_path, kwargs, field):
     args = {"prompt": "question", "completion": "answer", **kwargs}
@@ -702,3 +702,156 @@ def test_missing_image_is_the_only_error(tmp_path):
         tuning_magics.dataset(df, out=str(tmp_path / "z.jsonl"), prompt="q", completion="a", images="img")
     assert err.value.report.error_count == 1
     assert "does not exist; check the path" in str(err.value)
+
+
+# -- every dtype, every option type, every hint ----------------------------------------------------
+
+
+def _csv_pyarrow(tmp_path):
+    path = tmp_path / "n.csv"
+    path.write_text("q,a\nWhat is 2+2?,4\nAnd 3+3?,6\n", encoding="utf-8")
+    return pd.read_csv(path, dtype_backend="pyarrow")["a"]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        lambda _: pd.array([4, None], dtype="Int64"),
+        lambda _: pd.array([4.5, None], dtype="Float64"),
+        lambda _: pd.array([True, None], dtype="boolean"),
+        lambda _: pd.array([4, 6], dtype="int64[pyarrow]"),
+        lambda _: pd.array([4.5, 6.5], dtype="double[pyarrow]"),
+        lambda _: pd.array(pd.to_datetime(["2024-01-01", "2024-01-02"]), dtype="timestamp[ns][pyarrow]"),
+        lambda _: pd.Categorical([4, 6]),
+        _csv_pyarrow,
+    ],
+    ids=["Int64", "Float64", "boolean", "int64[pyarrow]", "double[pyarrow]", "timestamp[pyarrow]",
+         "int categories", "read_csv pyarrow"],
+)
+def test_numeric_nullable_and_arrow_columns_must_be_text(tmp_path, answers):
+    values = answers(tmp_path)
+    values = values.array if isinstance(values, pd.Series) else values
+    df = pd.DataFrame({"q": ["What is 2+2?", "And 3+3?"], "a": values}, index=["r1", "r2"])
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), prompt="q", completion="a")
+    assert str(info.value).startswith("row 'r1', column 'a': ")
+    messages = {e.field: e.message for e in info.value.report.errors}
+    assert any("must be text" in m for m in messages.values()), messages
+    with pytest.raises(DatasetInvalid, match="no valid rows are left"):
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), prompt="q", completion="a", skip_invalid=True)
+    assert list(tmp_path.glob("*.jsonl")) == []
+
+
+def test_rows_with_numbers_in_a_nullable_column_are_left_out_with_skip_invalid(tmp_path):
+    df = pd.DataFrame({"q": ["a", "b", "c"], "a": pd.array(["x", "y", "z"], dtype="string[pyarrow]"),
+                       "s": pd.Categorical(["be brief", 5, "be kind"])})
+    ds = tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), prompt="q", completion="a", system="s",
+                               skip_invalid=True)
+    assert ds.examples == 2 and ds.report.warnings[0].message == "1 invalid rows left out (skip_invalid)"
+    assert [r["messages"][0]["content"] for r in read(ds.uri)] == ["be brief", "be kind"]
+
+
+@pytest.mark.parametrize("cell", ["\u200b", "\x00", " \u200d\ufeff ", "\u3164", "\u2800\n", "\x7f"])
+def test_invisible_only_text_is_blank_in_dataframes(tmp_path, cell):
+    df = pd.DataFrame({"q": ["fine", cell], "a": ["x", "y"]})
+    for frame in (df, df.astype(object)):
+        with pytest.raises(DatasetInvalid) as info:
+            tuning_magics.dataset(frame, out=str(tmp_path / "t.jsonl"), prompt="q", completion="a")
+        assert str(info.value).startswith("row 1, column 'q': is blank")
+    messages = pd.DataFrame({"messages": [[{"role": "user", "content": cell}, {"role": "assistant", "content": "a"}]]})
+    with pytest.raises(DatasetInvalid, match=r"row 0, messages\[0\]\.content: is blank"):
+        tuning_magics.dataset(messages, out=str(tmp_path / "m.jsonl"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_visible_text_with_invisible_characters_is_kept(tmp_path):
+    df = pd.DataFrame({"q": ["zero\u200bwidth", "\u200bword"], "a": ["x\x00y", "👍"]})
+    ds = tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), prompt="q", completion="a")
+    assert [r["messages"][0]["content"] for r in read(ds.uri)] == ["zero\u200bwidth", "\u200bword"]
+
+
+def test_integer_column_names(tmp_path):
+    df = pd.DataFrame([["What is 2+2?", "4", "Be brief."], ["Capital?", "Paris", "Be brief."]])
+    ds = tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), prompt=0, completion=1, system=2)
+    assert read(ds.uri)[0]["messages"] == [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "What is 2+2?"},
+                                           {"role": "assistant", "content": "4"}]
+    # The magics pass text: "0" names column 0 when there is no column "0".
+    ds = tuning_magics.dataset(df, out=str(tmp_path / "u.jsonl"), user="0", assistant="1")
+    assert read(ds.uri)[1]["messages"][1] == {"role": "assistant", "content": "Paris"}
+    with pytest.raises(UserError, match="name the column that holds the prompts"):
+        tuning_magics.dataset(df, out=str(tmp_path / "v.jsonl"), completion=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"overwrite": "false"}, "overwrite"),
+        ({"overwrite": 0}, "overwrite"),
+        ({"skip_invalid": "yes"}, "skip_invalid"),
+        ({"model": 5}, "model"),
+        ({"images": 5}, "images"),
+        ({"images": [["img"]]}, "images"),
+        ({"prompt": ["question"]}, "prompt"),
+        ({"validation_split": float("inf")}, "validation_split"),
+        ({"validation_split": 1e400}, "validation_split"),
+        ({"validation_split": float("nan")}, "validation_split"),
+        ({"epochs": True}, "epochs"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"out": 5}, "out"),
+        ({"out": ""}, "out"),
+        ({"validation_out": ["x"], "validation_split": 1}, "validation_out"),
+        ({"format": 5}, "format"),
+        ({"method": 1}, "method"),
+        ({"seed": 1.5, "validation_split": 1}, "seed"),
+    ],
+)
+def test_options_of_the_wrong_type_are_one_line_errors(tmp_path, kwargs, field):
+    kwargs = {"out": str(tmp_path / "t.jsonl"), "prompt": "question", "completion": "answer", **kwargs}
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), **kwargs)
+    assert info.value.field == field and field in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_given_as_text_never_replaces_a_file(tmp_path):
+    out = tmp_path / "t.jsonl"
+    out.write_text("keep me\n")
+    with pytest.raises(UserError, match="overwrite must be True or False, not 'false'"):
+        tuning_magics.dataset(qa(), out=str(out), overwrite="false")
+    assert out.read_text() == "keep me\n"
+
+
+def test_the_same_path_for_training_and_validation_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out, val in (("same.jsonl", "same.jsonl"), ("same.jsonl", str(tmp_path / "same.jsonl")),
+                     ("./d/../same.jsonl", "same.jsonl")):
+        (tmp_path / "d").mkdir(exist_ok=True)
+        with pytest.raises(UserError, match="is the training file itself") as info:
+            tuning_magics.dataset(qa(), out=out, validation_out=val, validation_split=1, overwrite=True)
+        assert info.value.field == "validation_out"
+    assert not (tmp_path / "same.jsonl").exists()
+
+
+def test_a_split_that_leaves_no_training_rows_says_so(tmp_path):
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(1), out=str(tmp_path / "t.jsonl"), validation_split=0.1)
+    assert info.value.field == "validation_split"
+    assert "leaves none to train on" in str(info.value) and "skip_invalid" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_errors_from_tune_name_options_tune_has(tmp_path):
+    pytest.importorskip("torch")
+    bad = pd.DataFrame({"question": ["What is 2+2?", "   "], "answer": ["4", "x"]})
+    with pytest.raises(UserError) as info:
+        tuning_magics.tune(base_model="local/tiny-qwen3", train_dataset=bad, output_uri=str(tmp_path / "job"))
+    message = str(info.value)
+    assert message.startswith("train_dataset: row 1, column 'question': is blank")
+    assert "tuning_magics.dataset(df, skip_invalid=True)" in message and "(--skip-invalid)" not in message
+    odd = pd.DataFrame({"x": ["a"], "y": ["b"]})
+    with pytest.raises(UserError) as info:
+        tuning_magics.tune(base_model="local/tiny-qwen3", train_dataset=odd, output_uri=str(tmp_path / "job2"))
+    assert "rename them, or build it with tuning_magics.dataset(df, prompt=..., completion=...)" in str(info.value)
+    assert "--prompt" not in str(info.value)
+    assert not (tmp_path / "job").exists() and not (tmp_path / "job2").exists()

@@ -38,8 +38,8 @@ from .validate import (
 
 #: Rows turned into JSON per chunk: bounds the extra memory while writing.
 CHUNK_ROWS = 20_000
-#: Bad cells listed per rule and column; the count stays exact.
-_LISTED_PER_RULE = 50
+#: Bad cells listed per column (and rows over the length limit); the counts stay exact.
+_LISTED = 200
 
 # Column names tried, in order, when the caller names none.
 _AUTO = (
@@ -224,6 +224,10 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
                 f"(--prompt/--completion ...); the DataFrame has {', '.join(map(str, columns[:8]))}",
                 field="columns",
             )
+    named = [(option, col) for option, col in (("prompt", prompt), ("completion", completion), ("user", user),
+                                               ("assistant", assistant), ("system", system),
+                                               ("messages", messages)) if col is not None]
+    named += [("images", col) for col in images]
     if given(prompt, completion):
         if given(user, assistant):
             raise UserError("use either prompt/completion or user/assistant columns, not both", field="prompt")
@@ -245,7 +249,7 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
         system_prompt=system_prompt or None,
     )
     duplicated = set(df.columns[df.columns.duplicated()])
-    for col in mapping.used_columns():
+    for option, col in named:
         if col in duplicated:
             raise UserError(f"column {col!r} appears more than once; rename or drop the duplicates", field=str(col))
         if col not in columns:
@@ -253,7 +257,7 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
 
             close = difflib.get_close_matches(str(col), [str(c) for c in columns], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; columns are {', '.join(map(str, columns[:8]))}"
-            raise UserError(f"column {col!r} is not in the DataFrame{hint}", field=str(col))
+            raise UserError(f"{option}: column {col!r} is not in the DataFrame{hint}", field=option)
     if messages is None and not any(r == "user" for r, _ in mapping.roles):
         raise UserError("name the column that holds the prompts (prompt= or user=)", field="prompt")
     return mapping
@@ -330,13 +334,14 @@ def _check_text_column(col, name, report: ValidationReport, positions):
         strings = pa.array(np.where(is_text & ~bad_text, values, "x"), type=pa.large_string())
     blank = pc.fill_null(pc.match_substring_regex(strings, BLANK_PATTERN), False).to_numpy(zero_copy_only=False)
     blank = blank & ~isna & ~bad_type & ~bad_text
-    for mask, rule in ((isna, "null"), (bad_type, "type"), (bad_text, "surrogate"), (blank, "blank")):
-        where = np.flatnonzero(mask)
-        for i in where[:_LISTED_PER_RULE]:
-            report.error(text_message(rule, values[i] if values is not None else None), int(positions[i]) + 1,
-                         f"column {name!r}")
-        report.error_count += max(0, len(where) - _LISTED_PER_RULE)
-    return isna | bad_type | bad_text | blank
+    bad = isna | bad_type | bad_text | blank
+    where = np.flatnonzero(bad)
+    for i in where[:_LISTED]:  # in row order
+        rule = "null" if isna[i] else "type" if bad_type[i] else "surrogate" if bad_text[i] else "blank"
+        report.error(text_message(rule, values[i] if values is not None else None), int(positions[i]) + 1,
+                     f"column {name!r}")
+    report.error_count += max(0, len(where) - _LISTED)
+    return bad
 
 
 def _role_prefix(role: str, fmt: str) -> bytes:
@@ -657,10 +662,10 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     report.tokens_estimated, report.tokenizer_note = counter.estimated, counter.note
     if spec is not None:
         over = np.flatnonzero(lengths > spec.max_seq_len)
-        for i in over[:_LISTED_PER_RULE]:
+        for i in over[:_LISTED]:
             report.warn(f"is about {int(lengths[i]):,} tokens; {spec.id} takes at most {spec.max_seq_len:,}, "
                         "so it will be truncated", int(positions[i]) + 1)
-        report.warning_count += max(0, len(over) - _LISTED_PER_RULE)
+        report.warning_count += max(0, len(over) - _LISTED)
     report.example = ([{"role": "system", "content": fixed}] if fixed else []) + [
         {"role": role, "content": sub[name].iloc[0]} for role, name in columns]
     roles = [r for r, _ in mapping.roles]

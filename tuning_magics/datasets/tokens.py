@@ -181,12 +181,18 @@ def _pieces(text: str):
 
 
 def _arrow_text(col):
+    """A column of (checked) text cells as an Arrow string array, without a copy where it is one already."""
     import pyarrow as pa
 
-    arr = pa.array(col, from_pandas=True)
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    return arr
+    try:
+        arr = pa.array(col, from_pandas=True)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            return arr
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # e.g. categories of mixed types, the bad rows left out
+        pass
+    return pa.array(col.to_numpy(dtype=object), type=pa.large_string())
 
 
 def _utf8_lengths(col):
