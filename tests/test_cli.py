@@ -237,3 +237,40 @@ def test_models_command_lists_the_catalog(capsys):
     assert cli.main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert IMAGE_MODEL in {r["model"] for r in rows}
+
+
+# -- files that are not JSONL, bounded reading, installs without extras --------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_dev_zero_exits_1_at_once_saying_it_is_binary():
+    proc = run("validate", "/dev/zero", "--model", "local/tiny-qwen3")
+    assert proc.returncode == 1, proc.stderr
+    assert "NUL bytes" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_a_gzip_file_exits_1_saying_to_decompress_it(tmp_path):
+    import gzip
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(gzip.compress(json.dumps(pc()).encode() + b"\n"))
+    proc = run("validate", path, "--json")
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert "gzip-compressed" in out["errors"][0]["message"] and "decompress" in out["errors"][0]["message"]
+
+
+def test_exact_tiny_model_counts_from_the_shell_without_the_local_extra(without_extra, good):
+    code = "import sys; from tuning_magics.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = without_extra("local", code, "validate", good, "--model", "local/tiny-qwen3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    tokens = json.loads(proc.stdout)["tokens"]
+    # <bos>, then per turn <|im_start|> role \n text <|im_end|> \n: (1 + 5 + 2 + 2) + (1 + 10 + 2 + 2) each.
+    assert tokens == {"total": 2 * (1 + 10 + 15), "max": 26, "mean": 26.0, "estimated": False}
+
+
+def test_a_missing_optional_package_exits_2_naming_the_extra(without_extra):
+    code = "import sys; from tuning_magics.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = without_extra("vertex", code, "validate", "gs://bucket/train.jsonl")
+    assert proc.returncode == 2, proc.stderr
+    assert 'pip install "tuning_magics[vertex]"' in proc.stderr and "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 
 import pandas as pd
@@ -558,3 +559,142 @@ def test_dataset_written_to_gcs_validates_back(gcs_emulator):
     with storage.atomic_writer(bad) as fh:
         fh.write(b'{"prompt": "p"}\n')
     assert issues(tuning_magics.validate(bad)) == [(1, "completion")]
+
+
+# -- cells, invisible text, duplicate keys, files that are not JSONL, bounded reading -----------------
+
+
+def test_a_number_in_a_dataframe_cell_is_a_number_not_null():
+    df = pd.DataFrame({"prompt": [5, "q", None], "completion": ["a", 2.5, "b"]})
+    report = tuning_magics.validate(df)
+    assert [(e.line, e.field, e.message) for e in report.errors] == [
+        (1, "prompt", "must be text (it must be a string, not a number)"),
+        (2, "completion", "must be text (it must be a string, not a number)"),
+        (3, "prompt", V.TEXT_RULES["null"]),
+    ]
+    messages = pd.DataFrame({"messages": [[{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]]})
+    err = only_error(tuning_magics.validate(messages))
+    assert (err["field"], err["message"]) == ("messages[0].content", "must be text (it must be a string, not a number)")
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\x00", "\u200d\u2060\ufeff", " \u3164\u2800 ", "\x1b", "\u2028"])
+def test_text_of_invisible_characters_only_is_blank(tmp_path, text):
+    for record in (pc(text, "a"), chat("q", text), gc([{"text": "q"}], [{"text": text}])):
+        err = only_error(tuning_magics.validate(write(tmp_path, [record])))
+        assert err["message"].startswith("is blank")
+    assert tuning_magics.validate(write(tmp_path, [pc("a\u200bb", "\x00x")])).ok
+
+
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ('{"prompt": "a", "prompt": "b", "completion": "c"}', "prompt"),
+        ('{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "c"}]}',
+         "content"),
+        ('{"prompt":"a","completion":"c","completion":"d"}', "completion"),
+    ],
+)
+def test_duplicate_keys_are_errors_naming_the_key_and_line(tmp_path, line, key):
+    err = only_error(tuning_magics.validate(write(tmp_path, [pc(), line])))
+    assert (err["line"], err["field"]) == (2, key)
+    assert f"key {key!r} appears twice" in err["message"]
+
+
+def test_quotes_and_colons_inside_text_are_not_duplicate_keys(tmp_path):
+    assert tuning_magics.validate(write(tmp_path, [pc('he said "a": "b"', '"prompt": "x"')])).ok
+    assert tuning_magics.validate(write(tmp_path, [chat('{"role": "user"}', 'ok \\": "x"')])).ok
+    spaced = '{"prompt" : "a", "completion" : "b"}'
+    assert tuning_magics.validate(write(tmp_path, [spaced])).ok
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (gzip.compress(b'{"prompt": "a", "completion": "b"}\n'), ["gzip-compressed", "decompress"]),
+        (b"PK\x03\x04" + b"\x00" * 40, ["zip archive", "extract"]),
+        (b"PAR1\x15\x04" + b"\x00" * 40 + b"PAR1", ["Parquet", "read_parquet"]),
+        ('{"prompt": "a", "completion": "b"}\n'.encode("utf-16"), ["UTF-16", "UTF-8"]),
+        (b"\x00\x01\x02binary\n", ["NUL bytes", "not JSONL"]),
+    ],
+)
+def test_compressed_and_binary_files_are_named_for_what_they_are(tmp_path, content, words):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    report = tuning_magics.validate(str(path))
+    err = only_error(report)
+    assert all(w in err["message"] for w in words), err
+    assert "UTF-8 (byte" not in err["message"]
+
+
+def test_a_line_over_the_limit_is_one_error_and_the_next_lines_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(V, "MAX_LINE_BYTES", 1000)
+    long = json.dumps(pc("x" * 5000, "y"))
+    path = write(tmp_path, [pc(), long, pc("q", "")])
+    report = tuning_magics.validate(path, model="local/tiny-qwen3")
+    assert issues(report) == [(2, None), (3, "completion")]
+    assert "1,000 bytes" in report.errors[0].message
+    assert report.examples == 3
+
+
+def test_a_huge_line_is_skipped_with_bounded_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(V, "MAX_LINE_BYTES", 4 * 2**20)
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as fh:
+        fh.write(b'{"prompt": "' + b"x" * (40 * 2**20) + b'", "completion": "a"}\n')
+        fh.write(json.dumps(pc()).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        report = tuning_magics.validate(str(path), model="local/tiny-qwen3")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert issues(report) == [(1, None)] and report.examples == 2
+    assert peak < 4 * V.MAX_LINE_BYTES  # the line (40 MiB) is never held whole
+
+
+@pytest.mark.timeout(60)
+def test_dev_zero_ends_at_once_with_one_error():
+    report = tuning_magics.validate("/dev/zero")
+    err = only_error(report)
+    assert "NUL bytes" in err["message"]
+
+
+# -- what the report shows --------------------------------------------------------------------------
+
+
+def test_the_histogram_has_integer_bins_that_do_not_repeat():
+    from tuning_magics.display.dataset_report import histogram_text
+
+    report = V.ValidationReport(source="x", token_lengths=[9, 9, 10, 10, 10, 12])
+    text = histogram_text(report)
+    spans = [line.split()[0] for line in text.splitlines()]
+    assert spans == ["9", "10", "11", "12"]
+    assert [int(line.split()[-1]) for line in text.splitlines()] == [2, 3, 0, 1]
+    wide = V.ValidationReport(source="x", token_lengths=list(range(1, 101)))
+    bins = wide.length_histogram(8)
+    assert all(b[0] == a[1] + 1 for a, b in zip(bins, bins[1:])) and sum(c for _, _, c in bins) == 100
+
+
+def test_the_report_leaves_matplotlib_backend_alone():
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('svg')\n"
+        "import tuning_magics as tm\n"
+        "r = tm.validate([{'prompt': 'a', 'completion': 'b'}], model='local/tiny-qwen3')\n"
+        "html = r._repr_html_()\n"
+        "assert 'data:image/png;base64' in html\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"
+
+
+def test_the_report_carries_the_example_in_the_models_template():
+    report = tuning_magics.validate([pc("Hi", "Yo")], model="local/tiny-qwen3")
+    assert report.example_segments == [("<bos>", False), ("<|im_start|>user\n", False), ("Hi<|im_end|>\n", False),
+                                       ("<|im_start|>assistant\n", False), ("Yo<|im_end|>\n", True)]
