@@ -27,6 +27,7 @@ from tuning_magics.errors import UserError
 from tuning_magics.jobs import (
     JOB_STATE_CANCELLED,
     JOB_STATE_FAILED,
+    JOB_STATE_PENDING,
     JOB_STATE_QUEUED,
     JOB_STATE_RUNNING,
     JOB_STATE_SUCCEEDED,
@@ -705,3 +706,34 @@ def test_scheduler_and_jobs_do_not_import_each_other(home, tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ)
     assert done.stdout.split() == ["False"], done.stderr
+
+
+# -- which backend: a Cloud project or a broken pyproject.toml does not stop local work --------
+
+
+@pytest.mark.parametrize("setup", ["cloud project", "broken pyproject"])
+def test_builtin_models_tune_locally_whatever_the_settings(home, tmp_path, monkeypatch, setup):
+    if setup == "cloud project":  # every Vertex AI Workbench and Colab Enterprise kernel
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "my-project")
+    else:
+        (tmp_path / "pyproject.toml").write_text("[tool.tuning_magics\nproject = \n")
+        monkeypatch.chdir(tmp_path)
+    assert tm.list_jobs() == []
+    job = tm.tune(MODEL, records(4), epochs=1)
+    assert job.backend == "local" and job.state in (JOB_STATE_QUEUED, JOB_STATE_PENDING, JOB_STATE_RUNNING)
+    assert [j.name for j in tm.list_jobs()] == [job.name]
+    assert tm.get_job(job.name).name == job.name
+    job.cancel()
+    if setup == "broken pyproject":
+        # A catalog model's backend depends on the settings: the broken file is named in one line.
+        with pytest.raises(UserError) as info:
+            tm.tune("qwen3-4b", records(4), epochs=1)
+        assert "pyproject.toml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_explicit_backend_wins(home, monkeypatch):
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    with pytest.raises(UserError, match="Vertex AI backend is not available") as info:
+        tm.tune(MODEL, records(4), epochs=1, backend="vertex")
+    assert info.value.field == "backend"
+    assert tm.list_jobs() == []

@@ -91,10 +91,16 @@ def tune(
         custom_base_model = custom_base_model or getattr(base_model, "custom_base_model", None) or None
         base_model = base_model.base_model
 
-    backend = _backend(backend)
+    model = _model(base_model)
+    backend = _backend(backend, model)
+    if backend == "local" and model.provider == "gemini":
+        raise UserError(
+            f"base_model {model.id} is tuned only by Vertex AI; use backend='vertex', or an open or local/tiny-* "
+            "model with the local engine",
+            field="base_model",
+        )
     require_extra("local")  # before anything is checked against, or written by, the local engine
     method = _method(method)
-    model = _model(base_model, backend)
     mode = _mode(model, tuning_mode)
     _check_positive_int("epochs", epochs)
     _check_positive_number("learning_rate", learning_rate)
@@ -164,7 +170,8 @@ def get_job(name: str, *, backend: str | None = None) -> Job:
         raise UserError("get_job needs a job id such as 'tune-20261123-a1b2c3'; list_jobs() shows them", field="name")
     if name.startswith("projects/"):
         _backend("vertex")
-    _backend(backend)
+    if backend is not None:
+        _backend(backend)
     from .backends.local import jobs as local
 
     return local.get(name)
@@ -174,7 +181,8 @@ def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[J
     """Jobs, newest first (at most ``limit``)."""
     if limit is not None:
         _check_positive_int("limit", limit)
-    _backend(backend)
+    if backend is not None:
+        _backend(backend)
     from .backends.local import jobs as local
 
     return local.find(limit=limit)
@@ -183,16 +191,15 @@ def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[J
 # -- checks ------------------------------------------------------------------------
 
 
-def _backend(backend: str | None) -> str:
-    if backend is None:
+def _backend(backend: str | None, model: catalog.Model | None = None) -> str:
+    """The backend to use: the one given, else the local engine for its built-in models, else the setting."""
+    if backend is None or str(backend).lower() == "auto":
+        if model is not None and model.provider == "local":
+            return "local"  # a built-in model exists only here: no setting (nor a broken pyproject) matters
         from .config import settings
 
         backend = settings.backend
     backend = str(backend).lower()
-    if backend == "auto":
-        from .config import settings
-
-        backend = settings.backend
     if backend == "vertex":
         raise UserError(
             "the Vertex AI backend is not available in this version; use backend='local' "
@@ -211,7 +218,7 @@ def _method(method) -> str:
     return norm
 
 
-def _model(base_model, backend: str) -> catalog.Model:
+def _model(base_model) -> catalog.Model:
     if base_model is None or base_model == "":
         raise UserError(
             "base_model is required: name a model such as 'local/tiny-qwen3' (catalog.table() lists them)",
@@ -222,12 +229,6 @@ def _model(base_model, backend: str) -> catalog.Model:
     except UserError as exc:
         text = str(exc)
         raise UserError("base_" + text if text.startswith("model ") else text, field="base_model") from None
-    if backend == "local" and model.provider == "gemini":
-        raise UserError(
-            f"base_model {model.id} is tuned only by Vertex AI; use backend='vertex', or an open or local/tiny-* "
-            "model with the local engine",
-            field="base_model",
-        )
     return model
 
 

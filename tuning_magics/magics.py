@@ -186,9 +186,10 @@ class TuningMagics(Magics):
                                  f"not {args.provider!r}")
             df = df[df["provider"] == args.provider]
         if args.mode:
-            mode = {"LORA": "PEFT_ADAPTER", "PEFT": "PEFT_ADAPTER"}.get(args.mode.upper(), args.mode.upper())
-            if mode not in catalog.TUNING_MODES:
-                raise UsageError(f"--mode must be FULL or PEFT_ADAPTER (LoRA), not {args.mode!r}")
+            try:
+                mode = catalog.normalise_mode(args.mode)
+            except UserError:
+                raise UsageError(f"--mode must be FULL or PEFT_ADAPTER (LoRA), not {args.mode!r}") from None
             df = df[df["modes"].str.contains(mode)]
         return df.reset_index(drop=True)
 
