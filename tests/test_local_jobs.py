@@ -567,19 +567,22 @@ def test_a_damaged_registry_is_named_never_overwritten_and_rebuilt(slot_taken, t
         with pytest.raises(registry.RegistryDamaged) as err:
             call()
         message = str(err.value)
-        assert "\n" not in message and str(path) in message and "registry.rebuild()" in message
+        assert "\n" not in message and str(path) in message and "tuning-magics rebuild-registry" in message
         assert path.read_bytes() == broken  # never written over, never truncated
     assert not (tmp_path / "new").exists()
 
-    aside = registry.rebuild(str(tmp_path / "elsewhere"))
-    assert aside is not None and aside.read_bytes() == broken
+    from tuning_magics.cli import main
+
+    assert main(["rebuild-registry", str(tmp_path / "elsewhere")]) == 0
+    (aside,) = [p for p in path.parent.glob(f"{path.name}.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert aside.read_bytes() == broken
     found = {j.id: j for j in tm.list_jobs()}
     assert set(found) >= {job.id, elsewhere.id}
     assert found[job.id].display_name == "survivor" and found[job.id].config == job.config
     # Its last state was lost with the registry: FAILED, and resume() takes it from there.
     assert found[job.id].state == JOB_STATE_FAILED and "job.resume()" in found[job.id].error
     with pytest.raises(UserError, match="nothing to rebuild"):
-        registry.rebuild()
+        tm.rebuild_registry()
 
 
 def test_a_broken_row_hides_no_other_job(slot_taken, tmp_path):

@@ -31,6 +31,7 @@ _LAZY = {
     "tune": ("tuning_magics.api", "tune"),
     "get_job": ("tuning_magics.api", "get_job"),
     "list_jobs": ("tuning_magics.api", "list_jobs"),
+    "rebuild_registry": ("tuning_magics.api", "rebuild_registry"),
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]

@@ -188,6 +188,18 @@ def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[J
     return local.find(limit=limit)
 
 
+def rebuild_registry(*job_folders) -> str | None:
+    """Rebuild a damaged local job registry from the ``job.json`` of every job folder; where the old file went.
+
+    Folders under ``<home>/jobs`` are found by themselves; pass the folders of
+    jobs that were given their own ``output_uri``. A readable registry is left alone.
+    """
+    from .backends.local import registry
+
+    aside = registry.rebuild(*job_folders)
+    return None if aside is None else str(aside)
+
+
 # -- checks ------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
     tuning-magics validate PATH [--model ID] [--method sft|distillation] [--validation VPATH] [--json]
     tuning-magics models [--json]
+    tuning-magics rebuild-registry [JOB_FOLDER ...]
 
 ``validate`` exits 0 when the dataset is valid (warnings allowed), 1 when it
 is invalid and 2 on a usage or environment error (unknown option or model,
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print one JSON object")
     m = sub.add_parser("models", help="list the tunable models")
     m.add_argument("--json", action="store_true")
+    r = sub.add_parser("rebuild-registry", help="rebuild a damaged local job registry from the job folders")
+    r.add_argument("folders", nargs="*", metavar="JOB_FOLDER", help="folders of jobs run with their own output_uri")
     return parser
 
 
@@ -70,11 +73,20 @@ def _models(args) -> int:
     return 0
 
 
+def _rebuild(args) -> int:
+    from .api import rebuild_registry
+    from .backends.local.registry import db_path
+
+    aside = rebuild_registry(*args.folders)
+    print(f"rebuilt {db_path()}" + (f"; the damaged file is now {aside}" if aside else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        return {"validate": _validate, "models": _models}[args.command](args)
+        return {"validate": _validate, "models": _models, "rebuild-registry": _rebuild}[args.command](args)
     except UserError as exc:
         print(f"tuning-magics: error: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ The file is made whole (schema included) and linked into place, so an empty
 or unreadable registry is damage, never a new one: it is reported in one line
 (:class:`RegistryDamaged`) and never written over. :func:`rebuild` moves it
 aside and lists the jobs again from the ``job.json`` every job folder holds
-(``python -m tuning_magics.backends.local.registry rebuild`` does the same).
+(``tuning-magics rebuild-registry`` on the command line does the same).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import sqlite3
-import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -75,8 +74,8 @@ class RegistryDamaged(UserError):
 def _damaged(reason: str) -> RegistryDamaged:
     return RegistryDamaged(
         f"the local job registry {db_path()} is damaged ({reason}); "
-        "`from tuning_magics.backends.local import registry; registry.rebuild()` moves it aside and "
-        f"lists the jobs again from their {JOB_FILE} files",
+        "run `tuning-magics rebuild-registry` (or tuning_magics.rebuild_registry()): it moves the file aside "
+        f"and lists the jobs again from their {JOB_FILE} files",
         field="registry",
     )
 
@@ -410,22 +409,3 @@ def _from_folder(folder: Path) -> JobRecord | None:
         error=None if done else "the job registry was rebuilt and this job's last state was lost; "
                                 "job.resume() continues it from its last checkpoint",
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tuning_magics.backends.local.registry rebuild [JOB_FOLDER ...]``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "rebuild":
-        print("usage: python -m tuning_magics.backends.local.registry rebuild [JOB_FOLDER ...]", file=sys.stderr)
-        return 2
-    try:
-        aside = rebuild(*argv[1:])
-    except UserError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(f"rebuilt {db_path()}" + (f"; the damaged file is now {aside}" if aside else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
