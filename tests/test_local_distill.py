@@ -23,6 +23,7 @@ import pytest
 
 from tuning_magics.backends.local.distill import (
     LABELLED_FILE,
+    PARTIAL_FILE,
     SOURCES_FILE,
     label_dataset,
     read_prompts,
@@ -98,9 +99,10 @@ def test_catalog_teacher_asks_for_an_endpoint(tmp_path):
 class _FakeEndpoint:
     """An OpenAI-style endpoint with scripted answers: ``answer(prompt_text, attempt) -> str | int (HTTP error)``."""
 
-    def __init__(self, answer, models=("teacher-x",)):
+    def __init__(self, answer, models=("teacher-x",), models_status: int = 200):
         self.calls: dict[str, int] = {}
         self.auth: list[str | None] = []
+        self.models_asked: list[str | None] = []
         lock = threading.Lock()
         outer = self
 
@@ -117,7 +119,10 @@ class _FakeEndpoint:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self._json(200, {"object": "list", "data": [{"id": m} for m in models]})
+                if models_status != 200:
+                    self._json(models_status, {"error": {"message": f"scripted {models_status}"}})
+                else:
+                    self._json(200, {"object": "list", "data": [{"id": m} for m in models]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -125,7 +130,8 @@ class _FakeEndpoint:
                 with lock:
                     outer.calls[prompt] = attempt = outer.calls.get(prompt, 0) + 1
                     outer.auth.append(self.headers.get("Authorization"))
-                assert body["model"] == models[0] and body["temperature"] == 0.0
+                    outer.models_asked.append(body.get("model"))
+                assert body["temperature"] == 0.0
                 reply = answer(prompt, attempt)
                 if isinstance(reply, int):
                     self._json(reply, {"error": {"message": f"scripted {reply}"}})
@@ -175,24 +181,156 @@ def test_endpoint_teacher_retries_once_and_sends_the_api_key(tmp_path, fake_endp
     assert [e["done"] for e in progress] == sorted(e["done"] for e in progress)
 
 
-def test_endpoint_teacher_failing_twice_names_the_line_and_writes_nothing(tmp_path, fake_endpoint):
-    ep = fake_endpoint(lambda p, n: "" if p == "bad" else "fine")
+def test_endpoint_teacher_failing_twice_names_the_line_and_keeps_the_other_answers(tmp_path, fake_endpoint):
+    fixed = []
+    ep = fake_endpoint(lambda p, n: f"answer to {p}" if fixed else "" if p == "bad" else "fine")
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + json.dumps({"prompt": "bad"}) + "\n")
     with pytest.raises(UserError, match="line 3 of p.jsonl") as err:
         label_dataset(ep.url, data, tmp_path / "out" / LABELLED_FILE)
     assert err.value.line == 3 and ep.calls["bad"] == 2
-    assert list((tmp_path / "out").iterdir()) == []  # nothing half-written
+    # No labelled file or sidecar: only the answers obtained, for the next attempt.
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [PARTIAL_FILE]
+    # With that prompt fixed, the next attempt asks for it alone.
+    fixed.append(True)
+    ep.calls.clear()
+    data.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + json.dumps({"prompt": "better"}) + "\n")
+    assert label_dataset(ep.url, data, tmp_path / "out" / LABELLED_FILE) == 2
+    assert ep.calls == {"better": 1}
+    out = _read_jsonl(tmp_path / "out" / LABELLED_FILE)
+    assert [r["messages"][-1]["content"] for r in out] == ["fine", "answer to better"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LABELLED_FILE, SOURCES_FILE]
 
 
 def test_endpoint_refusal_and_silence_are_one_line_errors(tmp_path, fake_endpoint):
     data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
     ep = fake_endpoint(lambda p, n: 400)
-    with pytest.raises(UserError, match="refused a prompt.*scripted 400"):
+    with pytest.raises(UserError, match="refused line 1 of p.jsonl: .*scripted 400"):
         label_dataset(ep.url, data, tmp_path)
     ep.close()
     with pytest.raises(UserError, match="does not answer"):
         label_dataset(ep.url, data, tmp_path)
+
+
+def test_endpoint_hints_name_what_a_tune_user_can_do(tmp_path, fake_endpoint, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    for ep in (fake_endpoint(lambda p, n: "fine", models_status=401), fake_endpoint(lambda p, n: 401)):
+        with pytest.raises(UserError) as err:
+            label_dataset(ep.url, data, tmp_path)
+        message = str(err.value)
+        assert "OPENAI_API_KEY" in message and "tune()" in message and "\n" not in message
+        assert "api_key" not in message  # tune() has no such option
+    # An endpoint serving several models: the model is named at the end of the URL.
+    ep = fake_endpoint(lambda p, n: "fine", models=("m1", "m2"))
+    with pytest.raises(UserError, match="serves 2 models") as err:
+        label_dataset(ep.url, data, tmp_path)
+    assert f"base_teacher_model: {ep.url}#m1" in str(err.value)
+    assert label_dataset(f"{ep.url}#m2", data, tmp_path) == 1
+    assert ep.models_asked == ["m2"]
+
+
+def _answered(partial: Path) -> dict[int, str]:
+    """The answers of a partial file by source line; every line must be whole JSON."""
+    return {r["source_line"]: r["answer"] for r in _read_jsonl(partial)}
+
+
+def test_a_cancelled_labelling_resumes_asking_only_for_the_rest(tmp_path, fake_endpoint):
+    prompts = [{"prompt": f"q{i}"} for i in range(40)]
+    data = _write_jsonl(tmp_path / "p.jsonl", prompts)
+    ep = fake_endpoint(lambda p, n: f"answer to {p}")
+    seen = []
+
+    def stop_after_10():
+        return len([e for e in seen if e.get("done")]) >= 10
+
+    with pytest.raises(Exception, match="cancelled while the teacher was labelling"):
+        label_dataset(ep.url, data, tmp_path, on_event=seen.append, should_stop=stop_after_10, concurrency=2)
+    assert not (tmp_path / LABELLED_FILE).exists() and not (tmp_path / SOURCES_FILE).exists()
+    kept = _answered(tmp_path / PARTIAL_FILE)
+    assert 10 <= len(kept) < 40 and all(a == f"answer to q{line - 1}" for line, a in kept.items())
+    first = dict(ep.calls)
+    assert set(first) == {f"q{line - 1}" for line in kept}  # every answer paid for was kept
+
+    ep.calls.clear()
+    events = []
+    assert label_dataset(ep.url, data, tmp_path, on_event=events.append) == 40
+    assert ep.calls == {f"q{i}": 1 for i in range(40) if i + 1 not in kept}  # the rest, each once
+    assert events[0] == {"event": "progress", "stage": "labelling", "done": len(kept), "total": 40}
+    out = _read_jsonl(tmp_path / LABELLED_FILE)
+    assert [r["messages"] for r in out] == [[{"role": "user", "content": p["prompt"]},
+                                             {"role": "assistant", "content": f"answer to {p['prompt']}"}]
+                                            for p in prompts]
+    assert _read_jsonl(tmp_path / SOURCES_FILE) == [{"line": i, "source_line": i} for i in range(1, 41)]
+    assert not (tmp_path / PARTIAL_FILE).exists()
+
+
+def test_a_killed_labelling_resumes_past_a_torn_line(tmp_path, fake_endpoint):
+    import subprocess
+    import sys
+    import time
+
+    prompts = [{"prompt": f"q{i}"} for i in range(30)]
+    data = _write_jsonl(tmp_path / "p.jsonl", prompts)
+    gate = threading.Event()
+    answered = []
+
+    def answer(p, n):
+        if len(answered) >= 12:
+            gate.wait(120)  # the teacher hangs after 12 answers; the labeller is then killed
+        answered.append(p)
+        return f"answer to {p}"
+
+    ep = fake_endpoint(answer)
+    code = ("import sys; from tuning_magics.backends.local.distill import label_dataset; "
+            "label_dataset(sys.argv[1], sys.argv[2], sys.argv[3], concurrency=1)")
+    proc = subprocess.Popen([sys.executable, "-c", code, ep.url, str(data), str(tmp_path)])
+    try:
+        partial = tmp_path / PARTIAL_FILE
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not partial.exists() or partial.read_bytes().count(b"\n") < 12):
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(60)
+        gate.set()
+    assert len(_answered(partial)) == 12
+    # A crash in the middle of a write leaves half a line.
+    with open(partial, "ab") as fh:
+        fh.write(b'{"source_line": 13, "key": "3f2a')
+
+    ep.calls.clear()
+    seen = []
+    with pytest.raises(Exception, match="cancelled"):
+        label_dataset(ep.url, data, tmp_path, on_event=seen.append, concurrency=1,
+                      should_stop=lambda: len(seen) > 5)
+    kept = _answered(partial)  # whole lines only: the torn one was dropped, the new ones start on their own
+    assert 12 < len(kept) < 30
+    assert set(ep.calls) == {f"q{line - 1}" for line in kept if line > 12}
+
+    ep.calls.clear()
+    assert label_dataset(ep.url, data, tmp_path) == 30
+    assert ep.calls == {f"q{i}": 1 for i in range(30) if i + 1 not in kept}
+    assert [r["messages"][-1]["content"] for r in _read_jsonl(tmp_path / LABELLED_FILE)] == \
+        [f"answer to q{i}" for i in range(30)]
+
+
+def test_answers_for_other_options_or_another_prompt_are_not_reused(tmp_path, fake_endpoint):
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}])
+    refuse = {"c"}
+    ep = fake_endpoint(lambda p, n: 400 if p in refuse else f"answer to {p}")
+    with pytest.raises(UserError, match="refused line 3 of p.jsonl: .*scripted 400"):
+        label_dataset(ep.url, data, tmp_path, concurrency=1)
+    assert _answered(tmp_path / PARTIAL_FILE) == {1: "answer to a", 2: "answer to b"}
+    ep.calls.clear()
+    with pytest.raises(UserError, match="refused line 3"):
+        label_dataset(ep.url, data, tmp_path, concurrency=1, max_new_tokens=7)  # other options: ask again
+    assert ep.calls == {"a": 1, "b": 1, "c": 1}
+    refuse.clear()
+    ep.calls.clear()
+    _write_jsonl(data, [{"prompt": "a2"}, {"prompt": "b"}, {"prompt": "c"}])  # line 1 changed
+    assert label_dataset(ep.url, data, tmp_path) == 3
+    assert ep.calls == {"a2": 1, "c": 1}
 
 
 # -- the real thing: teacher, endpoint, distillation job ----------------------------------------
@@ -263,6 +401,24 @@ def test_endpoint_teacher_gives_the_folder_teachers_labels(teacher, home, tmp_pa
 
 
 @pytest.mark.slow
+def test_local_teacher_keeps_its_answers_across_a_cancel(teacher, tmp_path):
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": q} for q, _ in FACTS[:8]])
+    seen = []
+    with pytest.raises(Exception, match="cancelled"):
+        label_dataset(teacher, data, tmp_path, batch_size=2, max_new_tokens=16, on_event=seen.append,
+                      should_stop=lambda: seen[-1]["done"] >= 4)
+    kept = _answered(tmp_path / PARTIAL_FILE)
+    assert len(kept) == 4 and all(kept.values())
+    events = []
+    assert label_dataset(teacher, data, tmp_path, batch_size=2, max_new_tokens=16, on_event=events.append) == 8
+    assert [e["done"] for e in events[:-1]] == [4, 5, 6, 7, 8]  # the first four come from the partial file
+    out = _read_jsonl(tmp_path / LABELLED_FILE)
+    assert {line: out[line - 1]["messages"][-1]["content"] for line in kept} == kept
+    assert all(r["messages"][-1]["content"].strip() for r in out)
+    assert not (tmp_path / PARTIAL_FILE).exists()
+
+
+@pytest.mark.slow
 def test_distillation_job_student_gives_the_teachers_answers(teacher, home):
     import tuning_magics as tm
     from tuning_magics.jobs import JOB_STATE_SUCCEEDED
@@ -280,6 +436,7 @@ def test_distillation_job_student_gives_the_teachers_answers(teacher, home):
     assert [r["messages"][:-1] for r in labelled] == [[{"role": "user", "content": q}] for q, _ in FACTS]
     assert tm.validate(str(out / LABELLED_FILE)).ok  # a plain chat file: reusable as an SFT dataset
     assert [s["source_line"] for s in _read_jsonl(out / SOURCES_FILE)] == list(range(1, len(FACTS) + 1))
+    assert not (out / PARTIAL_FILE).exists()
     teacher_said = {r["messages"][0]["content"]: r["messages"][-1]["content"] for r in labelled}
     # The teacher knew the facts, so the labels are the facts (batched greedy = one-by-one greedy).
     assert sum(teacher_said[q] == a for q, a in FACTS) >= 0.9 * len(FACTS)

@@ -9,7 +9,12 @@ which the student is then tuned on. The file holds nothing but chat records,
 so it passes the dataset validator and can be uploaded as is; the link from
 each labelled line to its source line lives in the sidecar
 ``distillation_labelled_dataset.sources.jsonl`` (``{"line", "source_line"}``).
-Both are written atomically: either the whole file exists or none does.
+Both are written atomically, once every prompt is answered: either the whole
+file exists or none does. Until then each answer is appended, as it arrives,
+to ``distillation_labelled_dataset.partial.jsonl`` (``{"source_line", "key",
+"answer"}``, ``key`` a digest of teacher, options and prompt), so a job that
+crashes or is cancelled at prompt 9,000 of 10,000 asks the teacher, when
+resumed, for the last 1,000 only.
 
 The teacher is:
 
@@ -17,8 +22,9 @@ The teacher is:
   job's ``postprocess/node-0/checkpoints/final``, a Hugging Face id in the local
   cache): prompts are answered in left-padded batches;
 - an OpenAI-compatible chat-completions endpoint (``http://host:port/v1`` or the
-  full ``.../chat/completions`` URL; API key from ``api_key`` or ``$OPENAI_API_KEY``):
-  prompts are sent concurrently from a small thread pool.
+  full ``.../chat/completions`` URL, ending in ``#<model id>`` to pick one model
+  of an endpoint that serves several; API key from ``api_key`` or
+  ``$OPENAI_API_KEY``): prompts are sent concurrently from a small thread pool.
 
 The managed service's teachers (``deepseek-ai/deepseek-r1-0528-maas``...) live
 only behind Vertex AI; locally they are reached through an endpoint URL.
@@ -26,6 +32,7 @@ only behind Vertex AI; locally they are reached through an endpoint URL.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -33,9 +40,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...errors import UserError
+from ...storage import atomic_writer
 
 LABELLED_FILE = "distillation_labelled_dataset.jsonl"
 SOURCES_FILE = "distillation_labelled_dataset.sources.jsonl"
+PARTIAL_FILE = "distillation_labelled_dataset.partial.jsonl"
 #: Parallel requests to an endpoint teacher: enough to hide latency, few enough not to hit rate limits.
 ENDPOINT_CONCURRENCY = 4
 
@@ -63,6 +72,11 @@ def labelled_path(out_path) -> Path:
     return p
 
 
+def _sibling(target: Path, name: str, suffix: str) -> Path:
+    """The sidecar ``name`` next to the default labelled file, else ``<stem><suffix>`` next to ``target``."""
+    return target.with_name(name if target.name == LABELLED_FILE else target.stem + suffix)
+
+
 def read_prompts(train_path) -> list[tuple[int, list[dict]]]:
     """``(source line number, prompt messages)`` for every example of a JSONL file in any format.
 
@@ -80,7 +94,7 @@ def read_prompts(train_path) -> list[tuple[int, list[dict]]]:
         raise UserError(f"cannot read the training file {str(train_path)!r} ({exc.strerror or exc})",
                         field="train_dataset") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read the prompts of {str(train_path)!r} ({exc}); validate it with %dataset first",
+        raise UserError(f"cannot read the prompts of {str(train_path)!r} ({exc}); check it with tuning_magics.validate()",
                         field="train_dataset") from None
     out = []
     for line, conv in zip(lines, conversations):
@@ -96,10 +110,22 @@ def read_prompts(train_path) -> list[tuple[int, list[dict]]]:
 
 
 # -- teachers ---------------------------------------------------------------------
+# A teacher's answer(prompts, on_answer=...) calls on_answer(i, text) for each prompt as
+# its answer arrives, from the calling thread; "" means no answer (retried once later).
 
 
 def _is_url(teacher: str) -> bool:
     return teacher.startswith(("http://", "https://"))
+
+
+#: How a tune() user gives an endpoint teacher its key: the worker inherits the environment
+#: of the process that starts it.
+_KEY_HINT = ("set OPENAI_API_KEY in the environment of the notebook or script that calls tune() "
+             "(os.environ[\"OPENAI_API_KEY\"] = ...) before tune() or job.resume()")
+
+
+def _refused(url: str, exc, what: str) -> UserError:
+    return UserError(f"the teacher endpoint {url} refused {what} ({exc}); {_KEY_HINT}", field="base_teacher_model")
 
 
 class _LocalTeacher:
@@ -110,8 +136,8 @@ class _LocalTeacher:
 
         self.chat = LocalChatModel(name, device=device, dtype=dtype)
 
-    def answer(self, prompts: list[list[dict]], *, batch_size: int, progress: Callable[[int], None],
-               stop: Callable[[], bool], **gen) -> list[str]:
+    def answer(self, prompts: list[list[dict]], *, on_answer: Callable[[int, str], None], batch_size: int,
+               stop: Callable[[], bool], **gen) -> None:
         import torch
 
         tok, model = self.chat.tokenizer, self.chat.model
@@ -120,9 +146,9 @@ class _LocalTeacher:
         # Longest first: similar lengths share a batch (little padding) and a batch that
         # does not fit in memory fails at once, not at the end.
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        kwargs = self.chat.generation_kwargs(gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"],
-                                       gen["seed"])
-        answers: list[str] = [""] * len(texts)
+        kwargs = self.chat.generation_kwargs(gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"])
+        if gen["seed"] is not None:
+            torch.manual_seed(int(gen["seed"]))
         side = tok.padding_side
         tok.padding_side = "left"  # generation appends on the right, so pads go on the left
         try:
@@ -136,11 +162,9 @@ class _LocalTeacher:
                     out = model.generate(**enc, **kwargs)
                 new = out[:, enc["input_ids"].shape[1]:]
                 for row, i in enumerate(idx):
-                    answers[i] = tok.decode(new[row], skip_special_tokens=True)
-                progress(len(idx))
+                    on_answer(i, tok.decode(new[row], skip_special_tokens=True))
         finally:
             tok.padding_side = side
-        return answers
 
     def answer_one(self, prompt: list[dict], **gen) -> str:
         return self.chat.reply(prompt, **gen)
@@ -152,18 +176,20 @@ class _EndpointTeacher:
     def __init__(self, url: str, *, api_key: str | None, model: str | None, timeout: float, concurrency: int):
         from .client import EndpointError, list_models
 
+        url, _, named = url.partition("#")  # "http://host/v1#model-id" names the model
         self.url = url
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
         self.concurrency = max(1, int(concurrency))
-        self.model = model
+        self.model = model or named or None
+        self.errors: dict[int, str] = {}
         if self.model is None:
             try:
                 served = list_models(url, api_key=self.api_key, timeout=min(timeout, 30.0))
             except EndpointError as exc:
                 if exc.status in (401, 403):
-                    raise UserError(f"the teacher endpoint {url} refused the API key ({exc}); set OPENAI_API_KEY "
-                                    "or pass api_key", field="base_teacher_model") from None
+                    raise _refused(url, exc, "the API key" if self.api_key else "a request without an API key") \
+                        from None
                 if exc.status is None:
                     raise UserError(f"the teacher endpoint {url} does not answer ({exc}); start the server or "
                                     "check the URL", field="base_teacher_model") from None
@@ -171,9 +197,11 @@ class _EndpointTeacher:
             self.model = served[0] if len(served) == 1 else None
             if len(served) > 1:
                 raise UserError(f"the teacher endpoint {url} serves {len(served)} models ({', '.join(served[:5])}); "
-                                "name one with model=...", field="base_teacher_model")
+                                f"name one at the end of base_teacher_model: {url}#{served[0]}",
+                                field="base_teacher_model")
 
     def _ask(self, prompt: list[dict], gen: dict) -> str:
+        """The endpoint's answer; EndpointError when it fails, _Refused when it refuses this prompt."""
         from .client import EndpointError, chat_completion
 
         params = {"max_tokens": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"]}
@@ -182,52 +210,62 @@ class _EndpointTeacher:
         try:
             data = chat_completion(self.url, prompt, model=self.model, api_key=self.api_key, timeout=self.timeout,
                                    **params)
-            return (data["choices"][0]["message"].get("content") or "")
+            return data["choices"][0]["message"].get("content") or ""
         except EndpointError as exc:
-            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
-                raise UserError(f"the teacher endpoint refused a prompt: {exc}", field="base_teacher_model") \
+            if exc.status in (401, 403):
+                raise _refused(self.url, exc, "the API key" if self.api_key else "a request without an API key") \
                     from None
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
+                raise _Refused(str(exc)) from None
             raise
         except (KeyError, IndexError, TypeError, AttributeError):
             raise EndpointError(f"{self.url} answered without choices[0].message.content") from None
 
-    def answer(self, prompts: list[list[dict]], *, batch_size: int, progress, stop, **gen) -> list[str]:
+    def answer(self, prompts: list[list[dict]], *, on_answer: Callable[[int, str], None], batch_size: int,
+               stop: Callable[[], bool], **gen) -> None:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         from .client import EndpointError
 
-        answers: list[str] = [""] * len(prompts)
-        errors: dict[int, str] = {}
+        def settle(fut, i) -> None:
+            try:
+                text = fut.result()
+            except EndpointError as exc:
+                self.errors[i] = str(exc)  # answered "" and retried once later
+                text = ""
+            except _Refused as exc:
+                raise _Refused(str(exc), index=i) from None
+            on_answer(i, text)
+
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="teacher") as pool:
             pending = {}
             todo = iter(range(len(prompts)))
-            # A bounded window of requests in flight so a cancel stops promptly.
-            while True:
-                while len(pending) < 2 * self.concurrency:
-                    i = next(todo, None)
-                    if i is None:
+            try:
+                # A bounded window of requests in flight so a cancel stops promptly.
+                while True:
+                    while len(pending) < 2 * self.concurrency:
+                        i = next(todo, None)
+                        if i is None:
+                            break
+                        pending[pool.submit(self._ask, prompts[i], gen)] = i
+                    if not pending:
                         break
-                    pending[pool.submit(self._ask, prompts[i], gen)] = i
-                if not pending:
-                    break
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    i = pending.pop(fut)
-                    try:
-                        answers[i] = fut.result()
-                    except EndpointError as exc:
-                        errors[i] = str(exc)  # answered "" and retried once below
-                    except BaseException:
-                        for f in pending:
-                            f.cancel()
-                        raise
-                    progress(1)
-                if stop():
-                    for f in pending:
-                        f.cancel()
-                    raise _cancelled_error()
-        self.errors = errors
-        return answers
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        settle(fut, pending.pop(fut))
+                    if stop():
+                        raise _cancelled_error()
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                # Answers already on their way were paid for: keep them for the resumed job.
+                for fut, i in pending.items():
+                    if not fut.cancelled():
+                        try:
+                            settle(fut, i)
+                        except BaseException:  # noqa: BLE001 - the first error is the one to report
+                            pass
+                raise
 
     def answer_one(self, prompt: list[dict], **gen) -> str:
         from .client import EndpointError
@@ -237,6 +275,14 @@ class _EndpointTeacher:
         except EndpointError as exc:
             self.last_error = str(exc)
             return ""
+
+
+class _Refused(Exception):
+    """The endpoint refused one prompt (a 4xx other than 401, 403, 408, 429): retrying will not help."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
 
 
 def _teacher(teacher, *, api_key, model, timeout, concurrency, device, dtype):
@@ -256,20 +302,62 @@ def _teacher(teacher, *, api_key, model, timeout, concurrency, device, dtype):
     return _LocalTeacher(name, device=device, dtype=dtype)
 
 
+# -- the answers so far ---------------------------------------------------------------
+
+
+class _Answers:
+    """The teacher's answers so far, in the partial file: read back on a resume, appended as they arrive.
+
+    An answer is reused only for the same source line and the same key (teacher,
+    options and prompt), so a changed training file or teacher asks again.
+    """
+
+    def __init__(self, path: Path, keys: dict[int, str]):
+        self.path, self.keys = path, keys
+        self.got: dict[int, str] = {}
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        end = data.rfind(b"\n") + 1  # a last line without its newline was torn by a crash
+        for raw in data[:end].splitlines():
+            try:
+                rec = json.loads(raw)
+                line, key, answer = rec["source_line"], rec["key"], rec["answer"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(line, int) and keys.get(line) == key and isinstance(answer, str) and answer.strip():
+                self.got[line] = answer
+        self._fh = open(path, "r+b" if data else "wb")
+        self._fh.truncate(end)  # so the next record starts on a line of its own
+        self._fh.seek(end)
+
+    def add(self, line: int, answer: str) -> bool:
+        """Record one answer; False for an empty one, which is not kept (it is asked again)."""
+        if not answer.strip():
+            return False
+        self.got[line] = answer
+        rec = {"source_line": line, "key": self.keys[line], "answer": answer}
+        self._fh.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
+        self._fh.flush()  # in the OS's hands: a killed worker loses nothing
+        return True
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _key(teacher: str, gen: dict, prompt: list[dict]) -> str:
+    text = json.dumps([teacher, gen, prompt], sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 # -- the labelling ------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, lines) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(line + "\n" for line in lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _write_jsonl(path: Path, records) -> None:
+    with atomic_writer(path, overwrite=True) as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
 
 
 def label_dataset(teacher, train_path, out_path, *, on_event: Callable[[dict], None] | None = None,
@@ -280,11 +368,12 @@ def label_dataset(teacher, train_path, out_path, *, on_event: Callable[[dict], N
     """Have ``teacher`` answer every prompt of ``train_path``; write the labelled chat JSONL; return its line count.
 
     ``out_path`` is the labelled file or the job's output folder (the file is then
-    ``<folder>/distillation_labelled_dataset.jsonl``). ``on_event`` receives
-    ``{"event": "progress", "stage": "labelling", "done", "total"}``. An empty or
-    failed answer is retried once; a second failure raises a UserError naming the line.
-    ``model`` names the model at an endpoint that serves several; ``should_stop``
-    cancels between batches (raising the trainer's ``TrainingCancelled``).
+    ``<folder>/distillation_labelled_dataset.jsonl``). Answers obtained by an
+    earlier, interrupted call for the same file are reused (see the module notes).
+    ``on_event`` receives ``{"event": "progress", "stage": "labelling", "done", "total"}``.
+    An empty or failed answer is retried once; a second failure raises a UserError
+    naming the line. ``model`` names the model at an endpoint that serves several;
+    ``should_stop`` cancels between batches (raising the trainer's ``TrainingCancelled``).
     """
     if int(batch_size) < 1:
         raise UserError(f"batch_size must be at least 1, not {batch_size}", field="batch_size")
@@ -294,46 +383,67 @@ def label_dataset(teacher, train_path, out_path, *, on_event: Callable[[dict], N
     stop = should_stop or (lambda: False)
     target = labelled_path(out_path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    name = Path(train_path).name
 
     examples = read_prompts(train_path)
     total = len(examples)
-    done = 0
-
-    def progress(k: int) -> None:
-        nonlocal done
-        done += k
-        emit({"event": "progress", "stage": "labelling", "done": done, "total": total})
-
-    emit({"event": "progress", "stage": "labelling", "done": 0, "total": total})
-    t0 = time.perf_counter()
     gen = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
            "top_k": int(top_k), "seed": seed}
-    worker = _teacher(teacher, api_key=api_key, model=model, timeout=timeout, concurrency=concurrency,
-                      device=device, dtype=dtype)
-    prompts = [p for _, p in examples]
-    answers = worker.answer(prompts, batch_size=int(batch_size), progress=progress, stop=stop, **gen)
-    for i, answer in enumerate(answers):
-        if answer.strip():
-            continue
-        if stop():
-            raise _cancelled_error()
-        # One retry, alone: a transient endpoint error, or a batch effect of padding.
-        answers[i] = worker.answer_one(prompts[i], **gen)
-        if not answers[i].strip():
-            line = examples[i][0]
-            why = getattr(worker, "last_error", None) or getattr(worker, "errors", {}).get(i)
-            reason = f" ({why})" if why else ""
-            raise UserError(f"the teacher gave no answer to line {line} of {Path(train_path).name} twice{reason}; "
-                            "fix or remove that prompt, or use another teacher", field="base_teacher_model",
-                            line=line)
+    ident = str(teacher).strip() + (f"#{model}" if model else "")
+    answers = _Answers(_sibling(target, PARTIAL_FILE, ".partial.jsonl"),
+                       {line: _key(ident, gen, prompt) for line, prompt in examples})
+    t0 = time.perf_counter()
+    try:
+        todo = [(line, prompt) for line, prompt in examples if line not in answers.got]
+        emit({"event": "progress", "stage": "labelling", "done": total - len(todo), "total": total})
+        if todo:
+            _ask_teacher(teacher, todo, answers, emit=emit, total=total, file_name=name, stop=stop,
+                         batch_size=int(batch_size), gen=gen, api_key=api_key, model=model, timeout=timeout,
+                         concurrency=concurrency, device=device, dtype=dtype)
+    finally:
+        answers.close()
 
-    records = [json.dumps({"messages": [*prompt, {"role": "assistant", "content": answer}]}, ensure_ascii=False)
-               for prompt, answer in zip(prompts, answers)]
-    sources = [json.dumps({"line": k, "source_line": line}) for k, (line, _) in enumerate(examples, 1)]
+    labelled = [{"messages": [*prompt, {"role": "assistant", "content": answers.got[line]}]}
+                for line, prompt in examples]
     # The sidecar first: the labelled file's presence is what tells a resumed job labelling is complete.
-    _write_atomic(target.with_name(SOURCES_FILE) if target.name == LABELLED_FILE
-                  else target.with_name(target.stem + ".sources.jsonl"), sources)
-    _write_atomic(target, records)
+    _write_jsonl(_sibling(target, SOURCES_FILE, ".sources.jsonl"),
+                 ({"line": k, "source_line": line} for k, (line, _) in enumerate(examples, 1)))
+    _write_jsonl(target, labelled)
+    answers.path.unlink(missing_ok=True)
     emit({"event": "labelled", "path": str(target), "examples": total,
           "seconds": round(time.perf_counter() - t0, 3)})
     return total
+
+
+def _ask_teacher(teacher, todo: list[tuple[int, list[dict]]], answers: _Answers, *, emit, total: int,
+                 file_name: str, stop, batch_size: int, gen: dict, **options) -> None:
+    """Have the teacher answer the prompts ``todo``, each recorded in ``answers`` as it arrives."""
+    worker = _teacher(teacher, **options)
+
+    def on_answer(i: int, text: str) -> None:
+        if answers.add(todo[i][0], text):
+            emit({"event": "progress", "stage": "labelling", "done": len(answers.got), "total": total})
+
+    try:
+        worker.answer([p for _, p in todo], on_answer=on_answer, batch_size=batch_size, stop=stop, **gen)
+        for i, (line, prompt) in enumerate(todo):
+            if line in answers.got:
+                continue
+            if stop():
+                raise _cancelled_error()
+            # One retry, alone: a transient endpoint error, or a batch effect of padding.
+            try:
+                on_answer(i, worker.answer_one(prompt, **gen))
+            except _Refused as exc:
+                raise _Refused(str(exc), index=i) from None
+            if line not in answers.got:
+                why = getattr(worker, "last_error", None) or getattr(worker, "errors", {}).get(i)
+                reason = f" ({why})" if why else ""
+                raise UserError(f"the teacher gave no answer to line {line} of {file_name} twice{reason}; "
+                                "fix or remove that prompt, or use another teacher", field="base_teacher_model",
+                                line=line)
+    except _Refused as exc:
+        line = todo[exc.index][0] if exc.index is not None else None
+        where = f"line {line} of {file_name}" if line is not None else "a prompt"
+        raise UserError(f"the teacher endpoint refused {where}: {exc}; fix or remove that prompt, or use another "
+                        "teacher", field="base_teacher_model", line=line) from None

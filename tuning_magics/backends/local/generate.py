@@ -142,7 +142,8 @@ class LocalChatModel:
             if not isinstance(exc, jinja2.TemplateError):
                 raise
             # A template's own rule (e.g. roles must alternate) is the request's mistake.
-            raise BadRequest(f"the model's chat template refuses these messages: {exc}", field="messages") from None
+            raise BadRequest(f"the model's chat template refuses these messages ({exc}); change them to follow it",
+                             field="messages") from None
         # verbose=False: a prompt over the limit is refused by prepare(), not warned about on stderr.
         enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
