@@ -793,6 +793,7 @@ def test_integer_column_names(tmp_path):
         ({"images": 5}, "images"),
         ({"images": [["img"]]}, "images"),
         ({"prompt": ["question"]}, "prompt"),
+        ({"prompt": True}, "prompt"),
         ({"validation_split": float("inf")}, "validation_split"),
         ({"validation_split": 1e400}, "validation_split"),
         ({"validation_split": float("nan")}, "validation_split"),

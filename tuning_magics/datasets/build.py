@@ -178,6 +178,8 @@ def _column(df, name: str, value):
     """
     if value is None:
         return None
+    if isinstance(value, bool):  # True == 1 would find column 1
+        raise UserError(f"{name} must be a column name, not {value!r}", field=name)
     try:
         present = value in df.columns
     except TypeError:  # unhashable: a list or a dict

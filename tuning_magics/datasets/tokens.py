@@ -83,6 +83,8 @@ class TokenCounter:
 
     def count(self, messages: list[dict]) -> int:
         """Tokens of one conversation."""
+        if self.kind == BUILTIN:  # the common case of a validation, without a list around it
+            return T.count_builtin(messages)
         return self.count_many([messages])[0]
 
     def count_many(self, conversations: list[list[dict]]) -> list[int]:

@@ -887,7 +887,7 @@ def _is_na(value) -> bool:
     """True for a missing cell: None, NaN, NA or NaT. Text, numbers, lists and arrays are values."""
     if value is None:
         return True
-    if isinstance(value, (str, bytes, list, tuple, dict)) or hasattr(value, "__len__"):
+    if hasattr(value, "__len__"):  # text, lists, dicts, arrays
         return False
     import pandas as pd
 
