@@ -629,24 +629,14 @@ def _parsed(lines: Iterable[tuple[int, bytes]], report: ValidationReport) -> Ite
 
 
 def _key_count(value) -> int:
-    n = len(value)
-    for v in value.values():
-        t = type(v)
-        if t is dict:
-            n += _key_count(v)
-        elif t is list:
-            n += _key_count_list(v)
-    return n
-
-
-def _key_count_list(values: list) -> int:
-    n = 0
-    for v in values:
-        t = type(v)
-        if t is dict:
-            n += _key_count(v)
-        elif t is list:
-            n += _key_count_list(v)
+    """Keys of every object inside ``value`` (a dict or a list), counted recursively."""
+    if type(value) is dict:
+        n, children = len(value), value.values()
+    else:
+        n, children = 0, value
+    for child in children:
+        if type(child) in (dict, list):
+            n += _key_count(child)
     return n
 
 
