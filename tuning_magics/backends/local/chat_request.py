@@ -90,7 +90,7 @@ def check_messages(messages) -> list[dict]:
 
 
 def check_option(name: str, value, *, shown: str | None = None):
-    """``value`` of generation option ``name`` (a key of RANGES) after its range check; ``shown`` is the caller's name."""
+    """``value`` of option ``name`` (a key of RANGES) after its range check; ``shown`` is the caller's name for it."""
     shown = shown or name
     lo, hi, whole = RANGES[name]
     if value is None:

@@ -94,7 +94,8 @@ def read_prompts(train_path) -> list[tuple[int, list[dict]]]:
         raise UserError(f"cannot read the training file {str(train_path)!r} ({exc.strerror or exc})",
                         field="train_dataset") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read the prompts of {str(train_path)!r} ({exc}); check it with tuning_magics.validate()",
+        raise UserError(f"cannot read the prompts of {str(train_path)!r} ({exc}); check the file with "
+                        "tuning_magics.validate()",
                         field="train_dataset") from None
     out = []
     for line, conv in zip(lines, conversations):

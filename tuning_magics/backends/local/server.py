@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ...errors import UserError
-from .chat_request import DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT, BadRequest, parse_chat_request  # noqa: F401
+from .chat_request import BadRequest, parse_chat_request
 from .client import chat_completion, stream_chat_completion
 
 #: Largest request body, as TGI's default payload limit: far above any prompt a context holds.
@@ -149,7 +149,7 @@ class Server:
         return data["choices"][0]["message"]["content"]
 
     def predict(self, instances: list[dict]) -> list[str]:
-        """Vertex-style ``predict``: each instance has ``prompt`` (or ``messages``), ``max_tokens``, ``temperature``..."""
+        """Vertex-style ``predict``: each instance has ``prompt`` (or ``messages``), ``max_tokens``, ``temperature``."""
         out = []
         for inst in instances:
             messages = inst.get("messages") or [{"role": "user", "content": inst.get("prompt", "")}]
@@ -278,9 +278,10 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 raise BadRequest("bad chunk size in a chunked request body") from None
             if size == 0:
-                while self.rfile.readline(1024).strip():  # trailers, up to the blank line
-                    pass
-                return bytes(body)
+                for _ in range(100):  # trailers, up to the blank line
+                    if not self.rfile.readline(1024).strip():
+                        return bytes(body)
+                raise BadRequest("too many trailer lines after a chunked request body")
             if len(body) + size > limit:
                 raise BadRequest(self._too_big(), status=413)
             chunk = self.rfile.read(size)
@@ -326,8 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
             req = parse_chat_request(body)
             model = body.get("model")
             if model not in (None, "", ep.model_name):
-                raise BadRequest(f"model {model!r} is not served here; this endpoint serves {ep.model_name!r} "
-                                 "(GET /v1/models)", status=404, field="model")
+                raise BadRequest(f"model {str(model)[:100]!r} is not served here; this endpoint serves "
+                                 f"{ep.model_name!r} (GET /v1/models)", status=404, field="model")
             # Tokenised and checked against the context here, outside the model's turns.
             req = ep.chat_model.prepare(req)
         except BadRequest as exc:
