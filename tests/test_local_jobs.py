@@ -116,6 +116,7 @@ def pid_gone(pid: int) -> bool:
 # -- real training ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_fails_with_reason_and_resume_finishes(home):
     # 16 examples, batch 2: 8 steps (one checkpoint) per epoch; killed once epoch 2 has begun.
     # Three epochs leave the worker enough work that it is still running when the kill lands.
@@ -153,6 +154,7 @@ def test_sigkill_mid_epoch_fails_with_reason_and_resume_finishes(home):
     assert isinstance(reply, str)
 
 
+@pytest.mark.slow
 def test_three_jobs_with_limit_one_run_one_after_another(home):
     jobs = [tm.tune(MODEL, records(8), epochs=1, batch_size=4, tuned_model_display_name=f"seq-{i}")
             for i in range(3)]
@@ -173,6 +175,7 @@ def test_three_jobs_with_limit_one_run_one_after_another(home):
     assert answer["choices"][0]["message"]["role"] == "assistant"
 
 
+@pytest.mark.slow
 def test_cancel_queued_and_running_jobs(home):
     running = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
     queued = tm.tune(MODEL, records(8), epochs=1)
@@ -194,6 +197,7 @@ def test_cancel_queued_and_running_jobs(home):
     assert queued.refresh().state == JOB_STATE_CANCELLED and queued.attempts == 0
 
 
+@pytest.mark.slow
 def test_sigterm_stops_worker_cleanly(home):
     job = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
     wait_for(lambda: len(job.metrics()) > 0, what="training to start")
@@ -207,6 +211,7 @@ def test_sigterm_stops_worker_cleanly(home):
     assert not ckpt_dir.exists() or not [p for p in ckpt_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.slow
 def test_a_new_process_lists_and_reattaches(home):
     # One process submits and exits at once, as a restarted kernel would.
     submit = textwrap.dedent(f"""
@@ -475,6 +480,7 @@ def teacher_endpoint():
     server.server_close()
 
 
+@pytest.mark.slow
 def test_distillation_labels_with_the_teacher_then_trains(home, teacher_endpoint):
     job = tm.tune(MODEL, [{"prompt": f"Explain {i}"} for i in range(8)], method="distillation",
                   base_teacher_model=teacher_endpoint, epochs=1, batch_size=4)
@@ -486,6 +492,7 @@ def test_distillation_labels_with_the_teacher_then_trains(home, teacher_endpoint
     assert job.tuned_model is not None and len(job.metrics()) == 2
 
 
+@pytest.mark.slow
 def test_gs_dataset_is_fetched_into_the_job_folder(home, gcs_emulator, tmp_path):
     import pandas as pd
 
@@ -616,6 +623,7 @@ def test_output_uri_that_cannot_be_a_folder_is_one_line(home, tmp_path):
     assert (tmp_path / "somefile.txt").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_removing_the_job_folder_while_it_trains_fails_the_job(home, tmp_path):
     job = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2, output_uri=str(tmp_path / "doomed"))
     wait_for(lambda: len(job.metrics()) > 0, what="training to start")
@@ -643,6 +651,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_job_saying_so(home, small_disk):
     job = tm.tune(MODEL, records(8), epochs=1, batch_size=4, output_uri=str(small_disk / "job"))
     job.wait(timeout=120)
