@@ -12,3 +12,16 @@ def test_an_environment_problem_exits_2_with_the_extra_to_install(without_extra,
     assert result.returncode in (0, 2), result.stderr
     if result.returncode == 2:
         assert 'pip install "tuning_magics[local]"' in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gs_uris_without_the_vertex_extra_name_it(without_extra, tmp_path):
+    code = ("import tuning_magics as tm\n"
+            "try:\n    tm.validate('gs://some-bucket/train.jsonl')\n"
+            "except tm.UserError as exc:\n    print(exc)\n")
+    result = without_extra("vertex", code)
+    assert result.stdout.strip() == ('this needs google.cloud.storage, which is not installed: '
+                                     'pip install "tuning_magics[vertex]"'), result.stderr
+    # Local files need nothing from the extra.
+    (tmp_path / "train.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    result = without_extra("vertex", "import tuning_magics as tm; print(tm.validate('train.jsonl').ok)")
+    assert result.stdout.strip() == "True", result.stderr

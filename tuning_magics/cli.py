@@ -98,14 +98,6 @@ def main(argv=None) -> int:
             raise
         print(f"tuning-magics: error: {problem}", file=sys.stderr)
         return 2
-    except ImportError as exc:
-        from .errors import missing_extra
-
-        problem = missing_extra(exc)
-        if problem is None:
-            raise
-        print(f"tuning-magics: error: {problem}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         return 0
 

@@ -33,11 +33,12 @@ class MissingExtra(UserError):
 
 def missing_extra(exc: ImportError) -> MissingExtra | None:
     """The :class:`MissingExtra` for an ImportError of a package an extra installs, else None."""
-    name = (getattr(exc, "name", None) or "").split(".")[0]
+    name = getattr(exc, "name", None) or ""
     for extra, modules in EXTRAS.items():
-        if name and name in {m.split(".")[0] for m in modules}:
-            return MissingExtra(f"this needs {name}, which is not installed: pip install \"tuning_magics[{extra}]\"",
-                                field=extra)
+        for module in modules:
+            if name and (module == name or module.startswith(name + ".") or name.startswith(module + ".")):
+                return MissingExtra(f"this needs {module}, which is not installed: pip install "
+                                    f"\"tuning_magics[{extra}]\"", field=extra)
     return None
 
 
@@ -56,6 +57,6 @@ def require_extra(extra: str, *modules: str) -> None:
             found = False
         if not found:
             raise MissingExtra(
-                f"this needs {name.split('.')[0]}, which is not installed: pip install \"tuning_magics[{extra}]\"",
+                f"this needs {name}, which is not installed: pip install \"tuning_magics[{extra}]\"",
                 field=extra,
             )

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from .errors import UserError
+from .errors import UserError, require_extra
 
 if TYPE_CHECKING:
     from google.cloud.storage import Blob, Client
@@ -59,10 +59,12 @@ if TYPE_CHECKING:
 PathOrUri = str | os.PathLike[str]
 
 #: Seconds to wait for a connection, and for each answer, before a request counts as failed.
-CONNECT_TIMEOUT, READ_TIMEOUT = 10.0, 60.0
-#: Seconds a request that failed transiently (503, a dropped connection) is retried for in all.
-#: A server that refuses the connection or a name that does not resolve is not retried.
-RETRY_SECONDS = 30.0
+#: Metadata requests (is there an object, its checksums, a listing) answer in well under a
+#: second; transfers of a chunk or a whole object get longer.
+CONNECT_TIMEOUT, READ_TIMEOUT, TRANSFER_TIMEOUT = 5.0, 10.0, 120.0
+#: Seconds a request that failed transiently (503, a dropped connection, no answer) is retried for
+#: in all. A server that refuses the connection or a name that does not resolve is not retried.
+RETRY_SECONDS = 20.0
 #: Resumable upload chunk size; Cloud Storage requires a multiple of 256 KiB.
 CHUNK_SIZE = 8 * 1024 * 1024
 _BLOCK = 1024 * 1024
@@ -131,6 +133,7 @@ def gcs_client(project: str | None = None) -> Client:
 @functools.lru_cache(maxsize=8)
 def _client(project: str | None, emulator_host: str | None, _credentials_file: str | None) -> Client:
     # The arguments are the cache key: a changed environment gets a new client.
+    require_extra("vertex", "google.cloud.storage", "google_crc32c")
     from google.cloud import storage
 
     if emulator_host:
@@ -160,14 +163,17 @@ def _unreachable(exc: BaseException) -> bool:
     return False
 
 
-def _call_options() -> dict:
-    """``timeout`` and ``retry`` for every Cloud Storage call: bounded, so a dead server fails in seconds."""
+def _call_options(*, transfer: bool = False) -> dict:
+    """``timeout`` and ``retry`` for every Cloud Storage call: bounded, so a dead server fails in seconds.
+
+    ``transfer`` is for calls that move an object's bytes (longer read timeout).
+    """
     from google.api_core.retry import Retry
     from google.cloud.storage.retry import _should_retry
 
     retry = Retry(predicate=lambda exc: _should_retry(exc) and not _unreachable(exc), initial=0.5, maximum=8.0,
                   multiplier=2.0, timeout=RETRY_SECONDS)
-    return {"timeout": (CONNECT_TIMEOUT, READ_TIMEOUT), "retry": retry}
+    return {"timeout": (CONNECT_TIMEOUT, TRANSFER_TIMEOUT if transfer else READ_TIMEOUT), "retry": retry}
 
 
 def _endpoint() -> str:
@@ -541,7 +547,7 @@ def _upload(source: Path, uri: str, generation: int, content_type: str, overwrit
         # size=None makes the client use a resumable upload whatever the size.
         blob.upload_from_file(
             stream, size=None, content_type=content_type, if_generation_match=generation, checksum="crc32c",
-            **_call_options(),
+            **_call_options(transfer=True),
         )
     _verify_upload(blob, local, uri)
 
@@ -694,7 +700,7 @@ def _download(uri: str, stream: IO[bytes]) -> None:
     """Write the object into ``stream`` (seekable, empty) and verify its checksums."""
     blob = _existing_blob(uri)  # pins the generation: content and checksums match
     with _gcs_errors(uri):
-        blob.download_to_file(stream, checksum="auto", **_call_options())
+        blob.download_to_file(stream, checksum="auto", **_call_options(transfer=True))
     stream.seek(0)
     bad = _mismatches(blob, _digest_stream(stream))
     if bad:
