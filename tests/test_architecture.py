@@ -94,10 +94,10 @@ def _reachable(start: str, graph) -> set[str]:
     return seen
 
 
-def test_the_dataset_layer_does_not_reach_the_engine_or_the_display_logic():
+def test_the_dataset_layer_and_the_display_never_reach_a_backend_or_the_api():
     graph = _graph()
     for name in graph:
-        if name.startswith(f"{PACKAGE}.datasets"):
+        if name.startswith((f"{PACKAGE}.datasets", f"{PACKAGE}.display")):
             reached = _reachable(name, graph)
             assert not {m for m in reached if m.startswith(f"{PACKAGE}.backends")}, name
             assert f"{PACKAGE}.api" not in reached, name

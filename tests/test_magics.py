@@ -195,3 +195,10 @@ def test_a_broken_pyproject_is_one_line_from_tuning_config(ip, tmp_path):
     message = str(info.value)
     assert str(tmp_path / "pyproject.toml") in message and "not valid TOML" in message
     assert "\n" not in message
+
+
+def test_the_line_wins_over_the_bodys_source_and_as(ip, tmp_path):
+    ip.push({"other": pd.DataFrame({"q": ["x"], "a": ["y"]})})
+    ip.run_cell_magic("dataset", "df --as ds",
+                      "source: other\nas: ignored\nprompt: q\ncompletion: a\nout: both.jsonl\n")
+    assert ip.user_ns["ds"].examples == 3 and "ignored" not in ip.user_ns

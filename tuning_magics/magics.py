@@ -85,6 +85,12 @@ def _number(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _first(options: dict, *names: str):
+    """Remove every one of ``names`` from ``options``; the value of the first that was given."""
+    values = [options.pop(name, None) for name in names]
+    return next((v for v in values if v is not None), None)
+
+
 def _variable_name(value, option: str) -> str:
     if not isinstance(value, str) or not value.isidentifier() or keyword.iskeyword(value):
         raise UsageError(f"{option} needs a Python variable name such as ds, not {value!r}")
@@ -206,10 +212,11 @@ class TuningMagics(Magics):
         verbose = merged.pop("verbose", False)
         if not isinstance(verbose, bool):
             raise UsageError(f"verbose must be true or false, not {verbose!r}")
-        as_ = merged.pop("as_", None) or merged.pop("as", None)
+        # The line's --as and DataFrame win over the body's as: and source: (all spellings are consumed).
+        as_ = _first(merged, "as_", "as")
         if as_ is not None:
             as_ = _variable_name(as_, "--as")
-        source = merged.pop("df", None) or merged.pop("source", None) or merged.pop("dataframe", None)
+        source = _first(merged, "df", "source", "dataframe")
         if source is None:
             raise UsageError("%dataset needs a DataFrame: %dataset df --prompt question --completion answer")
         df = self._eval(source) if isinstance(source, str) else source
