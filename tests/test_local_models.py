@@ -124,7 +124,9 @@ def test_atomic_folder_leaves_nothing_on_error(tmp_path):
 
 
 # A process that writes final/, then replaces it and dies (os._exit: no cleanup) just
-# before its Nth rename: the crash points of a folder replacement.
+# before its Nth rename: the crash points of a folder replacement. 1: tmp -> final (refused:
+# final exists), 2: tmp -> new copy, 3: final -> old copy, 4: new copy -> final. Before the
+# 4th, neither copy is called final: only recover_folder brings one back.
 _CRASH_WHILE_REPLACING = """
 import os, sys
 from pathlib import Path
@@ -147,7 +149,7 @@ with atomic_folder(target) as tmp:
 """
 
 
-@pytest.mark.parametrize("crash_at", [1, 2, 3])
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 4])
 def test_a_crash_while_replacing_final_loses_neither_copy(tmp_path, crash_at):
     import subprocess
     import sys
@@ -159,14 +161,16 @@ def test_a_crash_while_replacing_final_loses_neither_copy(tmp_path, crash_at):
     proc = subprocess.run([sys.executable, "-c", _CRASH_WHILE_REPLACING, str(final), str(crash_at)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
+    assert final.exists() == (crash_at < 4)
     # A reader finds a whole final/: the old copy, or the new one once it was complete.
+    expected = "new" if crash_at == 4 else "old"
     found = {c.name: c.uri for c in job_checkpoints(out)}
     assert found == {"final": str(final)}
-    assert (final / "weights").read_text() in ("old", "new")
+    assert (final / "weights").read_text() == expected
     # A resumed job's clean-up keeps it, and leaves nothing else.
     remove_stale_temp(out)
     assert [p.name for p in final.parent.iterdir()] == ["final"]
-    assert (final / "weights").read_text() in ("old", "new")
+    assert (final / "weights").read_text() == expected
 
 
 def test_tuning_mode_spellings_have_one_normaliser():
