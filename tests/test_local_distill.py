@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import invented_facts
 
 from tuning_magics.backends.local.distill import (
     LABELLED_FILE,
@@ -30,29 +30,13 @@ from tuning_magics.backends.local.distill import (
 )
 from tuning_magics.errors import UserError
 
-TEACHER_BASE = "local/tiny-qwen3"
 STUDENT_BASE = "local/tiny-llama"
 # Settings found to make a tiny model learn 32 short facts (100% recall) in ~320 steps.
 EPOCHS, BATCH, LR = 80, 8, 3e-3
 
 
-def _facts(n: int = 32, seed: int = 7) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    cons, vows = "bcdfghjklmnprstvz", "aeiou"
-
-    def word(k: int) -> str:
-        return "".join(rng.choice(cons) + rng.choice(vows) for _ in range(k)).capitalize()
-
-    seen, out = set(), []
-    while len(out) < n:
-        country = word(3)
-        if country not in seen:
-            seen.add(country)
-            out.append((f"Capital of {country}?", word(2) + "."))
-    return out
-
-
-FACTS = _facts()
+# The facts the session's shared tuned model (conftest's tuned_tiny_model) knows: it is the teacher.
+FACTS = invented_facts()[:32]
 
 
 def _write_jsonl(path: Path, records) -> Path:
@@ -359,14 +343,9 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher(home):
-    """A tiny Qwen3 tuned on FACTS; the path of its final checkpoint."""
-    from tuning_magics.backends.local.trainer import TrainConfig, train
-
-    data = _write_jsonl(home / "facts.jsonl", [{"prompt": q, "completion": a} for q, a in FACTS])
-    res = train(TrainConfig(base_model=TEACHER_BASE, train_path=str(data), output_dir=str(home / "teacher"),
-                            epochs=EPOCHS, batch_size=BATCH, learning_rate=LR))
-    return res.final_dir
+def teacher(tuned_tiny_model):
+    """The session's tuned tiny Qwen3, which knows FACTS: the path of its final checkpoint."""
+    return tuned_tiny_model.final_dir
 
 
 @pytest.mark.slow
