@@ -724,16 +724,18 @@ def test_scheduler_and_jobs_do_not_import_each_other(home, tmp_path):
 
 
 @pytest.mark.parametrize("setup", ["cloud project", "broken pyproject"])
-def test_builtin_models_tune_locally_whatever_the_settings(home, tmp_path, monkeypatch, setup):
+def test_builtin_models_tune_locally_whatever_the_settings(slot_taken, tmp_path, monkeypatch, setup):
     if setup == "cloud project":  # every Vertex AI Workbench and Colab Enterprise kernel
         monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "my-project")
     else:
         (tmp_path / "pyproject.toml").write_text("[tool.tuning_magics\nproject = \n")
         monkeypatch.chdir(tmp_path)
-    assert tm.list_jobs() == []
+    assert [j.name for j in tm.list_jobs()] == ["tune-busy"]
+    workers = set(scheduler._children)
     job = tm.tune(MODEL, records(4), epochs=1)
-    assert job.backend == "local" and job.state in (JOB_STATE_QUEUED, JOB_STATE_PENDING, JOB_STATE_RUNNING)
-    assert [j.name for j in tm.list_jobs()] == [job.name]
+    assert job.backend == "local" and job.state == JOB_STATE_QUEUED
+    assert set(scheduler._children) == workers  # queued behind the busy slot: no worker (a fast test)
+    assert [j.name for j in tm.list_jobs()] == [job.name, "tune-busy"]
     assert tm.get_job(job.name).name == job.name
     job.cancel()
     if setup == "broken pyproject":
