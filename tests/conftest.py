@@ -128,7 +128,8 @@ def gcs_emulator(gcs_emulator_server: GcsEmulator, monkeypatch: pytest.MonkeyPat
 # ====================================================================== an install without an extra
 # ``without_extra("local")`` runs Python code in a fresh interpreter in which the
 # packages of that extra cannot be imported (as if `pip install tuning_magics` had
-# been run without `[local]`), and returns the CompletedProcess.
+# been run without `[local]`), and returns the CompletedProcess. ``modules=[...]``
+# blocks only those (one package of the extra missing).
 _BLOCKER = """
 import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):
@@ -144,9 +145,9 @@ sys.meta_path.insert(0, _Block())
 def without_extra(tmp_path):
     from tuning_magics.errors import EXTRAS
 
-    def run(extra: str, code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        blocked = {name.split(".")[0] for name in EXTRAS[extra]}
-        if extra == "local":
+    def run(extra: str, code: str, *args: str, timeout: float = 120, modules=None) -> subprocess.CompletedProcess:
+        blocked = {name.split(".")[0] for name in modules or EXTRAS[extra]}
+        if extra == "local" and modules is None:
             blocked.add("accelerate")
         site = tmp_path / f"without-{extra}"
         site.mkdir(exist_ok=True)

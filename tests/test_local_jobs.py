@@ -685,6 +685,23 @@ def test_without_the_local_extra_tune_names_it_and_jobs_still_list(home, tmp_pat
     assert not (tmp_path / "out").exists() and [r.id for r in registry.find()] == ["tune-listed"]
 
 
+@pytest.mark.parametrize("module", ["filelock", "psutil"])
+def test_tune_without_filelock_or_psutil_names_the_extra_before_writing_anything(home, tmp_path, without_extra,
+                                                                                 module):
+    # The queue's lock needs filelock; telling a live worker from a dead one needs psutil.
+    code = textwrap.dedent(f"""
+        import tuning_magics as tm
+        try:
+            tm.tune({MODEL!r}, [{{"prompt": "q", "completion": "a"}}], output_uri={str(tmp_path / "out")!r})
+        except tm.UserError as exc:
+            print(exc)
+    """)
+    done = without_extra("local", code, modules=[module])
+    assert done.stdout.strip() == f'this needs {module}, which is not installed: pip install "tuning_magics[local]"', \
+        done.stderr
+    assert registry.find() == [] and not (tmp_path / "out").exists()
+
+
 def test_the_scheduler_runs_without_fcntl(home, tmp_path):
     # As on Windows: no fcntl module. A dead worker makes list_jobs() take the scheduler's lock.
     proc = subprocess.Popen([sys.executable, "-c", "pass"])

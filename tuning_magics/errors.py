@@ -22,7 +22,8 @@ class UserError(ValueError):
 
 #: What each optional part of the package needs, and the extra that installs it.
 EXTRAS = {
-    "local": ("torch", "transformers", "tokenizers", "peft", "safetensors"),
+    # psutil tells a live worker from a dead one; filelock guards the job queue.
+    "local": ("torch", "transformers", "tokenizers", "peft", "safetensors", "psutil", "filelock"),
     "vertex": ("google.genai", "google.cloud.storage", "google_crc32c"),
 }
 
