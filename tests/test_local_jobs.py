@@ -557,7 +557,7 @@ def test_a_dataset_built_for_another_model_is_checked_again(home, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
-def test_a_damaged_registry_is_named_never_overwritten_and_rebuilt(slot_taken, tmp_path, damage):
+def test_a_damaged_registry_is_named_never_overwritten_and_rebuilt(slot_taken, tmp_path, capsys, damage):
     job = tm.tune(MODEL, records(4), tuned_model_display_name="survivor")
     elsewhere = tm.tune(MODEL, records(4), output_uri=str(tmp_path / "elsewhere"))
     path = registry.db_path()
@@ -582,14 +582,91 @@ def test_a_damaged_registry_is_named_never_overwritten_and_rebuilt(slot_taken, t
 
     assert main(["rebuild-registry", str(tmp_path / "elsewhere")]) == 0
     (aside,) = [p for p in path.parent.glob(f"{path.name}.damaged-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert capsys.readouterr().out == f"rebuilt {path} with 2 jobs; the damaged file is kept as {aside}\n"
     assert aside.read_bytes() == broken
     found = {j.id: j for j in tm.list_jobs()}
     assert set(found) >= {job.id, elsewhere.id}
     assert found[job.id].display_name == "survivor" and found[job.id].config == job.config
     # Its last state was lost with the registry: FAILED, and resume() takes it from there.
     assert found[job.id].state == JOB_STATE_FAILED and "job.resume()" in found[job.id].error
-    with pytest.raises(UserError, match="nothing to rebuild"):
+    again = tm.rebuild_registry()
+    assert again.added == [] and again.aside is None and str(again).endswith("nothing to add")
+
+
+def _remove_registry() -> None:
+    path = registry.db_path()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def test_a_missing_registry_is_made_again_from_the_job_folders(slot_taken, tmp_path):
+    job = tm.tune(MODEL, records(4), tuned_model_display_name="kept")
+    elsewhere = tm.tune(MODEL, records(4), output_uri=str(tmp_path / "elsewhere"))
+    _remove_registry()
+    with pytest.warns(UserWarning, match=r"registry .* was missing; 1 job listed again .*rebuild_registry\(folder\)"):
+        listed = tm.list_jobs()
+    assert [j.id for j in listed] == [job.id]
+    assert listed[0].display_name == "kept" and listed[0].config == job.config
+    assert listed[0].state == JOB_STATE_FAILED and "job.resume()" in listed[0].error
+    # A job given its own output_uri is found from its folder; the registry keeps what it has.
+    done = tm.rebuild_registry(tmp_path / "elsewhere")
+    assert done.added == [elsewhere.id] and done.aside is None
+    assert str(done) == f"added 1 job from their folders to {registry.db_path()}"
+    assert [j.id for j in tm.list_jobs()] == [elsewhere.id, job.id]
+    assert tm.get_job(job.id).state == JOB_STATE_FAILED
+    assert tm.rebuild_registry(tmp_path / "elsewhere").added == []
+
+
+def test_rebuild_adds_only_the_jobs_a_readable_registry_lacks(slot_taken, tmp_path):
+    known = tm.tune(MODEL, records(4))
+    forgotten = tm.tune(MODEL, records(4))
+    with registry.connect() as conn:
+        conn.execute("DELETE FROM jobs WHERE id = ?", (forgotten.id,))
+    assert tm.rebuild_registry().added == [forgotten.id]
+    found = {j.id: j.state for j in tm.list_jobs()}
+    assert found == {known.id: JOB_STATE_QUEUED, forgotten.id: JOB_STATE_FAILED, "tune-busy": JOB_STATE_RUNNING}
+
+
+def test_a_crash_while_rebuilding_never_leaves_no_registry(slot_taken, tmp_path, monkeypatch):
+    job = tm.tune(MODEL, records(4))
+    path = registry.db_path()
+    path.write_bytes(b"garbage" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    class Crash(BaseException):
+        pass
+
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst):
+        if Path(dst) == path:  # the rebuilt file's last step: the process dies just before it
+            seen.append(path.exists())
+            raise Crash()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Crash):
         tm.rebuild_registry()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert seen == [True] and path.read_bytes() == b"garbage" * 100
+    with pytest.raises(registry.RegistryDamaged):  # still named as damaged, not silently empty
+        tm.list_jobs()
+    assert tm.rebuild_registry().aside is not None
+    assert job.id in {j.id for j in tm.list_jobs()}
+
+
+@pytest.mark.parametrize("home_at", ["afile", "afile/home"])
+def test_a_home_that_cannot_be_a_folder_is_one_line(tmp_path, monkeypatch, home_at):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path / home_at))
+    for call in (tm.list_jobs, lambda: tm.get_job("tune-x"), lambda: tm.tune(MODEL, records(4)),
+                 tm.rebuild_registry):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == (f"TUNING_MAGICS_HOME {tmp_path / home_at} cannot be used ({tmp_path / 'afile'} is "
+                                  "a file, not a folder); set TUNING_MAGICS_HOME to a folder you can write to")
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_a_broken_row_hides_no_other_job(slot_taken, tmp_path):

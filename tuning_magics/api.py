@@ -188,16 +188,17 @@ def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[J
     return local.find(limit=limit)
 
 
-def rebuild_registry(*job_folders) -> str | None:
-    """Rebuild a damaged local job registry from the ``job.json`` of every job folder; where the old file went.
+def rebuild_registry(*job_folders):
+    """List again, from their ``job.json``, the jobs the local registry lacks; a damaged registry is made anew.
 
     Folders under ``<home>/jobs`` are found by themselves; pass the folders of
-    jobs that were given their own ``output_uri``. A readable registry is left alone.
+    jobs that were given their own ``output_uri``. A readable registry keeps
+    its jobs; a damaged one is kept aside. Returns what was done: ``.added``
+    (job ids), ``.aside`` (the damaged file, or None); ``str()`` says it in one line.
     """
     from .backends.local import registry
 
-    aside = registry.rebuild(*job_folders)
-    return None if aside is None else str(aside)
+    return registry.rebuild(*job_folders)
 
 
 # -- checks ------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print one JSON object")
     m = sub.add_parser("models", help="list the tunable models")
     m.add_argument("--json", action="store_true")
-    r = sub.add_parser("rebuild-registry", help="rebuild a damaged local job registry from the job folders")
+    r = sub.add_parser("rebuild-registry",
+                       help="list again the jobs the local registry lacks from their folders (a damaged one is made anew)")
     r.add_argument("folders", nargs="*", metavar="JOB_FOLDER", help="folders of jobs run with their own output_uri")
     return parser
 
@@ -75,10 +76,8 @@ def _models(args) -> int:
 
 def _rebuild(args) -> int:
     from .api import rebuild_registry
-    from .backends.local.registry import db_path
 
-    aside = rebuild_registry(*args.folders)
-    print(f"rebuilt {db_path()}" + (f"; the damaged file is now {aside}" if aside else ""))
+    print(rebuild_registry(*args.folders))
     return 0
 
 

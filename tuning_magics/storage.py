@@ -361,17 +361,26 @@ def _commit(tmp: Path, path: Path, overwrite: bool, display: str) -> None:
     """Move the finished temp file into place; never replaces a file unless ``overwrite``."""
     if overwrite:
         os.replace(tmp, path)
-    else:
-        try:
-            os.link(tmp, path)  # fails if ``path`` appeared meanwhile
-        except FileExistsError:
-            raise UserError(_exists_message(display)) from None
-        except OSError:
-            # No hard links on this filesystem: check-then-rename, a tiny race window.
-            if os.path.lexists(path):
-                raise UserError(_exists_message(display)) from None
-            os.replace(tmp, path)
+    elif not link_into_place(tmp, path):
+        raise UserError(_exists_message(display))
     fsync_dir(path.parent)
+
+
+def link_into_place(tmp: Path, path: Path) -> bool:
+    """Give the finished file ``tmp`` the name ``path`` too, unless ``path`` exists: then False, and it stays.
+
+    The caller removes ``tmp`` afterwards.
+    """
+    try:
+        os.link(tmp, path)  # fails if ``path`` appeared meanwhile
+    except FileExistsError:
+        return False
+    except OSError:
+        # No hard links on this filesystem: check-then-rename, a tiny race window.
+        if os.path.lexists(path):
+            return False
+        os.replace(tmp, path)
+    return True
 
 
 def fsync_tree(folder: PathOrUri) -> None:

@@ -53,20 +53,12 @@ def new_job_folder(output_uri=None, *, prefix: str = "tune") -> tuple[str, Path]
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # can we write there? (mkdir succeeds on an existing folder)
     except OSError as exc:
-        why = _unwritable_reason(folder, exc)
         if output_uri is None:
-            raise UserError(f"cannot create the job folder {folder} ({why}); set TUNING_MAGICS_HOME to a folder "
-                            "you can write to", field="TUNING_MAGICS_HOME") from None
+            raise registry.home_error(exc) from None
+        why = registry.unwritable_reason(folder, exc)
         raise UserError(f"output_uri {str(output_uri)!r} cannot be used: {why}; give a folder you can write to, "
                         "or leave output_uri out", field="output_uri") from None
     return job_id, folder
-
-
-def _unwritable_reason(folder: Path, exc: OSError) -> str:
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            return f"{parent} is a file, not a folder" if not parent.is_dir() else (exc.strerror or str(exc)).lower()
-    return (exc.strerror or str(exc)).lower()
 
 
 def submit(job_id: str, config: dict, output_dir, *, display_name: str | None = None) -> LocalJob:

@@ -11,9 +11,12 @@ each other.
 
 The file is made whole (schema included) and linked into place, so an empty
 or unreadable registry is damage, never a new one: it is reported in one line
-(:class:`RegistryDamaged`) and never written over. :func:`rebuild` moves it
+(:class:`RegistryDamaged`) and never written over. :func:`rebuild` keeps it
 aside and lists the jobs again from the ``job.json`` every job folder holds
-(``tuning-magics rebuild-registry`` on the command line does the same).
+(``tuning-magics rebuild-registry`` on the command line does the same); on a
+readable registry it adds the jobs of folders it does not list. A registry
+that went missing is made again from the folders under ``<home>/jobs``, with a
+warning, never silently empty.
 """
 
 from __future__ import annotations
@@ -21,18 +24,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ...errors import UserError, require_extra
 from ...jobs import JOB_STATE_FAILED, JOB_STATE_SUCCEEDED, STATES
 from ...paths import data_home as home
+from ...storage import link_into_place
 
 SCHEMA_VERSION = 1
+#: The setting that moves the data folder (see ``tuning_magics.paths``).
+HOME_ENV = "TUNING_MAGICS_HOME"
 #: Each job folder's own record of the job: what :func:`rebuild` reads.
 JOB_FILE = "job.json"
 
@@ -67,6 +74,34 @@ def jobs_root() -> Path:
     return home() / "jobs"
 
 
+def ensure_home() -> Path:
+    """The data folder, made if missing; a one-line UserError naming TUNING_MAGICS_HOME when it cannot be."""
+    folder = home()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise home_error(exc) from None
+    return folder
+
+
+def home_error(exc: BaseException) -> UserError:
+    """The one-line error for a data folder that cannot hold the jobs (a file in the way, no permission, ...)."""
+    folder = home()
+    name = f"{HOME_ENV} {folder}" if os.environ.get(HOME_ENV) else f"the tuning_magics data folder {folder}"
+    return UserError(f"{name} cannot be used ({unwritable_reason(folder, exc)}); set {HOME_ENV} to a folder "
+                     "you can write to", field=HOME_ENV)
+
+
+def unwritable_reason(folder: Path, exc: BaseException) -> str:
+    """Why ``folder`` cannot be made or written, in a few words: a file in the way, else the system's reason."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    return (getattr(exc, "strerror", None) or str(exc)).lower()
+
+
 class RegistryDamaged(UserError):
     """The registry file cannot be read; the message names it and says how to rebuild it."""
 
@@ -97,8 +132,7 @@ def lock():
     except ImportError:
         require_extra("local", "filelock")
         raise
-    path = home() / "scheduler.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = ensure_home() / "scheduler.lock"
     with FileLock(path):
         yield
 
@@ -126,28 +160,41 @@ class JobRecord:
 _COLUMNS = tuple(f.name for f in fields(JobRecord))
 
 
-def _create(path: Path, records=()) -> None:
-    """Make a registry with ``records`` in a temp file and link it into place (never over an existing file)."""
+def _create(path: Path, records=()) -> bool:
+    """Make a registry with ``records`` in a temp file and link it into place; False when ``path`` already existed.
+
+    An existing file (another process made the registry meanwhile) is never replaced.
+    """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    conn = sqlite3.connect(tmp, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")  # persistent: set once, when the file is made
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        for rec in records:
-            _insert(conn, rec)
-    finally:
-        conn.close()  # the last connection folds the WAL into the file and removes it
-    try:
-        os.link(tmp, path)  # fails if another process made the registry meanwhile: theirs stays
-    except FileExistsError:
-        pass
-    except OSError:
-        if not path.exists():  # no hard links on this filesystem
-            os.replace(tmp, path)
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")  # persistent: set once, when the file is made
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for rec in records:
+                _insert(conn, rec)
+        finally:
+            conn.close()  # the last connection folds the WAL into the file and removes it
+        return link_into_place(tmp, path)
     finally:
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
             leftover.unlink(missing_ok=True)
+
+
+def _make(path: Path) -> None:
+    """Make the missing registry: empty on first use; from the folders under ``<home>/jobs`` if it went missing."""
+    ensure_home()
+    records = _folder_records()
+    try:
+        made = _create(path, records)
+    except (OSError, sqlite3.Error) as exc:
+        raise home_error(exc) from None
+    if made and records:
+        warnings.warn(
+            f"the local job registry {path} was missing; {_jobs(len(records))} listed again from {JOB_FILE} in "
+            f"{jobs_root()} (unfinished ones as FAILED: job.resume() continues them); jobs with their own "
+            "output_uri come back with tuning_magics.rebuild_registry(folder)", stacklevel=4)
 
 
 def connect() -> sqlite3.Connection:
@@ -157,8 +204,7 @@ def connect() -> sqlite3.Connection:
     """
     path = db_path()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _create(path)
+        _make(path)
     # mode=rw: a registry that vanished is not silently made anew here.
     conn = sqlite3.connect(path.as_uri() + "?mode=rw", uri=True, timeout=30.0, isolation_level=None)
     try:
@@ -325,35 +371,95 @@ def transition(job_id: str, from_states, **values) -> bool:
 # -- recovery ----------------------------------------------------------------------------
 
 
-def rebuild(*folders) -> Path | None:
-    """Move a damaged registry aside and make a new one; returns where the old file went (None: there was none).
+@dataclass
+class Rebuilt:
+    """What :func:`rebuild` did; ``str()`` says it in one line."""
 
-    Jobs come from the rows still readable in the old file and from the
+    path: Path
+    added: list[str] = field(default_factory=list)  # jobs written to the registry (all of them for a new file)
+    aside: Path | None = None  # where the damaged file is kept (None: it was readable, or missing)
+
+    def __str__(self) -> str:
+        if self.aside is not None:
+            return f"rebuilt {self.path} with {_jobs(len(self.added))}; the damaged file is kept as {self.aside}"
+        if self.added:
+            return f"added {_jobs(len(self.added))} from their folders to {self.path}"
+        return f"{self.path} already lists every job folder found; nothing to add"
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job{'' if n == 1 else 's'}"
+
+
+def rebuild(*folders) -> Rebuilt:
+    """List again the jobs of every job folder the registry lacks; a damaged registry is kept aside and made anew.
+
+    Jobs come from the rows still readable in a damaged file and from the
     ``job.json`` of every folder under ``<home>/jobs`` (and of ``folders``: job
     folders given as ``output_uri``). A job known only from its folder is
     SUCCEEDED when it has a final model, else FAILED, so ``job.resume()``
-    continues it from its last checkpoint. A readable registry is left alone.
+    continues it from its last checkpoint. A readable registry keeps its rows;
+    only jobs it does not know are added.
     """
     path = db_path()
     with lock():
         if path.exists() and _readable():
-            raise UserError(f"the local job registry {path} is readable; there is nothing to rebuild",
-                            field="registry")
+            return _add(path, _folder_records(folders))
         records = {rec.id: rec for rec in _salvage(path)} if path.exists() else {}
-        for folder in [*sorted(jobs_root().glob("*")), *map(Path, folders)]:
-            rec = _from_folder(folder)
-            if rec is not None and rec.id not in records:
-                records[rec.id] = rec
-        aside = None
+        for rec in _folder_records(folders):
+            records.setdefault(rec.id, rec)
         tmp = path.with_name(f".{path.name}.rebuilt-{secrets.token_hex(4)}")
-        _create(tmp, sorted(records.values(), key=lambda r: r.created))
-        if path.exists():
-            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-            for suffix in ("-wal", "-shm", ""):  # its WAL belongs to it, not to the new file
-                if Path(f"{path}{suffix}").exists():
-                    os.rename(f"{path}{suffix}", f"{aside}{suffix}")
-        os.replace(tmp, path)
+        try:
+            _create(tmp, sorted(records.values(), key=lambda r: r.created))
+            aside = _keep_aside(path) if path.exists() else None
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return Rebuilt(path, list(records), aside)
+
+
+def _add(path: Path, found: list[JobRecord]) -> Rebuilt:
+    with _db() as conn:
+        known = {row[0] for row in conn.execute("SELECT id FROM jobs")}
+        added = []
+        for rec in found:
+            if rec.id not in known:
+                _insert(conn, rec)
+                known.add(rec.id)
+                added.append(rec.id)
+    return Rebuilt(path, added)
+
+
+def _keep_aside(path: Path) -> Path:
+    """Keep the damaged registry (and its WAL) under a new name while ``path`` stays in place: a crash never
+    leaves no registry."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        aside = path.with_name(f"{path.name}.damaged-{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not any(os.path.lexists(f"{aside}{suffix}") for suffix in ("", "-wal", "-shm")):
+            break
+    try:
+        os.link(path, aside)
+    except FileExistsError:
+        raise  # made by someone else since we looked: never replace it
+    except OSError:  # no hard links on this filesystem
+        shutil.copyfile(path, aside)
+    for suffix in ("-wal", "-shm"):  # they belong to the old file: the new one must not read them
+        if os.path.lexists(f"{path}{suffix}"):
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
     return aside
+
+
+def _folder_records(folders=()) -> list[JobRecord]:
+    """The jobs the folders under ``<home>/jobs``, then ``folders``, describe in their ``job.json``."""
+    root = jobs_root()
+    candidates = [*sorted(root.iterdir()), *map(Path, folders)] if root.is_dir() else list(map(Path, folders))
+    found: dict[str, JobRecord] = {}
+    for folder in candidates:
+        rec = _from_folder(folder)
+        if rec is not None:
+            found.setdefault(rec.id, rec)
+    return list(found.values())
 
 
 def _readable() -> bool:
