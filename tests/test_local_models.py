@@ -218,6 +218,54 @@ def test_engine_options_have_one_check(tmp_path):
     assert str(unknown.value).startswith("tune() got an unknown parameter 'batch_sise'; engine options are ")
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("epochs", 0, "epochs must be a whole number of at least 1, not 0"),
+    ("epochs", 1.5, "epochs must be a whole number of at least 1, not 1.5"),
+    ("learning_rate", -1, "learning_rate must be a finite number above 0, not -1"),
+    ("learning_rate_multiplier", float("nan"), "learning_rate_multiplier must be a finite number above 0, not nan"),
+    ("adapter_size", 0, "adapter_size must be a whole number of at least 1, not 0"),
+])
+def test_each_tuning_parameter_has_one_rule(tmp_path, name, value, message):
+    import pandas as pd
+
+    import tuning_magics as tm
+    from tuning_magics.backends.local.trainer import TrainConfig
+
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a"}\n')
+    checks = {
+        "tune()": lambda: tm.tune("local/tiny-qwen3", str(data), **{name: value}),
+        "the trainer": TrainConfig(base_model="local/tiny-qwen3", train_path=str(data),
+                                   output_dir=str(tmp_path / "out"), **{name: value}).check,
+    }
+    if name == "epochs":
+        df = pd.DataFrame({"prompt": ["q"], "completion": ["a"]})
+        checks["dataset()"] = lambda: tm.dataset(df, out=str(tmp_path / "d.jsonl"), epochs=value)
+    for where, call in checks.items():
+        with pytest.raises(UserError) as err:
+            call()
+        assert (str(err.value), err.value.field) == (message, name), where
+    assert not (tmp_path / "out").exists() and not (tmp_path / "d.jsonl").exists()
+
+
+def test_parameters_come_back_in_their_plain_types(tmp_path):
+    import numpy as np
+
+    from tuning_magics import params
+    from tuning_magics.backends.local.trainer import TrainConfig, check_engine_options
+
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a"}\n')
+    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=str(data), output_dir=str(tmp_path / "out"),
+                      epochs=np.int64(2), learning_rate=np.float32(0.5), batch_size=np.int32(4))
+    cfg.check()
+    assert (type(cfg.epochs), type(cfg.learning_rate), type(cfg.batch_size)) == (int, float, int)
+    assert check_engine_options({"seed": np.int64(3), "max_seq_len": None}) == {"seed": 3, "max_seq_len": None}
+    assert type(params.check("epochs", np.int16(5))) is int and params.check("adapter_size", None) is None
+    with pytest.raises(UserError, match="epochs must be a whole number of at least 1, not None"):
+        params.check("epochs", None, optional=False)
+
+
 @pytest.mark.parametrize("name,cls", [("local/tiny-qwen3", "Qwen3ForCausalLM"),
                                       ("local/tiny-llama", "LlamaForCausalLM"),
                                       ("local/tiny-gemma3", "Gemma3ForCausalLM")])

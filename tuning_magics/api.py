@@ -15,12 +15,11 @@ imported by this module.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
 
-from . import catalog
+from . import catalog, params
 from .errors import UserError, require_extra
 from .jobs import Job
 
@@ -102,18 +101,18 @@ def tune(
     require_extra("local")  # before anything is checked against, or written by, the local engine
     method = _method(method)
     mode = _mode(model, tuning_mode)
-    _check_positive_int("epochs", epochs)
-    _check_positive_number("learning_rate", learning_rate)
-    _check_positive_number("learning_rate_multiplier", learning_rate_multiplier)
+    epochs = params.check("epochs", epochs)
+    learning_rate = params.check("learning_rate", learning_rate)
+    learning_rate_multiplier = params.check("learning_rate_multiplier", learning_rate_multiplier)
     if learning_rate is not None and learning_rate_multiplier is not None:
         raise UserError("give learning_rate or learning_rate_multiplier, not both", field="learning_rate")
-    _check_adapter_size(model, mode, adapter_size)
+    adapter_size = _check_adapter_size(model, mode, adapter_size)
     teacher = _teacher(model, method, base_teacher_model)
     if train_dataset is None:
         raise UserError("train_dataset is required: pass a DataFrame, a JSONL path or a Dataset", field="train_dataset")
     if tuned_model_display_name is not None and not isinstance(tuned_model_display_name, str):
         raise UserError("tuned_model_display_name must be a string", field="tuned_model_display_name")
-    _check_engine_options(engine_options)
+    engine_options = _check_engine_options(engine_options)
     if model.provider == "open" and custom_base_model is None:
         _check_fits(model, mode, adapter_size, engine_options)
     if custom_base_model is not None:
@@ -180,7 +179,7 @@ def get_job(name: str, *, backend: str | None = None) -> Job:
 def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[Job]:
     """Jobs, newest first (at most ``limit``)."""
     if limit is not None:
-        _check_positive_int("limit", limit)
+        limit = params.whole_at_least_1("limit", limit)
     if backend is not None:
         _backend(backend)
     from .backends.local import jobs as local
@@ -251,24 +250,11 @@ def _mode(model: catalog.Model, tuning_mode) -> str:
     return catalog.check_mode(model, tuning_mode)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be a whole number of at least 1, not {value!r}", field=name)
-
-
-def _check_positive_number(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise UserError(f"{name} must be a finite number above 0, not {value!r}", field=name)
-
-
-def _check_adapter_size(model: catalog.Model, mode: str, adapter_size) -> None:
+def _check_adapter_size(model: catalog.Model, mode: str, adapter_size) -> int | None:
+    """The rule for every adapter size, then this model's and mode's."""
+    adapter_size = params.check("adapter_size", adapter_size)
     if adapter_size is None:
-        return
-    _check_positive_int("adapter_size", adapter_size)
+        return None
     if mode != catalog.PEFT:
         raise UserError(
             "adapter_size applies only to tuning_mode='PEFT_ADAPTER'; drop it or switch tuning_mode",
@@ -277,6 +263,7 @@ def _check_adapter_size(model: catalog.Model, mode: str, adapter_size) -> None:
     if model.adapter_sizes and adapter_size not in model.adapter_sizes:
         sizes = ", ".join(map(str, model.adapter_sizes))
         raise UserError(f"adapter_size for {model.id} must be one of {sizes}, not {adapter_size}", field="adapter_size")
+    return adapter_size
 
 
 def _teacher(model: catalog.Model, method: str, teacher) -> str | None:
@@ -329,10 +316,10 @@ def _check_fits(model: catalog.Model, mode: str, adapter_size, options: dict) ->
                model_name=model.id)
 
 
-def _check_engine_options(options: dict) -> None:
+def _check_engine_options(options: dict) -> dict:
     from .backends.local.trainer import check_engine_options
 
-    check_engine_options(options)
+    return check_engine_options(options)
 
 
 def _local_folder(name: str, value) -> str:

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ...errors import UserError
+from ...params import whole_at_least_1
 from ...jobs import (
     ACTIVE_STATES,
     JOB_STATE_CANCELLED,
@@ -55,10 +55,8 @@ def concurrency() -> int:
     try:
         value = int(raw)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise UserError(f"{CONCURRENCY_ENV} must be a whole number of at least 1, not {raw!r}", field=CONCURRENCY_ENV)
-    return value
+        value = raw
+    return whole_at_least_1(CONCURRENCY_ENV, value)
 
 
 def schedule() -> list[str]:

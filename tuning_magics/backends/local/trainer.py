@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from ... import params
 from ...catalog import FULL, PEFT, normalise_mode
 from ...errors import UserError
 from ...storage import atomic_folder
@@ -86,12 +87,15 @@ class TrainConfig:
     check_memory: bool = True
 
     def check(self) -> None:
-        """Raise a one-line UserError naming the first option out of range, or a data file that is missing."""
+        """Raise a one-line UserError naming the first option out of range, or a data file that is missing.
+
+        Values that pass are kept in their plain type (a NumPy integer becomes an int).
+        """
         normalise_mode(self.tuning_mode)
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in _RULES and not (value is None and f.name in _NONE_MEANS_DEFAULT):
-                _RULES[f.name](f.name, value)
+                setattr(self, f.name, _RULES[f.name](f.name, value))
         if not Path(self.train_path).is_file():
             raise UserError(f"training file {self.train_path!r} does not exist", field="train_path")
         if self.validation_path and not Path(self.validation_path).is_file():
@@ -114,71 +118,30 @@ class TrainResult:
     metrics_path: str = ""
 
 
-# -- option checks: the one place each option's range is written --------------------------
+# -- option checks: which rule of tuning_magics.params each option follows --------------------------
 
 
-def _whole_at_least_1(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be a whole number of at least 1, not {value!r}", field=name)
-
-
-def _whole(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{name} must be a whole number, not {value!r}", field=name)
-
-
-def _above_0(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise UserError(f"{name} must be a finite number above 0, not {value!r}", field=name)
-
-
-def _from(low: float, high: float):
-    def check(name: str, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-            raise UserError(f"{name} must be a number from {low:g} up to (not including) {high:g}, not {value!r}",
-                            field=name)
-
-    return check
-
-
-def _lr_scheduler(name: str, value) -> None:
-    if value not in ("cosine", "linear", "constant"):
-        raise UserError(f"{name} must be cosine, linear or constant, not {value!r}", field=name)
-
-
-def _bf16(name: str, value) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise UserError(f"{name} must be True, False or None (automatic), not {value!r}", field=name)
-
-
-def _flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise UserError(f"{name} must be True or False, not {value!r}", field=name)
-
-
-def _device(name: str, value) -> None:
+def _device(name: str, value) -> str:
     from .models import check_device
 
     check_device(value)
+    return value
 
 
 _RULES = {
-    "epochs": _whole_at_least_1,
-    "learning_rate": _above_0,
-    "learning_rate_multiplier": _above_0,
-    "adapter_size": _whole_at_least_1,
-    "lora_alpha": _whole_at_least_1,
-    "batch_size": _whole_at_least_1,
-    "max_seq_len": _whole_at_least_1,
-    "seed": _whole,
-    "warmup_ratio": _from(0.0, 1.0),
-    "weight_decay": _from(0.0, math.inf),
-    "max_grad_norm": _above_0,
-    "gradient_accumulation_steps": _whole_at_least_1,
-    "lr_scheduler": _lr_scheduler,
-    "bf16": _bf16,
+    **params.RULES,
+    "lora_alpha": params.whole_at_least_1,
+    "batch_size": params.whole_at_least_1,
+    "max_seq_len": params.whole_at_least_1,
+    "seed": params.whole,
+    "warmup_ratio": params.from_up_to(0.0, 1.0),
+    "weight_decay": params.from_up_to(0.0, math.inf),
+    "max_grad_norm": params.above_0,
+    "gradient_accumulation_steps": params.whole_at_least_1,
+    "lr_scheduler": params.one_of("cosine", "linear", "constant"),
+    "bf16": params.flag_or_auto,
     "device": _device,
-    "check_memory": _flag,
+    "check_memory": params.flag,
 }
 #: Options whose None means "the trainer's default".
 _NONE_MEANS_DEFAULT = {"learning_rate", "lora_alpha", "max_seq_len", "bf16", "device"}
@@ -192,8 +155,11 @@ def engine_options() -> list[str]:
     return [f.name for f in fields(TrainConfig) if f.name not in OWN_FIELDS]
 
 
-def check_engine_options(options: dict) -> None:
-    """Raise a one-line UserError for an unknown engine option or a value out of range (None: the default)."""
+def check_engine_options(options: dict) -> dict:
+    """The options with plain values; a one-line UserError for an unknown one or a value out of range.
+
+    None means the default.
+    """
     known = engine_options()
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -201,9 +167,7 @@ def check_engine_options(options: dict) -> None:
             f"tune() got an unknown parameter {unknown[0]!r}; engine options are {', '.join(known)}",
             field=unknown[0],
         )
-    for name, value in options.items():
-        if value is not None:
-            _RULES[name](name, value)
+    return {name: None if value is None else _RULES[name](name, value) for name, value in options.items()}
 
 
 def _set_threads(device, n_params: int) -> None:
