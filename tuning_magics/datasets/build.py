@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import params
 from ..errors import UserError
 from . import formats as F
 from .tokens import TokenCounter
@@ -570,8 +571,7 @@ def dataset(
     _check_path("validation_out", validation_out)
     method = _check_method(method)
     spec = _resolve_model(model)
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
-        raise UserError(f"epochs must be a positive whole number, not {epochs!r}", field="epochs")
+    epochs = params.check("epochs", epochs, optional=False)
     mapping = _mapping(df, prompt=prompt, completion=completion, user=user, assistant=assistant,
                        system=system, system_prompt=system_prompt, messages=messages, images=images)
     if method == "sft" and mapping.messages is None and not any(r == "assistant" for r, _ in mapping.roles):
