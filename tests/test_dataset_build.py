@@ -620,8 +620,15 @@ _any_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 _row_text = _any_text.filter(lambda s: not V.is_blank(s))
 
 
+# Texts whose escaped form holds '","' (the separator of an encoded list of strings) or ends in a backslash.
+_TRICKY = ['say "hi",', '",', '","', '\\",', 'a\\', '"', ',"', '\\"",', '"\n",']
+
+
 @hypothesis.settings(max_examples=300, deadline=None)
-@hypothesis.given(st.lists(_any_text, min_size=1, max_size=20))
+@hypothesis.given(st.lists(st.one_of(_any_text, st.sampled_from(_TRICKY)), min_size=1, max_size=20))
+@hypothesis.example(['say "hi",', "b"])
+@hypothesis.example(['",', '",', '"', "x"])
+@hypothesis.example(['\\",', "a\\", '","', ',"'])
 def test_property_escaping_matches_json_loads(values):
     escaped = B._escaped(values)
     assert len(escaped) == len(values)
@@ -629,17 +636,42 @@ def test_property_escaping_matches_json_loads(values):
         assert json.loads(b'"' + raw + b'"') == value
 
 
-@hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
-@hypothesis.given(st.lists(st.tuples(_row_text, _row_text), min_size=1, max_size=8), _row_text)
-def test_property_dataset_round_trips_any_text(tmp_path_factory, rows, system):
-    folder = tmp_path_factory.mktemp("prop")
+def _intended(fmt: str, q: str, a: str, system: str | None) -> dict:
+    """The record dataset() is meant to write for one row, built independently of its writer."""
+    if fmt == "prompt_completion":
+        return {"prompt": q, "completion": a}
+    if fmt == "chat":
+        turns = [{"role": "system", "content": system}] if system else []
+        return {"messages": turns + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    record = {"systemInstruction": {"parts": [{"text": system}]}} if system else {}
+    record["contents"] = [{"role": "user", "parts": [{"text": q}]}, {"role": "model", "parts": [{"text": a}]}]
+    return record
+
+
+_tricky_row_text = st.one_of(_row_text, st.sampled_from(_TRICKY))
+
+
+@hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(st.lists(st.tuples(_tricky_row_text, _tricky_row_text), min_size=1, max_size=8),
+                  st.one_of(st.none(), _tricky_row_text),
+                  st.sampled_from(["chat", "prompt_completion", "generate_content"]))
+@hypothesis.example([('say "hi",', "x"), ("b", "y")], None, "chat")
+@hypothesis.example([('",', '",'), ('","', '\\",')], '",', "generate_content")
+@hypothesis.example([('"\n",', "a\\"), (',"', '"')], None, "prompt_completion")
+def test_property_every_written_line_is_the_intended_record(tmp_path_factory, rows, system, fmt):
+    if fmt == "prompt_completion":
+        system = None
+    out = tmp_path_factory.mktemp("prop") / "t.jsonl"
     df = pd.DataFrame(rows, columns=["q", "a"])
-    out = folder / "t.jsonl"
-    tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system_prompt=system, format="generate_content")
-    records = read(out)
-    assert [r["contents"][0]["parts"][0]["text"] for r in records] == [q for q, _ in rows]
-    assert [r["contents"][1]["parts"][0]["text"] for r in records] == [a for _, a in rows]
-    assert all(r["systemInstruction"]["parts"][0]["text"] == system for r in records)
+    tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system_prompt=system, format=fmt)
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # every line ends with a newline, and there are no others
+    assert [json.loads(line) for line in lines[:-1]] == [_intended(fmt, q, a, system) for q, a in rows]
+    # A system column goes through its own escaping.
+    df["s"] = [system or "sys"] * len(df)
+    if fmt != "prompt_completion":
+        tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", system="s", format=fmt, overwrite=True)
+        assert read(out) == [_intended(fmt, q, a, system or "sys") for q, a in rows]
 
 
 _invisible = st.sampled_from(["", " ", "\t", "\n", "\u200b", "\u200d", "\ufeff", "\x00", "\x7f", "\u3164",
