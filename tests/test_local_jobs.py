@@ -382,6 +382,19 @@ def test_tune_rejects_a_non_empty_output_folder(home, tmp_path):
     assert (tmp_path / "used" / "x").exists()
 
 
+def test_a_refused_submission_removes_only_what_it_made(home, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    no_answers = [{"prompt": "no answer"}]
+    with pytest.raises(UserError, match="train_dataset"):
+        tm.tune(MODEL, no_answers, output_uri=str(mine))
+    assert mine.is_dir() and list(mine.iterdir()) == []  # the user's own (empty) folder stays
+    with pytest.raises(UserError, match="validation_dataset"):
+        tm.tune(MODEL, records(4), validation_dataset=records(4), output_uri=str(tmp_path / "new" / "run" / "1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "mine"]  # with the parents it made
+    assert registry.find() == []
+
+
 def test_get_job_unknown_name(home):
     with pytest.raises(UserError, match="no local tuning job 'tune-nope'"):
         tm.get_job("tune-nope")

@@ -173,6 +173,31 @@ def test_a_crash_while_replacing_final_loses_neither_copy(tmp_path, crash_at):
     assert (final / "weights").read_text() == expected
 
 
+def test_a_folder_in_use_is_not_replaced_and_says_so(tmp_path, monkeypatch):
+    import os
+
+    from tuning_magics.storage import atomic_folder
+
+    target = tmp_path / "final"
+    with atomic_folder(target) as tmp:
+        (tmp / "weights").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(src) == os.fspath(target):  # what Windows does while a file in it is open
+            raise PermissionError(13, "Access is denied", os.fspath(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(UserError) as err:
+        with atomic_folder(target) as tmp:
+            (tmp / "weights").write_text("new")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"cannot replace {target}: permission denied")
+    assert "job.chat()" in message and "the old copy is kept" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (target / "weights").read_text() == "old"
+
+
 def test_tuning_mode_spellings_have_one_normaliser():
     from tuning_magics import catalog
     from tuning_magics.backends.local import memory, trainer

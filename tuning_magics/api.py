@@ -130,36 +130,33 @@ def tune(
     from .backends.local.scheduler import concurrency
 
     concurrency()  # a bad TUNING_MAGICS_LOCAL_CONCURRENCY is refused before anything is written
-    job_id, out = local.new_job_folder(output_uri, prefix="distill" if method == "distillation" else "tune")
-    try:
+    with local.new_job_folder(output_uri, prefix="distill" if method == "distillation" else "tune") as (job_id, out):
+        # Nothing half-made: a refused submission takes away what it made (a folder the user made stays).
         train_path = _dataset_file("train_dataset", train_dataset, out / "train.jsonl", model, method)
         validation_path = None
         if validation_dataset is not None:
             validation_path = _dataset_file("validation_dataset", validation_dataset, out / "validation.jsonl",
                                             model, "sft")
             _check_validation_set(validation_path, train_path, model)
-    except BaseException:
-        # Nothing half-made: a refused submission leaves no job folder behind.
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    config = {
-        "base_model": model.id,
-        "custom_base_model": custom_base_model,
-        "tuning_mode": mode,
-        "method": method,
-        "base_teacher_model": teacher,
-        "epochs": epochs,
-        "learning_rate": learning_rate,
-        "learning_rate_multiplier": learning_rate_multiplier,
-        "adapter_size": adapter_size,
-        "train_dataset": _describe(train_dataset),
-        "validation_dataset": _describe(validation_dataset),
-        "train_path": str(train_path),
-        "validation_path": str(validation_path) if validation_path else None,
-        "output_uri": str(out),
-        "engine_options": engine_options,
-    }
-    job = local.submit(job_id, config, out, display_name=tuned_model_display_name)
+        config = {
+            "base_model": model.id,
+            "custom_base_model": custom_base_model,
+            "tuning_mode": mode,
+            "method": method,
+            "base_teacher_model": teacher,
+            "epochs": epochs,
+            "learning_rate": learning_rate,
+            "learning_rate_multiplier": learning_rate_multiplier,
+            "adapter_size": adapter_size,
+            "train_dataset": _describe(train_dataset),
+            "validation_dataset": _describe(validation_dataset),
+            "train_path": str(train_path),
+            "validation_path": str(validation_path) if validation_path else None,
+            "output_uri": str(out),
+            "engine_options": engine_options,
+        }
+        local.record(job_id, config, out, display_name=tuned_model_display_name)
+    job = local.start(job_id)
     return job.wait() if wait else job
 
 

@@ -454,7 +454,14 @@ def _swap(tmp: Path, target: Path) -> None:
     for leftover in (new, old):  # a crash's leftovers that recover_folder left (target was there)
         shutil.rmtree(leftover, ignore_errors=True)
     os.rename(tmp, new)  # the new copy is complete, under a name recovery knows
-    os.rename(target, old)  # until the next rename, recover_folder puts ``new`` in place
+    try:
+        os.rename(target, old)  # until the next rename, recover_folder puts ``new`` in place
+    except PermissionError as exc:
+        # Windows refuses to rename a folder while a file in it is open (a model loaded from it).
+        shutil.rmtree(new, ignore_errors=True)
+        raise UserError(f"cannot replace {target}: permission denied (on Windows: a file in it is open, e.g. a model "
+                        "loaded from it by job.chat() or deploy()); the old copy is kept: stop what holds it "
+                        "(endpoint.stop(), or restart the kernel that loaded it) and try again") from exc
     try:
         os.rename(new, target)
     except FileNotFoundError:

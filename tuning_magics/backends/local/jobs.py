@@ -7,8 +7,12 @@ resume it; nothing lives only in the process that submitted it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ...errors import UserError, require_extra
@@ -38,8 +42,14 @@ def jobs_root() -> Path:
     return registry.jobs_root()
 
 
-def new_job_folder(output_uri=None, *, prefix: str = "tune") -> tuple[str, Path]:
-    """A fresh job id and its output folder, made empty and checked writable: ``output_uri`` or ``<home>/jobs/<id>``."""
+@contextmanager
+def new_job_folder(output_uri=None, *, prefix: str = "tune") -> Iterator[tuple[str, Path]]:
+    """A fresh job id and its output folder, made empty and checked writable: ``output_uri`` or ``<home>/jobs/<id>``.
+
+    If the block raises, what was made for the job goes: the folder, or only its
+    files when it existed before (a folder the user made stays), and the parent
+    folders that were made for it.
+    """
     job_id = registry.new_id(prefix)
     while registry.get(job_id) is not None:
         job_id = registry.new_id(prefix)
@@ -49,33 +59,61 @@ def new_job_folder(output_uri=None, *, prefix: str = "tune") -> tuple[str, Path]
             f"output_uri {str(output_uri)!r} already holds files; give an empty or new folder, or leave output_uri out",
             field="output_uri",
         )
+    made = []  # the folders mkdir makes, deepest first
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            break
+        made.append(path)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()  # can we write there? (mkdir succeeds on an existing folder)
-    except OSError as exc:
-        if output_uri is None:
-            raise registry.home_error(exc) from None
-        why = registry.unwritable_reason(folder, exc)
-        raise UserError(f"output_uri {str(output_uri)!r} cannot be used: {why}; give a folder you can write to, "
-                        "or leave output_uri out", field="output_uri") from None
-    return job_id, folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()  # can we write there? (mkdir succeeds on an existing folder)
+        except OSError as exc:
+            if output_uri is None:
+                raise registry.home_error(exc) from None
+            why = registry.unwritable_reason(folder, exc)
+            raise UserError(f"output_uri {str(output_uri)!r} cannot be used: {why}; give a folder you can write to, "
+                            "or leave output_uri out", field="output_uri") from None
+        yield job_id, folder
+    except BaseException:
+        _unmake(folder, made)
+        raise
 
 
-def submit(job_id: str, config: dict, output_dir, *, display_name: str | None = None) -> LocalJob:
-    """Record a new QUEUED job and let the scheduler start it when a slot is free.
+def _unmake(folder: Path, made: list[Path]) -> None:
+    if not made:
+        for child in folder.iterdir() if folder.is_dir() else ():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in made[1:]:
+        try:
+            parent.rmdir()  # only while empty: never what someone else put there meanwhile
+        except OSError:
+            break
+
+
+def record(job_id: str, config: dict, output_dir, *, display_name: str | None = None) -> None:
+    """Record a new QUEUED job; :func:`start` then lets the scheduler run it when a slot is free.
 
     ``job.json`` in the folder keeps what :func:`registry.rebuild` needs to list the job again.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     rec = registry.JobRecord(id=job_id, config=config, state=JOB_STATE_QUEUED, output_dir=str(output_dir),
                              created=time.time(), display_name=display_name)
     with atomic_writer(output_dir / registry.JOB_FILE, overwrite=True) as fh:
         fh.write(json.dumps({"id": job_id, "display_name": display_name, "created": rec.created, "config": config},
                             indent=2, default=str).encode())
     registry.insert(rec)
+
+
+def start(job_id: str) -> LocalJob:
+    """Move the queue on (the recorded job starts if a slot is free) and return the job."""
     scheduler.schedule()
-    return LocalJob(rec.id)
+    return LocalJob(job_id)
 
 
 def get(job_id: str) -> LocalJob:
