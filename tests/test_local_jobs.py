@@ -669,6 +669,23 @@ def test_a_crash_while_rebuilding_never_leaves_no_registry(slot_taken, tmp_path,
     assert job.id in {j.id for j in tm.list_jobs()}
 
 
+def test_a_read_only_home_is_one_line(tmp_path, monkeypatch):
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        monkeypatch.setenv("TUNING_MAGICS_HOME", str(mount))
+        for call in (tm.list_jobs, lambda: tm.tune(MODEL, records(4)), tm.rebuild_registry):
+            with pytest.raises(UserError) as err:
+                call()
+            assert str(err.value) == (f"TUNING_MAGICS_HOME {mount} cannot be used (read-only file system); "
+                                      "set TUNING_MAGICS_HOME to a folder you can write to")
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 @pytest.mark.parametrize("home_at", ["afile", "afile/home"])
 def test_a_home_that_cannot_be_a_folder_is_one_line(tmp_path, monkeypatch, home_at):
     (tmp_path / "afile").write_text("x")

@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -109,7 +110,7 @@ class RegistryDamaged(UserError):
 def _damaged(reason: str) -> RegistryDamaged:
     return RegistryDamaged(
         f"the local job registry {db_path()} is damaged ({reason}); "
-        "run `tuning-magics rebuild-registry` (or tuning_magics.rebuild_registry()): it moves the file aside "
+        "run `tuning-magics rebuild-registry` (or tuning_magics.rebuild_registry()): it keeps the file aside "
         f"and lists the jobs again from their {JOB_FILE} files",
         field="registry",
     )
@@ -132,9 +133,15 @@ def lock():
     except ImportError:
         require_extra("local", "filelock")
         raise
-    path = ensure_home() / "scheduler.lock"
-    with FileLock(path):
+    held = FileLock(ensure_home() / "scheduler.lock")
+    try:
+        held.acquire()
+    except OSError as exc:  # a data folder we may not write to
+        raise home_error(exc) from None
+    try:
         yield
+    finally:
+        held.release()
 
 
 @dataclass
@@ -184,9 +191,10 @@ def _create(path: Path, records=()) -> bool:
 
 def _make(path: Path) -> None:
     """Make the missing registry: empty on first use; from the folders under ``<home>/jobs`` if it went missing."""
-    ensure_home()
+    folder = ensure_home()
     records = _folder_records()
     try:
+        tempfile.TemporaryFile(dir=folder).close()  # a failure here names why (sqlite's would not)
         made = _create(path, records)
     except (OSError, sqlite3.Error) as exc:
         raise home_error(exc) from None
