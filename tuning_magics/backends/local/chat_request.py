@@ -155,15 +155,19 @@ def _request(messages: list[dict], values: dict, stream: bool, names: dict) -> d
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int | None, context: int | None, *,
-                  max_name: str = "max_new_tokens") -> int:
-    """How many tokens to generate, when the prompt and the reply fit the model's context; else BadRequest."""
+                  max_name: str = "max_new_tokens", at_least: bool = False) -> int:
+    """How many tokens to generate, when the prompt and the reply fit the model's context; else BadRequest.
+
+    ``at_least``: ``prompt_tokens`` is a lower bound (only part of the prompt was counted).
+    """
+    size = f"the prompt is {'at least ' if at_least else ''}{prompt_tokens} tokens"
     if max_new_tokens is None:
         room = DEFAULT_MAX_TOKENS if context is None else min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
         if room < 1:
-            raise BadRequest(f"the prompt is {prompt_tokens} tokens; this model takes at most {context}, including "
-                             "the reply: shorten the messages", field="messages")
+            raise BadRequest(f"{size}; this model takes at most {context}, including the reply: shorten the messages",
+                             field="messages")
         return room
     if context is not None and prompt_tokens + max_new_tokens > context:
-        raise BadRequest(f"the prompt is {prompt_tokens} tokens; this model takes at most {context}, including "
-                         f"{max_name}={max_new_tokens}: shorten the messages or lower {max_name}", field="messages")
+        raise BadRequest(f"{size}; this model takes at most {context}, including {max_name}={max_new_tokens}: "
+                         f"shorten the messages or lower {max_name}", field="messages")
     return max_new_tokens

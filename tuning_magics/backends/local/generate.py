@@ -23,29 +23,41 @@ from .chat_request import BadRequest, chat_request, check_context
 
 
 class _Turns:
-    """A first-come-first-served lock that its holder can pass to those waiting and get back after them."""
+    """A first-come-first-served lock that its holder can pass to those waiting and get back after them.
+
+    The lock knows its holder (a thread): only the holder releases it, so a thread
+    interrupted while waiting (Ctrl-C in ``pass_turn``) cannot free a turn another holds.
+    """
 
     def __init__(self):
         self._cond = threading.Condition()
         self._queue: collections.deque = collections.deque()
-        self._busy = False
+        self._holder: int | None = None
 
     def _wait_turn(self) -> None:  # called with the condition held
         ticket = object()
         self._queue.append(ticket)
-        while self._busy or self._queue[0] is not ticket:
-            self._cond.wait()
+        try:
+            while self._holder is not None or self._queue[0] is not ticket:
+                self._cond.wait()
+        except BaseException:
+            # Interrupted (KeyboardInterrupt...): a ticket left at the head would block everyone.
+            self._queue.remove(ticket)
+            self._cond.notify_all()
+            raise
         self._queue.popleft()
-        self._busy = True
+        self._holder = threading.get_ident()
 
     def acquire(self) -> None:
         with self._cond:
             self._wait_turn()
 
     def release(self) -> None:
+        """Free the lock if this thread holds it (after an interrupted ``pass_turn`` it does not)."""
         with self._cond:
-            self._busy = False
-            self._cond.notify_all()
+            if self._holder == threading.get_ident():
+                self._holder = None
+                self._cond.notify_all()
 
     def waiting(self) -> bool:
         return bool(self._queue)
@@ -55,7 +67,7 @@ class _Turns:
         with self._cond:
             if not self._queue:
                 return False
-            self._busy = False
+            self._holder = None
             self._cond.notify_all()
             self._wait_turn()
             return True
@@ -132,10 +144,10 @@ class LocalChatModel:
                 ids.add(tid)
         return sorted(ids)
 
-    def encode(self, messages) -> dict:
-        """The prompt's input ids and attention mask, rendered with the chat template."""
+    def render(self, messages) -> str:
+        """The prompt text: ``messages`` in the chat template, ending where the assistant's reply starts."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:
             import jinja2
 
@@ -144,9 +156,30 @@ class LocalChatModel:
             # A template's own rule (e.g. roles must alternate) is the request's mistake.
             raise BadRequest(f"the model's chat template refuses these messages ({exc}); change them to follow it",
                              field="messages") from None
+
+    def _ids(self, text: str) -> list[int]:
         # verbose=False: a prompt over the limit is refused by prepare(), not warned about on stderr.
-        enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)
-        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def tokens_at_least(self, text: str, limit: int) -> int | None:
+        """A lower bound on ``text``'s token count once it is proved over ``limit``, else None.
+
+        Only growing prefixes are encoded, so a megabyte prompt for a 1,024-token
+        context costs a few kilobytes of tokenising, not the whole text.
+        """
+        budget = 4 * (limit + 2)
+        while len(text) > budget:
+            n = len(self._ids(text[:budget])) - 1  # the cut may split what would be one token
+            if n > limit:
+                return n
+            budget *= 4
+        return None
+
+    def _tensors(self, ids: list[int]) -> dict:
+        import torch
+
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
     def generation_kwargs(self, max_new_tokens, temperature, top_p, top_k) -> dict:
         """``generate()`` options for greedy (temperature 0) or sampled decoding."""
@@ -166,10 +199,19 @@ class LocalChatModel:
         Adds ``inputs`` and ``prompt_tokens``, and resolves ``max_new_tokens``;
         raises BadRequest when the prompt and reply do not fit.
         """
-        inputs = self.encode(req["messages"])
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        max_new = check_context(prompt_tokens, req["max_new_tokens"], self.context_length, max_name=req["max_name"])
-        return {**req, "inputs": inputs, "prompt_tokens": prompt_tokens, "max_new_tokens": max_new}
+        ids = self.prompt_ids(req["messages"], req["max_new_tokens"], max_name=req["max_name"])
+        max_new = check_context(len(ids), req["max_new_tokens"], self.context_length, max_name=req["max_name"])
+        return {**req, "inputs": self._tensors(ids), "prompt_tokens": len(ids), "max_new_tokens": max_new}
+
+    def prompt_ids(self, messages, max_new_tokens: int | None = None, *, max_name: str = "max_new_tokens") -> list:
+        """The prompt's token ids; BadRequest, without encoding it all, when it cannot fit the context."""
+        text = self.render(messages)
+        context = self.context_length
+        if context is not None:
+            over = self.tokens_at_least(text, context)
+            if over is not None:
+                check_context(over, max_new_tokens, context, max_name=max_name, at_least=True)
+        return self._ids(text)
 
     def reply(self, messages, *, stream: bool = False, **options):
         """The assistant's answer to ``messages`` (a list of chat messages or one user string).
