@@ -405,6 +405,65 @@ def test_an_existing_validation_file_blocks_the_pair(tmp_path):
     assert not out.exists() and val.read_text(encoding="utf-8") == "precious\n"
 
 
+def test_a_failed_pair_write_keeps_the_old_training_file(tmp_path):
+    out = tmp_path / "train.jsonl"
+    out.write_text("precious\n", encoding="utf-8")
+    folder = tmp_path / "val"
+    folder.mkdir()
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(4), out=str(out), prompt="question", completion="answer", validation_split=1,
+                              validation_out=str(folder), overwrite=True)
+    assert str(info.value) == f"{folder} is a folder; give a file path"
+    assert out.read_text(encoding="utf-8") == "precious\n"
+    assert files(tmp_path) == ["train.jsonl", "val"]  # no temporary file left behind
+
+
+def test_the_pair_commit_puts_the_old_file_back_when_a_later_move_fails(tmp_path):
+    from tuning_magics import storage
+
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_bytes(b"old train\n")
+    with pytest.raises(UserError, match="val.jsonl is a folder"):
+        with storage.atomic_writers([train, val], overwrite=True) as (ft, fv):
+            ft.write(b"new train\n")
+            fv.write(b"new val\n")
+            val.mkdir()  # another program takes the name: the second move fails after the first one
+    assert train.read_bytes() == b"old train\n"
+    assert files(tmp_path) == ["train.jsonl", "val.jsonl"]  # no temporary file, no copy left aside
+    with storage.atomic_writers([train, tmp_path / "v2.jsonl"], overwrite=True) as (ft, fv):
+        ft.write(b"new train\n")
+        fv.write(b"new val\n")
+    assert train.read_bytes() == b"new train\n" and files(tmp_path) == ["train.jsonl", "v2.jsonl", "val.jsonl"]
+
+
+def test_a_failed_upload_of_the_pair_keeps_the_old_training_object(gcs_emulator):
+    from tuning_magics import storage
+
+    out = gcs_emulator.uri("train.jsonl")
+    with storage.atomic_writer(out) as fh:
+        fh.write(b"precious\n")
+    missing = "gs://no-such-bucket-for-tests/val.jsonl"  # found missing only when the upload starts
+    with pytest.raises(UserError, match="bucket 'no-such-bucket-for-tests' not found"):
+        tuning_magics.dataset(qa(4), out=out, prompt="question", completion="answer", validation_split=1,
+                              validation_out=missing, overwrite=True)
+    assert storage.read_bytes(out) == b"precious\n"
+    assert storage.list_uris(out.rsplit("/", 1)[0]) == [out]  # the copy kept aside is gone
+    ds = tuning_magics.dataset(qa(4), out=out, prompt="question", completion="answer", validation_split=1,
+                               overwrite=True)
+    assert ds.examples == 3 and len(ds.head()) == 3 and ds.validation.examples == 1
+
+
+def test_validation_out_without_a_split_is_refused(tmp_path):
+    val = tmp_path / "val.jsonl"
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(4), out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer",
+                              validation_out=str(val))
+    message = str(info.value)
+    assert "validation_out" in message and "validation_split" in message and "\n" not in message
+    assert info.value.field == "validation_out"
+    assert not list(tmp_path.iterdir())
+
+
 # -- unknown columns ------------------------------------------------------------------------------
 
 

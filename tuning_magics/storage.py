@@ -14,7 +14,8 @@ Guarantees
   and uploaded only when the ``with`` block finishes without an exception; a
   Cloud Storage object only becomes visible once the whole upload succeeded.
   An exception inside the block removes the temporary file and leaves the
-  destination as it was.
+  destination as it was. :func:`atomic_writers` does the same for several
+  files that belong together: all of them change, or none does.
 * **Nothing lost.** Without ``overwrite=True`` an existing destination is
   refused up front, before anything is written, and again at the final step:
   locally with a hard link (which never replaces a file created meanwhile),
@@ -304,37 +305,93 @@ def _verify_upload(blob: Blob, local: _Digests, uri: str) -> None:
 # ---------------------------------------------------------------- writing
 
 
+@contextlib.contextmanager
 def atomic_writer(
     uri: PathOrUri, *, overwrite: bool = False, content_type: str = "application/jsonl"
-) -> contextlib.AbstractContextManager[BinaryIO]:
+) -> Iterator[BinaryIO]:
     """Context manager yielding a binary file; the destination appears only if the block succeeds.
 
     Refuses an existing destination unless ``overwrite`` (checked before
     anything is written, and again atomically at the end). ``content_type``
     applies to ``gs://`` objects.
     """
-    if is_gcs(uri):
-        return _gcs_writer(str(uri), overwrite, content_type)
-    return _local_writer(uri, overwrite)
+    with atomic_writers([uri], overwrite=overwrite, content_type=content_type) as (stream,):
+        yield stream
 
 
 @contextlib.contextmanager
-def _local_writer(uri: PathOrUri, overwrite: bool) -> Iterator[BinaryIO]:
-    path, display = Path(uri).expanduser(), os.fspath(uri)
-    if path.is_dir():
-        raise UserError(f"{display} is a folder; give a file path")
-    if not overwrite and os.path.lexists(path):
-        raise UserError(_exists_message(display))
-    with _os_errors(display, "write"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp, stream = _create_temp(path)
-    try:
-        with stream:
-            yield stream
-        _fsync_file(tmp)
-        _commit(tmp, path, overwrite, display)
-    finally:
-        tmp.unlink(missing_ok=True)
+def atomic_writers(
+    uris: list[PathOrUri], *, overwrite: bool = False, content_type: str = "application/jsonl"
+) -> Iterator[list[BinaryIO]]:
+    """:func:`atomic_writer` for several destinations at once: all of them change, or none does.
+
+    Every destination is checked before the block runs. Only when the block
+    succeeded are the files moved into place (uploaded, for ``gs://``), one after
+    another; the old content of each is kept aside until the last one is in
+    place, and put back if a later one fails.
+    """
+    with contextlib.ExitStack() as stack:
+        staged = [stack.enter_context(_GcsStaged(str(u), overwrite, content_type) if is_gcs(u)
+                                      else _LocalStaged(u, overwrite)) for u in uris]
+        yield [s.stream for s in staged]
+        for s in staged:
+            s.finish()
+        done: list[_LocalStaged | _GcsStaged] = []
+        try:
+            for i, s in enumerate(staged):
+                s.commit(keep_old=i < len(staged) - 1)
+                done.append(s)
+        except BaseException:
+            for s in reversed(done):
+                with contextlib.suppress(Exception):  # should putting one back fail, its old copy stays aside
+                    s.rollback()
+            raise
+
+
+class _LocalStaged:
+    """One local destination of :func:`atomic_writers`: a temporary file beside it until the commit."""
+
+    def __init__(self, uri: PathOrUri, overwrite: bool):
+        self.path, self.display, self.overwrite = Path(uri).expanduser(), os.fspath(uri), overwrite
+        self.backup: Path | None = None
+        if self.path.is_dir():
+            raise UserError(f"{self.display} is a folder; give a file path")
+        if not overwrite and os.path.lexists(self.path):
+            raise UserError(_exists_message(self.display))
+        with _os_errors(self.display, "write"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp, self.stream = _create_temp(self.path)
+
+    def __enter__(self) -> _LocalStaged:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+        self.tmp.unlink(missing_ok=True)
+        if self.backup is not None:
+            self.backup.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        self.stream.close()
+        _fsync_file(self.tmp)
+
+    def commit(self, keep_old: bool) -> None:
+        with _os_errors(self.display, "write"):
+            if keep_old and self.overwrite and os.path.isfile(self.path):
+                self.backup = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.old")
+                try:
+                    os.link(self.path, self.backup)
+                except OSError:  # no hard links on this filesystem
+                    shutil.copy2(self.path, self.backup)
+            _commit(self.tmp, self.path, self.overwrite, self.display)
+
+    def rollback(self) -> None:
+        backup, self.backup = self.backup, None
+        if backup is not None:
+            os.replace(backup, self.path)
+        else:
+            self.path.unlink(missing_ok=True)
+        fsync_dir(self.path.parent)
 
 
 def _create_temp(path: Path) -> tuple[Path, BinaryIO]:
@@ -527,16 +584,50 @@ def _os_errors(display: str, verb: str) -> Iterator[None]:
         raise UserError(f"cannot {verb} {display}: {exc.strerror or exc}; choose another path") from exc
 
 
-@contextlib.contextmanager
-def _gcs_writer(uri: str, overwrite: bool, content_type: str) -> Iterator[BinaryIO]:
-    generation = _write_precondition(uri, overwrite)
-    fd, spool = tempfile.mkstemp(prefix="tuning_magics-", suffix=".upload")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            yield stream
-        _upload(Path(spool), uri, generation, content_type, overwrite)
-    finally:
-        os.unlink(spool)
+class _GcsStaged:
+    """One ``gs://`` destination of :func:`atomic_writers`: a local spool file until the upload."""
+
+    def __init__(self, uri: str, overwrite: bool, content_type: str):
+        self.uri, self.overwrite, self.content_type = uri, overwrite, content_type
+        self.generation = _write_precondition(uri, overwrite)
+        self.backup: Blob | None = None
+        self.blob: Blob | None = None
+        fd, spool = tempfile.mkstemp(prefix="tuning_magics-", suffix=".upload")
+        self.spool, self.stream = Path(spool), os.fdopen(fd, "wb")
+
+    def __enter__(self) -> _GcsStaged:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+        self.spool.unlink(missing_ok=True)
+        if self.backup is not None:
+            with contextlib.suppress(Exception):  # a stray copy costs less than a failed commit
+                self.backup.delete(**_call_options())
+
+    def finish(self) -> None:
+        self.stream.close()
+
+    def commit(self, keep_old: bool) -> None:
+        if keep_old and self.generation:
+            # A server-side copy of the object as it was, beside it.
+            old = _blob(self.uri)
+            folder, _, name = old.name.rpartition("/")
+            aside = f"{folder}/" * bool(folder) + f".{name}.{secrets.token_hex(4)}.old"
+            with _gcs_errors(self.uri):
+                self.backup = old.bucket.copy_blob(old, old.bucket, aside, source_generation=self.generation,
+                                                   if_generation_match=0, **_call_options())
+        self.blob = _upload(self.spool, self.uri, self.generation, self.content_type, self.overwrite)
+
+    def rollback(self) -> None:
+        backup, self.backup, blob = self.backup, None, self.blob
+        with _gcs_errors(self.uri):
+            if backup is not None:
+                blob.bucket.copy_blob(backup, blob.bucket, blob.name, if_generation_match=blob.generation,
+                                      **_call_options())
+                backup.delete(**_call_options())
+            else:
+                blob.delete(if_generation_match=blob.generation, **_call_options())
 
 
 def _write_precondition(uri: str, overwrite: bool) -> int:
@@ -551,7 +642,8 @@ def _write_precondition(uri: str, overwrite: bool) -> int:
     return int(existing.generation)
 
 
-def _upload(source: Path, uri: str, generation: int, content_type: str, overwrite: bool) -> None:
+def _upload(source: Path, uri: str, generation: int, content_type: str, overwrite: bool) -> Blob:
+    """Upload a local file to ``uri``, conditional on ``generation``; the stored object, verified."""
     local = _digest_file(source)
     blob = _blob(uri)
     blob.chunk_size = CHUNK_SIZE
@@ -566,6 +658,7 @@ def _upload(source: Path, uri: str, generation: int, content_type: str, overwrit
             **_call_options(transfer=True),
         )
     _verify_upload(blob, local, uri)
+    return blob
 
 
 def upload_file(

@@ -582,6 +582,9 @@ def dataset(
     train_rows, val_rows = _split(len(df), validation_split, seed)
     out = str(out) if out is not None else _default_out()
     val_out = None
+    if val_rows is None and validation_out is not None:
+        raise UserError("validation_out needs validation_split: add validation_split=0.1 (--split 0.1) to hold out "
+                        "a validation set there, or drop validation_out", field="validation_out")
     if val_rows is not None:
         val_out = str(validation_out) if validation_out is not None else _validation_path(out)
         if _same_file(out, val_out):
@@ -589,41 +592,29 @@ def dataset(
                             "its own path", field="validation_out")
     from .. import storage
 
-    if not overwrite:
-        for target in filter(None, (out, val_out)):
-            if storage.exists(target):
-                raise UserError(f"{target} already exists; pass overwrite=True (--overwrite) or choose another path",
-                                field="out")
     counter = TokenCounter(spec.id if spec else None)
     parts = [("train", out, train_rows)] + ([("validation", val_out, val_rows)] if val_rows is not None else [])
-    prepared = []
-    for kind, target, rows in parts:
-        report = ValidationReport(source=target, model=spec.id if spec else None, method=method,
-                                  row_labels=df.index)
-        prepare = _prepare_general if mapping.messages is not None or mapping.images else _prepare_text
-        writer = prepare(df, mapping, fmt, report, counter, rows, spec, skip_invalid)
-        prepared.append((kind, target, report, writer))
-    if val_rows is not None:
-        from ..catalog import MAX_VALIDATION_EXAMPLES
+    # Both targets are checked before any work, and the pair is written whole or not at all.
+    with storage.atomic_writers([target for _, target, _ in parts], overwrite=overwrite) as streams:
+        prepared = []
+        for kind, target, rows in parts:
+            report = ValidationReport(source=target, model=spec.id if spec else None, method=method,
+                                      row_labels=df.index)
+            prepare = _prepare_general if mapping.messages is not None or mapping.images else _prepare_text
+            writer = prepare(df, mapping, fmt, report, counter, rows, spec, skip_invalid)
+            prepared.append((kind, target, report, writer))
+        if val_rows is not None:
+            from ..catalog import MAX_VALIDATION_EXAMPLES
 
-        vreport = prepared[1][2]
-        if vreport.examples > MAX_VALIDATION_EXAMPLES:
-            vreport.error(f"the validation set has {vreport.examples:,} examples; the service takes at most "
-                          f"{MAX_VALIDATION_EXAMPLES:,}: use a smaller validation_split", field="validation_split")
-    for _, _, report, _ in prepared:
-        if not report.ok:
-            raise DatasetInvalid(report, hint="fix the data" if skip_invalid else _SKIP_HINT)
-    written = []
-    try:
-        for kind, target, report, writer in prepared:
-            with storage.atomic_writer(target, overwrite=overwrite) as fh:
-                writer(fh)
-            written.append(target)
-    except BaseException:
-        # The pair is written whole or not at all.
-        for target in written:
-            storage.remove(target)
-        raise
+            vreport = prepared[1][2]
+            if vreport.examples > MAX_VALIDATION_EXAMPLES:
+                vreport.error(f"the validation set has {vreport.examples:,} examples; the service takes at most "
+                              f"{MAX_VALIDATION_EXAMPLES:,}: use a smaller validation_split", field="validation_split")
+        for _, _, report, _ in prepared:
+            if not report.ok:
+                raise DatasetInvalid(report, hint="fix the data" if skip_invalid else _SKIP_HINT)
+        for (_, _, _, writer), fh in zip(prepared, streams):
+            writer(fh)
     datasets = [Dataset(uri=t, report=r, model=spec.id if spec else None, epochs=epochs,
                         columns={"format": fmt}) for _, t, r, _ in prepared]
     train = datasets[0]
