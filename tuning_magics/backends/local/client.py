@@ -3,7 +3,11 @@
 ``chat_completion(url, messages)`` returns the response JSON,
 ``stream_chat_completion`` yields the reply's text pieces as the server sends
 them, ``list_models`` reads ``GET /models``. Every failure, HTTP or network, is
-an :class:`EndpointError` with the status (``None`` when nothing answered).
+an :class:`EndpointError` with the status (``None`` when nothing answered, or
+the answer was cut or stalled) and a one-line message; a 4xx is an
+:class:`EndpointRefused`, also a :class:`~tuning_magics.errors.UserError`
+(the request is what to fix). A stream that reports an error, or ends without
+``data: [DONE]``, raises instead of passing for a finished reply.
 Standard library only, so it costs nothing to import.
 """
 
@@ -12,13 +16,29 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
+from ...errors import UserError
+
 
 class EndpointError(Exception):
     """An endpoint answered with an error or not at all; ``status`` is the HTTP status (None: no answer)."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, detail: str | None = None):
         super().__init__(message)
         self.status = status
+        #: The endpoint's own words, when it gave any.
+        self.detail = detail or message
+
+
+class EndpointRefused(UserError, EndpointError):
+    """The endpoint refused the request (HTTP 4xx): ``detail`` is its sentence."""
+
+    def __init__(self, message: str, status: int, detail: str | None = None):
+        UserError.__init__(self, message)
+        self.status, self.detail = status, detail or message
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
 
 
 def chat_url(base_url: str) -> str:
@@ -29,6 +49,7 @@ def chat_url(base_url: str) -> str:
 
 def _open(url: str, payload: dict | None, *, api_key: str | None, timeout: float, accept: str):
     """Open one request; HTTP and connection failures become EndpointError."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -40,21 +61,36 @@ def _open(url: str, payload: dict | None, *, api_key: str | None, timeout: float
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        detail = exc.read()[:500].decode(errors="replace")
+        try:
+            detail = exc.read()[:2000].decode(errors="replace")
+        except (OSError, http.client.HTTPException):
+            detail = ""
         try:
             detail = json.loads(detail)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             pass
-        raise EndpointError(f"HTTP {exc.code} from {url}: {detail}", exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise EndpointError(f"no answer from {url} ({reason})") from None
+        detail = _one_line(detail or exc.reason or "")
+        kind = EndpointRefused if 400 <= exc.code < 500 else EndpointError
+        raise kind(f"HTTP {exc.code} from {url}: {detail}", exc.code, detail) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise EndpointError(f"no answer from {url} ({_one_line(getattr(exc, 'reason', exc))})") from None
+
+
+def _cut(url: str, exc: BaseException) -> EndpointError:
+    """A body that stalled past the timeout or was cut short."""
+    return EndpointError(f"the answer from {url} stopped before its end ({_one_line(exc) or type(exc).__name__})")
 
 
 def _request(url: str, payload: dict | None, *, api_key: str | None, timeout: float) -> dict:
+    import http.client
+
     with _open(url, payload, api_key=api_key, timeout=timeout, accept="application/json") as resp:
         try:
-            return json.loads(resp.read() or b"{}")
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise _cut(url, exc) from None
+        try:
+            return json.loads(raw or b"{}")
         except ValueError as exc:
             raise EndpointError(f"{url} did not answer with JSON ({exc})") from None
 
@@ -69,24 +105,45 @@ def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 3
 
 def stream_chat_completion(base_url: str, messages: list[dict], *, model: str | None = None,
                            api_key: str | None = None, timeout: float = 600.0, **params) -> Iterator[str]:
-    """POST one streaming chat completion and yield the reply's text pieces as they arrive (SSE)."""
+    """POST one streaming chat completion and yield the reply's text pieces as they arrive (SSE).
+
+    ``timeout`` bounds each wait for the next bytes. Raises EndpointError when the
+    stream carries an error event or ends without ``[DONE]``.
+    """
+    import http.client
+
     payload = {"messages": messages, "stream": True, **{k: v for k, v in params.items() if v is not None}}
     if model:
         payload["model"] = model
     url = chat_url(base_url)
     with _open(url, payload, api_key=api_key, timeout=timeout, accept="text/event-stream") as resp:
-        for raw in resp:
-            line = raw.decode("utf-8").strip()
+        while True:
+            try:
+                raw = resp.readline()
+            except (OSError, http.client.HTTPException) as exc:
+                raise _cut(url, exc) from None
+            if not raw:
+                raise EndpointError(f"the stream from {url} ended before data: [DONE]; the reply is incomplete")
+            line = raw.decode("utf-8", errors="replace").strip()
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
                 return
             try:
-                choices = json.loads(data).get("choices") or []
+                event = json.loads(data)
+                if not isinstance(event, dict):
+                    raise ValueError
             except ValueError:
                 raise EndpointError(f"{url} sent a malformed stream event: {data[:80]}") from None
-            piece = choices[0].get("delta", {}).get("content") if choices else None
+            if event.get("error") is not None:
+                error = event["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                code = error.get("code") if isinstance(error, dict) else None
+                raise EndpointError(f"{url} ended the stream with an error: {_one_line(message)}",
+                                    code if isinstance(code, int) else None, _one_line(message))
+            choices = event.get("choices") or []
+            piece = choices[0].get("delta", {}).get("content") if choices and isinstance(choices[0], dict) else None
             if piece:
                 yield piece
 

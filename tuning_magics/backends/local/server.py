@@ -18,13 +18,18 @@ Resources are bounded the way TGI and vLLM bound them:
 - a body over ``max_body_bytes`` is refused (413) from its Content-Length, or as
   soon as a chunked body streams past it; deep JSON nesting is a 400;
 - a prompt that, with ``max_tokens``, does not fit the model's context is refused
-  (400, with the numbers) before generation, without waiting for the model;
-- a connection that sends nothing for ``request_timeout`` seconds is closed (408);
+  (400, with the numbers) before generation, without waiting for the model; only a
+  bounded prefix of a huge prompt is tokenised to prove it;
+- a request (line, headers and body) must arrive whole within ``request_timeout``
+  seconds of its first byte, and a connection silent that long is closed (408);
+- at most ``max_connections`` connections are open at once; more are answered
+  503 and closed at once;
 - at most ``max_concurrent_requests`` generations at once, more are answered 429
   (TGI's ``--max-concurrent-requests``): each holds its own KV cache;
 - those running take turns one decoding step at a time (see :mod:`.generate`),
   so one long request cannot hold back the others;
-- a generation stops as soon as its client disconnects.
+- a generation stops as soon as its client disconnects (a client that only
+  half-closes its end, which HTTP allows, still gets its reply).
 
 The server binds to loopback only unless ``allow_remote=True``, because it has
 no authentication.
@@ -32,6 +37,8 @@ no authentication.
 
 from __future__ import annotations
 
+import inspect
+import io
 import ipaddress
 import json
 import select
@@ -44,8 +51,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ...errors import UserError
-from .chat_request import BadRequest, parse_chat_request
-from .client import chat_completion, stream_chat_completion
+from .chat_request import BadRequest, chat_request, parse_chat_request
+from .client import EndpointRefused, chat_completion, stream_chat_completion
 
 #: Largest request body, as TGI's default payload limit: far above any prompt a context holds.
 MAX_BODY_BYTES = 2_000_000
@@ -53,6 +60,10 @@ MAX_BODY_BYTES = 2_000_000
 REQUEST_TIMEOUT = 60.0
 #: Generations at once; more are answered 429.
 MAX_CONCURRENT_REQUESTS = 8
+#: Open connections at once (each holds a thread); more are answered 503.
+MAX_CONNECTIONS = 64
+#: What a predict() instance may hold.
+_INSTANCE_KEYS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed")
 
 
 def _is_loopback(host: str) -> bool:
@@ -74,7 +85,7 @@ class _ClientGone(Exception):
 class Server:
     """A running endpoint: ``url`` (``http://127.0.0.1:PORT/v1``), ``model_name``, ``chat()``, ``stop()``."""
 
-    def __init__(self, chat_model, httpd: ThreadingHTTPServer, model_name: str, *,
+    def __init__(self, chat_model, httpd: _HTTPServer, model_name: str, *,
                  max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS):
         self.chat_model = chat_model
         self.model_name = model_name
@@ -90,6 +101,11 @@ class Server:
     def active_requests(self) -> int:
         """Generations in progress now."""
         return self._active
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (each served by its own thread)."""
+        return len(self._httpd.connections)
 
     def _enter(self) -> bool:
         with self._active_lock:
@@ -118,12 +134,33 @@ class Server:
             host = f"[{host}]"
         return f"http://{host}:{self.port}/v1"
 
-    def stop(self) -> None:
-        """Stop answering and free the port (requests in flight finish first)."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving, close every connection and free the port.
+
+        New connections are answered 503. Connections waiting for a request (kept
+        alive) are closed; a generation in progress stops at its next decoding
+        step and is answered 503 (a stream ends with an error event). Handler
+        threads get ``timeout`` seconds to finish; connections still open then
+        (a client not reading its reply) are cut.
+        """
+        httpd = self._httpd
+        httpd.stopping = True
         if self._thread.is_alive():
-            self._httpd.shutdown()
+            httpd.shutdown()
             self._thread.join()
-        self._httpd.server_close()
+        deadline = time.monotonic() + timeout
+        # SHUT_RD wakes a handler blocked reading and leaves it able to answer; SHUT_RDWR cuts the rest.
+        for how, until in ((socket.SHUT_RD, deadline), (socket.SHUT_RDWR, None)):
+            with httpd.lock:
+                open_now = dict(httpd.connections)
+            for sock in open_now:
+                try:
+                    sock.shutdown(how)
+                except OSError:
+                    pass
+            for thread in open_now.values():
+                thread.join(max(0.0, until - time.monotonic()) if until else 1.0)
+        httpd.server_close()
 
     def __enter__(self):
         return self
@@ -135,27 +172,69 @@ class Server:
         state = "running" if self._thread.is_alive() else "stopped"
         return f"<Server {self.model_name!r} at {self.url} ({state})>"
 
-    def chat(self, messages_or_text, *, stream: bool = False, **params):
+    def chat(self, messages_or_text, *, stream: bool = False, **options):
         """The reply to a string or a message list, through this endpoint's HTTP API (greedy by default).
 
-        ``params`` are the request's options (``max_tokens``, ``temperature``...). With
-        ``stream=True``, an iterator of text pieces as the server sends them.
+        ``options`` are ``job.chat()``'s, with the same rules: ``max_new_tokens``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed``. With ``stream=True``, an
+        iterator of text pieces as the server sends them. A request the server
+        refuses raises a one-line UserError with the server's sentence.
         """
-        messages = [{"role": "user", "content": messages_or_text}] if isinstance(messages_or_text, str) \
-            else list(messages_or_text)
-        if stream:
-            return stream_chat_completion(self.url, messages, model=self.model_name, **params)
-        data = chat_completion(self.url, messages, model=self.model_name, **params)
-        return data["choices"][0]["message"]["content"]
+        req = chat_request(messages_or_text, stream=stream, **options)
+        body = {"messages": req["messages"], "max_tokens": req["max_new_tokens"],
+                **{k: options[k] for k in ("temperature", "top_p", "top_k", "seed") if options.get(k) is not None}}
+        # The server names max_tokens, the name it was sent; this caller wrote max_new_tokens.
+        return self._ask(body, stream, rename={"max_tokens": "max_new_tokens"})
 
     def predict(self, instances: list[dict]) -> list[str]:
-        """Vertex-style ``predict``: each instance has ``prompt`` (or ``messages``), ``max_tokens``, ``temperature``."""
-        out = []
-        for inst in instances:
-            messages = inst.get("messages") or [{"role": "user", "content": inst.get("prompt", "")}]
-            params = {k: inst[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "seed") if k in inst}
-            out.append(self.chat(messages, **params))
-        return out
+        """Vertex-style ``predict``: each instance has ``prompt`` (or ``messages``), ``max_tokens``, ``temperature``,
+        ``top_p``, ``top_k``, ``seed``, checked by the rules of a chat-completions body."""
+        if not isinstance(instances, (list, tuple)):
+            raise UserError(f"instances must be a list of {{prompt or messages, ...}} objects, not "
+                            f"{type(instances).__name__}", field="instances")
+        bodies = []
+        for i, inst in enumerate(instances):
+            if not isinstance(inst, dict) or not ("prompt" in inst or "messages" in inst):
+                raise UserError(f"instances[{i}] must be an object with a prompt or messages, not "
+                                f"{str(inst)[:60] if isinstance(inst, dict) else type(inst).__name__}",
+                                field="instances")
+            unknown = sorted(set(inst) - set(_INSTANCE_KEYS))
+            if unknown:
+                raise UserError(f"instances[{i}] has no field {unknown[0]!r}; the fields are "
+                                f"{', '.join(_INSTANCE_KEYS)}", field="instances")
+            body = {k: v for k, v in inst.items() if k != "prompt"}
+            if "messages" not in inst:
+                body["messages"] = [{"role": "user", "content": inst["prompt"]}] \
+                    if isinstance(inst["prompt"], str) else inst["prompt"]
+            try:
+                parse_chat_request(body)  # every instance is checked before the first is sent
+            except BadRequest as exc:
+                raise BadRequest(f"instances[{i}]: {exc}", field=exc.field) from None
+            bodies.append(body)
+        return [self._ask(body, False) for body in bodies]
+
+    def _ask(self, body: dict, stream: bool, rename: dict | None = None):
+        def refused(exc: EndpointRefused) -> BadRequest:
+            message = exc.detail
+            for old, new in (rename or {}).items():
+                message = message.replace(old, new)
+            return BadRequest(message, status=exc.status)
+
+        messages, params = body["messages"], {k: v for k, v in body.items() if k != "messages"}
+        if not stream:
+            try:
+                data = chat_completion(self.url, messages, model=self.model_name, **params)
+            except EndpointRefused as exc:
+                raise refused(exc) from None
+            return data["choices"][0]["message"]["content"]
+
+        def pieces():
+            try:
+                yield from stream_chat_completion(self.url, messages, model=self.model_name, **params)
+            except EndpointRefused as exc:
+                raise refused(exc) from None
+
+        return pieces()
 
 
 def _usage(prompt_len: int, new: list[int]) -> dict:
@@ -168,12 +247,57 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+#: The answer to a generation cut short by Server.stop().
+_STOPPED = {"message": "the server stopped before the reply was finished; send the request to a running server",
+            "type": "server_error", "param": None, "code": 503}
+
+
 def _finish(new: list[int], stops: set) -> str:
     return "stop" if new and new[-1] in stops else "length"
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them; knows its open sockets so stop() can close them."""
+
     daemon_threads = True
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stopping = False
+        self.lock = threading.Lock()
+        self.connections: dict[socket.socket, threading.Thread] = {}
+
+    def process_request(self, request, client_address) -> None:
+        with self.lock:
+            full = self.stopping or len(self.connections) >= self.max_connections
+            if not full:
+                thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                          name="tuning-magics-connection", daemon=True)
+                self.connections[request] = thread
+                thread.start()
+        if full:
+            self._refuse(request)
+
+    def _refuse(self, request) -> None:
+        why = "the server is stopping" if self.stopping else \
+            f"the server has {self.max_connections} connections open, the most it takes; retry shortly"
+        body = json.dumps({"error": {"message": why, "type": "server_error", "param": None, "code": 503}}).encode()
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+            request.shutdown(socket.SHUT_WR)
+            request.recv(65536, socket.MSG_DONTWAIT)  # what the client sent already: closing on it would reset
+        except OSError:
+            pass
+        super().shutdown_request(request)
+
+    def shutdown_request(self, request) -> None:
+        with self.lock:
+            self.connections.pop(request, None)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
         # A client that vanished or stalled is not worth a traceback on the notebook's stderr.
@@ -182,12 +306,58 @@ class _HTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class _RequestReader(io.RawIOBase):
+    """The handler's reader: from the request's first byte, every read waits only for what the deadline leaves.
+
+    A socket timeout alone bounds each read, so a client trickling a byte a second could hold a thread forever.
+    """
+
+    def __init__(self, handler: _Handler):
+        self.handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        h, sock = self.handler, self.handler.connection
+        if h.deadline:
+            left = h.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long")
+            sock.settimeout(min(left, h.timeout))
+        try:
+            n = sock.recv_into(buffer)
+        finally:
+            if h.deadline:
+                sock.settimeout(h.timeout)
+        if n and h.deadline == 0.0:  # the request's first bytes: its clock starts
+            h.deadline = time.monotonic() + h.timeout
+        return n
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "tuning-magics"
     protocol_version = "HTTP/1.1"
     endpoint: Server  # set on the subclass built per server
     max_body_bytes: int = MAX_BODY_BYTES
     timeout = REQUEST_TIMEOUT  # socket timeout, set by StreamRequestHandler.setup()
+    #: When the request being read must be whole: 0.0 until its first byte, None once it is read.
+    deadline: float | None = None
+    _gone = _probed = False
+    _poller = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket's own reader, replaced by one with a deadline
+        self.rfile = io.BufferedReader(_RequestReader(self))
+
+    def handle_one_request(self) -> None:
+        if self.server.stopping:
+            self.close_connection = True
+            return
+        self.deadline = 0.0
+        self._gone = self._probed = self._headers_sent = False
+        super().handle_one_request()
 
     def log_message(self, fmt, *args) -> None:  # quiet: notebooks should not fill with access logs
         pass
@@ -243,13 +413,47 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _readable(self) -> bool:
+        """Whether the connection has input (or an end, or an error) waiting; never blocks, any descriptor number."""
+        if not hasattr(select, "poll"):  # Windows: its select() has no descriptor-number limit
+            return bool(select.select([self.connection], [], [], 0)[0])
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.connection, select.POLLIN)
+        return bool(self._poller.poll(0))
+
     def _client_gone(self) -> bool:
-        """True once the client closed its end (checked between decoding steps; a poll, it never blocks)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+        """True once the client is known to have closed the connection (checked between decoding steps).
+
+        The end of the client's input alone does not say so: a client may half-close
+        (shutdown(SHUT_WR)) and still read its reply. So, before a reply's headers,
+        that end is answered with an interim "100 Continue" (HTTP/1.1 clients accept
+        one at any time); a client that has really gone answers it with a reset,
+        seen at a later check. A failure of the check itself is not a disconnect.
+        """
+        if self._gone:
             return True
+        try:
+            if not self._readable() or self.connection.recv(1, socket.MSG_PEEK):
+                return False  # nothing new, or the client's next request already
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+            self._gone = True
+            return True
+        except (OSError, ValueError):
+            return False
+        if not self._probed and not self._headers_sent and self.request_version == "HTTP/1.1":
+            self._probed = True
+            try:
+                self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                self._gone = True
+        return self._gone
+
+    _headers_sent = False
+
+    def _stopped(self) -> bool:
+        """Whether the generation should end now: its client went away, or the server is stopping."""
+        return self.server.stopping or self._client_gone()
 
     # -- the body -----------------------------------------------------------------
     def _read_body(self) -> bytes:
@@ -292,6 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes ---------------------------------------------------------------------
     def do_GET(self) -> None:
+        self.deadline = None
         ep = self.endpoint
         path = self._path()
         if path in ("/v1/models", "/models"):
@@ -316,6 +521,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(exc.status, str(exc), exc.field)
                 self._linger()
                 return
+            self.deadline = None  # read whole: from here on, only each write has a time limit
             if self._path() not in ("/v1/chat/completions", "/chat/completions"):
                 raise BadRequest(f"no route POST {self._path()}; use POST /v1/chat/completions", status=404)
             try:
@@ -329,8 +535,6 @@ class _Handler(BaseHTTPRequestHandler):
             if model not in (None, "", ep.model_name):
                 raise BadRequest(f"model {str(model)[:100]!r} is not served here; this endpoint serves "
                                  f"{ep.model_name!r} (GET /v1/models)", status=404, field="model")
-            # Tokenised and checked against the context here, outside the model's turns.
-            req = ep.chat_model.prepare(req)
         except BadRequest as exc:
             self._error(exc.status, str(exc), exc.field)
             return
@@ -341,14 +545,21 @@ class _Handler(BaseHTTPRequestHandler):
         except _ClientGone:
             self.close_connection = True
             return
-        except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure: the server's error, not a crash
-            self._error(500, f"cannot prepare the prompt: {_first_line(exc)}")
-            return
+        # The slot is taken before the prompt is tokenised, so a busy server refuses before doing that work.
         if not ep._enter():
             self._error(429, f"the server is busy with {ep.max_concurrent_requests} requests; retry shortly",
                         headers={"Retry-After": "1"})
             return
         try:
+            try:
+                # Tokenised and checked against the context here, outside the model's turns.
+                req = ep.chat_model.prepare(req)
+            except BadRequest as exc:
+                self._error(exc.status, str(exc), exc.field)
+                return
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer failure: the server's error, not a crash
+                self._error(500, f"cannot prepare the prompt: {_first_line(exc)}")
+                return
             if req["stream"]:
                 self._stream(req)
             else:
@@ -363,14 +574,23 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             ep._leave()
 
+    def _cut(self, req: dict, new: list[int], stops: set) -> bool:
+        """Whether Server.stop() ended this generation before its end."""
+        return self.server.stopping and _finish(new, stops) == "length" and len(new) < req["max_new_tokens"]
+
     def _complete(self, req: dict) -> None:
         cm = self.endpoint.chat_model
-        text, prompt_len, new = cm.complete(req, should_stop=self._client_gone)
+        text, prompt_len, new = cm.complete(req, should_stop=self._stopped)
+        stops = set(cm.stop_ids())
+        if self._cut(req, new, stops):
+            self.close_connection = True
+            self._error(503, _STOPPED["message"])
+            return
         self._send_json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": self.endpoint.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": _finish(new, set(cm.stop_ids()))}],
+                         "finish_reason": _finish(new, stops)}],
             "usage": _usage(prompt_len, new),
         })
 
@@ -378,6 +598,7 @@ class _Handler(BaseHTTPRequestHandler):
         ep = self.endpoint
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": ep.model_name}
+        self._headers_sent = True  # no interim "100 Continue" after this
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -393,7 +614,7 @@ class _Handler(BaseHTTPRequestHandler):
         send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                    "finish_reason": None}]})
         ids: list[int] = []
-        pieces = ep.chat_model.stream(req, ids=ids, should_stop=self._client_gone)
+        pieces = ep.chat_model.stream(req, ids=ids, should_stop=self._stopped)
         try:
             for piece in pieces:
                 send({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
@@ -405,7 +626,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         finally:
             pieces.close()
-        usage, finish = _usage(req["prompt_tokens"], ids), _finish(ids, set(ep.chat_model.stop_ids()))
+        stops = set(ep.chat_model.stop_ids())
+        if self._cut(req, ids, stops):
+            send({"error": _STOPPED})
+            return
+        usage, finish = _usage(req["prompt_tokens"], ids), _finish(ids, stops)
         final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
         if req["include_usage"]:
             send(final)
@@ -418,23 +643,26 @@ class _Handler(BaseHTTPRequestHandler):
 
 def serve(model_path_or_id, *, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
           allow_remote: bool = False, device=None, dtype=None, max_body_bytes: int = MAX_BODY_BYTES,
-          request_timeout: float = REQUEST_TIMEOUT,
-          max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS) -> Server:
+          request_timeout: float = REQUEST_TIMEOUT, max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+          max_connections: int = MAX_CONNECTIONS) -> Server:
     """Load a model once and serve it on ``http://host:port/v1`` from a background thread; returns the Server.
 
     ``port=0`` picks a free port. ``model_name`` is the id clients send
     (default: the folder's or model's name). Hosts other than loopback are
     refused unless ``allow_remote=True``: the endpoint has no authentication.
-    ``max_body_bytes``, ``request_timeout`` (seconds) and ``max_concurrent_requests``
-    bound what one client can take (see the module's notes).
+    ``max_body_bytes``, ``request_timeout`` (seconds), ``max_concurrent_requests``
+    and ``max_connections`` bound what clients can take (see the module's notes).
     """
     from .generate import LocalChatModel
 
     if not allow_remote and not _is_loopback(str(host)):
         raise UserError(f"host {host!r} would expose the model to the network without authentication; "
                         "use 127.0.0.1, or pass allow_remote=True if you mean it", field="host")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"port must be a whole number from 1 to 65535, or 0 for a free one, not {port!r}"[:200],
+                        field="port")
     for name, value in (("max_body_bytes", max_body_bytes), ("request_timeout", request_timeout),
-                        ("max_concurrent_requests", max_concurrent_requests)):
+                        ("max_concurrent_requests", max_concurrent_requests), ("max_connections", max_connections)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                 or (name != "request_timeout" and int(value) != value):
             raise UserError(f"{name} must be a positive {'number' if name == 'request_timeout' else 'whole number'}"
@@ -444,19 +672,28 @@ def serve(model_path_or_id, *, host: str = "127.0.0.1", port: int = 0, model_nam
     name = model_name or _default_name(getattr(chat_model, "name", str(model_path_or_id)))
     handler = type("Handler", (_Handler,), {"max_body_bytes": int(max_body_bytes), "timeout": float(request_timeout)})
     try:
-        httpd = _HTTPServer((host, int(port)), handler)
+        httpd = _HTTPServer((host, port), handler)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another port, "
                         "or port=0 for a free one", field="port") from None
+    httpd.max_connections = int(max_connections)
     server = Server(chat_model, httpd, name, max_concurrent_requests=int(max_concurrent_requests))
     handler.endpoint = server
     server._thread.start()
     return server
 
 
-def deploy(model_path, **options) -> Server:
-    """``LocalJob.deploy()``: serve a tuned checkpoint folder; options are those of :func:`serve`."""
-    return serve(model_path, **options)
+#: What deploy() passes on to serve().
+DEPLOY_OPTIONS = tuple(p for p in inspect.signature(serve).parameters if p != "model_path_or_id")
+
+
+def deploy(model, **options) -> Server:
+    """``LocalJob.deploy()``: serve a tuned checkpoint folder (or a loaded model); options are those of :func:`serve`."""
+    unknown = sorted(set(options) - set(DEPLOY_OPTIONS))
+    if unknown:
+        raise UserError(f"deploy() has no option {unknown[0]!r}; the options are checkpoint, "
+                        f"{', '.join(DEPLOY_OPTIONS)}", field=unknown[0])
+    return serve(model, **options)
 
 
 def _default_name(name: str) -> str:
