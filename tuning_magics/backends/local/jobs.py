@@ -249,20 +249,36 @@ class LocalJob(Job):
         from .chat_request import chat_request
 
         chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
-        path = self._checkpoint_path(checkpoint)
-        model = self._chat_models.get(path)
-        if model is None:
-            from .generate import LocalChatModel
-
-            model = self._chat_models[path] = LocalChatModel(path)
-        return model.reply(messages_or_text, stream=stream, **gen)
+        require_extra("local")
+        return self._chat_model(self._checkpoint_path(checkpoint)).reply(messages_or_text, stream=stream, **gen)
 
     def deploy(self, **options):
-        """Serve the tuned model on an OpenAI-compatible local endpoint; returns the endpoint."""
+        """Serve the tuned model on an OpenAI-compatible local endpoint; returns the endpoint.
+
+        The model chat() loaded is served, not loaded again (unless ``device`` or ``dtype`` is given).
+        """
         require_extra("local")
         from . import server
 
-        return server.deploy(self._checkpoint_path(options.pop("checkpoint", None)), **options)
+        server.check_deploy_options({k: v for k, v in options.items() if k != "checkpoint"})
+        path = self._checkpoint_path(options.pop("checkpoint", None))
+        shared = options.get("device") is None and options.get("dtype") is None
+        return server.deploy(self._chat_model(path) if shared else path, **options)
+
+    def _chat_model(self, path: str):
+        """The loaded model of checkpoint ``path`` for chat() and deploy(); only the last one used stays loaded."""
+        model = self._chat_models.pop(path, None)
+        if model is None:
+            from .generate import LocalChatModel
+
+            self.close()  # the one loaded before goes first: two copies may not fit in memory
+            model = LocalChatModel(path)
+        self._chat_models[path] = model
+        return model
+
+    def close(self) -> None:
+        """Free the model chat() or deploy() loaded (a running endpoint keeps serving its own)."""
+        self._chat_models.clear()
 
 
 def _info(rec: registry.JobRecord) -> JobInfo:

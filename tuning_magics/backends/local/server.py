@@ -687,12 +687,17 @@ def serve(model_path_or_id, *, host: str = "127.0.0.1", port: int = 0, model_nam
 DEPLOY_OPTIONS = tuple(p for p in inspect.signature(serve).parameters if p != "model_path_or_id")
 
 
-def deploy(model, **options) -> Server:
-    """``LocalJob.deploy()``: serve a tuned checkpoint folder (or a loaded model); options are those of :func:`serve`."""
+def check_deploy_options(options: dict) -> None:
+    """A UserError naming an option deploy() does not take (before any model loads)."""
     unknown = sorted(set(options) - set(DEPLOY_OPTIONS))
     if unknown:
         raise UserError(f"deploy() has no option {unknown[0]!r}; the options are checkpoint, "
                         f"{', '.join(DEPLOY_OPTIONS)}", field=unknown[0])
+
+
+def deploy(model, **options) -> Server:
+    """``LocalJob.deploy()``: serve a tuned checkpoint folder (or a loaded model); options are those of :func:`serve`."""
+    check_deploy_options(options)
     return serve(model, **options)
 
 
