@@ -119,35 +119,57 @@ def _is_url(teacher: str) -> bool:
     return teacher.startswith(("http://", "https://"))
 
 
-#: How a tune() user gives an endpoint teacher its key: the worker inherits the environment
-#: of the process that starts it.
-_KEY_HINT = ("set OPENAI_API_KEY in the environment of the notebook or script that calls tune() "
-             "(os.environ[\"OPENAI_API_KEY\"] = ...) before tune() or job.resume()")
+#: How a tune() user gives an endpoint teacher its key. The job's worker reads it from the
+#: environment it inherits from the process that starts it: the one calling tune() or
+#: job.resume() when a slot is free, but the previous job's worker for a job that waited.
+_KEY_HINT = ("set OPENAI_API_KEY (os.environ[\"OPENAI_API_KEY\"] = ...) in the notebook or script, then call "
+             "job.resume() or tune() again while no other job runs: a job reads the key from the process that "
+             "starts it, which for a job that waited in the queue is the job before it")
 
 
-def _refused(url: str, exc, what: str) -> UserError:
-    return UserError(f"the teacher endpoint {url} refused {what} ({exc}); {_KEY_HINT}", field="base_teacher_model")
+def _refused(url: str, exc, what: str, api_key: str | None = None) -> UserError:
+    text = str(exc)
+    if api_key:
+        text = text.replace(api_key, "***")  # some servers echo the key they refuse; it must not reach job logs
+    return UserError(f"the teacher endpoint {url} refused {what} ({text}); {_KEY_HINT}", field="base_teacher_model")
 
 
 class _LocalTeacher:
-    """A model loaded on this machine, answering prompts in left-padded batches."""
+    """A model loaded on this machine, answering prompts in left-padded batches.
+
+    Prompts follow the rules of ``job.chat()`` (:mod:`.chat_request`): each is
+    checked against the model's context before any is answered, and a reply gets
+    at most the room the context leaves.
+    """
 
     def __init__(self, name: str, *, device=None, dtype=None):
         from .generate import LocalChatModel
 
         self.chat = LocalChatModel(name, device=device, dtype=dtype)
 
+    def _prompt_ids(self, prompt: list[dict], index: int) -> list[int]:
+        from .chat_request import BadRequest, check_context
+
+        try:
+            ids = self.chat.prompt_ids(prompt)
+            check_context(len(ids), None, self.chat.context_length)
+        except BadRequest as exc:
+            raise _Refused(str(exc), index=index, by="local") from None
+        return ids
+
+    def _room(self, longest: int, gen: dict) -> int:
+        context = self.chat.context_length
+        return gen["max_new_tokens"] if context is None else min(gen["max_new_tokens"], context - longest)
+
     def answer(self, prompts: list[list[dict]], *, on_answer: Callable[[int, str], None], batch_size: int,
                stop: Callable[[], bool], **gen) -> None:
         import torch
 
         tok, model = self.chat.tokenizer, self.chat.model
-        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        encoded = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]  # every prompt checked up front
         # Longest first: similar lengths share a batch (little padding) and a batch that
         # does not fit in memory fails at once, not at the end.
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        kwargs = self.chat.generation_kwargs(gen["max_new_tokens"], gen["temperature"], gen["top_p"], gen["top_k"])
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         if gen["seed"] is not None:
             torch.manual_seed(int(gen["seed"]))
         side = tok.padding_side
@@ -157,7 +179,9 @@ class _LocalTeacher:
                 if stop():
                     raise _cancelled_error()
                 idx = order[start:start + batch_size]
-                enc = tok([texts[i] for i in idx], add_special_tokens=False, padding=True, return_tensors="pt")
+                kwargs = self.chat.generation_kwargs(self._room(len(encoded[idx[0]]), gen), gen["temperature"],
+                                                     gen["top_p"], gen["top_k"])
+                enc = tok.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt")
                 enc = {k: v.to(self.chat.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 with torch.no_grad():
                     out = model.generate(**enc, **kwargs)
@@ -168,7 +192,8 @@ class _LocalTeacher:
             tok.padding_side = side
 
     def answer_one(self, prompt: list[dict], **gen) -> str:
-        return self.chat.reply(prompt, **gen)
+        room = self._room(len(self._prompt_ids(prompt, 0)), gen)
+        return self.chat.reply(prompt, **{**gen, "max_new_tokens": room})
 
 
 class _EndpointTeacher:
@@ -189,8 +214,8 @@ class _EndpointTeacher:
                 served = list_models(url, api_key=self.api_key, timeout=min(timeout, 30.0))
             except EndpointError as exc:
                 if exc.status in (401, 403):
-                    raise _refused(url, exc, "the API key" if self.api_key else "a request without an API key") \
-                        from None
+                    raise _refused(url, exc, "the API key" if self.api_key else "a request without an API key",
+                                   self.api_key) from None
                 if exc.status is None:
                     raise UserError(f"the teacher endpoint {url} does not answer ({exc}); start the server or "
                                     "check the URL", field="base_teacher_model") from None
@@ -214,8 +239,8 @@ class _EndpointTeacher:
             return data["choices"][0]["message"].get("content") or ""
         except EndpointError as exc:
             if exc.status in (401, 403):
-                raise _refused(self.url, exc, "the API key" if self.api_key else "a request without an API key") \
-                    from None
+                raise _refused(self.url, exc, "the API key" if self.api_key else "a request without an API key",
+                               self.api_key) from None
             if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
                 raise _Refused(str(exc)) from None
             raise
@@ -235,7 +260,7 @@ class _EndpointTeacher:
                 self.errors[i] = str(exc)  # answered "" and retried once later
                 text = ""
             except _Refused as exc:
-                raise _Refused(str(exc), index=i) from None
+                raise _Refused(str(exc), index=i, by=exc.by) from None
             on_answer(i, text)
 
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="teacher") as pool:
@@ -279,11 +304,12 @@ class _EndpointTeacher:
 
 
 class _Refused(Exception):
-    """The endpoint refused one prompt (a 4xx other than 401, 403, 408, 429): retrying will not help."""
+    """The teacher cannot answer one prompt: the endpoint refused it (a 4xx other than 401, 403, 408, 429),
+    or (``by="local"``) it does not fit the local model's context. Retrying will not help."""
 
-    def __init__(self, message: str, index: int | None = None):
+    def __init__(self, message: str, index: int | None = None, by: str = "endpoint"):
         super().__init__(message)
-        self.index = index
+        self.index, self.by = index, by
 
 
 def _teacher(teacher, *, api_key, model, timeout, concurrency, device, dtype):
@@ -376,10 +402,17 @@ def label_dataset(teacher, train_path, out_path, *, on_event: Callable[[dict], N
     naming the line. ``model`` names the model at an endpoint that serves several;
     ``should_stop`` cancels between batches (raising the trainer's ``TrainingCancelled``).
     """
-    if int(batch_size) < 1:
-        raise UserError(f"batch_size must be at least 1, not {batch_size}", field="batch_size")
-    if int(max_new_tokens) < 1:
-        raise UserError(f"max_new_tokens must be at least 1, not {max_new_tokens}", field="max_new_tokens")
+    from .chat_request import check_option
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a whole number of at least 1, not {batch_size!r}"[:200], field="batch_size")
+    # The rules of job.chat()'s options, each required here.
+    gen = {name: check_option(name, value) for name, value in (
+        ("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+        ("seed", seed))}
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k"):
+        if gen[name] is None:
+            raise UserError(f"'{name}' must be a number, not None", field=name)
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
     target = labelled_path(out_path)
@@ -388,8 +421,6 @@ def label_dataset(teacher, train_path, out_path, *, on_event: Callable[[dict], N
 
     examples = read_prompts(train_path)
     total = len(examples)
-    gen = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p),
-           "top_k": int(top_k), "seed": seed}
     ident = str(teacher).strip() + (f"#{model}" if model else "")
     answers = _Answers(_sibling(target, PARTIAL_FILE, ".partial.jsonl"),
                        {line: _key(ident, gen, prompt) for line, prompt in examples})
@@ -436,7 +467,7 @@ def _ask_teacher(teacher, todo: list[tuple[int, list[dict]]], answers: _Answers,
             try:
                 on_answer(i, worker.answer_one(prompt, **gen))
             except _Refused as exc:
-                raise _Refused(str(exc), index=i) from None
+                raise _Refused(str(exc), index=i, by=exc.by) from None
             if line not in answers.got:
                 why = getattr(worker, "last_error", None) or getattr(worker, "errors", {}).get(i)
                 reason = f" ({why})" if why else ""
@@ -446,5 +477,8 @@ def _ask_teacher(teacher, todo: list[tuple[int, list[dict]]], answers: _Answers,
     except _Refused as exc:
         line = todo[exc.index][0] if exc.index is not None else None
         where = f"line {line} of {file_name}" if line is not None else "a prompt"
+        if exc.by == "local":
+            raise UserError(f"the teacher cannot answer {where}: {exc}, or remove that prompt", field="train_dataset",
+                            line=line) from None
         raise UserError(f"the teacher endpoint refused {where}: {exc}; fix or remove that prompt, or use another "
                         "teacher", field="base_teacher_model", line=line) from None
