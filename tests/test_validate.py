@@ -600,6 +600,73 @@ def test_duplicate_keys_are_errors_naming_the_key_and_line(tmp_path, line, key):
     assert f"key {key!r} appears twice" in err["message"]
 
 
+@pytest.mark.parametrize("space", [" ", "\t", "  \r "])
+def test_duplicate_keys_with_white_space_before_the_colon(tmp_path, space):
+    line = '{"prompt"%s: "a", "prompt"%s: "b", "completion"%s: "c"}' % (space, space, space)
+    err = only_error(tuning_magics.validate(write(tmp_path, [pc(), line])))
+    assert (err["line"], err["field"]) == (2, "prompt") and "appears twice" in err["message"]
+
+
+def _nested(depth: int) -> str:
+    return '{"prompt": "a", "completion": "b", "x": ' + "[" * depth + "]" * depth + "}"
+
+
+@pytest.mark.parametrize("depth", [260, 1000, 1100])
+def test_a_line_nested_too_deeply_is_one_error_naming_it(tmp_path, depth):
+    path = write(tmp_path, [pc(), _nested(depth), pc()])
+    err = only_error(tuning_magics.validate(path))
+    assert (err["line"], err["message"]) == (2, V.TOO_DEEP)
+    # As a validation set too (the identity check reads every line again).
+    report = tuning_magics.validate(path, training=write(tmp_path, [pc("other")], name="train.jsonl"))
+    assert [(e.line, e.message) for e in report.errors] == [(2, V.TOO_DEEP)]
+
+
+def test_the_deepest_line_json_writers_take_is_fine(tmp_path):
+    assert tuning_magics.validate(write(tmp_path, [_nested(V.MAX_DEPTH - 1)])).errors[0].field == "x"  # unknown key
+
+
+def test_the_cli_reports_a_line_nested_too_deeply_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, [pc(), _nested(300)])
+    done = subprocess.run([sys.executable, "-m", "tuning_magics", "validate", path, "--validation", path],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr == ""
+    assert f"line 2: {V.TOO_DEEP}" in done.stdout
+
+
+def test_cells_nested_too_deeply_are_one_error_naming_the_row(tmp_path):
+    nested: list = []
+    for _ in range(2000):  # deeper than Python's own recursion limit
+        nested = [nested]
+    good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    deep_content = [{"role": "user", "content": nested}, {"role": "assistant", "content": "a"}]
+    for cell in (nested, deep_content):
+        df = pd.DataFrame({"messages": [good, cell]}, index=["first", "second"])
+        assert [(e.line, e.message) for e in tuning_magics.validate(df).errors] == [(2, V.TOO_DEEP)]
+        with pytest.raises(UserError) as info:
+            tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), messages="messages")
+        assert str(info.value).startswith(f"row 'second', column 'messages': {V.TOO_DEEP}; nothing was written")
+        assert not list(tmp_path.glob("t.jsonl*"))
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]}, "messages[0].role"),
+        ({"contents": [{"role": {"r": 1}, "parts": [{"text": "q"}]}, {"role": "model", "parts": [{"text": "a"}]}]},
+         "contents[0].role"),
+        (chat([{"type": "image_url", "image_url": {"url": "gs://b/x.png", "detail": ["low"]}}, {"type": "text", "text": "q"}],
+              "a"), "messages[0].content[0].image_url.detail"),
+    ],
+)
+def test_a_list_or_object_where_a_name_belongs_is_an_error_not_a_crash(tmp_path, record, field):
+    for source in (write(tmp_path, [record]), [record]):
+        assert (1, field) in issues(tuning_magics.validate(source))
+
+
 def test_quotes_and_colons_inside_text_are_not_duplicate_keys(tmp_path):
     assert tuning_magics.validate(write(tmp_path, [pc('he said "a": "b"', '"prompt": "x"')])).ok
     assert tuning_magics.validate(write(tmp_path, [chat('{"role": "user"}', 'ok \\": "x"')])).ok

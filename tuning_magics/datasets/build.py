@@ -25,6 +25,7 @@ from . import formats as F
 from .tokens import TokenCounter
 from .validate import (
     BLANK_PATTERN,
+    TOO_DEEP,
     Issue,
     ValidationReport,
     _check_method,
@@ -434,7 +435,11 @@ def _row_records(df, mapping: _Mapping, fmt: str, rows):
     cols = {c: sub[c].tolist() for c in mapping.used_columns()}
     for i, pos in enumerate(positions):
         if mapping.messages is not None:
-            msgs = plain(cols[mapping.messages][i])  # Parquet gives numpy arrays for lists
+            try:
+                msgs = plain(cols[mapping.messages][i])  # Parquet gives numpy arrays for lists
+            except RecursionError:
+                yield pos, None, (TOO_DEEP, mapping.messages)
+                continue
             if not isinstance(msgs, list):
                 yield pos, None, ("must be a list of {role, content} messages", mapping.messages)
                 continue
@@ -680,17 +685,21 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
 def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     import orjson
 
-    records = []
+    records = []  # (line, the record as JSON)
     bad_lines: set[int] = set()
 
     def numbered():
         for pos, record, problem in _row_records(df, mapping, fmt, rows):
+            if problem is None:
+                try:  # default=str: a cell of another type is the checks' to report
+                    records.append((pos + 1, orjson.dumps(record, default=str)))
+                except TypeError:  # nested deeper than JSON writers go
+                    problem = (TOO_DEEP, mapping.messages)
             if problem is not None:
                 report.examples += 1
                 report.error(problem[0], pos + 1, f"column {problem[1]!r}")
                 bad_lines.add(pos + 1)
                 continue
-            records.append((pos + 1, record))
             yield pos + 1, record
 
     check_records(numbered(), report, model=spec, counter=counter, bad_lines=bad_lines)
@@ -709,6 +718,6 @@ def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid
 
     def write(fh):
         for start in range(0, len(keep), CHUNK_ROWS):
-            fh.write(b"".join(orjson.dumps(records[i][1]) + b"\n" for i in keep[start:start + CHUNK_ROWS]))
+            fh.write(b"".join(records[i][1] + b"\n" for i in keep[start:start + CHUNK_ROWS]))
 
     return write

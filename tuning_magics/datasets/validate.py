@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import unicodedata
 from array import array
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ MAX_LISTED = 200
 #: Longest line read as one example. A longer line is reported and skipped without being held in memory.
 MAX_LINE_BYTES = 32 * 2**20
 _SKIP_CHUNK = 1 << 20
+#: Levels of nested objects and arrays a record may have: JSON writers (orjson) stop there.
+MAX_DEPTH = 254
+TOO_DEEP = f"is nested too deeply (more than {MAX_DEPTH} levels of objects and arrays); flatten it"
+# The end of a key: its closing quote and the colon, with any JSON white space between them.
+_KEY_END = re.compile(rb'"[ \t\r\n]*:')
 
 _CHAT_ROLES = {"system", "user", "assistant", "model"}
 _GC_ROLES = {"user", "model", "assistant"}
@@ -254,6 +260,9 @@ class RecordChecker:
 
     def check(self, record, line: int) -> tuple[str | None, bool]:
         """Check one record; returns (format, has_image). Problems go to the report."""
+        if record is TOO_DEEP_CELL:
+            self.report.error(TOO_DEEP, line)
+            return None, False
         if not isinstance(record, dict):
             self.report.error(f"each line must be a JSON object, not {json_type(record)}", line)
             return None, False
@@ -312,7 +321,7 @@ class RecordChecker:
             role = msg.get("role", _MISSING)
             if role is _MISSING or role is None:
                 self.report.error("missing; use system, user or assistant", line, f"{where}.role")
-            elif role not in _CHAT_ROLES:
+            elif not isinstance(role, str) or role not in _CHAT_ROLES:
                 self.report.error(f"unknown role {role!r}; use system, user or assistant", line, f"{where}.role")
             else:
                 roles.append("assistant" if role == "model" else role)
@@ -360,7 +369,7 @@ class RecordChecker:
             if bad:
                 self.report.error(f"unknown key {bad[0]!r}; image_url has url and detail", line, f"{where}.image_url.{bad[0]}")
             detail = image.get("detail")
-            if detail is not None and detail not in _DETAILS:
+            if detail is not None and (not isinstance(detail, str) or detail not in _DETAILS):
                 self.report.error(f"detail must be low, high or auto, not {detail!r}", line, f"{where}.image_url.detail")
             url = image.get("url", _MISSING)
         else:
@@ -449,7 +458,7 @@ class RecordChecker:
             if extra:
                 self.report.error(f"unknown key {extra[0]!r}; a turn has role and parts", line, f"{where}.{extra[0]}")
             role = turn.get("role")
-            if role not in _GC_ROLES:
+            if not isinstance(role, str) or role not in _GC_ROLES:
                 self.report.error(f"role must be user or model, not {role!r}", line, f"{where}.role")
             else:
                 roles.append("assistant" if role in ("model", "assistant") else "user")
@@ -504,6 +513,9 @@ class _Missing:
 
 
 _MISSING = _Missing()
+_NOT_JSON = object()  # a line that is not JSON: the line itself stands for the record
+#: Stands for a DataFrame row with a cell nested too deeply to read.
+TOO_DEEP_CELL = object()
 
 
 def _is_unicode(text: str) -> bool:
@@ -612,13 +624,23 @@ def _parsed(lines: Iterable[tuple[int, bytes]], report: ValidationReport) -> Ite
             except UnicodeDecodeError as bad:
                 report.error(f"is not valid UTF-8 (byte {bad.start + 1}); save the file as UTF-8", number)
             else:
-                report.error(f"is not valid JSON ({exc.msg} at column {exc.colno})", number)
+                deep = exc.msg.startswith("depth limit")  # orjson reads at most 1024 levels
+                report.error(TOO_DEEP if deep else f"is not valid JSON ({exc.msg} at column {exc.colno})", number)
+            continue
+        if type(record) is not dict:
+            yield number, record
+            continue
+        try:
+            written = dumps(record)
+        except TypeError:  # the only thing orjson cannot write back of what it read: too many levels
+            report.examples += 1
+            report.error(TOO_DEEP, number)
             continue
         # orjson keeps the last of duplicate keys silently. A line naming more keys than the
         # parsed record holds is parsed again, slowly, to find the duplicate. A compact line
         # (orjson's own spelling, as dataset() writes) that re-serialises to its own length
         # lost nothing, which spares counting.
-        if type(record) is dict and len(dumps(record)) != len(raw) and raw.count(b'":') > _key_count(record):
+        if len(written) != len(raw) and len(_KEY_END.findall(raw)) > _key_count(record):
             duplicate = _duplicate_key(raw)
             if duplicate is not None:
                 report.examples += 1
@@ -806,7 +828,11 @@ def _uri(source) -> str:
 def _frame_records(df) -> Iterator[dict]:
     """The rows of a DataFrame whose columns are record keys, as plain records (missing cells as null)."""
     for r in df.to_dict(orient="records"):
-        yield {k: (None if _is_na(v) else plain(v)) for k, v in r.items()}
+        try:
+            record = {k: (None if _is_na(v) else plain(v)) for k, v in r.items()}
+        except RecursionError:
+            record = TOO_DEEP_CELL
+        yield record
 
 
 def _check_validation_set(report: ValidationReport, source, training) -> None:
@@ -829,20 +855,27 @@ def _fingerprint(source) -> str:
     import orjson
 
     h = hashlib.sha256()
-    for record in _records_of(source):
-        if isinstance(record, bytes):  # a line that is not JSON: compare it as it is
-            h.update(b"\x00" + record + b"\n")
-        else:
-            h.update(orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    for record, raw in _records_of(source):
+        if record is not _NOT_JSON:
+            try:
+                h.update(orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+                         + b"\n")
+                continue
+            except TypeError:  # nested too deeply to write: compared as it is, like a line that is not JSON
+                pass
+        h.update(b"\x00" + (raw if raw is not None else b"%d" % id(record)) + b"\n")  # else by identity
     return h.hexdigest()
 
 
-def _records_of(source) -> Iterator:
-    """The records of a list, a DataFrame or a JSONL file (raw bytes for lines that are not JSON)."""
+def _records_of(source) -> Iterator[tuple[object, bytes | None]]:
+    """(record, its line) of a JSONL file, or (record, None) of a list or a DataFrame.
+
+    A line that is not JSON gives itself in place of the record.
+    """
     if isinstance(source, (list, tuple)):
-        yield from source
+        yield from ((r, None) for r in source)
     elif is_dataframe(source):
-        yield from _frame_records(source)
+        yield from ((r, None) for r in _frame_records(source))
     else:
         import orjson
 
@@ -851,9 +884,9 @@ def _records_of(source) -> Iterator:
         with storage.open_read(_uri(source)) as fh:
             for _, raw in _raw_lines(fh, ValidationReport(source="")):
                 try:
-                    yield orjson.loads(raw)
+                    yield orjson.loads(raw), raw
                 except orjson.JSONDecodeError:
-                    yield raw
+                    yield _NOT_JSON, raw
 
 
 def plain(value):
