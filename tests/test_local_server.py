@@ -1,51 +1,38 @@
 """The OpenAI-compatible endpoint of a local model: real model, real HTTP on 127.0.0.1.
 
-A tiny Qwen3 is tuned for a few seconds on a handful of answers, so its replies
-are readable text; the endpoint's replies (plain and streamed) must equal the
-chat class's greedy reply token for token.
+The session's tuned tiny Qwen3 (conftest's ``tuned_tiny_model``) answers
+invented facts, so replies are readable text; the endpoint's replies (plain and
+streamed) must equal the chat class's greedy reply token for token. The bounds
+(connections, deadlines, disconnects, stop) run on the untuned model, which
+trains nothing: those tests are in the fast subset.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
+import signal
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import invented_facts
 
 from tuning_magics.errors import UserError
 
-pytestmark = pytest.mark.slow
 MODEL = "local/tiny-qwen3"
-QA = [("Colour of the sky?", "Blue."), ("Colour of grass?", "Green."), ("Colour of blood?", "Red."),
-      ("Colour of snow?", "White."), ("Colour of coal?", "Black."), ("Colour of a lemon?", "Yellow.")]
+QA = invented_facts()[:6]  # facts the session's tuned model knows
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
-    """A tiny model tuned on QA (module-wide): the path of its final checkpoint."""
-    import torch
-
-    from tuning_magics.backends.local.trainer import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("server")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNING_MAGICS_HOME", str(root / "home"))
-        # Test machines run several suites at once; OpenMP threads spin-waiting for a busy core
-        # make a step 5-10x slower than one thread.
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        data = root / "train.jsonl"
-        data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA))
-        res = train(TrainConfig(base_model=MODEL, train_path=str(data), output_dir=str(root / "out"), epochs=40,
-                                batch_size=2, learning_rate=3e-3))
-        yield res.final_dir
-    torch.set_num_threads(threads)
+def tuned(tuned_tiny_model):
+    """The session's tuned tiny model: the path of its final checkpoint."""
+    return tuned_tiny_model.final_dir
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +40,23 @@ def server(tuned):
     from tuning_magics.backends.local.server import serve
 
     with serve(tuned, model_name="tiny") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def babbler():
+    """The untuned tiny model: it never says end-of-turn, so a reply runs to max_tokens (a long request)."""
+    from tuning_magics.backends.local.generate import LocalChatModel
+
+    return LocalChatModel(MODEL)
+
+
+@pytest.fixture(scope="module")
+def plain(babbler):
+    """The untuned model served as "tiny": for the rules, which need no sensible replies."""
+    from tuning_magics.backends.local.server import serve
+
+    with serve(babbler, model_name="tiny") as srv:
         yield srv
 
 
@@ -78,7 +82,8 @@ def _sse(text: str) -> list:
     return events
 
 
-def test_models_lists_the_served_model(server):
+def test_models_lists_the_served_model(plain):
+    server = plain
     assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/v1")
     with urllib.request.urlopen(server.url + "/models", timeout=30) as resp:
         data = json.loads(resp.read())
@@ -86,6 +91,7 @@ def test_models_lists_the_served_model(server):
     assert [m["id"] for m in data["data"]] == ["tiny"]
 
 
+@pytest.mark.slow
 def test_plain_and_streamed_replies_equal_the_chat_class(server):
     from tuning_magics.backends.local.generate import LocalChatModel
 
@@ -132,7 +138,8 @@ def test_plain_and_streamed_replies_equal_the_chat_class(server):
     assert "".join(streamed) == QA[2][1]
 
 
-def test_stream_with_include_usage_sends_a_usage_chunk(server):
+def test_stream_with_include_usage_sends_a_usage_chunk(plain):
+    server = plain
     status, _, text = _post(server.url + "/chat/completions", {
         "messages": [{"role": "user", "content": QA[0][0]}], "stream": True,
         "stream_options": {"include_usage": True}}, raw=True)
@@ -151,13 +158,15 @@ def test_stream_with_include_usage_sends_a_usage_chunk(server):
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "'n'"),
 ])
-def test_bad_requests_get_400_json_errors(server, body, needle):
+def test_bad_requests_get_400_json_errors(plain, body, needle):
+    server = plain
     status, ctype, data = _post(server.url + "/chat/completions", body)
     assert status == 400 and ctype == "application/json"
     assert needle in data["error"]["message"] and data["error"]["type"] == "invalid_request_error"
 
 
-def test_unknown_model_and_route_are_404(server):
+def test_unknown_model_and_route_are_404(plain):
+    server = plain
     status, _, data = _post(server.url + "/chat/completions",
                             {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 404 and "tiny" in data["error"]["message"]
@@ -165,14 +174,15 @@ def test_unknown_model_and_route_are_404(server):
     assert status == 404 and "/v1/chat/completions" in data["error"]["message"]
 
 
-def test_only_loopback_unless_allowed(tuned):
+def test_only_loopback_unless_allowed(babbler):
     from tuning_magics.backends.local.server import serve
 
     with pytest.raises(UserError, match="allow_remote=True"):
-        serve(tuned, host="0.0.0.0")
+        serve(babbler, host="0.0.0.0")
 
 
-def test_stop_frees_the_port(server):
+def test_stop_frees_the_port(plain):
+    server = plain
     from tuning_magics.backends.local.server import serve
 
     srv = serve(server.chat_model)  # an already loaded model can be served again
@@ -202,7 +212,8 @@ _SAME_RULES = [
 
 
 @pytest.mark.parametrize("args, body, needle", _SAME_RULES)
-def test_chat_and_the_server_refuse_the_same_requests_with_the_same_sentence(server, args, body, needle):
+def test_chat_and_the_server_refuse_the_same_requests_with_the_same_sentence(plain, args, body, needle):
+    server = plain
     options = {k: v for k, v in body.items() if k != "messages"}
     with pytest.raises(UserError) as err:
         server.chat_model.reply(*args, **options)
@@ -212,7 +223,8 @@ def test_chat_and_the_server_refuse_the_same_requests_with_the_same_sentence(ser
     assert status == 400 and data["error"]["message"] == message
 
 
-def test_max_tokens_is_named_as_the_caller_spelt_it(server):
+def test_max_tokens_is_named_as_the_caller_spelt_it(plain):
+    server = plain
     with pytest.raises(UserError, match="'max_new_tokens' must be between 1 and 8192, not 0"):
         server.chat_model.reply("hi", max_new_tokens=0)
     with pytest.raises(UserError, match="chat\\(\\) has no option 'max_tokens'"):
@@ -231,7 +243,9 @@ def test_max_tokens_is_named_as_the_caller_spelt_it(server):
     assert status == 200 and data["usage"]["total_tokens"] <= 1024
 
 
-def test_job_chat_checks_the_request_before_loading_the_model(tuned):
+@pytest.mark.slow
+def test_job_chat_checks_the_request_before_loading_the_model(tuned_tiny_model):
+    tuned = tuned_tiny_model.final_dir
     import time
 
     from tuning_magics.backends.local import registry
@@ -240,7 +254,7 @@ def test_job_chat_checks_the_request_before_loading_the_model(tuned):
 
     job_id = registry.new_id("chat")
     registry.insert(registry.JobRecord(id=job_id, config={}, state=JOB_STATE_SUCCEEDED,
-                                       output_dir=str(Path(tuned).parents[3]), created=time.time()))
+                                       output_dir=tuned_tiny_model.output_dir, created=time.time()))
     job = LocalJob(job_id)
     for bad, options in [("hi \ud800", {}), (None, {}), (5, {}), ("hi", {"max_new_tokens": 0}),
                          ([{"role": "bogus", "content": "hi"}], {}), ("hi", {"temperature": -1}),
@@ -254,14 +268,6 @@ def test_job_chat_checks_the_request_before_loading_the_model(tuned):
 
 
 # -- bounded resources ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def babbler(tuned):
-    """The untuned tiny model: it never says end-of-turn, so a reply runs to max_tokens (a long request)."""
-    from tuning_magics.backends.local.generate import LocalChatModel
-
-    return LocalChatModel(MODEL)
 
 
 def _raw(port: int, data: bytes, *, timeout: float = 60) -> bytes:
@@ -289,7 +295,8 @@ def _status_and_error(reply: bytes) -> tuple[int, str]:
 _HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
-def test_bodies_over_the_limit_and_deep_json_are_refused_quietly(server, capfd):
+def test_bodies_over_the_limit_and_deep_json_are_refused_quietly(plain, capfd):
+    server = plain
     from tuning_magics.backends.local.server import serve
 
     # Content-Length alone decides: nothing is read, nothing allocated.
@@ -316,7 +323,8 @@ def test_bodies_over_the_limit_and_deep_json_are_refused_quietly(server, capfd):
     assert not any(word in err for word in ("Traceback", "MemoryError", "RecursionError")), err
 
 
-def test_a_stalled_client_is_dropped_after_the_request_timeout(server, capfd):
+def test_a_stalled_client_is_dropped_after_the_request_timeout(plain, capfd):
+    server = plain
     from tuning_magics.backends.local.server import serve
 
     with serve(server.chat_model, request_timeout=0.5) as srv:
@@ -326,13 +334,13 @@ def test_a_stalled_client_is_dropped_after_the_request_timeout(server, capfd):
         assert status == 408 and "not received within 0.5 s" in message
         # A connection that never sends a request is closed too.
         assert _raw(srv.port, b"", timeout=60) == b""
-        assert srv.chat(QA[0][0]) == QA[0][1]  # and the server still serves
+        assert srv.chat("hi", max_new_tokens=2)  # and the server still serves
     assert "Traceback" not in capfd.readouterr().err
 
 
 def _stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
     """Read a streamed reply in a thread; ``state`` has the pieces so far and ``done`` once [DONE] came."""
-    state = {"pieces": [], "done": False, "first": threading.Event()}
+    state = {"pieces": [], "done": False, "first": threading.Event(), "error": None}
 
     def read():
         req = urllib.request.Request(url + "/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
@@ -343,7 +351,11 @@ def _stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
                 if line == "data: [DONE]":
                     state["done"] = True
                 elif line.startswith("data: "):
-                    choices = json.loads(line[6:])["choices"]
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        state["error"] = event["error"]["message"]
+                        continue
+                    choices = event["choices"]
                     if choices and choices[0]["delta"].get("content"):
                         state["pieces"].append(choices[0]["delta"]["content"])
                         state["first"].set()
@@ -353,24 +365,37 @@ def _stream_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
     return thread, state
 
 
-def test_requests_take_turns_and_a_huge_prompt_fails_fast(babbler):
+@pytest.fixture
+def slow_steps(babbler):
+    """Every decoding step of the untuned model sleeps 10 ms: a 1000-token reply lasts at least 10 s, however fast
+    the machine, so a short request that finishes before it did not wait for it."""
+    hook = babbler.model.register_forward_hook(lambda *a: time.sleep(0.01))
+    yield babbler
+    hook.remove()
+
+
+def test_requests_take_turns_and_huge_prompts_fail_fast(slow_steps):
     from tuning_magics.backends.local.server import serve
 
-    with serve(babbler) as srv:
+    with serve(slow_steps) as srv:
         long_thread, long = _stream_in_thread(srv.url, {"messages": _HI, "max_tokens": 1000})
         assert long["first"].wait(120)
-        # 10,000 messages: refused from the token count, without waiting for the long reply.
-        many = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(10_000)]
-        status, _, data = _post(srv.url + "/chat/completions", {"messages": many})
-        assert status == 400 and re.match(r"the prompt is \d{5,} tokens; this model takes at most 1024",
-                                          data["error"]["message"])
-        assert not long["done"]
+        # 10,000 messages, 1.7 MB: refused from a bounded prefix, without waiting for the long reply.
+        for content in ("hi", "x" * 150):
+            many = [{"role": "user" if i % 2 == 0 else "assistant", "content": content} for i in range(10_000)]
+            status, _, data = _post(srv.url + "/chat/completions", {"messages": many})
+            assert status == 400 and re.match(r"the prompt is at least \d+ tokens; this model takes at most 1024",
+                                              data["error"]["message"])
         # A short request is answered in turn with the long one, not after it.
         status, _, data = _post(srv.url + "/chat/completions", {"messages": _HI, "max_tokens": 3})
         assert status == 200 and data["usage"]["completion_tokens"] == 3
         assert not long["done"], "the short request waited for the long one to end"
-        long_thread.join(300)
-        assert long["done"] and len("".join(long["pieces"])) > 0
+        # stop() ends the long generation at its next step: its stream ends with an error event, no [DONE].
+        srv.stop()
+        long_thread.join(60)
+        assert not long_thread.is_alive() and not long["done"]
+        assert long["error"] and "server stopped" in long["error"]
+        assert srv.open_connections == 0
 
 
 def _forward_counter(chat_model) -> tuple[list, object]:
@@ -425,3 +450,266 @@ def test_a_full_server_says_429_and_a_gone_client_stops_its_generation(babbler, 
     finally:
         hook.remove()
     assert "Traceback" not in capfd.readouterr().err
+
+
+# -- the turn lock ------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def interrupt_main():
+    """``interrupt_main(after)``: raise _Interrupted in the main thread after ``after`` seconds, as Ctrl-C would."""
+    assert threading.current_thread() is threading.main_thread()
+    armed = threading.Event()
+
+    def handler(signum, frame):
+        if armed.is_set():
+            armed.clear()
+            raise _Interrupted()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    timers = []
+
+    def arm(after: float) -> None:
+        armed.set()
+        timers.append(threading.Timer(after, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1)))
+        timers[-1].start()
+
+    yield arm
+    for t in timers:
+        t.cancel()
+        t.join()
+    armed.clear()
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def _in_thread(fn) -> tuple[threading.Thread, threading.Event]:
+    done = threading.Event()
+
+    def run():
+        fn()
+        done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def test_an_interrupted_waiter_leaves_the_queue(interrupt_main):
+    from tuning_magics.backends.local.generate import _Turns
+
+    turns = _Turns()
+    held, go_on = threading.Event(), threading.Event()
+
+    def holder():
+        turns.acquire()
+        held.set()
+        go_on.wait(30)
+        turns.pass_turn()  # nobody waits any more: returns at once
+        turns.release()
+
+    thread, done = _in_thread(holder)
+    assert held.wait(30)
+    interrupt_main(0.2)
+    with pytest.raises(_Interrupted):
+        turns.acquire()  # waits behind the holder; interrupted
+    go_on.set()
+    assert done.wait(30), "the holder is stuck behind the interrupted waiter's ticket"
+    _, third = _in_thread(lambda: (turns.acquire(), turns.release()))
+    assert third.wait(30)
+
+
+def test_only_the_holder_releases_the_turn(interrupt_main):
+    from tuning_magics.backends.local.generate import _Turns
+
+    turns = _Turns()
+    turns.acquire()  # the main thread holds the turn
+    second_holds, second_may_go = threading.Event(), threading.Event()
+
+    def second():
+        turns.acquire()
+        second_holds.set()
+        second_may_go.wait(30)
+        turns.release()
+
+    second_thread, _ = _in_thread(second)
+    while not turns.waiting():
+        time.sleep(0.01)
+    interrupt_main(0.3)
+    with pytest.raises(_Interrupted):
+        turns.pass_turn()  # the second thread takes the turn; the main thread is interrupted waiting for it back
+    assert second_holds.wait(30)
+    turns.release()  # as _generate's finally does: the main thread no longer holds the turn, so nothing happens
+    _, third = _in_thread(lambda: (turns.acquire(), turns.release()))
+    assert not third.wait(0.5), "a third thread ran beside the holder"
+    second_may_go.set()
+    second_thread.join(30)
+    assert third.wait(30)
+
+
+def test_a_stream_and_a_reply_interrupted_in_turn_leave_the_model_usable(babbler, interrupt_main):
+    pieces = babbler.reply("hi", stream=True, max_new_tokens=400)
+    next(pieces)  # the stream's generation holds or waits for turns from now on
+    interrupt_main(0.5)
+    with pytest.raises(_Interrupted):
+        babbler.reply("hello", max_new_tokens=900)
+    drained, done = _in_thread(lambda: list(pieces))
+    assert done.wait(120), "the stream never got its turn back"
+    _, again = _in_thread(lambda: babbler.reply("hi", max_new_tokens=3))
+    assert again.wait(60)
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+
+def _ask_raw(port: int, body: dict, *, half_close: bool = False) -> dict:
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(_HEAD + b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(data), data))
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)  # legal HTTP: the client still reads the reply
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100"):  # an interim answer, as HTTP/1.1 allows
+        head, _, payload = payload.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    return json.loads(payload)
+
+
+def test_a_half_closed_client_gets_its_whole_reply(plain):
+    data = _ask_raw(plain.port, {"messages": _HI, "max_tokens": 20}, half_close=True)
+    assert data["usage"]["completion_tokens"] == 20
+
+
+def test_replies_are_whole_with_more_than_1024_descriptors_open(plain):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 1200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"the descriptor limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    fds = []
+    try:
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        # The connection's descriptor is now above select()'s FD_SETSIZE of 1024.
+        data = _ask_raw(plain.port, {"messages": _HI, "max_tokens": 20})
+        assert data["usage"]["completion_tokens"] == 20
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _wait_for(condition, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+def test_connections_over_the_cap_are_answered_503_at_once(babbler):
+    from tuning_magics.backends.local.server import serve
+
+    with serve(babbler, max_connections=2) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
+        _wait_for(lambda: srv.open_connections == 2)
+        status, message = _status_and_error(_raw(srv.port, b"", timeout=30))
+        assert status == 503 and "2 connections open" in message
+        for sock in idle:
+            sock.close()
+        _wait_for(lambda: srv.open_connections == 0)
+        assert srv.chat("hi", max_new_tokens=2)
+
+
+def test_stop_closes_kept_alive_connections(babbler):
+    import http.client
+
+    from tuning_magics.backends.local.server import serve
+
+    srv = serve(babbler)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    body = json.dumps({"messages": _HI, "max_tokens": 2})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Connection") != "close"
+    resp.read()
+    _wait_for(lambda: srv.open_connections == 1)
+    srv.stop()
+    assert srv.open_connections == 0
+    with pytest.raises((http.client.HTTPException, OSError)):  # closed, not served
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        conn.getresponse()
+    conn.close()
+
+
+def test_a_trickled_request_is_cut_at_its_deadline(babbler):
+    from tuning_magics.backends.local.server import serve
+
+    with serve(babbler, request_timeout=1.0) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            sock.sendall(_HEAD + b"Content-Length: 40\r\n\r\n")
+            start = time.monotonic()
+            reply = b""
+            try:
+                for _ in range(40):  # a byte every 0.3 s: each read is quick, the whole is not
+                    sock.sendall(b" ")
+                    time.sleep(0.3)
+            except OSError:
+                pass  # closed after the 408
+            sock.settimeout(30)
+            try:
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            except OSError:
+                pass
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert time.monotonic() - start < 11  # well before the 12 s the whole trickle takes
+
+
+# -- Server.chat, predict and deploy follow the shared rules -------------------------------------------
+
+
+def test_server_chat_predict_and_deploy_follow_the_shared_rules(plain):
+    from tuning_magics.backends.local.chat_request import BadRequest
+    from tuning_magics.backends.local.server import deploy
+
+    for args, options, needle in [((None,), {}, "'messages' is required"), ((5,), {}, "'messages' is required"),
+                                  (("hi",), {"max_new_tokens": 0}, "'max_new_tokens' must be between 1"),
+                                  (("hi",), {"temprature": 5}, "no option 'temprature'"),
+                                  (("hi",), {"stream": "yes"}, "'stream'")]:
+        with pytest.raises(UserError, match=needle) as err:
+            plain.chat(*args, **options)
+        assert "\n" not in str(err.value)
+    # A refusal of the server itself (the context) is a UserError with the server's sentence, in the caller's words.
+    with pytest.raises(UserError) as err:
+        plain.chat("x" * 900, max_new_tokens=200)
+    assert isinstance(err.value, BadRequest) and err.value.status == 400
+    assert re.fullmatch(r"the prompt is \d+ tokens; this model takes at most 1024, including max_new_tokens=200: "
+                        r"shorten the messages or lower max_new_tokens", str(err.value))
+    with pytest.raises(UserError, match="max_new_tokens"):
+        list(plain.chat("x" * 900, max_new_tokens=200, stream=True))
+    assert len(plain.predict([{"prompt": "hi", "max_tokens": 2}, {"messages": _HI, "max_tokens": 1}])) == 2
+    for instances, needle in [("hi", "instances must be a list"), (["hi"], r"instances\[0\] must be an object"),
+                              ([{"prompt": "hi", "max_tokens": 0}], r"instances\[0\]: 'max_tokens' must be"),
+                              ([{"prompt": "hi", "bogus": 1}], r"instances\[0\] has no field 'bogus'")]:
+        with pytest.raises(UserError, match=needle):
+            plain.predict(instances)
+    for options, needle in [({"prot": 8000}, "no option 'prot'"), ({"port": 99999}, "port must be"),
+                            ({"port": -1}, "port must be"), ({"port": "abc"}, "port must be")]:
+        with pytest.raises(UserError, match=needle):
+            deploy(plain.chat_model, **options)
+
+
+def test_job_chat_without_the_local_extra_names_it(without_extra):
+    code = ("from tuning_magics.backends.local.jobs import LocalJob\n"
+            "from tuning_magics.errors import MissingExtra\n"
+            "try:\n    LocalJob('no-such-job').chat('hi')\n"
+            "except MissingExtra as exc:\n    print('MISSING', exc)\n")
+    proc = without_extra("local", code)
+    assert proc.returncode == 0, proc.stderr
+    assert "MISSING" in proc.stdout and 'pip install "tuning_magics[local]"' in proc.stdout, proc.stdout

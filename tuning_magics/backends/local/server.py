@@ -436,17 +436,16 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if not self._readable() or self.connection.recv(1, socket.MSG_PEEK):
                 return False  # nothing new, or the client's next request already
+            # The end of the client's input. A reset that came after it shows only as the socket's error.
+            if self._probed or self._headers_sent:
+                self._gone = bool(self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            elif self.request_version == "HTTP/1.1":
+                self._probed = True
+                self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
             self._gone = True
-            return True
         except (OSError, ValueError):
             return False
-        if not self._probed and not self._headers_sent and self.request_version == "HTTP/1.1":
-            self._probed = True
-            try:
-                self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            except OSError:
-                self._gone = True
         return self._gone
 
     _headers_sent = False
