@@ -363,10 +363,17 @@ def test_skip_invalid_on_the_general_path(tmp_path):
     assert len(read(out)) == 1 and ds.examples == 1
 
 
-def test_skip_invalid_with_no_valid_rows_left_writes_nothing(tmp_path):
-    df = pd.DataFrame({"q": [None, " "], "a": ["1", "2"]})
-    with pytest.raises(DatasetInvalid, match="no valid rows"):
-        tuning_magics.dataset(df, out=str(tmp_path / "x.jsonl"), prompt="q", completion="a", skip_invalid=True)
+@pytest.mark.parametrize("images", [None, "img"])  # the vectorised text path and the record path
+def test_skip_invalid_with_no_valid_rows_left_names_the_first_reason(tmp_path, images):
+    df = pd.DataFrame({"q": [5, "x"], "a": ["1", None], "img": ["gs://b/1.png"] * 2}, index=["r1", "r2"])
+    out = tmp_path / "x.jsonl"
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(out), prompt="q", completion="a", images=images, skip_invalid=True)
+    message = str(info.value)
+    assert message.startswith(f"no valid rows are left to write to {out}: skip_invalid left out all 2 (the first: "
+                              "row 'r1', ")
+    assert "must be text (it must be a string, not a number)" in message
+    assert message.count("fix the data") == 1 and "\n" not in message
     assert not list(tmp_path.iterdir())
 
 

@@ -627,15 +627,16 @@ def dataset(
     return train
 
 
-def _skip_bad_rows(report: ValidationReport, bad_count: int) -> None:
-    """skip_invalid: the errors become one warning; the rows at fault are left out by the caller."""
+def _skip_bad_rows(report: ValidationReport, bad_count: int, left: int) -> None:
+    """skip_invalid: the errors become one warning, and the caller leaves the rows at fault out;
+    with no row ``left``, one error that gives the first reason."""
+    first = report.errors[0]
     report.errors.clear()
     report.error_count = 0
     report.warn(f"{bad_count} invalid rows left out (skip_invalid)")
-
-
-def _no_rows_left(report: ValidationReport) -> None:
-    report.error(f"no valid rows are left to write to {report.source}; fix the data")
+    if not left:
+        report.error(f"no valid rows are left to write to {report.source}: skip_invalid left out all {bad_count} "
+                     f"(the first: {first})")
 
 
 def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
@@ -644,13 +645,10 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     sub, positions, bad = _text_pass(df, mapping, report, rows)
     report.format = fmt
     if bad.any() and skip_invalid:
-        _skip_bad_rows(report, int(bad.sum()))
+        _skip_bad_rows(report, int(bad.sum()), int((~bad).sum()))
         sub, positions = sub[~bad], positions[~bad]
     report.examples = len(sub)
     if not report.ok:
-        return None
-    if len(sub) == 0:
-        _no_rows_left(report)
         return None
     columns = mapping.text_columns()
     fixed = mapping.system_prompt
@@ -706,14 +704,11 @@ def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid
     report.format = report.format or fmt
     keep = [i for i, (line, _) in enumerate(records) if line not in bad_lines]
     if skip_invalid and bad_lines:
-        _skip_bad_rows(report, len(bad_lines))
+        _skip_bad_rows(report, len(bad_lines), len(keep))
         lengths = report.token_lengths
         report.token_lengths = [lengths[i] for i in keep]
         report.examples = len(keep)
     if not report.ok:
-        return None
-    if not keep:
-        _no_rows_left(report)
         return None
 
     def write(fh):
