@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tuning_magics.backends.local.client import (
     EndpointError,
+    EndpointRefused,
     chat_completion,
     chat_url,
     list_models,
@@ -22,7 +24,7 @@ from tuning_magics.backends.local.client import (
 class _Scripted:
     """Answers GET /v1/models and POST /v1/chat/completions; records what it was sent."""
 
-    def __init__(self, status: int = 200, events: list[str] | None = None):
+    def __init__(self, status: int = 200, events: list[str] | None = None, stall: float = 0.0):
         self.seen: list[tuple[dict, str | None]] = []
         outer = self
 
@@ -54,6 +56,14 @@ class _Scripted:
                     for event in events or []:
                         self.wfile.write(f"data: {event}\n\n".encode())
                     self.close_connection = True
+                elif stall:  # headers and the start of the body, then silence
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices"')
+                    self.wfile.flush()
+                    time.sleep(stall)
                 else:
                     self._json(200, {"choices": [{"message": {"role": "assistant", "content": "hello"}}]})
 
@@ -108,6 +118,35 @@ def test_errors_carry_the_status_and_the_servers_message(scripted):
     with pytest.raises(EndpointError, match="no answer from") as err:
         chat_completion(ep.url, [{"role": "user", "content": "hi"}], timeout=5)
     assert err.value.status is None
+
+
+def test_a_stalled_or_cut_body_is_an_endpoint_error(scripted):
+    ep = scripted(stall=3)
+    with pytest.raises(EndpointError, match="stopped before its end") as err:
+        chat_completion(ep.url, [{"role": "user", "content": "hi"}], timeout=0.5)
+    assert err.value.status is None and "\n" not in str(err.value)
+
+
+def test_a_stream_error_event_or_a_stream_without_done_raises(scripted):
+    msgs = [{"role": "user", "content": "hi"}]
+    error = json.dumps({"error": {"message": "generation failed: out of memory", "code": 500}})
+    got = []
+    with pytest.raises(EndpointError, match="ended the stream with an error: generation failed: out of memory") as err:
+        for piece in stream_chat_completion(scripted(events=[_chunk("Hel"), error]).url, msgs):
+            got.append(piece)
+    assert got == ["Hel"] and err.value.status == 500
+    with pytest.raises(EndpointError, match=r"ended before data: \[DONE\]"):
+        list(stream_chat_completion(scripted(events=[_chunk("Hel")]).url, msgs))
+
+
+def test_a_4xx_is_a_user_error_with_the_servers_words(scripted):
+    from tuning_magics.errors import UserError
+
+    ep = scripted(status=400)
+    with pytest.raises(EndpointRefused) as err:
+        chat_completion(ep.url, [{"role": "user", "content": "hi"}])
+    assert isinstance(err.value, UserError) and isinstance(err.value, EndpointError)
+    assert err.value.status == 400 and err.value.detail == "you may not"
 
 
 def test_a_malformed_stream_event_is_an_endpoint_error(scripted):
