@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -104,7 +106,8 @@ class _FakeEndpoint:
 
             def do_GET(self):
                 if models_status != 200:
-                    self._json(models_status, {"error": {"message": f"scripted {models_status}"}})
+                    self._json(models_status, {"error": {"message": f"scripted {models_status} for "
+                                                                f"{self.headers.get('Authorization')}"}})
                 else:
                     self._json(200, {"object": "list", "data": [{"id": m} for m in models]})
 
@@ -117,7 +120,15 @@ class _FakeEndpoint:
                     outer.models_asked.append(body.get("model"))
                 assert body["temperature"] == 0.0
                 reply = answer(prompt, attempt)
-                if isinstance(reply, int):
+                if isinstance(reply, float):  # stall: headers and part of the body, then silence
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices"')
+                    self.wfile.flush()
+                    time.sleep(reply)
+                elif isinstance(reply, int):
                     self._json(reply, {"error": {"message": f"scripted {reply}"}})
                 else:
                     self._json(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
@@ -184,6 +195,39 @@ def test_endpoint_teacher_failing_twice_names_the_line_and_keeps_the_other_answe
     out = _read_jsonl(tmp_path / "out" / LABELLED_FILE)
     assert [r["messages"][-1]["content"] for r in out] == ["fine", "answer to better"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LABELLED_FILE, SOURCES_FILE]
+
+
+def test_a_stalled_answer_is_retried_not_fatal(tmp_path, fake_endpoint):
+    ep = fake_endpoint(lambda p, n: 2.0 if (p == "slow" and n == 1) else f"answer to {p}")
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "slow"}, {"prompt": "b"}])
+    assert label_dataset(ep.url, data, tmp_path, timeout=0.5) == 3
+    assert [r["messages"][-1]["content"] for r in _read_jsonl(tmp_path / LABELLED_FILE)] == \
+        ["answer to a", "answer to slow", "answer to b"]
+    assert ep.calls["slow"] == 2
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"temperature": -1}, "'temperature' must be between 0.0 and 2.0, not -1"),
+    ({"top_p": 1.5}, "'top_p' must be between 0.0 and 1.0"),
+    ({"max_new_tokens": 0}, "'max_new_tokens' must be between 1 and 8192"),
+    ({"seed": 1.5}, "'seed' must be a whole number"),
+])
+def test_labelling_options_follow_the_chat_rules(tmp_path, options, needle):
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(UserError, match=re.escape(needle)):
+        label_dataset("http://127.0.0.1:9/v1", data, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_teacher_names_a_prompt_over_its_context_before_answering_any(tmp_path, capfd):
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "x" * 1500}])
+    with pytest.raises(UserError) as err:
+        label_dataset("local/tiny-qwen3", data, tmp_path, max_new_tokens=16, batch_size=2)
+    assert re.fullmatch(r"the teacher cannot answer line 2 of p\.jsonl: the prompt is \d+ tokens; this model takes at "
+                        r"most 1024, including the reply: shorten the messages, or remove that prompt", str(err.value))
+    assert err.value.line == 2
+    assert not (tmp_path / PARTIAL_FILE).exists() or _answered(tmp_path / PARTIAL_FILE) == {}
+    assert capfd.readouterr().err == ""  # no transformers warnings about lengths
 
 
 def test_endpoint_refusal_and_silence_are_one_line_errors(tmp_path, fake_endpoint):
@@ -422,3 +466,24 @@ def test_distillation_job_student_gives_the_teachers_answers(teacher, home):
 
     student_agrees = sum(job.chat(q, max_new_tokens=16) == teacher_said[q] for q, _ in FACTS)
     assert student_agrees >= 0.9 * len(FACTS), f"student matched the teacher on {student_agrees}/{len(FACTS)}"
+
+
+@pytest.mark.slow
+def test_the_api_key_is_never_written_to_the_job(home, fake_endpoint, monkeypatch):
+    import sqlite3
+
+    import tuning_magics as tm
+
+    key = "sk-fake-4f9c2a7e1b"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    # A server that echoes the key it refuses, as some do.
+    ep = fake_endpoint(lambda p, n: "fine", models_status=401)
+    prompts = _write_jsonl(home / "key-prompts.jsonl", [{"prompt": "hi"}])
+    job = tm.tune(STUDENT_BASE, str(prompts), method="distillation", base_teacher_model=ep.url, epochs=1)
+    job.wait(timeout=300)
+    assert job.state == "JOB_STATE_FAILED" and "OPENAI_API_KEY" in (job.error or "")
+    for path in [*Path(job.output_uri).rglob("*"), *home.glob("jobs.sqlite3*")]:
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+    with sqlite3.connect(home / "jobs.sqlite3") as conn:
+        assert key not in json.dumps(conn.execute("SELECT * FROM jobs").fetchall())
