@@ -4,6 +4,7 @@ estimates labelled as such, and a dataset layer that never loads the engine."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -221,3 +222,70 @@ print(sorted(m for m in sys.modules if m.startswith("tuning_magics.backends") or
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# -- chat templates rendered without Jinja where that is exact ---------------------------------------------
+
+_TEMPLATES = {
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}",
+    "trimming": "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n\\n' + m['content'] | trim"
+                " + '<|im_end|>' }}{% endfor %}",
+    "think": "{% for m in messages %}{% if m.role == 'assistant' and '</think>' in m.content %}"
+             "{{ '<|im_start|>assistant\\n' + m.content.split('</think>')[-1].lstrip('\\n') + '<|im_end|>\\n' }}"
+             "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}",
+    "alternating": "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                   "{{ '[' + m['role'] + '] ' + m['content'] + '\\n' }}{% endfor %}",
+    "default_system": "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou help.<|im_end|>\\n' }}"
+                      "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                      "'<|im_end|>\\n' }}{% endfor %}",
+    "upper": "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper + '\\n' }}{% endfor %}",
+    "twice": "{% for m in messages %}{{ m['content'] + '|' + m['content'] }}{% endfor %}",
+}
+_template_text = st.one_of(
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=20),
+    st.sampled_from([" padded ", "\n\nlead", "trail \n", "a</think>\n\nb", "<tool>", "{{ x }}", "{% raw %}"]),
+)
+
+
+@hypothesis.settings(max_examples=80, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(st.sampled_from(sorted(_TEMPLATES)),
+                  st.lists(st.sampled_from(["system", "user", "assistant", "user", "assistant"]), min_size=1, max_size=5),
+                  st.lists(_template_text, min_size=5, max_size=5))
+@hypothesis.example("think", ["user", "assistant"], ["q", "reasoning</think>\n\nanswer", "", "", ""])
+@hypothesis.example("trimming", ["system", "user", "assistant"], [" s ", "\nq\n", "a \t", "", ""])
+@hypothesis.example("alternating", ["user", "user"], ["a", "b", "", "", ""])
+def test_the_renderer_gives_what_jinja_gives(name, roles, drawn):
+    pytest.importorskip("transformers")
+    tok = T.build_tokenizer()
+    tok.chat_template = _TEMPLATES[name]
+    renderer = tokens.ChatRenderer(tok)
+    # Plain texts first, past the examples checked against Jinja; then any text, rendered from the pieces.
+    plain = [[f"plain {i} {j}" for j in range(len(roles))] for i in range(tokens.ChatRenderer.CHECKED + 1)]
+    for texts in plain + [drawn[:len(roles)], drawn[len(roles) - 1::-1]]:
+        try:
+            expected = tok.apply_chat_template([{"role": r, "content": t} for r, t in zip(roles, texts)],
+                                               tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - the renderer must refuse it the same way
+            with pytest.raises(type(exc)):
+                renderer.render(roles, texts)
+            continue
+        assert renderer.render(roles, texts) == expected
+
+
+def test_batches_counted_on_a_thread_land_on_their_own_lines(cached_catalog_tokenizer, tmp_path, monkeypatch):
+    from tuning_magics import catalog
+    from tuning_magics.datasets import validate as V
+
+    monkeypatch.setattr(V, "BATCH_EXAMPLES", 3)  # 17 batches, each counted while the next is read
+    convs = [chat(f"question {i} " * (i % 9 + 1), "answer " * (i % 4 + 1)) for i in range(50)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs), encoding="utf-8")
+    expected = [_real_count(cached_catalog_tokenizer, c) for c in convs]
+    limit = sorted(expected)[40]  # a sequence length some examples are over
+    spec = dataclasses.replace(catalog.get("qwen/qwen3@qwen3-4b"), max_seq_len=limit)
+    report = tuning_magics.validate(str(path), model=spec)
+    assert list(report.token_lengths) == expected and not report.tokens["estimated"]
+    assert [(w.line, w.message.split(";")[0]) for w in report.warnings] == [
+        (i + 1, f"is about {n:,} tokens") for i, n in enumerate(expected) if n > limit]

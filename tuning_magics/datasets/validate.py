@@ -694,6 +694,8 @@ def check_records(
 
     ``bad_lines``, when given, collects the line of every example with an error.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     checker = RecordChecker(report, report.method)
     counter = counter or TokenCounter(model.id if model else None)
     batched = counter.kind == TOKENIZER
@@ -709,49 +711,63 @@ def check_records(
         if max_len and n > max_len:
             report.warn(f"is about {n:,} tokens; {model.id} takes at most {max_len:,}, so it will be truncated", line)
 
-    def flush() -> None:
-        for (slot, line, _), n in zip(pending, counter.count_many([m for _, _, m in pending])):
-            record_length(slot, line, n)
-        pending.clear()
+    # A batch is counted on a thread (the Rust encoder releases the GIL) while the next one is read.
+    inflight: list[tuple[list, object]] = []
 
-    for line, record in records:
-        report.examples += 1
-        before = report.error_count
-        fmt, has_image = checker.check(record, line)
-        if fmt is not None:
-            if report.format is None:
-                report.format, first_line = fmt, line
-            elif fmt != report.format:
-                report.error(
-                    f"is {fmt} but line {first_line} is {report.format}; one file holds one format", line
-                )
-        lengths.append(0)
-        if report.error_count != before or fmt is None:
-            if bad_lines is not None:
-                bad_lines.add(line)
-            continue
-        messages = F.to_messages(record, fmt)
-        if has_image:
-            report.images += 1
-            if model is not None and not model.multimodal:
-                report.error(f"has an image but {model.id} is text-only; remove images or pick an image model", line)
+    def collect() -> None:
+        for batch, future in inflight:
+            for (slot, line, _), n in zip(batch, future.result()):
+                record_length(slot, line, n)
+        inflight.clear()
+
+    def flush() -> None:
+        nonlocal pending
+        collect()
+        if pending:
+            inflight.append((pending, pool.submit(counter.count_many, [m for _, _, m in pending])))
+            pending = []
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tuning-magics-tokens") as pool:
+        for line, record in records:
+            report.examples += 1
+            before = report.error_count
+            fmt, has_image = checker.check(record, line)
+            if fmt is not None:
+                if report.format is None:
+                    report.format, first_line = fmt, line
+                elif fmt != report.format:
+                    report.error(
+                        f"is {fmt} but line {first_line} is {report.format}; one file holds one format", line
+                    )
+            lengths.append(0)
+            if report.error_count != before or fmt is None:
                 if bad_lines is not None:
                     bad_lines.add(line)
-        else:
-            text_only += 1
-            if len(text_only_lines) < 20:
-                text_only_lines.append(line)
-        if report.example is None:
-            report.example = messages
-        if batched:
-            pending.append((len(lengths) - 1, line, messages))
-            pending_chars += sum(len(F.text_of(m["content"])) for m in messages)
-            if len(pending) >= BATCH_EXAMPLES or pending_chars >= BATCH_CHARS:
-                flush()
-                pending_chars = 0
-        else:
-            record_length(len(lengths) - 1, line, counter.count(messages))
-    flush()
+                continue
+            messages = F.to_messages(record, fmt)
+            if has_image:
+                report.images += 1
+                if model is not None and not model.multimodal:
+                    report.error(f"has an image but {model.id} is text-only; remove images or pick an image model",
+                                 line)
+                    if bad_lines is not None:
+                        bad_lines.add(line)
+            else:
+                text_only += 1
+                if len(text_only_lines) < 20:
+                    text_only_lines.append(line)
+            if report.example is None:
+                report.example = messages
+            if batched:
+                pending.append((len(lengths) - 1, line, messages))
+                pending_chars += sum(len(F.text_of(m["content"])) for m in messages)
+                if len(pending) >= BATCH_EXAMPLES or pending_chars >= BATCH_CHARS:
+                    flush()
+                    pending_chars = 0
+            else:
+                record_length(len(lengths) - 1, line, counter.count(messages))
+        flush()
+        collect()
     if report.examples == 0 and report.ok:  # after errors, "no examples" would only repeat them
         report.error("the dataset has no examples; add at least one line")
     if report.images and text_only:
