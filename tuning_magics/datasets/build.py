@@ -494,8 +494,7 @@ def _validation_path(out: str) -> str:
 def _split(n: int, validation_split, seed):
     import numpy as np
 
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise UserError(f"seed must be a whole number, not {seed!r}", field="seed")
+    seed = params.whole("seed", seed)
     if validation_split is None or (validation_split == 0 and not isinstance(validation_split, bool)):
         return None, None
     wrong = UserError(
