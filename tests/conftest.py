@@ -231,3 +231,95 @@ def tuned_tiny_model(tmp_path_factory) -> TunedTinyModel:
                       output_dir=str(root / "job"), epochs=TUNED_FACT_EPOCHS, batch_size=8)
     result = train(cfg, on_event=events.append)
     return TunedTinyModel(str(_Path(result.final_dir)), cfg.output_dir, facts, cfg, result, events)
+
+
+# ====================================================================== a scripted OpenAI endpoint
+# ``scripted_endpoint(answer)`` serves GET /v1/models and POST /v1/chat/completions on
+# 127.0.0.1 from a thread, for client and distillation tests that need no model.
+# ``answer(body, attempt)`` returns the reply text, an int (that HTTP error), or a float
+# (send the headers and the start of the body, then stall that many seconds); ``attempt``
+# counts the requests for the same last message. ``events`` are sent as the server-sent
+# events of a streaming request. Each request is recorded in ``seen`` as (body, Authorization).
+import threading as _threading
+from http.server import BaseHTTPRequestHandler as _BaseHandler
+from http.server import ThreadingHTTPServer as _ThreadingHTTPServer
+
+
+class ScriptedEndpoint:
+    """A scripted OpenAI-compatible endpoint; ``url`` is its ``http://127.0.0.1:PORT/v1``."""
+
+    def __init__(self, answer, *, models=("m1",), models_status: int = 200, events: list[str] | None = None):
+        self.seen: list[tuple[dict, str | None]] = []
+        self.calls: dict[str, int] = {}
+        lock = _threading.Lock()
+        outer = self
+
+        class Handler(_BaseHandler):
+            def log_message(self, *a):
+                pass
+
+            def _json(self, status, payload):
+                data = _json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if models_status != 200:
+                    self._json(models_status, {"error": {"message": f"scripted {models_status} for "
+                                                                f"{self.headers.get('Authorization')}"}})
+                else:  # a name is a model id; a dict is sent as it is (even a malformed one)
+                    self._json(200, {"object": "list",
+                                     "data": [m if isinstance(m, dict) else {"id": m} for m in models]})
+
+            def do_POST(self):
+                body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                last = str(body["messages"][-1]["content"])
+                with lock:
+                    outer.calls[last] = attempt = outer.calls.get(last, 0) + 1
+                    outer.seen.append((body, self.headers.get("Authorization")))
+                reply = answer(body, attempt)
+                if isinstance(reply, float):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices"')
+                    self.wfile.flush()
+                    time.sleep(reply)
+                elif isinstance(reply, int):
+                    self._json(reply, {"error": {"message": f"scripted {reply}"}})
+                elif body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for event in events or []:
+                        self.wfile.write(f"data: {event}\n\n".encode())
+                    self.close_connection = True
+                else:
+                    self._json(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
+
+        self.httpd = _ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        _threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted_endpoint():
+    """Make ScriptedEndpoints (same arguments); all are stopped after the test."""
+    made = []
+
+    def make(answer, **kw):
+        made.append(ScriptedEndpoint(answer, **kw))
+        return made[-1]
+
+    yield make
+    for endpoint in made:
+        endpoint.close()

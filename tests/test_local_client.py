@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,72 +18,18 @@ from tuning_magics.backends.local.client import (
 )
 
 
-class _Scripted:
-    """Answers GET /v1/models and POST /v1/chat/completions; records what it was sent."""
-
-    def __init__(self, status: int = 200, events: list[str] | None = None, stall: float = 0.0):
-        self.seen: list[tuple[dict, str | None]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _json(self, code, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._json(200, {"object": "list", "data": [{"id": "m1"}, {"id": "m2"}, {"no": "id"}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.seen.append((body, self.headers.get("Authorization")))
-                if status != 200:
-                    self._json(status, {"error": {"message": "you may not"}})
-                elif body.get("stream"):
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    for event in events or []:
-                        self.wfile.write(f"data: {event}\n\n".encode())
-                    self.close_connection = True
-                elif stall:  # headers and the start of the body, then silence
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", "100")
-                    self.end_headers()
-                    self.wfile.write(b'{"choices"')
-                    self.wfile.flush()
-                    time.sleep(stall)
-                else:
-                    self._json(200, {"choices": [{"message": {"role": "assistant", "content": "hello"}}]})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def scripted():
-    made = []
+def scripted(scripted_endpoint):
+    """A scripted endpoint: HTTP ``status`` for every request, else ``events`` when streaming, a body that
+    stalls for ``stall`` seconds, or the reply "hello"; it lists two models and one malformed entry."""
 
-    def make(**kw):
-        made.append(_Scripted(**kw))
-        return made[-1]
+    def make(status: int = 200, events: list[str] | None = None, stall: float = 0.0):
+        def answer(body, attempt):
+            return status if status != 200 else (float(stall) if stall else "hello")
 
-    yield make
-    for s in made:
-        s.close()
+        return scripted_endpoint(answer, models=("m1", "m2", {"no": "id"}), events=events)
+
+    return make
 
 
 def _chunk(text):
@@ -111,7 +54,7 @@ def test_completion_models_and_stream(scripted):
 
 def test_errors_carry_the_status_and_the_servers_message(scripted):
     ep = scripted(status=401)
-    with pytest.raises(EndpointError, match="HTTP 401 from .*: you may not") as err:
+    with pytest.raises(EndpointError, match="HTTP 401 from .*: scripted 401") as err:
         chat_completion(ep.url, [{"role": "user", "content": "hi"}])
     assert err.value.status == 401
     ep.close()
@@ -146,7 +89,7 @@ def test_a_4xx_is_a_user_error_with_the_servers_words(scripted):
     with pytest.raises(EndpointRefused) as err:
         chat_completion(ep.url, [{"role": "user", "content": "hi"}])
     assert isinstance(err.value, UserError) and isinstance(err.value, EndpointError)
-    assert err.value.status == 400 and err.value.detail == "you may not"
+    assert err.value.status == 400 and err.value.detail == "scripted 400"
 
 
 def test_a_malformed_stream_event_is_an_endpoint_error(scripted):

@@ -17,7 +17,6 @@ import re
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -82,77 +81,20 @@ def test_catalog_teacher_asks_for_an_endpoint(tmp_path):
     assert not (tmp_path / "out" / LABELLED_FILE).exists()
 
 
-class _FakeEndpoint:
-    """An OpenAI-style endpoint with scripted answers: ``answer(prompt_text, attempt) -> str | int (HTTP error)``."""
-
-    def __init__(self, answer, models=("teacher-x",), models_status: int = 200):
-        self.calls: dict[str, int] = {}
-        self.auth: list[str | None] = []
-        self.models_asked: list[str | None] = []
-        lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _json(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if models_status != 200:
-                    self._json(models_status, {"error": {"message": f"scripted {models_status} for "
-                                                                f"{self.headers.get('Authorization')}"}})
-                else:
-                    self._json(200, {"object": "list", "data": [{"id": m} for m in models]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                with lock:
-                    outer.calls[prompt] = attempt = outer.calls.get(prompt, 0) + 1
-                    outer.auth.append(self.headers.get("Authorization"))
-                    outer.models_asked.append(body.get("model"))
-                assert body["temperature"] == 0.0
-                reply = answer(prompt, attempt)
-                if isinstance(reply, float):  # stall: headers and part of the body, then silence
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", "100")
-                    self.end_headers()
-                    self.wfile.write(b'{"choices"')
-                    self.wfile.flush()
-                    time.sleep(reply)
-                elif isinstance(reply, int):
-                    self._json(reply, {"error": {"message": f"scripted {reply}"}})
-                else:
-                    self._json(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def fake_endpoint():
-    made = []
+def fake_endpoint(scripted_endpoint):
+    """A teacher endpoint with scripted answers: ``answer(prompt_text, attempt) -> str | int (HTTP error) |
+    float (stall)``; every request must ask for greedy decoding."""
 
-    def make(answer, **kw):
-        made.append(_FakeEndpoint(answer, **kw))
-        return made[-1]
+    def make(answer, models=("teacher-x",), **kw):
+        def reply(body, attempt):
+            if body["temperature"] != 0.0:
+                return 422
+            return answer(str(body["messages"][-1]["content"]), attempt)
 
-    yield make
-    for ep in made:
-        ep.close()
+        return scripted_endpoint(reply, models=models, **kw)
+
+    return make
 
 
 def test_endpoint_teacher_retries_once_and_sends_the_api_key(tmp_path, fake_endpoint, monkeypatch):
@@ -169,7 +111,7 @@ def test_endpoint_teacher_retries_once_and_sends_the_api_key(tmp_path, fake_endp
     assert all(set(r) == {"messages"} for r in out)
     assert _read_jsonl(tmp_path / SOURCES_FILE) == [{"line": i + 1, "source_line": i + 1} for i in range(12)]
     assert {p: c for p, c in ep.calls.items() if c > 1} == {p["prompt"]: 2 for p in prompts if "flaky" in p["prompt"]}
-    assert set(ep.auth) == {"Bearer sk-test"}
+    assert {auth for _, auth in ep.seen} == {"Bearer sk-test"}
     progress = [e for e in events if e.get("event") == "progress"]
     assert progress[0]["done"] == 0 and progress[-1] == {"event": "progress", "stage": "labelling", "done": 12,
                                                          "total": 12}
@@ -255,7 +197,7 @@ def test_endpoint_hints_name_what_a_tune_user_can_do(tmp_path, fake_endpoint, mo
         label_dataset(ep.url, data, tmp_path)
     assert f"base_teacher_model: {ep.url}#m1" in str(err.value)
     assert label_dataset(f"{ep.url}#m2", data, tmp_path) == 1
-    assert ep.models_asked == ["m2"]
+    assert [body.get("model") for body, _ in ep.seen] == ["m2"]
 
 
 def _answered(partial: Path) -> dict[int, str]:

@@ -7,6 +7,7 @@ kills any worker still running, so no process outlives the test.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -673,21 +674,27 @@ def test_a_crash_while_rebuilding_never_leaves_no_registry(slot_taken, tmp_path,
     assert job.id in {j.id for j in tm.list_jobs()}
 
 
-def test_a_read_only_home_is_one_line(tmp_path, monkeypatch):
-    mount = tmp_path / "read-only"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A real tmpfs mounted at ``mount`` for the block (the test is skipped where mounting is not allowed)."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_read_only_home_is_one_line(tmp_path, monkeypatch):
+    with tmpfs(tmp_path / "read-only", "ro,size=1M") as mount:
         monkeypatch.setenv("TUNING_MAGICS_HOME", str(mount))
         for call in (tm.list_jobs, lambda: tm.tune(MODEL, records(4)), tm.rebuild_registry):
             with pytest.raises(UserError) as err:
                 call()
             assert str(err.value) == (f"TUNING_MAGICS_HOME {mount} cannot be used (read-only file system); "
                                       "set TUNING_MAGICS_HOME to a folder you can write to")
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.mark.parametrize("home_at", ["afile", "afile/home"])
@@ -750,16 +757,11 @@ def test_removing_the_job_folder_while_it_trains_fails_the_job(home, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MiB filesystem (tmpfs): too small for a checkpoint of the tiny model."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        _kill_workers()  # nothing may hold a file on it
-        subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "disk", "size=2M") as mount:
+        try:
+            yield mount
+        finally:
+            _kill_workers()  # nothing may hold a file on it
 
 
 @pytest.mark.slow
