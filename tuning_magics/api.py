@@ -37,12 +37,6 @@ _METHODS = {
     "distillation": "distillation",
     "distill": "distillation",
 }
-def local_engine_options() -> list[str]:
-    """The local engine's extra options (``batch_size``, ``max_seq_len``, ``seed``, ...), from its TrainConfig."""
-    # trainer.py imports torch only inside train(), so this is cheap.
-    from .backends.local.trainer import engine_options
-
-    return engine_options()
 
 
 def tune(
