@@ -166,6 +166,104 @@ def test_gemini_models_are_lora_only():
     assert all(m.adapter_sizes for m in gemini)
 
 
+# Gemini supervised tuning, from the 2026-11 documentation (catalog.py names the pages).
+GEMINI = {
+    "gemini-3.5-flash": (1, 2, 4, 8, 16),
+    "gemini-3.5-flash-lite": (1, 2, 4, 8, 16),
+    "gemini-3.1-flash-lite": (1, 2, 4, 8, 16),
+    "gemini-2.5-pro": (1, 2, 4, 8),
+    "gemini-2.5-flash": (1, 2, 4, 8, 16),
+    "gemini-2.5-flash-lite": (1, 2, 4, 8, 16),
+}
+
+
+def test_gemini_models_are_exactly_the_documented_list():
+    assert {m.id for m in catalog.models(provider="gemini")} == set(GEMINI)
+
+
+@pytest.mark.parametrize(("model_id", "sizes"), GEMINI.items())
+def test_gemini_adapter_sizes_and_limits(model_id, sizes):
+    model = catalog.get(model_id)
+    assert model.adapter_sizes == sizes
+    assert model.modes == (PEFT,) and model.max_seq_len == 131072
+    assert set(model.modalities) == {"text", "image", "audio", "video", "document"}
+
+
+def test_gemini_2_5_pro_refuses_adapter_size_16():
+    assert 16 not in catalog.get("gemini-2.5-pro").adapter_sizes
+    assert 16 in catalog.get("gemini-2.5-flash").adapter_sizes
+
+
+@pytest.mark.parametrize("gone", ["gemini-2.0-flash-001", "gemini-2.0-flash-lite-001"])
+def test_discontinued_gemini_2_0_models_are_gone(gone):
+    assert catalog.find(gone) is None
+
+
+@pytest.mark.parametrize("model_id", ["gemini-3.5-flash", "gemini-3.5-flash-lite", "gemini-3.1-flash-lite"])
+def test_gemini_3_models_are_found_by_id_and_tune_in_two_regions(model_id):
+    model = catalog.find(model_id)
+    assert model is not None and model.id == model_id and model.provider == "gemini"
+    assert model.regions == ("us-central1", "europe-west4")
+    assert catalog.check_region("us-central1", model) == "us-central1"
+    assert catalog.check_region("europe-west4", model_id) == "europe-west4"
+
+
+def test_region_rule_refuses_a_region_that_does_not_tune_the_model_in_one_line():
+    with pytest.raises(UserError) as info:
+        catalog.check_region("asia-southeast1", "gemini-3.1-flash-lite")
+    message = str(info.value)
+    assert info.value.field == "location"
+    assert "asia-southeast1" in message and "gemini-3.1-flash-lite" in message
+    assert "us-central1" in message and "europe-west4" in message
+    assert "\n" not in message
+
+
+def test_region_rule_for_open_models_is_unchanged():
+    scout = catalog.get("meta/llama4@llama-4-scout-17b-16e-instruct")
+    assert scout.regions == catalog.REGIONS
+    for region in REGIONS:
+        assert catalog.check_region(region, scout) == region
+    with pytest.raises(UserError) as info:
+        catalog.check_region("us-east1", scout)
+    assert "us-east1" in str(info.value) and scout.id in str(info.value)
+
+
+def test_models_without_a_region_rule_pass_any_region():
+    # Gemini 2.5: the documented list could not be read whole, so the service decides.
+    assert catalog.get("gemini-2.5-flash").regions is None
+    assert catalog.check_region("asia-northeast1", "gemini-2.5-flash") == "asia-northeast1"
+    assert catalog.check_region("anywhere", "local/tiny-qwen3") == "anywhere"
+
+
+def test_continued_tuning_flags():
+    assert {m.id for m in catalog.models(provider="gemini") if m.continued_tuning} == {
+        "gemini-3.5-flash", "gemini-3.1-flash-lite", "gemini-2.5-pro",
+    }  # fmt: skip
+    assert not any(m.continued_tuning for m in catalog.models(provider="open"))
+
+
+def test_gemini_prices_only_where_published():
+    assert catalog.get("gemini-2.5-flash").price_per_million_tokens == 5.0
+    assert catalog.get("gemini-2.5-pro").price_per_million_tokens == 25.0
+    for model_id in ("gemini-3.5-flash", "gemini-3.5-flash-lite", "gemini-3.1-flash-lite"):
+        assert catalog.get(model_id).price_per_million_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("model_id", "train", "limit"),
+    [
+        ("gemini-2.5-flash", 100, 1000),  # up to 1000 validation examples whatever the training size
+        ("gemini-3.5-flash", 10_000, 3000),  # over 1000: at most 30% of the training examples
+        ("gemini-3.5-flash", 100_000, 5000),  # never more than 5000
+        ("gemini-3.5-flash", None, 5000),
+        ("qwen/qwen3@qwen3-4b", 100, 5000),  # open models: the flat limit
+        (None, 100, 5000),
+    ],
+)
+def test_validation_limit(model_id, train, limit):
+    assert catalog.validation_limit(model_id, train) == limit
+
+
 def test_table_has_a_row_per_model():
     df = catalog.table()
     assert len(df) == len(catalog.models())

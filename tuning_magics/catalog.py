@@ -5,6 +5,12 @@ models with their tuning modes, maximum sequence length and modality,
 distillation teachers and students, regions, and the Gemini models that
 google-genai can tune. The built-in ``local/tiny-*`` models are real
 transformers architectures at toy size for the embedded engine.
+
+Gemini facts (models, adapter sizes, limits, tuning regions, continued tuning)
+come from the Google Cloud documentation of Gemini supervised fine-tuning,
+continuous tuning and tuning regions (docs.cloud.google.com/gemini-enterprise-
+agent-platform/models/tuning/...), checked 2026-11; see ``_GEMINI`` below for
+each fact's page and what could not be confirmed.
 """
 
 from __future__ import annotations
@@ -18,10 +24,19 @@ PEFT = "PEFT_ADAPTER"
 TUNING_MODES = (FULL, PEFT)
 METHODS = ("sft", "distillation")
 
+#: Where open-model tuning runs (MISSION.md, from the open-model tuning page).
 REGIONS = ("us-central1", "europe-west4", "us-west1", "us-east5", "asia-southeast1")
+
+#: Where Gemini 3.x tuning jobs run ("Supported endpoints for model tuning" in the
+#: limitations table of the supervised fine-tuning page, 2026-11).
+GEMINI_3_REGIONS = ("us-central1", "europe-west4")
 
 #: Largest validation set the service accepts.
 MAX_VALIDATION_EXAMPLES = 5000
+#: Gemini: a validation set of more than this many examples may hold at most
+#: ``GEMINI_VALIDATION_SHARE`` of the training set's example count (still at most 5000).
+GEMINI_VALIDATION_FREE = 1000
+GEMINI_VALIDATION_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,12 @@ class Model:
     notes: str = ""
     #: List price of one million training tokens in USD, where it is published.
     price_per_million_tokens: float | None = None
+    #: Regions where the managed service tunes this model; None: the catalog holds no
+    #: rule for it (local models, or a list the documentation could not confirm).
+    regions: tuple[str, ...] | None = None
+    #: Whether a tuned checkpoint of this model can be tuned further (the service's
+    #: continuous tuning, ``pre_tuned_model`` / ``pre_tuned_model_checkpoint_id``).
+    continued_tuning: bool = False
 
     @property
     def multimodal(self) -> bool:
@@ -62,7 +83,52 @@ class Teacher:
 
 
 def _open(id, family, modes, hf, params, *, student=False, seq=8192, modalities=("text",)):
-    return Model(id, family, modes, seq, modalities, hf, "open", student, (), params)
+    return Model(id, family, modes, seq, modalities, hf, "open", student, (), params, regions=REGIONS)
+
+
+_GEMINI_MODALITIES = ("text", "image", "audio", "video", "document")
+_GEMINI_3_NOTES = (
+    "131,072 input+output tokens per training example; up to 10M text-only or 300K multimodal "
+    "training examples, 1 GB JSONL; tuned models are served only from the us and eu multi-region "
+    "endpoints; CMEK not supported"
+)
+
+
+def _gemini(gid, adapter_sizes, *, regions=None, continued=False, price=None, notes=""):
+    return Model(
+        gid, "gemini", (PEFT,), 131072, _GEMINI_MODALITIES, None, "gemini", False, tuple(adapter_sizes), "",
+        notes, price_per_million_tokens=price, regions=regions, continued_tuning=continued,
+    )
+
+
+# Gemini: LoRA only, tuned through google-genai; adapter size, epochs and a
+# learning-rate multiplier are the knobs. Sources (checked 2026-11):
+# - models that can be tuned: docs.cloud.google.com/gemini-enterprise-agent-platform/reference/models/tuning
+#   (Gemini 3.5 Flash-Lite, 3.5 Flash, 3.1 Flash-Lite, 2.5 Pro, 2.5 Flash, 2.5 Flash-Lite);
+# - adapter sizes, 131,072 tokens per example, validation rule, 3.x tuning regions:
+#   docs.cloud.google.com/gemini-enterprise-agent-platform/models/tuning/supervised-tuning ("Limitations");
+# - continued tuning: .../models/tuning/continuous-tuning lists 3.5 Flash, 3.1 Flash-Lite and 2.5 Pro
+#   first; the rest of that list was cut in the copy we could read, so 2.5 Flash, 2.5 Flash-Lite and
+#   3.5 Flash-Lite stay False until confirmed;
+# - Gemini 2.0 Flash and Flash-Lite were discontinued on 2026-06-01 (.../models/gemini/2-0-flash-lite):
+#   no longer in the catalog;
+# - 2.5 models tune in the regions of .../gemini-supervised-tuning-region-settings; the copy we could
+#   read lost the tail of that list (us-* after us-central1), so no local rule is kept for them and the
+#   service decides;
+# - training prices: the 2.5 prices are the ones published on the Vertex AI generative AI pricing page
+#   when this catalog was first written, not re-found in 2026-11; no published 3.x tuning price was
+#   found, so those are None (no cost estimate rather than a guessed one).
+_GEMINI: tuple[Model, ...] = (
+    _gemini("gemini-3.5-flash", (1, 2, 4, 8, 16), regions=GEMINI_3_REGIONS, continued=True,
+            notes=_GEMINI_3_NOTES + "; the Gemini API lists gemini-3.5-flash as deprecated (served by "
+            "gemini-3.6-flash), the tuning documentation still tunes it"),
+    _gemini("gemini-3.5-flash-lite", (1, 2, 4, 8, 16), regions=GEMINI_3_REGIONS, notes=_GEMINI_3_NOTES),
+    _gemini("gemini-3.1-flash-lite", (1, 2, 4, 8, 16), regions=GEMINI_3_REGIONS, continued=True,
+            notes=_GEMINI_3_NOTES),
+    _gemini("gemini-2.5-pro", (1, 2, 4, 8), continued=True, price=25.0),
+    _gemini("gemini-2.5-flash", (1, 2, 4, 8, 16), price=5.0),
+    _gemini("gemini-2.5-flash-lite", (1, 2, 4, 8, 16), price=1.5),
+)
 
 
 _MODELS: tuple[Model, ...] = (
@@ -84,19 +150,7 @@ _MODELS: tuple[Model, ...] = (
         "meta/llama4@llama-4-scout-17b-16e-instruct", "llama4", (PEFT,),
         "meta-llama/Llama-4-Scout-17B-16E-Instruct", "17B active / 109B", seq=2048, modalities=("text", "image"),
     ),
-    # Gemini: LoRA only, tuned through google-genai; adapter size, epochs and a
-    # learning-rate multiplier are the knobs.
-    *(
-        Model(gid, "gemini", (PEFT,), 131072, ("text", "image", "audio", "video", "document"), None, "gemini",
-              False, (1, 2, 4, 8, 16), "", price_per_million_tokens=price)
-        for gid, price in (
-            ("gemini-2.5-pro", 25.0),
-            ("gemini-2.5-flash", 5.0),
-            ("gemini-2.5-flash-lite", 1.5),
-            ("gemini-2.0-flash-001", 3.0),
-            ("gemini-2.0-flash-lite-001", 1.0),
-        )
-    ),
+    *_GEMINI,
     # The embedded engine's built-in toy models: real architectures, a byte-level
     # tokenizer and chat template built by the project; they tune on a CPU in seconds.
     *(
@@ -203,14 +257,41 @@ def check_mode(model: Model, mode: str) -> str:
     return norm
 
 
-def check_region(region: str) -> str:
-    """Check that open-model tuning runs in ``region``."""
-    if region not in REGIONS:
+def check_region(region: str, model: Model | str | None = None) -> str:
+    """Check that the managed service tunes ``model`` in ``region``.
+
+    Without a model this is the open-model rule (:data:`REGIONS`). With one, its own
+    ``regions`` apply; a model whose ``regions`` is None has no rule here and any
+    region passes (the service has the last word).
+    """
+    if model is None:
+        if region not in REGIONS:
+            raise UserError(
+                f"location {region!r} does not run open-model tuning; use one of {', '.join(REGIONS)}",
+                field="location",
+            )
+        return region
+    spec = model if isinstance(model, Model) else get(model)
+    if spec.regions is not None and region not in spec.regions:
         raise UserError(
-            f"location {region!r} does not run open-model tuning; use one of {', '.join(REGIONS)}",
+            f"location {region!r} does not run tuning of {spec.id}; use one of {', '.join(spec.regions)}",
             field="location",
         )
     return region
+
+
+def validation_limit(model: Model | str | None = None, train_examples: int | None = None) -> int:
+    """The most validation examples the service takes for ``model`` and a training set of ``train_examples``.
+
+    Every model: at most :data:`MAX_VALIDATION_EXAMPLES`. Gemini models also cap a validation
+    set of more than :data:`GEMINI_VALIDATION_FREE` examples at :data:`GEMINI_VALIDATION_SHARE`
+    of the training examples.
+    """
+    spec = model if isinstance(model, Model) or model is None else get(model)
+    if spec is None or spec.provider != "gemini" or train_examples is None:
+        return MAX_VALIDATION_EXAMPLES
+    share = int(train_examples * GEMINI_VALIDATION_SHARE)
+    return min(MAX_VALIDATION_EXAMPLES, max(GEMINI_VALIDATION_FREE, share))
 
 
 def table():
