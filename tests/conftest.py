@@ -323,3 +323,26 @@ def scripted_endpoint():
     yield make
     for endpoint in made:
         endpoint.close()
+
+
+# ====================================================================== Cloud Storage with faults
+# ``gcs_faults``: a FaultProxy (tests/gcs_proxy.py) on 127.0.0.1 in front of the
+# session's Cloud Storage emulator, with STORAGE_EMULATOR_HOST pointing at the proxy
+# for this test only. Script faults with ``gcs_faults.inject("drop" | "reset" |
+# "reset_mid_body" | "lose_response" | "delay" | 503, match=..., times=N, skip=K,
+# seconds=S)``; read what happened from ``seen``, ``requests(match)``, ``count(match)``
+# and ``faults``. ``uri(name)`` gives a fresh gs:// URI in the emulator's bucket. The
+# proxy enforces ifGenerationMatch preconditions, which the emulator ignores.
+
+
+@pytest.fixture
+def gcs_faults(gcs_emulator_server, monkeypatch: pytest.MonkeyPatch):
+    """A fault-injecting proxy in front of the emulator; the module's Cloud Storage calls go through it."""
+    from gcs_proxy import FaultProxy
+
+    proxy = FaultProxy(gcs_emulator_server.host, bucket=gcs_emulator_server.bucket)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.host)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
