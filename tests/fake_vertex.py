@@ -1,0 +1,1133 @@
+"""A fake Vertex AI REST API on 127.0.0.1 that the real SDKs run against in the tests.
+
+``FakeVertex(storage_host)`` serves, under ``/v1beta1/`` and ``/v1/``, what google-genai
+(``client.tunings``, ``client.models.generate_content``) and google-cloud-aiplatform
+(Model Garden deploy, ``Endpoint.predict``, experiments and TensorBoard reads) send and
+expect, in the JSON shapes the SDKs parse:
+
+- ``tuningJobs``: create (validated like the service: base model, region, datasets read
+  from the Cloud Storage emulator), get, list (newest first, pageSize/pageToken), cancel.
+  A job's lifecycle is driven by the clock, so ``get`` advances it; on success it carries
+  data stats, an experiment backed by a TensorBoard, and either Gemini's tuned model and
+  checkpoints or an open model's files under ``outputUri`` (written into the emulator).
+- ``projects/P/locations/L:deploy`` (a long-running operation) and ``operations/O``.
+- ``endpoints/E`` get, ``:predict``, ``:generateContent``, ``:streamGenerateContent``,
+  ``endpoints/openapi/chat/completions`` (and ``endpoints/E/chat/completions``).
+- ``metadataStores/default/contexts|artifacts/X`` and ``tensorboards/...`` reads:
+  experiment, run, runs, time series, ``:read`` and ``:batchRead``.
+
+Every request needs ``Authorization: Bearer <fake.token>`` and is recorded in
+``fake.requests``. Failures and outcomes are scripted per test (``next_outcome``,
+``disable_api``, ``deny``, ``exhaust_quota``, ``fail_next``, ``regions``). Nothing but
+127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+import secrets
+import struct
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# ====================================================================== what the service offers
+
+OPEN_MODELS = {
+    "google/gemma3@gemma-3-1b-it", "google/gemma3@gemma-3-4b-it", "google/gemma3@gemma-3-12b-it",
+    "google/gemma3@gemma-3-27b-it", "google/medgemma@medgemma-4b-it",
+    "meta/llama3_1@llama-3.1-8b", "meta/llama3_1@llama-3.1-8b-instruct",
+    "meta/llama3-2@llama-3.2-1b-instruct", "meta/llama3-2@llama-3.2-3b-instruct",
+    "meta/llama3-3@llama-3.3-70b-instruct", "meta/llama4@llama-4-scout-17b-16e-instruct",
+    "qwen/qwen3@qwen3-4b", "qwen/qwen3@qwen3-8b", "qwen/qwen3@qwen3-14b", "qwen/qwen3@qwen3-32b",
+}  # fmt: skip
+STUDENTS = {m for m in OPEN_MODELS if m.startswith(("qwen/", "google/gemma3@"))}
+TEACHERS = {"deepseek-ai/deepseek-r1-0528-maas", "deepseek-ai/deepseek-v3.2-maas",
+            "qwen/qwen3-next-80b-a3b-thinking-maas"}  # fmt: skip
+GEMINI_MODELS = {"gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.0-flash-001",
+                 "gemini-2.0-flash-lite-001"}  # fmt: skip
+OPEN_REGIONS = {"us-central1", "europe-west4", "us-west1", "us-east5", "asia-southeast1"}
+GEMINI_REGIONS = OPEN_REGIONS | {"us-east1", "us-east4", "us-south1", "us-west4", "europe-west1", "europe-west2",
+                                 "europe-west3", "europe-west9", "asia-northeast1", "asia-south1",
+                                 "australia-southeast1", "global"}  # fmt: skip
+
+PHASES = (  # (state, tuningJobState) in the order a job goes through them
+    ("JOB_STATE_PENDING", "TUNING_JOB_STATE_WAITING_FOR_QUOTA"),
+    ("JOB_STATE_PENDING", "TUNING_JOB_STATE_PROCESSING_DATASET"),
+    ("JOB_STATE_PENDING", "TUNING_JOB_STATE_WAITING_FOR_CAPACITY"),
+    ("JOB_STATE_RUNNING", "TUNING_JOB_STATE_TUNING"),
+    ("JOB_STATE_RUNNING", "TUNING_JOB_STATE_POST_PROCESSING"),
+)
+_PHASE_INDEX = {sub: i for i, (_, sub) in enumerate(PHASES)}
+OUTCOMES = {  # outcome -> (final state, default phase it happens in)
+    "succeeded": ("JOB_STATE_SUCCEEDED", "TUNING_JOB_STATE_POST_PROCESSING"),
+    "failed": ("JOB_STATE_FAILED", "TUNING_JOB_STATE_TUNING"),
+    "cancelled": ("JOB_STATE_CANCELLED", "TUNING_JOB_STATE_TUNING"),
+    "expired": ("JOB_STATE_EXPIRED", "TUNING_JOB_STATE_WAITING_FOR_CAPACITY"),
+    "paused": ("JOB_STATE_PAUSED", "TUNING_JOB_STATE_TUNING"),
+    "running": (None, "TUNING_JOB_STATE_TUNING"),  # stays in that phase for good
+}
+METRICS = ("/train_total_loss", "/train_fraction_of_correct_next_step_preds", "/train_num_predictions",
+           "/eval_total_loss", "/eval_fraction_of_correct_next_step_preds")  # fmt: skip
+DEFAULT_EPOCHS, DEFAULT_BATCH = 3, 8
+# The fields the service knows; any other is refused like the real JSON parser does.
+JOB_FIELDS = {"name", "tunedModelDisplayName", "description", "baseModel", "preTunedModel", "supervisedTuningSpec",
+              "distillationSpec", "preferenceOptimizationSpec", "reinforcementTuningSpec", "partnerModelTuningSpec",
+              "veoTuningSpec", "labels", "encryptionSpec", "serviceAccount", "customBaseModel", "outputUri",
+              "evaluationConfig", "tuningJobMetadata"}
+SPEC_FIELDS = {"trainingDatasetUri", "validationDatasetUri", "hyperParameters", "exportLastCheckpointOnly",
+               "evaluationConfig", "tuningMode", "promptDatasetUri", "baseTeacherModel", "tunedTeacherModelSource",
+               "pipelineRootDirectory", "studentModel"}
+HYPER_FIELDS = {"epochCount", "learningRateMultiplier", "learningRate", "adapterSize", "batchSize",
+                "sftLossWeightMultiplier", "beta"}
+ENUMS = {"tuningMode": ("TuningMode", ["TUNING_MODE_UNSPECIFIED", "TUNING_MODE_FULL", "TUNING_MODE_PEFT_ADAPTER"]),
+         "adapterSize": ("AdapterSize", ["ADAPTER_SIZE_UNSPECIFIED", "ADAPTER_SIZE_ONE", "ADAPTER_SIZE_TWO",
+                                         "ADAPTER_SIZE_FOUR", "ADAPTER_SIZE_EIGHT", "ADAPTER_SIZE_SIXTEEN",
+                                         "ADAPTER_SIZE_THIRTY_TWO"])}
+_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}  # fmt: skip
+
+
+class ApiError(Exception):
+    """An error answered in Google's JSON shape: {"error": {code, message, status, details?}}."""
+
+    def __init__(self, code: int, message: str, status: str | None = None, details: list | None = None):
+        super().__init__(message)
+        self.code, self.message = code, message
+        self.status = status or _STATUS_NAMES.get(code, "UNKNOWN")
+        self.details = details
+
+    def body(self) -> dict:
+        err = {"code": self.code, "message": self.message, "status": self.status}
+        if self.details:
+            err["details"] = self.details
+        return {"error": err}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def rfc3339(t: float) -> str:
+    """Seconds since the epoch as the service writes times: UTC, microseconds, 'Z'."""
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ====================================================================== Cloud Storage (the emulator)
+
+
+class Storage:
+    """Reads and writes ``gs://`` objects through the emulator's JSON API on 127.0.0.1."""
+
+    def __init__(self, host: str | None):
+        if host and urllib.parse.urlparse(host).hostname not in ("127.0.0.1", "localhost"):
+            raise ValueError(f"the storage emulator must be local, not {host}")
+        self.host = host.rstrip("/") if host else None
+
+    @staticmethod
+    def split(uri: str) -> tuple[str, str]:
+        m = re.fullmatch(r"gs://([^/]+)/(.+)", uri or "")
+        if not m:
+            raise ValueError(uri)
+        return m.group(1), m.group(2)
+
+    def read(self, uri: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist (or the URI is not gs://)."""
+        try:
+            bucket, name = self.split(uri)
+        except ValueError:
+            return None
+        if not self.host:
+            return None
+        url = f"{self.host}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+
+    def write(self, uri: str, data: bytes) -> None:
+        # the emulator would parse a JSON content type itself, so every object goes up as bytes
+        bucket, name = self.split(uri)
+        if not self.host:
+            return
+        url = (f"{self.host}/upload/storage/v1/b/{bucket}/o?uploadType=media&"
+               f"name={urllib.parse.quote(name, safe='')}")  # fmt: skip
+        req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=10):
+            pass
+
+
+def _safetensors(tag: str) -> bytes:
+    """A valid, empty safetensors file whose metadata names what it stands for."""
+    header = json.dumps({"__metadata__": {"format": "pt", "checkpoint": tag}}).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+# ====================================================================== datasets and the fake model
+
+_NOT_TEXT = {"role", "type", "mime_type", "mimeType", "file_uri", "fileUri", "detail", "url"}
+
+
+def _texts(value, key=None):
+    if isinstance(value, str):
+        if key not in _NOT_TEXT:
+            yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _texts(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _texts(v, key)
+
+
+def _split_example(rec: dict) -> tuple[list[str], list[str]]:
+    """(input texts, output texts) of one example in any of the supported formats."""
+    if "prompt" in rec:
+        return [str(rec["prompt"])], [str(rec.get("completion", ""))]
+    turns = rec.get("messages") or rec.get("contents") or []
+    ins, outs = list(_texts(rec.get("systemInstruction"))), []
+    for turn in turns if isinstance(turns, list) else []:
+        role = turn.get("role") if isinstance(turn, dict) else None
+        texts = list(_texts(turn.get("content", turn.get("parts")) if isinstance(turn, dict) else turn))
+        (outs if role in ("assistant", "model") else ins).extend(texts)
+    return ins, outs
+
+
+def _prompt_of(rec: dict) -> str:
+    if "prompt" in rec:
+        return str(rec["prompt"])
+    turns = [t for t in rec.get("messages") or rec.get("contents") or [] if isinstance(t, dict)]
+    users = [t for t in turns if t.get("role") not in ("assistant", "model")]
+    return " ".join(_texts(users[-1].get("content", users[-1].get("parts")))) if users else ""
+
+
+def reply_to(prompt: str, max_tokens: int | None = None) -> str:
+    """The fake model's deterministic answer to a prompt."""
+    digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
+    words = f"Answer {digest} to: {prompt.strip()}".split()
+    return " ".join(words[:max_tokens] if max_tokens else words)
+
+
+def _distribution(values: list[int]) -> dict:
+    if not values:
+        return {}
+    s = sorted(values)
+    q = lambda p: float(s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))])  # noqa: E731
+    return {"sum": str(sum(s)), "billableSum": str(sum(s)), "min": float(s[0]), "max": float(s[-1]),
+            "mean": sum(s) / len(s), "median": q(0.5), "p5": q(0.05), "p95": q(0.95),
+            "buckets": [{"count": float(len(s)), "left": float(s[0]), "right": float(s[-1])}]}  # fmt: skip
+
+
+@dataclass
+class Dataset:
+    """A parsed JSONL dataset and the service-side counts of it (whitespace tokens)."""
+
+    uri: str
+    records: list[dict]
+
+    @property
+    def example_count(self) -> int:
+        return len(self.records)
+
+    def token_counts(self) -> list[tuple[int, int, int]]:
+        """(input tokens, output tokens, messages) per example."""
+        out = []
+        for rec in self.records:
+            ins, outs = _split_example(rec)
+            turns = rec.get("messages") or rec.get("contents") or []
+            out.append((sum(len(t.split()) for t in ins), sum(len(t.split()) for t in outs),
+                        len(turns) if isinstance(turns, list) and turns else 2))  # fmt: skip
+        return out
+
+    def stats(self, epochs: int, steps: int, max_tokens: int = 8192) -> dict:
+        counts = self.token_counts()
+        chars = sum(len(t) for rec in self.records for t in _texts(rec))
+        totals = [i + o for i, o, _ in counts]
+        truncated = [str(k) for k, n in enumerate(totals) if n > max_tokens]
+        return {
+            "tuningDatasetExampleCount": str(len(self.records)),
+            "totalTuningCharacterCount": str(chars),
+            "totalBillableCharacterCount": str(chars * epochs),
+            "totalBillableTokenCount": str(sum(min(n, max_tokens) for n in totals) * epochs),
+            "tuningStepCount": str(steps),
+            "userInputTokenDistribution": _distribution([i for i, _, _ in counts]),
+            "userOutputTokenDistribution": _distribution([o for _, o, _ in counts]),
+            "userMessagePerExampleDistribution": _distribution([m for _, _, m in counts]),
+            "userDatasetExamples": [
+                {"role": "user" if k % 2 == 0 else "model", "parts": [{"text": t}]}
+                for k, t in enumerate([*_split_example(self.records[0])[0][:1], *_split_example(self.records[0])[1][:1]])
+            ] if self.records else [],
+            "totalTruncatedExampleCount": str(len(truncated)),
+            "truncatedExampleIndices": truncated,
+            "droppedExampleReasons": [f"example {k} exceeds {max_tokens} tokens and was truncated" for k in truncated],
+        }  # fmt: skip
+
+
+# ====================================================================== jobs and their lifecycle
+
+
+@dataclass
+class Outcome:
+    """How a job created next will end: which outcome, in which phase, with what error."""
+
+    outcome: str = "succeeded"
+    at: str | None = None
+    error: dict | None = None
+    step_seconds: float | None = None
+
+
+@dataclass
+class Job:
+    name: str
+    project: str  # the project number used in resource names
+    location: str
+    body: dict
+    created: float
+    outcome: Outcome
+    step_seconds: float
+    train: Dataset
+    validation: Dataset | None
+    cancel_requested: float | None = None
+    artifacts_written: bool = False
+    endpoints: list[str] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.name.rsplit("/", 1)[1]
+
+    @property
+    def base_model(self) -> str:
+        return self.body.get("baseModel", "")
+
+    @property
+    def is_gemini(self) -> bool:
+        return self.base_model.startswith("gemini-")
+
+    @property
+    def spec(self) -> dict:
+        return self.body.get("distillationSpec") or self.body.get("supervisedTuningSpec") or {}
+
+    @property
+    def epochs(self) -> int:
+        return int(self.spec.get("hyperParameters", {}).get("epochCount") or DEFAULT_EPOCHS)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        batch = int(self.spec.get("hyperParameters", {}).get("batchSize") or DEFAULT_BATCH)
+        return max(1, math.ceil(self.train.example_count / batch))
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def experiment_id(self) -> str:
+        return f"tuning-experiment-{self.id}"
+
+    @property
+    def run_id(self) -> str:
+        return f"tuning-experiment-run-{self.id}"
+
+    def checkpoint_steps(self) -> list[tuple[int, int]]:
+        """(epoch, step) of the saved checkpoints: one per epoch, at most 10, evenly spread."""
+        epochs = list(range(1, self.epochs + 1))
+        if len(epochs) > 10:
+            epochs = sorted({round(1 + k * (self.epochs - 1) / 9) for k in range(10)})
+        return [(e, e * self.steps_per_epoch) for e in epochs]
+
+    def status(self, now: float) -> tuple[str, str | None, float | None, float | None]:
+        """(state, tuningJobState, start time, end time) at ``now``; ``progress`` in tuning is separate."""
+        final, at = OUTCOMES[self.outcome.outcome]
+        stop = _PHASE_INDEX[self.outcome.at or at]
+        k = int((now - self.created) / self.step_seconds) if self.step_seconds > 0 else len(PHASES)
+        start = self.created + 3 * self.step_seconds  # RUNNING begins with TUNING
+        if self.cancel_requested is not None and not (final and k > stop):
+            done = self.cancel_requested + self.step_seconds
+            sub = PHASES[min(k, stop)][1]
+            if now < done:
+                return "JOB_STATE_CANCELLING", sub, start if k >= 3 else None, None
+            return "JOB_STATE_CANCELLED", sub, start if min(k, stop) >= 3 else None, done
+        if k <= stop or final is None:
+            state, sub = PHASES[min(k, stop)]
+            return state, sub, start if min(k, stop) >= 3 else None, None
+        end = self.created + (stop + 1) * self.step_seconds
+        if final == "JOB_STATE_PAUSED":
+            return final, PHASES[stop][1], start if stop >= 3 else None, None
+        return final, PHASES[stop][1], start if stop >= 3 else None, end
+
+    def progress(self, now: float) -> float:
+        """How much of the tuning phase has been done, 0..1 (metrics exist up to there)."""
+        state, _, _, _ = self.status(now)
+        t0 = self.created + 3 * self.step_seconds
+        if self.cancel_requested is not None:
+            now = min(now, self.cancel_requested)
+        frac = (now - t0) / self.step_seconds if self.step_seconds > 0 else 1.0
+        if state == "JOB_STATE_SUCCEEDED":
+            return 1.0
+        final, at = OUTCOMES[self.outcome.outcome]
+        if _PHASE_INDEX[self.outcome.at or at] < 3:
+            return 0.0
+        if final is None or state in ("JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_PAUSED"):
+            frac = min(frac, 0.5)  # a job that stops while tuning has logged half its steps
+        return max(0.0, min(1.0, frac))
+
+    def metrics(self, now: float) -> dict[str, list[tuple[int, float, float]]]:
+        """Time series name -> [(step, wall time, value)] logged so far."""
+        total = self.total_steps
+        done = int(total * self.progress(now))
+        seed = int(hashlib.sha1(self.name.encode()).hexdigest()[:8], 16)
+        t0 = self.created + 3 * self.step_seconds
+        every = max(1, total // 100)  # at most about 100 points per series
+        out: dict[str, list] = {name: [] for name in METRICS}
+        for step in range(1, done + 1):
+            x = step / total
+            noise = ((seed * 7919 + step * 104729) % 1000) / 1000 - 0.5
+            wall = t0 + self.step_seconds * x
+            if step % every == 0 or step == total:
+                loss = 0.35 + 2.1 * math.exp(-3.0 * x) + 0.06 * noise
+                out["/train_total_loss"].append((step, wall, round(loss, 6)))
+                acc = min(0.99, 0.42 + 0.5 * (1 - math.exp(-3.0 * x)) + 0.02 * noise)
+                out["/train_fraction_of_correct_next_step_preds"].append((step, wall, round(acc, 6)))
+                out["/train_num_predictions"].append((step, wall, float(DEFAULT_BATCH * 64)))
+            if self.validation and step % self.steps_per_epoch == 0:
+                out["/eval_total_loss"].append((step, wall, round(0.45 + 2.1 * math.exp(-2.7 * x), 6)))
+                acc = min(0.98, 0.40 + 0.48 * (1 - math.exp(-2.7 * x)))
+                out["/eval_fraction_of_correct_next_step_preds"].append((step, wall, round(acc, 6)))
+        return {k: v for k, v in out.items() if v}
+
+
+# ====================================================================== the server
+
+
+@dataclass
+class Recorded:
+    """One request as the fake received it."""
+
+    method: str
+    path: str  # without the query string
+    query: dict  # name -> list of values
+    body: dict | None
+    headers: dict
+
+
+class FakeVertex:
+    """A fake Vertex AI REST API on 127.0.0.1 (see the module docstring)."""
+
+    def __init__(self, storage_host: str | None = None, *, step_seconds: float = 0.2, deploy_seconds: float = 0.2,
+                 project_numbers: dict[str, str] | None = None):  # fmt: skip
+        self.storage = Storage(storage_host)
+        self.token = f"ya29.fake-vertex-token-{secrets.token_hex(8)}"
+        self.step_seconds = step_seconds
+        self.deploy_seconds = deploy_seconds
+        self.project_numbers = {"fake-project": "123456789012", **(project_numbers or {})}
+        self.regions: dict[str, set[str]] = {}  # base model -> regions that tune it (overrides the defaults)
+        self.requests: list[Recorded] = []
+        self.jobs: dict[str, Job] = {}
+        self.endpoints: dict[str, dict] = {}
+        self.operations: dict[str, dict] = {}
+        self._outcomes: list[Outcome] = []
+        self._failures: list[tuple[dict, ApiError]] = []
+        self._disabled: set[str] = set()
+        self._denied: dict[str, str | None] = {}
+        self._counter = 0
+        self._lock = threading.RLock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> "FakeVertex":
+        """Listen on a free port of 127.0.0.1 and serve from a background thread."""
+        fake = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.fake = fake
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, name="fake-vertex", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def credentials(self):
+        """Static-token OAuth credentials that this fake accepts (never refreshed)."""
+        from google.oauth2.credentials import Credentials
+
+        return Credentials(token=self.token)
+
+    # ------------------------------------------------------------------ scripting
+    def next_outcome(self, outcome: str = "succeeded", *, at: str | None = None, error: dict | None = None,
+                     step_seconds: float | None = None) -> None:  # fmt: skip
+        """Script how the next created job ends (queued: one call per job).
+
+        ``outcome``: succeeded, failed, cancelled, expired, paused, or running (never ends).
+        ``at``: the tuningJobState it happens in (e.g. "TUNING_JOB_STATE_WAITING_FOR_QUOTA").
+        ``error``: the job's ``error`` ({"code": ..., "message": ...}) for failed jobs.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}")
+        if at is not None and at not in _PHASE_INDEX:
+            raise ValueError(f"at must be one of {list(_PHASE_INDEX)}")
+        self._outcomes.append(Outcome(outcome, at, error, step_seconds))
+
+    def fail_next(self, code: int, message: str, *, status: str | None = None, method: str | None = None,
+                  path: str | None = None, times: int = 1, details: list | None = None) -> None:  # fmt: skip
+        """Answer the next ``times`` matching requests (method, regex on the path) with this error."""
+        rule = {"method": method, "path": path, "left": times}
+        self._failures.append((rule, ApiError(code, message, status, details)))
+
+    def disable_api(self, project: str = "fake-project") -> None:
+        """Answer every request for ``project`` as a project without the Vertex AI API enabled."""
+        self._disabled.add(project)
+
+    def deny(self, permission: str, *, project: str | None = None) -> None:
+        """Refuse requests needing ``permission`` (e.g. "aiplatform.tuningJobs.create")."""
+        self._denied[permission] = project
+
+    def exhaust_quota(self, times: int = 1, *, model: str | None = None) -> None:
+        """Answer the next ``times`` job creations with 429 RESOURCE_EXHAUSTED."""
+        what = f"base model {model}" if model else "tuning jobs"
+        self.fail_next(
+            429, "Quota exceeded for aiplatform.googleapis.com/global_concurrent_managed_oss_tuning_jobs_per_project "
+            f"with base model: {what}. Please submit a quota increase request "
+            "(https://cloud.google.com/vertex-ai/docs/generative-ai/quotas-genai).",
+            method="POST", path=r"/tuningJobs$", times=times)  # fmt: skip
+
+    # ------------------------------------------------------------------ reading what happened
+    def bodies(self, method: str = "POST", path: str = r"/tuningJobs$") -> list[dict]:
+        """The JSON bodies of the recorded requests with this method whose path matches the regex."""
+        return [r.body for r in self.requests if r.method == method and re.search(path, r.path)]
+
+    def job(self, name_or_id: str) -> Job:
+        return next(j for j in self.jobs.values() if j.name == name_or_id or j.id == name_or_id)
+
+    def project_number(self, project: str) -> str:
+        if project.isdigit():
+            return project
+        return self.project_numbers.setdefault(project, str(10**11 + int(hashlib.sha1(project.encode()).hexdigest()[:8], 16)))
+
+    def _new_id(self) -> str:
+        with self._lock:
+            self._counter += 1
+            return str(int(time.time() * 1000) % 10**13 * 1000 + self._counter)
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, method: str, path: str, query: dict, body: dict | None, headers: dict):
+        """Answer one request: (status, JSON body) or (status, list of SSE events)."""
+        with self._lock:
+            self.requests.append(Recorded(method, path, query, body, headers))
+        if headers.get("authorization", "") != f"Bearer {self.token}":
+            raise ApiError(401, "Request had invalid authentication credentials. Expected OAuth 2 access token, "
+                                "login cookie or other valid authentication credential. See "
+                                "https://developers.google.com/identity/sign-in/web/devconsole-project.")
+        m = re.fullmatch(r"/(v1|v1beta1)/projects/([^/]+)/locations/([^/:]+)(.*)", path)
+        if not m:
+            raise ApiError(404, f"The requested URL {path} was not found on this server.", "NOT_FOUND")
+        project, location, rest = m.group(2), m.group(3), m.group(4)
+        self._check_access(method, path, project)
+        routes = [
+            ("POST", r"/tuningJobs", self._create_job),
+            ("GET", r"/tuningJobs", self._list_jobs),
+            ("GET", r"/tuningJobs/([^/:]+)", self._get_job),
+            ("POST", r"/tuningJobs/([^/:]+):cancel", self._cancel_job),
+            ("POST", r":deploy", self._deploy),
+            ("GET", r"/operations/([^/:]+)", self._get_operation),
+            ("GET", r"/endpoints/([^/:]+)", self._get_endpoint),
+            ("POST", r"/endpoints/([^/:]+):predict", self._predict),
+            ("POST", r"/endpoints/([^/:]+):(generateContent|streamGenerateContent)", self._generate),
+            ("POST", r"/endpoints/([^/:]+)/chat/completions", self._chat),
+            ("GET", r"/metadataStores/default/contexts/([^/:]+)", self._get_context),
+            ("GET", r"/metadataStores/default/artifacts/([^/:]+)", self._get_artifact),
+            ("GET", r"/tensorboards/([^/:]+)", self._get_tensorboard),
+            ("GET", r"/tensorboards/([^/:]+):batchRead", self._batch_read),
+            ("GET", r"/tensorboards/([^/:]+)/experiments/([^/:]+)", self._get_tb_experiment),
+            ("GET", r"/tensorboards/([^/:]+)/experiments/([^/:]+)/runs", self._list_tb_runs),
+            ("GET", r"/tensorboards/([^/:]+)/experiments/([^/:]+)/runs/([^/:]+)", self._get_tb_run),
+            ("GET", r"/tensorboards/([^/:]+)/experiments/([^/:]+)/runs/([^/:]+)/timeSeries", self._list_series),
+            ("GET", r"/tensorboards/([^/:]+)/experiments/([^/:]+)/runs/([^/:]+)/timeSeries/([^/:]+)",
+             self._get_series),
+            ("GET", r"/tensorboards/([^/:]+)/experiments/([^/:]+)/runs/([^/:]+)/timeSeries/([^/:]+):read",
+             self._read_series),
+        ]  # fmt: skip
+        for verb, pattern, fn in routes:
+            hit = re.fullmatch(pattern, rest)
+            if verb == method and hit:
+                with self._lock:
+                    return fn(self.project_number(project), location, *hit.groups(), query=query, body=body or {},
+                              project_id=project)  # fmt: skip
+        raise ApiError(404, f"The requested URL {path} was not found on this server.", "NOT_FOUND")
+
+    _PERMISSIONS = ((r"/tuningJobs$", "POST", "aiplatform.tuningJobs.create"),
+                    (r"/tuningJobs$", "GET", "aiplatform.tuningJobs.list"),
+                    (r"/tuningJobs/[^/:]+$", "GET", "aiplatform.tuningJobs.get"),
+                    (r":cancel$", "POST", "aiplatform.tuningJobs.cancel"),
+                    (r":deploy$", "POST", "aiplatform.endpoints.deploy"),
+                    (r"/endpoints/[^/]+[:/]", "POST", "aiplatform.endpoints.predict"),
+                    (r"/endpoints/[^/:]+$", "GET", "aiplatform.endpoints.get"),
+                    (r"/(metadataStores|tensorboards)/", "GET", "aiplatform.tensorboardTimeSeries.read"))  # fmt: skip
+
+    def _check_access(self, method: str, path: str, project: str) -> None:
+        names = {project, self.project_number(project)}
+        if self._disabled & names or {p for p in self._disabled if self.project_number(p) in names}:
+            number = self.project_number(project)
+            raise ApiError(403, f"Vertex AI API has not been used in project {number} before or it is disabled. "
+                                f"Enable it by visiting https://console.developers.google.com/apis/api/"
+                                f"aiplatform.googleapis.com/overview?project={number} then retry. If you enabled this "
+                                "API recently, wait a few minutes for the action to propagate to our systems and retry.",
+                           "PERMISSION_DENIED",
+                           [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED",
+                             "domain": "googleapis.com",
+                             "metadata": {"service": "aiplatform.googleapis.com", "consumer": f"projects/{number}"}}])
+        for pattern, verb, permission in self._PERMISSIONS:
+            if verb == method and re.search(pattern, path) and permission in self._denied:
+                only = self._denied[permission]
+                if only is None or only in names:
+                    resource = "/".join(path.split("/")[2:6])
+                    raise ApiError(403, f"Permission '{permission}' denied on resource "
+                                        f"'//aiplatform.googleapis.com/{resource}' (or it may not exist).",
+                                   "PERMISSION_DENIED",
+                                   [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                     "reason": "IAM_PERMISSION_DENIED", "domain": "aiplatform.googleapis.com",
+                                     "metadata": {"permission": permission}}])  # fmt: skip
+                break
+        with self._lock:
+            for rule, error in self._failures:
+                if rule["left"] > 0 and rule["method"] in (None, method) and (
+                        rule["path"] is None or re.search(rule["path"], path)):  # fmt: skip
+                    rule["left"] -= 1
+                    raise error
+
+    # ------------------------------------------------------------------ tuning jobs
+    def _load_dataset(self, uri: str | None, field_name: str, required: bool) -> Dataset | None:
+        if not uri:
+            if required:
+                raise ApiError(400, f"{field_name} is required.")
+            return None
+        if not uri.startswith("gs://"):
+            raise ApiError(400, f"{field_name} must be a Cloud Storage URI (gs://...), got {uri!r}.")
+        data = self.storage.read(uri)
+        if data is None:
+            raise ApiError(400, f"Dataset {uri} given as {field_name} does not exist or cannot be read.")
+        records = []
+        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ApiError(400, f"Line {n} of {uri} ({field_name}) is not valid JSON: {e.msg}.") from None
+            if not isinstance(rec, dict):
+                raise ApiError(400, f"Line {n} of {uri} ({field_name}) is not a JSON object.")
+            records.append(rec)
+        if not records:
+            raise ApiError(400, f"Dataset {uri} given as {field_name} has no examples.")
+        return Dataset(uri, records)
+
+    @staticmethod
+    def _check_fields(body: dict) -> None:
+        """Refuse unknown fields and enum values as the service's JSON parser does."""
+        def bad_name(name, where):
+            raise ApiError(400, f'Invalid JSON payload received. Unknown name "{name}" at \'{where}\': '
+                                "Cannot find field.")
+
+        def bad_enum(key, value, where, message):
+            raise ApiError(400, f"Invalid value at '{where}.{_snake(key)}' (type.googleapis.com/google.cloud."
+                                f"aiplatform.v1beta1.{message}.{ENUMS[key][0]}), {json.dumps(value)}",
+                           details=[{"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": [
+                               {"field": f"{where}.{_snake(key)}", "description": f"Invalid value at "
+                                f"'{where}.{_snake(key)}', {json.dumps(value)}"}]}])  # fmt: skip
+
+        for key in body:
+            if key not in JOB_FIELDS:
+                bad_name(key, "tuning_job")
+        for spec_key, message, hyper_message in (
+                ("supervisedTuningSpec", "SupervisedTuningSpec", "SupervisedHyperParameters"),
+                ("distillationSpec", "DistillationSpec", "DistillationHyperParameters")):  # fmt: skip
+            spec = body.get(spec_key)
+            if not isinstance(spec, dict):
+                continue
+            where = f"tuning_job.{_snake(spec_key)}"
+            for key, value in spec.items():
+                if key not in SPEC_FIELDS:
+                    bad_name(key, where)
+                if key in ENUMS and not (value in ENUMS[key][1] or isinstance(value, int)):
+                    bad_enum(key, value, where, message)
+            hp = spec.get("hyperParameters") or {}
+            for key, value in hp.items():
+                if key not in HYPER_FIELDS:
+                    bad_name(key, f"{where}.hyper_parameters")
+                if key in ENUMS and not (value in ENUMS[key][1] or isinstance(value, int)):
+                    bad_enum(key, value, f"{where}.hyper_parameters", hyper_message)
+
+    def _create_job(self, project, location, *, query, body, project_id):
+        self._check_fields(body)
+        base = body.get("baseModel")
+        if body.get("preTunedModel"):
+            base = base or "gemini-2.5-flash"  # continuing from a tuned Gemini model
+        if not base:
+            raise ApiError(400, "base_model is required.")
+        known = OPEN_MODELS | GEMINI_MODELS
+        if base not in known:
+            raise ApiError(400, f"Base model {base} is not supported for tuning. Supported models: "
+                                f"{', '.join(sorted(known))}.")  # fmt: skip
+        regions = self.regions.get(base, GEMINI_REGIONS if base.startswith("gemini-") else OPEN_REGIONS)
+        if location not in regions:
+            raise ApiError(400, f"Base model {base} is not supported for tuning in region {location}. "
+                                f"Supported regions: {', '.join(sorted(regions))}.", "FAILED_PRECONDITION")
+        if "distillationSpec" in body:
+            spec, prefix = body["distillationSpec"], "distillationSpec"
+            teacher = spec.get("baseTeacherModel")
+            if base not in STUDENTS:
+                raise ApiError(400, f"Base model {base} is not supported as a distillation student.")
+            if teacher not in TEACHERS:
+                raise ApiError(400, f"Teacher model {teacher} is not supported for distillation. "
+                                    f"Supported teachers: {', '.join(sorted(TEACHERS))}.")
+            train_field = "promptDatasetUri"
+        else:
+            spec, prefix = body.get("supervisedTuningSpec") or {}, "supervisedTuningSpec"
+            train_field = "trainingDatasetUri"
+        if not base.startswith("gemini-") and not body.get("outputUri"):
+            raise ApiError(400, "output_uri is required to tune an open model.")
+        train = self._load_dataset(spec.get(train_field), f"{prefix}.{train_field}", True)
+        validation = self._load_dataset(spec.get("validationDatasetUri"), f"{prefix}.validationDatasetUri", False)
+        if body.get("customBaseModel") and not body["customBaseModel"].startswith("gs://"):
+            raise ApiError(400, f"customBaseModel must be a Cloud Storage folder, got {body['customBaseModel']!r}.")
+        outcome = self._outcomes.pop(0) if self._outcomes else Outcome()
+        name = f"projects/{project}/locations/{location}/tuningJobs/{self._new_id()}"
+        job = Job(name, project, location, dict(body), time.time(), outcome,
+                  outcome.step_seconds if outcome.step_seconds is not None else self.step_seconds, train, validation)
+        self.jobs[name] = job
+        return 200, self._render(job)
+
+    def _find_job(self, project, location, job_id) -> Job:
+        job = self.jobs.get(f"projects/{project}/locations/{location}/tuningJobs/{job_id}")
+        if not job:
+            raise ApiError(404, f"The TuningJob projects/{project}/locations/{location}/tuningJobs/{job_id} "
+                                "does not exist.")  # fmt: skip
+        return job
+
+    def _get_job(self, project, location, job_id, *, query, body, project_id):
+        return 200, self._render(self._find_job(project, location, job_id))
+
+    def _list_jobs(self, project, location, *, query, body, project_id):
+        jobs = sorted((j for j in self.jobs.values() if j.project == project and j.location == location),
+                      key=lambda j: (j.created, j.name), reverse=True)  # fmt: skip
+        size = int((query.get("pageSize") or ["0"])[0]) or 100
+        start = int((query.get("pageToken") or ["0"])[0] or 0)
+        page = jobs[start:start + size]
+        out: dict = {"tuningJobs": [self._render(j) for j in page]} if page else {}
+        if start + size < len(jobs):
+            out["nextPageToken"] = str(start + size)
+        return 200, out
+
+    def _cancel_job(self, project, location, job_id, *, query, body, project_id):
+        job = self._find_job(project, location, job_id)
+        state = self._render(job)["state"]
+        if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"):
+            raise ApiError(400, f"Cannot cancel tuning job {job.name} in state {state}.", "FAILED_PRECONDITION")
+        if job.cancel_requested is None:
+            job.cancel_requested = time.time()
+        return 200, {}
+
+    def _render(self, job: Job) -> dict:
+        """The job as the service returns it at this moment (writing its outputs once it has succeeded)."""
+        now = time.time()
+        state, sub, start, end = job.status(now)
+        out = {k: v for k, v in job.body.items() if k not in ("pipelineJob",)}
+        out.update(name=job.name, state=state, createTime=rfc3339(job.created), updateTime=rfc3339(min(
+            now, end or now)))  # fmt: skip
+        if sub:
+            out["tuningJobState"] = sub
+        if start:
+            out["startTime"] = rfc3339(start)
+        if end:
+            out["endTime"] = rfc3339(end)
+        if "tunedModelDisplayName" not in out and job.is_gemini:
+            out["tunedModelDisplayName"] = f"{job.base_model}-tuned-{job.id}"
+        if job.is_gemini and "supervisedTuningSpec" in out:  # the service fills in its defaults
+            hp = out["supervisedTuningSpec"].setdefault("hyperParameters", {})
+            hp.setdefault("epochCount", str(job.epochs))
+            hp.setdefault("learningRateMultiplier", 1.0)
+            hp.setdefault("adapterSize", "ADAPTER_SIZE_FOUR")
+        if _PHASE_INDEX.get(sub or "", 0) >= 2 or state == "JOB_STATE_SUCCEEDED":  # the dataset has been read
+            out["tuningDataStats"] = self._data_stats(job)
+        if start:
+            out["experiment"] = self._experiment_name(job)
+        if state == "JOB_STATE_FAILED":
+            out["error"] = job.outcome.error or {"code": 13, "message": "Internal error occurred while tuning. "
+                                                                        "Please retry."}
+        elif state == "JOB_STATE_CANCELLED":
+            out["error"] = {"code": 1, "message": "CANCELED"}
+        elif state == "JOB_STATE_EXPIRED":
+            out["error"] = job.outcome.error or {"code": 4, "message": "The tuning job waited too long for capacity "
+                                                                       "and expired. Please retry later."}
+        if state == "JOB_STATE_SUCCEEDED":
+            if job.is_gemini:
+                out["tunedModel"] = self._tuned_gemini(job)
+            elif not job.artifacts_written:
+                self._write_artifacts(job)
+        return out
+
+    def _data_stats(self, job: Job) -> dict:
+        stats = job.train.stats(job.epochs, job.total_steps)
+        if "distillationSpec" in job.body:
+            return {"distillationDataStats": {"trainingDatasetStats": stats}}
+        return {"supervisedTuningDataStats": stats}
+
+    def _tuned_gemini(self, job: Job) -> dict:
+        prefix = f"projects/{job.project}/locations/{job.location}"
+        if not job.endpoints:
+            for epoch, _step in job.checkpoint_steps():
+                endpoint = f"{prefix}/endpoints/{self._new_id()}"
+                self.endpoints[endpoint] = {"kind": "gemini", "job": job.name, "model": f"{prefix}/models/{job.id}",
+                                            "checkpoint": str(epoch), "created": time.time()}  # fmt: skip
+                job.endpoints.append(endpoint)
+        checkpoints = [{"checkpointId": str(e), "epoch": str(e), "step": str(s), "endpoint": ep}
+                       for (e, s), ep in zip(job.checkpoint_steps(), job.endpoints)]  # fmt: skip
+        return {"model": f"{prefix}/models/{job.id}@1", "endpoint": job.endpoints[-1], "checkpoints": checkpoints}
+
+    def _write_artifacts(self, job: Job) -> None:
+        out = job.body["outputUri"].rstrip("/")
+        config = json.dumps({"architectures": ["FakeForCausalLM"], "base_model": job.base_model}).encode()
+        folders = [f"checkpoint-{step}" for _, step in job.checkpoint_steps()] + ["final"]
+        for folder in folders:
+            base = f"{out}/postprocess/node-0/checkpoints/{folder}"
+            self.storage.write(f"{base}/model-00001-of-00001.safetensors", _safetensors(folder))
+            self.storage.write(f"{base}/config.json", config)
+        if "distillationSpec" in job.body:
+            lines = []
+            for rec in job.train.records:
+                prompt = _prompt_of(rec)
+                lines.append(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                                      {"role": "assistant", "content": reply_to(prompt)}]}))
+            self.storage.write(f"{out}/distillation_labelled_dataset.jsonl", ("\n".join(lines) + "\n").encode())
+        job.artifacts_written = True
+
+    # ------------------------------------------------------------------ experiments and TensorBoard
+    def _experiment_name(self, job: Job) -> str:
+        return f"projects/{job.project}/locations/{job.location}/metadataStores/default/contexts/{job.experiment_id}"
+
+    def _tensorboard(self, project, location) -> str:
+        return f"projects/{project}/locations/{location}/tensorboards/{int(project) % 9_000_000 + 1_000_000}"
+
+    def _started_job(self, project, location, predicate) -> Job | None:
+        now = time.time()
+        for job in self.jobs.values():
+            if job.project == project and job.location == location and predicate(job) and job.status(now)[2]:
+                return job
+        return None
+
+    def _get_context(self, project, location, context_id, *, query, body, project_id):
+        prefix = f"projects/{project}/locations/{location}/metadataStores/default/contexts"
+        job = self._started_job(project, location, lambda j: context_id == j.experiment_id)
+        base = {"schemaVersion": "0.0.1", "etag": "1"}
+        if job:
+            return 200, {**base, "name": f"{prefix}/{context_id}", "displayName": context_id,
+                         "schemaTitle": "system.Experiment", "createTime": rfc3339(job.created),
+                         "updateTime": rfc3339(job.created), "description": f"Tuning experiment of {job.name}",
+                         "metadata": {"backing_tensorboard_resource": self._tensorboard(project, location),
+                                      "experiment_deleted": False}}  # fmt: skip
+        job = self._started_job(project, location, lambda j: context_id == f"{j.experiment_id}-{j.run_id}")
+        if job:
+            state = "COMPLETE" if job.status(time.time())[3] else "RUNNING"
+            return 200, {**base, "name": f"{prefix}/{context_id}", "displayName": job.run_id,
+                         "schemaTitle": "system.ExperimentRun", "createTime": rfc3339(job.created),
+                         "updateTime": rfc3339(job.created), "parentContexts": [self._experiment_name(job)],
+                         "metadata": {"state": state, "params": {}, "metrics": {}}}  # fmt: skip
+        raise ApiError(404, f"Context {prefix}/{context_id} not found.")
+
+    def _get_artifact(self, project, location, artifact_id, *, query, body, project_id):
+        job = self._started_job(project, location, lambda j: artifact_id == f"{j.experiment_id}-{j.run_id}-tb-run")
+        name = f"projects/{project}/locations/{location}/metadataStores/default/artifacts/{artifact_id}"
+        if not job:
+            raise ApiError(404, f"Artifact {name} not found.")
+        run = self._tb_run_name(job)
+        return 200, {"name": name, "displayName": job.run_id, "schemaTitle": "google.VertexTensorboardRun",
+                     "schemaVersion": "0.0.1", "state": "LIVE", "etag": "1", "uri": f"https://{location}-"
+                     f"aiplatform.googleapis.com/v1/{run}", "createTime": rfc3339(job.created),
+                     "updateTime": rfc3339(job.created),
+                     "metadata": {"resourceName": run, "vertex_experiment_tracking": True}}  # fmt: skip
+
+    def _tb_run_name(self, job: Job) -> str:
+        return f"{self._tensorboard(job.project, job.location)}/experiments/{job.experiment_id}/runs/{job.run_id}"
+
+    def _tb_job(self, project, location, tb, experiment=None, run=None) -> Job | None:
+        if self._tensorboard(project, location).rsplit("/", 1)[1] != tb:
+            raise ApiError(404, f"Tensorboard projects/{project}/locations/{location}/tensorboards/{tb} not found.")
+        if experiment is None:
+            return None
+        job = self._started_job(project, location, lambda j: j.experiment_id == experiment and run in (None, j.run_id))
+        if not job:
+            raise ApiError(404, f"{'TensorboardRun ' + run if run else 'TensorboardExperiment ' + experiment} "
+                                "not found.")  # fmt: skip
+        return job
+
+    def _get_tensorboard(self, project, location, tb, *, query, body, project_id):
+        self._tb_job(project, location, tb)
+        return 200, {"name": self._tensorboard(project, location), "displayName": "Tuning experiments",
+                     "createTime": rfc3339(0), "updateTime": rfc3339(0), "etag": "1", "runCount": len(self.jobs),
+                     "blobStoragePathPrefix": f"cloud-ai-platform-{tb}/tensorboard-{tb}"}  # fmt: skip
+
+    def _get_tb_experiment(self, project, location, tb, experiment, *, query, body, project_id):
+        job = self._tb_job(project, location, tb, experiment)
+        return 200, {"name": f"{self._tensorboard(project, location)}/experiments/{experiment}",
+                     "displayName": experiment, "createTime": rfc3339(job.created),
+                     "updateTime": rfc3339(job.created), "etag": "1", "source": "vertex_ai_tuning"}  # fmt: skip
+
+    def _run_json(self, job: Job) -> dict:
+        return {"name": self._tb_run_name(job), "displayName": job.run_id, "createTime": rfc3339(job.created),
+                "updateTime": rfc3339(job.created), "etag": "1"}  # fmt: skip
+
+    def _list_tb_runs(self, project, location, tb, experiment, *, query, body, project_id):
+        job = self._tb_job(project, location, tb, experiment)
+        return 200, {"tensorboardRuns": [self._run_json(job)]}
+
+    def _get_tb_run(self, project, location, tb, experiment, run, *, query, body, project_id):
+        return 200, self._run_json(self._tb_job(project, location, tb, experiment, run))
+
+    def _series_id(self, name: str) -> str:
+        return str(1000 + METRICS.index(name))
+
+    def _series_json(self, job: Job, name: str, points: list) -> dict:
+        return {"name": f"{self._tb_run_name(job)}/timeSeries/{self._series_id(name)}", "displayName": name,
+                "valueType": "SCALAR", "pluginName": "scalars", "createTime": rfc3339(job.created),
+                "updateTime": rfc3339(points[-1][1]), "etag": "1",
+                "metadata": {"maxStep": str(points[-1][0]), "maxWallTime": rfc3339(points[-1][1])}}  # fmt: skip
+
+    def _list_series(self, project, location, tb, experiment, run, *, query, body, project_id):
+        job = self._tb_job(project, location, tb, experiment, run)
+        series = [self._series_json(job, n, p) for n, p in job.metrics(time.time()).items()]
+        return 200, {"tensorboardTimeSeries": series} if series else {}
+
+    def _series_data(self, job: Job, series_id: str) -> dict:
+        names = {self._series_id(n): n for n in METRICS}
+        points = job.metrics(time.time()).get(names.get(series_id, ""))
+        if not points:
+            raise ApiError(404, f"TensorboardTimeSeries {series_id} not found.")
+        return {"tensorboardTimeSeriesId": series_id, "valueType": "SCALAR",
+                "values": [{"step": str(s), "wallTime": rfc3339(w), "scalar": {"value": v}} for s, w, v in points]}
+
+    def _get_series(self, project, location, tb, experiment, run, series_id, *, query, body, project_id):
+        job = self._tb_job(project, location, tb, experiment, run)
+        for name, points in job.metrics(time.time()).items():
+            if self._series_id(name) == series_id:
+                return 200, self._series_json(job, name, points)
+        raise ApiError(404, f"TensorboardTimeSeries {series_id} not found.")
+
+    def _read_series(self, project, location, tb, experiment, run, series_id, *, query, body, project_id):
+        job = self._tb_job(project, location, tb, experiment, run)
+        return 200, {"timeSeriesData": self._series_data(job, series_id)}
+
+    def _batch_read(self, project, location, tb, *, query, body, project_id):
+        names = query.get("timeSeries") or query.get("time_series") or []
+        if not names:
+            raise ApiError(400, "time_series is required.")
+        if len(names) > 20:
+            raise ApiError(400, "At most 20 time series can be read at once.")
+        data = []
+        for name in names:
+            m = re.fullmatch(r"projects/[^/]+/locations/[^/]+/tensorboards/([^/]+)/experiments/([^/]+)/runs/([^/]+)"
+                             r"/timeSeries/([^/]+)", name)  # fmt: skip
+            if not m or m.group(1) != tb:
+                raise ApiError(400, f"Invalid time series name {name}.")
+            data.append(self._series_data(self._tb_job(project, location, tb, m.group(2), m.group(3)), m.group(4)))
+        return 200, {"timeSeriesData": data}
+
+    # ------------------------------------------------------------------ deploy and operations
+    def _deploy(self, project, location, *, query, body, project_id):
+        uri = (body.get("customModel") or {}).get("gcsUri")
+        if not uri:
+            raise ApiError(400, "custom_model.gcs_uri is required to deploy a custom model.")
+        bucket_path = uri.rstrip("/") + "/model-00001-of-00001.safetensors"
+        if self.storage.host and self.storage.read(bucket_path) is None:
+            raise ApiError(400, f"No model weights (*.safetensors) found in {uri}.")
+        prefix = f"projects/{project}/locations/{location}"
+        endpoint, op = f"{prefix}/endpoints/{self._new_id()}", f"{prefix}/operations/{self._new_id()}"
+        model = f"{prefix}/models/{self._new_id()}"
+        now = time.time()
+        self.endpoints[endpoint] = {"kind": "open", "gcsUri": uri, "model": model, "created": now,
+                                    "displayName": (body.get("endpointConfig") or {}).get("endpointDisplayName")
+                                    or "custom-model-endpoint", "deployConfig": body.get("deployConfig", {}),
+                                    "ready": now + self.deploy_seconds}  # fmt: skip
+        self.operations[op] = {"endpoint": endpoint, "model": model, "done_at": now + self.deploy_seconds,
+                               "created": now}  # fmt: skip
+        return 200, self._operation(op)
+
+    def _operation(self, op: str) -> dict:
+        info = self.operations[op]
+        meta = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployOperationMetadata",
+                "genericMetadata": {"createTime": rfc3339(info["created"]), "updateTime": rfc3339(time.time())},
+                "destination": op.rsplit("/operations/", 1)[0]}  # fmt: skip
+        out = {"name": op, "metadata": meta}
+        if time.time() >= info["done_at"]:
+            out["done"] = True
+            out["response"] = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployResponse",
+                               "endpoint": info["endpoint"], "model": info["model"]}  # fmt: skip
+        return out
+
+    def _get_operation(self, project, location, op_id, *, query, body, project_id):
+        op = f"projects/{project}/locations/{location}/operations/{op_id}"
+        if op not in self.operations:
+            raise ApiError(404, f"Operation {op} not found.")
+        return 200, self._operation(op)
+
+    # ------------------------------------------------------------------ endpoints and prediction
+    def _endpoint(self, project, location, endpoint_id) -> tuple[str, dict]:
+        name = f"projects/{project}/locations/{location}/endpoints/{endpoint_id}"
+        info = self.endpoints.get(name)
+        if not info:
+            raise ApiError(404, f"Endpoint {name} not found.")
+        return name, info
+
+    def _get_endpoint(self, project, location, endpoint_id, *, query, body, project_id):
+        name, info = self._endpoint(project, location, endpoint_id)
+        deployed = {"id": info["model"].rsplit("/", 1)[1], "model": info["model"], "modelVersionId": "1",
+                    "displayName": info.get("displayName", "tuned-model"), "createTime": rfc3339(info["created"])}
+        dedicated = (info.get("deployConfig") or {}).get("dedicatedResources")
+        if dedicated:
+            deployed["dedicatedResources"] = dedicated
+        return 200, {"name": name, "displayName": info.get("displayName", name.rsplit("/", 1)[1]),
+                     "deployedModels": [deployed], "trafficSplit": {deployed["id"]: 100}, "etag": "1",
+                     "createTime": rfc3339(info["created"]), "updateTime": rfc3339(info["created"])}  # fmt: skip
+
+    def _predict(self, project, location, endpoint_id, *, query, body, project_id):
+        name, info = self._endpoint(project, location, endpoint_id)
+        instances = body.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise ApiError(400, "instances must be a non-empty list.")
+        predictions = []
+        for k, inst in enumerate(instances):
+            if not isinstance(inst, dict) or not isinstance(inst.get("prompt"), str):
+                raise ApiError(400, f"instances[{k}].prompt is required and must be a string.")
+            text = reply_to(inst["prompt"], int(inst["max_tokens"]) if inst.get("max_tokens") else None)
+            predictions.append(text if inst.get("raw_response") else f"Prompt:\n{inst['prompt']}\nOutput:\n{text}")
+        model = info["model"]
+        return 200, {"predictions": predictions, "deployedModelId": model.rsplit("/", 1)[1], "model": model,
+                     "modelDisplayName": info.get("displayName", ""), "modelVersionId": "1"}  # fmt: skip
+
+    def _generate(self, project, location, endpoint_id, verb, *, query, body, project_id):
+        name, info = self._endpoint(project, location, endpoint_id)
+        contents = body.get("contents")
+        if not isinstance(contents, list) or not contents:
+            raise ApiError(400, "contents must not be empty.")
+        prompt = " ".join(_texts([c for c in contents if c.get("role", "user") == "user"][-1:]))
+        limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
+        text = reply_to(prompt, int(limit) if limit else None)
+        n_in, n_out = len(prompt.split()), len(text.split())
+        usage = {"promptTokenCount": n_in, "candidatesTokenCount": n_out, "totalTokenCount": n_in + n_out}
+
+        def chunk(part: str, last: bool) -> dict:
+            cand = {"content": {"role": "model", "parts": [{"text": part}]}, "index": 0}
+            if last:
+                cand["finishReason"] = "STOP"
+            return {"candidates": [cand], "usageMetadata": usage, "modelVersion": info["model"],
+                    "createTime": rfc3339(time.time()), "responseId": hashlib.sha1(prompt.encode()).hexdigest()[:16]}
+
+        if verb == "generateContent":
+            return 200, chunk(text, True)
+        words = text.split(" ")
+        pieces = [" ".join(words[i:i + 4]) + (" " if i + 4 < len(words) else "") for i in range(0, len(words), 4)]
+        return 200, [chunk(p, i == len(pieces) - 1) for i, p in enumerate(pieces)]
+
+    def _chat(self, project, location, endpoint_id, *, query, body, project_id):
+        if endpoint_id != "openapi":
+            self._endpoint(project, location, endpoint_id)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list.")
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = " ".join(_texts(users[-1].get("content"))) if users else ""
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        text = reply_to(prompt, int(limit) if limit else None)
+        ident, created, model = f"chatcmpl-{self._new_id()}", int(time.time()), body.get("model", "")
+        if body.get("stream"):
+            events = [{"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": word + " "},
+                                    "finish_reason": None}]} for word in text.split()]  # fmt: skip
+            events.append({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            return 200, [*events, "[DONE]"]
+        n_in, n_out = len(prompt.split()), len(text.split())
+        return 200, {"id": ident, "object": "chat.completion", "created": created, "model": model,
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
+                               "total_tokens": n_in + n_out}}  # fmt: skip
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs' sessions expect
+    fake: FakeVertex
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, method: str) -> None:
+        parsed = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            try:
+                body = json.loads(raw) if raw.strip() else None
+            except json.JSONDecodeError:
+                self.fake.requests.append(Recorded(method, parsed.path, query, None, headers))
+                raise ApiError(400, "Invalid JSON payload received.") from None
+            status, payload = self.fake.handle(method, parsed.path, query, body, headers)
+        except ApiError as e:
+            status, payload = e.code, e.body()
+        except Exception as e:  # a bug in the fake shows as a 500 naming it
+            status, payload = 500, ApiError(500, f"fake Vertex AI failed: {e!r}").body()
+        if isinstance(payload, list):  # server-sent events
+            self.send_response(status)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for event in payload:
+                data = event if isinstance(event, str) else json.dumps(event)
+                self.wfile.write(f"data: {data}\r\n\r\n".encode())
+            self.close_connection = True
+            return
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._answer("GET")
+
+    def do_POST(self):
+        self._answer("POST")
+
+    def do_DELETE(self):
+        self._answer("DELETE")
+
+    def do_PATCH(self):
+        self._answer("PATCH")
