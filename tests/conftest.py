@@ -346,3 +346,29 @@ def gcs_faults(gcs_emulator_server, monkeypatch: pytest.MonkeyPatch):
         yield proxy
     finally:
         proxy.close()
+
+
+# ====================================================================== a fake Vertex AI
+# ``fake_vertex``: a tests/fake_vertex.FakeVertex on 127.0.0.1 for one test (fresh jobs,
+# recorded requests and scripted failures each time), reading datasets from and writing
+# outputs to the Cloud Storage emulator. tuning_magics is pointed at it through the
+# environment: TUNING_MAGICS_API_ENDPOINT, GOOGLE_CLOUD_PROJECT=fake-project,
+# GOOGLE_CLOUD_LOCATION=us-central1 and TUNING_MAGICS_STAGING_BUCKET=gs://<bucket>/staging.
+# Credentials for the SDKs: ``fake_vertex.credentials()`` (a static bearer token).
+
+
+@pytest.fixture
+def fake_vertex(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch):
+    """A running FakeVertex for this test, with the environment pointing tuning_magics at it."""
+    from fake_vertex import FakeVertex
+
+    fake = FakeVertex(gcs_emulator.host).start()
+    fake.bucket = gcs_emulator.bucket
+    monkeypatch.setenv("TUNING_MAGICS_API_ENDPOINT", fake.url)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "fake-project")
+    monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", "us-central1")
+    monkeypatch.setenv("TUNING_MAGICS_STAGING_BUCKET", f"gs://{gcs_emulator.bucket}/staging")
+    try:
+        yield fake
+    finally:
+        fake.stop()

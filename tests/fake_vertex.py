@@ -428,6 +428,7 @@ class FakeVertex:
     def __init__(self, storage_host: str | None = None, *, step_seconds: float = 0.2, deploy_seconds: float = 0.2,
                  project_numbers: dict[str, str] | None = None):  # fmt: skip
         self.storage = Storage(storage_host)
+        self.bucket: str | None = None  # the emulator's ready bucket, when the fixture knows it
         self.token = f"ya29.fake-vertex-token-{secrets.token_hex(8)}"
         self.step_seconds = step_seconds
         self.deploy_seconds = deploy_seconds
@@ -442,6 +443,7 @@ class FakeVertex:
         self._disabled: set[str] = set()
         self._denied: dict[str, str | None] = {}
         self._counter = 0
+        self._offset = 0.0  # what advance() has added to the clock
         self._lock = threading.RLock()
         self._httpd: ThreadingHTTPServer | None = None
         self.url = ""
@@ -478,6 +480,32 @@ class FakeVertex:
         from google.oauth2.credentials import Credentials
 
         return Credentials(token=self.token)
+
+    def genai_client(self, project: str = "fake-project", location: str = "us-central1"):
+        """A google-genai client in Vertex AI mode pointed at this fake."""
+        from google import genai
+        from google.genai import types
+
+        return genai.Client(vertexai=True, project=project, location=location, credentials=self.credentials(),
+                            http_options=types.HttpOptions(base_url=self.url))  # fmt: skip
+
+    def init_vertexai(self, project: str = "fake-project", location: str = "us-central1") -> None:
+        """Point the vertexai / aiplatform SDK (REST transport) at this fake."""
+        import vertexai
+
+        vertexai.init(project=project, location=location, api_transport="rest", api_endpoint=self.url,
+                      credentials=self.credentials())  # fmt: skip
+
+    def uri(self, name: str) -> str:
+        """A fresh gs:// URI in the emulator's bucket."""
+        return f"gs://{self.bucket}/{secrets.token_hex(6)}/{name}"
+
+    def put(self, uri: str, data: bytes | str | list) -> str:
+        """Write an object into the storage emulator (a list is written as JSONL) and return its URI."""
+        if isinstance(data, list):
+            data = "".join(json.dumps(rec) + "\n" for rec in data)
+        self.storage.write(uri, data.encode() if isinstance(data, str) else data)
+        return uri
 
     # ------------------------------------------------------------------ scripting
     def next_outcome(self, outcome: str = "succeeded", *, at: str | None = None, error: dict | None = None,
@@ -517,6 +545,15 @@ class FakeVertex:
             "(https://cloud.google.com/vertex-ai/docs/generative-ai/quotas-genai).",
             method="POST", path=r"/tuningJobs$", times=times)  # fmt: skip
 
+    def now(self) -> float:
+        """The fake's clock: real time plus whatever :meth:`advance` added."""
+        return time.time() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake's clock forward, so jobs and deployments move on without waiting."""
+        with self._lock:
+            self._offset += seconds
+
     # ------------------------------------------------------------------ reading what happened
     def bodies(self, method: str = "POST", path: str = r"/tuningJobs$") -> list[dict]:
         """The JSON bodies of the recorded requests with this method whose path matches the regex."""
@@ -544,7 +581,7 @@ class FakeVertex:
             raise ApiError(401, "Request had invalid authentication credentials. Expected OAuth 2 access token, "
                                 "login cookie or other valid authentication credential. See "
                                 "https://developers.google.com/identity/sign-in/web/devconsole-project.")
-        m = re.fullmatch(r"/(v1|v1beta1)/projects/([^/]+)/locations/([^/:]+)(.*)", path)
+        m = re.fullmatch(r"/(v1|v1beta1|ui)/projects/([^/]+)/locations/([^/:]+)(.*)", path)
         if not m:
             raise ApiError(404, f"The requested URL {path} was not found on this server.", "NOT_FOUND")
         project, location, rest = m.group(2), m.group(3), m.group(4)
@@ -718,7 +755,7 @@ class FakeVertex:
             raise ApiError(400, f"customBaseModel must be a Cloud Storage folder, got {body['customBaseModel']!r}.")
         outcome = self._outcomes.pop(0) if self._outcomes else Outcome()
         name = f"projects/{project}/locations/{location}/tuningJobs/{self._new_id()}"
-        job = Job(name, project, location, dict(body), time.time(), outcome,
+        job = Job(name, project, location, dict(body), self.now(), outcome,
                   outcome.step_seconds if outcome.step_seconds is not None else self.step_seconds, train, validation)
         self.jobs[name] = job
         return 200, self._render(job)
@@ -750,12 +787,12 @@ class FakeVertex:
         if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"):
             raise ApiError(400, f"Cannot cancel tuning job {job.name} in state {state}.", "FAILED_PRECONDITION")
         if job.cancel_requested is None:
-            job.cancel_requested = time.time()
+            job.cancel_requested = self.now()
         return 200, {}
 
     def _render(self, job: Job) -> dict:
         """The job as the service returns it at this moment (writing its outputs once it has succeeded)."""
-        now = time.time()
+        now = self.now()
         state, sub, start, end = job.status(now)
         out = {k: v for k, v in job.body.items() if k not in ("pipelineJob",)}
         out.update(name=job.name, state=state, createTime=rfc3339(job.created), updateTime=rfc3339(min(
@@ -804,7 +841,7 @@ class FakeVertex:
             for epoch, _step in job.checkpoint_steps():
                 endpoint = f"{prefix}/endpoints/{self._new_id()}"
                 self.endpoints[endpoint] = {"kind": "gemini", "job": job.name, "model": f"{prefix}/models/{job.id}",
-                                            "checkpoint": str(epoch), "created": time.time()}  # fmt: skip
+                                            "checkpoint": str(epoch), "created": self.now()}  # fmt: skip
                 job.endpoints.append(endpoint)
         checkpoints = [{"checkpointId": str(e), "epoch": str(e), "step": str(s), "endpoint": ep}
                        for (e, s), ep in zip(job.checkpoint_steps(), job.endpoints)]  # fmt: skip
@@ -835,7 +872,7 @@ class FakeVertex:
         return f"projects/{project}/locations/{location}/tensorboards/{int(project) % 9_000_000 + 1_000_000}"
 
     def _started_job(self, project, location, predicate) -> Job | None:
-        now = time.time()
+        now = self.now()
         for job in self.jobs.values():
             if job.project == project and job.location == location and predicate(job) and job.status(now)[2]:
                 return job
@@ -853,7 +890,7 @@ class FakeVertex:
                                       "experiment_deleted": False}}  # fmt: skip
         job = self._started_job(project, location, lambda j: context_id == f"{j.experiment_id}-{j.run_id}")
         if job:
-            state = "COMPLETE" if job.status(time.time())[3] else "RUNNING"
+            state = "COMPLETE" if job.status(self.now())[3] else "RUNNING"
             return 200, {**base, "name": f"{prefix}/{context_id}", "displayName": job.run_id,
                          "schemaTitle": "system.ExperimentRun", "createTime": rfc3339(job.created),
                          "updateTime": rfc3339(job.created), "parentContexts": [self._experiment_name(job)],
@@ -920,12 +957,12 @@ class FakeVertex:
 
     def _list_series(self, project, location, tb, experiment, run, *, query, body, project_id):
         job = self._tb_job(project, location, tb, experiment, run)
-        series = [self._series_json(job, n, p) for n, p in job.metrics(time.time()).items()]
+        series = [self._series_json(job, n, p) for n, p in job.metrics(self.now()).items()]
         return 200, {"tensorboardTimeSeries": series} if series else {}
 
     def _series_data(self, job: Job, series_id: str) -> dict:
         names = {self._series_id(n): n for n in METRICS}
-        points = job.metrics(time.time()).get(names.get(series_id, ""))
+        points = job.metrics(self.now()).get(names.get(series_id, ""))
         if not points:
             raise ApiError(404, f"TensorboardTimeSeries {series_id} not found.")
         return {"tensorboardTimeSeriesId": series_id, "valueType": "SCALAR",
@@ -933,7 +970,7 @@ class FakeVertex:
 
     def _get_series(self, project, location, tb, experiment, run, series_id, *, query, body, project_id):
         job = self._tb_job(project, location, tb, experiment, run)
-        for name, points in job.metrics(time.time()).items():
+        for name, points in job.metrics(self.now()).items():
             if self._series_id(name) == series_id:
                 return 200, self._series_json(job, name, points)
         raise ApiError(404, f"TensorboardTimeSeries {series_id} not found.")
@@ -968,7 +1005,7 @@ class FakeVertex:
         prefix = f"projects/{project}/locations/{location}"
         endpoint, op = f"{prefix}/endpoints/{self._new_id()}", f"{prefix}/operations/{self._new_id()}"
         model = f"{prefix}/models/{self._new_id()}"
-        now = time.time()
+        now = self.now()
         self.endpoints[endpoint] = {"kind": "open", "gcsUri": uri, "model": model, "created": now,
                                     "displayName": (body.get("endpointConfig") or {}).get("endpointDisplayName")
                                     or "custom-model-endpoint", "deployConfig": body.get("deployConfig", {}),
@@ -980,10 +1017,10 @@ class FakeVertex:
     def _operation(self, op: str) -> dict:
         info = self.operations[op]
         meta = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployOperationMetadata",
-                "genericMetadata": {"createTime": rfc3339(info["created"]), "updateTime": rfc3339(time.time())},
+                "genericMetadata": {"createTime": rfc3339(info["created"]), "updateTime": rfc3339(self.now())},
                 "destination": op.rsplit("/operations/", 1)[0]}  # fmt: skip
         out = {"name": op, "metadata": meta}
-        if time.time() >= info["done_at"]:
+        if self.now() >= info["done_at"]:
             out["done"] = True
             out["response"] = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployResponse",
                                "endpoint": info["endpoint"], "model": info["model"]}  # fmt: skip
@@ -1131,3 +1168,38 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self):
         self._answer("PATCH")
+
+
+# ====================================================================== the seeds' calls, written by hand
+
+
+def hand_written_bodies(fake: FakeVertex, *, train_uri: str, validation_uri: str, output_uri: str,
+                        custom_base_model: str, epochs: int = 3, learning_rate_multiplier: float = 1.0,
+                        ) -> dict[str, dict]:  # fmt: skip
+    """The request bodies google-genai sends for the three seed calls written by hand against ``fake``.
+
+    Keys: ``llama_sft`` (Llama 3.1 8B, full tuning from a custom checkpoint),
+    ``qwen_distillation`` (Qwen3 4B taught by Qwen3 Next 80B Thinking) and
+    ``gemini_sft`` (Gemini 2.5 Flash, adapter size four). The datasets must exist in
+    the storage emulator. Each call creates a job in the fake.
+    """
+    from google.genai import types
+
+    client = fake.genai_client()
+    validation = types.TuningValidationDataset(gcs_uri=validation_uri)
+    calls = {
+        "llama_sft": dict(base_model="meta/llama3_1@llama-3.1-8b", config=types.CreateTuningJobConfig(
+            tuning_mode="TUNING_MODE_FULL", custom_base_model=custom_base_model, epoch_count=epochs,
+            validation_dataset=validation, output_uri=output_uri)),
+        "qwen_distillation": dict(base_model="qwen/qwen3@qwen3-4b", config=types.CreateTuningJobConfig(
+            method="DISTILLATION", base_teacher_model="qwen/qwen3-next-80b-a3b-thinking-maas", epoch_count=epochs,
+            validation_dataset=validation, output_uri=output_uri)),
+        "gemini_sft": dict(base_model="gemini-2.5-flash", config=types.CreateTuningJobConfig(
+            epoch_count=epochs, adapter_size="ADAPTER_SIZE_FOUR", learning_rate_multiplier=learning_rate_multiplier,
+            validation_dataset=validation)),
+    }  # fmt: skip
+    bodies = {}
+    for key, kwargs in calls.items():
+        client.tunings.tune(training_dataset=types.TuningDataset(gcs_uri=train_uri), **kwargs)
+        bodies[key] = fake.bodies()[-1]
+    return bodies
