@@ -23,6 +23,10 @@ requests that match (after skipping ``skip`` of them):
 an ``int`` (429, 500, 503, ...)
     answer with that status and a JSON error, without forwarding.
 
+The proxy also corrects one answer of the emulator: asked for the status of a
+resumable upload that holds no bytes yet, it claims ``Range: bytes=0-0``; Cloud
+Storage sends no Range header then.
+
 The emulator ignores generation preconditions; the proxy enforces them the way
 Cloud Storage does (``enforce_preconditions``): an upload with ``ifGenerationMatch=G``
 is answered with 412 when the object's current generation is not ``G`` (0: the
@@ -104,6 +108,7 @@ class Seen:
     fault: Fault | None = None
     status: int | None = None  # None: the client got no answer
     body_bytes: int = 0
+    final: bool = False  # the request that creates the object
 
 
 @dataclass
@@ -158,6 +163,7 @@ class FaultProxy:
         self._stop = threading.Event()
         self._open: set[socket.socket] = set()
         self._sessions: dict[str, str] = {}  # resumable upload_id -> object name
+        self._kept: dict[str, int] = {}  # resumable upload_id -> bytes the server acknowledged
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.host = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._thread = threading.Thread(target=self._serve, name="gcs-fault-proxy", daemon=True)
@@ -191,13 +197,15 @@ class FaultProxy:
             self.seen.clear()
 
     def requests(self, match: Matcher = "any") -> list[Seen]:
-        """The requests seen so far that match (same names as :meth:`inject`, ``kind`` based)."""
+        """The requests seen so far that match: the names :meth:`inject` takes, or a function of a :class:`Seen`."""
         with self._lock:
             seen = list(self.seen)
         if match == "any":
             return seen
         if match == "upload":
             return [s for s in seen if s.target.startswith("/upload/")]
+        if match == "final":
+            return [s for s in seen if s.final]
         if callable(match):
             return [s for s in seen if match(s)]
         return [s for s in seen if s.kind == match]
@@ -273,7 +281,7 @@ class FaultProxy:
         probe = Request(method, target, headers, b"")
         rule = self._pick(probe)
         fault = rule.fault if rule else None
-        seen = Seen(method, target, probe.kind, fault)
+        seen = Seen(method, target, probe.kind, fault, final=probe.finishes_upload)
         if fault == "reset_mid_body":
             seen.body_bytes = len(reader.read(length // 2)) if length else 0
             self._record(seen)
@@ -301,6 +309,8 @@ class FaultProxy:
                 status, response = self._forward(raw_head, headers, body)
                 if request.kind == "initiate" and status == 200:
                     self._remember_session(request, response)
+                elif request.kind == "chunk" and status == 308:
+                    response = self._fix_status_answer(request, response)
         if fault == "lose_response":
             return  # the server did it; the client never hears
         seen.status = status
@@ -357,6 +367,17 @@ class FaultProxy:
         if location and name:
             upload_id = urllib.parse.parse_qs(urllib.parse.urlsplit(location.group(1)).query)["upload_id"][-1]
             self._sessions[upload_id] = name
+
+    def _fix_status_answer(self, request: Request, response: bytes) -> bytes:
+        """Drop the emulator's ``Range: bytes=0-0`` when it holds nothing (Cloud Storage sends no Range then)."""
+        head, sep, rest = response.partition(b"\r\n\r\n")
+        kept = re.search(rb"(?im)^range:\s*bytes=0-(\d+)\s*$", head)
+        upload_id = request.query["upload_id"]
+        if request.body:  # a chunk: remember how much the server acknowledged
+            self._kept[upload_id] = int(kept.group(1)) + 1 if kept else 0
+        elif kept and kept.group(1) == b"0" and not self._kept.get(upload_id):
+            head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"range:"))
+        return head + sep + rest
 
     def _generation(self, bucket: str, name: str) -> int:
         path = f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"

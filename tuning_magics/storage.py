@@ -27,9 +27,16 @@ Guarantees
   the CRC32C of what was sent, and the stored object's checksums are read back
   and compared; a corrupted object is deleted. Downloads compare the bytes
   received with the object's CRC32C (and MD5 where the object has one).
-* **Resumable uploads.** ``gs://`` uploads always use the resumable protocol in
+* **Resumable uploads.** ``gs://`` uploads use the resumable protocol in
   :data:`CHUNK_SIZE` pieces, so a dropped connection retries a chunk rather than
-  the whole file.
+  the whole file (:func:`upload_content_addressed` sends a file of at most one
+  chunk in a single request). Every request, each chunk included, is retried
+  for at most :data:`RETRY_SECONDS`. An upload whose last answer was lost is
+  judged by what was stored: a new object with exactly the local bytes is a
+  finished upload, not a conflict.
+* **Content-addressed uploads.** :func:`upload_content_addressed` names an
+  object after the SHA-256 of its bytes, so the same data is uploaded once and
+  an existing object is reused, never replaced.
 
 ``google-cloud-storage`` is imported only when a ``gs://`` URI is used. All
 clients come from :func:`gcs_client`, which honours ``STORAGE_EMULATOR_HOST``
@@ -253,21 +260,25 @@ def _existing_blob(uri: str) -> Blob:
 
 @dataclass(frozen=True)
 class _Digests:
-    """Checksums base64-encoded the way Cloud Storage reports them."""
+    """Checksums base64-encoded the way Cloud Storage reports them, and the SHA-256 (hex) that names content."""
 
     crc32c: str
     md5: str
+    sha256: str = ""
 
 
 def _digest_stream(stream: IO[bytes]) -> _Digests:
+    """All checksums of the stream's bytes, in one pass."""
     import google_crc32c
 
     crc = google_crc32c.Checksum()
     md5 = hashlib.md5(usedforsecurity=False)
+    sha = hashlib.sha256()
     for block in iter(lambda: stream.read(_BLOCK), b""):
         crc.update(block)
         md5.update(block)
-    return _Digests(_b64(crc.digest()), _b64(md5.digest()))
+        sha.update(block)
+    return _Digests(_b64(crc.digest()), _b64(md5.digest()), sha.hexdigest())
 
 
 def _digest_file(path: PathOrUri) -> _Digests:
@@ -617,7 +628,8 @@ class _GcsStaged:
             with _gcs_errors(self.uri):
                 self.backup = old.bucket.copy_blob(old, old.bucket, aside, source_generation=self.generation,
                                                    if_generation_match=0, **_call_options())
-        self.blob = _upload(self.spool, self.uri, self.generation, self.content_type, self.overwrite)
+        self.blob = _upload(self.spool, self.uri, self.generation, self.content_type,
+                            conflict=None if self.overwrite else _exists_message(self.uri))
 
     def rollback(self) -> None:
         backup, self.backup, blob = self.backup, None, self.blob
@@ -642,23 +654,114 @@ def _write_precondition(uri: str, overwrite: bool) -> int:
     return int(existing.generation)
 
 
-def _upload(source: Path, uri: str, generation: int, content_type: str, overwrite: bool) -> Blob:
-    """Upload a local file to ``uri``, conditional on ``generation``; the stored object, verified."""
-    local = _digest_file(source)
+def _upload(source: Path, uri: str, generation: int, content_type: str, *, conflict: str | None,
+            local: _Digests | None = None, one_request: bool = False) -> Blob:
+    """Upload a local file to ``uri``, conditional on ``generation``; the stored object, verified.
+
+    ``conflict`` is the message when the precondition fails because another
+    object is there. ``local``: the file's digests, if already known. With
+    ``one_request`` a file of at most :data:`CHUNK_SIZE` goes in one multipart
+    request (else, and for larger files, the resumable protocol in chunks).
+
+    The outcome is judged by what is stored: when the upload fails (the
+    precondition, a retried last request whose first answer was lost, retries
+    running out) but the object now under ``uri`` is a new generation with
+    exactly the local bytes, the upload took place and counts as done.
+    """
+    local = local or _digest_file(source)
     blob = _blob(uri)
     blob.chunk_size = CHUNK_SIZE
     # Sent with the metadata: the server refuses the object if the bytes differ.
     blob.crc32c, blob.md5_hash = local.crc32c, local.md5
     missing = f"bucket {blob.bucket.name!r} not found (writing {uri}); create it or choose another bucket"
-    conflict = None if overwrite else _exists_message(uri)
-    with open(source, "rb") as stream, _gcs_errors(uri, missing=missing, conflict=conflict):
-        # size=None makes the client use a resumable upload whatever the size.
-        blob.upload_from_file(
-            stream, size=None, content_type=content_type, if_generation_match=generation, checksum="crc32c",
-            **_call_options(transfer=True),
-        )
+    length = source.stat().st_size
+    try:
+        with open(source, "rb") as stream, _gcs_errors(uri, missing=missing, conflict=conflict):
+            if one_request and length <= min(CHUNK_SIZE, 8 * 1024 * 1024):  # the client's multipart limit
+                blob.upload_from_file(
+                    stream, size=length, content_type=content_type, if_generation_match=generation,
+                    checksum="crc32c", **_call_options(transfer=True),
+                )
+            else:
+                _resumable_upload(blob, stream, length, content_type, generation)
+    except UserError:
+        stored = _landed(blob, local, generation)
+        if stored is None:
+            raise
+        return stored
     _verify_upload(blob, local, uri)
     return blob
+
+
+#: Answers after which a resumable upload asks the server how far it got and goes on from there.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def _resumable_upload(blob: Blob, stream: BinaryIO, length: int, content_type: str, generation: int) -> None:
+    """Upload ``stream`` (``length`` bytes) to ``blob`` with the resumable protocol, in :data:`CHUNK_SIZE` pieces.
+
+    After a failed chunk (no answer, a dropped connection, 429 or 5xx) the
+    server is asked how many bytes it has kept and the upload goes on from
+    there: resending the same chunk is refused by a server that kept part or
+    all of it (the answer was lost). Each chunk gets :data:`RETRY_SECONDS`;
+    the budget starts again whenever the server reports progress.
+    """
+    import time
+
+    import requests
+    from google.api_core import exceptions as api
+    from google.api_core.retry import exponential_sleep_generator
+
+    options = _call_options(transfer=True)
+    url = blob.create_resumable_upload_session(content_type=content_type, size=length, checksum=None,
+                                               if_generation_match=generation, **options)
+    session, timeout = blob.client._http, options["timeout"]
+    offset, ask = 0, False  # ask: send no data, only ask how far the server got
+    while True:
+        deadline, waits = time.monotonic() + RETRY_SECONDS, exponential_sleep_generator(0.5, 8.0, 2.0)
+        while True:
+            failure: Exception
+            try:
+                stream.seek(offset)
+                chunk = b"" if ask else stream.read(CHUNK_SIZE)
+                where = f"{offset}-{offset + len(chunk) - 1}" if chunk else "*"
+                answer = session.put(url, data=chunk, headers={"Content-Range": f"bytes {where}/{length}"},
+                                     timeout=timeout)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if _unreachable(exc):
+                    raise
+                failure = exc
+            else:
+                if answer.status_code in (200, 201):
+                    return
+                if answer.status_code == 308:  # "resume incomplete": Range says what the server has
+                    kept = answer.headers.get("Range", "")
+                    offset = int(kept.rpartition("-")[2]) + 1 if kept else 0
+                    ask = False
+                    break
+                if answer.status_code not in _TRANSIENT_STATUS:
+                    raise api.from_http_response(answer)
+                failure = api.from_http_response(answer)
+            ask = True
+            wait = next(waits)
+            if time.monotonic() + wait > deadline:
+                raise api.RetryError(f"no progress uploading to {blob.name} for {RETRY_SECONDS:g} s", failure)
+            time.sleep(wait)
+
+
+def _landed(blob: Blob, local: _Digests, generation: int) -> Blob | None:
+    """The object under ``blob``'s name if it is a generation other than ``generation`` holding the local bytes.
+
+    After a failed upload: the request may have been carried out although its
+    answer never came (a retry then finds the precondition failing, or the
+    finished upload session gone), or another writer stored the same bytes.
+    """
+    with contextlib.suppress(Exception):  # no answer now either: the upload's own error stands
+        # One attempt: the upload already spent the retry budget when the server is gone.
+        found = blob.bucket.get_blob(blob.name, **{**_call_options(), "retry": None})
+        if found is not None and int(found.generation) != generation and not _mismatches(found, local):
+            return found
+    return None
 
 
 def upload_file(
@@ -679,7 +782,84 @@ def upload_file(
         return
     uri = str(uri)
     generation = _write_precondition(uri, overwrite)
-    _upload(source, uri, generation, content_type or _guess_type(source.name), overwrite)
+    _upload(source, uri, generation, content_type or _guess_type(source.name),
+            conflict=None if overwrite else _exists_message(uri))
+
+
+def upload_content_addressed(local_path: PathOrUri, prefix_uri: PathOrUri, *, suffix: str | None = None,
+                             content_type: str | None = None) -> str:
+    """Copy a local file to ``<prefix_uri>/sha256-<hex><suffix>``, named after its content; returns the URI.
+
+    ``<hex>`` is the full SHA-256 of the file's bytes (64 hex digits) and
+    ``suffix`` defaults to the file's own extension (``.jsonl``, ``.png``), which
+    keeps the type recognisable. The original file name is left out on purpose:
+    the same bytes under two names (a dataset saved twice, an image referenced
+    from several folders) get one object and are uploaded once, and a user's
+    name needs no escaping. The full digest, not a prefix of it, so that a name
+    is never shared by two different contents.
+
+    * Nothing is uploaded when the object already exists with the same
+      checksums (CRC32C and MD5 compared with the local bytes).
+    * An existing object is never replaced: the upload is conditional on there
+      being no object (``ifGenerationMatch=0``). When another writer stored the
+      same bytes first, that object is the result. An object of that name with
+      other content is reported (delete it and run again), never overwritten.
+    * Small files (up to :data:`CHUNK_SIZE`) go in one request, larger ones in
+      resumable chunks; every request is retried for at most :data:`RETRY_SECONDS`.
+    * The result is a complete object whose checksums were compared with the
+      local file's, or a :class:`UserError` naming the object, with nothing
+      stored under its name by this call.
+
+    ``prefix_uri`` may also be a local folder: the file is copied there under
+    the same name, with the same rules.
+    """
+    if is_gcs(local_path):
+        raise UserError(f"{local_path} is not a local file; upload_content_addressed copies a local file")
+    source, display = Path(local_path).expanduser(), os.fspath(local_path)
+    if not source.is_file():
+        raise UserError(f"{display} not found; check the path")
+    with _os_errors(display, "read"):
+        local = _digest_file(source)
+    suffix = source.suffix.lower() if suffix is None else suffix
+    name = f"sha256-{local.sha256}{suffix}"
+    if not is_gcs(prefix_uri):
+        return _copy_content_addressed(source, Path(prefix_uri).expanduser() / name, local)
+    bucket, folder = _split(str(prefix_uri), need_object=False)
+    folder = folder.strip("/")
+    uri = f"{_SCHEME}{bucket}/{folder}/{name}" if folder else f"{_SCHEME}{bucket}/{name}"
+    other = (f"{uri} already exists with other content than {display} although it is named after its SHA-256; "
+             f"delete it (gcloud storage rm {uri}) and run again")
+    blob = _blob(uri)
+    with _gcs_errors(uri):
+        existing = blob.bucket.get_blob(blob.name, **_call_options())
+    if existing is not None:
+        if _mismatches(existing, local):
+            raise UserError(other)
+        return uri
+    _upload(source, uri, 0, content_type or _guess_type(source.name), conflict=other, local=local, one_request=True)
+    return uri
+
+
+def _copy_content_addressed(source: Path, target: Path, local: _Digests) -> str:
+    """:func:`upload_content_addressed` into a local folder."""
+    display = os.fspath(target)
+    for _attempt in range(2):
+        if os.path.lexists(target):
+            with _os_errors(display, "read"):
+                same = target.is_file() and _digest_file(target).sha256 == local.sha256
+            if not same:
+                raise UserError(f"{display} already exists with other content than {source} although it is named "
+                                "after its SHA-256; delete it and run again")
+            return str(target)
+        try:
+            with open_read(source) as src, atomic_writer(target) as dst:
+                shutil.copyfileobj(src, dst, _BLOCK)
+            return str(target)
+        except UserError:
+            if not os.path.lexists(target):
+                raise
+            # another writer was first: its copy is checked above
+    return str(target)
 
 
 def _guess_type(name: str) -> str:
