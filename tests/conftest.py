@@ -6,7 +6,15 @@ from __future__ import annotations
 # The suite never touches the user's own jobs, models or datasets: for the whole
 # session TUNING_MAGICS_HOME points at a temporary folder (tests that need a
 # fresh registry set their own on top of it).
+import os as _os
+
 import pytest as _pytest
+
+# Application Default Credentials look for a GCE metadata server when nothing else is
+# set up; the suite sends traffic only to 127.0.0.1, so that lookup is off (and would
+# land on a closed local port). Set before google-auth is imported: it reads them once.
+_os.environ["NO_GCE_CHECK"] = "true"
+_os.environ["GCE_METADATA_HOST"] = _os.environ["GCE_METADATA_IP"] = "127.0.0.1:9"
 
 
 @_pytest.fixture(scope="session", autouse=True)

@@ -359,7 +359,7 @@ def test_wait_timeout_and_raise_on_failure(home, tmp_path):
               base_teacher_model="deepseek-ai/deepseek-v3.2-maas"), "base_model"),
         (dict(base_model=MODEL, train_dataset=records(4), base_teacher_model="deepseek-ai/deepseek-v3.2-maas"),
          "base_teacher_model"),
-        (dict(base_model="gemini-2.5-flash", train_dataset=records(4)), "base_model"),
+        (dict(base_model="gemini-2.5-flash", train_dataset=records(4), backend="local"), "base_model"),
         (dict(base_model=MODEL, train_dataset=records(4), backend="vertex"), "backend"),
         (dict(base_model=MODEL, train_dataset=records(4), output_uri="gs://b/out"), "output_uri"),
         (dict(base_model=MODEL, train_dataset=records(4), custom_base_model="/nonexistent"), "custom_base_model"),
@@ -403,8 +403,8 @@ def test_a_refused_submission_removes_only_what_it_made(home, tmp_path):
 def test_get_job_unknown_name(home):
     with pytest.raises(UserError, match="no local tuning job 'tune-nope'"):
         tm.get_job("tune-nope")
-    with pytest.raises(UserError, match="Vertex AI backend is not available"):
-        tm.get_job("projects/p/locations/us-central1/tuningJobs/1")
+    with pytest.raises(UserError, match="not a Vertex AI tuning job name"):
+        tm.get_job("projects/p/locations/us-central1/models/1")
 
 
 def test_api_import_is_light():
@@ -877,7 +877,7 @@ def test_builtin_models_tune_locally_whatever_the_settings(slot_taken, tmp_path,
 
 def test_an_explicit_backend_wins(home, monkeypatch):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
-    with pytest.raises(UserError, match="Vertex AI backend is not available") as info:
+    with pytest.raises(UserError, match="local/tiny-qwen3 is built into the local engine") as info:
         tm.tune(MODEL, records(4), epochs=1, backend="vertex")
     assert info.value.field == "backend"
     assert tm.list_jobs() == []

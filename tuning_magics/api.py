@@ -15,13 +15,13 @@ imported by this module.
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
+import re
+import warnings
+from datetime import datetime, timezone
 
 from . import catalog, params
 from .errors import UserError, require_extra
-from .jobs import Job
+from .jobs import Job, TuneRequest
 
 #: google-genai / vertexai spellings accepted for our parameters.
 _ALIASES = {
@@ -52,20 +52,30 @@ def tune(
     validation_dataset=None,
     output_uri: str | None = None,
     tuned_model_display_name: str | None = None,
+    description: str | None = None,
+    labels: dict | None = None,
     method: str = "sft",
     base_teacher_model: str | None = None,
+    pre_tuned_model_checkpoint_id: str | None = None,
+    export_last_checkpoint_only: bool | None = None,
     backend: str | None = None,
+    dry_run: bool = False,
     wait: bool = False,
     **engine_options,
-) -> Job:
+):
     """Submit a tuning job and return its :class:`~tuning_magics.jobs.Job` at once (or when done, ``wait=True``).
 
-    ``base_model``: a catalog id or short name (``local/tiny-qwen3``, ``qwen3-4b``).
+    ``base_model``: a catalog id or short name (``local/tiny-qwen3``, ``qwen3-4b``,
+    ``gemini-2.5-flash``), or a tuned Gemini model's resource name to continue tuning it.
     ``train_dataset`` / ``validation_dataset``: a Dataset, a JSONL path or gs:// URI,
     a pandas DataFrame or a list of records. ``tuning_mode``: ``FULL`` or
     ``PEFT_ADAPTER`` (default: FULL where the model supports it). ``method``:
     ``"sft"`` or ``"distillation"`` (then ``base_teacher_model`` labels the prompts).
-    ``backend``: ``"local"`` (default without a Cloud project) or ``"vertex"``.
+    ``backend``: ``"local"`` or ``"vertex"``; by default ``local/*`` models run
+    locally, Gemini on Vertex AI, and open models on Vertex AI when a Cloud
+    project is configured, else locally (``job.backend`` says which).
+    ``dry_run=True`` checks everything and returns the :class:`~tuning_magics.jobs.DryRun`
+    (the exact request, billed tokens, estimated cost) without uploading or submitting.
     Other keywords are engine options (``batch_size``, ``max_seq_len``, ``seed``, ...).
     ``source_model``, ``training_dataset`` and ``epoch_count`` are accepted as aliases.
     """
@@ -84,15 +94,15 @@ def tune(
         custom_base_model = custom_base_model or getattr(base_model, "custom_base_model", None) or None
         base_model = base_model.base_model
 
+    # Continued tuning: a tuned Gemini model (its job, or its projects/.../models/... name) is the start.
+    pre_tuned_model = None
+    if isinstance(base_model, Job) or (isinstance(base_model, str) and base_model.startswith("projects/")):
+        if backend is not None and _backend(backend) != "vertex":
+            raise UserError("continuing a tuned Gemini model runs on Vertex AI; drop backend= or use 'vertex'",
+                            field="backend")
+        pre_tuned_model, base_model = _submitter("vertex").tuned_model_source(base_model)
     model = _model(base_model)
     backend = _backend(backend, model)
-    if backend == "local" and model.provider == "gemini":
-        raise UserError(
-            f"base_model {model.id} is tuned only by Vertex AI; use backend='vertex', or an open or local/tiny-* "
-            "model with the local engine",
-            field="base_model",
-        )
-    require_extra("local")  # before anything is checked against, or written by, the local engine
     method = _method(method)
     mode = _mode(model, tuning_mode)
     epochs = params.check("epochs", epochs)
@@ -104,78 +114,70 @@ def tune(
     teacher = _teacher(model, method, base_teacher_model)
     if train_dataset is None:
         raise UserError("train_dataset is required: pass a DataFrame, a JSONL path or a Dataset", field="train_dataset")
-    if tuned_model_display_name is not None and not isinstance(tuned_model_display_name, str):
-        raise UserError("tuned_model_display_name must be a string", field="tuned_model_display_name")
-    engine_options = _check_engine_options(engine_options)
-    if model.provider == "open" and custom_base_model is None:
-        _check_fits(model, mode, adapter_size, engine_options)
-    if custom_base_model is not None:
-        custom_base_model = _local_folder("custom_base_model", custom_base_model)
-    if output_uri is not None and str(output_uri).startswith("gs://"):
-        raise UserError(
-            "output_uri: the local engine writes to a local folder, not gs://; give a path or leave it out",
-            field="output_uri",
-        )
+    for name, value in (("tuned_model_display_name", tuned_model_display_name), ("description", description),
+                        ("pre_tuned_model_checkpoint_id", pre_tuned_model_checkpoint_id)):
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{name} must be a string", field=name)
+    if export_last_checkpoint_only is not None and not isinstance(export_last_checkpoint_only, bool):
+        raise UserError("export_last_checkpoint_only must be True or False", field="export_last_checkpoint_only")
     # A Dataset built with a validation split carries its validation set along.
     if validation_dataset is None and getattr(train_dataset, "validation", None) is not None:
         validation_dataset = train_dataset.validation
 
-    from .backends.local import jobs as local
-    from .backends.local.scheduler import concurrency
-
-    concurrency()  # a bad TUNING_MAGICS_LOCAL_CONCURRENCY is refused before anything is written
-    with local.new_job_folder(output_uri, prefix="distill" if method == "distillation" else "tune") as (job_id, out):
-        # Nothing half-made: a refused submission takes away what it made (a folder the user made stays).
-        train_path = _dataset_file("train_dataset", train_dataset, out / "train.jsonl", model, method)
-        validation_path = None
-        if validation_dataset is not None:
-            validation_path = _dataset_file("validation_dataset", validation_dataset, out / "validation.jsonl",
-                                            model, "sft")
-            _check_validation_set(validation_path, train_path, model)
-        config = {
-            "base_model": model.id,
-            "custom_base_model": custom_base_model,
-            "tuning_mode": mode,
-            "method": method,
-            "base_teacher_model": teacher,
-            "epochs": epochs,
-            "learning_rate": learning_rate,
-            "learning_rate_multiplier": learning_rate_multiplier,
-            "adapter_size": adapter_size,
-            "train_dataset": _describe(train_dataset),
-            "validation_dataset": _describe(validation_dataset),
-            "train_path": str(train_path),
-            "validation_path": str(validation_path) if validation_path else None,
-            "output_uri": str(out),
-            "engine_options": engine_options,
-        }
-        local.record(job_id, config, out, display_name=tuned_model_display_name)
-    job = local.start(job_id)
+    request = TuneRequest(
+        model=model, train_dataset=train_dataset, method=method, tuning_mode=mode,
+        validation_dataset=validation_dataset, custom_base_model=custom_base_model, base_teacher_model=teacher,
+        epochs=epochs, learning_rate=learning_rate, learning_rate_multiplier=learning_rate_multiplier,
+        adapter_size=adapter_size, output_uri=None if output_uri is None else str(output_uri),
+        tuned_model_display_name=tuned_model_display_name, description=description, labels=_labels(labels),
+        pre_tuned_model_checkpoint_id=pre_tuned_model_checkpoint_id,
+        export_last_checkpoint_only=export_last_checkpoint_only, options=dict(engine_options),
+        pre_tuned_model=pre_tuned_model,
+    )
+    submit = _submitter(backend)
+    if dry_run:
+        return submit.dry_run(request)
+    job = submit.submit(request)
     return job.wait() if wait else job
 
 
 def get_job(name: str, *, backend: str | None = None) -> Job:
-    """The job with this id (``tune-20261123-a1b2c3``), resource name or unique display name."""
+    """The job with this id (``tune-20261123-a1b2c3``), Vertex AI resource name, or unique display name.
+
+    A ``projects/.../tuningJobs/...`` name is a Vertex AI job; anything else is looked up locally.
+    """
     if not isinstance(name, str) or not name:
         raise UserError("get_job needs a job id such as 'tune-20261123-a1b2c3'; list_jobs() shows them", field="name")
-    if name.startswith("projects/"):
-        _backend("vertex")
     if backend is not None:
-        _backend(backend)
-    from .backends.local import jobs as local
-
-    return local.get(name)
+        backend = _backend(backend)
+    elif name.startswith("projects/"):
+        backend = "vertex"
+    else:
+        backend = "local"
+    return _jobs_module(backend).get(name)
 
 
 def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[Job]:
-    """Jobs, newest first (at most ``limit``)."""
+    """Jobs of both backends, newest first (at most ``limit``).
+
+    Vertex AI jobs are listed when a Cloud project is configured. When they
+    cannot be listed (no credentials, no network), the local jobs are still
+    returned, with a warning that says in one line why the Vertex AI ones are missing.
+    """
     if limit is not None:
         limit = params.whole_at_least_1("limit", limit)
     if backend is not None:
-        _backend(backend)
-    from .backends.local import jobs as local
-
-    return local.find(limit=limit)
+        return _jobs_module(_backend(backend)).find(limit=limit)
+    found = list(_jobs_module("local").find(limit=limit))
+    project = _configured_project()
+    if project:
+        try:
+            found += _jobs_module("vertex").find(limit=limit)
+        except UserError as exc:
+            warnings.warn(f"Vertex AI jobs of project {project} are not listed: {exc}", UserWarning, stacklevel=2)
+    far_past = datetime.min.replace(tzinfo=timezone.utc)
+    found.sort(key=lambda job: job.created or far_past, reverse=True)
+    return found[:limit] if limit is not None else found
 
 
 def rebuild_registry(*job_folders):
@@ -195,23 +197,93 @@ def rebuild_registry(*job_folders):
 
 
 def _backend(backend: str | None, model: catalog.Model | None = None) -> str:
-    """The backend to use: the one given, else the local engine for its built-in models, else the setting."""
-    if backend is None or str(backend).lower() == "auto":
-        if model is not None and model.provider == "local":
-            return "local"  # a built-in model exists only here: no setting (nor a broken pyproject) matters
+    """The backend that runs a job for ``model``.
+
+    An explicit ``backend`` wins (and a model it cannot tune is one line). Otherwise
+    built-in ``local/*`` models run locally and Gemini on Vertex AI, whatever the
+    settings say; open models follow the settings: Vertex AI where a Cloud project is
+    configured, the local engine elsewhere (``TUNING_MAGICS_BACKEND`` overrides).
+    """
+    if backend is not None and str(backend).lower() != "auto":
+        name = str(backend).lower()
+        if name not in ("local", "vertex"):
+            raise UserError(f"backend must be 'local' or 'vertex', not {backend!r}", field="backend")
+    elif model is not None and model.provider in ("local", "gemini"):
+        # No setting (nor a broken pyproject) matters: these models have one home.
+        name = "local" if model.provider == "local" else "vertex"
+    else:
         from .config import settings
 
-        backend = settings.backend
-    backend = str(backend).lower()
-    if backend == "vertex":
+        name = settings.backend
+    if model is not None and name == "vertex" and model.provider == "local":
+        raise UserError(f"base_model {model.id} is built into the local engine; Vertex AI cannot tune it: use "
+                        "backend='local' or a catalog model", field="backend")
+    if model is not None and name == "local" and model.provider == "gemini":
         raise UserError(
-            "the Vertex AI backend is not available in this version; use backend='local' "
-            "(or unset the Cloud project / TUNING_MAGICS_BACKEND)",
-            field="backend",
+            f"base_model {model.id} is tuned only by Vertex AI; use backend='vertex', or an open or local/tiny-* "
+            "model with the local engine",
+            field="base_model",
         )
-    if backend != "local":
-        raise UserError(f"backend must be 'local' or 'vertex', not {backend!r}", field="backend")
-    return backend
+    return name
+
+
+def _submitter(backend: str):
+    """The module that submits jobs for ``backend``: ``submit(request)`` and ``dry_run(request)``."""
+    if backend == "vertex":
+        from .backends.vertex import submit
+    else:
+        from .backends.local import submit
+    return submit
+
+
+def _jobs_module(backend: str):
+    """The module that finds jobs of ``backend``: ``get(name)`` and ``find(limit)``."""
+    if backend == "vertex":
+        from .backends.vertex import jobs
+    else:
+        from .backends.local import jobs
+    return jobs
+
+
+def _configured_project() -> str | None:
+    """The Cloud project when one is configured and the Vertex AI SDKs are installed, else None."""
+    from .config import settings
+    from .errors import EXTRAS
+
+    try:
+        project = settings.project
+    except UserError:
+        return None  # a broken pyproject.toml does not hold up the local jobs
+    if not project:
+        return None
+    try:
+        require_extra("vertex", *EXTRAS["vertex"])
+    except UserError:
+        return None
+    return project
+
+
+_LABEL = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+
+
+def _labels(labels) -> dict:
+    """User labels, checked against the service's rules so a mistake is caught before submission."""
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict):
+        raise UserError("labels must be a dict of text keys and values, e.g. {'team': 'search'}", field="labels")
+    out = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not _LABEL.fullmatch(key):
+            raise UserError(f"labels: key {key!r} must start with a lower-case letter and hold only lower-case "
+                            "letters, digits, '_' or '-' (at most 63)", field="labels")
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_-]{0,63}", value):
+            raise UserError(f"labels: value {value!r} of {key!r} must be lower-case letters, digits, '_' or '-' "
+                            "(at most 63)", field="labels")
+        out[key] = value
+    if len(out) > 60:
+        raise UserError(f"labels: at most 60 labels, not {len(out)} (a few are kept for lineage)", field="labels")
+    return out
 
 
 def _method(method) -> str:
@@ -278,179 +350,7 @@ def _teacher(model: catalog.Model, method: str, teacher) -> str | None:
             f"base_model {model.id} cannot be a distillation student; choose one of {students}",
             field="base_model",
         )
-    teacher = str(teacher)
-    if catalog.get_teacher(teacher) is not None:
-        return catalog.get_teacher(teacher).id
-    found = catalog.find(teacher)
-    if found is not None and found.provider != "gemini":
-        return found.id
-    if teacher.startswith(("http://", "https://")):
-        return teacher  # an OpenAI-compatible endpoint
-    if Path(teacher).expanduser().is_dir():
-        return str(Path(teacher).expanduser().resolve())
-    raise UserError(
-        f"base_teacher_model {teacher!r} is neither a catalog teacher, a model, an endpoint URL nor a local "
-        "folder; catalog.teachers() lists the teachers",
-        field="base_teacher_model",
-    )
-
-
-def _check_fits(model: catalog.Model, mode: str, adapter_size, options: dict) -> None:
-    """Refuse at once a job that could not fit in memory even with short sequences.
-
-    The worker checks again, with the dataset's real lengths, before loading weights.
-    """
-    from .backends.local.memory import check_fits
-
-    seq = min(512, options.get("max_seq_len") or 512)
-    check_fits(model.id, mode, seq, options.get("batch_size") or 8, adapter_size=adapter_size or 8,
-               model_name=model.id)
-
-
-def _check_engine_options(options: dict) -> dict:
-    from .backends.local.trainer import check_engine_options
-
-    return check_engine_options(options)
-
-
-def _local_folder(name: str, value) -> str:
-    text = str(value)
-    if text.startswith("gs://"):
-        raise UserError(f"{name}: the local engine reads local folders, not gs://; download it first", field=name)
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        raise UserError(f"{name} {text!r} is not a folder; give a model folder or a job's tuned_model", field=name)
-    return str(path.resolve())
-
-
-# -- datasets ----------------------------------------------------------------------
-
-
-def _describe(dataset) -> str | None:
-    """What the user passed, short enough to keep in the job's config."""
-    if dataset is None:
-        return None
-    uri = getattr(dataset, "uri", None) or getattr(dataset, "path", None)
-    if uri is not None:
-        return str(uri)
-    if isinstance(dataset, (str, os.PathLike)):
-        return str(dataset)
-    if isinstance(dataset, (list, tuple)):
-        return f"list of {len(dataset)} records"
-    from .datasets.validate import is_dataframe
-
-    if is_dataframe(dataset):
-        return f"DataFrame of {len(dataset)} rows"
-    return type(dataset).__name__
-
-
-def _dataset_file(name: str, dataset, target: Path, model: catalog.Model, method: str) -> Path:
-    """Put the dataset into the job folder as JSONL and return its path.
-
-    Files are copied so that a resumed job trains on exactly the data it started
-    with, even if the user's file changes meanwhile.
-    """
-    from .datasets.validate import is_dataframe
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dataframe(dataset) or isinstance(dataset, (list, tuple)):
-        if not len(dataset):
-            raise UserError(f"{name} is empty; give at least one example", field=name)
-        _write_frame(dataset, target, model, method, name)
-        return target
-    # A Dataset from tuning_magics.dataset() was checked when built, if for this model and method.
-    report = getattr(dataset, "report", None)
-    validated = (report is not None and getattr(dataset, "model", None) == model.id
-                 and getattr(report, "method", None) == method)
-    source = getattr(dataset, "uri", None) or getattr(dataset, "path", None) or dataset
-    if not isinstance(source, (str, os.PathLike)):
-        raise UserError(
-            f"{name} must be a DataFrame, a list of records, a JSONL path or a Dataset, not {type(dataset).__name__}",
-            field=name,
-        )
-    text = str(source)
-    if text.startswith("gs://"):
-        # The local engine trains from the job folder: fetch the object (checksum-verified) once.
-        from . import storage
-
-        storage.download_file(text, target, overwrite=True)
-        if not validated:
-            _validate_file(name, target, model, method)
-        return target
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise UserError(f"{name} {text!r} does not exist; check the path", field=name)
-    if not validated:
-        _validate_file(name, path, model, method)
-    shutil.copyfile(path, target)
-    return target
-
-
-def _check_validation_set(validation_path: Path, train_path: Path, model: catalog.Model) -> None:
-    """The service's rules for a validation set: at most 5000 examples, not the training set again."""
-    from .datasets.validate import validate
-
-    report = validate(str(validation_path), model=model.id, training=str(train_path))
-    if not report.ok:
-        raise UserError(f"validation_dataset: {report.errors[0]}", field="validation_dataset")
-
-
-def _validate_file(name: str, path: Path, model: catalog.Model, method: str) -> None:
-    from .datasets.validate import validate
-
-    report = validate(str(path), model=model.id, method=method)
-    if not report.ok:
-        more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
-        raise UserError(
-            f"{name} {path}: {report.errors[0]}{more}; tuning_magics.validate({str(path)!r}) lists them all",
-            field=name,
-        )
-
-
-def _write_frame(data, target: Path, model: catalog.Model, method: str, name: str) -> None:
-    """A DataFrame or list of records -> validated JSONL at ``target``.
-
-    Records (and DataFrames whose columns already are record keys, such as
-    ``messages`` or ``prompt``/``completion``) are checked and written as they are;
-    other DataFrames go through :func:`tuning_magics.dataset`, which maps columns.
-    Hints name what the user can do from tune(), which has no dataset options.
-    """
-    from .datasets.formats import TOP_KEYS
-    from .datasets.validate import is_dataframe, plain, validate
-
-    # Only GenerateContent columns need the records as they are; every other
-    # DataFrame goes through dataset(), which names bad cells by row and column.
-    gc_keys = TOP_KEYS["generate_content"]
-    if is_dataframe(data) and not (set(data.columns) <= gc_keys and "contents" in data.columns):
-        from .datasets.build import DatasetInvalid, dataset
-
-        try:
-            dataset(data, out=str(target), overwrite=True, model=model.id, method=method)
-        except DatasetInvalid as exc:
-            raise UserError(f"{name}: {exc.problem}; nothing was submitted: fix the data, or build it with "
-                            "tuning_magics.dataset(df, skip_invalid=True) and pass that", field=name) from None
-        except UserError as exc:
-            if exc.field == "completion":  # prompts but no answers
-                raise UserError(f"{name}: the DataFrame has prompts but no answer column (completion, assistant, "
-                                "output, answer or response); add one, or use method='distillation'",
-                                field=name) from None
-            if exc.field in ("columns", "prompt"):
-                raise UserError(f"{name}: the DataFrame's columns are not prompt/completion, user/assistant or "
-                                f"messages ({', '.join(map(str, list(data.columns)[:8]))}); rename them, or build it "
-                                "with tuning_magics.dataset(df, prompt=..., completion=...) and pass that",
-                                field=name) from None
-            raise UserError(f"{name}: {exc}", field=name) from None
-        return
-    import orjson
-
-    from .storage import atomic_writer
-
-    rows = [plain(r) for r in (data.to_dict(orient="records") if is_dataframe(data) else data)]
-    report = validate(rows, model=model.id, method=method)
-    if not report.ok:
-        more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
-        raise UserError(f"{name}: {report.errors[0]}{more}; tuning_magics.validate(records) lists them all",
-                        field=name)
-    with atomic_writer(target, overwrite=True) as fh:
-        for row in rows:
-            fh.write(orjson.dumps(row) + b"\n")
+    if not isinstance(teacher, str):
+        raise UserError("base_teacher_model must be a model id, an endpoint URL or a folder, as text",
+                        field="base_teacher_model")
+    return teacher  # each backend knows which teachers it can reach

@@ -43,6 +43,8 @@ class _Values:
     staging_bucket: str | None = None
     backend: str = "auto"
     api_endpoint: str | None = None
+    #: A google-auth Credentials object; set in the session only (never read from a file or the environment).
+    credentials: object = None
 
 
 def _find_pyproject(start: Path) -> Path | None:
@@ -98,6 +100,15 @@ def _parse_pyproject(path: Path) -> dict | UserError:
 
 
 def _check(name: str, value):
+    if name == "credentials":
+        # Duck-typed, so google-auth is not imported to check: every google-auth Credentials has these.
+        if not (hasattr(value, "before_request") and hasattr(value, "refresh")):
+            raise UserError(
+                "credentials must be a google-auth Credentials object (e.g. from google.auth.default() or "
+                "service_account.Credentials.from_service_account_file(...)), set in the session",
+                field="credentials",
+            )
+        return value
     if not isinstance(value, str):
         raise UserError(f"{name} must be text, not {value!r}", field=name)
     if name == "backend":
@@ -179,6 +190,8 @@ class Settings:
             value = getattr(values, f.name)
             if f.name == "backend" and value == "auto":
                 value = f"{self.backend} (auto)"
+            if f.name == "credentials":  # never the object itself: its repr could hold a token
+                value = type(value).__name__ if value is not None else "application default"
             rows.append(f"{f.name:<15} {value if value is not None else '-':<40} {sources[f.name]}")
         return "\n".join(rows)
 

@@ -33,6 +33,10 @@ JOB_STATE_SUCCEEDED = "JOB_STATE_SUCCEEDED"
 JOB_STATE_FAILED = "JOB_STATE_FAILED"
 JOB_STATE_CANCELLING = "JOB_STATE_CANCELLING"
 JOB_STATE_CANCELLED = "JOB_STATE_CANCELLED"
+#: Vertex AI only: the job waited too long for resources and will not run.
+JOB_STATE_EXPIRED = "JOB_STATE_EXPIRED"
+#: Vertex AI only: the service paused the job; it may go on later.
+JOB_STATE_PAUSED = "JOB_STATE_PAUSED"
 
 STATES = (
     JOB_STATE_QUEUED,
@@ -42,17 +46,23 @@ STATES = (
     JOB_STATE_FAILED,
     JOB_STATE_CANCELLING,
     JOB_STATE_CANCELLED,
+    JOB_STATE_EXPIRED,
+    JOB_STATE_PAUSED,
 )
-TERMINAL_STATES = frozenset({JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED})
+TERMINAL_STATES = frozenset({JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED, JOB_STATE_EXPIRED})
 #: States in which a worker (or the service) is working on the job.
 ACTIVE_STATES = frozenset({JOB_STATE_PENDING, JOB_STATE_RUNNING, JOB_STATE_CANCELLING})
 
-# Sub-states while RUNNING, in the order a job passes through them.
-DISTILLING = "DISTILLING"  # distillation only: the teacher labels the prompts
+# Sub-states of a job that has not ended, in the order a job passes through them.
+WAITING_FOR_QUOTA = "WAITING_FOR_QUOTA"  # Vertex AI: queued behind the project's tuning quota
+DISTILLING = "DISTILLING"  # local distillation: the teacher labels the prompts
 PROCESSING_DATASET = "PROCESSING_DATASET"
+WAITING_FOR_CAPACITY = "WAITING_FOR_CAPACITY"  # Vertex AI: waiting for accelerators
 TUNING = "TUNING"
 POST_PROCESSING = "POST_PROCESSING"
-SUBSTATES = (DISTILLING, PROCESSING_DATASET, TUNING, POST_PROCESSING)
+SUBSTATES = (WAITING_FOR_QUOTA, DISTILLING, PROCESSING_DATASET, WAITING_FOR_CAPACITY, TUNING, POST_PROCESSING)
+#: Sub-states in which a job waits for the service rather than works.
+WAITING_SUBSTATES = frozenset({WAITING_FOR_QUOTA, WAITING_FOR_CAPACITY})
 
 #: Columns of :meth:`Job.metrics`, in this order (extra columns a backend records follow them).
 METRIC_COLUMNS = ("step", "epoch", "train_loss", "eval_loss", "token_accuracy", "learning_rate", "tokens_per_second")
@@ -84,6 +94,85 @@ class JobInfo:
     started: datetime | None = None
     ended: datetime | None = None
     attempts: int = 0
+    #: What the service counted in the dataset (Vertex AI's ``tuning_data_stats``), in
+    #: :data:`DATA_STAT_NAMES` keys; None until it has counted.
+    data_stats: dict | None = None
+
+
+#: The dataset figures both our validator and the service report, for :meth:`Job.data_stats`.
+DATA_STAT_NAMES = ("examples", "billable_tokens", "truncated_examples", "dropped_examples")
+
+#: A job that waited longer than this for quota or capacity gets the resubmit hint.
+LONG_WAIT_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """One checked tuning request, as ``tune()`` hands it to a backend.
+
+    Everything that holds for every backend has been checked (the model is in
+    the catalog, the mode, method, teacher and numbers are valid); each
+    backend checks what only it knows (memory and local folders for the local
+    engine; region, bucket and credentials for Vertex AI) and prepares the
+    datasets its own way. ``train_dataset`` and ``validation_dataset`` are what
+    the user passed (DataFrame, records, path, gs:// URI or Dataset).
+    """
+
+    model: Any  # catalog.Model
+    train_dataset: Any
+    method: str = "sft"
+    tuning_mode: str = "FULL"
+    validation_dataset: Any = None
+    custom_base_model: str | None = None
+    base_teacher_model: str | None = None
+    epochs: int | None = None
+    learning_rate: float | None = None
+    learning_rate_multiplier: float | None = None
+    adapter_size: int | None = None
+    output_uri: str | None = None
+    tuned_model_display_name: str | None = None
+    description: str | None = None
+    labels: dict = field(default_factory=dict)
+    #: A tuned model to continue tuning (Vertex AI: ``projects/.../models/...``).
+    pre_tuned_model: str | None = None
+    pre_tuned_model_checkpoint_id: str | None = None
+    export_last_checkpoint_only: bool | None = None
+    #: Backend-specific options (the local engine's ``batch_size``, ``max_seq_len``, ...).
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What ``tune(..., dry_run=True)`` would submit, with nothing uploaded or submitted.
+
+    ``request`` is the exact body the backend would send (for Vertex AI, the JSON
+    google-genai builds for ``tunings.tune``); ``uploads`` maps each local file to the
+    ``gs://`` name it would be uploaded to; ``billed_tokens`` and ``cost_usd`` are
+    estimates from the validated datasets (``cost_usd`` None where no price is published).
+    """
+
+    backend: str
+    model: str
+    request: dict
+    billed_tokens: int
+    cost_usd: float | None = None
+    predicted_stats: dict = field(default_factory=dict)
+    uploads: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        import json
+
+        cost = "no published price" if self.cost_usd is None else f"about ${self.cost_usd:,.2f}"
+        lines = [f"dry run on {self.backend}: nothing was uploaded or submitted",
+                 f"model {self.model}; billed training tokens {self.billed_tokens:,} ({cost})"]
+        lines += [f"would upload {src} -> {dst}" for src, dst in self.uploads.items()]
+        lines += list(self.notes)
+        lines.append(json.dumps(self.request, indent=2, sort_keys=True, default=str))
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(str(self))
 
 
 @dataclass(frozen=True)
@@ -227,6 +316,45 @@ class Job(ABC):
     def attempts(self) -> int:
         """How many times a worker has started on the job (resumes add one each)."""
         return self.info.attempts
+
+    @property
+    def queued_seconds(self) -> float | None:
+        """Seconds between submission and the start of training (so far, while the job still waits)."""
+        info = self.info
+        if info.created is None:
+            return None
+        until = info.started or info.ended or datetime.now(timezone.utc)
+        return max(0.0, (until - info.created).total_seconds())
+
+    @property
+    def hint(self) -> str | None:
+        """Advice for a job that has been waiting a long time for the service, else None."""
+        info = self.info
+        if info.substate not in WAITING_SUBSTATES or info.state in TERMINAL_STATES:
+            return None
+        waited = self.queued_seconds or 0.0
+        if waited < LONG_WAIT_SECONDS:
+            return None
+        what = "quota" if info.substate == WAITING_FOR_QUOTA else "capacity"
+        return (f"waiting for {what} for {waited / 3600:.1f} h; waits are unpredictable and cancelling and "
+                "submitting again can be faster: job.cancel(), then tune(...) again")
+
+    def data_stats(self):
+        """The dataset as our validator predicted it and as the service counted it, side by side.
+
+        A pandas DataFrame indexed by ``examples``, ``billable_tokens``,
+        ``truncated_examples`` and ``dropped_examples`` with columns ``predicted``,
+        ``service`` and ``differs``; ``service`` is empty until the service has counted.
+        """
+        import pandas as pd
+
+        predicted = self.info.config.get("predicted_stats") or {}
+        service = self.info.data_stats or {}
+        rows = []
+        for key in DATA_STAT_NAMES:
+            p, s = predicted.get(key), service.get(key)
+            rows.append({"predicted": p, "service": s, "differs": p is not None and s is not None and p != s})
+        return pd.DataFrame(rows, index=list(DATA_STAT_NAMES))
 
     @property
     def tuned_model(self) -> str | None:

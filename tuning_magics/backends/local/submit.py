@@ -1,0 +1,157 @@
+"""What the local engine does with a tuning request: its own checks, the job folder, the queue.
+
+``api.tune()`` has checked what holds for every backend; :func:`submit`
+checks what only this machine knows (the local extra is installed, the model
+fits in memory, engine options, local folders, teachers it can reach), puts
+the validated datasets into a new job folder and queues the job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ... import catalog
+from ...datasets import prepare
+from ...errors import UserError, require_extra
+from ...jobs import TuneRequest
+from . import jobs as local
+
+
+def check(request: TuneRequest) -> tuple[str | None, str | None, dict]:
+    """The local engine's own checks; returns (custom_base_model folder, teacher, engine options)."""
+    model = request.model
+    if model.provider == "gemini":
+        raise UserError(
+            f"base_model {model.id} is tuned only by Vertex AI; use backend='vertex', or an open or local/tiny-* "
+            "model with the local engine",
+            field="base_model",
+        )
+    require_extra("local")  # before anything is checked against, or written by, the local engine
+    if request.pre_tuned_model_checkpoint_id is not None:
+        raise UserError("pre_tuned_model_checkpoint_id continues a tuned Gemini model on Vertex AI; for the "
+                        "local engine pass custom_base_model=job.tuned_model (or a checkpoint folder)",
+                        field="pre_tuned_model_checkpoint_id")
+    from .trainer import check_engine_options
+
+    options = check_engine_options(dict(request.options))
+    custom = request.custom_base_model
+    if model.provider == "open" and custom is None:
+        _check_fits(model, request.tuning_mode, request.adapter_size, options)
+    if custom is not None:
+        custom = _local_folder("custom_base_model", custom)
+    if request.output_uri is not None and str(request.output_uri).startswith("gs://"):
+        raise UserError(
+            "output_uri: the local engine writes to a local folder, not gs://; give a path or leave it out",
+            field="output_uri",
+        )
+    teacher = _teacher(request.base_teacher_model) if request.method == "distillation" else None
+    from .scheduler import concurrency
+
+    concurrency()  # a bad TUNING_MAGICS_LOCAL_CONCURRENCY is refused before anything is written
+    return custom, teacher, options
+
+
+def submit(request: TuneRequest) -> local.LocalJob:
+    """Check the request, write the job folder (datasets included) and queue the job."""
+    custom, teacher, options = check(request)
+    model, method = request.model, request.method
+    train, validation = request.train_dataset, request.validation_dataset
+    with local.new_job_folder(request.output_uri, prefix="distill" if method == "distillation" else "tune") as (
+        job_id, out,
+    ):
+        # Nothing half-made: a refused submission takes away what it made (a folder the user made stays).
+        train_file = prepare.to_jsonl("train_dataset", train, out / "train.jsonl", model, method)
+        validation_file = None
+        if validation is not None:
+            validation_file = prepare.to_jsonl("validation_dataset", validation, out / "validation.jsonl",
+                                               model, "sft")
+            prepare.check_validation_set(validation_file.uri, train_file.uri, model)
+        config = {
+            "base_model": model.id,
+            "custom_base_model": custom,
+            "tuning_mode": request.tuning_mode,
+            "method": method,
+            "base_teacher_model": teacher,
+            "epochs": request.epochs,
+            "learning_rate": request.learning_rate,
+            "learning_rate_multiplier": request.learning_rate_multiplier,
+            "adapter_size": request.adapter_size,
+            "train_dataset": prepare.describe(train),
+            "validation_dataset": prepare.describe(validation),
+            "train_path": train_file.uri,
+            "validation_path": validation_file.uri if validation_file else None,
+            "output_uri": str(out),
+            "engine_options": options,
+            "predicted_stats": prepare.predicted_stats(train_file.report, model, request.epochs),
+        }
+        if request.description:
+            config["description"] = request.description
+        if request.labels:
+            config["labels"] = dict(request.labels)
+        local.record(job_id, config, out, display_name=request.tuned_model_display_name)
+    return local.start(job_id)
+
+
+def _check_fits(model: catalog.Model, mode: str, adapter_size, options: dict) -> None:
+    """Refuse at once a job that could not fit in memory even with short sequences.
+
+    The worker checks again, with the dataset's real lengths, before loading weights.
+    """
+    from .memory import check_fits
+
+    seq = min(512, options.get("max_seq_len") or 512)
+    check_fits(model.id, mode, seq, options.get("batch_size") or 8, adapter_size=adapter_size or 8,
+               model_name=model.id)
+
+
+def _local_folder(name: str, value) -> str:
+    text = str(value)
+    if text.startswith("gs://"):
+        raise UserError(f"{name}: the local engine reads local folders, not gs://; download it first", field=name)
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{name} {text!r} is not a folder; give a model folder or a job's tuned_model", field=name)
+    return str(path.resolve())
+
+
+def _teacher(teacher: str) -> str:
+    """A teacher the local engine can ask: a catalog teacher, a catalog or local model, an endpoint or a folder."""
+    found_teacher = catalog.get_teacher(teacher)
+    if found_teacher is not None:
+        return found_teacher.id
+    found = catalog.find(teacher)
+    if found is not None and found.provider != "gemini":
+        return found.id
+    if teacher.startswith(("http://", "https://")):
+        return teacher  # an OpenAI-compatible endpoint
+    if Path(teacher).expanduser().is_dir():
+        return str(Path(teacher).expanduser().resolve())
+    raise UserError(
+        f"base_teacher_model {teacher!r} is neither a catalog teacher, a model, an endpoint URL nor a local "
+        "folder; catalog.teachers() lists the teachers",
+        field="base_teacher_model",
+    )
+
+
+def dry_run(request: TuneRequest):
+    """Everything :func:`submit` checks, with the datasets validated in a scratch folder; nothing is queued."""
+    import tempfile
+
+    from ...jobs import DryRun
+
+    custom, teacher, options = check(request)
+    with tempfile.TemporaryDirectory(prefix="tuning-magics-dry-run-") as scratch:
+        train = prepare.to_jsonl("train_dataset", request.train_dataset, Path(scratch) / "train.jsonl",
+                                 request.model, request.method)
+        if request.validation_dataset is not None:
+            validation = prepare.to_jsonl("validation_dataset", request.validation_dataset,
+                                          Path(scratch) / "validation.jsonl", request.model, "sft")
+            prepare.check_validation_set(validation.uri, train.uri, request.model)
+    stats = prepare.predicted_stats(train.report, request.model, request.epochs)
+    body = {"base_model": request.model.id, "custom_base_model": custom, "tuning_mode": request.tuning_mode,
+            "method": request.method, "base_teacher_model": teacher, "epochs": request.epochs,
+            "learning_rate": request.learning_rate, "adapter_size": request.adapter_size,
+            "train_dataset": prepare.describe(request.train_dataset),
+            "validation_dataset": prepare.describe(request.validation_dataset), "engine_options": options}
+    return DryRun("local", request.model.id, {k: v for k, v in body.items() if v is not None},
+                  stats["billable_tokens"], 0.0, stats, notes=("the local engine bills nothing",))

@@ -1,0 +1,282 @@
+"""Vertex AI tuning jobs as :class:`~tuning_magics.jobs.Job`: watch, cancel, metrics, checkpoints.
+
+A :class:`VertexJob` answers the same questions as a local job. The
+service's ``JobState`` names are ours already; its ``tuning_job_state``
+(``TUNING_JOB_STATE_WAITING_FOR_QUOTA``, ...) becomes the sub-state
+(``WAITING_FOR_QUOTA``, ...). ``tuning_data_stats`` become ``data_stats``,
+shown beside what the validator predicted (kept in the job's labels).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ...errors import UserError
+from ...jobs import (
+    JOB_STATE_CANCELLED,
+    JOB_STATE_FAILED,
+    JOB_STATE_SUCCEEDED,
+    STATES,
+    TERMINAL_STATES,
+    Checkpoint,
+    Job,
+    JobInfo,
+    metrics_frame,
+)
+from . import client as vc
+
+#: The labels tuning_magics puts on every job (lineage the user can filter on).
+LABEL_VERSION = "tuning-magics"
+LABEL_DATASET = "tm-dataset"
+#: The validator's predicted counts, so a job read back in another session still compares them.
+LABEL_PREDICTED = {"examples": "tm-examples", "billable_tokens": "tm-billable-tokens",
+                   "truncated_examples": "tm-truncated", "dropped_examples": "tm-dropped"}
+
+_JOB_NAME = re.compile(r"projects/[^/]+/locations/[^/]+/tuningJobs/[^/]+")
+
+
+class VertexJob(Job):
+    """A tuning job on Vertex AI."""
+
+    backend = "vertex"
+
+    def __init__(self, name: str, *, ctx: vc.Context | None = None, _job=None):
+        self._name = name
+        self._ctx = ctx
+        self._raw = _job
+        super().__init__(_info(_job) if _job is not None else None)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def ctx(self) -> vc.Context:
+        if self._ctx is None:
+            self._ctx = vc.context(resource=self._name)
+        return self._ctx
+
+    @property
+    def raw(self):
+        """The service's own ``TuningJob`` (google-genai type) of the last snapshot."""
+        self.info  # noqa: B018 - a fresh snapshot when the last one is stale
+        return self._raw
+
+    def _fetch(self) -> JobInfo:
+        ctx = self.ctx
+        with vc.api_errors(f"read tuning job {self._name}", ctx), vc.sdk_quiet():
+            self._raw = vc.genai_client(ctx).tunings.get(name=self._name)
+        return _info(self._raw)
+
+    def cancel(self) -> VertexJob:
+        """Ask the service to stop the job; it goes CANCELLING, then CANCELLED. An ended job is left as it is."""
+        if self.refresh().done:
+            return self
+        with vc.api_errors(f"cancel tuning job {self._name}", self.ctx):
+            vc.genai_client(self.ctx).tunings.cancel(name=self._name)
+        return self.refresh()
+
+    def resume(self) -> VertexJob:
+        raise UserError(
+            f"Vertex AI does not resume a {self.state} job; submit it again with tune(...) (a tuned Gemini model "
+            "continues from a checkpoint with tune(base_model=job, pre_tuned_model_checkpoint_id=...))"
+        )
+
+    def metrics(self):
+        """Training and evaluation loss and next-token accuracy per step, read from the job's experiment."""
+        from .metrics import read_metrics
+
+        experiment = getattr(self.raw, "experiment", None)
+        rows = []
+        if experiment:
+            ctx = self.ctx
+            with vc.api_errors(f"read the metrics of tuning job {self._name}", ctx):
+                rows = read_metrics(experiment, project=ctx.project, location=ctx.location,
+                                    credentials=ctx.credentials, api_endpoint=ctx.api_endpoint)
+        return metrics_frame(rows)
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        """Gemini: the tuned model's checkpoints. Open models: the output folder's ``checkpoint-N`` and ``final``."""
+        raw = self.raw
+        tuned = getattr(raw, "tuned_model", None)
+        found = []
+        for ck in (getattr(tuned, "checkpoints", None) or []):
+            step = int(ck.step) if ck.step is not None else None
+            found.append(Checkpoint(f"checkpoint-{ck.checkpoint_id}", step, ck.endpoint or tuned.model or ""))
+        if found:
+            if tuned.endpoint:
+                found.append(Checkpoint("final", None, tuned.endpoint))
+            return found
+        out = self.output_uri
+        if not out or self.state not in (JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED):
+            return []
+        from ... import storage
+
+        root = out.rstrip("/") + "/postprocess/node-0/checkpoints/"
+        with vc.api_errors(f"list the checkpoints of {self._name}", self.ctx):
+            uris = storage.list_uris(root)
+        names = sorted({u[len(root):].split("/", 1)[0] for u in uris if u.startswith(root) and "/" in u[len(root):]})
+        steps = [(int(n.split("-", 1)[1]), n) for n in names if re.fullmatch(r"checkpoint-\d+", n)]
+        result = [Checkpoint(n, s, root + n) for s, n in sorted(steps)]
+        if "final" in names:
+            result.append(Checkpoint("final", None, root + "final"))
+        return result
+
+    @property
+    def tuned_model_name(self) -> str | None:
+        """The tuned model's resource name (``projects/.../models/...@1``) for Gemini, else None."""
+        tuned = getattr(self.raw, "tuned_model", None)
+        return getattr(tuned, "model", None)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint that serves a tuned Gemini model, else None."""
+        tuned = getattr(self.raw, "tuned_model", None)
+        return getattr(tuned, "endpoint", None)
+
+    def chat(self, messages_or_text, *, checkpoint: str | None = None, stream: bool = False, **gen):
+        """Reply with the tuned Gemini model (any checkpoint), or with the endpoint ``deploy()`` made."""
+        from .endpoints import chat_with_job
+
+        return chat_with_job(self, messages_or_text, checkpoint=checkpoint, stream=stream, **gen)
+
+    def deploy(self, **options):
+        """Deploy the tuned open model through Model Garden (default ``g2-standard-12`` with one NVIDIA L4)."""
+        from .endpoints import deploy_job
+
+        return deploy_job(self, **options)
+
+
+def get(name: str) -> VertexJob:
+    """The Vertex AI job with this resource name (``projects/P/locations/L/tuningJobs/ID``)."""
+    if not _JOB_NAME.fullmatch(name):
+        raise UserError(f"{name!r} is not a Vertex AI tuning job name (projects/P/locations/L/tuningJobs/ID); "
+                        "list_jobs() shows them", field="name")
+    job = VertexJob(name)
+    job.refresh()
+    return job
+
+
+def find(limit: int | None = None) -> list[VertexJob]:
+    """The project's tuning jobs in the configured location, newest first."""
+    ctx = vc.context()
+    out = []
+    with vc.api_errors("list tuning jobs", ctx), vc.sdk_quiet():
+        pager = vc.genai_client(ctx).tunings.list(config={"page_size": min(limit or 100, 100)})
+        for raw in pager:
+            out.append(VertexJob(raw.name, ctx=ctx, _job=raw))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+# -- the service's job -> JobInfo --------------------------------------------------------
+
+
+def _enum_name(value) -> str | None:
+    if value is None:
+        return None
+    return getattr(value, "name", None) or str(value)
+
+
+def _info(raw) -> JobInfo:
+    state = _enum_name(raw.state) or "JOB_STATE_PENDING"
+    if state not in STATES:  # UNSPECIFIED, UPDATING, PARTIALLY_SUCCEEDED: the nearest of ours
+        state = {"JOB_STATE_PARTIALLY_SUCCEEDED": JOB_STATE_SUCCEEDED}.get(state, "JOB_STATE_RUNNING")
+    substate = _enum_name(getattr(raw, "tuning_job_state", None))
+    if substate:
+        substate = substate.removeprefix("TUNING_JOB_STATE_")
+        if substate == "UNSPECIFIED" or state in TERMINAL_STATES:
+            substate = None
+    error = None
+    if raw.error is not None and (raw.error.message or raw.error.code):
+        error = f"{raw.error.message or ''} (code {raw.error.code})".strip()
+        if raw.error.details:
+            error += "\n" + "\n".join(map(str, raw.error.details))
+    labels = dict(raw.labels or {})
+    return JobInfo(
+        name=raw.name,
+        state=state,
+        display_name=raw.tuned_model_display_name,
+        substate=substate,
+        error=error,
+        config=_config(raw, labels),
+        output_uri=_output_uri(raw),
+        created=raw.create_time,
+        started=raw.start_time,
+        ended=raw.end_time,
+        attempts=1 if raw.start_time else 0,
+        data_stats=_data_stats(raw.tuning_data_stats),
+    )
+
+
+def _output_uri(raw) -> str | None:
+    if raw.output_uri:
+        return raw.output_uri
+    spec = raw.supervised_tuning_spec or raw.distillation_spec
+    return getattr(spec, "output_uri", None) if spec is not None else None
+
+
+def _config(raw, labels: dict) -> dict:
+    sft, distill = raw.supervised_tuning_spec, raw.distillation_spec
+    spec = sft or distill
+    hyper = getattr(spec, "hyper_parameters", None)
+    mode = _enum_name(getattr(spec, "tuning_mode", None) or getattr(hyper, "tuning_mode", None))
+    adapter = _enum_name(getattr(hyper, "adapter_size", None))
+    predicted = {key: int(labels[label]) for key, label in LABEL_PREDICTED.items()
+                 if str(labels.get(label, "")).isdigit()}
+    config = {
+        "base_model": raw.base_model or getattr(getattr(raw, "pre_tuned_model", None), "base_model", None),
+        "custom_base_model": raw.custom_base_model,
+        "tuning_mode": (mode or "").removeprefix("TUNING_MODE_") or None,
+        "method": "distillation" if distill is not None else "sft",
+        "base_teacher_model": getattr(distill, "base_teacher_model", None),
+        "epochs": int(hyper.epoch_count) if getattr(hyper, "epoch_count", None) else None,
+        "learning_rate": getattr(hyper, "learning_rate", None),
+        "learning_rate_multiplier": getattr(hyper, "learning_rate_multiplier", None),
+        "adapter_size": _ADAPTER_NUMBERS.get(adapter or ""),
+        "train_dataset": getattr(sft, "training_dataset_uri", None) or getattr(distill, "prompt_dataset_uri", None),
+        "validation_dataset": getattr(spec, "validation_dataset_uri", None),
+        "output_uri": _output_uri(raw),
+        "labels": labels,
+        "description": raw.description,
+        "experiment": raw.experiment,
+    }
+    if config["tuning_mode"] == "PEFT_ADAPTER" or adapter:
+        config["tuning_mode"] = config["tuning_mode"] or "PEFT_ADAPTER"
+    if predicted:
+        config["predicted_stats"] = predicted
+    return config
+
+
+_ADAPTER_NUMBERS = {"ADAPTER_SIZE_ONE": 1, "ADAPTER_SIZE_TWO": 2, "ADAPTER_SIZE_FOUR": 4,
+                    "ADAPTER_SIZE_EIGHT": 8, "ADAPTER_SIZE_SIXTEEN": 16, "ADAPTER_SIZE_THIRTY_TWO": 32}
+ADAPTER_SIZES = {n: name for name, n in _ADAPTER_NUMBERS.items()}
+
+
+def _data_stats(stats) -> dict | None:
+    if stats is None:
+        return None
+    inner = (stats.supervised_tuning_data_stats or stats.distillation_data_stats
+             or getattr(stats, "preference_optimization_data_stats", None))
+    if inner is None:
+        return None
+
+    def number(*names):
+        for name in names:
+            value = getattr(inner, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    dropped = getattr(inner, "dropped_example_reasons", None)
+    out = {
+        "examples": number("tuning_dataset_example_count"),
+        "billable_tokens": number("total_billable_token_count"),
+        "truncated_examples": number("total_truncated_example_count"),
+        "dropped_examples": len(dropped) if dropped is not None else None,
+    }
+    if dropped:
+        out["dropped_reasons"] = list(dropped)
+    return out

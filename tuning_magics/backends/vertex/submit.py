@@ -1,0 +1,282 @@
+"""What Vertex AI does with a tuning request: its own checks, the uploads, and the call to google-genai.
+
+``api.tune()`` has checked what holds for every backend. :func:`submit`
+checks what only the managed service knows (the region serves the model,
+Gemini's and open models' own parameters, catalog teachers, gs:// locations,
+a staging bucket, credentials), validates the datasets, uploads the local
+ones to the staging bucket under a name made from their content (the same
+data is never uploaded twice, an object is never replaced), and submits
+through google-genai's ``client.tunings.tune``, the SDK's own request.
+
+:func:`dry_run` does all of that but upload and submit: it returns the exact
+JSON body google-genai would send (captured from the SDK itself, with no
+network), the billed tokens and the estimated cost.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ... import catalog, storage
+from ...datasets import prepare
+from ...errors import UserError
+from ...jobs import DryRun, Job, TuneRequest
+from . import client as vc
+from .jobs import ADAPTER_SIZES, LABEL_DATASET, LABEL_PREDICTED, LABEL_VERSION, VertexJob
+
+#: Engine options Vertex AI takes too (the rest belong to the local engine).
+_SERVICE_OPTIONS = {"batch_size"}
+
+
+@dataclass
+class _Plan:
+    """A checked request, its datasets validated, with the gs:// names they have or will have."""
+
+    request: TuneRequest
+    ctx: vc.Context
+    train_uri: str
+    validation_uri: str | None
+    uploads: dict = field(default_factory=dict)  # local file -> gs:// name
+    stats: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    output_uri: str | None = None
+    teacher: str | None = None
+
+
+def submit(request: TuneRequest) -> VertexJob:
+    """Check, validate, upload and submit; returns the job at once."""
+    ctx = vc.context()  # credentials first: nothing is uploaded for a job that cannot be submitted
+    with tempfile.TemporaryDirectory(prefix="tuning-magics-upload-") as scratch:
+        plan = _plan(request, ctx, Path(scratch))
+        for local, uri in plan.uploads.items():
+            placed = storage.upload_content_addressed(local, uri.rsplit("/", 1)[0], name=uri.rsplit("/", 1)[1])
+            assert placed == uri, (placed, uri)
+    base_model, dataset, config = _sdk_call(plan)
+    with vc.api_errors(f"submit a tuning job for {request.model.id}", ctx), vc.sdk_quiet():
+        raw = vc.genai_client(ctx).tunings.tune(base_model=base_model, training_dataset=dataset, config=config)
+    return VertexJob(raw.name, ctx=ctx, _job=raw)
+
+
+def dry_run(request: TuneRequest) -> DryRun:
+    """Everything :func:`submit` does except upload and submit: the exact request body, billed tokens and cost."""
+    ctx = vc.context(credentials=False)
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="tuning-magics-dry-run-") as scratch:
+        plan = _plan(request, ctx, Path(scratch))
+    body = request_body(plan)
+    model = request.model
+    billed = plan.stats.get("billable_tokens", 0)
+    price = model.price_per_million_tokens
+    cost = None if price is None else round(billed / 1e6 * price, 2)
+    if request.epochs is None:
+        notes.append("epochs: the service's default applies; billed tokens are shown for one epoch")
+    if request.method == "distillation":
+        notes.append(f"distillation also pays for {request.base_teacher_model}'s answers to every prompt")
+    uploads = {str(Path(local).name if local.startswith(tempfile.gettempdir()) else local): uri
+               for local, uri in plan.uploads.items()}
+    return DryRun("vertex", model.id, body, billed, cost, plan.stats, uploads, tuple(notes))
+
+
+# -- checks ------------------------------------------------------------------------------
+
+
+def check(request: TuneRequest, ctx: vc.Context) -> str | None:
+    """Vertex AI's own rules for the request, each failure one line naming the parameter; returns the teacher."""
+    model = request.model
+    catalog.check_region(ctx.location, model)
+    gemini = model.provider == "gemini"
+    if gemini:
+        if request.learning_rate is not None:
+            raise UserError(f"{model.id} takes learning_rate_multiplier, not learning_rate; rename it",
+                            field="learning_rate")
+        if request.custom_base_model is not None:
+            raise UserError("custom_base_model is for open models; a tuned Gemini model continues with "
+                            "tune(base_model=job_or_model_name, pre_tuned_model_checkpoint_id=...)",
+                            field="custom_base_model")
+    else:
+        for name in ("learning_rate_multiplier", "adapter_size", "export_last_checkpoint_only"):
+            if getattr(request, name) is not None:
+                hint = "learning_rate" if name == "learning_rate_multiplier" else "tuning_mode"
+                raise UserError(f"{name} applies to Gemini models; for {model.id} use {hint}", field=name)
+        if request.tuning_mode not in model.modes:  # api checked it; a catalog change must not slip through
+            raise UserError(f"{model.id} supports tuning_mode {' or '.join(model.modes)}", field="tuning_mode")
+    if request.pre_tuned_model_checkpoint_id is not None and request.pre_tuned_model is None:
+        raise UserError("pre_tuned_model_checkpoint_id needs the tuned model to continue: "
+                        "tune(base_model=job_or_model_name, pre_tuned_model_checkpoint_id=...)",
+                        field="pre_tuned_model_checkpoint_id")
+    if request.pre_tuned_model is not None and not model.continued_tuning:
+        raise UserError(f"Vertex AI does not continue tuning {model.id} models; start again from {model.id}",
+                        field="base_model")
+    for name in ("custom_base_model", "output_uri"):
+        value = getattr(request, name)
+        if value is not None and not str(value).startswith("gs://"):
+            raise UserError(f"{name} must be a gs:// folder for Vertex AI, not {value!r}; upload it first",
+                            field=name)
+    unknown = sorted(set(request.options) - _SERVICE_OPTIONS)
+    if unknown:
+        raise UserError(f"{unknown[0]} is an option of the local engine; Vertex AI takes "
+                        f"{', '.join(sorted(_SERVICE_OPTIONS))} (or use backend='local')", field=unknown[0])
+    if "batch_size" in request.options:
+        from ... import params
+
+        params.whole_at_least_1("batch_size", request.options["batch_size"])
+    teacher = None
+    if request.method == "distillation":
+        found = catalog.get_teacher(request.base_teacher_model)
+        if found is None:
+            ids = ", ".join(t.id for t in catalog.teachers())
+            raise UserError(f"base_teacher_model {request.base_teacher_model!r} is not a Vertex AI teacher; use "
+                            f"one of {ids} (local models and endpoints teach with backend='local')",
+                            field="base_teacher_model")
+        teacher = found.id
+    return teacher
+
+
+def _staging(ctx: vc.Context, why: str) -> str:
+    if not ctx.staging_bucket:
+        raise UserError(f"staging_bucket: Vertex AI needs a Cloud Storage folder for {why}; set "
+                        "TUNING_MAGICS_STAGING_BUCKET=gs://my-bucket/tuning or "
+                        "tuning_magics.settings.update(staging_bucket='gs://my-bucket/tuning')",
+                        field="staging_bucket")
+    return ctx.staging_bucket.rstrip("/")
+
+
+def _plan(request: TuneRequest, ctx: vc.Context, scratch: Path) -> _Plan:
+    teacher = check(request, ctx)
+    model, method = request.model, request.method
+    plan = _Plan(request, ctx, "", None, teacher=teacher)
+    train = _dataset(plan, "train_dataset", request.train_dataset, scratch / "train.jsonl", method)
+    plan.train_uri = train.uri
+    if request.validation_dataset is not None:
+        validation = _dataset(plan, "validation_dataset", request.validation_dataset, scratch / "validation.jsonl",
+                              "sft")
+        plan.validation_uri = validation.uri
+        local_train = next((k for k, v in plan.uploads.items() if v == train.uri), train.uri)
+        local_validation = next((k for k, v in plan.uploads.items() if v == validation.uri), validation.uri)
+        prepare.check_validation_set(local_validation, local_train, model)
+    plan.stats = prepare.predicted_stats(train.report, model, request.epochs)
+    plan.output_uri = request.output_uri
+    if plan.output_uri is None and model.provider == "open":
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        plan.output_uri = f"{_staging(ctx, 'the tuned model')}/outputs/{model.short_name}-{stamp}"
+    plan.labels = _labels(request, plan)
+    return plan
+
+
+def _dataset(plan: _Plan, name: str, dataset, target: Path, method: str) -> prepare.Prepared:
+    """A validated dataset with its gs:// name: validated where it is, or written locally and named by content."""
+    model = plan.request.model
+    source = prepare.source_uri(name, dataset)
+    if source is not None and source.startswith("gs://"):
+        return prepare.validate_in_place(name, source, model, method, dataset)
+    local = prepare.to_jsonl(name, dataset, target, model, method)
+    uri = storage.content_address(local.uri, _staging(plan.ctx, "the datasets") + "/datasets",
+                                  name=target.name)
+    plan.uploads[local.uri] = uri
+    return prepare.Prepared(uri, local.report)
+
+
+def _labels(request: TuneRequest, plan: _Plan) -> dict:
+    """The user's labels plus lineage: the tuning_magics version, the dataset's content, the predicted counts."""
+    from ... import __version__
+
+    labels = dict(request.labels)
+    labels.setdefault(LABEL_VERSION, __version__.replace(".", "-"))
+    digest = plan.train_uri.rsplit("/", 1)[-1].split("-", 1)[0] if plan.train_uri in plan.uploads.values() else None
+    if digest:
+        labels.setdefault(LABEL_DATASET, digest.lower()[:63])
+    for key, label in LABEL_PREDICTED.items():
+        if plan.stats.get(key) is not None:
+            labels.setdefault(label, str(plan.stats[key]))
+    return labels
+
+
+# -- the SDK call ------------------------------------------------------------------------
+
+
+def _sdk_call(plan: _Plan):
+    """``(base_model, training_dataset, config)`` for google-genai's ``tunings.tune``, as a user would write them."""
+    from google.genai import types
+
+    request, model = plan.request, plan.request.model
+    config: dict = {}
+    if request.method == "distillation":
+        config["method"] = "DISTILLATION"
+        config["base_teacher_model"] = plan.teacher
+    if model.provider == "open":
+        config["tuning_mode"] = "TUNING_MODE_" + request.tuning_mode
+    if request.epochs is not None:
+        config["epoch_count"] = request.epochs
+    optional = {
+        "learning_rate": request.learning_rate,
+        "learning_rate_multiplier": request.learning_rate_multiplier,
+        "adapter_size": ADAPTER_SIZES.get(request.adapter_size) if request.adapter_size else None,
+        "export_last_checkpoint_only": request.export_last_checkpoint_only,
+        "pre_tuned_model_checkpoint_id": request.pre_tuned_model_checkpoint_id,
+        "custom_base_model": request.custom_base_model,
+        "output_uri": plan.output_uri,
+        "tuned_model_display_name": request.tuned_model_display_name,
+        "description": request.description,
+        "labels": plan.labels or None,
+        "batch_size": request.options.get("batch_size"),
+    }
+    config.update({k: v for k, v in optional.items() if v is not None})
+    if plan.validation_uri:
+        config["validation_dataset"] = types.TuningValidationDataset(gcs_uri=plan.validation_uri)
+    base_model = request.pre_tuned_model or model.id
+    return base_model, types.TuningDataset(gcs_uri=plan.train_uri), types.CreateTuningJobConfig(**config)
+
+
+def request_body(plan: _Plan) -> dict:
+    """The JSON body google-genai sends for this plan, captured from the SDK itself without any network."""
+    import httpx
+    from google import genai
+    from google.genai import types
+    from google.oauth2.credentials import Credentials
+
+    captured: list[dict] = []
+
+    def answer(req: httpx.Request) -> httpx.Response:
+        captured.append(json.loads(req.content or b"{}"))
+        return httpx.Response(200, json={"name": f"{plan.ctx.parent}/tuningJobs/dry-run",
+                                         "state": "JOB_STATE_PENDING"})
+
+    capture = genai.Client(
+        vertexai=True, project=plan.ctx.project, location=plan.ctx.location,
+        credentials=Credentials(token="dry-run"),  # nothing is sent: the transport answers itself
+        http_options=types.HttpOptions(httpx_client=httpx.Client(transport=httpx.MockTransport(answer))),
+    )
+    base_model, dataset, config = _sdk_call(plan)
+    with vc.sdk_quiet():
+        capture.tunings.tune(base_model=base_model, training_dataset=dataset, config=config)
+    return captured[0]
+
+
+def tuned_model_source(base) -> tuple[str, str]:
+    """``(tuned model resource, catalog id of its base model)`` for continuing a tuned Gemini model.
+
+    ``base`` is a Vertex AI job (its tuned model) or a ``projects/.../models/...`` name.
+    """
+    if isinstance(base, Job):
+        if getattr(base, "backend", "") != "vertex":
+            raise UserError("only a Vertex AI job's tuned Gemini model can be tuned further this way; for a "
+                            "local job pass custom_base_model=job.tuned_model", field="base_model")
+        tuned = base.tuned_model_name
+        if not tuned:
+            raise UserError(f"job {base.name} has no tuned model yet ({base.state}); wait for it to succeed",
+                            field="base_model")
+        return tuned, base.config.get("base_model")
+    name = str(base)
+    ctx = vc.context()
+    with vc.api_errors(f"read tuned model {name}", ctx):
+        found = vc.genai_client(ctx).models.get(model=name)
+    info = getattr(found, "tuned_model_info", None)
+    base_model = getattr(info, "base_model", None)
+    if not base_model:
+        raise UserError(f"{name} is not a tuned Gemini model; give the job or the tuned model's name",
+                        field="base_model")
+    return name, base_model
