@@ -625,7 +625,9 @@ class FakeVertex:
                     (r":deploy$", "POST", "aiplatform.endpoints.deploy"),
                     (r"/endpoints/[^/]+[:/]", "POST", "aiplatform.endpoints.predict"),
                     (r"/endpoints/[^/:]+$", "GET", "aiplatform.endpoints.get"),
-                    (r"/(metadataStores|tensorboards)/", "GET", "aiplatform.tensorboardTimeSeries.read"))  # fmt: skip
+                    (r"/metadataStores/[^/]+/contexts/", "GET", "aiplatform.contexts.get"),
+                    (r"/metadataStores/[^/]+/artifacts/", "GET", "aiplatform.artifacts.get"),
+                    (r"/tensorboards/", "GET", "aiplatform.tensorboardTimeSeries.read"))  # fmt: skip
 
     def _check_access(self, method: str, path: str, project: str) -> None:
         names = {project, self.project_number(project)}

@@ -1,0 +1,113 @@
+"""tuning_magics.backends.vertex.metrics.read_metrics against the fake Vertex AI's experiments and TensorBoard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("google.genai")
+pytestmark = pytest.mark.filterwarnings("ignore:The SDK's tuning implementation is experimental")
+
+from tuning_magics.backends.vertex.metrics import read_metrics  # noqa: E402
+
+CHAT = [{"messages": [{"role": "user", "content": f"Name {i}."}, {"role": "assistant", "content": f"N{i}"}]}
+        for i in range(16)]  # fmt: skip
+
+
+def tune(fake, *, validation=True, base="gemini-2.5-flash", epochs=2):
+    from google.genai import types
+
+    train = fake.put(fake.uri("train.jsonl"), CHAT)
+    config = types.CreateTuningJobConfig(epoch_count=epochs)
+    if validation:
+        config.validation_dataset = types.TuningValidationDataset(gcs_uri=fake.put(fake.uri("val.jsonl"), CHAT[:4]))
+    if not base.startswith("gemini-"):
+        config.output_uri = f"gs://{fake.bucket}/out"
+    client = fake.genai_client()  # held: google-genai closes its connections when the client is collected
+    return client.tunings.tune(base_model=base, training_dataset=types.TuningDataset(gcs_uri=train), config=config)
+
+
+@pytest.fixture
+def fake_vertex(fake_vertex):
+    """Minute-long lifecycle steps: jobs move only when a test moves the fake's clock."""
+    fake_vertex.step_seconds = 60
+    return fake_vertex
+
+
+def get(fake, name):
+    client = fake.genai_client()
+    return client.tunings.get(name=name)
+
+
+def read(fake, experiment):
+    return read_metrics(experiment, project="fake-project", location="us-central1", credentials=fake.credentials(),
+                        api_endpoint=fake.url)  # fmt: skip
+
+
+def test_a_finished_job_gives_one_row_per_step_with_eval_at_each_epoch(fake_vertex):
+    job = tune(fake_vertex)  # 16 examples, batch 8: 2 steps an epoch
+    fake_vertex.advance(10 * fake_vertex.step_seconds)
+    job = get(fake_vertex, job.name)
+    assert job.state.value == "JOB_STATE_SUCCEEDED"
+    rows = read(fake_vertex, job.experiment)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "train_loss", "eval_loss", "token_accuracy", "eval_token_accuracy"}
+    assert [r["eval_loss"] is not None for r in rows] == [False, True, False, True]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and 0 < rows[0]["token_accuracy"] < rows[-1]["token_accuracy"]
+    assert all(isinstance(r["train_loss"], float) for r in rows)
+    # the same numbers as the service's own time series, read by aiplatform elsewhere
+    series = fake_vertex.job(job.name).metrics(fake_vertex.now())
+    assert [r["train_loss"] for r in rows] == [v for _, _, v in series["/train_total_loss"]]
+    reads = [r for r in fake_vertex.requests if r.path.endswith(":batchRead")]
+    assert len(reads) == 1 and len(reads[0].query["timeSeries"]) == 5 - 1  # num_predictions is not asked for
+
+
+def test_the_experiment_id_alone_and_an_open_model_without_validation(fake_vertex):
+    job = tune(fake_vertex, validation=False, base="qwen/qwen3@qwen3-4b", epochs=1)
+    fake_vertex.advance(10 * fake_vertex.step_seconds)
+    job = get(fake_vertex, job.name)
+    rows = read(fake_vertex, job.experiment.rsplit("/", 1)[1])
+    assert [(r["step"], r["eval_loss"]) for r in rows] == [(1, None), (2, None)]
+    assert "eval_token_accuracy" not in rows[0]
+
+
+def test_a_running_job_has_the_steps_logged_so_far(fake_vertex):
+    fake_vertex.next_outcome("running")
+    job = tune(fake_vertex, epochs=4)  # 8 steps
+    fake_vertex.advance(3 * fake_vertex.step_seconds)  # tuning has just begun
+    client = fake_vertex.genai_client()
+    experiment = client.tunings.get(name=job.name).experiment
+    assert read(fake_vertex, experiment) == []
+    fake_vertex.advance(10 * fake_vertex.step_seconds)  # a held job stops at half its steps
+    assert [r["step"] for r in read(fake_vertex, experiment)] == [1, 2, 3, 4]
+
+
+def test_no_experiment_yet_or_an_unknown_one_gives_nothing(fake_vertex):
+    job = tune(fake_vertex)
+    assert get(fake_vertex, job.name).experiment is None
+    missing = "projects/123456789012/locations/us-central1/metadataStores/default/contexts/tuning-experiment-1"
+    assert read(fake_vertex, missing) == []
+    assert read(fake_vertex, "tuning-experiment-" + job.name.rsplit("/", 1)[1]) == []  # not started yet
+
+
+def test_api_errors_are_raised_as_google_api_core_exceptions(fake_vertex):
+    from google.api_core import exceptions
+
+    job = tune(fake_vertex)
+    fake_vertex.advance(10 * fake_vertex.step_seconds)
+    experiment = get(fake_vertex, job.name).experiment
+    fake_vertex.deny("aiplatform.tensorboardTimeSeries.read")
+    with pytest.raises(exceptions.Forbidden, match="aiplatform.tensorboardTimeSeries.read") as info:
+        read(fake_vertex, experiment)
+    assert info.value.code == 403
+    assert [r.path.split("/")[-1] for r in fake_vertex.requests[-2:]] == [experiment.rsplit("/")[-1], "runs"]
+
+
+def test_importing_the_module_imports_nothing_from_google():
+    # 'google' and 'google.cloud' may already be there: namespace packages set up by .pth files at startup
+    code = ("import sys; before = set(sys.modules); import tuning_magics.backends.vertex.metrics; "
+            "print(sorted(n for n in set(sys.modules) - before if n.split('.')[0] == 'google'))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
