@@ -163,7 +163,8 @@ class Storage:
             return
         url = (f"{self.host}/upload/storage/v1/b/{bucket}/o?uploadType=media&"
                f"name={urllib.parse.quote(name, safe='')}")  # fmt: skip
-        req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/octet-stream"})
+        headers = {"Content-Type": "application/octet-stream"}
+        req = urllib.request.Request(url, data=data, method="POST", headers=headers)
         with urllib.request.urlopen(req, timeout=10):
             pass
 
@@ -265,10 +266,9 @@ class Dataset:
             "userInputTokenDistribution": _distribution([i for i, _, _ in counts]),
             "userOutputTokenDistribution": _distribution([o for _, o, _ in counts]),
             "userMessagePerExampleDistribution": _distribution([m for _, _, m in counts]),
-            "userDatasetExamples": [
-                {"role": "user" if k % 2 == 0 else "model", "parts": [{"text": t}]}
-                for k, t in enumerate([*_split_example(self.records[0])[0][:1], *_split_example(self.records[0])[1][:1]])
-            ] if self.records else [],
+            "userDatasetExamples": [{"role": role, "parts": [{"text": texts[0]}]}
+                                    for role, texts in zip(("user", "model"), _split_example(self.records[0]))
+                                    if texts],
             "totalTruncatedExampleCount": str(len(truncated)),
             "truncatedExampleIndices": truncated,
             "droppedExampleReasons": [f"example {k} exceeds {max_tokens} tokens and was truncated" for k in truncated],
@@ -351,36 +351,40 @@ class Job:
         """(state, tuningJobState, start time, end time) at ``now``; ``progress`` in tuning is separate."""
         final, at = OUTCOMES[self.outcome.outcome]
         stop = _PHASE_INDEX[self.outcome.at or at]
-        k = int((now - self.created) / self.step_seconds) if self.step_seconds > 0 else len(PHASES)
-        start = self.created + 3 * self.step_seconds  # RUNNING begins with TUNING
-        if self.cancel_requested is not None and not (final and k > stop):
-            done = self.cancel_requested + self.step_seconds
-            sub = PHASES[min(k, stop)][1]
+        step = self.step_seconds
+
+        def phase(t: float) -> int:
+            return min(stop, int((t - self.created) / step)) if step > 0 else stop
+
+        def started(index: int) -> float | None:
+            return self.created + 3 * step if index >= 3 else None  # RUNNING begins with TUNING
+
+        natural_end = self.created + (stop + 1) * step
+        if self.cancel_requested is not None and (final in (None, "JOB_STATE_PAUSED")
+                                                  or self.cancel_requested < natural_end):  # fmt: skip
+            index, done = phase(self.cancel_requested), self.cancel_requested + step
             if now < done:
-                return "JOB_STATE_CANCELLING", sub, start if k >= 3 else None, None
-            return "JOB_STATE_CANCELLED", sub, start if min(k, stop) >= 3 else None, done
-        if k <= stop or final is None:
-            state, sub = PHASES[min(k, stop)]
-            return state, sub, start if min(k, stop) >= 3 else None, None
-        end = self.created + (stop + 1) * self.step_seconds
-        if final == "JOB_STATE_PAUSED":
-            return final, PHASES[stop][1], start if stop >= 3 else None, None
-        return final, PHASES[stop][1], start if stop >= 3 else None, end
+                return "JOB_STATE_CANCELLING", PHASES[index][1], started(index), None
+            return "JOB_STATE_CANCELLED", PHASES[index][1], started(index), done
+        if now < natural_end or final is None:
+            state, sub = PHASES[phase(now)]
+            return state, sub, started(phase(now)), None
+        return final, PHASES[stop][1], started(stop), None if final == "JOB_STATE_PAUSED" else natural_end
 
     def progress(self, now: float) -> float:
         """How much of the tuning phase has been done, 0..1 (metrics exist up to there)."""
-        state, _, _, _ = self.status(now)
-        t0 = self.created + 3 * self.step_seconds
+        final, at = OUTCOMES[self.outcome.outcome]
+        stop = _PHASE_INDEX[self.outcome.at or at]
+        if stop < 3:
+            return 0.0
+        if self.status(now)[0] == "JOB_STATE_SUCCEEDED":
+            return 1.0
         if self.cancel_requested is not None:
             now = min(now, self.cancel_requested)
+        t0 = self.created + 3 * self.step_seconds
         frac = (now - t0) / self.step_seconds if self.step_seconds > 0 else 1.0
-        if state == "JOB_STATE_SUCCEEDED":
-            return 1.0
-        final, at = OUTCOMES[self.outcome.outcome]
-        if _PHASE_INDEX[self.outcome.at or at] < 3:
-            return 0.0
-        if final is None or state in ("JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_PAUSED"):
-            frac = min(frac, 0.5)  # a job that stops while tuning has logged half its steps
+        if final != "JOB_STATE_SUCCEEDED" and stop == 3:
+            frac = min(frac, 0.5)  # a job that stops (or is held) while tuning gets half way
         return max(0.0, min(1.0, frac))
 
     def metrics(self, now: float) -> dict[str, list[tuple[int, float, float]]]:
@@ -565,7 +569,8 @@ class FakeVertex:
     def project_number(self, project: str) -> str:
         if project.isdigit():
             return project
-        return self.project_numbers.setdefault(project, str(10**11 + int(hashlib.sha1(project.encode()).hexdigest()[:8], 16)))
+        made_up = str(10**11 + int(hashlib.sha1(project.encode()).hexdigest()[:8], 16))
+        return self.project_numbers.setdefault(project, made_up)
 
     def _new_id(self) -> str:
         with self._lock:
@@ -630,13 +635,13 @@ class FakeVertex:
                     (r"/tensorboards/", "GET", "aiplatform.tensorboardTimeSeries.read"))  # fmt: skip
 
     def _check_access(self, method: str, path: str, project: str) -> None:
-        names = {project, self.project_number(project)}
-        if self._disabled & names or {p for p in self._disabled if self.project_number(p) in names}:
-            number = self.project_number(project)
+        names, number = {project, self.project_number(project)}, self.project_number(project)
+        if any(self.project_number(p) == number for p in self._disabled):
             raise ApiError(403, f"Vertex AI API has not been used in project {number} before or it is disabled. "
                                 f"Enable it by visiting https://console.developers.google.com/apis/api/"
                                 f"aiplatform.googleapis.com/overview?project={number} then retry. If you enabled this "
-                                "API recently, wait a few minutes for the action to propagate to our systems and retry.",
+                                "API recently, wait a few minutes for the action to propagate to our systems and "
+                                "retry.",
                            "PERMISSION_DENIED",
                            [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED",
                              "domain": "googleapis.com",
@@ -757,7 +762,7 @@ class FakeVertex:
             raise ApiError(400, f"customBaseModel must be a Cloud Storage folder, got {body['customBaseModel']!r}.")
         outcome = self._outcomes.pop(0) if self._outcomes else Outcome()
         name = f"projects/{project}/locations/{location}/tuningJobs/{self._new_id()}"
-        job = Job(name, project, location, dict(body), self.now(), outcome,
+        job = Job(name, project, location, json.loads(json.dumps(body)), self.now(), outcome,
                   outcome.step_seconds if outcome.step_seconds is not None else self.step_seconds, train, validation)
         self.jobs[name] = job
         return 200, self._render(job)
@@ -796,7 +801,7 @@ class FakeVertex:
         """The job as the service returns it at this moment (writing its outputs once it has succeeded)."""
         now = self.now()
         state, sub, start, end = job.status(now)
-        out = {k: v for k, v in job.body.items() if k not in ("pipelineJob",)}
+        out = json.loads(json.dumps(job.body))  # the service's defaults go into a copy
         out.update(name=job.name, state=state, createTime=rfc3339(job.created), updateTime=rfc3339(min(
             now, end or now)))  # fmt: skip
         if sub:

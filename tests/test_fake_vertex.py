@@ -241,6 +241,27 @@ def test_scripted_outcomes_end_jobs_as_the_service_does(fast, data, outcome, sta
         assert job.end_time is None and not job.has_ended
 
 
+def test_the_service_fills_in_gemini_defaults_without_touching_the_recorded_body(fast, data):
+    t, client = types(), fast.genai_client()
+    job = client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=t.TuningDataset(gcs_uri=data["train"]))
+    hp = job.supervised_tuning_spec.hyper_parameters
+    assert (hp.epoch_count, hp.adapter_size.value, hp.learning_rate_multiplier) == (3, "ADAPTER_SIZE_FOUR", 1.0)
+    assert fast.bodies() == [{"baseModel": "gemini-2.5-flash",
+                              "supervisedTuningSpec": {"trainingDatasetUri": data["train"]}}]  # fmt: skip
+
+
+def test_a_paused_job_can_be_cancelled(fast, data):
+    t, client = types(), fast.genai_client()
+    fast.next_outcome("paused")
+    job = client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=t.TuningDataset(gcs_uri=data["train"]))
+    job, _ = wait(fast, client, job.name)
+    assert job.state.value == "JOB_STATE_PAUSED"
+    client.tunings.cancel(name=job.name)
+    assert client.tunings.get(name=job.name).state.value == "JOB_STATE_CANCELLING"
+    fast.advance(fast.step_seconds)
+    assert client.tunings.get(name=job.name).state.value == "JOB_STATE_CANCELLED"
+
+
 def test_a_job_can_be_held_in_any_phase(fast, data):
     t, client = types(), fast.genai_client()
     fast.next_outcome("running", at="TUNING_JOB_STATE_WAITING_FOR_QUOTA")
@@ -289,7 +310,8 @@ def test_scripted_failures_use_the_services_codes_and_messages(fake_vertex, data
     t, client = types(), fake_vertex.genai_client()
 
     def tune():
-        return client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=t.TuningDataset(gcs_uri=data["train"]))
+        return client.tunings.tune(base_model="gemini-2.5-flash",
+                                   training_dataset=t.TuningDataset(gcs_uri=data["train"]))
 
     fake_vertex.exhaust_quota()
     err = error_of(tune)
@@ -354,7 +376,8 @@ def test_model_garden_deploy_of_the_final_checkpoint_then_predict(fast, data):
     raw = loaded.predict(instances=[{**instance, "raw_response": True}]).predictions[0]
     framed = loaded.predict(instances=[instance]).predictions[0]
     assert "What is a car?" in raw and framed == f"Prompt:\nWhat is a car?\nOutput:\n{raw}"
-    assert loaded.predict(instances=[{**instance, "max_tokens": 2, "raw_response": True}]).predictions[0] == "Answer 11eff40f"
+    short = loaded.predict(instances=[{**instance, "max_tokens": 2, "raw_response": True}]).predictions[0]
+    assert short == " ".join(raw.split()[:2])
     assert fast.requests[-1].path.startswith("/v1/") and fast.requests[-1].body["instances"][0]["top_k"] == 1
 
     with pytest.raises(Exception, match="safetensors"):
@@ -385,9 +408,9 @@ def test_the_experiment_run_gives_the_loss_curves_through_aiplatform(fast, data)
     from google.cloud import aiplatform
 
     t, client = types(), fast.genai_client()
+    validation = t.TuningValidationDataset(gcs_uri=data["validation"])
     job = client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=t.TuningDataset(gcs_uri=data["train"]),
-                              config=t.CreateTuningJobConfig(epoch_count=2, validation_dataset=t.TuningValidationDataset(
-                                  gcs_uri=data["validation"])))  # fmt: skip
+                              config=t.CreateTuningJobConfig(epoch_count=2, validation_dataset=validation))
     job, _ = wait(fast, client, job.name)
     fast.init_vertexai()
     experiment = job.experiment.split("/")[-1]

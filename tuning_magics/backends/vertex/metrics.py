@@ -97,7 +97,8 @@ def _read(session, base: str, context: str) -> list[dict]:
     rows: dict[int, dict] = {}
     names = sorted(wanted)
     for start in range(0, len(names), _BATCH):
-        data = _get(session, f"{base}/{tensorboard}:batchRead", [("timeSeries", n) for n in names[start:start + _BATCH]])
+        batch = [("timeSeries", name) for name in names[start:start + _BATCH]]
+        data = _get(session, f"{base}/{tensorboard}:batchRead", batch)
         for series in (data or {}).get("timeSeriesData", []):
             key = by_id.get(series.get("tensorboardTimeSeriesId", ""))
             for point in series.get("values", []) if key else []:
