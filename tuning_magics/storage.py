@@ -71,7 +71,8 @@ PathOrUri = str | os.PathLike[str]
 #: second; transfers of a chunk or a whole object get longer.
 CONNECT_TIMEOUT, READ_TIMEOUT, TRANSFER_TIMEOUT = 5.0, 10.0, 120.0
 #: Seconds a request that failed transiently (503, a dropped connection, no answer) is retried for
-#: in all. A server that refuses the connection or a name that does not resolve is not retried.
+#: in all (a resumable upload's chunk: counted from the server's last reported progress). A server
+#: that refuses the connection or a name that does not resolve is not retried.
 RETRY_SECONDS = 20.0
 #: Resumable upload chunk size; Cloud Storage requires a multiple of 256 KiB.
 CHUNK_SIZE = 8 * 1024 * 1024
