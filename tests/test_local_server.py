@@ -675,7 +675,7 @@ def test_a_trickled_request_is_cut_at_its_deadline(babbler):
 
 
 def test_server_chat_predict_and_deploy_follow_the_shared_rules(plain):
-    from tuning_magics.backends.local.chat_request import BadRequest
+    from tuning_magics.chat_request import BadRequest
     from tuning_magics.backends.local.server import deploy
 
     for args, options, needle in [((None,), {}, "'messages' is required"), ((5,), {}, "'messages' is required"),

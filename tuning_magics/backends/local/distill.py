@@ -137,7 +137,7 @@ def _refused(url: str, exc, what: str, api_key: str | None = None) -> UserError:
 class _LocalTeacher:
     """A model loaded on this machine, answering prompts in left-padded batches.
 
-    Prompts follow the rules of ``job.chat()`` (:mod:`.chat_request`): each is
+    Prompts follow the rules of ``job.chat()`` (:mod:`tuning_magics.chat_request`): each is
     checked against the model's context before any is answered, and a reply gets
     at most the room the context leaves.
     """
@@ -148,7 +148,7 @@ class _LocalTeacher:
         self.chat = LocalChatModel(name, device=device, dtype=dtype)
 
     def _prompt_ids(self, prompt: list[dict], index: int) -> list[int]:
-        from .chat_request import BadRequest, check_context
+        from ...chat_request import BadRequest, check_context
 
         try:
             ids = self.chat.prompt_ids(prompt)
@@ -402,7 +402,7 @@ def label_dataset(teacher, train_path, out_path, *, on_event: Callable[[dict], N
     naming the line. ``model`` names the model at an endpoint that serves several;
     ``should_stop`` cancels between batches (raising the trainer's ``TrainingCancelled``).
     """
-    from .chat_request import check_option
+    from ...chat_request import check_option
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a whole number of at least 1, not {batch_size!r}"[:200], field="batch_size")

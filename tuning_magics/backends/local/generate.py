@@ -2,7 +2,7 @@
 
 The prompt is rendered with the model's own chat template, exactly as in
 training, so a tuned model sees the format it learned. Requests are checked by
-:mod:`.chat_request` (the rules the server uses too), including that prompt and
+:mod:`tuning_magics.chat_request` (the rules the server uses too), including that prompt and
 reply fit the model's context.
 
 Several threads may share one model: they take turns one decoding step at a
@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Iterator
 
-from .chat_request import BadRequest, chat_request, check_context
+from ...chat_request import BadRequest, chat_request, check_context
 
 
 class _Turns:
@@ -194,7 +194,8 @@ class LocalChatModel:
         return kw
 
     def prepare(self, req: dict) -> dict:
-        """A checked request (see :mod:`.chat_request`) with its prompt encoded and checked against the context.
+        """A checked request (see :mod:`tuning_magics.chat_request`) with its prompt encoded and checked against
+        the context.
 
         Adds ``inputs`` and ``prompt_tokens``, and resolves ``max_new_tokens``;
         raises BadRequest when the prompt and reply do not fit.

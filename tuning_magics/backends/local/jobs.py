@@ -246,7 +246,7 @@ class LocalJob(Job):
         ``gen`` holds generation options (``max_new_tokens``, ``temperature``, ...).
         With ``stream=True`` an iterator of text pieces is returned.
         """
-        from .chat_request import chat_request
+        from ...chat_request import chat_request
 
         chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
         require_extra("local")

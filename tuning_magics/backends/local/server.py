@@ -10,7 +10,7 @@ accepts) and answers on a background thread::
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``messages``,
 ``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``, ``top_k``,
 ``seed``, ``stream`` with server-sent events ending in ``data: [DONE]``, and
-``usage`` token counts). Requests follow the rules of :mod:`.chat_request`, the
+``usage`` token counts). Requests follow the rules of :mod:`tuning_magics.chat_request`, the
 ones ``job.chat()`` follows; a mistake is answered 400 with the same sentence.
 
 Resources are bounded the way TGI and vLLM bound them:
@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ...errors import UserError
-from .chat_request import BadRequest, chat_request, parse_chat_request
+from ...chat_request import BadRequest, chat_request, parse_chat_request
 from .client import EndpointRefused, chat_completion, stream_chat_completion
 
 #: Largest request body, as TGI's default payload limit: far above any prompt a context holds.

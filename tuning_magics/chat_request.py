@@ -1,4 +1,5 @@
-"""What a chat request may hold: the one set of rules for ``job.chat()``, ``LocalChatModel.reply()`` and the server.
+"""What a chat request may hold: the one set of rules for ``job.chat()`` and ``endpoint.chat()`` on every
+backend, ``LocalChatModel.reply()`` and the local server.
 
 A mistake raises :class:`BadRequest`, a one-line :class:`~tuning_magics.errors.UserError`
 that names the message or option at fault; the server answers it with its
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 
-from ...errors import UserError
+from .errors import UserError
 
 #: Upper bound of ``max_tokens`` / ``max_new_tokens`` a request may ask for.
 MAX_TOKENS_LIMIT = 8192
