@@ -187,6 +187,11 @@ class Checkpoint:
         return self.uri
 
 
+def now() -> datetime:
+    """The current time in UTC (one clock for the time a job has spent)."""
+    return datetime.now(timezone.utc)
+
+
 def timestamp(seconds: float | None) -> datetime | None:
     """A UTC datetime for seconds since the epoch (None stays None)."""
     return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
@@ -323,7 +328,7 @@ class Job(ABC):
         info = self.info
         if info.created is None:
             return None
-        until = info.started or info.ended or datetime.now(timezone.utc)
+        until = info.started or info.ended or now()
         return max(0.0, (until - info.created).total_seconds())
 
     @property

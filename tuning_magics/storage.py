@@ -787,6 +787,29 @@ def upload_file(
             conflict=None if overwrite else _exists_message(uri))
 
 
+def content_uri(local_path: PathOrUri, prefix_uri: PathOrUri, *, suffix: str | None = None) -> str:
+    """The name :func:`upload_content_addressed` gives ``local_path`` under ``prefix_uri``, without uploading."""
+    return _content_address(local_path, prefix_uri, suffix)[3]
+
+
+def _content_address(local_path: PathOrUri, prefix_uri: PathOrUri, suffix: str | None):
+    """(source path, its display, its digests, the content-addressed URI or local path under ``prefix_uri``)."""
+    if is_gcs(local_path):
+        raise UserError(f"{local_path} is not a local file; only a local file is named after its content")
+    source, display = Path(local_path).expanduser(), os.fspath(local_path)
+    if not source.is_file():
+        raise UserError(f"{display} not found; check the path")
+    with _os_errors(display, "read"):
+        local = _digest_file(source)
+    suffix = source.suffix.lower() if suffix is None else suffix
+    name = f"sha256-{local.sha256}{suffix}"
+    if not is_gcs(prefix_uri):
+        return source, display, local, str(Path(prefix_uri).expanduser() / name)
+    bucket, folder = _split(str(prefix_uri), need_object=False)
+    folder = folder.strip("/")
+    return source, display, local, f"{_SCHEME}{bucket}/{folder}/{name}" if folder else f"{_SCHEME}{bucket}/{name}"
+
+
 def upload_content_addressed(local_path: PathOrUri, prefix_uri: PathOrUri, *, suffix: str | None = None,
                              content_type: str | None = None) -> str:
     """Copy a local file to ``<prefix_uri>/sha256-<hex><suffix>``, named after its content; returns the URI.
@@ -814,20 +837,9 @@ def upload_content_addressed(local_path: PathOrUri, prefix_uri: PathOrUri, *, su
     ``prefix_uri`` may also be a local folder: the file is copied there under
     the same name, with the same rules.
     """
-    if is_gcs(local_path):
-        raise UserError(f"{local_path} is not a local file; upload_content_addressed copies a local file")
-    source, display = Path(local_path).expanduser(), os.fspath(local_path)
-    if not source.is_file():
-        raise UserError(f"{display} not found; check the path")
-    with _os_errors(display, "read"):
-        local = _digest_file(source)
-    suffix = source.suffix.lower() if suffix is None else suffix
-    name = f"sha256-{local.sha256}{suffix}"
+    source, display, local, uri = _content_address(local_path, prefix_uri, suffix)
     if not is_gcs(prefix_uri):
-        return _copy_content_addressed(source, Path(prefix_uri).expanduser() / name, local)
-    bucket, folder = _split(str(prefix_uri), need_object=False)
-    folder = folder.strip("/")
-    uri = f"{_SCHEME}{bucket}/{folder}/{name}" if folder else f"{_SCHEME}{bucket}/{name}"
+        return _copy_content_addressed(source, Path(uri), local)
     other = (f"{uri} already exists with other content than {display} although it is named after its SHA-256; "
              f"delete it (gcloud storage rm {uri}) and run again")
     blob = _blob(uri)

@@ -116,12 +116,14 @@ def predicted_stats(report, model, epochs: int | None) -> dict:
     Keys are those of :data:`tuning_magics.jobs.DATA_STAT_NAMES`, so a job shows
     them next to the service's own counts.
     """
-    lengths = list(getattr(report, "token_lengths", []) or [])
-    tokens = int(sum(lengths))
+    import numpy as np
+
+    lengths = getattr(report, "token_lengths", None)
+    lengths = np.asarray(lengths if lengths is not None else [], dtype=np.int64)
     return {
         "examples": int(report.examples),
-        "billable_tokens": tokens * int(epochs or 1),
-        "truncated_examples": sum(1 for n in lengths if n > model.max_seq_len),
+        "billable_tokens": int(lengths.sum()) * int(epochs or 1),
+        "truncated_examples": int((lengths > model.max_seq_len).sum()),
         "dropped_examples": int(getattr(report, "dropped", 0) or 0),
     }
 

@@ -53,8 +53,7 @@ def submit(request: TuneRequest) -> VertexJob:
     with tempfile.TemporaryDirectory(prefix="tuning-magics-upload-") as scratch:
         plan = _plan(request, ctx, Path(scratch))
         for local, uri in plan.uploads.items():
-            placed = storage.upload_content_addressed(local, uri.rsplit("/", 1)[0], name=uri.rsplit("/", 1)[1])
-            assert placed == uri, (placed, uri)
+            storage.upload_content_addressed(local, uri.rsplit("/", 1)[0])
     base_model, dataset, config = _sdk_call(plan)
     with vc.api_errors(f"submit a tuning job for {request.model.id}", ctx), vc.sdk_quiet():
         raw = vc.genai_client(ctx).tunings.tune(base_model=base_model, training_dataset=dataset, config=config)
@@ -174,8 +173,7 @@ def _dataset(plan: _Plan, name: str, dataset, target: Path, method: str) -> prep
     if source is not None and source.startswith("gs://"):
         return prepare.validate_in_place(name, source, model, method, dataset)
     local = prepare.to_jsonl(name, dataset, target, model, method)
-    uri = storage.content_address(local.uri, _staging(plan.ctx, "the datasets") + "/datasets",
-                                  name=target.name)
+    uri = storage.content_uri(local.uri, _staging(plan.ctx, "the datasets") + "/datasets")
     plan.uploads[local.uri] = uri
     return prepare.Prepared(uri, local.report)
 
@@ -186,9 +184,9 @@ def _labels(request: TuneRequest, plan: _Plan) -> dict:
 
     labels = dict(request.labels)
     labels.setdefault(LABEL_VERSION, __version__.replace(".", "-"))
-    digest = plan.train_uri.rsplit("/", 1)[-1].split("-", 1)[0] if plan.train_uri in plan.uploads.values() else None
-    if digest:
-        labels.setdefault(LABEL_DATASET, digest.lower()[:63])
+    name = plan.train_uri.rsplit("/", 1)[-1]
+    if name.startswith("sha256-"):  # named by content: the label finds every job trained on these bytes
+        labels.setdefault(LABEL_DATASET, name[len("sha256-"):][:32])
     for key, label in LABEL_PREDICTED.items():
         if plan.stats.get(key) is not None:
             labels.setdefault(label, str(plan.stats[key]))
@@ -207,7 +205,8 @@ def _sdk_call(plan: _Plan):
     if request.method == "distillation":
         config["method"] = "DISTILLATION"
         config["base_teacher_model"] = plan.teacher
-    if model.provider == "open":
+    if model.provider == "open" and (request.method == "sft" or request.tuning_mode != catalog.FULL):
+        # Distillation tunes fully unless told otherwise: the seed's call sends no mode.
         config["tuning_mode"] = "TUNING_MODE_" + request.tuning_mode
     if request.epochs is not None:
         config["epoch_count"] = request.epochs

@@ -1,0 +1,353 @@
+"""The Vertex AI backend, end to end: tuning_magics' tune() / get_job() / list_jobs() through the real
+google-genai client against the fake Vertex AI API (tests/fake_vertex.py) and the Cloud Storage emulator."""
+
+from __future__ import annotations
+
+import io
+import re
+import json
+import time
+import uuid
+import warnings
+from types import SimpleNamespace
+from contextlib import redirect_stderr, redirect_stdout
+
+import pandas as pd
+import pytest
+
+import tuning_magics as tm
+from tuning_magics.errors import UserError
+from tuning_magics.jobs import JobFailedError
+
+pytest.importorskip("google.genai")
+
+from fake_vertex import hand_written_bodies  # noqa: E402
+
+CHAT = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]  # fmt: skip
+PROMPTS = [{"prompt": f"Explain why {i} is {'even' if i % 2 == 0 else 'odd'}."} for i in range(12)]
+TEACHER = "qwen/qwen3-next-80b-a3b-thinking-maas"
+FRAME = pd.DataFrame({"question": [f"What is the capital of land {i}?" for i in range(12)],
+                      "answer": [f"City {i}." for i in range(12)]})  # fmt: skip
+
+
+@pytest.fixture
+def vertex(fake_vertex, monkeypatch):
+    """The fake API with tuning_magics' credentials set to its static token (reset afterwards).
+
+    Each test stages into a folder of its own (the emulator's bucket outlives the test).
+    """
+    fake_vertex.staging = f"staging-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("TUNING_MAGICS_STAGING_BUCKET", f"gs://{fake_vertex.bucket}/{fake_vertex.staging}")
+    tm.settings.update(credentials=fake_vertex.credentials())
+    try:
+        yield fake_vertex
+    finally:
+        tm.settings.update(credentials=None)
+
+
+@pytest.fixture
+def data(vertex):
+    return {"train": vertex.put(vertex.uri("train.jsonl"), CHAT),
+            "validation": vertex.put(vertex.uri("validation.jsonl"), CHAT[:4]),
+            "prompts": vertex.put(vertex.uri("prompts.jsonl"), PROMPTS),
+            "output": f"gs://{vertex.bucket}/out-{time.time_ns()}",
+            "custom": f"gs://{vertex.bucket}/custom-llama"}  # fmt: skip
+
+
+def staged(fake, prefix=""):
+    """The objects the test staged, under its own staging folder."""
+    prefix = f"{fake.staging}/{prefix}"
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    return sorted(b.name for b in client.list_blobs(fake.bucket, prefix=prefix))
+
+
+def walk(fake, job, limit=30):
+    """Refresh the job, moving the fake's clock a step each time, until it ends; returns the (state, substate) seen."""
+    seen = []
+    for _ in range(limit):
+        job.refresh()
+        seen.append((job.state, job.substate))
+        if job.done or job.state == "JOB_STATE_PAUSED":
+            break
+        fake.advance(fake.step_seconds)
+    return seen
+
+
+# ====================================================================== the seeds' calls
+
+
+def test_the_seed_calls_send_exactly_what_google_genai_sends_for_them_by_hand(vertex, data):
+    hand = hand_written_bodies(vertex, train_uri=data["train"], validation_uri=data["validation"],
+                               output_uri=data["output"], custom_base_model=data["custom"])  # fmt: skip
+    # The first seed's sft.train call, unchanged: SourceModel carries the custom checkpoint.
+    source = SimpleNamespace(base_model="meta/llama3_1@llama-3.1-8b", custom_base_model=data["custom"])
+    llama = tm.tune(source_model=source, tuning_mode="FULL", epochs=3, train_dataset=data["train"],
+                    validation_dataset=data["validation"], output_uri=data["output"])
+    qwen = tm.tune(base_model="qwen/qwen3@qwen3-4b", training_dataset=data["train"], method="DISTILLATION",
+                   base_teacher_model=TEACHER, epoch_count=3, validation_dataset=data["validation"],
+                   output_uri=data["output"])
+    gemini = tm.tune("gemini-2.5-flash", data["train"], epochs=3, adapter_size=4, learning_rate_multiplier=1.0,
+                     validation_dataset=data["validation"])
+    ours = vertex.bodies()[-3:]
+    for key, body, job in zip(("llama_sft", "qwen_distillation", "gemini_sft"), ours, (llama, qwen, gemini)):
+        labels = body.pop("labels")
+        assert body == hand[key], key  # field by field: the SDK built both
+        assert labels["tuning-magics"] == tm.__version__.replace(".", "-")
+        assert job.backend == "vertex" and re.fullmatch(r"projects/\d+/locations/us-central1/tuningJobs/\d+", job.name)
+
+
+def test_dry_run_shows_the_body_it_would_send_and_uploads_and_submits_nothing(vertex):
+    plan = tm.tune("gemini-2.5-flash", FRAME, epochs=2, adapter_size=4, tuned_model_display_name="capitals",
+                   labels={"team": "geo"}, dry_run=True)
+    assert vertex.bodies() == [] and staged(vertex) == []
+    assert plan.backend == "vertex" and plan.model == "gemini-2.5-flash"
+    assert plan.request["baseModel"] == "gemini-2.5-flash"
+    assert plan.request["supervisedTuningSpec"]["hyperParameters"] == {"epochCount": 2, "adapterSize": "ADAPTER_SIZE_FOUR"}
+    uri = plan.request["supervisedTuningSpec"]["trainingDatasetUri"]
+    assert uri.startswith(f"gs://{vertex.bucket}/{vertex.staging}/datasets/sha256-") and uri.endswith(".jsonl")
+    assert plan.billed_tokens == plan.predicted_stats["billable_tokens"] > 0
+    assert plan.cost_usd == round(plan.billed_tokens / 1e6 * tm.catalog.get("gemini-2.5-flash").price_per_million_tokens, 2)
+    assert "nothing was uploaded or submitted" in str(plan) and uri in str(plan)
+
+    job = tm.tune("gemini-2.5-flash", FRAME, epochs=2, adapter_size=4, tuned_model_display_name="capitals",
+                  labels={"team": "geo"})
+    assert vertex.bodies() == [plan.request]  # what the dry run showed is what was sent
+    assert staged(vertex) == [uri.split("/", 3)[3]]
+    assert job.display_name == "capitals"
+
+
+def test_local_data_is_uploaded_once_under_a_name_made_from_its_content(vertex):
+    first = tm.tune("gemini-2.5-flash", FRAME, epochs=1)
+    again = tm.tune("gemini-2.5-flash", FRAME.copy(), epochs=1)
+    other = tm.tune("gemini-2.5-flash", FRAME.head(6), epochs=1)
+    uris = [b["supervisedTuningSpec"]["trainingDatasetUri"] for b in vertex.bodies()]
+    assert uris[0] == uris[1] != uris[2]
+    assert len(staged(vertex, "datasets/")) == 2
+    digest = uris[0].rsplit("/sha256-", 1)[1][:32]
+    assert first.config["labels"]["tm-dataset"] == digest == again.config["labels"]["tm-dataset"]
+    assert other.config["labels"]["tm-dataset"] != digest
+
+
+# ====================================================================== watching
+
+
+def test_an_open_model_job_is_watched_through_the_services_substates_to_its_checkpoints(vertex, data):
+    vertex.step_seconds = 60  # the job moves only when the test moves the fake's clock
+    job = tm.tune("meta/llama3_1@llama-3.1-8b", data["train"], tuning_mode="PEFT_ADAPTER", epochs=3,
+                  output_uri=data["output"])
+    assert job.state in ("JOB_STATE_PENDING", "JOB_STATE_QUEUED") and job.checkpoints == []
+    seen = walk(vertex, job)
+    substates = [s for _, s in seen if s]
+    for expected in ("WAITING_FOR_QUOTA", "PROCESSING_DATASET", "TUNING", "POST_PROCESSING"):
+        assert expected in substates
+    assert job.state == "JOB_STATE_SUCCEEDED" and job.substate is None and job.succeeded
+    assert job.queued_seconds > 0
+    names = [c.name for c in job.checkpoints]
+    assert names[-1] == "final" and len(names) == 4 and all(n.startswith("checkpoint-") for n in names[:-1])
+    steps = [c.step for c in job.checkpoints[:-1]]
+    assert steps == sorted(steps)
+    assert job.tuned_model == f"{data['output']}/postprocess/node-0/checkpoints/final"
+    stats = job.data_stats()
+    assert stats.loc["examples", "service"] == len(CHAT)
+    assert stats.loc["examples", "predicted"] == len(CHAT) and not stats.loc["examples", "differs"]
+    assert stats.loc["billable_tokens", "service"] > 0
+    frame = job.metrics()
+    assert list(frame.columns[:3]) == ["step", "epoch", "train_loss"] and frame["train_loss"].notna().any()
+    # A job read back by name in another session says the same.
+    again = tm.get_job(job.name)
+    assert again.config["base_model"] == "meta/llama3_1@llama-3.1-8b" and again.config["tuning_mode"] == "PEFT_ADAPTER"
+    assert again.data_stats().loc["examples", "predicted"] == len(CHAT)
+
+
+@pytest.mark.parametrize("outcome,state", [("failed", "JOB_STATE_FAILED"), ("expired", "JOB_STATE_EXPIRED")])
+def test_a_job_that_fails_or_expires_ends_with_the_services_error(vertex, data, outcome, state):
+    vertex.step_seconds = 60
+    message = "The image gs://b/cat.png could not be opened: unsupported format."
+    vertex.next_outcome(outcome, error={"code": 3, "message": message} if outcome == "failed" else None)
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    walk(vertex, job)
+    assert job.state == state and job.done
+    if outcome == "failed":
+        assert message in job.error
+        with pytest.raises(JobFailedError, match="could not be opened"):
+            job.wait(raise_on_failure=True)
+
+
+def test_cancel_goes_through_cancelling_to_cancelled(vertex, data):
+    vertex.step_seconds = 60
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    job.cancel()
+    walk(vertex, job)
+    assert job.state == "JOB_STATE_CANCELLED"
+    assert job.cancel().state == "JOB_STATE_CANCELLED"  # an ended job is left as it is
+
+
+def test_a_long_wait_for_quota_suggests_resubmitting(vertex, data, monkeypatch):
+    from datetime import datetime, timezone
+
+    import tuning_magics.jobs as jobs
+
+    monkeypatch.setattr(jobs, "now", lambda: datetime.fromtimestamp(vertex.now(), tz=timezone.utc))
+    vertex.step_seconds = 60
+    vertex.next_outcome("running", at="TUNING_JOB_STATE_WAITING_FOR_QUOTA")
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    assert job.refresh().substate == "WAITING_FOR_QUOTA" and job.hint is None
+    vertex.advance(2 * 3600)
+    job.refresh()
+    assert job.substate == "WAITING_FOR_QUOTA" and job.queued_seconds >= 7200
+    assert "cancelling and submitting again can be faster" in job.hint
+
+
+def test_list_jobs_lists_both_backends_and_still_lists_local_ones_without_credentials(vertex, data):
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    listed = tm.list_jobs()
+    assert job.name in [j.name for j in listed]
+    assert {j.backend for j in listed} >= {"vertex"}
+    assert [j.name for j in tm.list_jobs(backend="vertex")] == [job.name]
+    tm.settings.update(credentials=None)  # no Application Default Credentials on this machine
+    with pytest.warns(UserWarning, match="Vertex AI jobs of project fake-project are not listed: no Google Cloud "
+                                         "credentials found") as caught:
+        listed = tm.list_jobs()
+    assert job.name not in [j.name for j in listed]
+    assert all("\n" not in str(w.message) for w in caught)
+
+
+# ====================================================================== choosing the backend and its rules
+
+
+def test_open_models_go_to_vertex_where_a_project_is_set_and_local_models_never_do(vertex, monkeypatch):
+    assert tm.tune("qwen3-4b", FRAME, epochs=1, dry_run=True).backend == "vertex"
+    assert tm.tune("local/tiny-qwen3", FRAME, epochs=1, dry_run=True).backend == "local"
+    monkeypatch.setenv("TUNING_MAGICS_BACKEND", "local")
+    assert tm.tune("gemini-2.5-flash", FRAME, epochs=1, dry_run=True).backend == "vertex"  # Gemini has one home
+    with pytest.raises(UserError, match="tuned only by Vertex AI") as info:
+        tm.tune("gemini-2.5-flash", FRAME, epochs=1, backend="local")
+    assert info.value.field == "base_model"
+    with pytest.raises(UserError, match="built into the local engine") as info:
+        tm.tune("local/tiny-qwen3", FRAME, epochs=1, backend="vertex")
+    assert vertex.bodies() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs,field,text",
+    [
+        (dict(base_model="gemini-2.5-flash", learning_rate=1e-4), "learning_rate", "learning_rate_multiplier"),
+        (dict(base_model="qwen3-32b", tuning_mode="PEFT_ADAPTER", adapter_size=4), "adapter_size", "Gemini"),
+        (dict(base_model="qwen3-4b", learning_rate_multiplier=2.0), "learning_rate_multiplier", "learning_rate"),
+        (dict(base_model="qwen3-4b", method="distillation", base_teacher_model="http://127.0.0.1:9/v1"),
+         "base_teacher_model", "not a Vertex AI teacher"),
+        (dict(base_model="qwen3-4b", custom_base_model="/tmp/model"), "custom_base_model", "gs:// folder"),
+        (dict(base_model="qwen3-4b", output_uri="/tmp/out"), "output_uri", "gs:// folder"),
+        (dict(base_model="qwen3-4b", max_seq_len=512), "max_seq_len", "option of the local engine"),
+        (dict(base_model="gemini-2.5-flash", labels={"Team": "x"}), "labels", "lower-case"),
+        (dict(base_model="gemini-2.5-flash", pre_tuned_model_checkpoint_id="2"), "pre_tuned_model_checkpoint_id",
+         "needs the tuned model"),
+    ],
+)
+def test_vertex_rules_are_checked_before_anything_is_uploaded(vertex, kwargs, field, text):
+    with pytest.raises(UserError, match=text) as info:
+        tm.tune(train_dataset=FRAME, epochs=1, **kwargs)
+    assert info.value.field == field and "\n" not in str(info.value)
+    assert vertex.bodies() == [] and staged(vertex) == []
+
+
+def test_a_region_that_does_not_tune_the_model_is_refused_before_upload(vertex):
+    tm.settings.update(location="asia-southeast1")
+    try:
+        with pytest.raises(UserError, match="asia-southeast1") as info:
+            tm.tune("gemini-3.1-flash-lite", FRAME, epochs=1)
+    finally:
+        tm.settings.update(location=None)
+    assert info.value.field == "location" and staged(vertex) == []
+
+
+def test_local_data_needs_a_staging_bucket(vertex, monkeypatch):
+    monkeypatch.delenv("TUNING_MAGICS_STAGING_BUCKET")
+    with pytest.raises(UserError, match="TUNING_MAGICS_STAGING_BUCKET=gs://") as info:
+        tm.tune("gemini-2.5-flash", FRAME, epochs=1)
+    assert info.value.field == "staging_bucket"
+
+
+def test_a_gs_dataset_is_validated_where_it_is_before_submission(vertex):
+    bad = vertex.put(vertex.uri("bad.jsonl"), [{"messages": [{"role": "user", "content": "no answer"}]}])
+    with pytest.raises(UserError, match=r"train_dataset gs://.*line 1") as info:
+        tm.tune("gemini-2.5-flash", bad, epochs=1)
+    assert info.value.field == "train_dataset" and vertex.bodies() == []
+
+
+def test_a_validation_set_must_not_be_the_training_set(vertex, data):
+    with pytest.raises(UserError, match="validation_dataset") as info:
+        tm.tune("gemini-2.5-flash", data["train"], validation_dataset=data["train"], epochs=1)
+    assert info.value.field == "validation_dataset" and vertex.bodies() == []
+
+
+# ====================================================================== errors: one line, no token
+
+
+def _one_line_error(call, fake):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError) as info:
+            call()
+    text = str(info.value)
+    everything = text + out.getvalue() + err.getvalue() + "".join(str(w.message) for w in caught)
+    assert "\n" not in text
+    assert fake.token not in everything and "ya29" not in everything
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    return text
+
+
+def test_service_errors_are_one_line_naming_the_project_and_the_fix_and_never_a_token(vertex, data):
+    tune = lambda: tm.tune("gemini-2.5-flash", data["train"], epochs=1)  # noqa: E731
+
+    vertex.exhaust_quota()
+    text = _one_line_error(tune, vertex)
+    assert text.startswith("quota exceeded in project fake-project, us-central1")
+
+    vertex.fail_next(400, "Dataset gs://b/x.jsonl: line 3 has an image that cannot be opened.", method="POST",
+                     path=r"/tuningJobs$", status="INVALID_ARGUMENT")
+    text = _one_line_error(tune, vertex)
+    assert "rejected the request" in text and "line 3 has an image that cannot be opened" in text
+
+    vertex.deny("aiplatform.tuningJobs.create")
+    text = _one_line_error(tune, vertex)
+    assert "permission denied" in text and "fake-project" in text and "roles/aiplatform.user" in text
+
+    text = _one_line_error(lambda: tm.get_job("projects/fake-project/locations/us-central1/tuningJobs/404"), vertex)
+    assert text.startswith("not found") and "fake-project" in text
+
+    vertex.disable_api()
+    text = _one_line_error(tune, vertex)
+    assert "not enabled in project fake-project" in text and "gcloud services enable aiplatform.googleapis.com" in text
+
+
+def test_without_credentials_the_error_names_the_command_that_fixes_it(vertex, data):
+    tm.settings.update(credentials=None)  # and no Application Default Credentials on this machine
+    text = _one_line_error(lambda: tm.tune("gemini-2.5-flash", data["train"], epochs=1), vertex)
+    assert text == ("no Google Cloud credentials found for project fake-project: run `gcloud auth "
+                    "application-default login`, or pass tuning_magics.settings.update(credentials=...)")
+    assert vertex.bodies() == []
+
+
+def test_refused_credentials_and_a_silent_api_are_one_line(vertex, data, monkeypatch):
+    from google.oauth2.credentials import Credentials
+
+    tm.settings.update(credentials=Credentials(token="ya29.not-the-fakes-token"))
+    text = _one_line_error(lambda: tm.tune("gemini-2.5-flash", data["train"], epochs=1), vertex)
+    assert "refused the credentials" in text and "not-the-fakes-token" not in text
+    tm.settings.update(credentials=vertex.credentials())
+    monkeypatch.setenv("TUNING_MAGICS_API_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    text = _one_line_error(lambda: tm.get_job("projects/fake-project/locations/us-central1/tuningJobs/1"), vertex)
+    assert text.startswith("cannot reach Vertex AI at http://127.0.0.1:9")
+
+
+def test_settings_take_a_credentials_object_and_never_show_it(vertex):
+    with pytest.raises(UserError, match="google-auth Credentials object") as info:
+        tm.settings.update(credentials="ya29.a-string-is-not-credentials")
+    assert info.value.field == "credentials"
+    assert "Credentials" in tm.settings.describe() and vertex.token not in tm.settings.describe()
