@@ -111,3 +111,18 @@ def test_no_ipython_below_the_magics_and_no_widgets_below_the_display():
         assert not {m for m in external if m.split(".")[0] == "IPython"} or name.startswith(f"{PACKAGE}.display"), name
         if not name.startswith(f"{PACKAGE}.display"):
             assert not {m for m in external if m.split(".")[0] == "ipywidgets"}, name
+
+
+def test_a_backend_never_reaches_another_backend_or_the_api():
+    """Adding or changing a backend touches no other backend: each imports only the shared layers."""
+    graph = _graph()
+    backends = {name.split(".")[2] for name in graph if name.startswith(f"{PACKAGE}.backends.") and name.count(".") >= 2}
+    assert {"local", "vertex"} <= backends
+    for name in graph:
+        if not name.startswith(f"{PACKAGE}.backends.") or name.count(".") < 2:
+            continue
+        own = name.split(".")[2]
+        reached = _reachable(name, graph)
+        others = {m for m in reached if m.startswith(f"{PACKAGE}.backends.") and m.split(".")[2] != own}
+        assert not others, (name, sorted(others))
+        assert f"{PACKAGE}.api" not in reached, name
