@@ -1,0 +1,526 @@
+"""Serving on Vertex AI: Model Garden deploy of tuned open models, and chat with any endpoint.
+
+:func:`deploy_job` deploys a succeeded open-model job's ``final`` checkpoint (or a
+named one) through Model Garden's custom weights, as the tuning notebooks do by
+hand: ``model_garden.CustomModel(gcs_uri=...).deploy(machine_type="g2-standard-12",
+accelerator_type="NVIDIA_L4", accelerator_count=1)``. A tuned Gemini model is
+served by the service already: its endpoint is returned, nothing is deployed.
+
+A :class:`VertexEndpoint` chats like the local engine's endpoint (same
+signature, same request rules from :mod:`tuning_magics.chat_request`, so a
+mistake is one line before any network call), through the method that fits:
+
+- ``"deployed"`` (a tuned open model on its own machine): ``Endpoint.predict``
+  with the seed's instance (``prompt``, ``max_tokens`` 200, ``temperature`` 1.0,
+  ``top_p`` 1.0, ``top_k`` 1, ``raw_response``) unless the call says otherwise;
+- ``"gemini"`` (a tuned Gemini model or one of its checkpoints):
+  google-genai's ``generate_content`` / ``generate_content_stream``;
+- ``"managed"`` (open models served by Vertex AI, such as the distillation
+  teachers, see :func:`managed_endpoint`): OpenAI-style chat completions at
+  ``.../endpoints/openapi/chat/completions`` with the credentials' bearer token.
+
+:func:`chat_with_job` is ``VertexJob.chat``: a Gemini job answers from its
+endpoint or a checkpoint's; an open-model job answers from the endpoint its
+``deploy()`` returned in this session, and never deploys by itself (a
+deployment costs money while it runs). :func:`batch_predict` runs a Gemini
+batch prediction over a JSONL file in Cloud Storage.
+
+The cloud SDKs are imported inside the functions that use them: ``import
+vertexai`` alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+from ...chat_request import chat_request
+from ...errors import UserError
+from ...jobs import JOB_STATE_SUCCEEDED
+from . import client as vc
+
+DEFAULT_MACHINE_TYPE = "g2-standard-12"
+DEFAULT_ACCELERATOR_TYPE = "NVIDIA_L4"
+DEFAULT_ACCELERATOR_COUNT = 1
+#: The seed's predict instance: what a deployed open model is asked unless chat() says otherwise.
+PREDICT_DEFAULTS = {"max_tokens": 200, "temperature": 1.0, "top_p": 1.0, "top_k": 1}
+#: Where an open-model job leaves its checkpoints under its output folder.
+CHECKPOINTS_FOLDER = "postprocess/node-0/checkpoints"
+KINDS = ("deployed", "gemini", "managed")
+_TIMEOUT = vc.API_TIMEOUT
+
+
+class VertexEndpoint:
+    """An endpoint on Vertex AI that answers ``chat()``: ``name``, ``kind`` (deployed, gemini or managed).
+
+    ``name`` is the endpoint's resource name (``projects/P/locations/L/endpoints/E``);
+    for a managed open model, ``model`` is its id (``qwen/qwen3-next-80b-a3b-thinking-maas``)
+    and ``name`` the OpenAI-compatible endpoint it is served from.
+    """
+
+    def __init__(self, name: str, kind: str, *, model: str | None = None, ctx: vc.Context | None = None,
+                 source: str | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        self.name = name
+        self.kind = kind
+        self.model = model
+        self.source = source  # what is served: a checkpoint's gs:// folder or a tuning job's checkpoint
+        self._ctx = ctx
+
+    @property
+    def ctx(self) -> vc.Context:
+        if self._ctx is None:
+            self._ctx = vc.context(resource=self.name)
+        return self._ctx
+
+    def __repr__(self) -> str:
+        what = f" {self.model}" if self.model else ""
+        source = f" serving {self.source}" if self.source else ""
+        return f"<VertexEndpoint {self.kind}{what} {self.name}{source}>"
+
+    def chat(self, messages_or_text, *, stream: bool = False, **gen):
+        """The reply to a string or a message list (text), or with ``stream=True`` an iterator of text pieces.
+
+        ``gen`` holds ``job.chat()``'s options, with the same rules: ``max_new_tokens``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed``. A mistake is a one-line
+        UserError before anything is sent; so is an error the service answers.
+        """
+        req = chat_request(messages_or_text, stream=stream, **gen)
+        given = {k: req[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
+                 if gen.get(k) is not None}
+        ask = {"deployed": self._predict, "gemini": self._generate, "managed": self._complete}[self.kind]
+        return ask(req["messages"], given, stream)
+
+    # -- deployed open models: predict ---------------------------------------------------
+
+    def predict_instance(self, messages: list[dict], given: dict) -> dict:
+        """The ``predict`` instance for a checked conversation: the seed's fields, with the call's options."""
+        instance = {"prompt": render_prompt(messages), **PREDICT_DEFAULTS}
+        if "max_new_tokens" in given:
+            instance["max_tokens"] = given["max_new_tokens"]
+        for key in ("temperature", "top_p", "top_k", "seed"):
+            if key in given:
+                instance[key] = given[key]
+        if instance["top_k"] == 0:  # "no top-k", which the serving container spells -1
+            instance["top_k"] = -1
+        instance["raw_response"] = True  # the reply alone, without the container's "Prompt: ... Output:" frame
+        return instance
+
+    def _predict(self, messages: list[dict], given: dict, stream: bool):
+        instance = self.predict_instance(messages, given)
+
+        def ask() -> str:
+            ctx = self.ctx
+            with vc.api_errors(f"ask endpoint {self.name}", ctx):
+                _init_vertexai(ctx)
+                from google.cloud import aiplatform
+
+                endpoint = aiplatform.Endpoint(self.name, credentials=ctx.credentials)
+                answer = endpoint.predict(instances=[instance], timeout=_TIMEOUT)
+            predictions = list(answer.predictions or [])
+            if not predictions:
+                raise UserError(f"endpoint {self.name} answered without a prediction; check that a model is "
+                                "deployed on it")
+            return _prediction_text(predictions[0])
+
+        if not stream:
+            return ask()
+
+        def pieces():  # predict has no stream: the whole reply is the one piece
+            yield ask()
+
+        return pieces()
+
+    # -- tuned Gemini: generate_content ----------------------------------------------------
+
+    def generate_request(self, messages: list[dict], given: dict) -> tuple[list, object]:
+        """google-genai's ``(contents, GenerateContentConfig or None)`` for a checked conversation."""
+        from google.genai import types
+
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        contents = [types.Content(role="model" if m["role"] == "assistant" else "user",
+                                  parts=[types.Part(text=m["content"])])
+                    for m in messages if m["role"] != "system"]
+        options = {"temperature": given.get("temperature"), "top_p": given.get("top_p"),
+                   "top_k": given.get("top_k") or None,  # 0 means "no top-k": the service's default
+                   "max_output_tokens": given.get("max_new_tokens"), "seed": given.get("seed")}
+        options = {k: v for k, v in options.items() if v is not None}
+        if system:
+            options["system_instruction"] = system
+        return contents, types.GenerateContentConfig(**options) if options else None
+
+    def _generate(self, messages: list[dict], given: dict, stream: bool):
+        ctx = self.ctx
+        action = f"ask the tuned model at {self.name}"
+        with vc.api_errors(action, ctx):
+            contents, config = self.generate_request(messages, given)
+            models = vc.genai_client(ctx).models
+        if not stream:
+            with vc.api_errors(action, ctx):
+                answer = models.generate_content(model=self.name, contents=contents, config=config)
+            return _gemini_text(answer, self.name)
+
+        def pieces():
+            with vc.api_errors(action, ctx):
+                for chunk in models.generate_content_stream(model=self.name, contents=contents, config=config):
+                    text = _gemini_text(chunk, self.name, partial=True)
+                    if text:
+                        yield text
+
+        return pieces()
+
+    # -- managed open models: chat completions ----------------------------------------------
+
+    def completion_body(self, messages: list[dict], given: dict, stream: bool) -> dict:
+        """The OpenAI chat-completions body for a checked conversation."""
+        body = {"model": self.model, "messages": messages, "stream": stream}
+        if "max_new_tokens" in given:
+            body["max_tokens"] = given["max_new_tokens"]
+        for key in ("temperature", "top_p", "seed"):
+            if key in given:
+                body[key] = given[key]
+        if given.get("top_k"):
+            body["top_k"] = given["top_k"]
+        return body
+
+    def _complete(self, messages: list[dict], given: dict, stream: bool):
+        ctx = self.ctx
+        body = self.completion_body(messages, given, stream)
+        url = f"{_api_base(ctx)}/v1beta1/{self.name}/chat/completions"
+        action = f"ask {self.model} through chat completions"
+
+        def post(session):
+            response = session.post(url, json=body, timeout=_TIMEOUT, stream=stream)
+            if response.status_code >= 400:
+                from google.api_core import exceptions
+
+                raise exceptions.from_http_response(response)
+            return response
+
+        if not stream:
+            with vc.api_errors(action, ctx), _session(ctx) as session:
+                data = post(session).json()
+            try:
+                return data["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise UserError(f"{self.model} answered without a reply: {vc.redact(str(data)[:200])}") from None
+
+        def pieces():
+            with vc.api_errors(action, ctx), _session(ctx) as session:
+                response = post(session)
+                try:
+                    yield from _sse_pieces(response, self.model)
+                finally:
+                    response.close()
+
+        return pieces()
+
+    # -- clean-up --------------------------------------------------------------------------
+
+    def delete(self) -> None:
+        """Undeploy the model and delete the endpoint, so its machine stops costing money (deployed only).
+
+        A tuned Gemini model's endpoint belongs to the service and a managed model
+        has none of its own: for those this is a one-line UserError.
+        """
+        if self.kind != "deployed":
+            raise UserError(f"a {self.kind} endpoint is served by Vertex AI and is not deleted from here; only an "
+                            "endpoint job.deploy() made for an open model is", field="endpoint")
+        ctx = self.ctx
+        with vc.api_errors(f"delete endpoint {self.name}", ctx):
+            _init_vertexai(ctx)
+            from google.cloud import aiplatform
+
+            aiplatform.Endpoint(self.name, credentials=ctx.credentials).delete(force=True)
+        _forget(self.name)
+
+    undeploy = delete
+
+
+# -- the helpers of chat ------------------------------------------------------------------------
+
+
+_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def render_prompt(messages: list[dict]) -> str:
+    """A checked conversation as the one text a deployed open model's ``prompt`` takes.
+
+    One user message is sent as it is (as the seed does); a longer conversation
+    goes as ``Role: text`` lines ending with ``Assistant:`` for the reply.
+    """
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    lines = [f"{_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages]
+    return "\n".join(lines + ["Assistant:"])
+
+
+def _prediction_text(prediction) -> str:
+    if isinstance(prediction, str):
+        return prediction
+    if isinstance(prediction, dict):
+        for key in ("content", "text", "output", "generated_text"):
+            if isinstance(prediction.get(key), str):
+                return prediction[key]
+    return str(prediction)
+
+
+def _gemini_text(answer, name: str, *, partial: bool = False) -> str:
+    parts = []
+    for candidate in (getattr(answer, "candidates", None) or [])[:1]:
+        content = getattr(candidate, "content", None)
+        for part in getattr(content, "parts", None) or []:
+            if isinstance(getattr(part, "text", None), str) and not getattr(part, "thought", False):
+                parts.append(part.text)
+    if parts or partial:
+        return "".join(parts)
+    blocked = getattr(getattr(answer, "prompt_feedback", None), "block_reason", None)
+    if blocked is not None:
+        raise UserError(f"the tuned model at {name} refused the prompt ({getattr(blocked, 'name', blocked)})")
+    return ""
+
+
+def _sse_pieces(response, model: str):
+    """The text pieces of an OpenAI chat-completions stream (server-sent events)."""
+    for raw in response.iter_lines():
+        line = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            raise UserError(f"{model} sent a malformed stream event: {vc.redact(data[:80])}") from None
+        if isinstance(event, dict) and event.get("error"):
+            error = event["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise UserError(f"{model} ended the stream with an error: {vc.redact(str(message))[:300]}")
+        for choice in (event.get("choices") or [])[:1] if isinstance(event, dict) else []:
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                yield text
+    raise UserError(f"the stream from {model} ended before data: [DONE]; the reply is incomplete")
+
+
+def _api_base(ctx: vc.Context) -> str:
+    base = ctx.api_endpoint or ("aiplatform.googleapis.com" if ctx.location == "global"
+                                else f"{ctx.location}-aiplatform.googleapis.com")
+    if "://" not in base:
+        base = f"https://{base}"
+    return base.rstrip("/")
+
+
+class _session:
+    """google-auth's AuthorizedSession on the context's credentials, closed on exit."""
+
+    def __init__(self, ctx: vc.Context):
+        from google.auth.transport.requests import AuthorizedSession
+
+        self.session = AuthorizedSession(ctx.credentials)
+
+    def __enter__(self):
+        return self.session
+
+    def __exit__(self, *exc):
+        self.session.close()
+
+
+_INIT_LOCK = threading.Lock()
+
+
+def _init_vertexai(ctx: vc.Context) -> None:
+    """Point the aiplatform SDK at the context (its REST transport for a configured API endpoint)."""
+    import vertexai
+
+    with _INIT_LOCK:
+        if ctx.api_endpoint:
+            vertexai.init(project=ctx.project, location=ctx.location, credentials=ctx.credentials,
+                          api_transport="rest", api_endpoint=ctx.api_endpoint)
+        else:
+            vertexai.init(project=ctx.project, location=ctx.location, credentials=ctx.credentials)
+
+
+def managed_endpoint(model_id: str, *, location: str | None = None) -> VertexEndpoint:
+    """A managed open model (Model-as-a-Service, such as ``qwen/qwen3-next-80b-a3b-thinking-maas``) to chat with.
+
+    It answers through Vertex AI's OpenAI-compatible chat completions in the
+    configured project and location (or ``location``); nothing is deployed.
+    """
+    if not isinstance(model_id, str) or not re.fullmatch(r"[\w.-]+/[\w.@-]+", model_id.strip()):
+        raise UserError(f"model_id must be a publisher/model id such as 'qwen/qwen3-next-80b-a3b-thinking-maas', "
+                        f"not {model_id!r}"[:200], field="model_id")
+    ctx = vc.context()
+    if location is not None:
+        if not isinstance(location, str) or not location.strip():
+            raise UserError(f"location must be a region name such as 'us-central1', not {location!r}",
+                            field="location")
+        ctx = vc.Context(ctx.project, location.strip(), ctx.credentials, ctx.api_endpoint, ctx.staging_bucket)
+    return VertexEndpoint(f"{ctx.parent}/endpoints/openapi", "managed", model=model_id.strip(), ctx=ctx)
+
+
+# -- jobs: deploy and chat ------------------------------------------------------------------------
+
+#: The endpoints deploy() made in this session: job name -> {checkpoint name -> endpoint}, latest last.
+_DEPLOYED: dict[str, dict[str, VertexEndpoint]] = {}
+_DEPLOYED_LOCK = threading.Lock()
+
+
+def _remember(job, checkpoint: str, endpoint: VertexEndpoint) -> None:
+    with _DEPLOYED_LOCK:
+        made = _DEPLOYED.setdefault(job.name, {})
+        made.pop(checkpoint, None)
+        made[checkpoint] = endpoint
+        job._vertex_endpoints = made  # kept on the job too, for whoever holds it
+
+
+def _forget(endpoint_name: str) -> None:
+    with _DEPLOYED_LOCK:
+        for made in _DEPLOYED.values():
+            for checkpoint, endpoint in list(made.items()):
+                if endpoint.name == endpoint_name:
+                    del made[checkpoint]
+
+
+def _deployed(job) -> dict[str, VertexEndpoint]:
+    with _DEPLOYED_LOCK:
+        return dict(getattr(job, "_vertex_endpoints", None) or _DEPLOYED.get(job.name) or {})
+
+
+def _is_gemini(job) -> bool:
+    base = str((job.config or {}).get("base_model") or "")
+    return base.startswith("gemini-") or bool(getattr(job, "tuned_model_name", None))
+
+
+def _check_succeeded(job, doing: str) -> None:
+    if job.state != JOB_STATE_SUCCEEDED:
+        raise UserError(f"job {job.name} is {job.state}: only a job that succeeded can {doing} "
+                        "(job.wait() waits for it)", field="job")
+
+
+def _gemini_endpoint(job, checkpoint) -> tuple[str, str]:
+    """(checkpoint name, endpoint resource) of a succeeded Gemini job: the final model, or ``checkpoint``."""
+    _check_succeeded(job, "answer")
+    found = {c.name: c for c in job.checkpoints}
+    if checkpoint is None or checkpoint == "final":
+        if not job.endpoint:
+            raise UserError(f"job {job.name} has no endpoint serving its tuned model", field="job")
+        return "final", job.endpoint
+    chosen = found.get(checkpoint) if isinstance(checkpoint, str) else None
+    if chosen is None and (isinstance(checkpoint, int) and not isinstance(checkpoint, bool)
+                           or str(checkpoint).isdigit()):
+        step = int(checkpoint)
+        chosen = next((c for c in found.values() if c.step == step), None) or found.get(f"checkpoint-{step}")
+    if chosen is None or not chosen.uri:
+        names = ", ".join(f"{c.name} (step {c.step})" if c.step is not None else c.name for c in found.values())
+        raise UserError(f"job {job.name} has no checkpoint {checkpoint!r}; choose one of {names or 'final'}",
+                        field="checkpoint")
+    return chosen.name, chosen.uri
+
+
+def _open_checkpoint(job, checkpoint) -> tuple[str, str]:
+    """(checkpoint name, gs:// folder) of a succeeded open-model job: ``final``, or ``checkpoint`` (name or step)."""
+    _check_succeeded(job, "be deployed")
+    if not job.output_uri:
+        raise UserError(f"job {job.name} has no output folder to deploy from", field="job")
+    name = "final" if checkpoint is None else checkpoint
+    if isinstance(name, bool) or not isinstance(name, (str, int)):
+        raise UserError(f"checkpoint must be a name such as 'checkpoint-8' or a step number, not {checkpoint!r}",
+                        field="checkpoint")
+    if isinstance(name, int) or name.isdigit():
+        name = f"checkpoint-{int(name)}"
+    found = {c.name: c.uri for c in job.checkpoints}
+    if name not in found:
+        raise UserError(f"job {job.name} has no checkpoint {name!r} under {job.output_uri.rstrip('/')}/"
+                        f"{CHECKPOINTS_FOLDER}; choose one of {', '.join(found) or '(none found)'}",
+                        field="checkpoint")
+    return name, found[name]
+
+
+def _check_deploy_options(machine_type, accelerator_type, accelerator_count, endpoint_display_name, timeout):
+    if not isinstance(machine_type, str) or not re.fullmatch(r"[a-z][a-z0-9-]*", machine_type.strip()):
+        raise UserError(f"machine_type must be a machine type name such as 'g2-standard-12', not "
+                        f"{machine_type!r}"[:200], field="machine_type")
+    if not isinstance(accelerator_type, str) or not re.fullmatch(r"[A-Z][A-Z0-9_]*", accelerator_type.strip()):
+        raise UserError(f"accelerator_type must be an accelerator name such as 'NVIDIA_L4', not "
+                        f"{accelerator_type!r}"[:200], field="accelerator_type")
+    if isinstance(accelerator_count, bool) or not isinstance(accelerator_count, (int, float)) \
+            or accelerator_count != int(accelerator_count) or accelerator_count < 1:
+        raise UserError(f"accelerator_count must be a whole number of at least 1, not {accelerator_count!r}"[:200],
+                        field="accelerator_count")
+    if endpoint_display_name is not None and (not isinstance(endpoint_display_name, str)
+                                              or not endpoint_display_name.strip()):
+        raise UserError(f"endpoint_display_name must be a non-empty string, not {endpoint_display_name!r}"[:200],
+                        field="endpoint_display_name")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise UserError(f"timeout must be a number of seconds above 0, not {timeout!r}"[:200], field="timeout")
+
+
+def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE,
+               accelerator_type: str = DEFAULT_ACCELERATOR_TYPE, accelerator_count: int = DEFAULT_ACCELERATOR_COUNT,
+               endpoint_display_name: str | None = None, timeout: float | None = None) -> VertexEndpoint:
+    """Deploy a succeeded open-model job's ``final`` checkpoint (or ``checkpoint``) through Model Garden.
+
+    Serves the folder ``<output_uri>/postprocess/node-0/checkpoints/<checkpoint>`` on
+    ``machine_type`` with ``accelerator_count`` ``accelerator_type`` (the seed's
+    ``g2-standard-12`` with one NVIDIA L4 by default) and returns the endpoint,
+    which ``job.chat()`` then uses. The machine costs money until the endpoint
+    is deleted (``endpoint.delete()``). ``timeout``: seconds to wait for the
+    deploy request. A tuned Gemini model is served already: its endpoint (or
+    ``checkpoint``'s) is returned and nothing is deployed.
+    """
+    _check_deploy_options(machine_type, accelerator_type, accelerator_count, endpoint_display_name, timeout)
+    ctx = job.ctx
+    if _is_gemini(job):
+        name, endpoint_name = _gemini_endpoint(job, checkpoint)
+        endpoint = VertexEndpoint(endpoint_name, "gemini", ctx=ctx, source=f"{job.name} {name}")
+        _remember(job, name, endpoint)
+        return endpoint
+    name, uri = _open_checkpoint(job, checkpoint)
+    options = {"machine_type": machine_type.strip(), "accelerator_type": accelerator_type.strip(),
+               "accelerator_count": int(accelerator_count)}
+    if endpoint_display_name is not None:
+        options["endpoint_display_name"] = endpoint_display_name.strip()
+    if timeout is not None:
+        options["deploy_request_timeout"] = float(timeout)
+    with vc.api_errors(f"deploy {uri} on {options['machine_type']} with {options['accelerator_count']} "
+                       f"{options['accelerator_type']}", ctx):
+        _init_vertexai(ctx)
+        from vertexai.preview import model_garden
+
+        deployed = model_garden.CustomModel(gcs_uri=uri).deploy(**options)
+    endpoint = VertexEndpoint(deployed.resource_name, "deployed", ctx=ctx, source=uri)
+    _remember(job, name, endpoint)
+    return endpoint
+
+
+def chat_with_job(job, messages_or_text, *, checkpoint=None, stream: bool = False, **gen):
+    """``VertexJob.chat``: a Gemini job's tuned model (or checkpoint), or the endpoint its ``deploy()`` made.
+
+    ``checkpoint``: a name (``checkpoint-2``, ``final``) or a step number. An
+    open-model job answers only once ``job.deploy()`` has made an endpoint in this
+    session: chat never deploys by itself, since a deployment costs money.
+    """
+    chat_request(messages_or_text, stream=stream, **gen)  # a mistake is one line before anything is read or sent
+    if _is_gemini(job):
+        name, endpoint_name = _gemini_endpoint(job, checkpoint)
+        endpoint = VertexEndpoint(endpoint_name, "gemini", ctx=job.ctx, source=f"{job.name} {name}")
+        return endpoint.chat(messages_or_text, stream=stream, **gen)
+    made = _deployed(job)
+    if checkpoint is None:
+        endpoint = list(made.values())[-1] if made else None
+        wanted = "job.deploy()"
+    else:
+        name = f"checkpoint-{int(checkpoint)}" if (isinstance(checkpoint, int) and not isinstance(checkpoint, bool)
+                                                   or str(checkpoint).isdigit()) else str(checkpoint)
+        endpoint = made.get(name)
+        wanted = f"job.deploy(checkpoint={name!r})"
+    if endpoint is None:
+        raise UserError(f"job {job.name} tuned an open model, which answers once it is deployed: call {wanted} "
+                        "first (the endpoint costs money while it runs; endpoint.delete() stops it)",
+                        field="checkpoint" if checkpoint is not None else "job")
+    return endpoint.chat(messages_or_text, stream=stream, **gen)
