@@ -11,7 +11,7 @@ expect, in the JSON shapes the SDKs parse:
   data stats, an experiment backed by a TensorBoard, and either Gemini's tuned model and
   checkpoints or an open model's files under ``outputUri`` (written into the emulator).
 - ``projects/P/locations/L:deploy`` (a long-running operation) and ``operations/O``.
-- ``endpoints/E`` get, ``:predict``, ``:generateContent``, ``:streamGenerateContent``,
+- ``endpoints/E`` get, delete, ``:undeployModel``, ``:predict``, ``:generateContent``, ``:streamGenerateContent``,
   ``endpoints/openapi/chat/completions`` (and ``endpoints/E/chat/completions``).
 - ``metadataStores/default/contexts|artifacts/X`` and ``tensorboards/...`` reads:
   experiment, run, runs, time series, ``:read`` and ``:batchRead``.
@@ -600,6 +600,8 @@ class FakeVertex:
             ("GET", r"/operations/([^/:]+)", self._get_operation),
             ("GET", r"/endpoints/([^/:]+)", self._get_endpoint),
             ("POST", r"/endpoints/([^/:]+):predict", self._predict),
+            ("POST", r"/endpoints/([^/:]+):undeployModel", self._undeploy_model),
+            ("DELETE", r"/endpoints/([^/:]+)", self._delete_endpoint),
             ("POST", r"/endpoints/([^/:]+):(generateContent|streamGenerateContent)", self._generate),
             ("POST", r"/endpoints/([^/:]+)/chat/completions", self._chat),
             ("GET", r"/metadataStores/default/contexts/([^/:]+)", self._get_context),
@@ -1023,14 +1025,16 @@ class FakeVertex:
 
     def _operation(self, op: str) -> dict:
         info = self.operations[op]
-        meta = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployOperationMetadata",
+        meta = {"@type": f"type.googleapis.com/{info.get('package', 'google.cloud.aiplatform.v1beta1')}."
+                         f"{info.get('metadata_type', 'DeployOperationMetadata')}",
                 "genericMetadata": {"createTime": rfc3339(info["created"]), "updateTime": rfc3339(self.now())},
                 "destination": op.rsplit("/operations/", 1)[0]}  # fmt: skip
         out = {"name": op, "metadata": meta}
         if self.now() >= info["done_at"]:
             out["done"] = True
-            out["response"] = {"@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployResponse",
-                               "endpoint": info["endpoint"], "model": info["model"]}  # fmt: skip
+            out["response"] = info.get("response") or {
+                "@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployResponse",
+                "endpoint": info["endpoint"], "model": info["model"]}  # fmt: skip
         return out
 
     def _get_operation(self, project, location, op_id, *, query, body, project_id):
@@ -1054,9 +1058,43 @@ class FakeVertex:
         dedicated = (info.get("deployConfig") or {}).get("dedicatedResources")
         if dedicated:
             deployed["dedicatedResources"] = dedicated
+        if info.get("undeployed"):
+            return 200, {"name": name, "displayName": info.get("displayName", name.rsplit("/", 1)[1]), "etag": "2",
+                         "createTime": rfc3339(info["created"]), "updateTime": rfc3339(self.now())}  # fmt: skip
         return 200, {"name": name, "displayName": info.get("displayName", name.rsplit("/", 1)[1]),
                      "deployedModels": [deployed], "trafficSplit": {deployed["id"]: 100}, "etag": "1",
                      "createTime": rfc3339(info["created"]), "updateTime": rfc3339(info["created"])}  # fmt: skip
+
+    def _done_operation(self, project, location, endpoint_id, metadata_type: str, response_type: str) -> dict:
+        """A long-running operation that is done at once (undeploy and delete take no time here).
+
+        Its types are of the API version the request came in on (aiplatform's Endpoint speaks v1).
+        """
+        version = next((r.path.split("/")[1] for r in reversed(self.requests) if endpoint_id in r.path), "v1")
+        package = "google.cloud.aiplatform." + ("v1beta1" if version == "v1beta1" else "v1")
+        op = f"projects/{project}/locations/{location}/operations/{self._new_id()}"
+        self.operations[op] = {"endpoint": None, "model": None, "done_at": self.now(), "created": self.now(),
+                               "metadata_type": metadata_type, "package": package,
+                               "response": {"@type": "type.googleapis.com/" + response_type.format(package)}}
+        return self._operation(op)
+
+    def _undeploy_model(self, project, location, endpoint_id, *, query, body, project_id):
+        name, info = self._endpoint(project, location, endpoint_id)
+        deployed = body.get("deployedModelId")
+        if info.get("undeployed") or deployed != info["model"].rsplit("/", 1)[1]:
+            raise ApiError(400, f"Model {deployed} is not deployed on endpoint {name}.", "FAILED_PRECONDITION")
+        info["undeployed"] = True
+        return 200, self._done_operation(project, location, endpoint_id, "UndeployModelOperationMetadata",
+                                         "{}.UndeployModelResponse")
+
+    def _delete_endpoint(self, project, location, endpoint_id, *, query, body, project_id):
+        name, info = self._endpoint(project, location, endpoint_id)
+        if info.get("kind") == "open" and not info.get("undeployed"):
+            raise ApiError(400, f"Endpoint {name} still has deployed models; undeploy them first.",
+                           "FAILED_PRECONDITION")
+        del self.endpoints[name]
+        return 200, self._done_operation(project, location, endpoint_id, "DeleteOperationMetadata",
+                                         "google.protobuf.Empty")
 
     def _predict(self, project, location, endpoint_id, *, query, body, project_id):
         name, info = self._endpoint(project, location, endpoint_id)

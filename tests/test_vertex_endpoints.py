@@ -289,3 +289,14 @@ def test_a_managed_model_error_is_one_line_without_the_token(vertex):
     with pytest.raises(UserError) as info:
         endpoints.managed_endpoint("not a model")
     assert info.value.field == "model_id"
+
+
+def test_deleting_a_deployed_endpoint_undeploys_its_model_and_forgets_it(vertex, llama):
+    endpoint = llama.deploy()
+    endpoint.delete()
+    assert endpoint.name not in vertex.endpoints
+    undeploy = requests_to(vertex, r":undeployModel$")
+    assert len(undeploy) == 1 and undeploy[0].body["deployedModelId"]
+    assert [r.method for r in requests_to(vertex, endpoint.name.rsplit("/", 1)[1] + "$")][-1] == "DELETE"
+    with pytest.raises(UserError, match=r"call job.deploy\(\) first"):
+        llama.chat("hi")  # the job no longer answers through the deleted endpoint
