@@ -351,3 +351,64 @@ def test_settings_take_a_credentials_object_and_never_show_it(vertex):
         tm.settings.update(credentials="ya29.a-string-is-not-credentials")
     assert info.value.field == "credentials"
     assert "Credentials" in tm.settings.describe() and vertex.token not in tm.settings.describe()
+
+
+# ====================================================================== images
+
+
+def _png(seed: int) -> bytes:
+    import matplotlib
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(0.4, 0.4), dpi=20)
+    fig.add_subplot().plot([0, 1], [seed, 1 - seed])
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    assert matplotlib  # drawn on a Figure: no global backend is touched
+    return out.getvalue()
+
+
+def test_local_images_are_uploaded_once_each_and_rows_refer_to_them_by_gs_uri(vertex, tmp_path):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    pictures = []
+    for i in range(2):
+        pictures.append(tmp_path / f"picture-{i}.png")
+        pictures[-1].write_bytes(_png(i))
+    frame = pd.DataFrame({"image": [str(pictures[i % 2]) for i in range(6)],
+                          "question": [f"What is drawn in picture {i}?" for i in range(6)],
+                          "answer": [f"A line, number {i % 2}." for i in range(6)]})  # fmt: skip
+    ds = tm.dataset(frame, out=str(tmp_path / "pictures.jsonl"), prompt="question", completion="answer",
+                    images="image", model="gemini-2.5-flash")
+    plan = tm.tune("gemini-2.5-flash", ds, epochs=1, dry_run=True)
+    assert staged(vertex) == [] and sum(u.endswith(".png") for u in plan.uploads.values()) == 2
+    tm.tune("gemini-2.5-flash", ds, epochs=1)
+    uri = vertex.bodies()[-1]["supervisedTuningSpec"]["trainingDatasetUri"]
+    assert uri == plan.request["supervisedTuningSpec"]["trainingDatasetUri"]
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    bucket = client.bucket(vertex.bucket)
+    rows = [json.loads(line) for line in bucket.blob(uri.split("/", 3)[3]).download_as_bytes().splitlines()]
+    urls = [_image_uri(part) for row in rows for part in _parts(row) if _image_uri(part)]
+    assert len(urls) == 6 and all(u.startswith(f"gs://{vertex.bucket}/{vertex.staging}/images/sha256-") for u in urls)
+    assert len(set(urls)) == 2 and len(staged(vertex, "images/")) == 2
+    for i, picture in enumerate(pictures):
+        assert bucket.blob(urls[i].split("/", 3)[3]).download_as_bytes() == picture.read_bytes()
+    assert "inlineData" not in json.dumps(rows) and "data:image" not in json.dumps(rows)
+    assert (tmp_path / "pictures.jsonl").read_text().count("inlineData") == 6  # the user's file is left as it was
+
+
+def _parts(row):
+    for message in row.get("messages", []):
+        if isinstance(message.get("content"), list):
+            yield from message["content"]
+    for turn in row.get("contents", []):
+        yield from turn.get("parts", [])
+
+
+def _image_uri(part):
+    if "image_url" in part:
+        return part["image_url"]["url"]
+    data = part.get("file_data") or part.get("fileData")
+    return (data.get("file_uri") or data.get("fileUri")) if data else None

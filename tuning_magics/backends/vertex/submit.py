@@ -26,6 +26,7 @@ from ...datasets import prepare
 from ...errors import UserError
 from ...jobs import DryRun, Job, TuneRequest
 from . import client as vc
+from .images import stage_inline_images
 from .jobs import ADAPTER_SIZES, LABEL_DATASET, LABEL_PREDICTED, LABEL_VERSION, VertexJob
 
 #: Engine options Vertex AI takes too (the rest belong to the local engine).
@@ -167,13 +168,21 @@ def _plan(request: TuneRequest, ctx: vc.Context, scratch: Path) -> _Plan:
 
 
 def _dataset(plan: _Plan, name: str, dataset, target: Path, method: str) -> prepare.Prepared:
-    """A validated dataset with its gs:// name: validated where it is, or written locally and named by content."""
+    """A validated dataset with its gs:// name: validated where it is, or written locally and named by content.
+
+    Inline images of a local dataset are staged as objects of their own (see ``images``).
+    """
     model = plan.request.model
     source = prepare.source_uri(name, dataset)
     if source is not None and source.startswith("gs://"):
         return prepare.validate_in_place(name, source, model, method, dataset)
     local = prepare.to_jsonl(name, dataset, target, model, method)
-    uri = storage.content_uri(local.uri, _staging(plan.ctx, "the datasets") + "/datasets")
+    staging = _staging(plan.ctx, "the datasets")
+    # Inline images go first, as objects of their own: the dataset then refers to them by gs:// URI.
+    scratch = target.parent / target.stem
+    scratch.mkdir(exist_ok=True)
+    plan.uploads.update(stage_inline_images(target, scratch, staging + "/images", storage.content_uri))
+    uri = storage.content_uri(local.uri, staging + "/datasets")
     plan.uploads[local.uri] = uri
     return prepare.Prepared(uri, local.report)
 
