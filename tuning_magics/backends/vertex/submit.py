@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -259,7 +260,9 @@ def request_body(plan: _Plan) -> dict:
         http_options=types.HttpOptions(httpx_client=httpx.Client(transport=httpx.MockTransport(answer))),
     )
     base_model, dataset, config = _sdk_call(plan)
-    with vc.sdk_quiet():
+    with vc.sdk_quiet(), warnings.catch_warnings():
+        # As for the real call (client.genai_client): the SDK's notice is not the user's business.
+        warnings.filterwarnings("ignore", message="The SDK's tuning implementation is experimental")
         capture.tunings.tune(base_model=base_model, training_dataset=dataset, config=config)
     return captured[0]
 
