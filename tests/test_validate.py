@@ -765,3 +765,16 @@ def test_the_report_carries_the_example_in_the_models_template():
     report = tuning_magics.validate([pc("Hi", "Yo")], model="local/tiny-qwen3")
     assert report.example_segments == [("<bos>", False), ("<|im_start|>user\n", False), ("Hi<|im_end|>\n", False),
                                        ("<|im_start|>assistant\n", False), ("Yo<|im_end|>\n", True)]
+
+
+def test_gemini_takes_a_validation_set_above_1000_examples_only_up_to_30_percent_of_the_training_set():
+    def rows(n, tag):
+        return [{"prompt": f"{tag} question {i}", "completion": f"answer {i}"} for i in range(n)]
+
+    train, validation = rows(2000, "train"), rows(1200, "held out")
+    validate = tuning_magics.validate
+    report = validate(validation, model="gemini-2.5-flash", training=train)
+    assert not report.ok
+    assert "at most 1,000 for gemini-2.5-flash with 2,000 training examples" in str(report.errors[0])
+    assert validate(validation, model="qwen/qwen3@qwen3-4b", training=train).ok  # open models: 5000
+    assert validate(validation, model="gemini-2.5-flash", training=rows(4000, "train")).ok  # 30% is 1,200

@@ -833,7 +833,7 @@ def validate(
         with storage.open_read(_uri(source)) as fh:
             check_records(_parsed(_raw_lines(fh, report), report), report, model=spec, counter=counter)
     if training is not None:
-        _check_validation_set(report, source, training)
+        _check_validation_set(report, source, training, spec)
     return report
 
 
@@ -851,27 +851,38 @@ def _frame_records(df) -> Iterator[dict]:
         yield record
 
 
-def _check_validation_set(report: ValidationReport, source, training) -> None:
-    from ..catalog import MAX_VALIDATION_EXAMPLES
+def _check_validation_set(report: ValidationReport, source, training, spec=None) -> None:
+    from ..catalog import GEMINI_VALIDATION_FREE, MAX_VALIDATION_EXAMPLES, validation_limit
 
-    if report.examples > MAX_VALIDATION_EXAMPLES:
+    train_fingerprint, train_examples = _fingerprint(training, count=True)
+    limit = MAX_VALIDATION_EXAMPLES
+    if spec is not None and report.examples > GEMINI_VALIDATION_FREE:
+        limit = validation_limit(spec, train_examples)
+    if report.examples > limit:
+        why = "" if limit == MAX_VALIDATION_EXAMPLES else (
+            f" for {spec.id} with {train_examples:,} training examples (30% of them, above 1,000)")
         report.error(
             f"the validation set has {report.examples:,} examples; the service takes at most "
-            f"{MAX_VALIDATION_EXAMPLES:,}: sample it down"
+            f"{limit:,}{why}: sample it down"
         )
-    if _fingerprint(source) == _fingerprint(training):
+    if _fingerprint(source) == train_fingerprint:
         report.error("the validation set is identical to the training set; hold out different examples")
 
 
-def _fingerprint(source) -> str:
+def _fingerprint(source, *, count: bool = False):
     """A hash of the examples themselves: the same data gives the same hash whether it is a
-    file, a DataFrame or a list of records, whatever its key order and white space."""
+    file, a DataFrame or a list of records, whatever its key order and white space.
+
+    With ``count=True``, ``(hash, number of examples)``.
+    """
     import hashlib
 
     import orjson
 
     h = hashlib.sha256()
+    examples = 0
     for record, raw in _records_of(source):
+        examples += 1
         if record is not _NOT_JSON:
             try:
                 h.update(orjson.dumps(record, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
@@ -880,7 +891,7 @@ def _fingerprint(source) -> str:
             except TypeError:  # nested too deeply to write: compared as it is, like a line that is not JSON
                 pass
         h.update(b"\x00" + (raw if raw is not None else b"%d" % id(record)) + b"\n")  # else by identity
-    return h.hexdigest()
+    return (h.hexdigest(), examples) if count else h.hexdigest()
 
 
 def _records_of(source) -> Iterator[tuple[object, bytes | None]]:
