@@ -412,3 +412,47 @@ def _image_uri(part):
         return part["image_url"]["url"]
     data = part.get("file_data") or part.get("fileData")
     return (data.get("file_uri") or data.get("fileUri")) if data else None
+
+
+def test_a_tuned_gemini_model_is_tuned_further_from_one_of_its_checkpoints(vertex, data):
+    vertex.step_seconds = 60
+    first = tm.tune("gemini-2.5-pro", data["train"], epochs=2, adapter_size=4)
+    walk(vertex, first)
+    assert first.succeeded and first.tuned_model_name
+    checkpoint = first.checkpoints[0].name.removeprefix("checkpoint-")
+    again = tm.tune(first, data["train"], epochs=1, pre_tuned_model_checkpoint_id=checkpoint)
+    body = vertex.bodies()[-1]
+    # google-genai sends this message with its Python field names; proto JSON takes either spelling.
+    pre = {re.sub(r"_(\w)", lambda m: m.group(1).upper(), k): v for k, v in body["preTunedModel"].items()}
+    assert pre == {"tunedModelName": first.tuned_model_name, "checkpointId": checkpoint}
+    assert "baseModel" not in body and again.backend == "vertex"
+    with pytest.raises(UserError, match="does not continue tuning gemini-2.5-flash") as info:
+        flash = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+        walk(vertex, flash)
+        tm.tune(flash, data["train"], epochs=1)
+    assert info.value.field == "base_model"
+    with pytest.raises(UserError, match="runs on Vertex AI"):
+        tm.tune(first, data["train"], epochs=1, backend="local")
+
+
+def test_no_token_appears_in_any_output_log_or_error_of_a_whole_run(vertex, data, caplog, capfd):
+    import logging
+
+    caplog.set_level(logging.DEBUG)  # every library's debug log too
+    vertex.step_seconds = 60
+    shown = [tm.settings.describe(), str(tm.settings.as_dict())]
+    shown.append(str(tm.tune("gemini-2.5-flash", FRAME, epochs=1, dry_run=True)))
+    job = tm.tune("meta/llama3_1@llama-3.1-8b", data["train"], tuning_mode="FULL", epochs=2, output_uri=data["output"])
+    walk(vertex, job)
+    shown += [repr(job), str(job.info), str(job.config), job.metrics().to_string(), job.data_stats().to_string(),
+              str(job.checkpoints), repr(tm.list_jobs()), repr(tm.get_job(job.name))]
+    vertex.fail_next(500, f"backend error while serving Bearer {vertex.token}", method="GET", path=r"/tuningJobs/")
+    with pytest.raises(UserError) as info:
+        tm.get_job(job.name)
+    shown.append(str(info.value))
+    assert "[token]" in str(info.value)
+    out, err = capfd.readouterr()
+    everything = "\n".join(shown) + out + err + caplog.text
+    assert job.succeeded and len(everything) > 1000
+    assert vertex.token not in everything
+    assert vertex.token.split(".", 1)[1] not in everything
