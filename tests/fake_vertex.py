@@ -13,6 +13,8 @@ expect, in the JSON shapes the SDKs parse:
 - ``projects/P/locations/L:deploy`` (a long-running operation) and ``operations/O``.
 - ``endpoints/E`` get, delete, ``:undeployModel``, ``:predict``, ``:generateContent``, ``:streamGenerateContent``,
   ``endpoints/openapi/chat/completions`` (and ``endpoints/E/chat/completions``).
+- ``batchPredictionJobs`` create and get: Gemini batch prediction from a JSONL file in the
+  emulator, pending then running for a clock step each, then its predictions are written.
 - ``metadataStores/default/contexts|artifacts/X`` and ``tensorboards/...`` reads:
   experiment, run, runs, time series, ``:read`` and ``:batchRead``.
 
@@ -442,6 +444,7 @@ class FakeVertex:
         self.jobs: dict[str, Job] = {}
         self.endpoints: dict[str, dict] = {}
         self.operations: dict[str, dict] = {}
+        self.batches: dict[str, dict] = {}
         self._outcomes: list[Outcome] = []
         self._failures: list[tuple[dict, ApiError]] = []
         self._disabled: set[str] = set()
@@ -604,6 +607,8 @@ class FakeVertex:
             ("DELETE", r"/endpoints/([^/:]+)", self._delete_endpoint),
             ("POST", r"/endpoints/([^/:]+):(generateContent|streamGenerateContent)", self._generate),
             ("POST", r"/endpoints/([^/:]+)/chat/completions", self._chat),
+            ("POST", r"/batchPredictionJobs", self._create_batch),
+            ("GET", r"/batchPredictionJobs/([^/:]+)", self._get_batch),
             ("GET", r"/metadataStores/default/contexts/([^/:]+)", self._get_context),
             ("GET", r"/metadataStores/default/artifacts/([^/:]+)", self._get_artifact),
             ("GET", r"/tensorboards/([^/:]+)", self._get_tensorboard),
@@ -1159,6 +1164,57 @@ class FakeVertex:
                                   "finish_reason": "stop"}],
                      "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
                                "total_tokens": n_in + n_out}}  # fmt: skip
+
+
+    # ------------------------------------------------------------------ batch prediction
+    def _create_batch(self, project, location, *, query, body, project_id):
+        model = body.get("model") or ""
+        m = re.fullmatch(r"projects/[^/]+/locations/[^/]+/models/([^/@]+)(@\d+)?", model)
+        tuned = m and any(j.id == m.group(1) and j.is_gemini for j in self.jobs.values())
+        if not (tuned or re.fullmatch(r"publishers/google/models/gemini-[\w.-]+", model)):
+            raise ApiError(400, f"Model {model or '(none)'} does not support batch prediction.")
+        source = body.get("inputConfig") or {}
+        uris = (source.get("gcsSource") or {}).get("uris") or []
+        if source.get("instancesFormat") != "jsonl" or len(uris) != 1:
+            raise ApiError(400, "input_config must name one JSONL file in Cloud Storage.")
+        data = self._load_dataset(uris[0], "input_config.gcs_source.uris", True)
+        dest = ((body.get("outputConfig") or {}).get("gcsDestination") or {}).get("outputUriPrefix")
+        if not (dest or "").startswith("gs://"):
+            raise ApiError(400, "output_config.gcs_destination.output_uri_prefix must be a gs:// folder.")
+        name = f"projects/{project}/locations/{location}/batchPredictionJobs/{self._new_id()}"
+        self.batches[name] = {"body": json.loads(json.dumps(body)), "records": data.records, "created": self.now(),
+                              "written": None}  # fmt: skip
+        return 200, self._render_batch(name)
+
+    def _render_batch(self, name: str) -> dict:
+        info, now = self.batches[name], self.now()
+        phase = int((now - info["created"]) / self.step_seconds) if self.step_seconds > 0 else 2
+        state = ("JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED")[min(phase, 2)]
+        out = {**info["body"], "name": name, "state": state, "createTime": rfc3339(info["created"]),
+               "updateTime": rfc3339(now)}  # fmt: skip
+        if state == "JOB_STATE_SUCCEEDED":
+            if info["written"] is None:
+                folder = f"{info['body']['outputConfig']['gcsDestination']['outputUriPrefix'].rstrip('/')}" \
+                         f"/prediction-model-{name.rsplit('/', 1)[1]}"
+                lines = []
+                for rec in info["records"]:
+                    request = rec.get("request") or {}
+                    prompt = " ".join(_texts([c for c in request.get("contents") or []
+                                              if isinstance(c, dict) and c.get("role", "user") == "user"][-1:]))
+                    answer = {"candidates": [{"content": {"role": "model", "parts": [{"text": reply_to(prompt)}]},
+                                              "finishReason": "STOP"}]}  # fmt: skip
+                    lines.append(json.dumps({"status": "", "request": request, "response": answer}))
+                self.storage.write(f"{folder}/predictions.jsonl", ("\n".join(lines) + "\n").encode())
+                info["written"] = (folder, info["created"] + 2 * self.step_seconds)
+            out.update(endTime=rfc3339(info["written"][1]), outputInfo={"gcsOutputDirectory": info["written"][0]},
+                       completionStats={"successfulCount": str(len(info["records"])), "failedCount": "0"})
+        return out
+
+    def _get_batch(self, project, location, batch_id, *, query, body, project_id):
+        name = f"projects/{project}/locations/{location}/batchPredictionJobs/{batch_id}"
+        if name not in self.batches:
+            raise ApiError(404, f"BatchPredictionJob {name} not found.")
+        return 200, self._render_batch(name)
 
 
 class _Handler(BaseHTTPRequestHandler):

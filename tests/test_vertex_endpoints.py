@@ -300,3 +300,48 @@ def test_deleting_a_deployed_endpoint_undeploys_its_model_and_forgets_it(vertex,
     assert [r.method for r in requests_to(vertex, endpoint.name.rsplit("/", 1)[1] + "$")][-1] == "DELETE"
     with pytest.raises(UserError, match=r"call job.deploy\(\) first"):
         llama.chat("hi")  # the job no longer answers through the deleted endpoint
+
+
+# ====================================================================== batch prediction
+
+
+def test_a_gemini_job_runs_a_batch_prediction_over_a_jsonl_file(vertex, gemini):
+    requests = [{"request": {"contents": [{"role": "user", "parts": [{"text": f"Question {i}?"}]}]}}
+                for i in range(3)]  # fmt: skip
+    src = vertex.put(vertex.uri("batch.jsonl"), requests)
+    dest = f"gs://{vertex.bucket}/batch-out"
+    batch = endpoints.batch_predict(gemini, src, dest)
+    body = vertex.bodies(path=r"/batchPredictionJobs$")[-1]
+    assert body["model"] == gemini.tuned_model_name
+    assert body["inputConfig"] == {"instancesFormat": "jsonl", "gcsSource": {"uris": [src]}}
+    assert body["outputConfig"] == {"predictionsFormat": "jsonl", "gcsDestination": {"outputUriPrefix": dest}}
+    assert batch.state == "JOB_STATE_PENDING" and not batch.done and batch.output_uri is None
+    for _ in range(5):
+        if batch.refresh().done:
+            break
+        vertex.advance(vertex.step_seconds)
+    assert batch.state == "JOB_STATE_SUCCEEDED" and batch.output_uri.startswith(dest + "/")
+    assert "SUCCEEDED" in repr(batch)
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket, folder = batch.output_uri[len("gs://"):].split("/", 1)
+    blob = storage.Client(project="test", credentials=AnonymousCredentials()).bucket(bucket).blob(
+        f"{folder}/predictions.jsonl")
+    assert blob.download_as_text().count("Question") == 6  # each line: the request and its answer
+    # the Gemini endpoint deploy() returns knows its tuned model too
+    endpoints.batch_predict(gemini.deploy(), src, dest)
+    assert vertex.bodies(path=r"/batchPredictionJobs$")[-1]["model"] == gemini.tuned_model_name
+
+
+def test_batch_prediction_mistakes_are_one_line(vertex, gemini, llama):
+    with pytest.raises(UserError) as info:
+        endpoints.batch_predict(gemini, "/tmp/batch.jsonl", f"gs://{vertex.bucket}/out")
+    assert info.value.field == "src_gs_uri"
+    with pytest.raises(UserError, match="open model"):
+        endpoints.batch_predict(llama, vertex.uri("batch.jsonl"), f"gs://{vertex.bucket}/out")
+    missing = vertex.uri("missing.jsonl")
+    with pytest.raises(UserError) as info:
+        endpoints.batch_predict(gemini, missing, f"gs://{vertex.bucket}/out")
+    assert "rejected" in str(info.value) and missing in str(info.value) and "\n" not in str(info.value)
+    assert not vertex.batches

@@ -477,7 +477,8 @@ def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE
     ctx = job.ctx
     if _is_gemini(job):
         name, endpoint_name = _gemini_endpoint(job, checkpoint)
-        endpoint = VertexEndpoint(endpoint_name, "gemini", ctx=ctx, source=f"{job.name} {name}")
+        endpoint = VertexEndpoint(endpoint_name, "gemini", model=job.tuned_model_name, ctx=ctx,
+                                  source=f"{job.name} {name}")
         _remember(job, name, endpoint)
         return endpoint
     name, uri = _open_checkpoint(job, checkpoint)
@@ -524,3 +525,90 @@ def chat_with_job(job, messages_or_text, *, checkpoint=None, stream: bool = Fals
                         "first (the endpoint costs money while it runs; endpoint.delete() stops it)",
                         field="checkpoint" if checkpoint is not None else "job")
     return endpoint.chat(messages_or_text, stream=stream, **gen)
+
+
+# -- batch prediction (Gemini) ----------------------------------------------------------------------
+
+
+class BatchPrediction:
+    """A Gemini batch prediction on Vertex AI: ``name``, ``state``, ``done``, ``output_uri`` once it has succeeded."""
+
+    def __init__(self, raw, ctx: vc.Context):
+        self._raw = raw
+        self._ctx = ctx
+
+    @property
+    def name(self) -> str:
+        return self._raw.name
+
+    @property
+    def state(self) -> str:
+        state = self._raw.state
+        return getattr(state, "name", None) or str(state or "JOB_STATE_PENDING")
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
+                              "JOB_STATE_EXPIRED", "JOB_STATE_PARTIALLY_SUCCEEDED")
+
+    @property
+    def error(self) -> str | None:
+        error = getattr(self._raw, "error", None)
+        return getattr(error, "message", None) or None
+
+    @property
+    def output_uri(self) -> str | None:
+        """The gs:// folder holding ``predictions.jsonl`` (one line per request: request, response, status)."""
+        if self.state not in ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
+            return None
+        folder = getattr(getattr(self._raw, "output_info", None), "gcs_output_directory", None)
+        return folder or getattr(getattr(self._raw, "dest", None), "gcs_uri", None)
+
+    def refresh(self) -> BatchPrediction:
+        """Read the batch prediction's state again."""
+        with vc.api_errors(f"read batch prediction {self.name}", self._ctx):
+            self._raw = vc.genai_client(self._ctx).batches.get(name=self.name)
+        return self
+
+    def __repr__(self) -> str:
+        where = f" -> {self.output_uri}" if self.output_uri else ""
+        return f"<BatchPrediction {self.name} {self.state.removeprefix('JOB_STATE_')}{where}>"
+
+
+def batch_predict(job_or_endpoint, src_gs_uri: str, dest_gs_prefix: str) -> BatchPrediction:
+    """Run a tuned Gemini model (a job, a Gemini endpoint from it, or a model name) over a JSONL file of requests.
+
+    ``src_gs_uri``: a ``gs://`` JSONL file, one ``{"request": {"contents": [...]}}`` a
+    line. ``dest_gs_prefix``: the ``gs://`` folder the predictions go under. Batch
+    prediction costs half of online prediction and is not rate-limited. Returns
+    at once; ``refresh()`` follows it to ``output_uri``.
+    """
+    for name, value in (("src_gs_uri", src_gs_uri), ("dest_gs_prefix", dest_gs_prefix)):
+        if not isinstance(value, str) or not re.fullmatch(r"gs://[^/\s]+/\S*", value.strip()):
+            raise UserError(f"{name} must be a gs:// URI, not {value!r}"[:200], field=name)
+    if not src_gs_uri.strip().endswith(".jsonl"):
+        raise UserError(f"src_gs_uri must be a JSONL file (.jsonl) of requests, not {src_gs_uri!r}", field="src_gs_uri")
+    target = job_or_endpoint
+    if isinstance(target, VertexEndpoint):
+        if target.kind != "gemini" or not target.model:
+            raise UserError("batch prediction runs tuned Gemini models: pass the tuning job (or its tuned model's "
+                            "name)", field="job_or_endpoint")
+        model, ctx = target.model, target.ctx
+    elif isinstance(target, str):
+        model, ctx = target.strip(), vc.context(resource=target.strip())
+    elif hasattr(target, "tuned_model_name"):
+        if not _is_gemini(target):
+            raise UserError(f"job {target.name} tuned an open model; batch prediction here runs tuned Gemini models",
+                            field="job_or_endpoint")
+        _check_succeeded(target, "run a batch prediction")
+        model, ctx = target.tuned_model_name, target.ctx
+    else:
+        raise UserError(f"job_or_endpoint must be a Vertex AI tuning job, a Gemini endpoint or a model name, not "
+                        f"{type(target).__name__}", field="job_or_endpoint")
+    with vc.api_errors(f"start a batch prediction with {model}", ctx):
+        from google.genai import types
+
+        raw = vc.genai_client(ctx).batches.create(
+            model=model, src=src_gs_uri.strip(),
+            config=types.CreateBatchJobConfig(dest=dest_gs_prefix.strip()))
+    return BatchPrediction(raw, ctx)
