@@ -119,6 +119,7 @@ def test_a_named_checkpoint_and_other_machines_can_be_deployed(vertex, llama):
     ({"endpoint_display_name": ""}, "endpoint_display_name"),
     ({"timeout": -1}, "timeout"),
     ({"checkpoint": "checkpoint-999"}, "checkpoint"),
+    ({"machine": "g2-standard-12"}, "machine"),
 ])  # fmt: skip
 def test_a_bad_deploy_option_is_one_line_naming_it_and_deploys_nothing(vertex, llama, options, field):
     with pytest.raises(UserError) as info:

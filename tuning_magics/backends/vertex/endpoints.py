@@ -462,7 +462,7 @@ def _check_deploy_options(machine_type, accelerator_type, accelerator_count, end
 
 def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE,
                accelerator_type: str = DEFAULT_ACCELERATOR_TYPE, accelerator_count: int = DEFAULT_ACCELERATOR_COUNT,
-               endpoint_display_name: str | None = None, timeout: float | None = None) -> VertexEndpoint:
+               endpoint_display_name: str | None = None, timeout: float | None = None, **unknown) -> VertexEndpoint:
     """Deploy a succeeded open-model job's ``final`` checkpoint (or ``checkpoint``) through Model Garden.
 
     Serves the folder ``<output_uri>/postprocess/node-0/checkpoints/<checkpoint>`` on
@@ -473,6 +473,10 @@ def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE
     deploy request. A tuned Gemini model is served already: its endpoint (or
     ``checkpoint``'s) is returned and nothing is deployed.
     """
+    if unknown:
+        name = sorted(unknown)[0]
+        raise UserError(f"deploy() has no option {name!r}; the options are checkpoint, machine_type, "
+                        "accelerator_type, accelerator_count, endpoint_display_name and timeout", field=name)
     _check_deploy_options(machine_type, accelerator_type, accelerator_count, endpoint_display_name, timeout)
     ctx = job.ctx
     if _is_gemini(job):
