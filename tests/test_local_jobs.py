@@ -155,6 +155,8 @@ def test_sigkill_mid_epoch_fails_with_reason_and_resume_finishes(home):
     m = job.metrics()
     assert list(m.columns[: len(METRIC_COLUMNS)]) == list(METRIC_COLUMNS)
     assert m["step"].tolist() == list(range(1, 25))
+    progress = job.progress()
+    assert (progress.step, progress.total_steps, progress.epochs, progress.fraction) == (24, 24, 3, 1.0)
     reply = job.chat("What is 3 plus 3?", max_new_tokens=4)
     assert isinstance(reply, str)
 

@@ -146,6 +146,8 @@ def test_an_open_model_job_is_watched_through_the_services_substates_to_its_chec
         assert expected in substates
     assert job.state == "JOB_STATE_SUCCEEDED" and job.substate is None and job.succeeded
     assert job.queued_seconds > 0
+    progress = job.progress()
+    assert progress.step == progress.total_steps > 0 and progress.fraction == 1.0 and progress.epochs == 3
     names = [c.name for c in job.checkpoints]
     assert names[-1] == "final" and len(names) == 4 and all(n.startswith("checkpoint-") for n in names[:-1])
     steps = [c.step for c in job.checkpoints[:-1]]

@@ -176,6 +176,23 @@ class DryRun:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """How far training has come: the step of ``total_steps`` and the epoch of ``epochs`` (None where unknown)."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    epochs: int | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the training done, 0 to 1 (None while the total is unknown)."""
+        if self.step is None or not self.total_steps:
+            return None
+        return min(1.0, max(0.0, self.step / self.total_steps))
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """One saved model: ``checkpoint-N`` (``step`` N) or ``final`` (``step`` None)."""
 
@@ -343,6 +360,16 @@ class Job(ABC):
         what = "quota" if info.substate == WAITING_FOR_QUOTA else "capacity"
         return (f"waiting for {what} for {waited / 3600:.1f} h; waits are unpredictable and cancelling and "
                 "submitting again can be faster: job.cancel(), then tune(...) again")
+
+    def progress(self) -> Progress:
+        """The step and epoch reached (from the metrics), with the totals where the backend knows them."""
+        rows = self.metrics()
+        epochs = self.info.config.get("epochs")
+        if not len(rows):
+            return Progress(epochs=epochs)
+        last = rows.iloc[-1]
+        epoch = last.get("epoch")
+        return Progress(step=int(last["step"]), epoch=None if epoch != epoch else float(epoch), epochs=epochs)
 
     def data_stats(self):
         """The dataset as our validator predicted it and as the service counted it, side by side.

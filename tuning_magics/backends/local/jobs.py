@@ -29,6 +29,7 @@ from ...jobs import (
     Checkpoint,
     Job,
     JobInfo,
+    Progress,
     metrics_frame,
     timestamp,
 )
@@ -210,6 +211,19 @@ class LocalJob(Job):
     @property
     def checkpoints(self) -> list[Checkpoint]:
         return job_checkpoints(self.output_dir)
+
+    def progress(self) -> Progress:
+        """The step of the total steps and the epoch of the epochs, as the worker last wrote them."""
+        import json
+
+        from .worker import PROGRESS_FILE
+
+        try:
+            saved = json.loads((self.output_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return super().progress()
+        return Progress(step=saved.get("step"), total_steps=saved.get("total_steps"), epoch=saved.get("epoch"),
+                        epochs=saved.get("epochs"))
 
     @property
     def log(self) -> str:

@@ -11,6 +11,7 @@ before exiting so the next queued job starts.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -33,6 +34,9 @@ from . import registry, scheduler
 
 #: Seconds between registry reads while watching for a cancel.
 CANCEL_POLL = 0.5
+#: The job's latest progress (step of total steps, epoch of epochs), rewritten at most every PROGRESS_EVERY seconds.
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY = 0.5
 
 
 class _Stop(Exception):
@@ -47,6 +51,7 @@ class Worker:
         self.output_dir: str | None = None
         self.signalled: int | None = None
         self._cancel_seen = False
+        self._progress_at = float("-inf")
         self._last_poll = 0.0
 
     # -- stop requests ---------------------------------------------------------
@@ -75,6 +80,24 @@ class Worker:
         """Trainer and labeller events: sub-state changes go to the registry (metrics are in metrics.jsonl)."""
         if event.get("event") == "substate":
             self._substate(event.get("substate"))
+        elif event.get("event") == "progress":
+            self._progress(event)
+
+    def _progress(self, event: dict) -> None:
+        """Keep the latest progress in the job folder, at most every PROGRESS_EVERY seconds (and the last step)."""
+        now = time.monotonic()
+        last_step = event.get("step") == event.get("total_steps")
+        if now - self._progress_at < PROGRESS_EVERY and not last_step:
+            return
+        self._progress_at = now
+        from ...storage import atomic_writer
+
+        keep = {k: event.get(k) for k in ("step", "total_steps", "epoch", "epochs")}
+        try:
+            with atomic_writer(Path(self.output_dir) / PROGRESS_FILE, overwrite=True) as fh:
+                fh.write(json.dumps(keep).encode())
+        except (OSError, UserError):
+            pass  # progress is a convenience: training goes on without it
 
     def _substate(self, substate: str | None) -> None:
         registry.transition(self.job_id, [JOB_STATE_RUNNING, JOB_STATE_CANCELLING], substate=substate)

@@ -21,6 +21,7 @@ from ...jobs import (
     Checkpoint,
     Job,
     JobInfo,
+    Progress,
     metrics_frame,
 )
 from . import client as vc
@@ -94,6 +95,16 @@ class VertexJob(Job):
                 rows = read_metrics(experiment, project=ctx.project, location=ctx.location,
                                     credentials=ctx.credentials, api_endpoint=ctx.api_endpoint)
         return metrics_frame(rows)
+
+    def progress(self) -> Progress:
+        """The step reached (from the experiment's metrics) of the steps the service planned (its data stats)."""
+        seen = super().progress()
+        stats = getattr(self.raw, "tuning_data_stats", None)
+        inner = getattr(stats, "supervised_tuning_data_stats", None) or getattr(stats, "distillation_data_stats", None)
+        total = getattr(inner, "tuning_step_count", None)
+        if self.succeeded and total:
+            return Progress(int(total), int(total), seen.epochs, seen.epochs)
+        return Progress(seen.step, int(total) if total else None, seen.epoch, seen.epochs)
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
