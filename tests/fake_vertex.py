@@ -609,6 +609,7 @@ class FakeVertex:
             ("POST", r"/endpoints/([^/:]+)/chat/completions", self._chat),
             ("POST", r"/batchPredictionJobs", self._create_batch),
             ("GET", r"/batchPredictionJobs/([^/:]+)", self._get_batch),
+            ("GET", r"/models/([^/:@]+)(@\d+)?", self._get_model),
             ("GET", r"/metadataStores/default/contexts/([^/:]+)", self._get_context),
             ("GET", r"/metadataStores/default/artifacts/([^/:]+)", self._get_artifact),
             ("GET", r"/tensorboards/([^/:]+)", self._get_tensorboard),
@@ -1165,6 +1166,18 @@ class FakeVertex:
                      "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
                                "total_tokens": n_in + n_out}}  # fmt: skip
 
+
+    # ------------------------------------------------------------------ tuned models
+    def _get_model(self, project, location, model_id, version=None, *, query, body, project_id):
+        """A tuned Gemini model, labelled with its base model as the service labels it."""
+        job = next((j for j in self.jobs.values() if j.id == model_id and j.is_gemini), None)
+        if job is None:
+            raise ApiError(404, f"Model projects/{project}/locations/{location}/models/{model_id} not found.",
+                           "NOT_FOUND")
+        return 200, {"name": f"projects/{project}/locations/{location}/models/{model_id}",
+                     "displayName": job.body.get("tunedModelDisplayName") or model_id, "versionId": "1",
+                     "labels": {"google-vertex-llm-tuning-base-model-id": job.base_model.replace(".", "-"),
+                                "google-vertex-llm-tuning-job-id": job.id}}  # fmt: skip
 
     # ------------------------------------------------------------------ batch prediction
     def _create_batch(self, project, location, *, query, body, project_id):

@@ -458,3 +458,16 @@ def test_no_token_appears_in_any_output_log_or_error_of_a_whole_run(vertex, data
     assert job.succeeded and len(everything) > 1000
     assert vertex.token not in everything
     assert vertex.token.split(".", 1)[1] not in everything
+
+
+def test_a_tuned_gemini_model_is_also_continued_from_its_resource_name(vertex, data):
+    vertex.step_seconds = 60
+    first = tm.tune("gemini-2.5-pro", data["train"], epochs=1, adapter_size=4)
+    walk(vertex, first)
+    tm.tune(first.tuned_model_name, data["train"], epochs=1)
+    body = vertex.bodies()[-1]
+    assert body["preTunedModel"].get("tunedModelName", body["preTunedModel"].get("tuned_model_name")) == \
+        first.tuned_model_name
+    with pytest.raises(UserError, match="not found") as info:
+        tm.tune("projects/fake-project/locations/us-central1/models/404", data["train"], epochs=1)
+    assert "\n" not in str(info.value)

@@ -9,6 +9,8 @@ cloud SDKs only when called, so ``import tuning_magics`` stays fast):
   ``tunings.tune`` call, and ``dry_run`` (the exact request body, billed tokens, cost).
 - ``jobs``: ``VertexJob``: states and sub-states, data stats, checkpoints, cancel.
 - ``metrics``: loss and accuracy per step from the job's experiment.
-- ``endpoints``: Model Garden deploy of tuned open models, and chat with an
-  endpoint (``predict``, chat completions or ``generate_content``).
+- ``images``: inline images of a dataset staged as Cloud Storage objects.
+- ``endpoints``: Model Garden deploy of tuned open models, chat with an
+  endpoint (``predict``, chat completions or ``generate_content``), and
+  batch prediction with a tuned Gemini model.
 """

@@ -16,6 +16,7 @@ network), the billed tokens and the estimated cost.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -286,8 +287,22 @@ def tuned_model_source(base) -> tuple[str, str]:
     with vc.api_errors(f"read tuned model {name}", ctx):
         found = vc.genai_client(ctx).models.get(model=name)
     info = getattr(found, "tuned_model_info", None)
-    base_model = getattr(info, "base_model", None)
+    base_model = _catalog_gemini(getattr(info, "base_model", None))
     if not base_model:
-        raise UserError(f"{name} is not a tuned Gemini model; give the job or the tuned model's name",
+        raise UserError(f"{name} is not a tuned Gemini model of the catalog; give the job or the tuned model's name",
                         field="base_model")
     return name, base_model
+
+
+def _catalog_gemini(label: str | None) -> str | None:
+    """The catalog id for the base model a tuned model's label names (labels spell '.' as '-')."""
+    if not label:
+        return None
+    found = catalog.find(label)
+    if found is not None:
+        return found.id
+    spelled = re.sub(r"-0\d\d$", "", label.lower())
+    for model in catalog.models(provider="gemini"):
+        if spelled in (model.id, model.id.replace(".", "-")):
+            return model.id
+    return None
