@@ -98,11 +98,13 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator_server() -> Iterator[GcsEmulator]:
-    """Start gcp-storage-emulator (in memory) for the session, with one bucket; stop it after."""
-    pytest.importorskip("gcp_storage_emulator")
-    pytest.importorskip("google.cloud.storage")
+def start_gcs_emulator(bucket: str = "tuning-magics-test") -> tuple[GcsEmulator, subprocess.Popen]:
+    """Start gcp-storage-emulator (in memory) on a free port of 127.0.0.1 with ``bucket`` made.
+
+    Returns the emulator and its process; stop it with ``stop_gcs_emulator(proc)``.
+    Raises RuntimeError, with the emulator's output, when it does not start.
+    Shared by the ``gcs_emulator_server`` fixture and the notebooks' harness.
+    """
     with tempfile.TemporaryFile() as log:
         for _attempt in range(3):  # the free port may be taken before the server binds it
             port = _free_port()
@@ -117,13 +119,32 @@ def gcs_emulator_server() -> Iterator[GcsEmulator]:
             _stop(proc)
         else:
             log.seek(0)
-            pytest.fail(f"gcp-storage-emulator did not start:\n{log.read().decode(errors='replace')}")
-        try:
-            emulator = GcsEmulator(host=host, bucket="tuning-magics-test")
-            emulator.client().create_bucket(emulator.bucket)
-            yield emulator
-        finally:
-            _stop(proc)
+            raise RuntimeError(f"gcp-storage-emulator did not start:\n{log.read().decode(errors='replace')}")
+    emulator = GcsEmulator(host=host, bucket=bucket)
+    try:
+        emulator.client().create_bucket(emulator.bucket)
+    except BaseException:
+        _stop(proc)
+        raise
+    return emulator, proc
+
+
+stop_gcs_emulator = _stop
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator_server() -> Iterator[GcsEmulator]:
+    """Start gcp-storage-emulator (in memory) for the session, with one bucket; stop it after."""
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("google.cloud.storage")
+    try:
+        emulator, proc = start_gcs_emulator()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield emulator
+    finally:
+        _stop(proc)
 
 
 @pytest.fixture

@@ -1,0 +1,204 @@
+"""The harness that runs the Vertex AI tutorials (``vertex_*.ipynb``) under nbval without a cloud project.
+
+The tutorials are written for a real Google Cloud project: they read the project,
+location and staging bucket from the environment and sign in with Application
+Default Credentials. For each such notebook, before nbval starts its kernel, this
+harness starts, all on 127.0.0.1:
+
+- the Cloud Storage emulator (``tests/conftest.py``'s ``start_gcs_emulator``),
+- a fake Vertex AI REST API (``tests/fake_vertex.py``) whose jobs move quickly,
+- the notebook VM's metadata server, which hands out the fake's token, as the
+  metadata server of a Vertex AI Workbench or Colab Enterprise VM hands out
+  the VM's service account token,
+
+and sets the environment the kernel inherits (``GOOGLE_CLOUD_PROJECT``,
+``GOOGLE_CLOUD_LOCATION``, ``TUNING_MAGICS_STAGING_BUCKET``,
+``TUNING_MAGICS_API_ENDPOINT``, ``STORAGE_EMULATOR_HOST``, ``GCE_METADATA_HOST``
+and ``GCE_METADATA_IP``, an empty ``CLOUDSDK_CONFIG``, a fresh
+``TUNING_MAGICS_HOME``; no ``GOOGLE_APPLICATION_CREDENTIALS``, no ``NO_GCE_CHECK``),
+so the notebooks go through the product's real Application Default Credentials
+path, the one it takes on a notebook VM. (An ``authorized_user`` credentials file
+cannot stand in: google-auth always sends its refresh to oauth2.googleapis.com,
+whatever ``token_uri`` the file names.) After the notebook's last cell (its kernel
+stopped), the servers are stopped and the environment is restored: other
+notebooks (the quickstart) never see any of it.
+
+``vertex_environment()`` is the same as a context manager, for executing the
+tutorials outside pytest (``jupyter nbconvert --execute`` under it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent / "tests"
+#: The notebooks this harness serves.
+PATTERN = "vertex_*.ipynb"
+PROJECT, LOCATION, BUCKET = "my-project", "us-central1", "my-project-tuning"
+#: Seconds per phase of a fake job (quota, dataset, capacity, tuning, post-processing) and per deployment.
+STEP_SECONDS, DEPLOY_SECONDS = 0.3, 0.2
+
+
+def _tests_module(name: str, filename: str):
+    """A module of tests/ loaded under its own name (tests/conftest.py would clash with this conftest's name)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TESTS / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class MetadataServer:
+    """The Compute Engine metadata server of a notebook VM, on 127.0.0.1: it hands out ``token`` for ``project``.
+
+    On Vertex AI Workbench and Colab Enterprise, Application Default Credentials
+    come from the VM's metadata server; google-auth finds this one through
+    ``GCE_METADATA_HOST`` / ``GCE_METADATA_IP``, exactly as it finds the real one.
+    """
+
+    def __init__(self, token: str, project: str, email: str):
+        outer = self
+        self.tokens = 0
+        account = {"email": email, "aliases": ["default"],
+                   "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body, content_type: str = "application/json"):
+                data = (json.dumps(body) if content_type == "application/json" else str(body)).encode()
+                self.send_response(status)
+                self.send_header("Metadata-Flavor", "Google")
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                path = urllib.parse.urlsplit(self.path).path
+                if self.headers.get("Metadata-Flavor") != "Google":
+                    self._send(403, "Missing Metadata-Flavor:Google header.", "text/html")
+                elif path in ("", "/"):
+                    self._send(200, "computeMetadata/", "application/text")
+                elif path == "/computeMetadata/v1/project/project-id":
+                    self._send(200, project, "application/text")
+                elif path == "/computeMetadata/v1/universe/universe-domain":
+                    self._send(200, "googleapis.com", "application/text")
+                elif path in ("/computeMetadata/v1/instance/service-accounts/default/",
+                              f"/computeMetadata/v1/instance/service-accounts/{email}/"):
+                    self._send(200, account)
+                elif path in ("/computeMetadata/v1/instance/service-accounts/default/token",
+                              f"/computeMetadata/v1/instance/service-accounts/{email}/token"):
+                    outer.tokens += 1
+                    self._send(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
+                else:
+                    self._send(404, "Not Found", "text/html")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, name="metadata-server", daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def vertex_environment():
+    """Start the emulator, the fake API and the metadata server, set the environment; undo it all on exit.
+
+    Yields the FakeVertex (``.url``, ``.jobs``, ``.requests``, ``.bucket``).
+    """
+    saved = dict(os.environ)  # importing the helpers sets variables too: all are restored
+    helpers = _tests_module("_tm_tests_conftest", "conftest.py")
+    stack = contextlib.ExitStack()
+    try:
+        emulator, proc = helpers.start_gcs_emulator(BUCKET)
+        stack.callback(helpers.stop_gcs_emulator, proc)
+        fake_vertex = _tests_module("_tm_fake_vertex", "fake_vertex.py")
+        fake = fake_vertex.FakeVertex(emulator.host, step_seconds=STEP_SECONDS, deploy_seconds=DEPLOY_SECONDS)
+        fake.bucket = emulator.bucket
+        fake.start()
+        stack.callback(fake.stop)
+        metadata = MetadataServer(fake.token, PROJECT, f"notebook@{PROJECT}.iam.gserviceaccount.com")
+        stack.callback(metadata.close)
+        scratch = Path(tempfile.mkdtemp(prefix="tuning-magics-vertex-notebook-"))
+        stack.callback(shutil.rmtree, scratch, True)
+        (scratch / "gcloud").mkdir()
+        (scratch / "home").mkdir()
+        for name in ("GOOGLE_APPLICATION_CREDENTIALS", "NO_GCE_CHECK", "TUNING_MAGICS_BACKEND",
+                     "GOOGLE_CLOUD_QUOTA_PROJECT", "GCE_METADATA_MTLS_MODE"):
+            os.environ.pop(name, None)
+        os.environ.update({
+            "GOOGLE_CLOUD_PROJECT": PROJECT,
+            "GOOGLE_CLOUD_LOCATION": LOCATION,
+            "TUNING_MAGICS_STAGING_BUCKET": f"gs://{BUCKET}/tuning",
+            "TUNING_MAGICS_API_ENDPOINT": fake.url,
+            "STORAGE_EMULATOR_HOST": emulator.host,
+            # Application Default Credentials as on a notebook VM: no credentials file, no gcloud login
+            # (an empty gcloud folder), the VM's metadata server.
+            "CLOUDSDK_CONFIG": str(scratch / "gcloud"),
+            "GCE_METADATA_HOST": metadata.host,
+            "GCE_METADATA_IP": metadata.host,
+            "TUNING_MAGICS_HOME": str(scratch / "home"),
+        })
+        yield fake
+    finally:
+        try:
+            stack.close()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def _is_vertex_notebook(node) -> bool:
+    path = Path(str(getattr(node, "path", None) or getattr(node, "fspath", "")))
+    return path.suffix == ".ipynb" and path.match(PATTERN)
+
+
+_RUNNING: dict = {}  # notebook file collector -> its open vertex_environment()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the first cell of a vertex_*.ipynb (whose setup starts the kernel), start the servers."""
+    notebook = item.parent
+    if notebook is None or notebook in _RUNNING or not _is_vertex_notebook(notebook):
+        return
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("google.genai")
+    env = vertex_environment()
+    env.__enter__()
+    _RUNNING[notebook] = env
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the notebook's last cell and its kernel have stopped, stop the servers and restore the environment."""
+    yield
+    notebook = item.parent
+    if notebook in _RUNNING and (nextitem is None or nextitem.parent is not notebook):
+        _RUNNING.pop(notebook).__exit__(None, None, None)
+
+
+def pytest_sessionfinish(session):
+    """Whatever stopped the run early, nothing is left running."""
+    while _RUNNING:
+        _RUNNING.popitem()[1].__exit__(None, None, None)
