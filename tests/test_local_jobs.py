@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import importlib.util
 import os
 import re
 import signal
@@ -862,12 +863,27 @@ def test_builtin_models_tune_locally_whatever_the_settings(slot_taken, tmp_path,
     else:
         (tmp_path / "pyproject.toml").write_text("[tool.tuning_magics\nproject = \n")
         monkeypatch.chdir(tmp_path)
-    assert [j.name for j in tm.list_jobs()] == ["tune-busy"]
+
+    def listed():
+        # With a project and no credentials, the local jobs are listed and one line says why Vertex AI's are not.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = [j.name for j in tm.list_jobs()]
+        if setup == "cloud project" and importlib.util.find_spec("google.genai"):
+            assert [str(w.message) for w in caught] == [
+                "Vertex AI jobs of project my-project are not listed: no Google Cloud credentials found for project "
+                "my-project: run `gcloud auth application-default login`, or pass "
+                "tuning_magics.settings.update(credentials=...)"]
+        else:
+            assert caught == []
+        return names
+
+    assert listed() == ["tune-busy"]
     workers = set(scheduler._children)
     job = tm.tune(MODEL, records(4), epochs=1)
     assert job.backend == "local" and job.state == JOB_STATE_QUEUED
     assert set(scheduler._children) == workers  # queued behind the busy slot: no worker (a fast test)
-    assert [j.name for j in tm.list_jobs()] == [job.name, "tune-busy"]
+    assert listed() == [job.name, "tune-busy"]
     assert tm.get_job(job.name).name == job.name
     job.cancel()
     if setup == "broken pyproject":
