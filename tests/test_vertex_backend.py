@@ -471,3 +471,16 @@ def test_a_tuned_gemini_model_is_also_continued_from_its_resource_name(vertex, d
     with pytest.raises(UserError, match="not found") as info:
         tm.tune("projects/fake-project/locations/us-central1/models/404", data["train"], epochs=1)
     assert "\n" not in str(info.value)
+
+
+def test_a_distillation_job_reports_the_services_counts_and_leaves_the_teachers_answers(vertex, data):
+    vertex.step_seconds = 60
+    job = tm.tune("qwen3-4b", data["prompts"], method="distillation", base_teacher_model=TEACHER, epochs=2,
+                  output_uri=data["output"])
+    walk(vertex, job)
+    assert job.succeeded and job.config["method"] == "distillation" and job.config["base_teacher_model"] == TEACHER
+    stats = job.data_stats()
+    assert stats.loc["examples", "service"] == len(PROMPTS) == stats.loc["examples", "predicted"]
+    assert stats.loc["billable_tokens", "service"] > 0
+    assert job.progress().total_steps > 0
+    assert tm.storage.exists(f"{data['output']}/distillation_labelled_dataset.jsonl")

@@ -99,9 +99,7 @@ class VertexJob(Job):
     def progress(self) -> Progress:
         """The step reached (from the experiment's metrics) of the steps the service planned (its data stats)."""
         seen = super().progress()
-        stats = getattr(self.raw, "tuning_data_stats", None)
-        inner = getattr(stats, "supervised_tuning_data_stats", None) or getattr(stats, "distillation_data_stats", None)
-        total = getattr(inner, "tuning_step_count", None)
+        total = getattr(_dataset_stats(getattr(self.raw, "tuning_data_stats", None)), "tuning_step_count", None)
         if self.succeeded and total:
             return Progress(int(total), int(total), seen.epochs, seen.epochs)
         return Progress(seen.step, int(total) if total else None, seen.epoch, seen.epochs)
@@ -266,11 +264,18 @@ _ADAPTER_NUMBERS = {"ADAPTER_SIZE_ONE": 1, "ADAPTER_SIZE_TWO": 2, "ADAPTER_SIZE_
 ADAPTER_SIZES = {n: name for name, n in _ADAPTER_NUMBERS.items()}
 
 
-def _data_stats(stats) -> dict | None:
+def _dataset_stats(stats):
+    """The counts inside the service's ``tuning_data_stats``, wherever the tuning method keeps them."""
     if stats is None:
         return None
-    inner = (stats.supervised_tuning_data_stats or stats.distillation_data_stats
-             or getattr(stats, "preference_optimization_data_stats", None))
+    distillation = getattr(stats, "distillation_data_stats", None)
+    return (getattr(stats, "supervised_tuning_data_stats", None)
+            or getattr(distillation, "training_dataset_stats", None)
+            or getattr(stats, "preference_optimization_data_stats", None))
+
+
+def _data_stats(stats) -> dict | None:
+    inner = _dataset_stats(stats)
     if inner is None:
         return None
 
