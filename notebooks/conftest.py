@@ -23,6 +23,9 @@ whatever ``token_uri`` the file names.) After the notebook's last cell (its kern
 stopped), the servers are stopped and the environment is restored: other
 notebooks (the quickstart) never see any of it.
 
+The quickstart runs with a Cloud project set and no credentials at all, as on a
+Workbench kernel whose user never signed in: local work must not need the cloud.
+
 ``vertex_environment()`` is the same as a context manager, for executing the
 tutorials outside pytest (``jupyter nbconvert --execute`` under it).
 """
@@ -168,30 +171,59 @@ def vertex_environment():
             os.environ.update(saved)
 
 
-def _is_vertex_notebook(node) -> bool:
+@contextlib.contextmanager
+def project_without_credentials():
+    """A kernel with a Cloud project set (as on every Workbench) and no credentials at all.
+
+    The quickstart runs on the local engine there unchanged: a Cloud project must
+    not stop local work.
+    """
+    saved = dict(os.environ)
+    scratch = Path(tempfile.mkdtemp(prefix="tuning-magics-no-credentials-"))
+    try:
+        os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+        os.environ.update({"GOOGLE_CLOUD_PROJECT": PROJECT, "CLOUDSDK_CONFIG": str(scratch), "NO_GCE_CHECK": "true",
+                           "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"})
+        yield
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _environment_for(node):
+    """The environment a notebook's kernel starts in, or None for the test run's own."""
     path = Path(str(getattr(node, "path", None) or getattr(node, "fspath", "")))
-    return path.suffix == ".ipynb" and path.match(PATTERN)
+    if path.suffix != ".ipynb":
+        return None
+    if path.match(PATTERN):
+        pytest.importorskip("gcp_storage_emulator")
+        pytest.importorskip("google.genai")
+        return vertex_environment()
+    if path.name == "quickstart.ipynb":
+        return project_without_credentials()
+    return None
 
 
-_RUNNING: dict = {}  # notebook file collector -> its open vertex_environment()
+_RUNNING: dict = {}  # notebook file collector -> its open environment
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    """Before the first cell of a vertex_*.ipynb (whose setup starts the kernel), start the servers."""
+    """Before the first cell of a notebook (whose setup starts the kernel), set up its environment."""
     notebook = item.parent
-    if notebook is None or notebook in _RUNNING or not _is_vertex_notebook(notebook):
+    if notebook is None or notebook in _RUNNING:
         return
-    pytest.importorskip("gcp_storage_emulator")
-    pytest.importorskip("google.genai")
-    env = vertex_environment()
+    env = _environment_for(notebook)
+    if env is None:
+        return
     env.__enter__()
     _RUNNING[notebook] = env
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After the notebook's last cell and its kernel have stopped, stop the servers and restore the environment."""
+    """After the notebook's last cell and its kernel have stopped, stop its servers and restore the environment."""
     yield
     notebook = item.parent
     if notebook in _RUNNING and (nextitem is None or nextitem.parent is not notebook):
