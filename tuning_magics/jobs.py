@@ -386,7 +386,8 @@ class Job(ABC):
         for key in DATA_STAT_NAMES:
             p, s = predicted.get(key), service.get(key)
             rows.append({"predicted": p, "service": s, "differs": p is not None and s is not None and p != s})
-        return pd.DataFrame(rows, index=list(DATA_STAT_NAMES))
+        frame = pd.DataFrame(rows, index=list(DATA_STAT_NAMES))
+        return frame.astype({"predicted": "Int64", "service": "Int64"})  # counts stay whole; unknown is <NA>
 
     @property
     def tuned_model(self) -> str | None:
