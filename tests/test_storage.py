@@ -403,7 +403,7 @@ def test_gcs_client_without_credentials(monkeypatch: pytest.MonkeyPatch, tmp_pat
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
-    storage._client.cache_clear()
+    monkeypatch.setattr(storage, "_CLIENTS", {})  # no client made before this test
     with pytest.raises(UserError) as info:
         storage.gcs_client()
     assert "gcloud auth application-default login" in str(info.value)
@@ -448,3 +448,24 @@ def test_the_cli_says_why_and_exits_2_when_storage_is_unreachable(monkeypatch: p
     assert main(["validate", "gs://some-bucket/train.jsonl"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tuning-magics: error: cannot reach") and "\n" not in err
+
+
+def test_cloud_storage_acts_as_the_same_identity_as_vertex_ai(monkeypatch):
+    """Uploads use the credentials and project of the settings, as the tuning calls do, not just ADC."""
+    pytest.importorskip("google.cloud.storage")
+    from google.oauth2.credentials import Credentials
+
+    import tuning_magics as tm
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    creds = Credentials(token="static")
+    tm.settings.update(credentials=creds, project="settings-project")
+    try:
+        client = storage.gcs_client()
+        assert client._credentials is creds and client.project == "settings-project"
+        other = Credentials(token="other")
+        tm.settings.update(credentials=other)
+        assert storage.gcs_client()._credentials is other
+    finally:
+        tm.settings.update(credentials=None, project=None)

@@ -51,6 +51,7 @@ import functools
 import hashlib
 import mimetypes
 import os
+import threading
 import secrets
 import shutil
 import tempfile
@@ -126,22 +127,40 @@ def _exists_message(display: str) -> str:
 
 
 def gcs_client(project: str | None = None) -> Client:
-    """The one place a Cloud Storage client is made (cached per project and environment).
+    """The one place a Cloud Storage client is made (cached per project, credentials and environment).
 
     With ``STORAGE_EMULATOR_HOST`` set, the client talks to that emulator with
-    anonymous credentials. Otherwise it uses Application Default Credentials
-    and raises :class:`UserError` when there are none.
+    anonymous credentials. Otherwise it acts as the same identity as the Vertex
+    AI calls: the credentials given with ``tuning_magics.settings.update(credentials=...)``,
+    else Application Default Credentials (a :class:`UserError` when there are none),
+    billed to the configured project.
     """
-    return _client(
-        project or os.environ.get("GOOGLE_CLOUD_PROJECT") or None,
-        os.environ.get("STORAGE_EMULATOR_HOST") or None,
-        os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"),
-    )
+    credentials = None
+    try:
+        from .config import settings
+
+        credentials = settings.credentials
+        project = project or settings.project
+    except UserError:
+        pass  # a broken pyproject.toml is reported where settings matter; storage falls back to the environment
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") or None
+    key = (project or os.environ.get("GOOGLE_CLOUD_PROJECT") or None, emulator,
+           os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"), None if emulator else id(credentials))
+    with _CLIENTS_LOCK:
+        entry = _CLIENTS.get(key)
+        if entry is None:
+            if len(_CLIENTS) >= 8:
+                _CLIENTS.pop(next(iter(_CLIENTS)))
+            # The credentials are kept with their client, so the id() in the key stays theirs.
+            entry = _CLIENTS[key] = (_client(key[0], emulator, None if emulator else credentials), credentials)
+        return entry[0]
 
 
-@functools.lru_cache(maxsize=8)
-def _client(project: str | None, emulator_host: str | None, _credentials_file: str | None) -> Client:
-    # The arguments are the cache key: a changed environment gets a new client.
+_CLIENTS: dict = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _client(project: str | None, emulator_host: str | None, credentials) -> Client:
     require_extra("vertex", "google.cloud.storage", "google_crc32c")
     from google.cloud import storage
 
@@ -152,7 +171,7 @@ def _client(project: str | None, emulator_host: str | None, _credentials_file: s
     from google.auth.exceptions import DefaultCredentialsError
 
     try:
-        return storage.Client(project=project)
+        return storage.Client(project=project, credentials=credentials)
     except DefaultCredentialsError as exc:
         raise UserError(_CREDENTIALS_HELP) from exc
 
