@@ -737,6 +737,13 @@ class FakeVertex:
 
     def _create_job(self, project, location, *, query, body, project_id):
         self._check_fields(body)
+        labels = body.get("labels") or {}
+        if len(labels) > 64:
+            raise ApiError(400, f"Too many labels: {len(labels)}; a tuning job takes at most 64.")
+        for key, value in labels.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", key) or not re.fullmatch(r"[a-z0-9_-]{0,63}", str(value)):
+                raise ApiError(400, f"Invalid label {key}={value}: keys and values are lower-case letters, digits, "
+                                    "'_' or '-', at most 63 characters; keys start with a letter.")
         base = body.get("baseModel")
         if body.get("preTunedModel"):
             base = base or "gemini-2.5-flash"  # continuing from a tuned Gemini model

@@ -246,6 +246,8 @@ def test_open_models_go_to_vertex_where_a_project_is_set_and_local_models_never_
         (dict(base_model="qwen3-4b", output_uri="/tmp/out"), "output_uri", "gs:// folder"),
         (dict(base_model="qwen3-4b", max_seq_len=512), "max_seq_len", "option of the local engine"),
         (dict(base_model="gemini-2.5-flash", labels={"Team": "x"}), "labels", "lower-case"),
+        (dict(base_model="gemini-2.5-flash", labels={"tm-dataset": "mine"}), "labels", "lineage"),
+        (dict(base_model="gemini-2.5-flash", labels={f"k{i}": "v" for i in range(59)}), "labels", "at most 58"),
         (dict(base_model="gemini-2.5-flash", pre_tuned_model_checkpoint_id="2"), "pre_tuned_model_checkpoint_id",
          "needs the tuned model"),
     ],

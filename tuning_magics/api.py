@@ -280,10 +280,18 @@ def _labels(labels) -> dict:
         if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_-]{0,63}", value):
             raise UserError(f"labels: value {value!r} of {key!r} must be lower-case letters, digits, '_' or '-' "
                             "(at most 63)", field="labels")
+        if key == "tuning-magics" or key.startswith("tm-"):
+            raise UserError(f"labels: {key!r} is kept for tuning_magics' own lineage labels; choose another key",
+                            field="labels")
         out[key] = value
-    if len(out) > 60:
-        raise UserError(f"labels: at most 60 labels, not {len(out)} (a few are kept for lineage)", field="labels")
+    if len(out) > _MAX_USER_LABELS:
+        raise UserError(f"labels: at most {_MAX_USER_LABELS} labels, not {len(out)} (the service takes 64, and "
+                        "tuning_magics adds its lineage labels)", field="labels")
     return out
+
+
+#: The service takes 64 labels per job; tuning_magics adds up to six of its own (version, dataset, counts).
+_MAX_USER_LABELS = 58
 
 
 def _method(method) -> str:
