@@ -304,6 +304,7 @@ class Job:
     cancel_requested: float | None = None
     artifacts_written: bool = False
     endpoints: list[str] = field(default_factory=list)
+    resolved_base: str = ""  # a continued job's base: that of the job that tuned its starting model
 
     @property
     def id(self) -> str:
@@ -311,7 +312,7 @@ class Job:
 
     @property
     def base_model(self) -> str:
-        return self.body.get("baseModel", "")
+        return self.body.get("baseModel") or self.resolved_base
 
     @property
     def is_gemini(self) -> bool:
@@ -745,8 +746,14 @@ class FakeVertex:
                 raise ApiError(400, f"Invalid label {key}={value}: keys and values are lower-case letters, digits, "
                                     "'_' or '-', at most 63 characters; keys start with a letter.")
         base = body.get("baseModel")
-        if body.get("preTunedModel"):
-            base = base or "gemini-2.5-flash"  # continuing from a tuned Gemini model
+        pre = body.get("preTunedModel")
+        if pre:  # continuing a tuned Gemini model: its base is the base of the job that tuned it
+            name = pre.get("tunedModelName") or pre.get("tuned_model_name") or ""
+            m = re.fullmatch(r"projects/[^/]+/locations/[^/]+/models/([^/@]+)(@\d+)?", name)
+            source = next((j for j in self.jobs.values() if m and j.id == m.group(1) and j.is_gemini), None)
+            if source is None:
+                raise ApiError(404, f"Tuned model {name} not found.", "NOT_FOUND")
+            base = base or source.base_model
         if not base:
             raise ApiError(400, "base_model is required.")
         known = OPEN_MODELS | GEMINI_MODELS
@@ -779,6 +786,8 @@ class FakeVertex:
         name = f"projects/{project}/locations/{location}/tuningJobs/{self._new_id()}"
         job = Job(name, project, location, json.loads(json.dumps(body)), self.now(), outcome,
                   outcome.step_seconds if outcome.step_seconds is not None else self.step_seconds, train, validation)
+        if pre:
+            job.resolved_base = base
         self.jobs[name] = job
         return 200, self._render(job)
 
@@ -821,6 +830,9 @@ class FakeVertex:
             now, end or now)))  # fmt: skip
         if sub:
             out["tuningJobState"] = sub
+        if "preTunedModel" in out:  # answered in proto JSON's camelCase, with the base the service resolved
+            pre = {re.sub(r"_(\w)", lambda m: m.group(1).upper(), k): v for k, v in out["preTunedModel"].items()}
+            out["preTunedModel"] = {**pre, "baseModel": job.resolved_base}
         if start:
             out["startTime"] = rfc3339(start)
         if end:

@@ -486,3 +486,24 @@ def test_a_distillation_job_reports_the_services_counts_and_leaves_the_teachers_
     assert stats.loc["billable_tokens", "service"] > 0
     assert job.progress().total_steps > 0
     assert tm.storage.exists(f"{data['output']}/distillation_labelled_dataset.jsonl")
+
+
+def test_wait_returns_a_paused_job_with_what_to_do(vertex, data):
+    vertex.next_outcome("paused", at="TUNING_JOB_STATE_TUNING")
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    started = time.monotonic()
+    assert job.wait(timeout=60).state == "JOB_STATE_PAUSED" and not job.done
+    assert time.monotonic() - started < 30
+    assert "paused" in job.hint and "job.wait() again" in job.hint
+
+
+def test_a_continued_job_is_itself_continued_from_its_job(vertex, data):
+    vertex.step_seconds = 60
+    first = tm.tune("gemini-2.5-pro", data["train"], epochs=1)
+    walk(vertex, first)
+    second = tm.tune(first, data["train"], epochs=1)
+    walk(vertex, second)
+    assert tm.get_job(second.name).config["base_model"] == "gemini-2.5-pro"
+    third = tm.tune(second, data["train"], epochs=1, dry_run=True)
+    assert third.model == "gemini-2.5-pro"
+    assert third.request["preTunedModel"]

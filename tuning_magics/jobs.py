@@ -348,10 +348,17 @@ class Job(ABC):
         until = info.started or info.ended or now()
         return max(0.0, (until - info.created).total_seconds())
 
+    def poll_interval(self, looks: int) -> float:
+        """Seconds ``wait()`` sleeps after its ``looks``-th look at a job that has not ended."""
+        return 1.0
+
     @property
     def hint(self) -> str | None:
-        """Advice for a job that has been waiting a long time for the service, else None."""
+        """Advice for a job that has been waiting a long time for the service, or that it paused; else None."""
         info = self.info
+        if info.state == JOB_STATE_PAUSED:
+            return ("the service paused this job; it may go on by itself: job.wait() again later, or "
+                    "job.cancel() and submit it again")
         if info.substate not in WAITING_SUBSTATES or info.state in TERMINAL_STATES:
             return None
         waited = self.queued_seconds or 0.0
@@ -398,25 +405,32 @@ class Job(ABC):
         return None
 
     # -- waiting -----------------------------------------------------------------
-    def wait(self, timeout: float | None = None, poll: float = 1.0, *, raise_on_failure: bool = False) -> Job:
-        """Block until the job ends and return it.
+    def wait(self, timeout: float | None = None, poll: float | None = None, *,
+             raise_on_failure: bool = False) -> Job:
+        """Block until the job ends (or the service pauses it) and return it.
 
         ``timeout`` (seconds) raises ``TimeoutError`` when the job is still going
         then; the job itself keeps running, as it does on Ctrl-C. A failed or
         cancelled job is returned like a successful one; pass
         ``raise_on_failure=True`` to get a :class:`JobFailedError` for a failure.
+        A paused job is returned too (``job.hint`` says what to do). ``poll`` is
+        the seconds between looks; by default the backend's own pace.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        looks = 0
         while True:
             self.refresh()
-            if self.done:
+            if self.done or self.state == JOB_STATE_PAUSED:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"tuning job {self.name} is still {self.state} after {timeout:g} s; "
                     f"it keeps running: call job.wait() again or job.cancel()"
                 )
-            pause = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+            pause = self.poll_interval(looks) if poll is None else poll
+            looks += 1
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
             time.sleep(pause)
         if raise_on_failure and self.state == JOB_STATE_FAILED:
             raise JobFailedError(self)

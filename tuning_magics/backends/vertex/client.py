@@ -55,12 +55,14 @@ def context(*, credentials: bool = True, resource: str | None = None) -> Context
     named = len(parts) >= 4 and parts[0] == "projects" and parts[2] == "locations"
     project = parts[1] if named else settings.project
     location = parts[3] if named else settings.location
+    creds = settings.credentials
+    if not project and creds is None and credentials:
+        creds, project = default_credentials(None), _ADC.get("project")  # gcloud's or the VM's project
     if not project:
         raise UserError("Vertex AI needs a Cloud project: set GOOGLE_CLOUD_PROJECT, or "
                         "tuning_magics.settings.update(project='my-project')", field="project")
-    creds = None
-    if credentials:
-        creds = settings.credentials or default_credentials(project)
+    if credentials and creds is None:
+        creds = default_credentials(project)
     return Context(project, location, creds, settings.api_endpoint, settings.staging_bucket)
 
 
@@ -68,7 +70,7 @@ _ADC_LOCK = threading.Lock()
 _ADC: dict = {}
 
 
-def default_credentials(project: str):
+def default_credentials(project: str | None):
     """Application Default Credentials (found once per session); a one-line UserError when there are none."""
     with _ADC_LOCK:
         if "credentials" not in _ADC:
@@ -76,10 +78,10 @@ def default_credentials(project: str):
             from google.auth.exceptions import DefaultCredentialsError
 
             try:
-                _ADC["credentials"], _ = google.auth.default(scopes=[CLOUD_SCOPE])
+                _ADC["credentials"], _ADC["project"] = google.auth.default(scopes=[CLOUD_SCOPE])
             except DefaultCredentialsError:
-                raise UserError(f"no Google Cloud credentials found for project {project}: {_ADC_FIX}",
-                                field="credentials") from None
+                where = f" for project {project}" if project else ""
+                raise UserError(f"no Google Cloud credentials found{where}: {_ADC_FIX}", field="credentials") from None
         return _ADC["credentials"]
 
 
@@ -103,13 +105,15 @@ def genai_client(ctx: Context):
                 http = types.HttpOptions(base_url=ctx.api_endpoint, timeout=API_TIMEOUT * 1000)
             client = genai.Client(vertexai=True, project=ctx.project, location=ctx.location,
                                   credentials=ctx.credentials, http_options=http)
-            _CLIENTS.clear()  # settings changed: the client before is of no more use
+            if len(_CLIENTS) >= 8:  # a few projects and regions at a time; the oldest goes
+                _CLIENTS.pop(next(iter(_CLIENTS)))
             # The credentials stay referenced with their client, so id() in the key stays theirs.
             entry = _CLIENTS[key] = (client, ctx.credentials)
         return entry[0]
 
 
 _QUIET_LOCK = threading.Lock()
+_QUIET = {"depth": 0, "saved": None}
 
 
 @contextmanager
@@ -117,7 +121,10 @@ def sdk_quiet():
     """Keep google-genai from displaying its console-link buttons in the notebook on each call.
 
     Our job display shows the job itself; the SDK's buttons would add an output
-    (loading fonts from the web) every time a job is polled or submitted.
+    (loading fonts from the web) every time a job is polled or submitted. Calls
+    from several threads overlap freely: the SDK's switch is turned off while
+    any of them runs and put back when the last ends (only the switch is
+    locked, never the network call).
     """
     try:
         from google.genai.tunings import _IpythonUtils
@@ -125,13 +132,17 @@ def sdk_quiet():
         yield
         return
     with _QUIET_LOCK:
-        saved = _IpythonUtils.__dict__.get("is_ipython_available")
-        _IpythonUtils.is_ipython_available = staticmethod(lambda: False)
-        try:
-            yield
-        finally:
-            if saved is not None:
-                _IpythonUtils.is_ipython_available = saved
+        if _QUIET["depth"] == 0:
+            _QUIET["saved"] = _IpythonUtils.__dict__.get("is_ipython_available")
+            _IpythonUtils.is_ipython_available = staticmethod(lambda: False)
+        _QUIET["depth"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET_LOCK:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0 and _QUIET["saved"] is not None:
+                _IpythonUtils.is_ipython_available = _QUIET["saved"]
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -204,6 +215,8 @@ def _one_line(exc: BaseException, action: str, ctx: Context) -> str | None:
         return f"no Google Cloud credentials found for project {ctx.project}: {_ADC_FIX}"
     if isinstance(exc, auth_errors.RefreshError):
         return f"the Google Cloud credentials could not be refreshed to {action} ({_first_sentence(exc)}): {_ADC_FIX}"
+    if isinstance(exc, ValueError) and type(exc).__module__.startswith(("pydantic", "google.genai")):
+        return f"google-genai refused the request to {action}: {_first_sentence(exc)}"
     if isinstance(exc, auth_errors.TransportError):
         return f"cannot reach Google's sign-in service to {action} ({_first_sentence(exc)}); check the network"
     try:

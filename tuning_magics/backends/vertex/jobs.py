@@ -63,6 +63,10 @@ class VertexJob(Job):
         self.info  # noqa: B018 - a fresh snapshot when the last one is stale
         return self._raw
 
+    def poll_interval(self, looks: int) -> float:
+        """A tuning job takes minutes to days: look after 1 s, then less and less often, every 15 s at most."""
+        return min(15.0, 1.5 ** looks)
+
     def _fetch(self) -> JobInfo:
         ctx = self.ctx
         with vc.api_errors(f"read tuning job {self._name}", ctx), vc.sdk_quiet():
@@ -192,7 +196,8 @@ def _enum_name(value) -> str | None:
 def _info(raw) -> JobInfo:
     state = _enum_name(raw.state) or "JOB_STATE_PENDING"
     if state not in STATES:  # UNSPECIFIED, UPDATING, PARTIALLY_SUCCEEDED: the nearest of ours
-        state = {"JOB_STATE_PARTIALLY_SUCCEEDED": JOB_STATE_SUCCEEDED}.get(state, "JOB_STATE_RUNNING")
+        state = {"JOB_STATE_PARTIALLY_SUCCEEDED": JOB_STATE_SUCCEEDED,
+                 "JOB_STATE_UPDATING": "JOB_STATE_RUNNING"}.get(state, "JOB_STATE_PENDING")
     substate = _enum_name(getattr(raw, "tuning_job_state", None))
     if substate:
         substate = substate.removeprefix("TUNING_JOB_STATE_")

@@ -48,6 +48,7 @@ class _Plan:
     labels: dict = field(default_factory=dict)
     output_uri: str | None = None
     teacher: str | None = None
+    call: tuple = ()  # (base_model, training_dataset, config) for tunings.tune
 
 
 def submit(request: TuneRequest) -> VertexJob:
@@ -57,7 +58,7 @@ def submit(request: TuneRequest) -> VertexJob:
         plan = _plan(request, ctx, Path(scratch))
         for local, uri in plan.uploads.items():
             storage.upload_content_addressed(local, uri.rsplit("/", 1)[0])
-    base_model, dataset, config = _sdk_call(plan)
+    base_model, dataset, config = plan.call
     with vc.api_errors(f"submit a tuning job for {request.model.id}", ctx), vc.sdk_quiet():
         raw = vc.genai_client(ctx).tunings.tune(base_model=base_model, training_dataset=dataset, config=config)
     return VertexJob(raw.name, ctx=ctx, _job=raw)
@@ -166,6 +167,9 @@ def _plan(request: TuneRequest, ctx: vc.Context, scratch: Path) -> _Plan:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         plan.output_uri = f"{_staging(ctx, 'the tuned model')}/outputs/{model.short_name}-{stamp}"
     plan.labels = _labels(request, plan)
+    # The SDK checks its own types here, before anything is uploaded.
+    with vc.api_errors(f"build the tuning request for {model.id}", ctx):
+        plan.call = _sdk_call(plan)
     return plan
 
 
@@ -260,7 +264,7 @@ def request_body(plan: _Plan) -> dict:
         credentials=Credentials(token="dry-run"),  # nothing is sent: the transport answers itself
         http_options=types.HttpOptions(httpx_client=httpx.Client(transport=httpx.MockTransport(answer))),
     )
-    base_model, dataset, config = _sdk_call(plan)
+    base_model, dataset, config = plan.call
     with vc.sdk_quiet(), warnings.catch_warnings():
         # As for the real call (client.genai_client): the SDK's notice is not the user's business.
         warnings.filterwarnings("ignore", message="The SDK's tuning implementation is experimental")
@@ -281,7 +285,12 @@ def tuned_model_source(base) -> tuple[str, str]:
         if not tuned:
             raise UserError(f"job {base.name} has no tuned model yet ({base.state}); wait for it to succeed",
                             field="base_model")
-        return tuned, base.config.get("base_model")
+        base_model = _catalog_gemini(base.config.get("base_model"))
+        if not base_model:
+            raise UserError(f"job {base.name} did not tune a Gemini model of the catalog "
+                            f"({base.config.get('base_model')}); only tuned Gemini models are tuned further",
+                            field="base_model")
+        return tuned, base_model
     name = str(base)
     ctx = vc.context()
     with vc.api_errors(f"read tuned model {name}", ctx):
