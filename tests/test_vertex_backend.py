@@ -330,8 +330,18 @@ def test_service_errors_are_one_line_naming_the_project_and_the_fix_and_never_a_
     assert "not enabled in project fake-project" in text and "gcloud services enable aiplatform.googleapis.com" in text
 
 
-def test_without_credentials_the_error_names_the_command_that_fixes_it(vertex, data):
-    tm.settings.update(credentials=None)  # and no Application Default Credentials on this machine
+def test_without_credentials_the_error_names_the_command_that_fixes_it(vertex, data, monkeypatch):
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from tuning_magics.backends.vertex import client
+
+    def no_adc(*args, **kwargs):
+        raise DefaultCredentialsError("Your default credentials were not found.")
+
+    monkeypatch.setattr(google.auth, "default", no_adc)  # whatever this machine has
+    monkeypatch.setattr(client, "_ADC", {})
+    tm.settings.update(credentials=None)
     text = _one_line_error(lambda: tm.tune("gemini-2.5-flash", data["train"], epochs=1), vertex)
     assert text == ("no Google Cloud credentials found for project fake-project: run `gcloud auth "
                     "application-default login`, or pass tuning_magics.settings.update(credentials=...)")

@@ -19,13 +19,7 @@ from . import jobs as local
 
 def check(request: TuneRequest) -> tuple[str | None, str | None, dict]:
     """The local engine's own checks; returns (custom_base_model folder, teacher, engine options)."""
-    model = request.model
-    if model.provider == "gemini":
-        raise UserError(
-            f"base_model {model.id} is tuned only by Vertex AI; use backend='vertex', or an open or local/tiny-* "
-            "model with the local engine",
-            field="base_model",
-        )
+    model = request.model  # api.tune() chose this backend: a Gemini model never gets here
     require_extra("local")  # before anything is checked against, or written by, the local engine
     if request.pre_tuned_model_checkpoint_id is not None:
         raise UserError("pre_tuned_model_checkpoint_id continues a tuned Gemini model on Vertex AI; for the "
