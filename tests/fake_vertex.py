@@ -16,7 +16,10 @@ expect, in the JSON shapes the SDKs parse:
 - ``batchPredictionJobs`` create and get: Gemini batch prediction from a JSONL file in the
   emulator, pending then running for a clock step each, then its predictions are written.
 - ``metadataStores/default/contexts|artifacts/X`` and ``tensorboards/...`` reads:
-  experiment, run, runs, time series, ``:read`` and ``:batchRead``.
+  experiment, run, runs, time series, ``:read`` and ``:batchRead``. As the service does, a read
+  returns at most 1,000 points of a series (``:read``: ``maxDataPoints``, up to 10,000, or -1 for
+  all), chosen at random when it has more. ``fake.metrics_every = 1`` logs a point at every step
+  (by default about 100 points a series), for jobs of more than 1,000 steps.
 
 Every request needs ``Authorization: Bearer <fake.token>`` and is recorded in
 ``fake.requests``. Failures and outcomes are scripted per test (``next_outcome``,
@@ -30,6 +33,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import random
 import re
 import secrets
 import struct
@@ -390,13 +394,13 @@ class Job:
             frac = min(frac, 0.5)  # a job that stops (or is held) while tuning gets half way
         return max(0.0, min(1.0, frac))
 
-    def metrics(self, now: float) -> dict[str, list[tuple[int, float, float]]]:
-        """Time series name -> [(step, wall time, value)] logged so far."""
+    def metrics(self, now: float, every: int | None = None) -> dict[str, list[tuple[int, float, float]]]:
+        """Time series name -> [(step, wall time, value)] logged so far: train points ``every`` N steps."""
         total = self.total_steps
         done = int(total * self.progress(now))
         seed = int(hashlib.sha1(self.name.encode()).hexdigest()[:8], 16)
         t0 = self.created + 3 * self.step_seconds
-        every = max(1, total // 100)  # at most about 100 points per series
+        every = every or max(1, total // 100)  # by default, at most about 100 points per series
         out: dict[str, list] = {name: [] for name in METRICS}
         for step in range(1, done + 1):
             x = step / total
@@ -439,6 +443,7 @@ class FakeVertex:
         self.token = f"ya29.fake-vertex-token-{secrets.token_hex(8)}"
         self.step_seconds = step_seconds
         self.deploy_seconds = deploy_seconds
+        self.metrics_every: int | None = None  # log train metrics every N steps (None: about 100 points a series)
         self.project_numbers = {"fake-project": "123456789012", **(project_numbers or {})}
         self.regions: dict[str, set[str]] = {}  # base model -> regions that tune it (overrides the defaults)
         self.requests: list[Recorded] = []
@@ -980,6 +985,9 @@ class FakeVertex:
     def _get_tb_run(self, project, location, tb, experiment, run, *, query, body, project_id):
         return 200, self._run_json(self._tb_job(project, location, tb, experiment, run))
 
+    def _metrics(self, job: Job) -> dict[str, list[tuple[int, float, float]]]:
+        return job.metrics(self.now(), self.metrics_every)
+
     def _series_id(self, name: str) -> str:
         return str(1000 + METRICS.index(name))
 
@@ -991,27 +999,38 @@ class FakeVertex:
 
     def _list_series(self, project, location, tb, experiment, run, *, query, body, project_id):
         job = self._tb_job(project, location, tb, experiment, run)
-        series = [self._series_json(job, n, p) for n, p in job.metrics(self.now()).items()]
+        series = [self._series_json(job, n, p) for n, p in self._metrics(job).items()]
         return 200, {"tensorboardTimeSeries": series} if series else {}
 
-    def _series_data(self, job: Job, series_id: str) -> dict:
+    def _series_data(self, job: Job, series_id: str, limit: int = 1000) -> dict:
+        """A series' points; ``limit`` of them (-1: all) chosen at random when it has more, as the service does."""
         names = {self._series_id(n): n for n in METRICS}
-        points = job.metrics(self.now()).get(names.get(series_id, ""))
+        points = self._metrics(job).get(names.get(series_id, ""))
         if not points:
             raise ApiError(404, f"TensorboardTimeSeries {series_id} not found.")
+        if 0 < limit < len(points):
+            picked = random.Random(f"{job.name}/{series_id}/{len(points)}").sample(range(len(points)), limit)
+            points = [points[k] for k in sorted(picked)]
         return {"tensorboardTimeSeriesId": series_id, "valueType": "SCALAR",
                 "values": [{"step": str(s), "wallTime": rfc3339(w), "scalar": {"value": v}} for s, w, v in points]}
 
     def _get_series(self, project, location, tb, experiment, run, series_id, *, query, body, project_id):
         job = self._tb_job(project, location, tb, experiment, run)
-        for name, points in job.metrics(self.now()).items():
+        for name, points in self._metrics(job).items():
             if self._series_id(name) == series_id:
                 return 200, self._series_json(job, name, points)
         raise ApiError(404, f"TensorboardTimeSeries {series_id} not found.")
 
     def _read_series(self, project, location, tb, experiment, run, series_id, *, query, body, project_id):
         job = self._tb_job(project, location, tb, experiment, run)
-        return 200, {"timeSeriesData": self._series_data(job, series_id)}
+        raw = (query.get("maxDataPoints") or query.get("max_data_points") or ["0"])[-1]
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise ApiError(400, f"Invalid value at 'max_data_points' (TYPE_INT32), \"{raw}\"") from None
+        if limit < -1 or limit > 10_000:
+            raise ApiError(400, f"max_data_points must be between 1 and 10000, or -1 for all data, not {limit}.")
+        return 200, {"timeSeriesData": self._series_data(job, series_id, limit or 1000)}
 
     def _batch_read(self, project, location, tb, *, query, body, project_id):
         names = query.get("timeSeries") or query.get("time_series") or []

@@ -60,8 +60,13 @@ def test_a_finished_job_gives_one_row_per_step_with_eval_at_each_epoch(fake_vert
     # the same numbers as the service's own time series, read by aiplatform elsewhere
     series = fake_vertex.job(job.name).metrics(fake_vertex.now())
     assert [r["train_loss"] for r in rows] == [v for _, _, v in series["/train_total_loss"]]
-    reads = [r for r in fake_vertex.requests if r.path.endswith(":batchRead")]
-    assert len(reads) == 1 and len(reads[0].query["timeSeries"]) == 5 - 1  # num_predictions is not asked for
+    reads = [r for r in fake_vertex.requests if r.path.endswith(":read")]
+    assert len(reads) == 5 - 1  # each series whole; num_predictions is not asked for
+    assert all(r.query == {"maxDataPoints": ["-1"]} for r in reads)
+    # read again (as a monitor refreshing the job does): the series are known, only they are read
+    before = len(fake_vertex.requests)
+    assert read(fake_vertex, job.experiment) == rows
+    assert [r.path.endswith(":read") for r in fake_vertex.requests[before:]] == [True] * 4
 
 
 def test_the_experiment_id_alone_and_an_open_model_without_validation(fake_vertex):
@@ -80,8 +85,54 @@ def test_a_running_job_has_the_steps_logged_so_far(fake_vertex):
     client = fake_vertex.genai_client()
     experiment = client.tunings.get(name=job.name).experiment
     assert read(fake_vertex, experiment) == []
+    fake_vertex.advance(0.15 * fake_vertex.step_seconds)  # the first step: no eval series yet
+    assert [(r["step"], r["eval_loss"]) for r in read(fake_vertex, experiment)] == [(1, None)]
     fake_vertex.advance(10 * fake_vertex.step_seconds)  # a held job stops at half its steps
-    assert [r["step"] for r in read(fake_vertex, experiment)] == [1, 2, 3, 4]
+    rows = read(fake_vertex, experiment)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["eval_loss"] is not None for r in rows] == [False, True, False, True]  # found once they appear
+
+
+def test_a_job_of_more_than_a_thousand_steps_gives_every_step_in_order(fake_vertex):
+    fake_vertex.metrics_every = 1  # a point at every step
+    job = tune(fake_vertex, epochs=600)  # 16 examples, batch 8: 1,200 steps
+    fake_vertex.advance(10 * fake_vertex.step_seconds)
+    job = get(fake_vertex, job.name)
+    assert job.state.value == "JOB_STATE_SUCCEEDED"
+    rows = read(fake_vertex, job.experiment)
+    assert [r["step"] for r in rows] == list(range(1, 1201))
+    series = fake_vertex.job(job.name).metrics(fake_vertex.now(), every=1)
+    assert [r["train_loss"] for r in rows] == [v for _, _, v in series["/train_total_loss"]]
+    assert [r["token_accuracy"] for r in rows] == [v for _, _, v in series["/train_fraction_of_correct_next_step_preds"]]
+    assert [r["step"] for r in rows if r["eval_loss"] is not None] == list(range(2, 1201, 2))  # each epoch's end
+
+
+def test_the_fake_returns_at_most_a_thousand_points_of_a_series_unless_all_are_asked_for(fake_vertex):
+    from google.auth.transport.requests import AuthorizedSession
+
+    fake_vertex.metrics_every = 1
+    job = tune(fake_vertex, epochs=600, validation=False)
+    fake_vertex.advance(10 * fake_vertex.step_seconds)
+    experiment = get(fake_vertex, job.name).experiment
+    session = AuthorizedSession(fake_vertex.credentials())
+    base = f"{fake_vertex.url}/v1"
+    tensorboard = session.get(f"{base}/{experiment}").json()["metadata"]["backing_tensorboard_resource"]
+    run = session.get(f"{base}/{tensorboard}/experiments/{experiment.rsplit('/', 1)[1]}/runs").json()
+    listed = session.get(f"{base}/{run['tensorboardRuns'][0]['name']}/timeSeries").json()["tensorboardTimeSeries"]
+    loss = next(s["name"] for s in listed if s["displayName"] == "/train_total_loss")
+
+    def steps(answer):
+        assert answer.status_code == 200, answer.text
+        data = answer.json()["timeSeriesData"]
+        return [int(p["step"]) for p in (data[0] if isinstance(data, list) else data)["values"]]
+
+    sampled = steps(session.get(f"{base}/{tensorboard}:batchRead", params={"timeSeries": [loss]}))
+    assert len(sampled) == 1000 and sampled == sorted(sampled) and set(sampled) < set(range(1, 1201))
+    assert len(steps(session.get(f"{base}/{loss}:read"))) == 1000  # the default is the same
+    assert len(steps(session.get(f"{base}/{loss}:read", params={"maxDataPoints": 50}))) == 50
+    assert steps(session.get(f"{base}/{loss}:read", params={"maxDataPoints": -1})) == list(range(1, 1201))
+    assert session.get(f"{base}/{loss}:read", params={"maxDataPoints": 20000}).status_code == 400
+    session.close()
 
 
 def test_no_experiment_yet_or_an_unknown_one_gives_nothing(fake_vertex):

@@ -9,12 +9,20 @@ hold the time series ``/train_total_loss``, ``/eval_total_loss``,
 
 :func:`read_metrics` follows that chain over REST with google-auth's
 ``AuthorizedSession`` (a light import, unlike the aiplatform clients) and
-returns one dict per step. Nothing from google is imported until it is called.
+returns one dict per step. Each series is read whole (``timeSeries/S:read`` with
+``maxDataPoints=-1``): ``tensorboards/T:batchRead``, and ``:read`` by default,
+return at most 1,000 points of a series, chosen at random when it has more,
+which would thin out the curve of a long job. Which series an experiment has is
+found once and kept for the session (looked up again only while some of the
+four are still missing, as the eval series appear at the first epoch's end), so
+a monitor refreshing a job reads its series and nothing else. Nothing from
+google is imported until it is called.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 
 #: Time series display name -> the key it fills in each step's dict.
 SERIES = {
@@ -24,9 +32,13 @@ SERIES = {
     "/eval_fraction_of_correct_next_step_preds": "eval_token_accuracy",
 }
 _ALWAYS = ("train_loss", "eval_loss", "token_accuracy")
-#: The most time series the service reads in one batchRead call.
-_BATCH = 20
+#: ``maxDataPoints`` for "every point" (the service's default is 1,000, sampled at random).
+_ALL_POINTS = -1
 _TIMEOUT = 60
+#: (API base, experiment context) -> what is known of its series: {"runs": [...], "series": {name: key}}.
+_FOUND: dict[tuple[str, str], dict] = {}
+_FOUND_LOCK = threading.Lock()
+_FOUND_MAX = 256
 _CONTEXT = re.compile(r"projects/[^/]+/locations/([^/]+)/metadataStores/[^/]+/contexts/([^/]+)")
 
 
@@ -82,30 +94,58 @@ def _pages(session, url: str, key: str):
 
 
 def _read(session, base: str, context: str) -> list[dict]:
+    key = (base, context)
+    with _FOUND_LOCK:
+        found = dict(_FOUND.get(key) or {})
+    if set((found.get("series") or {}).values()) >= set(SERIES.values()):  # all four known: read them
+        rows = _read_series(session, base, found["series"])
+        if rows is not None:
+            return _table(rows, found["series"])
+        found = {}  # a series known before is gone: find them all again
+    runs = found.get("runs") or _runs(session, base, context)
+    if not runs:
+        return []
+    wanted: dict[str, str] = {}  # time series resource name -> the key it fills
+    for run in runs:
+        for series in _pages(session, f"{base}/{run}/timeSeries", "tensorboardTimeSeries"):
+            filled = SERIES.get(series.get("displayName", ""))
+            if filled:
+                wanted[series["name"]] = filled
+    with _FOUND_LOCK:
+        _FOUND.pop(key, None)
+        if wanted:  # (a run without series yet, or gone, is looked up in full next time)
+            while len(_FOUND) >= _FOUND_MAX:
+                del _FOUND[next(iter(_FOUND))]
+            _FOUND[key] = {"runs": runs, "series": wanted}
+    return _table(_read_series(session, base, wanted) or {}, wanted)
+
+
+def _runs(session, base: str, context: str) -> list[str]:
+    """The TensorBoard runs of an experiment context, or [] while it has no TensorBoard (or does not exist)."""
     found = _get(session, f"{base}/{context}")
     tensorboard = ((found or {}).get("metadata") or {}).get("backing_tensorboard_resource")
     if not tensorboard:
         return []
     tb_experiment = f"{tensorboard}/experiments/{context.rsplit('/', 1)[1]}"
-    wanted: dict[str, str] = {}  # time series resource name -> the key it fills
-    for run in _pages(session, f"{base}/{tb_experiment}/runs", "tensorboardRuns"):
-        for series in _pages(session, f"{base}/{run['name']}/timeSeries", "tensorboardTimeSeries"):
-            key = SERIES.get(series.get("displayName", ""))
-            if key:
-                wanted[series["name"]] = key
-    by_id = {name.rsplit("/", 1)[1]: key for name, key in wanted.items()}
+    return [run["name"] for run in _pages(session, f"{base}/{tb_experiment}/runs", "tensorboardRuns")]
+
+
+def _read_series(session, base: str, wanted: dict[str, str]) -> dict[int, dict] | None:
+    """step -> {key: value} from every point of the ``wanted`` series; None when one of them is not found."""
     rows: dict[int, dict] = {}
-    names = sorted(wanted)
-    for start in range(0, len(names), _BATCH):
-        batch = [("timeSeries", name) for name in names[start:start + _BATCH]]
-        data = _get(session, f"{base}/{tensorboard}:batchRead", batch)
-        for series in (data or {}).get("timeSeriesData", []):
-            key = by_id.get(series.get("tensorboardTimeSeriesId", ""))
-            for point in series.get("values", []) if key else []:
-                value = (point.get("scalar") or {}).get("value")
-                if value is None or "step" not in point:
-                    continue
-                step = int(point["step"])  # int64: a string in JSON
-                rows.setdefault(step, {"step": step})[key] = float(value)
+    for name in sorted(wanted):
+        data = _get(session, f"{base}/{name}:read", {"maxDataPoints": _ALL_POINTS})
+        if data is None:
+            return None
+        for point in (data.get("timeSeriesData") or {}).get("values", []):
+            value = (point.get("scalar") or {}).get("value")
+            if value is None or "step" not in point:
+                continue
+            step = int(point["step"])  # int64: a string in JSON
+            rows.setdefault(step, {"step": step})[wanted[name]] = float(value)
+    return rows
+
+
+def _table(rows: dict[int, dict], wanted: dict[str, str]) -> list[dict]:
     keys = _ALWAYS + (("eval_token_accuracy",) if "eval_token_accuracy" in wanted.values() else ())
     return [{"step": step, **{k: rows[step].get(k) for k in keys}} for step in sorted(rows)]
