@@ -517,3 +517,25 @@ def test_a_continued_job_is_itself_continued_from_its_job(vertex, data):
     third = tm.tune(second, data["train"], epochs=1, dry_run=True)
     assert third.model == "gemini-2.5-pro"
     assert third.request["preTunedModel"]
+
+
+def test_rows_naming_image_files_on_this_machine_are_uploaded_and_rewritten(vertex, tmp_path):
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(_png(0))
+    rows = [{"contents": [{"role": "user", "parts": [{"fileData": {"mimeType": "image/png", "fileUri": str(picture)}},
+                                                      {"text": f"What is this, {i}?"}]},
+                          {"role": "model", "parts": [{"text": "A line."}]}]} for i in range(4)]  # fmt: skip
+    records = tmp_path / "local-images.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for source in (rows, str(records)):
+        tm.tune("gemini-2.5-flash", source, epochs=1)
+    uris = {b["supervisedTuningSpec"]["trainingDatasetUri"] for b in vertex.bodies()}
+    assert len(uris) == 1  # the same rows, from records or a file: one dataset object
+    assert len(staged(vertex, "images/")) == 1
+    text = vertex.storage.read(uris.pop()).decode()
+    assert str(picture) not in text and text.count(f"gs://{vertex.bucket}/{vertex.staging}/images/sha256-") == 4
+    missing = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "nope.png"}},
+                                                          {"type": "text", "text": "?"}]},
+                             {"role": "assistant", "content": "no"}]}]  # fmt: skip
+    with pytest.raises(UserError, match="image file on this machine"):
+        tm.tune("gemini-2.5-flash", missing, epochs=1)

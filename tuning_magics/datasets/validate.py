@@ -20,6 +20,7 @@ import re
 import unicodedata
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import formats as F
@@ -384,8 +385,10 @@ class RecordChecker:
             self._data_uri(url, line, where)
             return
         if not url.startswith(("gs://", "https://", "http://")):
-            self.report.error("must be a gs://, https:// or data: URI", line, where)
-            return
+            if not is_local_image(url):
+                self.report.error("must be a gs://, https:// or data: URI, or an image file on this machine "
+                                  "(not found here)", line, where)
+                return
         path = url.split("?", 1)[0].lower()
         ext = "." + path.rsplit(".", 1)[-1] if "." in path.rsplit("/", 1)[-1] else ""
         if ext and ext not in _IMAGE_EXTENSIONS:
@@ -500,11 +503,23 @@ class RecordChecker:
         if kind in ("file_data", "fileData"):
             uri_key = "file_uri" if "file_uri" in data else "fileUri"
             uri = F.get(data, "file_uri", "fileUri", _MISSING)
-            if self._text(uri, line, f"{where}.{kind}.{uri_key}") and not uri.startswith(("gs://", "https://", "http://")):
-                self.report.error("must be a gs:// or https:// URI", line, f"{where}.{kind}.{uri_key}")
+            if (self._text(uri, line, f"{where}.{kind}.{uri_key}")
+                    and not uri.startswith(("gs://", "https://", "http://")) and not is_local_image(uri)):
+                self.report.error("must be a gs:// or https:// URI, or an image file on this machine (not found "
+                                  "here)", line, f"{where}.{kind}.{uri_key}")
         else:
             self._base64(data.get("data", ""), line, f"{where}.{kind}.data")
         return True
+
+
+def is_local_image(uri: str) -> bool:
+    """True for a path (not a URI) of an image file on this machine: uploaded when the dataset goes to the cloud."""
+    if "://" in uri or uri.startswith("data:"):
+        return False
+    try:
+        return Path(uri).expanduser().is_file()
+    except (OSError, ValueError):
+        return False
 
 
 class _Missing:

@@ -1,13 +1,14 @@
-"""Images in a dataset bound for Vertex AI: inline images become Cloud Storage objects.
+"""Images in a dataset bound for Vertex AI: local and inline images become Cloud Storage objects.
 
+The service reads images from Cloud Storage (or inline base64). Rows may name
+image files on this machine (a path in ``image_url.url`` or ``file_data.file_uri``),
 ``dataset(df, images="path")`` reads local image files into the rows as
-``data:`` URIs, and users write base64 images into JSONL by hand. The service
-takes both, but a dataset of inline images is large and uploads every copy of
-an image again. Before submission each inline image is written to the staging
-bucket under its content's name (one object per distinct image, never
-replaced) and the row refers to it by its ``gs://`` URI instead, in the
-record's own format: ``image_url.url`` for chat rows, ``file_data`` for
-GenerateContent rows.
+``data:`` URIs, and users write base64 images into JSONL by hand. Before
+submission each such image is uploaded to the staging bucket under its
+content's name (one object per distinct image, never replaced) and the row
+refers to it by its ``gs://`` URI instead, in the record's own format:
+``image_url.url`` for chat rows, ``file_data`` for GenerateContent rows. A
+dataset of inline images would be large and upload every copy again.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from pathlib import Path
 import orjson
 
 from ...datasets.formats import IMAGE_MIME_TYPES
+from ...datasets.validate import is_local_image
 from ...errors import UserError
 
 _EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp"}
 
 
-def stage_inline_images(jsonl: Path, scratch: Path, prefix: str, name_of) -> dict[str, str]:
-    """Rewrite ``jsonl`` in place so inline images refer to ``gs://`` objects under ``prefix``.
+def stage_images(jsonl: Path, scratch: Path, prefix: str, name_of) -> dict[str, str]:
+    """Rewrite ``jsonl`` in place so local and inline images refer to ``gs://`` objects under ``prefix``.
 
     ``name_of(local_file, prefix)`` gives an image file's content-addressed URI.
     Returns ``{local image file: gs:// URI}``, the files to upload (empty when
-    the dataset has no inline image; the file is then left untouched).
+    the dataset has no such image; the file is then left untouched).
     """
     images: dict[str, str] = {}
     out_lines = []
@@ -41,7 +43,7 @@ def stage_inline_images(jsonl: Path, scratch: Path, prefix: str, name_of) -> dic
                 out_lines.append(raw)
                 continue
             record = orjson.loads(raw)
-            if _rewrite(record, lambda mime, data: _staged(mime, data, scratch, prefix, name_of, images, number)):
+            if _rewrite(record, lambda source: _staged(source, scratch, prefix, name_of, images, number)):
                 changed = True
                 out_lines.append(orjson.dumps(record) + b"\n")
             else:
@@ -54,7 +56,14 @@ def stage_inline_images(jsonl: Path, scratch: Path, prefix: str, name_of) -> dic
     return images
 
 
-def _staged(mime: str, data: str, scratch: Path, prefix: str, name_of, images: dict, line: int) -> str:
+def _staged(source, scratch: Path, prefix: str, name_of, images: dict, line: int) -> str:
+    """The gs:// URI for an image: ``("file", path)`` as it is, ``("inline", mime, base64)`` written out once."""
+    if source[0] == "file":
+        path = str(Path(source[1]).expanduser().resolve())
+        if path not in images:
+            images[path] = name_of(path, prefix)
+        return images[path]
+    _, mime, data = source
     try:
         content = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -69,7 +78,7 @@ def _staged(mime: str, data: str, scratch: Path, prefix: str, name_of, images: d
 
 
 def _rewrite(record, stage) -> bool:
-    """Replace each inline image of ``record`` (any format) by ``stage(mime, base64) -> gs:// URI``."""
+    """Replace each local or inline image of ``record`` (any format) by ``stage(source) -> gs:// URI``."""
     changed = False
     for message in record.get("messages") or []:
         content = message.get("content") if isinstance(message, dict) else None
@@ -78,9 +87,9 @@ def _rewrite(record, stage) -> bool:
                 continue
             holder = part.get("image_url")
             url = holder.get("url") if isinstance(holder, dict) else holder
-            inline = _data_uri(url)
-            if inline:
-                uri = stage(*inline)
+            source = _source(url)
+            if source:
+                uri = stage(source)
                 if isinstance(holder, dict):
                     holder["url"] = uri
                 else:
@@ -94,16 +103,30 @@ def _rewrite(record, stage) -> bool:
         for part in (turn.get("parts") or []) if isinstance(turn, dict) else []:
             if not isinstance(part, dict):
                 continue
-            for key, file_key, mime_key, uri_key in (("inline_data", "file_data", "mime_type", "file_uri"),
-                                                     ("inlineData", "fileData", "mimeType", "fileUri")):
-                blob = part.get(key)
+            for inline_key, file_key, mime_key, uri_key in (("inline_data", "file_data", "mime_type", "file_uri"),
+                                                            ("inlineData", "fileData", "mimeType", "fileUri")):
+                blob = part.get(inline_key)
                 if isinstance(blob, dict) and blob.get("data"):
                     mime = blob.get(mime_key) or blob.get("mime_type") or blob.get("mimeType") or "image/png"
-                    uri = stage(mime, blob["data"])
-                    del part[key]
+                    uri = stage(("inline", mime, blob["data"]))
+                    del part[inline_key]
                     part[file_key] = {mime_key: mime, uri_key: uri}
                     changed = True
+                linked = part.get(file_key)
+                if isinstance(linked, dict) and is_local_image(str(linked.get(uri_key) or "")):
+                    linked[uri_key] = stage(("file", linked[uri_key]))
+                    changed = True
     return changed
+
+
+def _source(url):
+    """What an image URL asks to stage: ``("inline", mime, base64)``, ``("file", path)``, or None (already remote)."""
+    if not isinstance(url, str):
+        return None
+    if is_local_image(url):
+        return ("file", url)
+    inline = _data_uri(url)
+    return ("inline", *inline) if inline else None
 
 
 def _data_uri(url) -> tuple[str, str] | None:

@@ -28,7 +28,7 @@ from ...datasets import prepare
 from ...errors import UserError
 from ...jobs import DryRun, Job, TuneRequest
 from . import client as vc
-from .images import stage_inline_images
+from .images import stage_images
 from .jobs import ADAPTER_SIZES, LABEL_DATASET, LABEL_PREDICTED, LABEL_VERSION, VertexJob
 
 #: Engine options Vertex AI takes too (the rest belong to the local engine).
@@ -184,10 +184,10 @@ def _dataset(plan: _Plan, name: str, dataset, target: Path, method: str) -> prep
         return prepare.validate_in_place(name, source, model, method, dataset)
     local = prepare.to_jsonl(name, dataset, target, model, method)
     staging = _staging(plan.ctx, "the datasets")
-    # Inline images go first, as objects of their own: the dataset then refers to them by gs:// URI.
+    # Local and inline images go first, as objects of their own: the dataset then refers to them by gs:// URI.
     scratch = target.parent / target.stem
     scratch.mkdir(exist_ok=True)
-    plan.uploads.update(stage_inline_images(target, scratch, staging + "/images", storage.content_uri))
+    plan.uploads.update(stage_images(target, scratch, staging + "/images", storage.content_uri))
     uri = storage.content_uri(local.uri, staging + "/datasets")
     plan.uploads[local.uri] = uri
     return prepare.Prepared(uri, local.report)
