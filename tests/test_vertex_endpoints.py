@@ -206,6 +206,70 @@ def test_an_endpoint_that_is_gone_is_one_line_naming_the_project(vertex, llama):
     no_token_in(vertex, message)
 
 
+# ====================================================================== the notebook's own aiplatform settings
+
+_SDK_SETTINGS = ("_project", "_location", "_credentials", "_api_endpoint", "_api_transport")
+
+
+@pytest.fixture
+def users_sdk():
+    """The notebook's own ``vertexai.init(project="users-project", location="europe-west4")``, undone afterwards."""
+    import vertexai
+    from google.cloud.aiplatform import initializer
+
+    config = initializer.global_config
+    saved = {name: getattr(config, name) for name in _SDK_SETTINGS}
+    for name in _SDK_SETTINGS:
+        setattr(config, name, None)  # as in a fresh kernel
+    vertexai.init(project="users-project", location="europe-west4")
+    try:
+        yield config
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+def test_deploy_chat_and_delete_leave_the_notebooks_own_vertexai_settings_as_they_were(vertex, llama, users_sdk):
+    before = {name: getattr(users_sdk, name) for name in _SDK_SETTINGS}
+    assert before["_project"] == "users-project" and before["_location"] == "europe-west4"
+    endpoint = llama.deploy()
+    assert {name: getattr(users_sdk, name) for name in _SDK_SETTINGS} == before
+    assert endpoint.chat("hi") == llama.chat("hi")
+    assert {name: getattr(users_sdk, name) for name in _SDK_SETTINGS} == before
+    endpoint.delete()
+    assert {name: getattr(users_sdk, name) for name in _SDK_SETTINGS} == before
+    assert users_sdk.project == "users-project" and users_sdk.location == "europe-west4"
+    # and ours went to the configured project and region, not the notebook's
+    assert requests_to(vertex, r":deploy$")[0].path == "/v1beta1/projects/fake-project/locations/us-central1:deploy"
+    assert not [r for r in vertex.requests if "europe-west4" in r.path or "users-project" in r.path]
+
+
+def test_a_chat_after_the_api_endpoint_setting_is_removed_goes_to_the_regions_own_endpoint(vertex, llama,
+                                                                                            monkeypatch):
+    import socket
+
+    endpoint = llama.deploy()
+    assert endpoint.chat("hi")
+    monkeypatch.delenv("TUNING_MAGICS_API_ENDPOINT")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    looked_up, real = [], socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):  # the tests reach 127.0.0.1 only: any other host is refused here
+        if host not in ("127.0.0.1", "localhost"):
+            looked_up.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, "no network in the tests")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    before = len(vertex.requests)
+    again = endpoints.VertexEndpoint(endpoint.name, "deployed")  # reads the settings as they are now
+    with pytest.raises(UserError, match=r"cannot reach Vertex AI at us-central1-aiplatform.googleapis.com"):
+        again.chat("hi")
+    assert looked_up and set(looked_up) == {"us-central1-aiplatform.googleapis.com"}
+    assert len(vertex.requests) == before  # nothing went to the endpoint set before
+
+
 # ====================================================================== tuned Gemini
 
 

@@ -103,7 +103,8 @@ def test_a_job_of_more_than_a_thousand_steps_gives_every_step_in_order(fake_vert
     assert [r["step"] for r in rows] == list(range(1, 1201))
     series = fake_vertex.job(job.name).metrics(fake_vertex.now(), every=1)
     assert [r["train_loss"] for r in rows] == [v for _, _, v in series["/train_total_loss"]]
-    assert [r["token_accuracy"] for r in rows] == [v for _, _, v in series["/train_fraction_of_correct_next_step_preds"]]
+    accuracy = series["/train_fraction_of_correct_next_step_preds"]
+    assert [r["token_accuracy"] for r in rows] == [v for _, _, v in accuracy]
     assert [r["step"] for r in rows if r["eval_loss"] is not None] == list(range(2, 1201, 2))  # each epoch's end
 
 

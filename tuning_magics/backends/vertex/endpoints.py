@@ -10,9 +10,10 @@ A :class:`VertexEndpoint` chats like the local engine's endpoint (same
 signature, same request rules from :mod:`tuning_magics.chat_request`, so a
 mistake is one line before any network call), through the method that fits:
 
-- ``"deployed"`` (a tuned open model on its own machine): ``Endpoint.predict``
-  with the seed's instance (``prompt``, ``max_tokens`` 200, ``temperature`` 1.0,
-  ``top_p`` 1.0, ``top_k`` 1, ``raw_response``) unless the call says otherwise;
+- ``"deployed"`` (a tuned open model on its own machine): ``predict`` with the
+  seed's instance (``prompt``, ``max_tokens`` 200, ``temperature`` 1.0, ``top_p``
+  1.0, ``top_k`` 1, ``raw_response``) unless the call says otherwise, at the
+  endpoint's dedicated DNS name when it has one, as ``aiplatform.Endpoint.predict`` does;
 - ``"gemini"`` (a tuned Gemini model or one of its checkpoints):
   google-genai's ``generate_content`` / ``generate_content_stream``;
 - ``"managed"`` (open models served by Vertex AI, such as the distillation
@@ -25,6 +26,14 @@ endpoint or a checkpoint's; an open-model job answers from the endpoint its
 deployment costs money while it runs). :func:`batch_predict` runs a Gemini
 batch prediction over a JSONL file in Cloud Storage.
 
+The aiplatform SDK's process-wide settings (``vertexai.init``) belong to the
+notebook: chat and delete name the project, region, credentials and API endpoint
+on each request (REST with the context's credentials, or a GAPIC client with its
+own client options), and never read or change them. Only Model Garden's
+``CustomModel.deploy`` takes them from there alone: :func:`_sdk_settings` sets
+ours for that one call and puts the notebook's back, under one lock held across
+the call.
+
 The cloud SDKs are imported inside the functions that use them: ``import
 vertexai`` alone takes seconds.
 """
@@ -34,6 +43,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from contextlib import contextmanager
 
 from ...chat_request import chat_request
 from ...errors import UserError
@@ -68,6 +78,7 @@ class VertexEndpoint:
         self.model = model
         self.source = source  # what is served: a checkpoint's gs:// folder or a tuning job's checkpoint
         self._ctx = ctx
+        self._predict_at: str | None = None  # the predict URL, once looked up
 
     @property
     def ctx(self) -> vc.Context:
@@ -113,13 +124,10 @@ class VertexEndpoint:
 
         def ask() -> str:
             ctx = self.ctx
-            with vc.api_errors(f"ask endpoint {self.name}", ctx):
-                _init_vertexai(ctx)
-                from google.cloud import aiplatform
-
-                endpoint = aiplatform.Endpoint(self.name, credentials=ctx.credentials)
-                answer = endpoint.predict(instances=[instance], timeout=_TIMEOUT)
-            predictions = list(answer.predictions or [])
+            with vc.api_errors(f"ask endpoint {self.name}", ctx), _session(ctx) as session:
+                url = self._predict_url(session, ctx)
+                answer = _checked(session.post(url, json={"instances": [instance]}, timeout=_TIMEOUT)).json()
+            predictions = list((answer or {}).get("predictions") or [])
             if not predictions:
                 raise UserError(f"endpoint {self.name} answered without a prediction; check that a model is "
                                 "deployed on it")
@@ -132,6 +140,15 @@ class VertexEndpoint:
             yield ask()
 
         return pieces()
+
+    def _predict_url(self, session, ctx: vc.Context) -> str:
+        """Where the endpoint answers ``predict``: its dedicated DNS name when it has one (looked up once)."""
+        if self._predict_at is None:
+            base = _api_base(ctx)
+            found = _checked(session.get(f"{base}/v1/{self.name}", timeout=_TIMEOUT)).json() or {}
+            dns = found.get("dedicatedEndpointDns") if found.get("dedicatedEndpointEnabled") else None
+            self._predict_at = f"https://{dns}/v1/{self.name}:predict" if dns else f"{base}/v1/{self.name}:predict"
+        return self._predict_at
 
     # -- tuned Gemini: generate_content ----------------------------------------------------
 
@@ -192,12 +209,7 @@ class VertexEndpoint:
         action = f"ask {self.model} through chat completions"
 
         def post(session):
-            response = session.post(url, json=body, timeout=_TIMEOUT, stream=stream)
-            if response.status_code >= 400:
-                from google.api_core import exceptions
-
-                raise exceptions.from_http_response(response)
-            return response
+            return _checked(session.post(url, json=body, timeout=_TIMEOUT, stream=stream))
 
         if not stream:
             with vc.api_errors(action, ctx), _session(ctx) as session:
@@ -229,11 +241,18 @@ class VertexEndpoint:
             raise UserError(f"a {self.kind} endpoint is served by Vertex AI and is not deleted from here; only an "
                             "endpoint job.deploy() made for an open model is", field="endpoint")
         ctx = self.ctx
-        with vc.api_errors(f"delete endpoint {self.name}", ctx):
-            _init_vertexai(ctx)
-            from google.cloud import aiplatform
-
-            aiplatform.Endpoint(self.name, credentials=ctx.credentials).delete(force=True)
+        with vc.api_errors(f"delete endpoint {self.name}", ctx), _endpoint_service(ctx) as service:
+            found = service.get_endpoint(name=self.name, timeout=_TIMEOUT)
+            split = dict(found.traffic_split)
+            models = sorted(found.deployed_models, key=lambda m: split.get(m.id, 0))  # those without traffic first
+            for k, model in enumerate(models):
+                request = {"endpoint": self.name, "deployed_model_id": model.id}
+                left = [m.id for m in models[k + 1:]]
+                if split.get(model.id) and left:  # its traffic goes to a model still deployed
+                    split = {left[-1]: 100}
+                    request["traffic_split"] = split
+                service.undeploy_model(request=request, timeout=_TIMEOUT).result(timeout=None)
+            service.delete_endpoint(name=self.name, timeout=_TIMEOUT).result(timeout=None)
         _forget(self.name)
 
     undeploy = delete
@@ -314,6 +333,15 @@ def _api_base(ctx: vc.Context) -> str:
     return base.rstrip("/")
 
 
+def _checked(response):
+    """The response, or for an error status the google-api-core exception it stands for."""
+    if response.status_code >= 400:
+        from google.api_core import exceptions
+
+        raise exceptions.from_http_response(response)
+    return response
+
+
 class _session:
     """google-auth's AuthorizedSession on the context's credentials, closed on exit."""
 
@@ -329,19 +357,44 @@ class _session:
         self.session.close()
 
 
-_INIT_LOCK = threading.Lock()
+def _endpoint_service(ctx: vc.Context):
+    """aiplatform's GAPIC EndpointService client for the context: its own credentials, endpoint and transport."""
+    from google.api_core.client_options import ClientOptions
+    from google.cloud.aiplatform_v1 import EndpointServiceClient
+
+    return EndpointServiceClient(credentials=ctx.credentials, transport="rest",
+                                 client_options=ClientOptions(api_endpoint=_api_base(ctx)))
 
 
-def _init_vertexai(ctx: vc.Context) -> None:
-    """Point the aiplatform SDK at the context (its REST transport for a configured API endpoint)."""
-    import vertexai
+#: What vertexai.init sets that Model Garden's deploy reads: project, region, credentials, API endpoint, transport.
+_SDK_SETTINGS = ("_project", "_location", "_credentials", "_api_endpoint", "_api_transport")
+_SDK_LOCK = threading.RLock()
 
-    with _INIT_LOCK:
-        if ctx.api_endpoint:
-            vertexai.init(project=ctx.project, location=ctx.location, credentials=ctx.credentials,
-                          api_transport="rest", api_endpoint=ctx.api_endpoint)
-        else:
-            vertexai.init(project=ctx.project, location=ctx.location, credentials=ctx.credentials)
+
+@contextmanager
+def _sdk_settings(ctx: vc.Context):
+    """aiplatform's process-wide settings pointed at the context for the ``with`` body, then put back as they were.
+
+    For the one call that reads nothing else (Model Garden's ``CustomModel.deploy``).
+    The lock is held across the body, so two such calls for different regions never
+    run on each other's settings; the notebook's own ``vertexai.init`` values are
+    back once the body ends, whatever it raised. ``init`` itself is not called: it
+    cannot unset an API endpoint, and it resets the notebook's experiment when the
+    project or region changes.
+    """
+    from google.cloud.aiplatform import initializer
+
+    config = initializer.global_config
+    ours = (ctx.project, ctx.location, ctx.credentials, ctx.api_endpoint, "rest" if ctx.api_endpoint else None)
+    with _SDK_LOCK:
+        saved = [getattr(config, name) for name in _SDK_SETTINGS]
+        try:
+            for name, value in zip(_SDK_SETTINGS, ours):
+                setattr(config, name, value)
+            yield
+        finally:
+            for name, value in zip(_SDK_SETTINGS, saved):
+                setattr(config, name, value)
 
 
 def managed_endpoint(model_id: str, *, location: str | None = None) -> VertexEndpoint:
@@ -494,10 +547,10 @@ def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE
         options["deploy_request_timeout"] = float(timeout)
     with vc.api_errors(f"deploy {uri} on {options['machine_type']} with {options['accelerator_count']} "
                        f"{options['accelerator_type']}", ctx):
-        _init_vertexai(ctx)
         from vertexai.preview import model_garden
 
-        deployed = model_garden.CustomModel(gcs_uri=uri).deploy(**options)
+        with _sdk_settings(ctx):
+            deployed = model_garden.CustomModel(gcs_uri=uri).deploy(**options)
     endpoint = VertexEndpoint(deployed.resource_name, "deployed", ctx=ctx, source=uri)
     _remember(job, name, endpoint)
     return endpoint
