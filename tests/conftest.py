@@ -401,3 +401,20 @@ def fake_vertex(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch):
         yield fake
     finally:
         fake.stop()
+
+
+@pytest.fixture
+def vertex(fake_vertex, monkeypatch: pytest.MonkeyPatch):
+    """``fake_vertex`` with tuning_magics signed in to it (its static token) and a staging folder of the test's own.
+
+    ``vertex.staging`` names that folder under the emulator's bucket, which outlives the test.
+    """
+    import tuning_magics as tm
+
+    fake_vertex.staging = f"staging-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("TUNING_MAGICS_STAGING_BUCKET", f"gs://{fake_vertex.bucket}/{fake_vertex.staging}")
+    tm.settings.update(credentials=fake_vertex.credentials())
+    try:
+        yield fake_vertex
+    finally:
+        tm.settings.update(credentials=None)

@@ -1325,6 +1325,13 @@ class _Handler(BaseHTTPRequestHandler):
 # ====================================================================== the seeds' calls, written by hand
 
 
+#: Small datasets the tests put into the storage emulator: chat examples and distillation prompts.
+CHAT = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]  # fmt: skip
+PROMPTS = [{"prompt": f"Explain why {i} is {'even' if i % 2 == 0 else 'odd'}."} for i in range(12)]
+TEACHER = "qwen/qwen3-next-80b-a3b-thinking-maas"
+
+
 def hand_written_bodies(fake: FakeVertex, *, train_uri: str, validation_uri: str, output_uri: str,
                         custom_base_model: str, epochs: int = 3, learning_rate_multiplier: float = 1.0,
                         ) -> dict[str, dict]:  # fmt: skip

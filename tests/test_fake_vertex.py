@@ -16,12 +16,8 @@ import pytest
 pytest.importorskip("google.genai")
 pytestmark = pytest.mark.filterwarnings("ignore:The SDK's tuning implementation is experimental")
 
-from fake_vertex import PHASES, hand_written_bodies  # noqa: E402
+from fake_vertex import CHAT, PHASES, PROMPTS, TEACHER, hand_written_bodies  # noqa: E402
 
-CHAT = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]  # fmt: skip
-PROMPTS = [{"prompt": f"Explain why {i} is {'even' if i % 2 == 0 else 'odd'}."} for i in range(12)]
-TEACHER = "qwen/qwen3-next-80b-a3b-thinking-maas"
 
 
 @pytest.fixture

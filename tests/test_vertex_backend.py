@@ -7,7 +7,6 @@ import io
 import re
 import json
 import time
-import uuid
 import warnings
 from types import SimpleNamespace
 from contextlib import redirect_stderr, redirect_stdout
@@ -21,29 +20,10 @@ from tuning_magics.jobs import JobFailedError
 
 pytest.importorskip("google.genai")
 
-from fake_vertex import hand_written_bodies  # noqa: E402
+from fake_vertex import CHAT, PROMPTS, TEACHER, hand_written_bodies  # noqa: E402
 
-CHAT = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]  # fmt: skip
-PROMPTS = [{"prompt": f"Explain why {i} is {'even' if i % 2 == 0 else 'odd'}."} for i in range(12)]
-TEACHER = "qwen/qwen3-next-80b-a3b-thinking-maas"
 FRAME = pd.DataFrame({"question": [f"What is the capital of land {i}?" for i in range(12)],
                       "answer": [f"City {i}." for i in range(12)]})  # fmt: skip
-
-
-@pytest.fixture
-def vertex(fake_vertex, monkeypatch):
-    """The fake API with tuning_magics' credentials set to its static token (reset afterwards).
-
-    Each test stages into a folder of its own (the emulator's bucket outlives the test).
-    """
-    fake_vertex.staging = f"staging-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setenv("TUNING_MAGICS_STAGING_BUCKET", f"gs://{fake_vertex.bucket}/{fake_vertex.staging}")
-    tm.settings.update(credentials=fake_vertex.credentials())
-    try:
-        yield fake_vertex
-    finally:
-        tm.settings.update(credentials=None)
 
 
 @pytest.fixture

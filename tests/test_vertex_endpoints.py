@@ -17,22 +17,16 @@ pytest.importorskip("google.genai")
 pytestmark = pytest.mark.filterwarnings("ignore:The SDK's tuning implementation is experimental")
 
 from tuning_magics.backends.vertex import endpoints  # noqa: E402
+from fake_vertex import CHAT, TEACHER  # noqa: E402
 
-CHAT = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]  # fmt: skip
-TEACHER = "qwen/qwen3-next-80b-a3b-thinking-maas"
 
 
 @pytest.fixture
-def vertex(fake_vertex):
-    """The fake API with tuning_magics' credentials set to its static token (reset afterwards)."""
-    fake_vertex.step_seconds = 60  # jobs move only when the test moves the fake's clock
-    fake_vertex.deploy_seconds = 0.05
-    tm.settings.update(credentials=fake_vertex.credentials())
-    try:
-        yield fake_vertex
-    finally:
-        tm.settings.update(credentials=None)
+def vertex(vertex):
+    """The signed-in fake, with jobs that move only when the test moves its clock and quick deployments."""
+    vertex.step_seconds = 60
+    vertex.deploy_seconds = 0.05
+    return vertex
 
 
 @pytest.fixture
