@@ -220,6 +220,50 @@ def test_sigterm_stops_worker_cleanly(home):
 
 
 @pytest.mark.slow
+def test_stop_early_keeps_the_best_checkpoint_as_final_and_succeeds(home):
+    # 16 examples, batch 2: 8 steps per epoch, 24 planned; stopped once epoch 2 has begun.
+    validation = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(20, 24)]
+    job = tm.tune(MODEL, records(16, long=True), validation_dataset=validation, epochs=3, batch_size=2)
+    assert job.can_stop_early
+    ckpt_dir = Path(job.output_uri) / "postprocess" / "node-0" / "checkpoints"
+    wait_for(lambda: (ckpt_dir / "checkpoint-8").is_dir() and job.metrics()["step"].max() > 8,
+             what="the first checkpoint and a step of epoch 2")
+    job.stop_early()
+    assert job.wait(timeout=120).state == JOB_STATE_SUCCEEDED, job.error
+    m = re.fullmatch(r"stopped early at step (\d+) of 24; final is (checkpoint-\d+) \(lowest validation loss, (\S+)\)",
+                     job.note or "")
+    assert m, job.note
+    stopped, kept = int(m.group(1)), m.group(2)
+    assert 8 < stopped < 24
+    frame = job.metrics()
+    assert frame["step"].max() == stopped
+    # The step it stopped at was evaluated and checkpointed, so the choice is among all it trained.
+    evaluated = sorted({s for s in (8, 16) if s <= stopped} | {stopped})
+    evals = frame.dropna(subset=["eval_loss"]).set_index("step")["eval_loss"]
+    assert sorted(evals.index) == evaluated
+    assert kept == f"checkpoint-{evals.idxmin()}"
+    assert [c.name for c in job.checkpoints] == [f"checkpoint-{s}" for s in evaluated] + ["final"]
+    assert isinstance(job.chat("What is 1 plus 1?", max_new_tokens=4), str)
+    with pytest.raises(UserError, match="already ended"):
+        job.stop_early()
+
+
+@pytest.mark.slow
+def test_stop_early_without_validation_keeps_the_latest_and_is_refused_for_a_queued_job(home):
+    running = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
+    queued = tm.tune(MODEL, records(8), epochs=1)
+    with pytest.raises(UserError, match="still queued.*job.cancel"):
+        queued.stop_early()
+    queued.cancel()
+    wait_for(lambda: len(running.metrics()) > 1, what="training to start")
+    running.stop_early()
+    assert running.wait(timeout=120).state == JOB_STATE_SUCCEEDED, running.error
+    m = re.fullmatch(r"stopped early at step (\d+) of 24; final is checkpoint-(\d+)", running.note or "")
+    assert m and m.group(1) == m.group(2), running.note
+    assert int(m.group(1)) < 24 and running.tuned_model is not None
+
+
+@pytest.mark.slow
 def test_a_new_process_lists_and_reattaches(home):
     # One process submits and exits at once, as a restarted kernel would.
     submit = textwrap.dedent(f"""

@@ -97,6 +97,8 @@ class JobInfo:
     #: What the service counted in the dataset (Vertex AI's ``tuning_data_stats``), in
     #: :data:`DATA_STAT_NAMES` keys; None until it has counted.
     data_stats: dict | None = None
+    #: A word on how the job ended, e.g. "stopped early at step 12 of 48; final is checkpoint-8".
+    note: str | None = None
 
 
 #: The dataset figures both our validator and the service report, for :meth:`Job.data_stats`.
@@ -257,6 +259,38 @@ class Job(ABC):
         """Serve the tuned model behind an endpoint; returns the endpoint."""
         raise NotImplementedError(f"deploy is not available for {type(self).__name__}")
 
+    def chat_panel(self, checkpoint: str | None = None, *, compare_base: bool = True):
+        """A chat panel with the tuned model (or ``checkpoint``): streamed replies, history, a system prompt.
+
+        With ``compare_base`` the base model, before tuning, answers each message
+        side by side (``chat(checkpoint="base")``); where the backend has no base
+        model to ask, the panel says so in one line and the tuned model answers alone.
+        """
+        from .display.chat import AtCheckpoint, ChatPanel
+
+        base = None
+        if compare_base:
+            config = self.config or {}
+            base = AtCheckpoint(self, "base", name=str(config.get("custom_base_model") or config.get("base_model")
+                                                       or "base model"))
+        label = "final" if checkpoint is None else checkpoint
+        return ChatPanel(self, checkpoint=checkpoint, base=base, title=f"Chat with job {self.id} ({label})")
+
+    @property
+    def can_stop_early(self) -> bool:
+        """Whether this backend can end training early and keep the best model so far (see :meth:`stop_early`)."""
+        return False
+
+    def stop_early(self) -> Job:
+        """End training at the next step and keep the best checkpoint so far as ``final``; the job SUCCEEDS.
+
+        Only backends whose ``can_stop_early`` is True support it.
+        """
+        from .errors import UserError
+
+        raise UserError(f"stopping early is not supported by the {self.backend or type(self).__name__} backend; "
+                        "job.cancel() stops the job instead")
+
     # -- snapshot ----------------------------------------------------------------
     def refresh(self) -> Job:
         """Fetch the job's current state from the backend now. Returns the job."""
@@ -310,6 +344,11 @@ class Job(ABC):
     def error(self) -> str | None:
         """The full error text of a failed job (a traceback when the engine raised)."""
         return self.info.error
+
+    @property
+    def note(self) -> str | None:
+        """A word on how the job ended (e.g. that it was stopped early, and which checkpoint became ``final``)."""
+        return self.info.note
 
     @property
     def config(self) -> dict:
@@ -432,9 +471,26 @@ class Job(ABC):
             if deadline is not None:
                 pause = max(0.0, min(pause, deadline - time.monotonic()))
             time.sleep(pause)
+        if self.done:
+            from .tracking import log_when_ended
+
+            log_when_ended(self)  # with the setting mlflow = "true"; a failure there is only a warning
         if raise_on_failure and self.state == JOB_STATE_FAILED:
             raise JobFailedError(self)
         return self
+
+    # -- display -------------------------------------------------------------------
+    def _ipython_display_(self) -> None:
+        """In a notebook a job shows itself as the live job monitor (text where widgets do not render)."""
+        from .display.monitor import show
+
+        show(self)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """The job's state, progress and last losses as text and HTML, for frontends without widgets."""
+        from .display.monitor import job_bundle
+
+        return job_bundle(self)
 
     def __repr__(self) -> str:
         info = self.info

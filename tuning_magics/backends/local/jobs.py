@@ -148,6 +148,7 @@ class LocalJob(Job):
     def __init__(self, job_id: str, *, _record: registry.JobRecord | None = None):
         self._id = job_id
         self._chat_models: dict[str, object] = {}
+        self._base_model = None  # the base model chat(checkpoint="base") loaded, kept beside the tuned one
         super().__init__(_info(_record) if _record is not None else None)
 
     @property
@@ -187,6 +188,28 @@ class LocalJob(Job):
             scheduler.terminate(self._record())
         return self.refresh()
 
+    @property
+    def can_stop_early(self) -> bool:
+        """True: the local engine can end training early and keep the best checkpoint so far."""
+        return True
+
+    def stop_early(self) -> LocalJob:
+        """End training at the next step boundary; the best checkpoint so far becomes ``final`` and the job SUCCEEDS.
+
+        "Best" is the lowest validation loss when the job has a validation set, else the
+        latest. ``job.note`` then says where it stopped and which checkpoint is ``final``.
+        At least one step is trained first.
+        """
+        if registry.transition(self._id, [JOB_STATE_PENDING, JOB_STATE_RUNNING], stop_early=True):
+            return self.refresh()
+        state = self.refresh().state
+        if state == JOB_STATE_QUEUED:
+            raise UserError(f"job {self._id} is still queued and has trained nothing to keep; "
+                            "job.cancel() removes it from the queue")
+        if state == JOB_STATE_CANCELLING:
+            raise UserError(f"job {self._id} is already being cancelled; it cannot also stop early")
+        raise UserError(f"job {self._id} has already ended ({state}); there is no training to stop")
+
     def resume(self) -> LocalJob:
         """Queue a FAILED or CANCELLED job again; its worker continues from the last complete checkpoint."""
         rec = self.refresh()._record()
@@ -199,6 +222,7 @@ class LocalJob(Job):
         if not registry.transition(
             self._id, [JOB_STATE_FAILED, JOB_STATE_CANCELLED],
             state=JOB_STATE_QUEUED, resume=True, error=None, substate=None, ended=None, pid=None, pid_started=None,
+            note=None, stop_early=False,
         ):
             raise UserError(f"job {self._id} changed state while resuming; look at job.state and try again")
         scheduler.schedule()
@@ -254,7 +278,10 @@ class LocalJob(Job):
         )
 
     def chat(self, messages_or_text, *, checkpoint: str | None = None, stream: bool = False, **gen):
-        """Reply with the tuned model (or ``checkpoint``: a name such as ``checkpoint-8``, or a step).
+        """Reply with the tuned model (or ``checkpoint``: a name such as ``checkpoint-8``, a step, or ``"base"``).
+
+        ``checkpoint="base"`` answers with the model before tuning (the job's
+        ``custom_base_model``, else its ``base_model``), to compare with the tuned one.
 
         ``messages_or_text`` is a string or a list of ``{"role", "content"}`` messages;
         ``gen`` holds generation options (``max_new_tokens``, ``temperature``, ...).
@@ -264,7 +291,22 @@ class LocalJob(Job):
 
         chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
         require_extra("local")
+        if checkpoint == "base":
+            return self._base_chat_model().reply(messages_or_text, stream=stream, **gen)
         return self._chat_model(self._checkpoint_path(checkpoint)).reply(messages_or_text, stream=stream, **gen)
+
+    def _base_chat_model(self):
+        """The job's base model, loaded as the worker loads it (``custom_base_model`` else ``base_model``), once."""
+        config = self.config or {}
+        source = config.get("custom_base_model") or config.get("base_model")
+        if not source:
+            raise UserError(f"job {self._id} does not record its base model, so there is none to chat with",
+                            field="checkpoint")
+        if self._base_model is None or self._base_model.name != str(source):
+            from .generate import LocalChatModel
+
+            self._base_model = LocalChatModel(source)
+        return self._base_model
 
     def deploy(self, **options):
         """Serve the tuned model on an OpenAI-compatible local endpoint; returns the endpoint.
@@ -285,14 +327,15 @@ class LocalJob(Job):
         if model is None:
             from .generate import LocalChatModel
 
-            self.close()  # the one loaded before goes first: two copies may not fit in memory
+            self._chat_models.clear()  # the one loaded before goes first: two copies may not fit in memory
             model = LocalChatModel(path)
         self._chat_models[path] = model
         return model
 
     def close(self) -> None:
-        """Free the model chat() or deploy() loaded (a running endpoint keeps serving its own)."""
+        """Free the models chat() or deploy() loaded (a running endpoint keeps serving its own)."""
         self._chat_models.clear()
+        self._base_model = None
 
 
 def _info(rec: registry.JobRecord) -> JobInfo:
@@ -308,4 +351,5 @@ def _info(rec: registry.JobRecord) -> JobInfo:
         started=timestamp(rec.started),
         ended=timestamp(rec.ended),
         attempts=rec.attempts,
+        note=rec.note,
     )

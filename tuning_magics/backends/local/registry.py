@@ -38,7 +38,9 @@ from ...jobs import JOB_STATE_FAILED, JOB_STATE_SUCCEEDED, STATES
 from ...paths import data_home as home
 from ...storage import link_into_place
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Columns each schema version added, for upgrading an older registry in place.
+_ADDED_COLUMNS = {2: (("note", "TEXT"), ("stop_early", "INTEGER NOT NULL DEFAULT 0"))}
 #: The setting that moves the data folder (see ``tuning_magics.paths``).
 HOME_ENV = "TUNING_MAGICS_HOME"
 #: Each job folder's own record of the job: what :func:`rebuild` reads.
@@ -59,7 +61,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     started       REAL,
     ended         REAL,
     attempts      INTEGER NOT NULL DEFAULT 0,
-    resume        INTEGER NOT NULL DEFAULT 0 -- 1: the next worker continues from a checkpoint
+    resume        INTEGER NOT NULL DEFAULT 0, -- 1: the next worker continues from a checkpoint
+    note          TEXT,                      -- a word on how the job ended (e.g. stopped early)
+    stop_early    INTEGER NOT NULL DEFAULT 0 -- 1: the user asked training to end now and keep the best model
 );
 CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created);
 """
@@ -162,6 +166,8 @@ class JobRecord:
     ended: float | None = None
     attempts: int = 0
     resume: bool = False
+    note: str | None = None
+    stop_early: bool = False
 
 
 _COLUMNS = tuple(f.name for f in fields(JobRecord))
@@ -224,8 +230,10 @@ def connect() -> sqlite3.Connection:
         if version > SCHEMA_VERSION:
             raise UserError(f"the local job registry {path} was written by a newer tuning_magics; upgrade it "
                             "(pip install -U tuning_magics)", field="registry")
-        if version != SCHEMA_VERSION:
+        if version < 1:
             raise _damaged("it has no jobs table")
+        if version < SCHEMA_VERSION:
+            _upgrade(conn)
         conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a crash loses at most the last commit
     except sqlite3.DatabaseError as exc:
         conn.close()
@@ -236,6 +244,22 @@ def connect() -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Add the columns newer versions keep to a registry an older version made; its rows stay as they are."""
+    conn.execute("BEGIN IMMEDIATE")  # one process upgrades; the others find it done
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for v in range(version + 1, SCHEMA_VERSION + 1):
+            for name, kind in _ADDED_COLUMNS.get(v, ()):
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        if version < SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 @contextmanager
@@ -254,14 +278,17 @@ def _db():
 def _encode(name: str, value):
     if name == "config":
         return json.dumps(value if value is not None else {}, default=str)
-    if name == "resume":
+    if name in ("resume", "stop_early"):
         return int(bool(value))
     return value
 
 
 def _decode(row) -> JobRecord:
     """A row as a JobRecord; a config that is not JSON is read from the job's ``job.json`` instead."""
-    values = {name: row[name] for name in _COLUMNS}
+    present = set(row.keys())  # a row salvaged from an older registry lacks the newer columns
+    values = {name: row[name] for name in _COLUMNS if name in present}
+    values.setdefault("note", None)
+    values.setdefault("stop_early", False)
     try:
         values["config"] = json.loads(values["config"]) if values["config"] else {}
     except (ValueError, TypeError) as exc:
@@ -271,6 +298,7 @@ def _decode(row) -> JobRecord:
     if not isinstance(values["config"], dict) or values["state"] not in STATES:
         raise ValueError("its config or state is not valid")
     values["resume"] = bool(values["resume"])
+    values["stop_early"] = bool(values["stop_early"])
     return JobRecord(**values)
 
 
@@ -324,9 +352,14 @@ def get(job_id: str) -> JobRecord | None:
 
 def state_of(job_id: str) -> str | None:
     """Just the state: the cheap read a worker polls for cancellation."""
+    return requests_of(job_id)[0]
+
+
+def requests_of(job_id: str) -> tuple[str | None, bool]:
+    """The state and whether stopping early was asked for: the one cheap read a worker polls."""
     with _db() as conn:
-        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    return row[0] if row else None
+        row = conn.execute("SELECT state, stop_early FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return (row[0], bool(row[1])) if row else (None, False)
 
 
 def find(*, states=None, display_name: str | None = None, limit: int | None = None,

@@ -5,8 +5,10 @@ renders it with the model's chat template, learns only the assistant's tokens,
 writes a metrics line per step to ``<output_dir>/metrics.jsonl`` and checkpoints
 in the managed service's layout (see :mod:`.checkpoints`), and returns a
 :class:`TrainResult`. ``on_event`` receives every metrics line and markers of the
-job's sub-state; ``should_stop`` cancels between steps; ``resume=True`` continues
-from the last complete checkpoint.
+job's sub-state; ``should_stop`` cancels between steps; ``should_stop_early`` ends
+training after the current step and keeps the best checkpoint so far as ``final``
+(:attr:`TrainResult.note` says which); ``resume=True`` continues from the last
+complete checkpoint.
 
 Events passed to ``on_event`` (plain dicts):
 
@@ -116,6 +118,8 @@ class TrainResult:
     checkpoints: list[str] = field(default_factory=list)
     learning_rate: float = 0.0
     metrics_path: str = ""
+    #: Set when training was stopped early: where, and which checkpoint became ``final``.
+    note: str | None = None
 
 
 # -- option checks: which rule of tuning_magics.params each option follows --------------------------
@@ -313,12 +317,46 @@ def _loss_and_accuracy(logits, labels):
     return loss_sum, int(keep.sum()), correct
 
 
+def _best_checkpoint(out: Path, with_validation: bool) -> tuple[Path, float | None]:
+    """The checkpoint to keep when stopping early: the lowest validation loss (the later on a tie), else the latest."""
+    found = ckpt.list_checkpoints(out)
+    if with_validation:
+        scored = [(ckpt.read_state(p).get("eval_loss"), i, p) for i, p in enumerate(found)]
+        scored = [(loss, i, p) for loss, i, p in scored if loss is not None]
+        if scored:
+            loss, _, best = min(scored, key=lambda t: (t[0], -t[1]))
+            return best, loss
+    return found[-1], None
+
+
+def _load_weights(model, folder: Path, mode: str, device) -> None:
+    """Put the trained weights of checkpoint ``folder`` into ``model`` (the adapter's alone for LoRA)."""
+    from safetensors.torch import load_file
+
+    if mode == PEFT:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors"), device=str(device)))
+        return
+    weights = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(shard), device=str(device)))
+    # Tied weights (the output layer shares the embeddings) are saved once, so strict loading would refuse.
+    _, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise RuntimeError(f"{folder} holds weights the model does not have: {unexpected[:3]}")
+
+
 def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, resume: bool = False) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, should_stop_early: Callable[[], bool] | None = None,
+          resume: bool = False) -> TrainResult:
     """Fine-tune ``config.base_model`` (or ``config.custom_base_model``) on ``config.train_path``.
 
     Raises :class:`TrainingCancelled` when ``should_stop()`` turns True (the last
-    complete checkpoint stays usable for ``resume=True``) and UserError for
+    complete checkpoint stays usable for ``resume=True``). When ``should_stop_early()``
+    turns True, training ends after the step in progress: a checkpoint of that step
+    is written (evaluated first when there is a validation set), the best checkpoint
+    so far becomes ``final`` and the result's ``note`` says so. Raises UserError for
     anything the user can fix (missing weights, unreadable data, not enough memory).
     """
     import torch
@@ -339,6 +377,12 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         try:
             return bool(stop())
         except Exception:  # a broken callback must not kill a long run
+            return False
+
+    def early() -> bool:
+        try:
+            return bool(should_stop_early and should_stop_early())
+        except Exception:
             return False
 
     emit({"event": "substate", "substate": "PROCESSING_DATASET"})
@@ -445,6 +489,9 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     total_real = total_padded = 0
     total_time = 0.0
     last_loss = last_eval = None
+    eval_step = None  # the step last_eval was measured at
+    stopped_early = False
+    note = None
     written: list[str] = [str(p) for p in ckpt.list_checkpoints(out)]
 
     def evaluate() -> tuple[float, float]:
@@ -464,7 +511,28 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         model.train()
         return loss_sum / max(1, n), right / max(1, n)
 
-    def save_checkpoint(epoch: int) -> None:
+    def run_evaluation(epoch) -> None:
+        nonlocal last_eval, eval_step
+        last_eval, eval_acc = evaluate()
+        eval_step = global_step
+        row = {"step": global_step, "epoch": epoch, "eval_loss": round(last_eval, 6),
+               "eval_token_accuracy": round(eval_acc, 6)}
+        metrics.write(row)
+        emit({"event": "metrics", **row})
+
+    def keep_best(epoch) -> str:
+        """Stopping early: checkpoint this step, then load the best checkpoint so far for ``final``."""
+        if val_set and eval_step != global_step:
+            run_evaluation(epoch)
+        if str(ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}") not in written:
+            save_checkpoint(epoch)
+        best, loss = _best_checkpoint(out, bool(val_set))
+        if best.name != f"checkpoint-{global_step}":
+            _load_weights(model, best, mode, device)
+        why = f" (lowest validation loss, {loss:.4g})" if loss is not None else ""
+        return f"stopped early at step {global_step} of {total_steps}; final is {best.name}{why}"
+
+    def save_checkpoint(epoch) -> None:
         target = ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}"
         metrics.check()  # a vanished job folder must not be made again by the write below
         with atomic_folder(target) as tmp:
@@ -545,12 +613,13 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
                     emit({"event": "progress", "step": global_step, "total_steps": total_steps,
                           "epoch": row["epoch"], "epochs": int(config.epochs),
                           "fraction": round(global_step / total_steps, 6)})
+                    if global_step < total_steps and early():
+                        stopped_early = True
+                        break
+                if stopped_early:
+                    break
                 if val_set:
-                    last_eval, eval_acc = evaluate()
-                    row = {"step": global_step, "epoch": epoch + 1, "eval_loss": round(last_eval, 6),
-                           "eval_token_accuracy": round(eval_acc, 6)}
-                    metrics.write(row)
-                    emit({"event": "metrics", **row})
+                    run_evaluation(epoch + 1)
                 if epoch + 1 in keep_epochs:
                     if cancelled():
                         raise TrainingCancelled(f"cancelled at step {global_step}")
@@ -558,6 +627,8 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
 
             if cancelled():
                 raise TrainingCancelled(f"cancelled at step {global_step}")
+            if stopped_early:
+                note = keep_best(row["epoch"])
             emit({"event": "substate", "substate": "POST_PROCESSING"})
             final = ckpt.final_dir(out)
             metrics.check()
@@ -589,4 +660,5 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         checkpoints=[str(p) for p in ckpt.list_checkpoints(out)],
         learning_rate=lr,
         metrics_path=str(out / METRICS_FILE),
+        note=note,
     )

@@ -5,7 +5,10 @@ an end state: RUNNING with sub-states from the trainer's events, then
 SUCCEEDED, FAILED (with the full traceback in ``error``) or CANCELLED. It
 watches for a cancel by polling the registry between training steps, and
 treats SIGTERM the same way, so a stop always happens at a step boundary and
-leaves only complete checkpoints. Whatever happens, it runs the scheduler
+leaves only complete checkpoints. A request to stop early (the registry's
+``stop_early`` flag, read by the same poll) ends training after the current step
+instead: the best checkpoint so far becomes ``final``, the job SUCCEEDS, and its
+``note`` says where it stopped. Whatever happens, it runs the scheduler
 before exiting so the next queued job starts.
 """
 
@@ -32,7 +35,7 @@ from ...jobs import (
 )
 from . import registry, scheduler
 
-#: Seconds between registry reads while watching for a cancel.
+#: Seconds between registry reads while watching for a cancel or a request to stop early.
 CANCEL_POLL = 0.5
 #: The job's latest progress (step of total steps, epoch of epochs), rewritten at most every PROGRESS_EVERY seconds.
 PROGRESS_FILE = "progress.json"
@@ -51,6 +54,7 @@ class Worker:
         self.output_dir: str | None = None
         self.signalled: int | None = None
         self._cancel_seen = False
+        self._stop_early_seen = False
         self._progress_at = float("-inf")
         self._last_poll = 0.0
 
@@ -64,11 +68,22 @@ class Worker:
         """True once a cancel was asked for (registry CANCELLING, or SIGTERM/SIGINT); cheap to call often."""
         if self.signalled is not None or self._cancel_seen:
             return True
+        self._poll()
+        return self._cancel_seen
+
+    def should_stop_early(self) -> bool:
+        """True once stopping early was asked for (the registry's ``stop_early`` flag); cheap to call often."""
+        if not self._stop_early_seen:
+            self._poll()
+        return self._stop_early_seen
+
+    def _poll(self) -> None:
         now = time.monotonic()
         if now - self._last_poll >= CANCEL_POLL:
             self._last_poll = now
-            self._cancel_seen = registry.state_of(self.job_id) == JOB_STATE_CANCELLING
-        return self._cancel_seen
+            state, early = registry.requests_of(self.job_id)
+            self._cancel_seen = state == JOB_STATE_CANCELLING
+            self._stop_early_seen = self._stop_early_seen or early
 
     def _check_stop(self) -> None:
         self._last_poll = 0.0  # between phases, always look
@@ -123,12 +138,13 @@ class Worker:
                   file=sys.stderr)
             return registry.state_of(self.job_id) or JOB_STATE_FAILED
         try:
-            self._train(rec)
+            note = self._train(rec)
         except BaseException as exc:  # noqa: BLE001 - every ending must reach the registry
             return self._ended_by(exc)
-        return self._end(JOB_STATE_SUCCEEDED)
+        return self._end(JOB_STATE_SUCCEEDED, note=note)
 
-    def _train(self, rec: registry.JobRecord) -> None:
+    def _train(self, rec: registry.JobRecord) -> str | None:
+        """Train the job; the trainer's note (set when it stopped early), else None."""
         # trainer.py imports torch only inside train(), so these names are cheap to import here.
         from .trainer import TrainingCancelled, train
 
@@ -139,11 +155,13 @@ class Worker:
             self._check_stop()
             # train() checks that the job fits in memory (a UserError) before it loads any weights.
             config = self._train_config(cfg, train_path, out)
-            train(config, on_event=self.on_event, should_stop=self.should_stop, resume=rec.resume)
+            result = train(config, on_event=self.on_event, should_stop=self.should_stop,
+                           should_stop_early=self.should_stop_early, resume=rec.resume)
         except TrainingCancelled:
             raise _Stop() from None
         if not out.is_dir():  # removed after the trainer's last look: nothing of the result is left
             raise FileNotFoundError(f"{out} was removed")
+        return result.note
 
     def _label(self, cfg: dict, out: Path) -> str:
         """Distillation: the teacher answers every prompt; the student then trains on its answers."""
@@ -200,10 +218,10 @@ class Worker:
         print(text, file=sys.stderr, flush=True)
         return self._end(JOB_STATE_FAILED, error=text)
 
-    def _end(self, state: str, *, error: str | None = None) -> str:
+    def _end(self, state: str, *, error: str | None = None, note: str | None = None) -> str:
         end = dict(ended=time.time(), pid=None, pid_started=None)
         if state == JOB_STATE_SUCCEEDED:
-            if registry.transition(self.job_id, JOB_STATE_RUNNING, state=state, **end):
+            if registry.transition(self.job_id, JOB_STATE_RUNNING, state=state, note=note, **end):
                 return state
             # A cancel arrived after the last step: the user asked for it to stop, so it ends cancelled;
             # the trained model stays in the output folder.
