@@ -26,7 +26,8 @@ def ip(tmp_path, monkeypatch):
     settings.reset()
     yield shell
     settings.reset()
-    for name in ("ds", "ds2"):
+    for name in ("ds", "ds2", "job", "j", "j2", "run1", "plan", "queued", "base", "again", "picked", "records",
+                 "val", "runs", "slow", "fast", "which", "frame", "lr", "team"):
         shell.user_ns.pop(name, None)
 
 
@@ -42,7 +43,8 @@ def test_load_ext_imports_no_heavy_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert json.loads(out[0]) == []
     line_magics = set(json.loads(out[1]))
-    assert {"dataset", "tuning_config", "tune_models"} <= line_magics
+    assert {"dataset", "tuning_config", "tune_models", "tune", "tune_jobs", "tune_attach", "tune_compare",
+            "tune_chat"} <= line_magics
 
 
 def test_line_magic_writes_validated_jsonl_and_stores_variable(ip, tmp_path):
@@ -140,6 +142,11 @@ def test_report_html_escapes_data(ip):
     ("dataset", "df --prompt 'q --completion a"),
     ("tuning_config", "project='x"),
     ("tune_models", "'x"),
+    ("tune", "--model 'x"),
+    ("tune_jobs", "--model 'x"),
+    ("tune_attach", "'x"),
+    ("tune_compare", "a 'x"),
+    ("tune_chat", "'x"),
 ])
 def test_an_unclosed_quote_is_one_line(ip, magic, line):
     with pytest.raises(UsageError) as info:
@@ -202,3 +209,396 @@ def test_the_line_wins_over_the_bodys_source_and_as(ip, tmp_path):
     ip.run_cell_magic("dataset", "df --as ds",
                       "source: other\nas: ignored\nprompt: q\ncompletion: a\nout: both.jsonl\n")
     assert ip.user_ns["ds"].examples == 3 and "ignored" not in ip.user_ns
+
+
+# -- %%tune, %tune, %tune_jobs, %tune_attach, %tune_compare, %tune_chat ----------------------------
+
+import os  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tuning_magics as tm  # noqa: E402
+from tuning_magics.jobs import JOB_STATE_CANCELLED, JOB_STATE_QUEUED, JOB_STATE_SUCCEEDED, DryRun, Job  # noqa: E402
+from tuning_magics.magics import TuningMagics  # noqa: E402
+
+MODEL = "local/tiny-qwen3"
+RECORDS = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(8)]
+
+
+@pytest.fixture()
+def shown(monkeypatch):
+    """What the magics display, in order (the objects themselves, not their rendering)."""
+    out = []
+    monkeypatch.setattr(TuningMagics, "_show", lambda self, obj: out.append(obj))
+    return out
+
+
+@pytest.fixture()
+def jobs_home(tmp_path, monkeypatch):
+    """A fresh local registry with one slot, taken by a live job of this process: submissions stay QUEUED."""
+    from tuning_magics.backends.local import registry, scheduler
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(home))
+    monkeypatch.setenv(scheduler.CONCURRENCY_ENV, "1")
+    import psutil
+
+    (tmp_path / "busy").mkdir()
+    registry.insert(registry.JobRecord(id="tune-busy", config={"base_model": MODEL}, state="JOB_STATE_RUNNING",
+                                       output_dir=str(tmp_path / "busy"), created=time.time() - 3600,
+                                       pid=os.getpid(), pid_started=psutil.Process().create_time(),
+                                       started=time.time() - 3600))
+    yield home
+    for job in tm.list_jobs(state="QUEUED"):
+        job.cancel()
+
+
+def finished_job(job_id: str, folder: Path, *, lr: float, train: list[float], evals: dict, name=None,
+                 model: str = MODEL, state: str = JOB_STATE_SUCCEEDED, age: float = 100.0) -> str:
+    """A job of the local registry that ran and recorded these losses (no training needed to read it)."""
+    from tuning_magics.backends.local import registry
+
+    out = folder / job_id
+    out.mkdir(parents=True)
+    rows = [{"step": i + 1, "epoch": (i + 1) / len(train), "train_loss": loss} for i, loss in enumerate(train)]
+    rows += [{"step": step, "epoch": step / len(train), "eval_loss": loss} for step, loss in evals.items()]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    now = time.time()
+    config = {"base_model": model, "tuning_mode": "FULL", "method": "sft", "epochs": 1, "learning_rate": lr,
+              "engine_options": {"batch_size": 2, "seed": 7}}
+    registry.insert(registry.JobRecord(id=job_id, config=config, state=state, output_dir=str(out),
+                                       created=now - age, started=now - age + 5, ended=now - age + 65,
+                                       display_name=name))
+    return job_id
+
+
+def test_cell_tune_resolves_variables_and_submits_a_real_job(ip, jobs_home, shown):
+    ip.push({"records": RECORDS, "val": RECORDS[:2], "lr": 0.001, "team": "search"})
+    ip.run_cell_magic("tune", "run1 --backend local", (
+        "model: local/tiny-qwen3\n"
+        "data: $records\n"
+        "validation_dataset: $val\n"
+        "epochs: 2\n"
+        "learning_rate: 1e-3\n"
+        "tuned_model_display_name: lr-$lr\n"
+        "description: costs $$0\n"
+        "labels: {team: $team}\n"
+        "batch_size: 2\n"
+        "seed: 7\n"
+    ))
+    job = ip.user_ns["run1"]
+    assert isinstance(job, Job) and shown == [job]
+    assert job.state == JOB_STATE_QUEUED  # behind the busy slot: nothing trains
+    cfg = job.config
+    assert cfg["base_model"] == MODEL and cfg["epochs"] == 2 and cfg["learning_rate"] == 0.001
+    assert cfg["engine_options"] == {"batch_size": 2, "seed": 7}
+    assert cfg["train_dataset"] == "list of 8 records" and cfg["validation_dataset"] == "list of 2 records"
+    assert cfg["labels"] == {"team": "search"} and cfg["description"] == "costs $0"
+    assert job.display_name == "lr-0.001"
+    assert tm.get_job("lr-0.001").id == job.id
+
+
+def test_cell_tune_takes_dataset_and_dataframe_variables(ip, jobs_home, shown, tmp_path):
+    ip.run_line_magic("dataset", "df --prompt q --completion a --out train.jsonl --as ds")
+    ip.run_cell_magic("tune", "", "model: local/tiny-qwen3\ndata: $ds\nvalidation: $df.head(1)\n"
+                      if False else "model: local/tiny-qwen3\ndata: $ds\n")
+    job = ip.user_ns["job"]  # the default variable
+    assert shown[-1] is job and job.config["train_dataset"].endswith("train.jsonl")
+    ip.push({"frame": pd.DataFrame({"prompt": ["a", "b"], "completion": ["c", "d"]})})
+    ip.run_cell_magic("tune", "--as j2", "base_model: local/tiny-qwen3\ntrain_dataset: $frame\n")
+    assert ip.user_ns["j2"].config["train_dataset"].startswith("DataFrame")
+
+
+def test_dry_run_shows_what_would_be_submitted_and_submits_nothing(ip, jobs_home, shown):
+    before = len(tm.list_jobs())
+    ip.push({"records": RECORDS})
+    ip.user_ns.pop("job", None)
+    ip.run_cell_magic("tune", "--dry-run", "model: local/tiny-qwen3\ndata: $records\nepochs: 3\n")
+    plan = shown[-1]
+    assert isinstance(plan, DryRun) and plan.request["epochs"] == 3 and plan.billed_tokens > 0
+    assert "job" not in ip.user_ns  # a dry run goes into a variable only when one is named
+    assert "dry run on local: nothing was uploaded or submitted" in str(plan)
+    ip.run_cell_magic("tune", "plan", "model: local/tiny-qwen3\ndata: $records\ndry_run: true\n")
+    assert isinstance(ip.user_ns["plan"], DryRun)
+    ip.run_line_magic("tune", "--model local/tiny-qwen3 --data $records --epochs 2 --dry-run")
+    assert shown[-1].request["epochs"] == 2
+    assert len(tm.list_jobs()) == before
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("model: local/tiny-qwen3\ndata: $nope\n",
+     "%%tune: key 'train_dataset': $nope is not a notebook variable; run the cell that defines nope first"),
+    ("model: local/tiny-qwen3\ndata: [$records, $missing]\n",
+     "%%tune: key 'train_dataset[1]': $missing is not a notebook variable"),
+    ("model: local/tiny-qwen3\ndata: $records\nlabels: {team: $who}\n",
+     "%%tune: key 'labels.team': $who is not a notebook variable"),
+    ("model: local/tiny-qwen3\ndata: $records\ndisplay_name: run-$records\n",
+     "%%tune: key 'tuned_model_display_name': $records is a list; only text and numbers"),
+    ("model: local/tiny-qwen3\ndata: $records\ncolour: red\n",
+     "%%tune: unknown key 'colour'; keys are the tune() parameters (base_model, train_dataset"),
+    ("model: local/tiny-qwen3\ndata: $records\nepoch: 3\n", "unknown key 'epoch' (did you mean 'epochs'?)"),
+    ("model: local/tiny-qwen3\n  data: : x\n", "%%tune: the cell body is not valid YAML at line 2"),
+    ("model: local/tiny-qwen3\ndata: $records\nepochs: 2\nepochs: 3\n",
+     "key 'epochs' is given twice (lines 3 and 4)"),
+    ("model: local/tiny-qwen3\nbase_model: local/tiny-qwen3\n",
+     "'model' and 'base_model' are the same parameter (base_model)"),
+    ("model: local/tiny-qwen3\ndata: $records\nepochs: three\n", "epochs must be a whole number of at least 1"),
+    ("model: local/tiny-qwen3\ndata: $records\nlearning_rate: -1e-3\n", "learning_rate must be a finite number"),
+    ("model: no-such-model\ndata: $records\n", "no-such-model"),
+    ("data: $records\n", "%%tune: base_model is required"),
+    ("- model\n- data\n", "must be YAML mapping option names to values"),
+    ("model: local/tiny-qwen3\ndata: $records\nwait: soon\n", "%%tune: wait must be true or false"),
+])
+def test_every_configuration_mistake_is_one_line_and_nothing_is_submitted(ip, jobs_home, shown, body, message):
+    ip.push({"records": RECORDS})
+    before = len(tm.list_jobs())
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("tune", "failed_run", body)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert "failed_run" not in ip.user_ns and not shown
+    assert len(tm.list_jobs()) == before
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("'x", "%tune: no closing quotation"),
+    ("x --wait", "%%tune: argument var"),  # not a mistake: checked below
+])
+def test_cell_line_mistakes_are_one_line(ip, jobs_home, line, message):
+    if line.startswith("x"):
+        with pytest.raises(UsageError, match="%%tune: give the variable once"):
+            ip.run_cell_magic("tune", "x --as y", "model: local/tiny-qwen3\n")
+        with pytest.raises(UsageError, match=r"%%tune VAR needs a Python variable name"):
+            ip.run_cell_magic("tune", "class", "model: local/tiny-qwen3\n")
+        with pytest.raises(UsageError, match="%%tune: unrecognized arguments: --epochs"):
+            ip.run_cell_magic("tune", "x --epochs 3", "model: local/tiny-qwen3\n")
+        return
+    with pytest.raises(UsageError, match=message) as info:
+        ip.run_cell_magic("tune", line, "model: local/tiny-qwen3\n")
+    assert "\n" not in str(info.value)
+
+
+def test_line_form_submits_and_stores_the_job(ip, jobs_home, shown):
+    ip.run_line_magic("dataset", "df --prompt q --completion a --out train.jsonl --as ds")
+    ip.run_line_magic("tune", "--model local/tiny-qwen3 --data $ds --epochs 3 --as j --mode FULL --method sft "
+                              "--backend local --batch-size 2 --learning-rate=2e-4 --display-name 'line form'")
+    job = ip.user_ns["j"]
+    assert shown[-1] is job and job.state == JOB_STATE_QUEUED
+    assert job.config["epochs"] == 3 and job.config["learning_rate"] == 2e-4
+    assert job.config["engine_options"] == {"batch_size": 2} and job.display_name == "line form"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("", "%tune needs options"),
+    ("model x", "%tune: unexpected 'model'"),
+    ("--model local/tiny-qwen3 --data", "%tune: --data needs a value"),
+    ("--model local/tiny-qwen3 --epochs 2 --epochs 3", "%tune: --epochs is given twice"),
+    ("--model local/tiny-qwen3 --data $ds2", "%tune: key 'train_dataset': $ds2 is not a notebook variable"),
+    ("--model local/tiny-qwen3 --data $records --colour red", "%tune: unknown key 'colour'"),
+    ("--model local/tiny-qwen3 --data $records --as 1x", "--as needs a Python variable name"),
+    ("--model local/tiny-qwen3 --data $records --backend cloud", "backend must be 'local' or 'vertex'"),
+])
+def test_line_form_mistakes_are_one_line(ip, jobs_home, shown, line, message):
+    ip.push({"records": RECORDS})
+    before = len(tm.list_jobs())
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("tune", line)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert len(tm.list_jobs()) == before and not shown
+
+
+def test_tune_jobs_filters_and_renders_escaped_html(ip, jobs_home, tmp_path):
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0, 1.5, 1.2], evals={3: 1.4}, name="<b>first</b>", age=300)
+    finished_job("tune-b", tmp_path, lr=3e-4, train=[2.0, 1.0, 0.8], evals={2: 1.1, 3: 0.9}, age=200,
+                 model="qwen/qwen3@qwen3-4b", state="JOB_STATE_FAILED")
+    ip.push({"records": RECORDS})
+    ip.run_line_magic("tune", "--model local/tiny-qwen3 --data $records --as queued")
+
+    table = ip.run_line_magic("tune_jobs", "")
+    assert [j.id for j in table.jobs] == [ip.user_ns["queued"].id, "tune-b", "tune-a", "tune-busy"]
+    frame = table.frame.set_index("id")
+    assert frame.loc["tune-a", "best_eval_loss"] == 1.4 and frame.loc["tune-b", "best_eval_loss"] == 0.9
+    assert frame.loc["tune-a", "duration_s"] == pytest.approx(60, abs=1)
+    assert pd.isna(frame.loc[ip.user_ns["queued"].id, "best_eval_loss"])  # never started: no metrics read
+
+    assert [j.id for j in ip.run_line_magic("tune_jobs", "--state succeeded").jobs] == ["tune-a"]
+    assert [j.id for j in ip.run_line_magic("tune_jobs", "--state FAILED,JOB_STATE_SUCCEEDED").jobs] == \
+        ["tune-b", "tune-a"]
+    assert [j.id for j in ip.run_line_magic("tune_jobs", "--model QWEN3-4b").jobs] == ["tune-b"]
+    assert len(ip.run_line_magic("tune_jobs", "--limit 2 --backend local")) == 2
+    assert [j.id for j in ip.run_line_magic("tune_jobs", "--state succeeded --limit 1").jobs] == ["tune-a"]
+    assert [j.id for j in tm.list_jobs(state=["failed"], model="qwen")] == ["tune-b"]
+
+    html = table._repr_html_()
+    assert "&lt;b&gt;first&lt;/b&gt;" in html and "<b>first</b>" not in html
+    assert "0.9000" in html and "1 min 00 s" in html and "SUCCEEDED" in html
+    bundle = table._repr_mimebundle_()
+    assert set(bundle) == {"text/plain", "text/html"}  # no kernel here: no widget view
+    text = bundle["text/plain"]
+    assert text.splitlines()[0].split() == ["job", "state", "model", "method", "created", "duration", "best",
+                                            "eval", "loss"]
+    assert "tune-a (<b>first</b>)" in text
+
+    empty = ip.run_line_magic("tune_jobs", "--model nothing-like-this")
+    assert len(empty) == 0 and str(empty) == "no tuning jobs match"
+    for line, message in (("--state bogus", "state must be one of QUEUED, PENDING"),
+                          ("--limit 0", "limit must be a whole number of at least 1"),
+                          ("--limit x", "%tune_jobs: argument --limit: invalid int value"),
+                          ("--backend cloud", "backend must be 'local' or 'vertex'")):
+        with pytest.raises(UsageError, match=message) as info:
+            ip.run_line_magic("tune_jobs", line)
+        assert "\n" not in str(info.value)
+
+
+def test_jobs_table_rows_are_clickable_where_widgets_render(ip, jobs_home, tmp_path, monkeypatch):
+    from tuning_magics.display import jobs_table
+
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0, 1.5], evals={2: 1.4})
+    table = ip.run_line_magic("tune_jobs", "--state succeeded")
+    monkeypatch.setattr(jobs_table, "_widgets_render", lambda: True)
+    bundle = table._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "text/html" in bundle
+    shown_jobs = []
+    monkeypatch.setattr("IPython.display.display", lambda obj: shown_jobs.append(obj))
+    table.buttons[0].click()
+    assert table.selected is table.jobs[0] and shown_jobs == [table.jobs[0]]
+    assert table.buttons[0].description == "tune-a"
+
+
+def test_tune_attach_finds_a_job_by_id_or_name(ip, jobs_home, tmp_path, shown):
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0], evals={}, name="baseline")
+    ip.user_ns.pop("job", None)
+    ip.run_line_magic("tune_attach", "tune-a")
+    assert ip.user_ns["job"].id == "tune-a" and shown[-1] is ip.user_ns["job"]
+    ip.run_line_magic("tune_attach", "baseline --as base")
+    assert ip.user_ns["base"].id == "tune-a"
+    ip.push({"which": "tune-a"})
+    ip.run_line_magic("tune_attach", "$which --as again")
+    assert ip.user_ns["again"].id == "tune-a"
+    with pytest.raises(UsageError, match="there is no local tuning job 'tune-zzz'") as info:
+        ip.run_line_magic("tune_attach", "tune-zzz --as nothing")
+    assert "\n" not in str(info.value) and "nothing" not in ip.user_ns
+    with pytest.raises(UsageError, match="%tune_attach: the following arguments are required: name"):
+        ip.run_line_magic("tune_attach", "")
+
+
+def test_compare_overlays_curves_and_puts_differing_rows_first(ip, jobs_home, tmp_path):
+    import sys
+
+    pyplot_before = "matplotlib.pyplot" in sys.modules
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0, 1.5, 1.2], evals={3: 1.4}, name="slow <lr>")
+    finished_job("tune-b", tmp_path, lr=3e-4, train=[2.0, 1.0, 0.8], evals={2: 1.1, 3: 0.9})
+    result = tm.compare(["tune-a", tm.get_job("tune-b")])
+    table = result.table
+    assert list(table.columns) == ["slow <lr>", "tune-b"]
+    assert set(result.differs) == {"learning_rate", "best eval loss", "final train loss"}
+    assert list(table.index[:3]) == result.differs  # the rows that differ come first
+    assert table.loc["learning_rate"].tolist() == [1e-4, 3e-4]
+    assert table.loc["best eval loss"].tolist() == [1.4, 0.9]
+    assert table.loc["final train loss"].tolist() == [1.2, 0.8]
+    assert table.loc["batch_size"].tolist() == [2, 2] and table.loc["seed"].tolist() == [7, 7]
+    assert table.loc["duration (s)"].tolist() == [pytest.approx(60, abs=1)] * 2
+    assert "learning_rate_multiplier" not in table.index  # empty for every job
+    assert result.figure_png.startswith(b"\x89PNG\r\n\x1a\n")
+    html = result._repr_html_()
+    assert "data:image/png;base64," in html and "slow &lt;lr&gt;" in html and "slow <lr>" not in html
+    assert "comparison of 2 jobs" in str(result)
+    assert ("matplotlib.pyplot" in sys.modules) == pyplot_before  # drawn on a bare Figure
+
+    via_magic = ip.run_line_magic("tune_compare", "tune-a tune-b")
+    assert via_magic.table.equals(table)
+    ip.push({"runs": ["tune-a", tm.get_job("tune-b")]})
+    assert list(ip.run_line_magic("tune_compare", "$runs").table.columns) == ["slow <lr>", "tune-b"]
+    with pytest.raises(UsageError, match="there is no local tuning job 'tune-q'"):
+        ip.run_line_magic("tune_compare", "tune-a tune-q")
+    with pytest.raises(UsageError, match=r"%tune_compare: \$nothing is not a notebook variable"):
+        ip.run_line_magic("tune_compare", "$nothing")
+    with pytest.raises(tm.UserError, match="compare needs at least one job"):
+        tm.compare([])
+
+
+def test_compare_of_jobs_without_metrics_still_draws(jobs_home, tmp_path):
+    job = tm.tune(MODEL, RECORDS)  # queued behind the busy slot
+    result = tm.compare([job])
+    assert result.table.loc["state"].tolist() == ["QUEUED"]
+    assert result.figure_png.startswith(b"\x89PNG")
+
+
+def test_tune_chat_opens_the_jobs_chat_panel(ip, jobs_home, tmp_path, monkeypatch):
+    calls = []
+
+    def chat_panel(self, checkpoint=None):
+        calls.append((self.id, checkpoint))
+        return f"panel of {self.id}"
+
+    monkeypatch.setattr(Job, "chat_panel", chat_panel, raising=False)
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0], evals={}, age=300)
+    finished_job("tune-b", tmp_path, lr=1e-4, train=[2.0], evals={}, age=200)
+    ip.user_ns.pop("job", None)
+    ip.run_line_magic("tune_attach", "tune-a --as picked")
+    assert ip.run_line_magic("tune_chat", "") == "panel of tune-a"  # the job attached last
+    ip.push({"job": tm.get_job("tune-b")})
+    assert ip.run_line_magic("tune_chat", "--checkpoint checkpoint-8") == "panel of tune-b"  # the variable `job`
+    assert ip.run_line_magic("tune_chat", "picked") == "panel of tune-a"
+    assert ip.run_line_magic("tune_chat", "$picked") == "panel of tune-a"
+    assert ip.run_line_magic("tune_chat", "tune-b --checkpoint final") == "panel of tune-b"
+    assert calls == [("tune-a", None), ("tune-b", "checkpoint-8"), ("tune-a", None), ("tune-a", None),
+                     ("tune-b", "final")]
+    with pytest.raises(UsageError, match="there is no local tuning job 'tune-none'"):
+        ip.run_line_magic("tune_chat", "tune-none")
+    monkeypatch.setattr(Job, "chat_panel", None, raising=False)
+    with pytest.raises(UsageError, match="no chat panel for LocalJob tune-b") as info:
+        ip.run_line_magic("tune_chat", "")
+    assert "\n" not in str(info.value)
+
+
+def test_config_and_tuning_config_share_one_store_last_one_wins(ip):
+    # %config first, then %tuning_config, then %config again with the same value as before.
+    ip.run_cell("%config TuningMagics.project = 'proj-a'")
+    assert settings.project == "proj-a"
+    ip.run_line_magic("tuning_config", "project=proj-b")
+    assert settings.project == "proj-b"
+    ip.run_cell("%config TuningMagics.project = 'proj-a'")
+    assert settings.project == "proj-a"
+    # %tuning_config first, then %config, then %tuning_config again.
+    ip.run_line_magic("tuning_config", "location=europe-west4")
+    ip.run_cell("%config TuningMagics.location = 'asia-east1'")
+    assert settings.location == "asia-east1"
+    ip.run_line_magic("tuning_config", "location=europe-west4")
+    assert settings.location == "europe-west4"
+    # Configuring another class does not bring an older TuningMagics value back.
+    ip.run_cell("%config PlainTextFormatter.max_seq_length = 1000")
+    assert settings.location == "europe-west4" and settings.project == "proj-a"
+    # settings.update from plain Python is the same store.
+    tm.settings.update(project="proj-c")
+    ip.run_cell("%config TuningMagics.project = 'proj-a'")
+    assert settings.project == "proj-a"
+    ip.run_line_magic("tuning_config", "project=")
+    assert settings.project is None
+
+
+@pytest.mark.slow
+def test_two_real_tiny_trainings_compared(ip, tmp_path, monkeypatch, shown, capsys):
+    from tuning_magics.backends.local import scheduler
+
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(scheduler.CONCURRENCY_ENV, "1")
+    ip.push({"records": RECORDS, "val": RECORDS[:2]})
+    try:
+        for var, lr in (("slow", "1e-5"), ("fast", "1e-3")):
+            ip.run_cell_magic("tune", f"{var} --wait", f"model: local/tiny-qwen3\ndata: $records\n"
+                              f"validation: $val\nepochs: 1\nlearning_rate: {lr}\nbatch_size: 4\n")
+            assert ip.user_ns[var].state == JOB_STATE_SUCCEEDED, ip.user_ns[var].error
+        assert f"job {ip.user_ns['fast'].id}: JOB_STATE_SUCCEEDED" in capsys.readouterr().out
+        result = ip.run_line_magic("tune_compare", "slow fast")
+        assert result.differs[0] == "learning_rate" or "learning_rate" in result.differs
+        assert result.table.loc["best eval loss"].notna().all()
+        assert result.figure_png.startswith(b"\x89PNG")
+        table = ip.run_line_magic("tune_jobs", "--state succeeded")
+        assert {j.id for j in table.jobs} == {ip.user_ns["slow"].id, ip.user_ns["fast"].id}
+        assert table.frame["best_eval_loss"].notna().all()
+    finally:
+        for job in tm.list_jobs():
+            if not job.done:
+                job.cancel()

@@ -32,9 +32,13 @@ _LAZY = {
     "get_job": ("tuning_magics.api", "get_job"),
     "list_jobs": ("tuning_magics.api", "list_jobs"),
     "rebuild_registry": ("tuning_magics.api", "rebuild_registry"),
+    "compare": ("tuning_magics.experiments", "compare"),
+    "Comparison": ("tuning_magics.experiments", "Comparison"),
+    # %load_ext tuning_magics: IPython reads this attribute, so the magics load only then.
+    "load_ipython_extension": ("tuning_magics.magics", "load_ipython_extension"),
 }
 
-__all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
+__all__ = sorted(_LAZY) + ["unload_ipython_extension"]
 
 
 def __getattr__(name: str):
@@ -47,13 +51,6 @@ def __getattr__(name: str):
     value = module if attr is None else getattr(module, attr)
     globals()[name] = value
     return value
-
-
-def load_ipython_extension(ipython) -> None:
-    """Register the magics: ``%load_ext tuning_magics``."""
-    from .magics import register
-
-    register(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:

@@ -157,8 +157,14 @@ def get_job(name: str, *, backend: str | None = None) -> Job:
     return _jobs_module(backend).get(name)
 
 
-def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[Job]:
+def list_jobs(limit: int | None = None, *, backend: str | None = None, state=None,
+              model: str | None = None) -> list[Job]:
     """Jobs of both backends, newest first (at most ``limit``).
+
+    ``state`` keeps only jobs in that state or states (``"SUCCEEDED"``,
+    ``"JOB_STATE_RUNNING"``, ``["FAILED", "CANCELLED"]``; any case); ``model``
+    keeps only jobs whose base model (or custom base model) contains that text,
+    ignoring case. ``limit`` counts the jobs that pass the filters.
 
     Vertex AI jobs are listed when a Cloud project is configured. When they
     cannot be listed (no credentials, no network), the local jobs are still
@@ -166,18 +172,56 @@ def list_jobs(limit: int | None = None, *, backend: str | None = None) -> list[J
     """
     if limit is not None:
         limit = params.whole_at_least_1("limit", limit)
+    states = _states(state)
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise UserError(f"model must be some text of a model id such as 'qwen3', not {model!r}", field="model")
+    filtered = states is not None or model is not None
+    fetch = None if filtered else limit  # filters apply before the limit
     if backend is not None:
-        return _jobs_module(_backend(backend)).find(limit=limit)
-    found = list(_jobs_module("local").find(limit=limit))
-    project = _configured_project()
-    if project:
-        try:
-            found += _jobs_module("vertex").find(limit=limit)
-        except UserError as exc:
-            warnings.warn(f"Vertex AI jobs of project {project} are not listed: {exc}", UserWarning, stacklevel=2)
-    far_past = datetime.min.replace(tzinfo=timezone.utc)
-    found.sort(key=lambda job: job.created or far_past, reverse=True)
+        found = list(_jobs_module(_backend(backend)).find(limit=fetch))
+    else:
+        found = list(_jobs_module("local").find(limit=fetch))
+        project = _configured_project()
+        if project:
+            try:
+                found += _jobs_module("vertex").find(limit=fetch)
+            except UserError as exc:
+                warnings.warn(f"Vertex AI jobs of project {project} are not listed: {exc}", UserWarning,
+                              stacklevel=2)
+        far_past = datetime.min.replace(tzinfo=timezone.utc)
+        found.sort(key=lambda job: job.created or far_past, reverse=True)
+    if states is not None:
+        found = [job for job in found if job.state in states]
+    if model is not None:
+        needle = model.strip().lower()
+        found = [job for job in found if needle in _model_text(job)]
     return found[:limit] if limit is not None else found
+
+
+def _states(state) -> frozenset[str] | None:
+    """The ``JOB_STATE_*`` names a ``state`` filter asks for (None: every state)."""
+    from .jobs import STATES
+
+    if state is None:
+        return None
+    wanted = [state] if isinstance(state, str) else list(state) if isinstance(state, (list, tuple, set)) else None
+    if not wanted:
+        raise UserError(f"state must be a job state such as 'SUCCEEDED', or a list of them, not {state!r}",
+                        field="state")
+    out = set()
+    for item in wanted:
+        name = str(item).strip().upper()
+        name = name if name.startswith("JOB_STATE_") else "JOB_STATE_" + name
+        if name not in STATES:
+            short = ", ".join(s.removeprefix("JOB_STATE_") for s in STATES)
+            raise UserError(f"state must be one of {short}, not {item!r}", field="state")
+        out.add(name)
+    return frozenset(out)
+
+
+def _model_text(job: Job) -> str:
+    config = job.config or {}
+    return " ".join(str(config.get(key) or "") for key in ("base_model", "custom_base_model")).lower()
 
 
 def rebuild_registry(*job_folders):

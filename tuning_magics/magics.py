@@ -1,31 +1,112 @@
-"""The IPython magics: a thin layer over the plain Python API.
+"""The IPython magics: a thin layer over the plain Python API (``tuning_magics.tune`` and friends).
 
+Load them with ``%load_ext tuning_magics``. Every magic takes ``--help``.
+
+Settings
+--------
 ``%tuning_config [name=value ...]``
     Show the settings and where each value comes from, or set some
     (``project``, ``location``, ``staging_bucket``, ``backend``, ``api_endpoint``).
-    ``%config TuningMagics.project = "my-project"`` works too.
+    ``%config TuningMagics.project = "my-project"`` sets the same store: whichever
+    of the two was used last wins. ``name=`` (empty) forgets a session value.
 ``%tune_models [--provider open|gemini|local] [--mode FULL|PEFT_ADAPTER]``
     The catalog of tunable models as a table.
+
+Datasets
+--------
 ``%dataset DF [options]`` and ``%%dataset [DF] [options]`` with a YAML body
     DataFrame -> validated JSONL (see ``tuning_magics.dataset``); shows the
-    report and stores the Dataset in ``--as NAME`` when given.
+    report and stores the Dataset in ``--as NAME`` when given. Options:
+    ``--prompt/--completion`` or ``--user/--assistant/--system`` or ``--messages``
+    columns, ``--out``, ``--format``, ``--images``, ``--system-prompt``,
+    ``--validation-split``, ``--validation-out``, ``--seed``, ``--model``,
+    ``--method``, ``--epochs``, ``--overwrite``, ``--skip-invalid``.
 
-A mistake in the input prints one line (``UsageError: ...``) and no
-traceback; add ``--verbose`` to see the traceback.
+Tuning
+------
+``%%tune [VAR] [--backend local|vertex] [--wait] [--dry-run] [--verbose]``
+    The cell body is YAML whose keys are the parameters of ``tune()``
+    (``base_model``, ``train_dataset``, ``validation_dataset``, ``tuning_mode``,
+    ``method``, ``epochs``, ``learning_rate``, ``learning_rate_multiplier``,
+    ``adapter_size``, ``base_teacher_model``, ``custom_base_model``,
+    ``output_uri``, ``tuned_model_display_name``, ``description``, ``labels``, ...)
+    and the engine's options (``batch_size``, ``max_seq_len``, ``seed``, ...).
+    Short spellings work too: ``model``, ``data``, ``validation``, ``mode``,
+    ``teacher``, ``display_name``. A value ``$name`` is the notebook variable
+    ``name`` (a Dataset, a DataFrame, a list of records, a string, a number),
+    anywhere in the values, inside lists and mappings too; ``$name.attr`` reads
+    an attribute; inside a longer text ``$name`` is replaced by the variable's
+    text (``display_name: lr-$lr``); ``$$`` is a literal ``$``::
+
+        %%tune job --wait
+        model: local/tiny-qwen3
+        data: $ds
+        epochs: 3
+        learning_rate: 2e-4
+
+    The job goes into ``VAR`` (default ``job``) and is shown below the cell (its
+    live monitor). ``--wait`` then waits for it to end (Ctrl-C stops waiting,
+    not the job). ``--dry-run`` checks everything and shows what would be
+    submitted, with billed tokens and cost, without uploading or submitting
+    (stored in ``VAR`` only when one is named). Every mistake is one line
+    naming the key, before anything is submitted.
+``%tune --model MODEL --data $ds [--epochs 3] [--mode FULL] [--method sft] [--backend local] [--as VAR] [--wait] [--dry-run]``
+    The same in one line: every ``--key value`` is a ``tune()`` parameter or an
+    engine option (``--learning-rate 1e-4``, ``--batch-size 2``, ``--key=value``).
+
+Jobs and experiments
+--------------------
+``%tune_jobs [--backend local|vertex] [--state STATE[,STATE]] [--model TEXT] [--limit N]``
+    A table of jobs, newest first: state, model, method, created, duration
+    and best validation loss. Where widgets render, click a job to show it.
+    The returned table has ``.jobs`` and ``.frame`` (a DataFrame).
+``%tune_attach NAME [--as VAR] [--backend local|vertex]``
+    The job with this id, Vertex AI resource name or unique display name, in
+    ``VAR`` (default ``job``), shown with its monitor: after a kernel restart,
+    the way back to a running job.
+``%tune_compare NAME NAME ...`` (or ``$jobs``, a list of jobs or ids)
+    ``tuning_magics.compare``: the loss curves of the jobs on one plot and
+    their configurations side by side, the rows that differ first.
+``%tune_chat [JOB] [--checkpoint C]``
+    The chat panel of a job (``job.chat_panel()``): ``JOB`` is a variable
+    holding a job, ``$var``, or a job id; by default the variable ``job``, else
+    the job submitted or attached last, else the newest job.
+
+Errors
+------
+A mistake in the input (options, YAML, a variable, a value) prints one line
+(``UsageError: ...``) and no traceback; add ``--verbose`` to see the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import keyword
+import re
 import shlex
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from traitlets import Unicode, observe
 
 from .errors import UserError
 from .config import settings
+
+#: The settings that are also traitlets of TuningMagics (``%config TuningMagics.<name> = ...``).
+_SETTINGS = ("project", "location", "staging_bucket", "backend", "api_endpoint")
+
+#: Short spellings of tune() parameters for %tune and %%tune.
+_SHORT = {
+    "model": "base_model",
+    "data": "train_dataset",
+    "validation": "validation_dataset",
+    "mode": "tuning_mode",
+    "teacher": "base_teacher_model",
+    "display_name": "tuned_model_display_name",
+}
+#: Flags of %tune / %%tune that are not tune() parameters.
+_FLAGS = ("wait", "dry_run", "verbose")
 
 
 class _ArgParser(argparse.ArgumentParser):
@@ -40,6 +121,14 @@ class _ArgParser(argparse.ArgumentParser):
 
 class _HelpShown(Exception):
     pass
+
+
+def _parse(parser: _ArgParser, line: str):
+    """The parsed line, or None when ``--help`` was shown."""
+    try:
+        return parser.parse_args(_words(line, parser.prog))
+    except _HelpShown:
+        return None
 
 
 def _dataset_parser() -> _ArgParser:
@@ -65,6 +154,19 @@ def _dataset_parser() -> _ArgParser:
     return p
 
 
+def _tune_cell_parser() -> _ArgParser:
+    p = _ArgParser(prog="%tune", description="Submit a tuning job; the cell body is YAML of tune() parameters.",
+                   epilog="The line form: %tune --model local/tiny-qwen3 --data $ds --epochs 3 [--as job]")
+    p.add_argument("var", nargs="?", help="the variable the Job goes into (default: job)")
+    p.add_argument("--as", dest="as_", metavar="VAR", help="the same as VAR")
+    p.add_argument("--backend", help="local or vertex (default: from the model and the settings)")
+    p.add_argument("--wait", action="store_const", const=True, help="wait for the job to end")
+    p.add_argument("--dry-run", action="store_const", const=True,
+                   help="check everything and show what would be submitted, without submitting")
+    p.add_argument("--verbose", action="store_const", const=True, help="show tracebacks")
+    return p
+
+
 def _words(line: str, prog: str) -> list[str]:
     """The words of a magic's line, shell-style; an unclosed quote is a one-line UsageError."""
     try:
@@ -85,6 +187,26 @@ def _number(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _scalar(text: str):
+    """A value from a magic's line: a number, true/false/null, a YAML ``[list]`` or ``{mapping}``, else the text."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none", "~"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text.strip()[:1] in ("[", "{"):
+        return _load_yaml(text, "the value " + repr(text))
+    return text
+
+
 def _first(options: dict, *names: str):
     """Remove every one of ``names`` from ``options``; the value of the first that was given."""
     values = [options.pop(name, None) for name in names]
@@ -97,21 +219,161 @@ def _variable_name(value, option: str) -> str:
     return value
 
 
-def _parse_body(cell: str) -> dict:
-    """The YAML body of a cell magic as a dict of options (dashes become underscores)."""
+# -- YAML cell bodies ----------------------------------------------------------------------
+
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def _yaml_loader():
+    """A safe YAML loader that reads ``1e-4`` as a number and refuses a key given twice."""
     import yaml
 
-    if not cell.strip():
-        return {}
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hashed = hash(key)
+                except TypeError:
+                    continue  # the base class reports an unhashable key
+                if hashed is not None and key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    # YAML 1.1 reads 1e-4 (no dot) as text; a learning rate is written that way more often than not.
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
+    return Loader
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+def _load_yaml(text: str, what: str):
+    import yaml
+
     try:
-        body = yaml.safe_load(cell)
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise UsageError(f"{what}: key {dup.key!r} is given twice (lines {dup.first} and {dup.again}); "
+                         "keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UsageError(f"the cell body is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{what} is not valid YAML{where}: {problem}") from None
+
+
+def _parse_body(cell: str, what: str = "the cell body") -> dict:
+    """The YAML body of a cell magic as a dict of options (dashes become underscores)."""
+    if not cell.strip():
+        return {}
+    body = _load_yaml(cell, what)
+    if body is None:  # only comments
+        return {}
     if not isinstance(body, dict):
-        raise UsageError("the cell body must be YAML mapping option names to values, e.g. `prompt: question`")
+        raise UsageError(f"{what} must be YAML mapping option names to values, e.g. `epochs: 3`")
     return {str(k).replace("-", "_"): v for k, v in body.items()}
+
+
+# -- $variables ---------------------------------------------------------------------------
+
+_WHOLE_VAR = re.compile(r"\$([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+_ANY_VAR = re.compile(r"\$\$|\$([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+_MISSING = object()
+
+
+def _lookup(ns: dict, dotted: str, where: str):
+    """The value of ``$name`` or ``$name.attr`` in the notebook; a one-line UsageError naming ``where``."""
+    name, *attrs = dotted.split(".")
+    value = ns.get(name, _MISSING)
+    if value is _MISSING:
+        raise UsageError(f"{where}: ${name} is not a notebook variable; run the cell that defines {name} first")
+    for attr in attrs:
+        try:
+            value = getattr(value, attr)
+        except AttributeError:
+            raise UsageError(f"{where}: ${dotted}: {type(value).__name__} has no attribute {attr!r}") from None
+    return value
+
+
+def _resolve(value, path: str, ns: dict, prog: str):
+    """``value`` (of the key ``path``) with every ``$name`` replaced by the notebook variable, in lists and
+    mappings too."""
+    where = f"{prog}: key {path!r}"
+    if isinstance(value, str):
+        whole = _WHOLE_VAR.fullmatch(value)
+        if whole:
+            return _lookup(ns, whole.group(1), where)
+        if "$" not in value:
+            return value
+
+        def text(match):
+            if match.group(0) == "$$":
+                return "$"
+            found = _lookup(ns, match.group(1), where)
+            if isinstance(found, bool) or not isinstance(found, (str, int, float)):
+                raise UsageError(f"{where}: ${match.group(1)} is a {type(found).__name__}; only text and numbers "
+                                 "can go inside a longer text (give it as the whole value)")
+            return str(found)
+
+        return _ANY_VAR.sub(text, value)
+    if isinstance(value, list):
+        return [_resolve(v, f"{path}[{i}]", ns, prog) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _resolve(v, f"{path}.{k}", ns, prog) for k, v in value.items()}
+    return value
+
+
+# -- tune() keys ---------------------------------------------------------------------------
+
+
+def _tune_parameters() -> list[str]:
+    """The named parameters of ``tune()`` (engine options are the other keys)."""
+    import inspect
+
+    from .api import tune
+
+    return [p.name for p in inspect.signature(tune).parameters.values() if p.kind != p.VAR_KEYWORD]
+
+
+def _tune_aliases() -> dict:
+    """Every other spelling of a tune() parameter -> the parameter."""
+    from .api import _ALIASES
+
+    return {**_SHORT, **_ALIASES}
+
+
+def _canonical(options: dict, prog: str) -> dict:
+    """``options`` with short spellings and aliases turned into tune()'s own names; a key given twice is an error."""
+    aliases = _tune_aliases()
+    out, given_as = {}, {}
+    for key, value in options.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise UsageError(f"{prog}: {given_as[name]!r} and {key!r} are the same parameter ({name}); give one")
+        out[name], given_as[name] = value, key
+    return out
+
+
+_ENGINE_OPTIONS = re.compile(r"engine options are (.+)$")
+
+
+def _unknown_key_error(exc: UserError, key: str, prog: str) -> UsageError:
+    """One line for a key that is neither a tune() parameter nor an engine option, naming the keys there are."""
+    params = [p for p in _tune_parameters() if p not in ("backend", "dry_run", "wait")]
+    engine = _ENGINE_OPTIONS.search(str(exc))
+    options = [o.strip() for o in engine.group(1).split(",")] if engine else []
+    close = difflib.get_close_matches(key, params + options + list(_SHORT), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if engine:
+        return UsageError(f"{prog}: unknown key {key!r}{hint}; keys are the tune() parameters ({', '.join(params)}) "
+                          f"and the engine options ({', '.join(options)})")
+    return UsageError(f"{prog}: key {key!r}: {exc}{hint}")
 
 
 @magics_class
@@ -124,12 +386,32 @@ class TuningMagics(Magics):
     backend = Unicode(None, allow_none=True, help="local, vertex or auto").tag(config=True)
     api_endpoint = Unicode(None, allow_none=True, help="override of the Vertex AI API endpoint").tag(config=True)
 
-    @observe("project", "location", "staging_bucket", "backend", "api_endpoint")
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self._last_job = None
+
+    @observe(*_SETTINGS)
     def _setting_changed(self, change):
+        # Configuration at start-up (ipython_config.py) arrives here.
         try:
             settings.update(**{change["name"]: change["new"]})
         except UserError as exc:
             raise UsageError(str(exc)) from None
+
+    def update_config(self, config):
+        """``%config TuningMagics.x = v`` sets the setting even when the trait already holds ``v``.
+
+        The settings object is the one store: ``%tuning_config`` or
+        ``settings.update`` may have changed it since, and the last one set wins.
+        """
+        super().update_config(config)
+        section = config[type(self).__name__] if type(self).__name__ in config else {}
+        values = {name: section[name] for name in _SETTINGS if name in section}
+        if values:
+            try:
+                settings.update(**values)
+            except UserError as exc:
+                raise UsageError(str(exc)) from None
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -142,7 +424,7 @@ class TuningMagics(Magics):
             report = getattr(exc, "report", None)
             if report is not None:
                 self._show(report)
-            raise UsageError(str(exc)) from None
+            raise UsageError(" ".join(str(exc).split("\n"))) from None
 
     def _show(self, obj) -> None:
         from IPython.display import display
@@ -157,13 +439,21 @@ class TuningMagics(Magics):
         except SyntaxError as exc:
             raise UsageError(f"{expr!r} is not a Python expression: {exc.msg}") from None
 
-    # -- magics ---------------------------------------------------------------------
+    def _keep(self, var: str | None, obj) -> None:
+        if var:
+            self.shell.push({var: obj})
+
+    # -- settings and catalog -----------------------------------------------------------
 
     @line_magic
     def tuning_config(self, line: str = ""):
         """Show the settings, or set them: ``%tuning_config project=my-proj location=us-central1``."""
         values = {}
         for token in _words(line, "tuning_config"):
+            if token in ("-h", "--help"):
+                print("%tuning_config [name=value ...]: show the settings, or set them; names: "
+                      f"{', '.join(_SETTINGS)}; name= forgets a session value")
+                return None
             token = token.lstrip("-")
             if "=" not in token:
                 raise UsageError(f"%tuning_config takes name=value pairs, e.g. project=my-project (got {token!r})")
@@ -179,9 +469,8 @@ class TuningMagics(Magics):
         p = _ArgParser(prog="tune_models")
         p.add_argument("--provider")
         p.add_argument("--mode")
-        try:
-            args = p.parse_args(_words(line, "tune_models"))
-        except _HelpShown:
+        args = _parse(p, line)
+        if args is None:
             return None
         from . import catalog
 
@@ -199,15 +488,16 @@ class TuningMagics(Magics):
             df = df[df["modes"].str.contains(mode)]
         return df.reset_index(drop=True)
 
+    # -- datasets -------------------------------------------------------------------------
+
     @line_cell_magic
     def dataset(self, line: str = "", cell: str | None = None):
         """DataFrame -> validated JSONL. ``%dataset df --prompt q --completion a --out train.jsonl --as ds``."""
-        try:
-            args = _dataset_parser().parse_args(_words(line, "dataset"))
-        except _HelpShown:
+        args = _parse(_dataset_parser(), line)
+        if args is None:
             return None
         options = {k: v for k, v in vars(args).items() if v is not None}
-        body = _parse_body(cell) if cell is not None else {}
+        body = _parse_body(cell, "%%dataset: the cell body") if cell is not None else {}
         merged = {**body, **options}  # the cell body gives options; the line overrides them
         verbose = merged.pop("verbose", False)
         if not isinstance(verbose, bool):
@@ -236,7 +526,261 @@ class TuningMagics(Magics):
         self._show(ds)
         return None
 
+    # -- tuning ---------------------------------------------------------------------------
+
+    @line_cell_magic
+    @no_var_expand
+    def tune(self, line: str = "", cell: str | None = None):
+        """Submit a tuning job: ``%%tune [var] [--backend B] [--wait] [--dry-run]`` with a YAML body of tune()
+        parameters, or ``%tune --model local/tiny-qwen3 --data $ds --epochs 3 [--as var]``."""
+        if cell is None:
+            return self._tune_line(line)
+        args = _parse(_tune_cell_parser(), line)
+        if args is None:
+            return None
+        if args.var and args.as_ and args.var != args.as_:
+            raise UsageError(f"%%tune: give the variable once, as VAR or --as, not {args.var!r} and {args.as_!r}")
+        var = args.var or args.as_
+        options = _parse_body(cell, "%%tune: the cell body")
+        for flag, value in (("backend", args.backend), ("wait", args.wait), ("dry_run", args.dry_run),
+                            ("verbose", args.verbose)):
+            if value is not None:
+                options[flag] = value  # the line wins over the body
+        return self._submit(options, var, "%%tune")
+
+    def _tune_line(self, line: str):
+        words = _words(line, "tune")
+        if not words:
+            raise UsageError("%tune needs options: %tune --model local/tiny-qwen3 --data $ds --epochs 3, or use "
+                             "%%tune with a YAML cell body (%tune --help)")
+        if words[0] in ("-h", "--help"):
+            _tune_cell_parser().print_help()
+            return None
+        options: dict = {}
+        var = None
+        i = 0
+        while i < len(words):
+            word = words[i]
+            if not word.startswith("--") or len(word) == 2:
+                raise UsageError(f"%tune: unexpected {word!r}; the line form takes --key value pairs, e.g. "
+                                 "%tune --model local/tiny-qwen3 --data $ds (or use %%tune VAR with a YAML body)")
+            key, eq, value = word[2:].partition("=")
+            key = key.replace("-", "_")
+            if key in _FLAGS and not eq:
+                options[key] = True
+                i += 1
+                continue
+            if not eq:
+                if i + 1 >= len(words) or (words[i + 1].startswith("--") and len(words[i + 1]) > 2):
+                    raise UsageError(f"%tune: --{word[2:]} needs a value")
+                value = words[i + 1]
+                i += 1
+            i += 1
+            if key == "as":
+                var = _variable_name(value, "--as")
+                continue
+            if key in options:
+                raise UsageError(f"%tune: --{key.replace('_', '-')} is given twice; give it once")
+            options[key] = value if key in ("model", "base_model") else _scalar(value)
+        return self._submit(options, var, "%tune")
+
+    def _submit(self, options: dict, var: str | None, prog: str):
+        """Check the keys, resolve ``$vars``, call ``tune()``; keep and show the Job (or the dry run)."""
+        verbose = options.pop("verbose", None) or False
+        if not isinstance(verbose, bool):
+            raise UsageError(f"{prog}: verbose must be true or false, not {verbose!r}")
+        for flag in ("wait", "dry_run"):
+            if not isinstance(options.get(flag, False), bool):
+                raise UsageError(f"{prog}: {flag} must be true or false, not {options[flag]!r}")
+        as_ = _first(options, "as", "as_")
+        if as_ is not None and var is not None and as_ != var:
+            raise UsageError(f"{prog}: give the variable once, on the line ({var!r}) or as as: ({as_!r})")
+        var = var or as_
+        if var is not None:
+            var = _variable_name(var, f"{prog} VAR")
+        options = _canonical(options, prog)
+        if not options.get("base_model"):
+            raise UsageError(f"{prog}: base_model is required (model: local/tiny-qwen3); %tune_models lists them")
+        ns = self.shell.user_ns
+        options = {key: _resolve(value, key, ns, prog) for key, value in options.items()}
+        wait = options.pop("wait", False)
+        dry_run = options.pop("dry_run", False)
+        params = set(_tune_parameters())
+
+        def submit():
+            from .api import tune
+
+            try:
+                return tune(**options, dry_run=dry_run, wait=False)
+            except UserError as exc:
+                if exc.field in options and exc.field not in params:
+                    raise _unknown_key_error(exc, exc.field, prog) from None
+                raise
+
+        result = self._run(submit, verbose)
+        if dry_run:
+            self._keep(var, result)  # only where the user named a variable: `job` stays a job
+            self._show(result)
+            return None
+        self._keep(var or "job", result)
+        self._last_job = result
+        self._show(result)
+        if wait:
+            self._wait(result)
+        return None
+
+    def _wait(self, job) -> None:
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            print(f"stopped waiting; job {job.id} keeps running (job.cancel() stops it)")
+            return
+        line = f"job {job.id}: {job.state}"
+        if job.error:
+            last = [ln for ln in job.error.strip().splitlines() if ln.strip()]
+            line += f": {last[-1].strip()}" if last else ""
+        print(line)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    @line_magic
+    def tune_jobs(self, line: str = ""):
+        """The jobs as a table: ``%tune_jobs [--backend local|vertex] [--state S] [--model TEXT] [--limit N]``."""
+        p = _ArgParser(prog="tune_jobs", description="Tuning jobs, newest first.")
+        p.add_argument("--backend", help="local or vertex (default: both)")
+        p.add_argument("--state", help="only jobs in this state, e.g. SUCCEEDED or RUNNING,QUEUED")
+        p.add_argument("--model", help="only jobs whose base model contains this text")
+        p.add_argument("--limit", type=int, help="at most this many jobs")
+        p.add_argument("--verbose", action="store_true", help="show tracebacks")
+        args = _parse(p, line)
+        if args is None:
+            return None
+        state = [s for s in args.state.split(",") if s.strip()] if args.state else None
+        if args.state is not None and not state:
+            raise UsageError("%tune_jobs: --state needs a state, e.g. --state SUCCEEDED")
+
+        def find():
+            import warnings
+
+            from .api import list_jobs
+            from .display.jobs_table import JobsTable
+            from .experiments import jobs_frame
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                jobs = list_jobs(args.limit, backend=args.backend, state=state, model=args.model)
+            for w in caught:
+                print(f"note: {w.message}")
+            return JobsTable(jobs, jobs_frame(jobs))
+
+        return self._run(find, args.verbose)
+
+    @line_magic
+    @no_var_expand
+    def tune_attach(self, line: str = ""):
+        """Find a job again (after a kernel restart): ``%tune_attach NAME [--as VAR]``; shows its monitor."""
+        p = _ArgParser(prog="tune_attach", description="A job by id, resource name or unique display name.")
+        p.add_argument("name", help="job id, Vertex AI resource name or unique display name")
+        p.add_argument("--as", dest="as_", metavar="VAR", default="job", help="the variable (default: job)")
+        p.add_argument("--backend", help="local or vertex")
+        p.add_argument("--verbose", action="store_true", help="show tracebacks")
+        args = _parse(p, line)
+        if args is None:
+            return None
+        var = _variable_name(args.as_, "--as")
+        name = args.name
+        if _WHOLE_VAR.fullmatch(name):
+            name = _lookup(self.shell.user_ns, name[1:], "%tune_attach")
+            if not isinstance(name, str):
+                raise UsageError(f"%tune_attach: {args.name} must hold a job id as text, not {type(name).__name__}")
+        from .api import get_job
+
+        job = self._run(lambda: get_job(name, backend=args.backend), args.verbose)
+        self._keep(var, job)
+        self._last_job = job
+        self._show(job)
+        return None
+
+    def _jobs_of(self, word: str, prog: str) -> list:
+        """The jobs a word of a line names: ``$var`` (a job, an id or a list of them), a variable, or an id."""
+        from .jobs import Job
+
+        ns = self.shell.user_ns
+        if _WHOLE_VAR.fullmatch(word):
+            value = _lookup(ns, word[1:], prog)
+        elif word.isidentifier() and isinstance(ns.get(word), (Job, list, tuple)):
+            value = ns[word]
+        else:
+            value = word
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if not isinstance(item, (Job, str)):
+                raise UsageError(f"{prog}: {word} holds a {type(item).__name__}; give jobs or job ids")
+        return items
+
+    @line_magic
+    @no_var_expand
+    def tune_compare(self, line: str = ""):
+        """Loss curves and configs of several jobs side by side: ``%tune_compare NAME NAME ...`` or ``$jobs``."""
+        p = _ArgParser(prog="tune_compare", description="tuning_magics.compare(jobs) for jobs by id or variable.")
+        p.add_argument("jobs", nargs="+", help="job ids, variables holding jobs, or $list")
+        p.add_argument("--verbose", action="store_true", help="show tracebacks")
+        args = _parse(p, line)
+        if args is None:
+            return None
+        items = [item for word in args.jobs for item in self._jobs_of(word, "%tune_compare")]
+        from .experiments import compare
+
+        return self._run(lambda: compare(items), args.verbose)
+
+    @line_magic
+    @no_var_expand
+    def tune_chat(self, line: str = ""):
+        """Chat with a tuned model: ``%tune_chat [JOB] [--checkpoint C]`` opens ``job.chat_panel()``."""
+        p = _ArgParser(prog="tune_chat", description="The chat panel of a job.")
+        p.add_argument("job", nargs="?", help="a variable holding a job, $var, or a job id (default: job)")
+        p.add_argument("--checkpoint", help="a checkpoint name such as checkpoint-8 (default: final)")
+        p.add_argument("--verbose", action="store_true", help="show tracebacks")
+        args = _parse(p, line)
+        if args is None:
+            return None
+        job = self._chat_job(args.job, args.verbose)
+        panel = getattr(job, "chat_panel", None)
+        if panel is None:
+            raise UsageError(f"%tune_chat: this installation has no chat panel for {type(job).__name__} "
+                             f"{job.id}; use job.chat('...') instead")
+        return self._run(lambda: panel(checkpoint=args.checkpoint), args.verbose)
+
+    def _chat_job(self, word: str | None, verbose: bool):
+        from .jobs import Job
+
+        if word is not None:
+            items = self._jobs_of(word, "%tune_chat")
+            if len(items) != 1:
+                raise UsageError(f"%tune_chat: {word} holds {len(items)} jobs; name one")
+            item = items[0]
+            if isinstance(item, Job):
+                return item
+            from .api import get_job
+
+            return self._run(lambda: get_job(item), verbose)
+        if isinstance(self.shell.user_ns.get("job"), Job):
+            return self.shell.user_ns["job"]
+        if self._last_job is not None:
+            return self._last_job
+        from .api import list_jobs
+
+        newest = self._run(lambda: list_jobs(1), verbose)
+        if not newest:
+            raise UsageError("%tune_chat: there is no job yet; submit one with %%tune, or name one: %tune_chat JOB")
+        return newest[0]
+
 
 def register(ipython) -> None:
     """Register the magics with an IPython shell."""
     ipython.register_magics(TuningMagics)
+
+
+def load_ipython_extension(ipython) -> None:
+    """Register the magics: ``%load_ext tuning_magics``."""
+    register(ipython)
