@@ -186,6 +186,12 @@ class Server:
         # The server names max_tokens, the name it was sent; this caller wrote max_new_tokens.
         return self._ask(body, stream, rename={"max_tokens": "max_new_tokens"})
 
+    def chat_panel(self, *, base=None):
+        """A chat panel with this endpoint (streamed replies, history); ``base``: a model to compare, side by side."""
+        from ...display.chat import ChatPanel
+
+        return ChatPanel(self, base=base, title=f"Chat with {self.model_name} at {self.url}")
+
     def predict(self, instances: list[dict]) -> list[str]:
         """Vertex-style ``predict``: each instance has ``prompt`` (or ``messages``), ``max_tokens``, ``temperature``,
         ``top_p``, ``top_k``, ``seed``, checked by the rules of a chat-completions body."""

@@ -229,6 +229,12 @@ class VertexEndpoint:
 
         return pieces()
 
+    def chat_panel(self, *, base=None):
+        """A chat panel with this endpoint (streamed replies, history); ``base``: a model to compare, side by side."""
+        from ...display.chat import ChatPanel
+
+        return ChatPanel(self, base=base, title=f"Chat with {self.model or self.name}")
+
     # -- clean-up --------------------------------------------------------------------------
 
     def delete(self) -> None:
@@ -556,14 +562,30 @@ def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE
     return endpoint
 
 
+def base_endpoint(job) -> VertexEndpoint:
+    """The base model a Gemini job tuned, served by Vertex AI (``publishers/google/models/<id>``), to compare with.
+
+    An open model has no endpoint of its own to ask before tuning: a one-line UserError says so.
+    """
+    base = str((job.config or {}).get("base_model") or "").strip()
+    if not _is_gemini(job) or not base.startswith("gemini-"):
+        raise UserError(f"job {job.name} tuned an open model, whose base model has no endpoint here to compare "
+                        "with; the tuned model answers alone", field="checkpoint")
+    return VertexEndpoint(f"publishers/google/models/{base}", "gemini", model=base, ctx=job.ctx,
+                          source=f"{job.name} base")
+
+
 def chat_with_job(job, messages_or_text, *, checkpoint=None, stream: bool = False, **gen):
     """``VertexJob.chat``: a Gemini job's tuned model (or checkpoint), or the endpoint its ``deploy()`` made.
 
-    ``checkpoint``: a name (``checkpoint-2``, ``final``) or a step number. An
+    ``checkpoint``: a name (``checkpoint-2``, ``final``) or a step number; ``"base"``: a
+    Gemini job's base model before tuning, through ``generate_content``. An
     open-model job answers only once ``job.deploy()`` has made an endpoint in this
     session: chat never deploys by itself, since a deployment costs money.
     """
     chat_request(messages_or_text, stream=stream, **gen)  # a mistake is one line before anything is read or sent
+    if checkpoint == "base":
+        return base_endpoint(job).chat(messages_or_text, stream=stream, **gen)
     if _is_gemini(job):
         name, endpoint_name = _gemini_endpoint(job, checkpoint)
         endpoint = VertexEndpoint(endpoint_name, "gemini", ctx=job.ctx, source=f"{job.name} {name}")
