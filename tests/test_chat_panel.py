@@ -221,22 +221,32 @@ def test_enter_and_the_send_button_ask_without_blocking_and_one_reply_streams_at
 
 
 def test_the_streaming_threads_report_to_the_cell_that_opened_the_panel(monkeypatch):
-    cell = {"header": {"msg_id": "cell-7", "msg_type": "execute_request"}}
-    adopted: list[tuple[str, dict]] = []
+    from tuning_magics.display import monitor
 
-    class Shell:  # the part of ipykernel 7's shell the panel uses
-        def get_parent(self):
+    cell = {"header": {"msg_id": "cell-7", "msg_type": "execute_request"}}
+    kernel_set: list[tuple[str, dict]] = []
+    thread_set: list[tuple[str, dict]] = []
+
+    class Kernel:  # the part of ipykernel 7 the panel uses: comm messages go out under its parent
+        _parent_ident = {"shell": b"ident"}
+
+        def get_parent(self, channel=None):
             return cell if threading.current_thread() is threading.main_thread() else {}
 
-        def set_thread_parent(self, parent):
-            adopted.append((threading.current_thread().name, parent))
+        def set_parent(self, ident, parent, channel="shell"):
+            kernel_set.append((threading.current_thread().name, parent))
 
-    monkeypatch.setattr(chat, "_shell", Shell)
+    class Shell:
+        def set_thread_parent(self, parent):
+            thread_set.append((threading.current_thread().name, parent))
+
+    monkeypatch.setattr(monitor, "_kernel", lambda: (Kernel(), Shell()))
     panel = ChatPanel(Scripted(), base=Scripted())
     panel.send("hi")
-    names = sorted(name for name, _ in adopted)
-    assert names == ["tuning-magics-chat", "tuning-magics-chat-base", "tuning-magics-chat-tuned"]
-    assert all(parent is cell for _, parent in adopted)
+    for recorded in (kernel_set, thread_set):
+        names = sorted(name for name, _ in recorded)
+        assert names == ["tuning-magics-chat", "tuning-magics-chat-base", "tuning-magics-chat-tuned"]
+        assert all(parent is cell for _, parent in recorded)
 
 
 def test_without_widgets_the_panel_is_text_and_send_still_works(monkeypatch):

@@ -25,6 +25,7 @@ import time
 
 from ..chat_request import DEFAULT_MAX_TOKENS, chat_request
 from ..errors import UserError
+from .monitor import _Parent as CellParent  # the one way a display thread re-sets its cell's parent header
 
 _BLOCK = ("margin:2px 0;padding:6px 8px;border-radius:4px;white-space:pre-wrap;word-break:break-word;"
           "font-family:var(--jp-code-font-family, monospace);font-size:12px;")
@@ -56,44 +57,6 @@ def _name_of(target, checkpoint=None) -> str:
     name = (getattr(target, "model_name", None) or getattr(target, "id", None) or getattr(target, "name", None)
             or type(target).__name__)
     return f"{name} ({checkpoint})" if checkpoint is not None else str(name)
-
-
-# -- the cell a background thread reports to ---------------------------------------------------
-
-
-def _shell():
-    """The running IPython shell, or None outside IPython."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    return get_ipython()
-
-
-def cell_parent():
-    """The parent header of the cell running now (a kernel's ``get_parent()``), or None outside a kernel."""
-    shell = _shell()
-    get_parent = getattr(shell, "get_parent", None)
-    if get_parent is None:
-        return None
-    try:
-        return get_parent() or None
-    except Exception:
-        return None
-
-
-def adopt_parent(parent) -> None:
-    """In a background thread: send what this thread emits as part of the cell whose header is ``parent``.
-
-    ipykernel 7 no longer guesses a thread's cell; ``set_thread_parent`` sets it
-    for this thread alone (``set_parent``, on kernels without it, also sets the default).
-    """
-    shell = _shell()
-    if shell is None or not parent:
-        return
-    setter = getattr(shell, "set_thread_parent", None) or getattr(shell, "set_parent", None)
-    if setter is not None:
-        setter(parent)
 
 
 # -- a model at a checkpoint ---------------------------------------------------------------------
@@ -153,7 +116,7 @@ class ChatPanel:
         self._status = ""
         self._busy = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._parent = cell_parent()  # the cell that opened the panel: its replies are reported there
+        self._parent = CellParent()  # the cell that opened the panel: its replies are reported there
         self.system_prompt = ""
         self.temperature = 0.0
         self.max_new_tokens = DEFAULT_MAX_TOKENS
@@ -283,7 +246,7 @@ class ChatPanel:
                     self._w_live[k].value = "" if side.note else _block("…", side.label, self._label(side))
                 self._w_live_box.layout.display = "flex"
                 self._w_send.disabled = self._w_clear.disabled = True
-            parent = self._parent or cell_parent()
+            parent = self._parent if self._parent.header else CellParent()
             threads = [threading.Thread(target=self._stream, args=(s, m, gen, parent), daemon=True,
                                         name=f"tuning-magics-chat-{s.label}") for s, m in zip(sides, asks)]
             done = threading.Thread(target=self._finish, args=(threads, parent), daemon=True,
@@ -300,7 +263,7 @@ class ChatPanel:
 
     def _stream(self, side: _Side, messages: list[dict], gen: dict, parent) -> None:
         """A background thread: read one side's reply piece by piece into its view."""
-        adopt_parent(parent)
+        parent.apply()
         shown = 0.0
         try:
             reply = side.model.chat(messages, stream=True, **gen)
@@ -316,7 +279,7 @@ class ChatPanel:
 
     def _finish(self, threads: list[threading.Thread], parent) -> None:
         """A background thread: once every side has answered, move the turn into the history."""
-        adopt_parent(parent)
+        parent.apply()
         try:
             for t in threads:
                 t.join()
