@@ -301,10 +301,12 @@ def test_cell_tune_resolves_variables_and_submits_a_real_job(ip, jobs_home, show
 
 def test_cell_tune_takes_dataset_and_dataframe_variables(ip, jobs_home, shown, tmp_path):
     ip.run_line_magic("dataset", "df --prompt q --completion a --out train.jsonl --as ds")
-    ip.run_cell_magic("tune", "", "model: local/tiny-qwen3\ndata: $ds\nvalidation: $df.head(1)\n"
-                      if False else "model: local/tiny-qwen3\ndata: $ds\n")
+    ip.run_cell_magic("tune", "", "model: local/tiny-qwen3\ndata: $ds\ndescription: $ds.format rows\n")
     job = ip.user_ns["job"]  # the default variable
     assert shown[-1] is job and job.config["train_dataset"].endswith("train.jsonl")
+    assert job.config["description"] == "chat rows"
+    with pytest.raises(UsageError, match=r"key 'description': \$ds.colour: Dataset has no attribute 'colour'"):
+        ip.run_cell_magic("tune", "", "model: local/tiny-qwen3\ndata: $ds\ndescription: $ds.colour\n")
     ip.push({"frame": pd.DataFrame({"prompt": ["a", "b"], "completion": ["c", "d"]})})
     ip.run_cell_magic("tune", "--as j2", "base_model: local/tiny-qwen3\ntrain_dataset: $frame\n")
     assert ip.user_ns["j2"].config["train_dataset"].startswith("DataFrame")
@@ -361,22 +363,15 @@ def test_every_configuration_mistake_is_one_line_and_nothing_is_submitted(ip, jo
     assert len(tm.list_jobs()) == before
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("'x", "%tune: no closing quotation"),
-    ("x --wait", "%%tune: argument var"),  # not a mistake: checked below
-])
-def test_cell_line_mistakes_are_one_line(ip, jobs_home, line, message):
-    if line.startswith("x"):
-        with pytest.raises(UsageError, match="%%tune: give the variable once"):
-            ip.run_cell_magic("tune", "x --as y", "model: local/tiny-qwen3\n")
-        with pytest.raises(UsageError, match=r"%%tune VAR needs a Python variable name"):
-            ip.run_cell_magic("tune", "class", "model: local/tiny-qwen3\n")
-        with pytest.raises(UsageError, match="%%tune: unrecognized arguments: --epochs"):
-            ip.run_cell_magic("tune", "x --epochs 3", "model: local/tiny-qwen3\n")
-        return
-    with pytest.raises(UsageError, match=message) as info:
-        ip.run_cell_magic("tune", line, "model: local/tiny-qwen3\n")
-    assert "\n" not in str(info.value)
+def test_cell_line_mistakes_are_one_line(ip, jobs_home):
+    body = "model: local/tiny-qwen3\n"
+    for line, message in (("'x", "%%tune: no closing quotation"),
+                          ("x --as y", "%%tune: give the variable once"),
+                          ("class", "%%tune VAR needs a Python variable name"),
+                          ("x --epochs 3", "%%tune: unrecognized arguments: --epochs")):
+        with pytest.raises(UsageError, match=message) as info:
+            ip.run_cell_magic("tune", line, body)
+        assert "\n" not in str(info.value)
 
 
 def test_line_form_submits_and_stores_the_job(ip, jobs_home, shown):
