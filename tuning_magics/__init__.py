@@ -32,6 +32,7 @@ _LAZY = {
     "get_job": ("tuning_magics.api", "get_job"),
     "list_jobs": ("tuning_magics.api", "list_jobs"),
     "rebuild_registry": ("tuning_magics.api", "rebuild_registry"),
+    "log_to_mlflow": ("tuning_magics.tracking", "log_to_mlflow"),
     "compare": ("tuning_magics.experiments", "compare"),
     "Comparison": ("tuning_magics.experiments", "Comparison"),
     # %load_ext tuning_magics: IPython reads this attribute, so the magics load only then.

@@ -45,6 +45,8 @@ class _Values:
     api_endpoint: str | None = None
     #: A google-auth Credentials object; set in the session only (never read from a file or the environment).
     credentials: object = None
+    #: "true": every job is logged to MLflow when ``job.wait()`` sees it end (``tuning_magics.log_to_mlflow``).
+    mlflow: str = "false"
 
 
 def _find_pyproject(start: Path) -> Path | None:
@@ -110,7 +112,12 @@ def _check(name: str, value):
             )
         return value
     if not isinstance(value, str):
-        raise UserError(f"{name} must be text, not {value!r}", field=name)
+        hint = ' ("true" or "false")' if name == "mlflow" else ""
+        raise UserError(f"{name} must be text{hint}, not {value!r}", field=name)
+    if name == "mlflow":
+        if value.strip().lower() not in ("true", "false"):
+            raise UserError(f'mlflow must be "true" or "false", not {value!r}', field="mlflow")
+        return value.strip().lower()
     if name == "backend":
         if value not in BACKENDS:
             raise UserError(f"backend must be one of {', '.join(BACKENDS)}, not {value!r}", field="backend")

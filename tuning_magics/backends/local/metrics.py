@@ -1,5 +1,8 @@
 """A job's ``metrics.jsonl``: one JSON object per line, written by the trainer, read by anyone.
 
+Each row also goes to the job's TensorBoard event files (``<job folder>/tensorboard/``,
+see :mod:`tuning_magics.tracking`), so ``tensorboard --logdir <job folder>`` follows training.
+
 Readers skip a last line still being written. The writer notices when its file
 was deleted or replaced under it (the job folder removed while the job runs),
 instead of writing on into a file no one can see.
@@ -13,6 +16,7 @@ import os
 from pathlib import Path
 
 from ...storage import atomic_writer
+from ...tracking import TensorBoardLog
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -48,6 +52,7 @@ class MetricsWriter:
 
     ``keep_until_step=None`` starts the file afresh; a step number (a resumed
     run) keeps the rows up to that step, so the curve has no duplicate steps.
+    The TensorBoard event files follow the same rule.
     """
 
     def __init__(self, output_dir, *, keep_until_step: int | None = None):
@@ -58,6 +63,7 @@ class MetricsWriter:
                 fh.write(b"".join(json.dumps(row).encode() + b"\n" for row in kept))
         self.fh = open(self.path, "w" if keep_until_step is None else "a", encoding="utf-8")
         self._opened = os.fstat(self.fh.fileno())
+        self.tensorboard = TensorBoardLog(output_dir, keep_until_step=keep_until_step)
 
     def check(self) -> None:
         """Raise FileNotFoundError when the file is no longer where it was opened (its folder was removed)."""
@@ -72,6 +78,8 @@ class MetricsWriter:
         self.check()
         self.fh.write(json.dumps(row) + "\n")
         self.fh.flush()
+        self.tensorboard.write(row)
 
     def close(self) -> None:
         self.fh.close()
+        self.tensorboard.close()
