@@ -301,7 +301,7 @@ def test_defaults_without_any_configuration(tmp_path, clean_env):
     assert s.staging_bucket is None and s.api_endpoint is None
     assert s.as_dict() == {
         "project": None, "location": "us-central1", "staging_bucket": None, "backend": "local", "api_endpoint": None,
-        "credentials": None,
+        "credentials": None, "mlflow": "false",
     }  # fmt: skip
 
 
