@@ -954,3 +954,76 @@ def test_errors_from_tune_name_options_tune_has(tmp_path):
     assert "rename them, or build it with tuning_magics.dataset(df, prompt=..., completion=...)" in str(info.value)
     assert "--prompt" not in str(info.value)
     assert not (tmp_path / "job").exists() and not (tmp_path / "job2").exists()
+
+
+# -- the report as it shows in a notebook ---------------------------------------------------------------
+
+
+def test_the_report_html_has_inline_styles_only_and_escapes_the_data(tmp_path):
+    import re
+
+    from tuning_magics.display import dataset_report as DR
+
+    df = pd.DataFrame({"q": ["<script>alert('q')</script> & \"x\"", "<b>ok</b>"],
+                       "a": ["<img src=x onerror=alert(1)> é\n2nd line", "fine"]})
+    ds = tuning_magics.dataset(df, out=str(tmp_path / "<t>.jsonl"), prompt="q", completion="a",
+                               system_prompt="<i>sys</i>", model="local/tiny-gemma3")
+    html = ds._repr_html_()
+    # JupyterLab drops <style> blocks from untrusted or reopened notebooks: only style attributes are used.
+    assert "<style" not in html and "class=" not in html
+    assert "<script" not in html and "<img src=x" not in html and "<b>ok" not in html and "<i>sys" not in html
+    assert "&lt;script&gt;alert(&#x27;q&#x27;)&lt;/script&gt; &amp; &quot;x&quot;" in html
+    assert "&lt;img src=x onerror=alert(1)&gt; é\n2nd line" in html  # line breaks kept, shown by pre-wrap
+    assert "&lt;t&gt;.jsonl" in html
+    loss = re.findall(rf"<span style='{re.escape(DR.LOSS_STYLE)}'>(.*?)</span>", html, re.S)
+    # the legend, then exactly the engine's loss span: the reply and its end marker, not the newline after it
+    assert loss == ["highlighted", "&lt;img src=x onerror=alert(1)&gt; é\n2nd line&lt;|im_end|&gt;"]
+    assert "white-space:pre-wrap" in html
+    assert "&lt;bos&gt;&lt;|im_start|&gt;system\n&lt;i&gt;sys&lt;/i&gt;" in html
+    assert "as the model sees it: the chat template of local/tiny-gemma3&#x27;s own tokenizer" in html
+    for level in ("<div", "<span", "<table", "<td", "<th"):  # every styled element is styled inline
+        assert not re.search(rf"{level} (?!style=)", html)
+
+
+def test_dataset_leaves_the_users_matplotlib_alone(tmp_path):
+    """After %dataset (and its report shown), the user's backend is the same and their own plots still draw."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, io
+import matplotlib
+matplotlib.use("svg")
+import pandas as pd
+from IPython.core.interactiveshell import InteractiveShell
+ip = InteractiveShell.instance()
+ip.run_line_magic("load_ext", "tuning_magics")
+df = pd.DataFrame({{"q": [f"question {{i}}" for i in range(64)], "a": [f"answer {{i}}" * (i % 5 + 1) for i in range(64)]}})
+ip.push({{"df": df}})
+ip.run_line_magic("dataset", "df --prompt q --completion a --out {tmp_path / 't.jsonl'} --model local/tiny-qwen3 --as ds")
+html = ip.user_ns["ds"]._repr_html_()
+assert "data:image/png;base64" in html
+print("pyplot" if "matplotlib.pyplot" in sys.modules else "no pyplot")
+print(matplotlib.get_backend())
+ax = df.assign(n=range(64)).plot(y="n")
+buf = io.StringIO()
+ax.figure.savefig(buf, format="svg")
+print(len(ax.lines), "<svg" in buf.getvalue())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-3:] == ["no pyplot", "svg", "1 True"]
+
+
+def test_the_report_never_calls_matplotlib_use_or_pyplot():
+    import ast
+
+    for module in ("display/dataset_report.py", "datasets/render.py", "datasets/templates.py",
+                   "datasets/validate.py", "datasets/build.py", "datasets/tokens.py"):
+        tree = ast.parse((Path(tuning_magics.__file__).parent / module).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any("pyplot" in n or n == "pylab" for n in names), module
+            if isinstance(node, ast.Attribute) and node.attr in ("use", "switch_backend"):
+                assert not (isinstance(node.value, ast.Name) and node.value.id in ("matplotlib", "plt")), module

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import tuning_magics
 from tuning_magics.datasets import tokenizer as T
 from tuning_magics.datasets import tokens
-from tuning_magics.datasets.templates import segments
+from tuning_magics.datasets.render import preview
 from tuning_magics.datasets.tokens import TokenCounter
 
 BUILTIN = ["local/tiny-qwen3", "local/tiny-llama", "local/tiny-gemma3"]
@@ -70,10 +70,11 @@ def test_builtin_counts_equal_the_real_chat_template_for_every_builtin_model(rea
 
 @hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
 @hypothesis.given(conversations())
-def test_builtin_template_segments_are_the_real_rendering(real_tokenizers, messages):
+def test_builtin_previews_are_the_real_rendering(real_tokenizers, messages):
     for name in BUILTIN:
         rendered = real_tokenizers[name].apply_chat_template(messages, tokenize=False)
-        assert "".join(text for text, _ in segments(messages, name)) == rendered
+        found = preview(messages, name)
+        assert found.exact and "".join(text for text, _ in found.segments) == rendered
 
 
 @hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))

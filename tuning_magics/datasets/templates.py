@@ -1,19 +1,19 @@
-"""How each model family lays a conversation out in training, with the loss-bearing spans marked.
+"""Hand-written layouts of each family's chat template: the preview's fallback when no tokenizer is at hand.
 
-Used to show a user one example exactly as the model will see it: the text of
-the chat template, with the assistant replies (and their end-of-turn marker),
-the only tokens the loss is taken on, marked.
+The dataset report shows the first example through the model's own tokenizer
+(:func:`tuning_magics.datasets.render.preview`) wherever it can. These layouts
+serve only where it cannot (Gemini, or an open model whose tokenizer is not on
+this machine), and the report calls them an approximation. They mark loss as
+the engine does: the assistant's reply and its end-of-turn marker, not the
+white space after it.
 """
 
 from __future__ import annotations
 
-from . import tokenizer as T
 from .formats import images_of, text_of
 
 # family -> (turn opening by role, turn closing, text before the first turn)
 _TEMPLATES = {
-    # The built-in tiny models' own template, from their tokenizer module.
-    "builtin": (T.TEMPLATE_OPEN, T.TEMPLATE_CLOSE, T.TEMPLATE_START),
     "chatml": ({"system": "<|im_start|>system\n", "user": "<|im_start|>user\n",
                 "assistant": "<|im_start|>assistant\n"}, "<|im_end|>\n", ""),
     "llama": ({"system": "<|start_header_id|>system<|end_header_id|>\n\n",
@@ -34,13 +34,11 @@ def template_for(model_id: str | None) -> str:
     spec = find(model_id)
     if spec is None:
         return "chatml"
-    if spec.provider == "local":
-        return "builtin"
     return _FAMILY_TEMPLATE.get(spec.family, "chatml")
 
 
 def segments(messages: list[dict], model_id: str | None = None) -> list[tuple[str, bool]]:
-    """The conversation as (text, carries_loss) pieces in the model's chat template."""
+    """The conversation as (text, carries_loss) pieces in a hand-written layout of the family's template."""
     opens, close, start = _TEMPLATES[template_for(model_id)]
     out: list[tuple[str, bool]] = [(start, False)] if start else []
     pending_system = None
@@ -50,7 +48,7 @@ def segments(messages: list[dict], model_id: str | None = None) -> list[tuple[st
         images = images_of(m["content"])
         if images:
             text = "".join(f"<image {u[:40]}{'…' if len(u) > 40 else ''}>" for u in images) + text
-        role = m["role"]
+        role = "assistant" if m["role"] == "model" else m["role"]
         if gemma and role == "system":
             pending_system = text  # Gemma folds the system prompt into the first user turn
             continue
@@ -58,7 +56,8 @@ def segments(messages: list[dict], model_id: str | None = None) -> list[tuple[st
             text, pending_system = f"{pending_system}\n\n{text}", None
         out.append((opens[role], False))
         if role == "assistant":
-            out.append((text + close, True))
+            body = text + close
+            out += [(body.rstrip(), True), (body[len(body.rstrip()):], False)]
         else:
             out.append((text + close, False))
     return [s for s in out if s[0]]

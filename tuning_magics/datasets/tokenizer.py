@@ -125,6 +125,85 @@ def builtin_turn_tokens(role: str) -> int:
     return _TURN_TOKENS[role]
 
 
+_SPECIAL_RE = None
+
+
+class ByteTokenizer:
+    """The built-in tokenizer in plain Python: the same ids, offsets and chat template, no library needed.
+
+    Gives what :func:`build_tokenizer` gives for the calls the dataset layer
+    makes (``apply_chat_template`` as text, ``__call__`` with offsets,
+    ``decode``), so the built-in models' examples are rendered exactly without
+    importing transformers. Tests hold the two to the same output.
+    """
+
+    bos_token, eos_token, pad_token = BOS, IM_END, PAD
+
+    def apply_chat_template(self, messages, *, tokenize: bool = False, add_generation_prompt: bool = False,
+                            **_ignored) -> str:
+        """The conversation as :data:`CHAT_TEMPLATE` renders it (text only; ``tokenize`` must be False)."""
+        from .formats import text_of
+
+        if tokenize:
+            raise ValueError("ByteTokenizer renders text only; encode it with the tokenizer call")
+        parts = [BOS]
+        for m in messages:
+            role = "assistant" if m["role"] == "model" else m["role"]
+            parts.append(f"{IM_START}{role}\n{text_of(m['content'])}{IM_END}\n")
+        if add_generation_prompt:
+            parts.append(TEMPLATE_OPEN["assistant"])
+        return "".join(parts)
+
+    def __call__(self, text: str, *, add_special_tokens: bool = False, return_offsets_mapping: bool = False,
+                 **_ignored) -> dict:
+        """``{"input_ids": [...], "offset_mapping": [(start, end), ...]}``: character offsets, as a fast tokenizer gives.
+
+        Special tokens are matched anywhere in the text; every other character
+        gives one token a UTF-8 byte, each spanning that character.
+        """
+        global _SPECIAL_RE
+        if _SPECIAL_RE is None:
+            import re
+
+            _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+        ids: list[int] = [SPECIAL_TOKENS.index(BOS)] if add_special_tokens else []
+        offsets: list[tuple[int, int]] = [(0, 0)] if add_special_tokens else []
+        base = len(SPECIAL_TOKENS)
+        special = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+
+        def plain(start: int, end: int) -> None:
+            for c in range(start, end):
+                for b in text[c].encode("utf-8", "surrogatepass"):
+                    ids.append(base + b)
+                    offsets.append((c, c + 1))
+
+        cursor = 0
+        for match in _SPECIAL_RE.finditer(text):
+            plain(cursor, match.start())
+            ids.append(special[match.group()])
+            offsets.append(match.span())
+            cursor = match.end()
+        plain(cursor, len(text))
+        out = {"input_ids": ids}
+        if return_offsets_mapping:
+            out["offset_mapping"] = offsets
+        return out
+
+    def decode(self, ids, **_ignored) -> str:
+        """The text of ``ids`` (special tokens included)."""
+        base = len(SPECIAL_TOKENS)
+        out, pending = [], bytearray()
+        for i in ids:
+            if i >= base:
+                pending.append(i - base)
+                continue
+            out.append(pending.decode("utf-8", "replace"))
+            pending.clear()
+            out.append(SPECIAL_TOKENS[i])
+        out.append(pending.decode("utf-8", "replace"))
+        return "".join(out)
+
+
 # -- tokenizers read from disk -------------------------------------------------------------
 
 

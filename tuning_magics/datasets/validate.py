@@ -173,11 +173,17 @@ class ValidationReport:
         return [(lo + i * width, min(hi, lo + (i + 1) * width - 1), int(c)) for i, c in enumerate(counts)]
 
     @property
+    def example_preview(self):
+        """The first example as the model sees it in training (a :class:`~.render.Preview`), or None."""
+        from .render import preview
+
+        return preview(self.example, self.model) if self.example else None
+
+    @property
     def example_segments(self) -> list[tuple[str, bool]]:
         """The first example in the model's chat template, as (text, carries_loss) pieces."""
-        from .templates import segments
-
-        return segments(self.example, self.model) if self.example else []
+        found = self.example_preview
+        return found.segments if found is not None else []
 
     def _field(self, line, field):
         if self.row_labels is None or line is None:

@@ -10,15 +10,20 @@ import base64
 import html
 import io
 
-_STYLE = (
-    "<style>.tm-report{font-family:var(--jp-ui-font-family,sans-serif);font-size:13px;max-width:980px}"
-    ".tm-report table{border-collapse:collapse;margin:4px 0}"
-    ".tm-report td,.tm-report th{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}"
-    ".tm-ok{color:#1a7f37;font-weight:bold}.tm-bad{color:#cf222e;font-weight:bold}.tm-warn{color:#9a6700}"
-    ".tm-example{white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);border:1px solid #ddd;"
-    "padding:6px;background:#fafafa}.tm-loss{background:#dafbe1;border-bottom:2px solid #1a7f37}"
-    ".tm-tmpl{color:#888}</style>"
-)
+# Inline styles only: JupyterLab drops <style> blocks (and class-based looks with them) from untrusted or
+# reopened notebooks, while the style attribute survives its sanitizer for these properties.
+_REPORT = "font-family:sans-serif;font-size:13px;max-width:980px"
+_TABLE = "border-collapse:collapse;margin:4px 0"
+_CELL = "border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top"
+_OK = "color:#1a7f37;font-weight:bold"
+_BAD = "color:#cf222e;font-weight:bold"
+_WARN = "color:#9a6700"
+_EXAMPLE = ("white-space:pre-wrap;font-family:monospace;border:1px solid #ddd;padding:6px;"
+            "background-color:#fafafa")
+#: A span of tokens the loss is taken on.
+LOSS_STYLE = "background-color:#dafbe1;border-bottom:2px solid #1a7f37;color:#000000"
+#: A span of the template and prompt, with no loss.
+TEMPLATE_STYLE = "color:#888888"
 
 
 def _e(value) -> str:
@@ -37,12 +42,13 @@ def histogram_png(report, *, bins: int = 30) -> bytes | None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.2, 1.9), dpi=96)
+    # Fixed margins: tight_layout would draw the figure once more just to measure it (half the time).
+    fig.subplots_adjust(left=0.13, right=0.98, top=0.95, bottom=0.27)
     ax = fig.add_subplot()
     ax.bar([lo for lo, _, _ in hist], [c for _, _, c in hist], width=[hi - lo + 1 for lo, hi, _ in hist],
            align="edge", color="#4c72b0")
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -64,23 +70,24 @@ def histogram_text(report, *, bins: int = 8, width: int = 40) -> str:
 def _issues_table(issues, count: int, kind: str) -> str:
     if not count:
         return ""
-    css = "tm-bad" if kind == "errors" else "tm-warn"
+    css = _BAD if kind == "errors" else _WARN
+    td = f"<td style='{_CELL}'>"
     rows = "".join(
-        f"<tr><td>{_e(i.line) if i.line is not None else ''}</td><td>{_e(i.field or '')}</td><td>{_e(i.message)}</td></tr>"
+        f"<tr>{td}{_e(i.line) if i.line is not None else ''}</td>{td}{_e(i.field or '')}</td>{td}{_e(i.message)}</td></tr>"
         for i in issues[:50]
     )
     more = f"<div>… {count - min(50, len(issues)):,} more</div>" if count > min(50, len(issues)) else ""
-    return (f"<div class='{css}'>{count:,} {kind}</div><table><tr><th>line</th><th>field</th><th>message</th></tr>"
-            f"{rows}</table>{more}")
+    th = f"<th style='{_CELL}'>"
+    return (f"<div style='{css}'>{count:,} {kind}</div><table style='{_TABLE}'><tr>{th}line</th>{th}field</th>"
+            f"{th}message</th></tr>{rows}</table>{more}")
 
 
 def example_html(segments) -> str:
     """One example in the model's chat template (``report.example_segments``), loss-bearing text highlighted."""
     parts = []
     for text, loss in segments:
-        cls = "tm-loss" if loss else "tm-tmpl"
-        parts.append(f"<span class='{cls}'>{_e(text)}</span>")
-    return "<div class='tm-example'>" + "".join(parts) + "</div>"
+        parts.append(f"<span style='{LOSS_STYLE if loss else TEMPLATE_STYLE}'>{_e(text)}</span>")
+    return f"<div style='{_EXAMPLE}'>" + "".join(parts) + "</div>"
 
 
 def example_text(segments) -> str:
@@ -88,10 +95,14 @@ def example_text(segments) -> str:
     return "".join(f"⟦{t}⟧" if loss else t for t, loss in segments)
 
 
+def _example_title(found) -> str:
+    return "first example, as the model sees it" if found.exact else "first example, approximately"
+
+
 def report_html(report, *, epochs: int = 1, cost=None, uri=None, title: str | None = None) -> str:
     """The full report of one validation as HTML."""
     tok = report.tokens
-    verdict = "<span class='tm-ok'>valid</span>" if report.ok else "<span class='tm-bad'>invalid</span>"
+    verdict = f"<span style='{_OK}'>valid</span>" if report.ok else f"<span style='{_BAD}'>invalid</span>"
     est = " (estimated)" if tok["estimated"] else ""
     rows = [
         ("examples", f"{report.examples:,}"),
@@ -105,21 +116,22 @@ def report_html(report, *, epochs: int = 1, cost=None, uri=None, title: str | No
     if report.images:
         rows.append(("examples with images", f"{report.images:,}"))
     if report.dropped:
-        rows.append(("dropped by the service", f"<span class='tm-warn'>{report.dropped:,}</span>"))
-    table = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
+        rows.append(("dropped by the service", f"<span style='{_WARN}'>{report.dropped:,}</span>"))
+    table = "".join(f"<tr><th style='{_CELL}'>{_e(k)}</th><td style='{_CELL}'>{v}</td></tr>" for k, v in rows)
     head = _e(title or uri or report.source)
-    out = [f"<div class='tm-report'>{_STYLE}<div><b>{head}</b>: {verdict}</div><table>{table}</table>"]
+    out = [f"<div style='{_REPORT}'><div><b>{head}</b>: {verdict}</div><table style='{_TABLE}'>{table}</table>"]
     if report.tokenizer_note:
-        out.append(f"<div class='tm-tmpl'>{_e(report.tokenizer_note)}</div>")
+        out.append(f"<div style='{TEMPLATE_STYLE}'>{_e(report.tokenizer_note)}</div>")
     out.append(_issues_table(report.errors, report.error_count, "errors"))
     out.append(_issues_table(report.warnings, report.warning_count, "warnings"))
     png = histogram_png(report)
     if png:
         out.append(f"<img alt='token length histogram' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
-    if report.example:
-        out.append("<div>first example, as the model sees it (<span class='tm-loss'>highlighted</span>: "
-                   "the tokens the loss is taken on)</div>")
-        out.append(example_html(report.example_segments))
+    found = report.example_preview
+    if found is not None:
+        out.append(f"<div>{_e(_example_title(found))}: {_e(found.note)} "
+                   f"(<span style='{LOSS_STYLE}'>highlighted</span>: loss taken)</div>")
+        out.append(example_html(found.segments))
     out.append("</div>")
     return "".join(out)
 
@@ -133,8 +145,10 @@ def report_text(report, *, epochs: int = 1, cost=None) -> str:
     hist = histogram_text(report)
     if hist:
         lines.append("token lengths:\n" + hist)
-    if report.example:
-        lines.append("first example (⟦loss-bearing⟧):\n" + example_text(report.example_segments))
+    found = report.example_preview
+    if found is not None:
+        lines.append(f"{_example_title(found)}: {found.note} (⟦between these⟧: loss taken):\n"
+                     + example_text(found.segments))
     return "\n".join(lines)
 
 

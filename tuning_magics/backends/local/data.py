@@ -1,10 +1,13 @@
 """From chat conversations to training batches.
 
 Each conversation is rendered once with the model's own chat template and
-tokenized once. Labels are ``-100`` everywhere except on the assistant's
-tokens (its reply and the end-of-turn token), so the loss teaches answers, not
-prompts. Batches group examples of similar length and pad only to the longest
-example of the batch, which keeps the padding share small.
+tokenized once, by the dataset layer's renderer
+(:func:`tuning_magics.datasets.render.render`), the same code that draws the
+dataset report's preview, so what a user is shown is what the model trains on.
+Labels are ``-100`` everywhere except on the assistant's tokens (its reply and
+the end-of-turn token), so the loss teaches answers, not prompts. Batches group
+examples of similar length and pad only to the longest example of the batch,
+which keeps the padding share small.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from ...datasets.render import IGNORE_INDEX, assistant_spans, render
+
+__all__ = ["IGNORE_INDEX", "Example", "assistant_spans", "collate", "encode", "encode_all",
+           "length_grouped_batches"]
 
 
 @dataclass
@@ -30,69 +36,10 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def _render(tokenizer, messages, *, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of the assistant turns in it.
-
-    A span runs from the start of the reply to the end of its end-of-turn
-    marker. It is found by rendering the conversation up to each assistant turn
-    with and without the reply; templates for which that does not give prefixes
-    of the full text (some drop earlier reasoning) fall back to locating the
-    reply text itself.
-    """
-    full = _render(tokenizer, messages)
-    spans: list[tuple[int, int]] = []
-    prefix_ok = True
-    for i, m in enumerate(messages):
-        if m["role"] not in ("assistant", "model"):
-            continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
-        if not (upto.startswith(before) and full.startswith(upto)):
-            prefix_ok = False
-            break
-        end = len(upto.rstrip())  # the newline after the end marker is the next turn's business
-        spans.append((len(before), end))
-    if prefix_ok:
-        return full, spans
-    spans = []
-    cursor = 0
-    eos = tokenizer.eos_token or ""
-    for m in messages:
-        if m["role"] not in ("assistant", "model"):
-            continue
-        text = m["content"] if isinstance(m["content"], str) else ""
-        start = full.find(text, cursor) if text else -1
-        if start < 0:
-            continue
-        end = start + len(text)
-        rest = full[end:]
-        stripped = rest.lstrip()
-        if eos and stripped.startswith(eos):
-            end += len(rest) - len(stripped) + len(eos)
-        spans.append((start, end))
-        cursor = end
-    return full, spans
-
-
 def encode(tokenizer, messages: list[dict], max_seq_len: int | None = None) -> Example:
     """Tokenize one conversation with completion-only labels (``-100`` outside assistant turns)."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    span_i = 0
-    for t, (a, b) in enumerate(enc["offset_mapping"]):
-        while span_i < len(spans) and spans[span_i][1] <= a:
-            span_i += 1
-        if span_i < len(spans) and b > a and a >= spans[span_i][0] and b <= spans[span_i][1]:
-            labels[t] = ids[t]
-    if max_seq_len is not None and len(ids) > max_seq_len:
-        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    return Example(ids, labels)
+    r = render(tokenizer, messages, max_seq_len)
+    return Example(r.input_ids, r.labels)
 
 
 def encode_all(tokenizer, conversations, max_seq_len: int | None = None) -> tuple[list[Example], int]:
