@@ -224,8 +224,23 @@ def eta_seconds(step: int | None, total: int | None, rate: float | None) -> floa
 
 
 def _ema(values):
-    """The exponential moving average of a pandas Series (gaps skipped)."""
-    return values.ewm(alpha=EMA_ALPHA, ignore_na=True).mean()
+    """The exponential moving average of a 1-d array without gaps, as an array."""
+    import pandas as pd
+
+    return pd.Series(values, copy=False).ewm(alpha=EMA_ALPHA).mean().to_numpy()
+
+
+def _series(frame, column):
+    """(steps, values) of one metric as float arrays, the steps without a value left out (None when empty)."""
+    if column not in frame or not len(frame):
+        return None
+    import numpy as np
+
+    y = frame[column].to_numpy(dtype=float, na_value=np.nan)
+    keep = ~np.isnan(y)
+    if not keep.any():
+        return None
+    return frame["step"].to_numpy(dtype=float)[keep], y[keep]
 
 
 def read_snapshot(job, *, frame=None, rate: _Rate | None = None) -> Snapshot:
@@ -258,16 +273,12 @@ def read_snapshot(job, *, frame=None, rate: _Rate | None = None) -> Snapshot:
         running = ((ended or datetime.now(timezone.utc)) - started).total_seconds()
         per_second = progress.step / running if running > 0 else None
     snap.eta = eta_seconds(progress.step, progress.total_steps, per_second)
-    if len(frame):
-        train = frame["train_loss"].dropna() if "train_loss" in frame else ()
-        if len(train):
-            snap.train_loss = _num(train.iloc[-1])
-            snap.train_smoothed = _num(_ema(train).iloc[-1])
-        for column, attr in (("eval_loss", "eval_loss"), ("token_accuracy", "token_accuracy")):
-            if column in frame:
-                values = frame[column].dropna()
-                if len(values):
-                    setattr(snap, attr, _num(values.iloc[-1]))
+    for column in ("train_loss", "eval_loss", "token_accuracy"):
+        found = _series(frame, column)
+        if found is not None:
+            setattr(snap, column, _num(found[1][-1]))
+            if column == "train_loss":
+                snap.train_smoothed = _num(_ema(found[1])[-1])
     snap.checkpoints = [c.name for c in job.checkpoints]
     return snap
 
@@ -359,18 +370,17 @@ class LossPlot:
         for column, raw, smooth in (("train_loss", self.train_raw, self.train_ema),
                                     ("eval_loss", self.eval_raw, self.eval_ema),
                                     ("token_accuracy", self.accuracy, None)):
-            part = frame[["step", column]].dropna() if column in frame else None
-            if part is None or not len(part):
+            found = _series(frame, column)
+            if found is None:
                 raw.set_data([], [])
                 if smooth is not None:
                     smooth.set_data([], [])
                 continue
-            x, values = part["step"].to_numpy(dtype=float), part[column].astype(float)
-            xs, ys = _thin(x, values.to_numpy())
-            raw.set_data(xs, ys)
+            x, values = found
+            raw.set_data(*_thin(x, values))
             last = max(last, float(x[-1]))
             if smooth is not None:
-                smooth.set_data(*_thin(x, _ema(values).to_numpy()))
+                smooth.set_data(*_thin(x, _ema(values)))
                 top = max(top, float(values.max()))
         limits = (max(float(total_steps or 0), _nice_ceiling(last * 1.25) if last > (total_steps or 0) else 0.0, 1.0),
                   _nice_ceiling(top * 1.05))
