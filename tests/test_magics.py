@@ -597,3 +597,13 @@ def test_two_real_tiny_trainings_compared(ip, tmp_path, monkeypatch, shown, caps
         for job in tm.list_jobs():
             if not job.done:
                 job.cancel()
+
+
+def test_config_sets_the_mlflow_setting_too(ip):
+    import tuning_magics as tm
+
+    try:
+        ip.run_cell("%config TuningMagics.mlflow = 'true'")
+        assert tm.settings.mlflow == "true"
+    finally:
+        tm.settings.update(mlflow=None)

@@ -94,7 +94,7 @@ from .errors import UserError
 from .config import settings
 
 #: The settings that are also traitlets of TuningMagics (``%config TuningMagics.<name> = ...``).
-_SETTINGS = ("project", "location", "staging_bucket", "backend", "api_endpoint")
+_SETTINGS = ("project", "location", "staging_bucket", "backend", "api_endpoint", "mlflow")
 
 #: Short spellings of tune() parameters for %tune and %%tune.
 _SHORT = {
@@ -385,6 +385,7 @@ class TuningMagics(Magics):
     staging_bucket = Unicode(None, allow_none=True, help="gs:// folder for datasets and outputs").tag(config=True)
     backend = Unicode(None, allow_none=True, help="local, vertex or auto").tag(config=True)
     api_endpoint = Unicode(None, allow_none=True, help="override of the Vertex AI API endpoint").tag(config=True)
+    mlflow = Unicode(None, allow_none=True, help="true: log every job to MLflow when it ends").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
