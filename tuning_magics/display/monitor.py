@@ -533,6 +533,7 @@ class JobMonitor:
             self.note,
             self.error,
         ])
+        self.widget.add_class("tm-monitor")  # a handle for page styles and browser tests
         self.update()
 
     # -- the user's actions ----------------------------------------------------------------
