@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,10 @@ from ...jobs import (
 from . import registry, scheduler
 from .checkpoints import job_checkpoints
 from .metrics import read_metrics
+
+# One model loads at a time: transformers' from_pretrained is not safe to run in two threads at once (the
+# chat panel asks the tuned and the base model side by side).
+_LOADING = threading.Lock()
 
 
 def jobs_root() -> Path:
@@ -305,7 +310,8 @@ class LocalJob(Job):
         if self._base_model is None or self._base_model.name != str(source):
             from .generate import LocalChatModel
 
-            self._base_model = LocalChatModel(source)
+            with _LOADING:
+                self._base_model = LocalChatModel(source)
         return self._base_model
 
     def deploy(self, **options):
@@ -328,7 +334,8 @@ class LocalJob(Job):
             from .generate import LocalChatModel
 
             self._chat_models.clear()  # the one loaded before goes first: two copies may not fit in memory
-            model = LocalChatModel(path)
+            with _LOADING:
+                model = LocalChatModel(path)
         self._chat_models[path] = model
         return model
 
