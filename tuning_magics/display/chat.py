@@ -148,12 +148,18 @@ class ChatPanel:
         self._w_clear.on_click(lambda _b: self.clear())
         # Enter in a Text sends {"event": "submit"}; listening for it directly avoids the deprecated on_submit.
         self._w_message.on_msg(lambda _w, content, _buffers: content.get("event") == "submit" and self._submit())
-        return w.VBox([
+        # Handles for page styles and browser tests: the panel, its history, the replies being streamed.
+        self._w_history.add_class("tm-history")
+        for live in self._w_live:
+            live.add_class("tm-reply")
+        panel = w.VBox([
             self._w_title, self._w_system, w.HBox([self._w_temperature, self._w_max]),
             self._w_history, self._w_live_box,
             w.HBox([self._w_message, self._w_send, self._w_clear], layout=w.Layout(width="100%")),
             self._w_status,
         ], layout=w.Layout(width="100%", border="1px solid #ddd", padding="6px"))
+        panel.add_class("tm-chat")
+        return panel
 
     def _settings(self) -> tuple[str, object, object]:
         """(system prompt, temperature, max tokens) as the controls hold them now."""
