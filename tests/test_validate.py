@@ -763,8 +763,9 @@ def test_the_report_leaves_matplotlib_backend_alone():
 
 def test_the_report_carries_the_example_in_the_models_template():
     report = tuning_magics.validate([pc("Hi", "Yo")], model="local/tiny-qwen3")
-    assert report.example_segments == [("<bos>", False), ("<|im_start|>user\n", False), ("Hi<|im_end|>\n", False),
-                                       ("<|im_start|>assistant\n", False), ("Yo<|im_end|>\n", True)]
+    # As the engine trains on it: the loss covers the answer and its end-of-turn marker, not the newline after.
+    assert report.example_segments == [("<bos><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", False),
+                                       ("Yo<|im_end|>", True), ("\n", False)]
 
 
 def test_gemini_takes_a_validation_set_above_1000_examples_only_up_to_30_percent_of_the_training_set():
