@@ -140,7 +140,7 @@ def report_text(report, *, epochs: int = 1, cost=None) -> str:
     """The report as plain text, for terminals and frontends without HTML."""
     lines = [report.summary()]
     tok = report.tokens
-    lines.append(f"billed tokens ({epochs} epochs): {tok['total'] * epochs:,}"
+    lines.append(f"billed tokens ({epochs} epoch{'s' if epochs != 1 else ''}): {tok['total'] * epochs:,}"
                  + (f", estimated cost ${cost:,.2f}" if cost is not None else ""))
     hist = histogram_text(report)
     if hist:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,11 +36,6 @@ from ...jobs import (
 from . import registry, scheduler
 from .checkpoints import job_checkpoints
 from .metrics import read_metrics
-
-# One model loads at a time: transformers' from_pretrained is not safe to run in two threads at once (the
-# chat panel asks the tuned and the base model side by side).
-_LOADING = threading.Lock()
-
 
 def jobs_root() -> Path:
     """Where job folders go unless ``output_uri`` names one: ``<home>/jobs``."""
@@ -310,8 +304,7 @@ class LocalJob(Job):
         if self._base_model is None or self._base_model.name != str(source):
             from .generate import LocalChatModel
 
-            with _LOADING:
-                self._base_model = LocalChatModel(source)
+            self._base_model = LocalChatModel(source)  # loads one model at a time (models.load_model_and_tokenizer)
         return self._base_model
 
     def deploy(self, **options):
@@ -334,8 +327,7 @@ class LocalJob(Job):
             from .generate import LocalChatModel
 
             self._chat_models.clear()  # the one loaded before goes first: two copies may not fit in memory
-            with _LOADING:
-                model = LocalChatModel(path)
+            model = LocalChatModel(path)
         self._chat_models[path] = model
         return model
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,13 +327,24 @@ def default_device(device=None):
     return torch.device("cpu")
 
 
+#: One model loads at a time in a process: transformers' from_pretrained is not safe in two threads at
+#: once (the chat panel asks a tuned and a base model side by side; a server may load while a chat does).
+_LOADING = threading.RLock()
+
+
 def load_model_and_tokenizer(model_id_or_path, *, dtype=None, device=None):
     """Load a causal LM and its tokenizer from a model id or folder, offline, ready for training or chat.
 
     A PEFT adapter folder is loaded on top of its base model and merged, so the
     result is always a plain transformers model. ``dtype`` is a torch dtype or
     a name (``float32``, ``bfloat16``, ``auto``); the default is float32.
+    Safe to call from several threads: loads happen one at a time.
     """
+    with _LOADING:
+        return _load_model_and_tokenizer(model_id_or_path, dtype=dtype, device=device)
+
+
+def _load_model_and_tokenizer(model_id_or_path, *, dtype=None, device=None):
     from transformers import AutoModelForCausalLM
 
     _quiet()
