@@ -181,10 +181,14 @@ def test_the_quickstart_runs_in_jupyterlab_with_its_plots_monitor_and_chat(lab, 
         if panels.count():
             panel = panels.first
             panel.scroll_into_view_if_needed()
-            panel.locator("textarea, input[type=text]").last.fill("What is the capital of Zorvia?")
+            panel.locator("textarea").first.fill("Answer in one sentence.")  # the system prompt it was tuned with
+            panel.locator("input[type=text]").last.fill("What is the capital of Zorvia?")
             panel.get_by_role("button", name="Send").click()
-            page.wait_for_function("() => [...document.querySelectorAll('.tm-chat .tm-reply')].some("
-                                   "r => r.innerText.trim().length > 0)", timeout=120_000)
+            # The reply streams into the panel's live view, then moves into the history.
+            page.wait_for_function("() => [...document.querySelectorAll('.tm-chat .tm-history')].some("
+                                   "h => h.innerText.includes('Mellt'))", timeout=180_000)
+            history = panel.locator(".tm-history").inner_text()
+            assert "What is the capital of Zorvia?" in history and "Mellt" in history
             _shot(page, "quickstart-chat")
     finally:
         page.close()

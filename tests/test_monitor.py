@@ -109,7 +109,7 @@ def test_the_tree_is_built_once_and_only_values_change():
     monitor.update()
     assert [id(w) for w in tree(monitor.widget)] == before
     assert bytes(monitor.plot.value) != image and monitor.redraws == 2
-    assert "SUCCEEDED" in monitor.state.value and monitor.bar.bar_style == "success"
+    assert "JOB_STATE_SUCCEEDED" in monitor.state.value and monitor.bar.bar_style == "success"
     assert list(monitor.checkpoint.options) == ["checkpoint-8", "final"]
     # No new metric rows: the plot is not drawn again.
     monitor.update()

@@ -585,7 +585,7 @@ class JobMonitor:
         colour = _COLOURS[style]
         _set(self.title, "value", f"<b>{_e(snap.name)}</b> " + _e(" · ".join(x for x in (snap.model, snap.backend)
                                                                            if x)))
-        state = snap.state.replace("JOB_STATE_", "")
+        state = snap.state  # the service's own name, as job.state and the docs spell it
         if snap.substate and not snap.done:
             state += f" · {snap.substate}"
         _set(self.state, "value", f"<span style='background:{colour};color:white;padding:2px 8px;"
