@@ -519,3 +519,23 @@ def test_rows_naming_image_files_on_this_machine_are_uploaded_and_rewritten(vert
                              {"role": "assistant", "content": "no"}]}]  # fmt: skip
     with pytest.raises(UserError, match="image file on this machine"):
         tm.tune("gemini-2.5-flash", missing, epochs=1)
+
+
+def test_metrics_are_read_once_per_snapshot_of_the_job(vertex, data):
+    vertex.step_seconds = 60
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=2)
+    walk(vertex, job)
+
+    def reads():
+        return sum(1 for r in vertex.requests if r.path.endswith(":read") or r.path.endswith(":batchRead"))
+
+    before = reads()
+    frame, progress = job.metrics(), job.progress()  # what a monitor update asks for together
+    once = reads() - before
+    assert once > 0 and progress.step == progress.total_steps and len(frame)
+    frame.loc[0, "train_loss"] = -1.0  # the caller's copy: the job's own frame is not changed
+    assert job.metrics()["train_loss"].iloc[0] != -1.0
+    assert reads() - before == once
+    job.refresh()  # a new snapshot reads them again
+    job.metrics()
+    assert reads() - before == 2 * once

@@ -45,6 +45,7 @@ class VertexJob(Job):
         self._name = name
         self._ctx = ctx
         self._raw = _job
+        self._metrics = None  # (the snapshot they were read with, the frame)
         super().__init__(_info(_job) if _job is not None else None)
 
     @property
@@ -88,17 +89,26 @@ class VertexJob(Job):
         )
 
     def metrics(self):
-        """Training and evaluation loss and next-token accuracy per step, read from the job's experiment."""
+        """Training and evaluation loss and next-token accuracy per step, read from the job's experiment.
+
+        Read once per snapshot of the job: ``progress()`` and a monitor's update ask
+        for them together, and each read is several calls to the service.
+        """
         from .metrics import read_metrics
 
-        experiment = getattr(self.raw, "experiment", None)
+        raw = self.raw  # a fresh snapshot when the last one is stale
+        if self._metrics is not None and self._metrics[0] is raw:
+            return self._metrics[1].copy()
+        experiment = getattr(raw, "experiment", None)
         rows = []
         if experiment:
             ctx = self.ctx
             with vc.api_errors(f"read the metrics of tuning job {self._name}", ctx):
                 rows = read_metrics(experiment, project=ctx.project, location=ctx.location,
                                     credentials=ctx.credentials, api_endpoint=ctx.api_endpoint)
-        return metrics_frame(rows)
+        frame = metrics_frame(rows)
+        self._metrics = (raw, frame)
+        return frame.copy()
 
     def progress(self) -> Progress:
         """The step reached (from the experiment's metrics) of the steps the service planned (its data stats)."""
