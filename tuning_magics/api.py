@@ -292,7 +292,6 @@ def _jobs_module(backend: str):
 def _configured_project() -> str | None:
     """The Cloud project when one is configured and the Vertex AI SDKs are installed, else None."""
     from .config import settings
-    from .errors import EXTRAS
 
     try:
         project = settings.project
@@ -301,7 +300,7 @@ def _configured_project() -> str | None:
     if not project:
         return None
     try:
-        require_extra("vertex", *EXTRAS["vertex"])
+        require_extra("vertex")
     except UserError:
         return None
     return project

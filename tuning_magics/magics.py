@@ -195,12 +195,8 @@ def _scalar(text: str):
     if low in ("null", "none", "~"):
         return None
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
+        return _number(text)
+    except argparse.ArgumentTypeError:
         pass
     if text.strip()[:1] in ("[", "{"):
         return _load_yaml(text, "the value " + repr(text))
