@@ -418,3 +418,37 @@ def vertex(fake_vertex, monkeypatch: pytest.MonkeyPatch):
         yield fake_vertex
     finally:
         tm.settings.update(credentials=None)
+
+
+# ====================================================================== a Hugging Face cache with a tokenizer
+# ``hf_cache(repo_id, chat_template)``: a Hugging Face hub cache in the test's folder holding the
+# project's byte tokenizer under ``repo_id`` (with that chat template), the way a downloaded catalog
+# model's tokenizer sits in the cache; the hub's cache path points at it and the token counter's
+# tokenizer cache is cleared before and after. Returns the tokenizer loaded from its snapshot.
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from huggingface_hub import constants
+
+    from tuning_magics.datasets import tokenizer as T
+    from tuning_magics.datasets import tokens
+
+    def make(repo_id: str, chat_template: str | None = None):
+        repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / "0123456789abcdef"
+        snapshot.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123456789abcdef")
+        tok = T.build_tokenizer()
+        if chat_template is not None:
+            tok.chat_template = chat_template
+        tok.save_pretrained(snapshot)
+        (snapshot / "config.json").write_text("{}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        tokens._tokenizer_for.cache_clear()
+        return T.load_offline(str(snapshot))
+
+    yield make
+    tokens._tokenizer_for.cache_clear()

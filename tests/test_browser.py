@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import _free_port, _stop, _wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +29,6 @@ ARTIFACTS = Path(os.environ.get("TUNING_MAGICS_ARTIFACTS", REPO / "test-artifact
 #: The Chromium flags for a machine with no display, no GPU and no network but loopback.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-dev-shm-usage"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _chromium() -> str:
@@ -75,22 +68,11 @@ def lab(tmp_path_factory):
     proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/lab", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}")
-                time.sleep(0.3)
+        if not _wait_until_up(proc, f"{url}/lab", timeout=90):
+            pytest.fail(f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}")
         yield url, root
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         log.close()
 
 

@@ -125,24 +125,9 @@ GEMMA_TEMPLATE = (
 
 
 @pytest.fixture
-def cached_gemma_tokenizer(tmp_path, monkeypatch):
+def cached_gemma_tokenizer(hf_cache):
     """A Hugging Face cache holding a tokenizer with a Gemma-style template for google/gemma-3-1b-it."""
-    pytest.importorskip("transformers")
-    repo = tmp_path / "hub" / "models--google--gemma-3-1b-it"
-    snapshot = repo / "snapshots" / "0123456789abcdef"
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123456789abcdef")
-    tok = T.build_tokenizer()
-    tok.chat_template = GEMMA_TEMPLATE
-    tok.save_pretrained(snapshot)
-    (snapshot / "config.json").write_text("{}")
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    tokens._tokenizer_for.cache_clear()
-    yield T.load_offline(str(snapshot))
-    tokens._tokenizer_for.cache_clear()
+    return hf_cache("google/gemma-3-1b-it", GEMMA_TEMPLATE)
 
 
 def test_a_cached_catalog_tokenizer_gives_an_exact_preview(cached_gemma_tokenizer):

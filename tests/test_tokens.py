@@ -135,24 +135,9 @@ def _bytes_count(q: str, a: str) -> int:
 
 
 @pytest.fixture
-def cached_catalog_tokenizer(tmp_path, monkeypatch):
+def cached_catalog_tokenizer(hf_cache):
     """A Hugging Face cache holding a tokenizer for Qwen/Qwen3-4B (the project's byte tokenizer, saved)."""
-    pytest.importorskip("transformers")
-    repo = tmp_path / "hub" / "models--Qwen--Qwen3-4B"
-    snapshot = repo / "snapshots" / "0123456789abcdef"
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123456789abcdef")
-    tok = T.build_tokenizer()
-    tok.chat_template = tok.chat_template.replace("{{ bos_token }}", "")  # a template of its own
-    tok.save_pretrained(snapshot)
-    (snapshot / "config.json").write_text("{}")
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    tokens._tokenizer_for.cache_clear()
-    yield T.load_offline(str(snapshot))
-    tokens._tokenizer_for.cache_clear()
+    return hf_cache("Qwen/Qwen3-4B", T.build_tokenizer().chat_template.replace("{{ bos_token }}", ""))  # its own
 
 
 def test_a_cached_catalog_tokenizer_counts_exactly_in_batches(cached_catalog_tokenizer, tmp_path):
