@@ -281,13 +281,16 @@ def test_import_tuning_magics_stays_light():
 
 @pytest.mark.slow
 def test_a_local_job_is_followed_to_success_and_can_stop_early(home, kernel):  # noqa: F811
-    job = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
+    # Enough steps (96) that the stop request lands before training would end by itself on a fast machine.
+    job = tm.tune(MODEL, records(64, long=True), epochs=3, batch_size=2)
     monitor = JobMonitor(job).start()
     assert monitor.stop_early_button is not None
-    wait_for(lambda: monitor.snapshot.step is not None and monitor.snapshot.step > 2, what="training in the monitor")
+    # The step comes from the worker's progress file, the curve from the metrics file: wait for both.
+    wait_for(lambda: monitor.snapshot.step is not None and monitor.snapshot.step > 2 and bytes(monitor.plot.value),
+             what="training and its loss curve in the monitor")
     assert "TUNING" in monitor.state.value and monitor.bar.bar_style == "info"
     assert bytes(monitor.plot.value).startswith(b"\x89PNG")
-    assert re.search(r"step \d+ of 24", monitor.progress_label.value)
+    assert re.search(r"step \d+ of 96", monitor.progress_label.value)
     monitor.stop_early_button.click()
     monitor.wait(120)
     assert not monitor.running and job.state == "JOB_STATE_SUCCEEDED"
