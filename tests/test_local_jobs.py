@@ -757,6 +757,19 @@ def test_a_home_that_cannot_be_a_folder_is_one_line(tmp_path, monkeypatch, home_
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_a_relative_home_is_taken_from_the_current_folder(home, tmp_path, monkeypatch):
+    monkeypatch.chdir(home.parent)
+    monkeypatch.setenv("TUNING_MAGICS_HOME", home.name)  # e.g. TUNING_MAGICS_HOME=home jupyter lab
+    assert registry.db_path() == home / "jobs.sqlite3"
+    _fake_active("tune-busy", os.getpid(), psutil.Process().create_time(), tmp_path / "busy")  # nothing starts
+    job = tm.tune(MODEL, records(4), tuned_model_display_name="relative")
+    assert Path(job.output_uri) == home / "jobs" / job.id
+    assert [j.id for j in tm.list_jobs()] == [job.id, "tune-busy"]
+    assert tm.get_job("relative").id == job.id
+    monkeypatch.chdir(tmp_path / "busy")  # an absolute path was recorded: the job is still found whole
+    assert Path(tm.get_job(job.id).output_uri) == home / "jobs" / job.id
+
+
 def test_a_broken_row_hides_no_other_job(slot_taken, tmp_path):
     kept = tm.tune(MODEL, records(4))
     mended = tm.tune(MODEL, records(4))
