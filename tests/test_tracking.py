@@ -7,8 +7,10 @@ from a local file store, and both must hold exactly what ``job.metrics()`` holds
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -314,6 +316,79 @@ def test_importing_tuning_magics_does_not_import_mlflow_or_tensorboard():
             "print([m for m in ('mlflow', 'tensorboard') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.fixture
+def tracking_server_down(mlflow_store, monkeypatch):
+    """MLflow pointed at 127.0.0.1 ports where no tracking server answers: (mlflow, closed uri, silent uri).
+
+    The closed port refuses connections; the silent one takes them and never answers.
+    MLflow's own retry settings are left unset, as a user's would be.
+    """
+    import socket
+
+    for name in tracking._HTTP_BOUNDS:
+        monkeypatch.delenv(name, raising=False)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections queue in the backlog; nothing ever reads them
+    yield mlflow_store, f"http://127.0.0.1:{closed_port}", f"http://127.0.0.1:{silent.getsockname()[1]}"
+    silent.close()
+
+
+def test_a_tracking_server_that_is_down_costs_wait_seconds_and_one_warning(tracking_server_down, mlflow_on):
+    mlflow, closed, _ = tracking_server_down
+    mlflow.set_tracking_uri(closed)
+    job = MemoryJob(rows_for_memory_job())
+    start = time.monotonic()
+    with pytest.warns(UserWarning) as caught:
+        assert job.wait() is job
+    assert time.monotonic() - start < 30  # MLflow's own retries took about 250 s
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"job 123 was not logged to MLflow at {closed} (connection refused")
+    assert "\n" not in message and "MLFLOW_TRACKING_URI" in message and "start the tracking server" in message
+    assert caught[0].filename == __file__
+    assert not any(name in os.environ for name in tracking._HTTP_BOUNDS)  # set for our calls only
+
+
+@pytest.mark.parametrize("server", ["closed", "silent"])
+def test_log_to_mlflow_with_the_server_down_is_one_line_naming_the_uri(tracking_server_down, server):
+    mlflow, closed, silent = tracking_server_down
+    uri = closed if server == "closed" else silent
+    mlflow.set_tracking_uri(uri)
+    start = time.monotonic()
+    with pytest.raises(UserError) as info:
+        tm.log_to_mlflow(MemoryJob(rows_for_memory_job()))
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    why = "connection refused" if server == "closed" else "it did not answer in time"
+    assert message.startswith(f"job 123 was not logged to MLflow at {uri} ({why}")
+    assert "\n" not in message and "MLFLOW_TRACKING_URI" in message and info.value.field == "mlflow"
+    assert mlflow.active_run() is None
+
+
+def test_retry_settings_the_user_chose_are_kept(tracking_server_down, monkeypatch):
+    mlflow, closed, _ = tracking_server_down
+    mlflow.set_tracking_uri(closed)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    seen = {}
+    real = tracking._tracking_error
+
+    def spy(mlflow, job, exc):
+        seen.update({name: os.environ.get(name) for name in tracking._HTTP_BOUNDS})
+        return real(mlflow, job, exc)
+
+    monkeypatch.setattr(tracking, "_tracking_error", spy)
+    with pytest.raises(UserError):
+        tm.log_to_mlflow(MemoryJob([]))
+    assert seen == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
 
 
 # -- the mlflow setting ---------------------------------------------------------------------------

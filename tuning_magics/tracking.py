@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 TENSORBOARD_DIR = "tensorboard"
@@ -310,6 +311,53 @@ _BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 _PARAM_BATCH = 100  # ... of params or tags in one call
 
 
+#: MLflow's HTTP settings while tuning_magics talks to it: one retry and 5 s a request, instead of
+#: MLflow's 7 retries with backoff (about 4 minutes for a tracking server that is down, all spent
+#: inside ``job.wait()``). A value the user set in the environment wins. The environment is the
+#: process's: another thread's MLflow calls in those seconds are bounded the same way.
+_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@contextmanager
+def _talking_to(mlflow, job):
+    """Bounded HTTP to MLflow (see ``_HTTP_BOUNDS``); an MLflow failure becomes a one-line UserError."""
+    from mlflow.exceptions import MlflowException
+
+    added = [name for name in _HTTP_BOUNDS if name not in os.environ]
+    os.environ.update({name: _HTTP_BOUNDS[name] for name in added})
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        raise _tracking_error(mlflow, job, exc) from None
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _tracking_error(mlflow, job, exc: BaseException):
+    from .errors import UserError
+
+    uri = mlflow.get_tracking_uri()
+    text = str(exc)
+    if "Connection refused" in text:
+        why = "connection refused: no tracking server answers there"
+    elif "timed out" in text.lower():
+        why = "it did not answer in time"
+    elif "Max retries exceeded" in text or "NewConnectionError" in text:
+        why = "it cannot be reached"
+    else:
+        lines = text.strip().splitlines()
+        why = (lines[0] if lines else type(exc).__name__)[:300]
+    return UserError(f"{_not_logged(job)} at {uri} ({why}); start the tracking server, or point "
+                     "MLFLOW_TRACKING_URI (mlflow.set_tracking_uri) at one that runs, then "
+                     "tuning_magics.log_to_mlflow(job)", field="mlflow")
+
+
+def _not_logged(job) -> str:
+    return f"job {job.id} was not logged to MLflow"
+
+
 def _mlflow():
     try:
         import mlflow
@@ -387,16 +435,14 @@ def log_to_mlflow(job, *, experiment: str | None = None, run_name: str | None = 
     ``experiment`` is an experiment name (made when missing); by default the
     active one. Inside an active MLflow run the job's run is nested under it.
     Works for a job on any backend.
+
+    A tracking server that is down or does not answer costs seconds, not MLflow's
+    minutes of retries (unless ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` /
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` are set), and is a one-line UserError naming the
+    tracking URI.
     """
     mlflow = _mlflow()
     from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    experiment_id = None
-    if experiment:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
 
     limit = _param_limit(mlflow)
     config = dict(job.config or {})
@@ -424,19 +470,28 @@ def log_to_mlflow(job, *, experiment: str | None = None, run_name: str | None = 
             if number is not None:
                 metrics.append(Metric(f"data.{stat}.{source}", number, stamp, 0))
 
-    nested = mlflow.active_run() is not None  # the user's own run: the job's run goes under it
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or job.display_name or job.id,
-                           nested=nested)
-    run_id = run.info.run_id
-    try:
-        for i in range(0, max(len(params), len(tags)), _PARAM_BATCH):
-            client.log_batch(run_id, params=params[i:i + _PARAM_BATCH], tags=tags[i:i + _PARAM_BATCH])
-        for i in range(0, len(metrics), _BATCH):
-            client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run(_RUN_STATUS.get(job.state, "FINISHED"))
+    with _talking_to(mlflow, job):
+        client = mlflow.MlflowClient()
+        experiment_id = None
+        if experiment:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+        nested = mlflow.active_run() is not None  # the user's own run: the job's run goes under it
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or job.display_name or job.id,
+                               nested=nested)
+        run_id = run.info.run_id
+        try:
+            for i in range(0, max(len(params), len(tags)), _PARAM_BATCH):
+                client.log_batch(run_id, params=params[i:i + _PARAM_BATCH], tags=tags[i:i + _PARAM_BATCH])
+            for i in range(0, len(metrics), _BATCH):
+                client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+        except BaseException:
+            try:
+                mlflow.end_run("FAILED")
+            except Exception:  # noqa: BLE001 - the server that failed the run may fail this too; the first error tells
+                pass
+            raise
+        mlflow.end_run(_RUN_STATUS.get(job.state, "FINISHED"))
     return run_id
 
 
@@ -449,7 +504,8 @@ def log_when_ended(job) -> None:
 
     Called by ``job.wait()``. A job already logged (by this process, or a run in
     MLflow tagged with the same job and end time) is not logged again. Any
-    failure is a one-line warning: waiting for a job never fails because of it.
+    failure is a one-line warning (a tracking server that is down takes a few
+    seconds to tell, see ``_HTTP_BOUNDS``): waiting for a job never fails because of it.
     """
     import warnings
 
@@ -470,8 +526,9 @@ def log_when_ended(job) -> None:
             return
         log_to_mlflow(job)
     except Exception as exc:  # noqa: BLE001 - logging must never break wait()
-        text = str(exc).strip().splitlines()
-        warnings.warn(f"job {job.id} was not logged to MLflow: {text[0] if text else type(exc).__name__}",
+        lines = str(exc).strip().splitlines()
+        text = lines[0] if lines else type(exc).__name__
+        warnings.warn(text if text.startswith(_not_logged(job)) else f"{_not_logged(job)}: {text}",
                       UserWarning, stacklevel=3)
 
 
@@ -480,5 +537,6 @@ def _already_in_mlflow(job) -> bool:
     tags = _job_tags(job)
     query = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in ("tuning_magics.job_name", "tuning_magics.ended")
                          if k in tags and "'" not in tags[k])
-    runs = mlflow.search_runs(filter_string=query, max_results=1, output_format="list")
+    with _talking_to(mlflow, job):
+        runs = mlflow.search_runs(filter_string=query, max_results=1, output_format="list")
     return bool(runs)
