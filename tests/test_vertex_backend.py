@@ -159,6 +159,28 @@ def test_a_job_that_fails_or_expires_ends_with_the_services_error(vertex, data, 
             job.wait(raise_on_failure=True)
 
 
+def test_a_failed_job_is_summed_up_by_the_services_message_not_the_details_after_it(vertex, data, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    message = "Example 7 has no model turn. Add one to every example and submit the job again."
+    details = [{"@type": "type.googleapis.com/google.rpc.DebugInfo", "detail": "Details: trace abc"}]
+    for _ in range(2):
+        vertex.next_outcome("failed", error={"code": 3, "message": message, "details": details})
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    with pytest.raises(JobFailedError) as info:
+        job.wait(raise_on_failure=True)
+    assert "trace abc" in job.error  # the full text keeps the details
+    assert job.error_summary == "Example 7 has no model turn"
+    assert str(info.value) == (f"tuning job {job.name} failed: Example 7 has no model turn (job.error has the "
+                               "full text)")
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "tuning_magics")
+    capsys.readouterr()
+    shell.run_cell_magic("tune", "--as failed --wait", f"model: gemini-2.5-flash\ndata: {data['train']}\nepochs: 1\n")
+    failed = shell.user_ns.pop("failed")
+    assert capsys.readouterr().out.splitlines()[-1] == f"job {failed.id}: JOB_STATE_FAILED: Example 7 has no model turn"
+
+
 def test_cancel_goes_through_cancelling_to_cancelled(vertex, data):
     vertex.step_seconds = 60
     job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)

@@ -73,9 +73,7 @@ class JobFailedError(RuntimeError):
 
     def __init__(self, job: Job):
         self.job = job
-        first = (job.error or "no error text was recorded").strip().splitlines()
-        # The last line of a traceback is the exception itself: the most useful single line.
-        summary = first[-1] if first else ""
+        summary = job.error_summary or "no error text was recorded"
         super().__init__(f"tuning job {job.name} failed: {summary} (job.error has the full text)")
 
 
@@ -344,6 +342,15 @@ class Job(ABC):
     def error(self) -> str | None:
         """The full error text of a failed job (a traceback when the engine raised)."""
         return self.info.error
+
+    @property
+    def error_summary(self) -> str | None:
+        """The error in one line: the last line of the text, which for a traceback is the exception itself.
+
+        Backends whose error text ends with something else (Vertex AI's details) say it their own way.
+        """
+        lines = [line.strip() for line in (self.error or "").splitlines() if line.strip()]
+        return lines[-1] if lines else None
 
     @property
     def note(self) -> str | None:

@@ -633,9 +633,8 @@ class TuningMagics(Magics):
             print(f"stopped waiting; job {job.id} keeps running (job.cancel() stops it)")
             return
         line = f"job {job.id}: {job.state}"
-        if job.error:
-            last = [ln for ln in job.error.strip().splitlines() if ln.strip()]
-            line += f": {last[-1].strip()}" if last else ""
+        if job.error_summary:
+            line += f": {job.error_summary}"
         print(line)
 
     # -- jobs -----------------------------------------------------------------------------

@@ -165,7 +165,8 @@ def redact(text: str, credentials=None) -> str:
     return text
 
 
-def _first_sentence(message: str) -> str:
+def first_sentence(message: str) -> str:
+    """The first sentence of a message, on one line, without its full stop (at most 300 characters)."""
     message = " ".join(str(message or "").split())
     cut = re.search(r"(?<=[.!?])\s", message)
     return (message[: cut.start()] if cut else message)[:300].rstrip(".")
@@ -174,7 +175,7 @@ def _first_sentence(message: str) -> str:
 def describe_error(code, status: str | None, message: str, ctx: Context, action: str) -> str:
     """One line for an error the API answered ``action`` with, naming the project or region and the fix."""
     status = (status or "").upper()
-    text = _first_sentence(message)
+    text = first_sentence(message)
     where = f"project {ctx.project}, {ctx.location}"
     if code == 401 or status == "UNAUTHENTICATED":
         return f"Vertex AI refused the credentials to {action} in project {ctx.project}: {_ADC_FIX}"
@@ -214,11 +215,11 @@ def _one_line(exc: BaseException, action: str, ctx: Context) -> str | None:
     if isinstance(exc, auth_errors.DefaultCredentialsError):
         return f"no Google Cloud credentials found for project {ctx.project}: {_ADC_FIX}"
     if isinstance(exc, auth_errors.RefreshError):
-        return f"the Google Cloud credentials could not be refreshed to {action} ({_first_sentence(exc)}): {_ADC_FIX}"
+        return f"the Google Cloud credentials could not be refreshed to {action} ({first_sentence(exc)}): {_ADC_FIX}"
     if isinstance(exc, ValueError) and type(exc).__module__.startswith(("pydantic", "google.genai")):
-        return f"google-genai refused the request to {action}: {_first_sentence(exc)}"
+        return f"google-genai refused the request to {action}: {first_sentence(exc)}"
     if isinstance(exc, auth_errors.TransportError):
-        return f"cannot reach Google's sign-in service to {action} ({_first_sentence(exc)}); check the network"
+        return f"cannot reach Google's sign-in service to {action} ({first_sentence(exc)}); check the network"
     try:
         from google.genai import errors as genai_errors
 

@@ -147,6 +147,12 @@ class VertexJob(Job):
         return result
 
     @property
+    def error_summary(self) -> str | None:
+        """The service's own message, first sentence: its error text goes on with details (traces, codes)."""
+        message = getattr(getattr(self.raw, "error", None), "message", None)
+        return vc.first_sentence(message) or super().error_summary
+
+    @property
     def tuned_model_name(self) -> str | None:
         """The tuned model's resource name (``projects/.../models/...@1``) for Gemini, else None."""
         tuned = getattr(self.raw, "tuned_model", None)
