@@ -258,12 +258,23 @@ class Dataset:
                         len(turns) if isinstance(turns, list) and turns else 2))  # fmt: skip
         return out
 
-    def stats(self, epochs: int, steps: int, max_tokens: int = 8192) -> dict:
+    def stats(self, epochs: int, steps: int, max_tokens: int = 8192, *, distillation: bool = False) -> dict:
+        """The service's counts of this dataset, in the JSON shape of its ``tuningDataStats``.
+
+        Supervised tuning answers ``SupervisedTuningDataStats``, distillation ``DatasetStats``
+        (google-genai's types.py and aiplatform_v1beta1's tuning_job.py): the total of the
+        examples cut or dropped is ``totalTruncatedExampleCount`` (SFT only), and the indices
+        are "a partial sample of the indices (starting from 1)", at most
+        :data:`SAMPLED_INDICES` here, each with its reason. As proto3 JSON does, a count
+        of 0 and an empty list are left out.
+        """
         counts = self.token_counts()
         chars = sum(len(t) for rec in self.records for t in _texts(rec))
         totals = [i + o for i, o, _ in counts]
-        truncated = [str(k) for k, n in enumerate(totals) if n > max_tokens]
-        return {
+        truncated = [k + 1 for k, n in enumerate(totals) if n > max_tokens]  # 1-based, as the service counts
+        sample = truncated[:SAMPLED_INDICES]
+        reasons = [f"example {k} has more than {max_tokens} tokens and was truncated" for k in sample]
+        stats = {
             "tuningDatasetExampleCount": str(len(self.records)),
             "totalTuningCharacterCount": str(chars),
             "totalBillableCharacterCount": str(chars * epochs),
@@ -275,10 +286,27 @@ class Dataset:
             "userDatasetExamples": [{"role": role, "parts": [{"text": texts[0]}]}
                                     for role, texts in zip(("user", "model"), _split_example(self.records[0]))
                                     if texts],
-            "totalTruncatedExampleCount": str(len(truncated)),
-            "truncatedExampleIndices": truncated,
-            "droppedExampleReasons": [f"example {k} exceeds {max_tokens} tokens and was truncated" for k in truncated],
         }  # fmt: skip
+        if distillation:
+            stats.update(droppedExampleIndices=[str(k) for k in sample], droppedExampleReasons=reasons)
+        else:
+            stats.update(totalTruncatedExampleCount=str(len(truncated)),
+                         truncatedExampleIndices=[str(k) for k in sample], droppedExampleReasons=reasons)
+        return proto3_json(stats)
+
+
+#: How many indices of truncated or dropped examples the data stats list (the rest are only counted).
+SAMPLED_INDICES = 5
+
+
+def proto3_json(value):
+    """``value`` as proto3's JSON mapping writes it: fields holding 0, "0", false or an empty list or object left out."""
+    if isinstance(value, dict):
+        out = {k: proto3_json(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in (None, 0, "0", False, [], {})}
+    if isinstance(value, list):
+        return [proto3_json(v) for v in value]
+    return value
 
 
 # ====================================================================== jobs and their lifecycle
@@ -869,10 +897,10 @@ class FakeVertex:
         return out
 
     def _data_stats(self, job: Job) -> dict:
-        stats = job.train.stats(job.epochs, job.total_steps)
         if "distillationSpec" in job.body:
+            stats = job.train.stats(job.epochs, job.total_steps, distillation=True)
             return {"distillationDataStats": {"trainingDatasetStats": stats}}
-        return {"supervisedTuningDataStats": stats}
+        return {"supervisedTuningDataStats": job.train.stats(job.epochs, job.total_steps)}
 
     def _tuned_gemini(self, job: Job) -> dict:
         prefix = f"projects/{job.project}/locations/{job.location}"

@@ -100,7 +100,9 @@ def test_llama_full_tuning_from_a_custom_checkpoint_runs_its_lifecycle_and_write
     assert stats.tuning_dataset_example_count == 20
     assert stats.total_billable_token_count == 3 * sum(len(" ".join(
         m["content"] for m in rec["messages"]).split()) for rec in CHAT)  # whitespace tokens times epochs
-    assert stats.total_truncated_example_count == 0 and stats.tuning_step_count == 9
+    assert stats.tuning_step_count == 9
+    # proto3 JSON leaves out a count of 0 and an empty list, as the service's answers do
+    assert stats.total_truncated_example_count is None and stats.truncated_example_indices is None
     assert job.experiment.endswith("/metadataStores/default/contexts/tuning-experiment-" + job.name.rsplit("/")[-1])
     assert job.tuned_model is None  # open models leave files, not a registered model
 
@@ -148,6 +150,25 @@ def test_qwen_distillation_reports_dataset_stats_and_writes_the_teachers_answers
     rows = [json.loads(line) for line in labelled.download_as_text().splitlines()]
     assert [r["messages"][0]["content"] for r in rows] == [p["prompt"] for p in PROMPTS]
     assert all(r["messages"][1]["role"] == "assistant" and r["messages"][1]["content"] for r in rows)
+
+
+def test_data_stats_count_cut_examples_and_list_a_sample_of_them_from_1(fast, data):
+    t, client = types(), fast.genai_client()
+    long = [{"prompt": "word " * 9000} for _ in range(7)]
+    train = fast.put(fast.uri("long.jsonl"), PROMPTS[:2] + long)
+    sft = client.tunings.tune(base_model="qwen/qwen3@qwen3-4b", training_dataset=t.TuningDataset(gcs_uri=train),
+                              config=t.CreateTuningJobConfig(output_uri=data["output"]))
+    sft, _ = wait(fast, client, sft.name)
+    stats = sft.tuning_data_stats.supervised_tuning_data_stats
+    assert stats.total_truncated_example_count == 7 and stats.truncated_example_indices == [3, 4, 5, 6, 7]
+    assert len(stats.dropped_example_reasons) == 5 and "example 3 " in stats.dropped_example_reasons[0]
+    distilled = client.tunings.tune(base_model="qwen/qwen3@qwen3-4b", training_dataset=t.TuningDataset(gcs_uri=train),
+                                    config=t.CreateTuningJobConfig(method="DISTILLATION", base_teacher_model=TEACHER,
+                                                                   output_uri=data["output"]))  # fmt: skip
+    distilled, _ = wait(fast, client, distilled.name)
+    stats = distilled.tuning_data_stats.distillation_data_stats.training_dataset_stats
+    assert stats.dropped_example_indices == [3, 4, 5, 6, 7] and len(stats.dropped_example_reasons) == 5
+    assert stats.tuning_dataset_example_count == 9 and not hasattr(stats, "total_truncated_example_count")
 
 
 def test_gemini_tuning_gives_a_tuned_model_with_checkpoints_that_answer(fast, data):

@@ -137,6 +137,7 @@ def test_an_open_model_job_is_watched_through_the_services_substates_to_its_chec
     assert stats.loc["examples", "service"] == len(CHAT)
     assert stats.loc["examples", "predicted"] == len(CHAT) and not stats.loc["examples", "differs"]
     assert stats.loc["billable_tokens", "service"] > 0
+    assert stats.loc["truncated_examples", "service"] == 0  # counted: proto3 JSON leaves the 0 out
     frame = job.metrics()
     assert list(frame.columns[:3]) == ["step", "epoch", "train_loss"] and frame["train_loss"].notna().any()
     # A job read back by name in another session says the same.
@@ -181,6 +182,22 @@ def test_a_failed_job_is_summed_up_by_the_services_message_not_the_details_after
     assert capsys.readouterr().out.splitlines()[-1] == f"job {failed.id}: JOB_STATE_FAILED: Example 7 has no model turn"
 
 
+def test_data_stats_count_from_the_services_totals_and_keep_its_sample_of_indices(vertex, data):
+    long = [{"messages": [{"role": "user", "content": "word " * 9000}, {"role": "assistant", "content": "Yes."}]}
+            for _ in range(7)]  # fmt: skip
+    train = vertex.put(vertex.uri("long.jsonl"), CHAT[:3] + long)
+    vertex.step_seconds = 60
+    job = tm.tune("qwen3-4b", train, epochs=1, output_uri=data["output"])
+    walk(vertex, job)
+    stats = job.info.data_stats
+    assert stats["truncated_examples"] == 7  # the service's total, not the length of its sample
+    assert stats["truncated_example_indices"] == [4, 5, 6, 7, 8]  # a partial sample, counted from 1
+    assert len(stats["dropped_example_reasons"]) == 5
+    assert stats["dropped_examples"] is None  # the service has no such total
+    frame = job.data_stats()
+    assert frame.loc["truncated_examples", "service"] == 7 and pd.isna(frame.loc["dropped_examples", "service"])
+
+
 def test_cancel_goes_through_cancelling_to_cancelled(vertex, data):
     vertex.step_seconds = 60
     job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
@@ -213,8 +230,8 @@ def test_list_jobs_lists_both_backends_and_still_lists_local_ones_without_creden
     assert {j.backend for j in listed} >= {"vertex"}
     assert [j.name for j in tm.list_jobs(backend="vertex")] == [job.name]
     tm.settings.update(credentials=None)  # no Application Default Credentials on this machine
-    with pytest.warns(UserWarning, match="Vertex AI jobs of project fake-project are not listed: no Google Cloud "
-                                         "credentials found") as caught:
+    with pytest.warns(UserWarning, match="Vertex AI jobs are not listed: no Google Cloud credentials "
+                                         "found") as caught:
         listed = tm.list_jobs()
     assert job.name not in [j.name for j in listed]
     assert all("\n" not in str(w.message) for w in caught)

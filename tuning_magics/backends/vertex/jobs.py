@@ -296,24 +296,36 @@ def _dataset_stats(stats):
 
 
 def _data_stats(stats) -> dict | None:
+    """The service's counts as :data:`~tuning_magics.jobs.DATA_STAT_NAMES`, with the samples it lists.
+
+    What the fields mean is google-genai's types.py (SupervisedTuningDataStats,
+    DatasetStats): counts come from the ``total_*`` fields; ``total_truncated_example_count``
+    counts the examples cut or dropped (too many tokens, an image that cannot be opened, ...);
+    ``truncated_example_indices`` (SFT) and ``dropped_example_indices`` (distillation) are
+    "a partial sample of the indices (starting from 1)", so they are kept as samples, never
+    counted. The service gives no total of dropped examples apart from that one count:
+    ``dropped_examples`` stays unknown. proto3's JSON leaves out a count of 0, so once the
+    service has counted the examples, a count its stats type has but did not send is 0.
+    """
     inner = _dataset_stats(stats)
     if inner is None:
         return None
+    counted = getattr(inner, "tuning_dataset_example_count", None) is not None
 
-    def number(*names):
-        for name in names:
-            value = getattr(inner, name, None)
-            if value is not None:
-                return int(value)
-        return None
+    def total(name):
+        value = getattr(inner, name, None)
+        if value is not None:
+            return int(value)
+        return 0 if counted and name in type(inner).model_fields else None
 
-    dropped = getattr(inner, "dropped_example_reasons", None)
     out = {
-        "examples": number("tuning_dataset_example_count"),
-        "billable_tokens": number("total_billable_token_count"),
-        "truncated_examples": number("total_truncated_example_count"),
-        "dropped_examples": len(dropped) if dropped is not None else None,
+        "examples": total("tuning_dataset_example_count"),
+        "billable_tokens": total("total_billable_token_count"),
+        "truncated_examples": total("total_truncated_example_count"),
+        "dropped_examples": None,
     }
-    if dropped:
-        out["dropped_reasons"] = list(dropped)
+    for name in ("truncated_example_indices", "dropped_example_indices", "dropped_example_reasons"):
+        found = getattr(inner, name, None)
+        if found:
+            out[name] = [int(i) for i in found] if name.endswith("indices") else list(found)
     return out
