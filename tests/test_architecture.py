@@ -95,12 +95,23 @@ def _reachable(start: str, graph) -> set[str]:
 
 
 def test_the_dataset_layer_and_the_display_never_reach_a_backend_or_the_api():
+    """They may reach the settings, which check a backend's name in the registry, but never a backend's code."""
     graph = _graph()
     for name in graph:
         if name.startswith((f"{PACKAGE}.datasets", f"{PACKAGE}.display")):
             reached = _reachable(name, graph)
-            assert not {m for m in reached if m.startswith(f"{PACKAGE}.backends")}, name
+            assert not {m for m in reached if m.startswith(f"{PACKAGE}.backends.")}, name
             assert f"{PACKAGE}.api" not in reached, name
+            assert f"{PACKAGE}.backends" not in graph[name], name  # not even the registry, directly
+
+
+def test_only_the_backends_themselves_import_a_backend_module():
+    """api, magics, config and the rest know backends through the registry (tuning_magics.backends) alone."""
+    graph = _graph()
+    for name, imported in graph.items():
+        if name.startswith(f"{PACKAGE}.backends"):
+            continue
+        assert not {m for m in imported if m.startswith(f"{PACKAGE}.backends.")}, name
 
 
 def test_no_ipython_below_the_magics_and_no_widgets_below_the_display():

@@ -297,10 +297,10 @@ def test_defaults_without_any_configuration(tmp_path, clean_env):
     s = Settings(_start=tmp_path)
     assert s.project is None
     assert s.location == "us-central1"
-    assert s.backend == "local"
+    assert s.backend == "auto"
     assert s.staging_bucket is None and s.api_endpoint is None
     assert s.as_dict() == {
-        "project": None, "location": "us-central1", "staging_bucket": None, "backend": "local", "api_endpoint": None,
+        "project": None, "location": "us-central1", "staging_bucket": None, "backend": "auto", "api_endpoint": None,
         "credentials": None, "mlflow": "false",
     }  # fmt: skip
 
@@ -309,20 +309,20 @@ def test_precedence_default_pyproject_env_session(tmp_path, clean_env):
     _pyproject(
         tmp_path,
         '[tool.tuning_magics]\nproject = "from-pyproject"\nlocation = "europe-west4"\n'
-        'api_endpoint = "https://pyproject.example"\nstaging_bucket = "gs://py/bucket"\n',
+        'api_endpoint = "https://pyproject.example"\nstaging_bucket = "gs://py-bucket/tuning"\n',
     )
     nested = tmp_path / "notebooks" / "deep"
     nested.mkdir(parents=True)
     s = Settings(_start=nested)  # found by searching upwards
     assert (s.project, s.location, s.api_endpoint) == ("from-pyproject", "europe-west4", "https://pyproject.example")
-    assert s.staging_bucket == "gs://py/bucket"
+    assert s.staging_bucket == "gs://py-bucket/tuning"
     assert "pyproject.toml" in s.describe()
 
     clean_env.setenv("GOOGLE_CLOUD_PROJECT", "from-env")
     clean_env.setenv("GOOGLE_CLOUD_LOCATION", "us-west1")
     clean_env.setenv("TUNING_MAGICS_API_ENDPOINT", "http://localhost:8080")
     assert (s.project, s.location, s.api_endpoint) == ("from-env", "us-west1", "http://localhost:8080")
-    assert s.staging_bucket == "gs://py/bucket"  # not overridden: still from pyproject
+    assert s.staging_bucket == "gs://py-bucket/tuning"  # not overridden: still from pyproject
     assert "environment" in s.describe()
 
     s.update(project="from-session", location="us-east5")
@@ -339,12 +339,12 @@ def test_pyproject_in_the_working_directory(tmp_path, clean_env):
     _pyproject(tmp_path, '[tool.tuning_magics]\nproject = "cwd-project"\n')
     clean_env.chdir(tmp_path)
     s = Settings()
-    assert s.project == "cwd-project" and s.backend == "vertex"
+    assert s.project == "cwd-project" and s.backend == "auto"
 
 
 def test_pyproject_keys_may_use_dashes(tmp_path, clean_env):
-    _pyproject(tmp_path, '[tool.tuning_magics]\nstaging-bucket = "gs://b/x"\n')
-    assert Settings(_start=tmp_path).staging_bucket == "gs://b/x"
+    _pyproject(tmp_path, '[tool.tuning_magics]\nstaging-bucket = "gs://my-bucket/x"\n')
+    assert Settings(_start=tmp_path).staging_bucket == "gs://my-bucket/x"
 
 
 def test_a_pyproject_without_the_table_is_ignored(tmp_path, clean_env):
@@ -357,26 +357,48 @@ def test_empty_environment_variables_are_ignored(tmp_path, clean_env):
     assert Settings(_start=tmp_path).project is None
 
 
-def test_backend_is_local_without_a_project_and_vertex_with_one(tmp_path, clean_env):
-    s = Settings(_start=tmp_path)
-    assert s.backend == "local"
-    clean_env.setenv("GOOGLE_CLOUD_PROJECT", "p")
-    assert s.backend == "vertex"
-    assert s.as_dict()["backend"] == "vertex"
-    s.update(backend="local")
-    assert s.backend == "local"
-    s.reset()
-    clean_env.setenv("TUNING_MAGICS_BACKEND", "local")
-    assert s.backend == "local"
-    clean_env.delenv("GOOGLE_CLOUD_PROJECT")
-    clean_env.setenv("TUNING_MAGICS_BACKEND", "vertex")
-    assert s.backend == "vertex"
+def test_open_models_go_to_vertex_with_a_project_and_stay_local_without(tmp_path, clean_env):
+    from tuning_magics import backends
+    from tuning_magics.config import settings
+
+    clean_env.chdir(tmp_path)
+
+    def home(model_id):
+        return backends.choose(catalog.get(model_id), setting=lambda: settings.backend).name
+
+    try:
+        assert settings.backend == "auto" and home("qwen3-4b") == "local"
+        clean_env.setenv("GOOGLE_CLOUD_PROJECT", "my-project")
+        assert home("qwen3-4b") == "vertex"
+        settings.update(backend="local")
+        assert home("qwen3-4b") == "local"
+        # A model with one home goes there whatever the settings say.
+        assert home("gemini-2.5-flash") == "vertex" and home("local/tiny-qwen3") == "local"
+        settings.reset()
+        clean_env.setenv("TUNING_MAGICS_BACKEND", "local")
+        assert home("qwen3-4b") == "local"
+        clean_env.delenv("GOOGLE_CLOUD_PROJECT")
+        clean_env.setenv("TUNING_MAGICS_BACKEND", "vertex")
+        assert home("qwen3-4b") == "vertex"
+        clean_env.setenv("GOOGLE_CLOUD_PROJECT", "   ")  # blank: no project
+        clean_env.delenv("TUNING_MAGICS_BACKEND")
+        assert settings.project is None and home("qwen3-4b") == "local"
+    finally:
+        settings.reset()
 
 
 def test_attribute_assignment_is_a_session_update(tmp_path, clean_env):
     s = Settings(_start=tmp_path)
     s.project = "assigned"
-    assert s.project == "assigned" and s.backend == "vertex"
+    assert s.project == "assigned" and s.backend == "auto"
+
+
+def test_a_toml_boolean_for_mlflow_is_taken(tmp_path, clean_env):
+    _pyproject(tmp_path, '[tool.tuning_magics]\nmlflow = true\n')
+    s = Settings(_start=tmp_path)
+    assert s.mlflow == "true" and s.location == "us-central1"  # and every other setting still reads
+    _pyproject(tmp_path, '[tool.tuning_magics]\nmlflow = false\n')
+    assert Settings(_start=tmp_path).mlflow == "false"
 
 
 @pytest.mark.parametrize(
@@ -387,6 +409,14 @@ def test_attribute_assignment_is_a_session_update(tmp_path, clean_env):
         ("staging_bucket", "s3://bucket"),
         ("api_endpoint", "ftp://host"),
         ("api_endpoint", "localhost:8080"),
+        ("api_endpoint", "https://"),
+        ("location", "us central1"),
+        ("location", "US-CENTRAL1"),
+        ("location", "projects/p/locations/us-central1"),
+        ("staging_bucket", "gs://B/tuning"),
+        ("staging_bucket", "gs:///tuning"),
+        ("project", "my project"),
+        ("project", "projects/my-project"),
     ],
 )
 def test_bad_session_values_are_one_line_user_errors_naming_the_setting(tmp_path, clean_env, name, value):

@@ -787,6 +787,70 @@ def test_a_broken_row_hides_no_other_job(slot_taken, tmp_path):
         tm.get_job(lost.id)
 
 
+# -- another process writing the registry ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def held_by_another_process(what: str = "registry"):
+    """A second process holds the registry's write lock (``BEGIN IMMEDIATE``), or the scheduler's lock."""
+    registry.connect().close()  # the registry exists
+    take = ("import sqlite3; conn = sqlite3.connect(path, isolation_level=None); conn.execute('BEGIN IMMEDIATE')"
+            if what == "registry" else "from filelock import FileLock; held = FileLock(path); held.acquire()")
+    path = registry.db_path() if what == "registry" else registry.home() / "scheduler.lock"
+    code = f"import sys; path = {str(path)!r}; {take}; print('held', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.stdin.close()  # the holder ends, and its lock with it
+        proc.wait(30)
+
+
+def busy_message() -> str:
+    return f"the job registry {registry.db_path()} is busy (another process is writing it); try again in a moment"
+
+
+def test_a_registry_another_process_is_writing_is_one_line_after_a_short_wait(slot_taken, tmp_path):
+    queued = tm.tune(MODEL, records(4))
+    with held_by_another_process():
+        for call in (lambda: tm.tune(MODEL, records(4)), queued.cancel):
+            start = time.monotonic()
+            with pytest.raises(registry.RegistryBusy) as err:
+                call()
+            assert time.monotonic() - start < 15  # a few seconds, not sqlite's 30 s
+            assert str(err.value) == busy_message()
+        # Readers go on meanwhile, and the refused submission left nothing behind.
+        assert [j.id for j in tm.list_jobs()] == [queued.id, "tune-busy"]
+        assert [p.name for p in (slot_taken / "jobs").iterdir()] == [queued.id]
+    assert queued.cancel().state == JOB_STATE_CANCELLED
+
+
+def test_a_worker_outlasts_a_write_longer_than_a_notebook_would_wait(slot_taken, tmp_path):
+    # A worker started for a job that is not PENDING changes nothing, but must write to find that out.
+    registry.insert(registry.JobRecord(id="tune-waiting", config={"base_model": MODEL}, state=JOB_STATE_QUEUED,
+                                       output_dir=str(tmp_path / "w"), created=time.time()))
+    with held_by_another_process():
+        worker = subprocess.Popen([sys.executable, "-m", "tuning_magics.backends.local.worker", "tune-waiting"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(registry.busy_wait + 3)  # longer than %tune or the monitor would wait
+    out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, out
+    assert "is JOB_STATE_QUEUED, not PENDING; nothing to do" in out and "busy" not in out
+
+
+def test_a_job_whose_start_met_a_busy_scheduler_starts_at_the_next_look(home):
+    with held_by_another_process("scheduler"):
+        with pytest.warns(UserWarning) as caught:
+            job = tm.tune(MODEL, records(4), epochs=1)
+        assert job.state == JOB_STATE_QUEUED
+    (warning,) = caught
+    assert str(warning.message) == (f"job {job.id} is queued but not started yet: {busy_message()}; it starts at "
+                                    "the next look at it (job.refresh(), job.wait() or the monitor)")
+    assert job.refresh().state != JOB_STATE_QUEUED
+    job.cancel()
+
+
 # -- the job folder and the disk ---------------------------------------------------------
 
 
@@ -928,7 +992,7 @@ def test_builtin_models_tune_locally_whatever_the_settings(slot_taken, tmp_path,
             names = [j.name for j in tm.list_jobs()]
         if setup == "cloud project" and importlib.util.find_spec("google.genai"):
             assert [str(w.message) for w in caught] == [
-                "Vertex AI jobs of project my-project are not listed: no Google Cloud credentials found for project "
+                "Vertex AI jobs are not listed: no Google Cloud credentials found for project "
                 "my-project: run `gcloud auth application-default login`, or pass "
                 "tuning_magics.settings.update(credentials=...)"]
         else:

@@ -103,11 +103,11 @@ def test_existing_file_is_kept(ip, tmp_path):
 
 
 def test_tuning_config_line_and_traitlets(ip, capsys):
-    ip.run_line_magic("tuning_config", "location=europe-west4 staging_bucket=gs://b/tuning")
-    assert settings.location == "europe-west4" and settings.staging_bucket == "gs://b/tuning"
-    assert settings.backend == "local"
+    ip.run_line_magic("tuning_config", "location=europe-west4 staging_bucket=gs://my-bucket/tuning")
+    assert settings.location == "europe-west4" and settings.staging_bucket == "gs://my-bucket/tuning"
+    assert settings.backend == "auto"
     ip.run_cell("%config TuningMagics.project = 'my-proj'")
-    assert settings.project == "my-proj" and settings.backend == "vertex"
+    assert settings.project == "my-proj" and settings.backend == "auto"
     capsys.readouterr()
     ip.run_line_magic("tuning_config", "")
     out = capsys.readouterr().out
@@ -384,6 +384,16 @@ def test_line_form_submits_and_stores_the_job(ip, jobs_home, shown):
     assert job.config["engine_options"] == {"batch_size": 2} and job.display_name == "line form"
 
 
+class _Broken:
+    @property
+    def boom(self):
+        raise RuntimeError("the property raised")
+
+
+class _Unfinished:
+    tuned_model = None  # a job still running
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ("", "%tune needs options"),
     ("model x", "%tune: unexpected 'model'"),
@@ -392,15 +402,56 @@ def test_line_form_submits_and_stores_the_job(ip, jobs_home, shown):
     ("--model local/tiny-qwen3 --data $ds2", "%tune: key 'train_dataset': $ds2 is not a notebook variable"),
     ("--model local/tiny-qwen3 --data $records --colour red", "%tune: unknown key 'colour'"),
     ("--model local/tiny-qwen3 --data $records --as 1x", "--as needs a Python variable name"),
-    ("--model local/tiny-qwen3 --data $records --backend cloud", "backend must be 'local' or 'vertex'"),
+    ("--model local/tiny-qwen3 --data $records --backend cloud", "backend must be one of auto, local, vertex, not 'cloud'"),
+    # The adversarial pass: each of these was silent, a traceback or the wrong hint.
+    ("--model local/tiny-qwen3 --data $records --as a --as b", "%tune: --as is given twice"),
+    ("--model local/tiny-qwen3 --data $records --backend local --backend vertex", "%tune: --backend is given twice"),
+    ("--model local/tiny-qwen3 --data $records --batch-size -1", "batch_size must be a whole number of at least 1"),
+    ("--model local/tiny-qwen3 --data $records --output-uri [a]", "output_uri must be a folder"),
+    ("--model local/tiny-qwen3 --data $records --custom-base-model $unfinished.tuned_model",
+     "%tune: key 'custom_base_model': $unfinished.tuned_model is None"),
+    ("--model local/tiny-qwen3 --data $records --description $broken.boom",
+     "%tune: key 'description': reading $broken.boom failed: RuntimeError: the property raised"),
 ])
 def test_line_form_mistakes_are_one_line(ip, jobs_home, shown, line, message):
-    ip.push({"records": RECORDS})
+    ip.push({"records": RECORDS, "broken": _Broken(), "unfinished": _Unfinished()})
     before = len(tm.list_jobs())
     with pytest.raises(UsageError) as info:
         ip.run_line_magic("tune", line)
     assert message in str(info.value) and "\n" not in str(info.value)
+    assert "did you mean 'adapter_size'" not in str(info.value)  # batch_size: -1 once suggested it
     assert len(tm.list_jobs()) == before and not shown
+
+
+@pytest.mark.parametrize(("line", "body", "message"), [
+    # An unknown key is named, whatever its letters, before "base_model is required" is said.
+    ("", "mödel: local/tiny-qwen3\ndata: $records\n", "unknown key 'mödel' (did you mean 'model'?)"),
+    ("", "data: $records\népochs: 2\n", "unknown key 'épochs' (did you mean 'epochs'?)"),
+    ("a --as b", "model: local/tiny-qwen3\n", "give the variable once"),
+    ("--as a --as b", "model: local/tiny-qwen3\n", "--as is given twice"),
+    ("--backend local --backend=vertex", "model: local/tiny-qwen3\n", "--backend is given twice"),
+    # Nine nested aliases would expand to gigabytes before any key is checked.
+    ("", 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+     "the YAML alias *a (line 2) is not taken"),
+])
+def test_cell_form_mistakes_are_one_line(ip, jobs_home, shown, line, body, message):
+    ip.push({"records": RECORDS})
+    before = len(tm.list_jobs())
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("tune", line, body)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert len(tm.list_jobs()) == before and not shown
+
+
+def test_config_refuses_a_bad_setting_and_keeps_the_one_in_effect(ip):
+    ip.run_cell("%config TuningMagics.backend = 'nope'")
+    magics = ip.magics_manager.registry["TuningMagics"]
+    assert magics.backend != "nope" and settings.backend == "auto"
+    ip.run_cell("%config TuningMagics.location = 'us central1'")
+    assert magics.location != "us central1" and settings.location == "us-central1"
+    ip.run_cell("%config TuningMagics.backend = 'local'")
+    assert magics.backend == "local" and settings.backend == "local"
 
 
 def test_tune_jobs_filters_and_renders_escaped_html(ip, jobs_home, tmp_path):
@@ -440,7 +491,7 @@ def test_tune_jobs_filters_and_renders_escaped_html(ip, jobs_home, tmp_path):
     for line, message in (("--state bogus", "state must be one of QUEUED, PENDING"),
                           ("--limit 0", "limit must be a whole number of at least 1"),
                           ("--limit x", "%tune_jobs: argument --limit: invalid int value"),
-                          ("--backend cloud", "backend must be 'local' or 'vertex'")):
+                          ("--backend cloud", "backend must be one of auto, local, vertex, not 'cloud'")):
         with pytest.raises(UsageError, match=message) as info:
             ip.run_line_magic("tune_jobs", line)
         assert "\n" not in str(info.value)

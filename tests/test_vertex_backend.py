@@ -263,7 +263,7 @@ def test_open_models_go_to_vertex_where_a_project_is_set_and_local_models_never_
          "base_teacher_model", "not a Vertex AI teacher"),
         (dict(base_model="qwen3-4b", custom_base_model="/tmp/model"), "custom_base_model", "gs:// folder"),
         (dict(base_model="qwen3-4b", output_uri="/tmp/out"), "output_uri", "gs:// folder"),
-        (dict(base_model="qwen3-4b", max_seq_len=512), "max_seq_len", "option of the local engine"),
+        (dict(base_model="qwen3-4b", max_seq_len=512), "max_seq_len", "not an option of Vertex AI"),
         (dict(base_model="gemini-2.5-flash", labels={"Team": "x"}), "labels", "lower-case"),
         (dict(base_model="gemini-2.5-flash", labels={"tm-dataset": "mine"}), "labels", "lineage"),
         (dict(base_model="gemini-2.5-flash", labels={f"k{i}": "v" for i in range(59)}), "labels", "at most 58"),
@@ -464,7 +464,7 @@ def test_a_tuned_gemini_model_is_tuned_further_from_one_of_its_checkpoints(verte
         walk(vertex, flash)
         tm.tune(flash, data["train"], epochs=1)
     assert info.value.field == "base_model"
-    with pytest.raises(UserError, match="runs on Vertex AI"):
+    with pytest.raises(UserError, match="tuned only by Vertex AI"):
         tm.tune(first, data["train"], epochs=1, backend="local")
 
 

@@ -19,8 +19,8 @@ import re
 import warnings
 from datetime import datetime, timezone
 
-from . import catalog, params
-from .errors import UserError, require_extra
+from . import backends, catalog, params
+from .errors import UserError
 from .jobs import Job, TuneRequest
 
 #: google-genai / vertexai spellings accepted for our parameters.
@@ -71,9 +71,11 @@ def tune(
     a pandas DataFrame or a list of records. ``tuning_mode``: ``FULL`` or
     ``PEFT_ADAPTER`` (default: FULL where the model supports it). ``method``:
     ``"sft"`` or ``"distillation"`` (then ``base_teacher_model`` labels the prompts).
-    ``backend``: ``"local"`` or ``"vertex"``; by default ``local/*`` models run
-    locally, Gemini on Vertex AI, and open models on Vertex AI when a Cloud
-    project is configured, else locally (``job.backend`` says which).
+    ``backend``: a backend's name (``"local"``, ``"vertex"``, or one another
+    package registers); by default ``local/*`` models run locally, Gemini on
+    Vertex AI, and open models on Vertex AI when a Cloud project is configured,
+    else locally (``job.backend`` says which; :func:`tuning_magics.backends.choose`
+    is the rule). A finished job as ``base_model`` continues from its tuned model.
     ``dry_run=True`` checks everything and returns the :class:`~tuning_magics.jobs.DryRun`
     (the exact request, billed tokens, estimated cost) without uploading or submitting.
     Other keywords are engine options (``batch_size``, ``max_seq_len``, ``seed``, ...).
@@ -94,15 +96,22 @@ def tune(
         custom_base_model = custom_base_model or getattr(base_model, "custom_base_model", None) or None
         base_model = base_model.base_model
 
-    # Continued tuning: a tuned Gemini model (its job, or its projects/.../models/... name) is the start.
-    pre_tuned_model = None
-    if isinstance(base_model, Job) or (isinstance(base_model, str) and base_model.startswith("projects/")):
-        if backend is not None and _backend(backend) != "vertex":
-            raise UserError("continuing a tuned Gemini model runs on Vertex AI; drop backend= or use 'vertex'",
-                            field="backend")
-        pre_tuned_model, base_model = _submitter("vertex").tuned_model_source(base_model)
+    # Continued tuning: a job, or a tuned model's resource name, is the start; its backend says from where.
+    source = None
+    if isinstance(base_model, Job) or (isinstance(base_model, str) and base_model
+                                       and catalog.find(base_model) is None):
+        source = backends.source(base_model) if isinstance(base_model, Job) else backends.source_or_none(base_model)
+    if source is not None:
+        if custom_base_model is not None and source.custom_base_model is not None:
+            raise UserError("base_model is a job, whose final model is where tuning starts; drop custom_base_model",
+                            field="custom_base_model")
+        base_model = source.base_model
+        custom_base_model = custom_base_model or source.custom_base_model
     model = _model(base_model)
-    backend = _backend(backend, model)
+    chosen = backends.choose(model, backend, setting=_backend_setting)
+    if source is not None and source.backend != chosen.name:
+        raise UserError(f"this base_model is continued by the {source.backend} backend; drop backend= or use "
+                        f"{source.backend!r}", field="backend")
     method = _method(method)
     mode = _mode(model, tuning_mode)
     epochs = params.check("epochs", epochs)
@@ -128,73 +137,62 @@ def tune(
         model=model, train_dataset=train_dataset, method=method, tuning_mode=mode,
         validation_dataset=validation_dataset, custom_base_model=custom_base_model, base_teacher_model=teacher,
         epochs=epochs, learning_rate=learning_rate, learning_rate_multiplier=learning_rate_multiplier,
-        adapter_size=adapter_size, output_uri=None if output_uri is None else str(output_uri),
+        adapter_size=adapter_size, output_uri=_output_uri(output_uri),
         tuned_model_display_name=tuned_model_display_name, description=description, labels=_labels(labels),
         pre_tuned_model_checkpoint_id=pre_tuned_model_checkpoint_id,
         export_last_checkpoint_only=export_last_checkpoint_only, options=dict(engine_options),
-        pre_tuned_model=pre_tuned_model,
+        pre_tuned_model=source.pre_tuned_model if source is not None else None,
     )
-    submit = _submitter(backend)
     if dry_run:
-        return submit.dry_run(request)
-    job = submit.submit(request)
+        return chosen.dry_run(request)
+    job = chosen.submit(request)
     return job.wait() if wait else job
 
 
 def get_job(name: str, *, backend: str | None = None) -> Job:
     """The job with this id (``tune-20261123-a1b2c3``), Vertex AI resource name, or unique display name.
 
-    A ``projects/.../tuningJobs/...`` name is a Vertex AI job; anything else is looked up locally.
+    The backend whose job names have this shape finds it (a ``projects/.../tuningJobs/...``
+    name is a Vertex AI job); anything else is looked up locally.
     """
     if not isinstance(name, str) or not name:
         raise UserError("get_job needs a job id such as 'tune-20261123-a1b2c3'; list_jobs() shows them", field="name")
-    if backend is not None:
-        backend = _backend(backend)
-    elif name.startswith("projects/"):
-        backend = "vertex"
-    else:
-        backend = "local"
-    return _jobs_module(backend).get(name)
+    found = backends.get(backend) if backend is not None and backends.check_name(backend) != "auto" \
+        else backends.owner(name)
+    return found.get(name)
 
 
 def list_jobs(limit: int | None = None, *, backend: str | None = None, state=None,
               model: str | None = None) -> list[Job]:
-    """Jobs of both backends, newest first (at most ``limit``).
+    """Jobs of every backend that lists jobs here (or of ``backend``), newest first (at most ``limit``).
 
     ``state`` keeps only jobs in that state or states (``"SUCCEEDED"``,
     ``"JOB_STATE_RUNNING"``, ``["FAILED", "CANCELLED"]``; any case); ``model``
     keeps only jobs whose base model (or custom base model) contains that text,
     ignoring case. ``limit`` counts the jobs that pass the filters.
 
-    Vertex AI jobs are listed when a Cloud project is configured. When they
-    cannot be listed (no credentials, no network), the local jobs are still
-    returned, with a warning that says in one line why the Vertex AI ones are missing.
+    Vertex AI jobs are listed when a Cloud project is configured. When a
+    backend's jobs cannot be listed (no credentials, no network), the local
+    jobs are still returned, with a warning that says in one line why the
+    others are missing.
     """
     if limit is not None:
         limit = params.whole_at_least_1("limit", limit)
     states = _states(state)
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise UserError(f"model must be some text of a model id such as 'qwen3', not {model!r}", field="model")
-    filtered = states is not None or model is not None
-    fetch = None if filtered else limit  # filters apply before the limit
-    if backend is not None:
-        found = list(_jobs_module(_backend(backend)).find(limit=fetch))
-    else:
-        found = list(_jobs_module("local").find(limit=fetch))
-        project = _configured_project()
-        if project:
-            try:
-                found += _jobs_module("vertex").find(limit=fetch)
-            except UserError as exc:
-                warnings.warn(f"Vertex AI jobs of project {project} are not listed: {exc}", UserWarning,
-                              stacklevel=2)
-        far_past = datetime.min.replace(tzinfo=timezone.utc)
-        found.sort(key=lambda job: job.created or far_past, reverse=True)
-    if states is not None:
-        found = [job for job in found if job.state in states]
-    if model is not None:
-        needle = model.strip().lower()
-        found = [job for job in found if needle in _model_text(job)]
+    model = model.strip() if model is not None else None
+    asked = backends.listed(backend)
+    found: list[Job] = []
+    for each in asked:
+        try:
+            found += each.find(limit, states=states, model=model)
+        except UserError as exc:
+            if len(asked) == 1 or each.name == backends.HOME:
+                raise
+            warnings.warn(f"{each.title} jobs are not listed: {exc}", UserWarning, stacklevel=2)
+    far_past = datetime.min.replace(tzinfo=timezone.utc)
+    found.sort(key=lambda job: job.created or far_past, reverse=True)
     return found[:limit] if limit is not None else found
 
 
@@ -219,11 +217,6 @@ def _states(state) -> frozenset[str] | None:
     return frozenset(out)
 
 
-def _model_text(job: Job) -> str:
-    config = job.config or {}
-    return " ".join(str(config.get(key) or "") for key in ("base_model", "custom_base_model")).lower()
-
-
 def rebuild_registry(*job_folders):
     """List again, from their ``job.json``, the jobs the local registry lacks; a damaged registry is made anew.
 
@@ -232,78 +225,30 @@ def rebuild_registry(*job_folders):
     its jobs; a damaged one is kept aside. Returns what was done: ``.added``
     (job ids), ``.aside`` (the damaged file, or None); ``str()`` says it in one line.
     """
-    from .backends.local import registry
-
-    return registry.rebuild(*job_folders)
+    return backends.get(backends.HOME).rebuild_registry(*job_folders)
 
 
 # -- checks ------------------------------------------------------------------------
 
 
-def _backend(backend: str | None, model: catalog.Model | None = None) -> str:
-    """The backend that runs a job for ``model``.
+def _output_uri(output_uri) -> str | None:
+    """A folder as text (a path or gs:// URI); anything else, a list for instance, is one line."""
+    import os
 
-    An explicit ``backend`` wins (and a model it cannot tune is one line). Otherwise
-    built-in ``local/*`` models run locally and Gemini on Vertex AI, whatever the
-    settings say; open models follow the settings: Vertex AI where a Cloud project is
-    configured, the local engine elsewhere (``TUNING_MAGICS_BACKEND`` overrides).
-    """
-    if backend is not None and str(backend).lower() != "auto":
-        name = str(backend).lower()
-        if name not in ("local", "vertex"):
-            raise UserError(f"backend must be 'local' or 'vertex', not {backend!r}", field="backend")
-    elif model is not None and model.provider in ("local", "gemini"):
-        # No setting (nor a broken pyproject) matters: these models have one home.
-        name = "local" if model.provider == "local" else "vertex"
-    else:
-        from .config import settings
-
-        name = settings.backend
-    if model is not None and name == "vertex" and model.provider == "local":
-        raise UserError(f"base_model {model.id} is built into the local engine; Vertex AI cannot tune it: use "
-                        "backend='local' or a catalog model", field="backend")
-    if model is not None and name == "local" and model.provider == "gemini":
-        raise UserError(
-            f"base_model {model.id} is tuned only by Vertex AI; use backend='vertex', or an open or local/tiny-* "
-            "model with the local engine",
-            field="base_model",
-        )
-    return name
+    if output_uri is None:
+        return None
+    if isinstance(output_uri, os.PathLike):
+        output_uri = os.fspath(output_uri)
+    if not isinstance(output_uri, str) or not output_uri.strip():
+        raise UserError(f"output_uri must be a folder, as a path or gs:// URI, not {output_uri!r}", field="output_uri")
+    return output_uri
 
 
-def _submitter(backend: str):
-    """The module that submits jobs for ``backend``: ``submit(request)`` and ``dry_run(request)``."""
-    if backend == "vertex":
-        from .backends.vertex import submit
-    else:
-        from .backends.local import submit
-    return submit
-
-
-def _jobs_module(backend: str):
-    """The module that finds jobs of ``backend``: ``get(name)`` and ``find(limit)``."""
-    if backend == "vertex":
-        from .backends.vertex import jobs
-    else:
-        from .backends.local import jobs
-    return jobs
-
-
-def _configured_project() -> str | None:
-    """The Cloud project when one is configured and the Vertex AI SDKs are installed, else None."""
+def _backend_setting() -> str:
+    """The ``backend`` setting, read only when the model leaves the choice to it."""
     from .config import settings
 
-    try:
-        project = settings.project
-    except UserError:
-        return None  # a broken pyproject.toml does not hold up the local jobs
-    if not project:
-        return None
-    try:
-        require_extra("vertex")
-    except UserError:
-        return None
-    return project
+    return settings.backend
 
 
 _LABEL = re.compile(r"[a-z][a-z0-9_-]{0,62}")

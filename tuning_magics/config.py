@@ -9,8 +9,10 @@ from the working directory upwards), the environment variables
 (``%tuning_config``, ``%config TuningMagics.<name> = ...`` or
 ``tuning_magics.settings.update(...)``).
 
-``backend`` resolves to ``"vertex"`` when a project is configured and to
-``"local"`` (the embedded engine) otherwise, unless it is set explicitly.
+``backend`` is ``"auto"`` unless set to a registered backend's name: then
+the model decides where it can (``local/*`` models run locally, Gemini on
+Vertex AI), and open models run on Vertex AI where a project is configured,
+else on the local engine (see :func:`tuning_magics.backends.choose`).
 
 ``pyproject.toml`` is parsed once and again only when the file changes. A file
 that cannot be read is reported, in one line naming it, when a setting is read;
@@ -20,12 +22,11 @@ features that read no setting (local jobs, datasets) are not held up by it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
-
-BACKENDS = ("auto", "local", "vertex")
 
 _ENV = {
     "project": "GOOGLE_CLOUD_PROJECT",
@@ -101,7 +102,8 @@ def _parse_pyproject(path: Path) -> dict | UserError:
     return table
 
 
-def _check(name: str, value):
+def check(name: str, value):
+    """``value`` for the setting ``name`` in its plain form, or a one-line UserError naming the setting."""
     if name == "credentials":
         # Duck-typed, so google-auth is not imported to check: every google-auth Credentials has these.
         if not (hasattr(value, "before_request") and hasattr(value, "refresh")):
@@ -111,28 +113,50 @@ def _check(name: str, value):
                 field="credentials",
             )
         return value
+    if name == "mlflow" and isinstance(value, bool):  # pyproject.toml's `mlflow = true`
+        return "true" if value else "false"
     if not isinstance(value, str):
         hint = ' ("true" or "false")' if name == "mlflow" else ""
         raise UserError(f"{name} must be text{hint}, not {value!r}", field=name)
+    value = value.strip()
     if name == "mlflow":
-        if value.strip().lower() not in ("true", "false"):
+        if value.lower() not in ("true", "false"):
             raise UserError(f'mlflow must be "true" or "false", not {value!r}', field="mlflow")
-        return value.strip().lower()
+        return value.lower()
     if name == "backend":
-        if value not in BACKENDS:
-            raise UserError(f"backend must be one of {', '.join(BACKENDS)}, not {value!r}", field="backend")
-    if name == "staging_bucket" and value:
-        if not str(value).startswith("gs://"):
-            raise UserError(
-                f"staging_bucket must be a gs:// URI such as gs://my-bucket/tuning, not {value!r}",
-                field="staging_bucket",
-            )
-    if name == "api_endpoint" and value:
-        if not str(value).startswith(("http://", "https://")):
-            raise UserError(
-                f"api_endpoint must start with http:// or https://, not {value!r}", field="api_endpoint"
-            )
+        from .backends import check_name
+
+        return check_name(value)
+    if name == "project" and not _PROJECT.fullmatch(value):
+        raise UserError(f"project must be a Google Cloud project id such as 'my-project', not {value!r}",
+                        field="project")
+    if name == "location" and not _LOCATION.fullmatch(value):
+        raise UserError(f"location must be a Google Cloud region such as 'us-central1' (or 'global'), not {value!r}",
+                        field="location")
+    if name == "staging_bucket":
+        from .gcs_uri import is_gcs, split_folder_or_object
+
+        if not is_gcs(value):
+            raise UserError(f"staging_bucket must be a gs:// URI such as gs://my-bucket/tuning, not {value!r}",
+                            field="staging_bucket")
+        try:
+            split_folder_or_object(value, need_object=False)
+        except UserError as exc:
+            raise UserError(f"staging_bucket: {exc}", field="staging_bucket") from None
+    if name == "api_endpoint":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise UserError(f"api_endpoint must be a URL such as https://us-central1-aiplatform.googleapis.com, "
+                            f"not {value!r}", field="api_endpoint")
     return value
+
+
+#: A project id or number, domain-scoped ones (example.com:my-project) too: one word, no path.
+_PROJECT = re.compile(r"[A-Za-z0-9.:_-]+")
+#: Regions (us-central1, europe-west4, ...) and the global location.
+_LOCATION = re.compile(r"global|[a-z]+-[a-z]+\d+")
 
 
 @dataclass
@@ -144,7 +168,8 @@ class Settings:
 
     def _layers(self) -> tuple[dict, dict, dict]:
         pyproject, _ = _read_pyproject(self._start or Path.cwd())
-        env = {name: os.environ[var] for name, var in _ENV.items() if os.environ.get(var)}
+        # A blank variable (`export GOOGLE_CLOUD_PROJECT=`) is no value: it does not count as a project.
+        env = {name: os.environ[var] for name, var in _ENV.items() if os.environ.get(var, "").strip()}
         return pyproject, env, self._session
 
     def _resolve(self) -> tuple[_Values, dict]:
@@ -152,7 +177,7 @@ class Settings:
         sources = {f.name: "default" for f in fields(_Values)}
         for label, layer in zip(("pyproject.toml", "environment", "session"), self._layers()):
             for name, value in layer.items():
-                setattr(values, name, _check(name, value))
+                setattr(values, name, check(name, value))
                 sources[name] = label
         return values, sources
 
@@ -160,8 +185,6 @@ class Settings:
         if name.startswith("_") or name not in {f.name for f in fields(_Values)}:
             raise AttributeError(name)
         values, _ = self._resolve()
-        if name == "backend" and values.backend == "auto":
-            return "vertex" if values.project else "local"
         return getattr(values, name)
 
     def update(self, **values) -> None:
@@ -173,10 +196,10 @@ class Settings:
                     f"unknown setting {name!r}; known settings: {', '.join(sorted(names))}", field=name
                 )
         for name, value in values.items():
-            if value is None or value == "":
+            if value is None or (isinstance(value, str) and not value.strip()):
                 self._session.pop(name, None)
             else:
-                self._session[name] = _check(name, value)
+                self._session[name] = check(name, value)
 
     def reset(self) -> None:
         """Forget every value set in this session."""
@@ -185,9 +208,7 @@ class Settings:
     def as_dict(self) -> dict:
         """Every setting with its resolved value."""
         values, _ = self._resolve()
-        out = {f.name: getattr(values, f.name) for f in fields(_Values)}
-        out["backend"] = self.backend
-        return out
+        return {f.name: getattr(values, f.name) for f in fields(_Values)}
 
     def describe(self) -> str:
         """A small table of each setting, its value and where it came from."""
@@ -195,8 +216,6 @@ class Settings:
         rows = []
         for f in fields(_Values):
             value = getattr(values, f.name)
-            if f.name == "backend" and value == "auto":
-                value = f"{self.backend} (auto)"
             if f.name == "credentials":  # never the object itself: its repr could hold a token
                 value = type(value).__name__ if value is not None else "application default"
             rows.append(f"{f.name:<15} {value if value is not None else '-':<40} {sources[f.name]}")

@@ -88,7 +88,7 @@ import shlex
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
-from traitlets import Unicode, observe
+from traitlets import TraitError, Unicode, observe, validate
 
 from .errors import UserError
 from .config import settings
@@ -124,9 +124,15 @@ class _HelpShown(Exception):
 
 
 def _parse(parser: _ArgParser, line: str):
-    """The parsed line, or None when ``--help`` was shown."""
+    """The parsed line, or None when ``--help`` was shown; an option given twice is a one-line UsageError."""
+    words = _words(line, parser.prog)
+    for action in parser._actions:
+        spellings = [o for o in action.option_strings if o.startswith("--")]
+        given = [w for w in words for o in spellings if w == o or w.startswith(o + "=")]
+        if len(given) > 1 and action.dest != "help":
+            raise UsageError(f"%{parser.prog}: {spellings[0]} is given twice; give it once")
     try:
-        return parser.parse_args(_words(line, parser.prog))
+        return parser.parse_args(words)
     except _HelpShown:
         return None
 
@@ -225,6 +231,14 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            # An alias is expanded before any key is checked: nine nested ones make gigabytes of a few
+            # hundred bytes. A cell body has $variables for reuse, so aliases are refused as they are met.
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _AliasRefused(event.anchor, event.start_mark.line + 1)
+            return super().compose_node(parent, index)
+
         def construct_mapping(self, node, deep=False):
             seen = {}
             for key_node, _ in node.value:
@@ -243,6 +257,12 @@ def _yaml_loader():
     return Loader
 
 
+class _AliasRefused(Exception):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(anchor)
+        self.anchor, self.line = anchor, line
+
+
 class _DuplicateKey(Exception):
     def __init__(self, key, first: int, again: int):
         super().__init__(key)
@@ -254,6 +274,9 @@ def _load_yaml(text: str, what: str):
 
     try:
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except _AliasRefused as alias:
+        raise UsageError(f"{what}: the YAML alias *{alias.anchor} (line {alias.line}) is not taken; write the value "
+                         "out, or give it as a $variable") from None
     except _DuplicateKey as dup:
         raise UsageError(f"{what}: key {dup.key!r} is given twice (lines {dup.first} and {dup.again}); "
                          "keep one") from None
@@ -294,6 +317,14 @@ def _lookup(ns: dict, dotted: str, where: str):
             value = getattr(value, attr)
         except AttributeError:
             raise UsageError(f"{where}: ${dotted}: {type(value).__name__} has no attribute {attr!r}") from None
+        except Exception as exc:  # a property that raises: its own words, in one line
+            said = " ".join(str(exc).split()) or type(exc).__name__
+            raise UsageError(f"{where}: reading ${dotted} failed: {type(exc).__name__}: {said}"[:500]) from None
+    if value is None:
+        # A parameter given as a variable is meant to be given: None would silently drop it (a job still
+        # running has no tuned_model yet, and the base model would be tuned instead).
+        raise UsageError(f"{where}: ${dotted} is None; a $variable must hold a value (is the job it comes from "
+                         "finished? job.wait() first), or leave the key out")
     return value
 
 
@@ -356,20 +387,22 @@ def _canonical(options: dict, prog: str) -> dict:
     return out
 
 
-_ENGINE_OPTIONS = re.compile(r"engine options are (.+)$")
+def _is_engine_option(key: str) -> bool:
+    from . import backends
+
+    return key in backends.engine_options()
 
 
-def _unknown_key_error(exc: UserError, key: str, prog: str) -> UsageError:
-    """One line for a key that is neither a tune() parameter nor an engine option, naming the keys there are."""
+def _unknown_key_error(key: str, prog: str) -> UsageError:
+    """One line for a key that is neither a tune() parameter nor any backend's engine option, naming the keys."""
+    from . import backends
+
     params = [p for p in _tune_parameters() if p not in ("backend", "dry_run", "wait")]
-    engine = _ENGINE_OPTIONS.search(str(exc))
-    options = [o.strip() for o in engine.group(1).split(",")] if engine else []
+    options = sorted(backends.engine_options())
     close = difflib.get_close_matches(key, params + options + list(_SHORT), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    if engine:
-        return UsageError(f"{prog}: unknown key {key!r}{hint}; keys are the tune() parameters ({', '.join(params)}) "
-                          f"and the engine options ({', '.join(options)})")
-    return UsageError(f"{prog}: key {key!r}: {exc}{hint}")
+    return UsageError(f"{prog}: unknown key {key!r}{hint}; keys are the tune() parameters ({', '.join(params)}) "
+                      f"and the engine options ({', '.join(options)})")
 
 
 @magics_class
@@ -386,6 +419,19 @@ class TuningMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self._last_job = None
+
+    @validate(*_SETTINGS)
+    def _setting_valid(self, proposal):
+        # A value the settings refuse never becomes the trait's value: %config shows what is in effect.
+        from .config import check
+
+        name, value = proposal["trait"].name, proposal["value"]
+        if value is not None and str(value).strip():
+            try:
+                check(name, value)
+            except UserError as exc:
+                raise TraitError(str(exc)) from None
+        return value
 
     @observe(*_SETTINGS)
     def _setting_changed(self, change):
@@ -574,6 +620,8 @@ class TuningMagics(Magics):
                 i += 1
             i += 1
             if key == "as":
+                if var is not None:
+                    raise UsageError("%tune: --as is given twice; give it once")
                 var = _variable_name(value, "--as")
                 continue
             if key in options:
@@ -596,6 +644,10 @@ class TuningMagics(Magics):
         if var is not None:
             var = _variable_name(var, f"{prog} VAR")
         options = _canonical(options, prog)
+        known = set(_tune_parameters()) | {"wait", "dry_run"}
+        for key in options:
+            if key not in known and not _is_engine_option(key):
+                raise _unknown_key_error(key, prog)
         if not options.get("base_model"):
             raise UsageError(f"{prog}: base_model is required (model: local/tiny-qwen3); %tune_models lists them")
         ns = self.shell.user_ns
@@ -610,8 +662,8 @@ class TuningMagics(Magics):
             try:
                 return tune(**options, dry_run=dry_run, wait=False)
             except UserError as exc:
-                if exc.field in options and exc.field not in params:
-                    raise _unknown_key_error(exc, exc.field, prog) from None
+                if exc.field in options and exc.field not in params and not _is_engine_option(exc.field):
+                    raise _unknown_key_error(exc.field, prog) from None
                 raise
 
         result = self._run(submit, verbose)

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
 from .errors import UserError, require_extra
+from .gcs_uri import SCHEME as _SCHEME, is_gcs, split_folder_or_object, split_gcs
 
 if TYPE_CHECKING:
     from google.cloud.storage import Blob, Client
@@ -78,45 +79,10 @@ RETRY_SECONDS = 20.0
 #: Resumable upload chunk size; Cloud Storage requires a multiple of 256 KiB.
 CHUNK_SIZE = 8 * 1024 * 1024
 _BLOCK = 1024 * 1024
-_SCHEME = "gs://"
 _CREDENTIALS_HELP = (
     "no Google Cloud credentials found; run `gcloud auth application-default login` "
     "or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file"
 )
-
-
-# ---------------------------------------------------------------- URIs
-
-
-def is_gcs(uri: PathOrUri) -> bool:
-    """True when ``uri`` is a ``gs://`` URI (a string), False for local paths."""
-    return isinstance(uri, str) and uri.startswith(_SCHEME)
-
-
-def split_gcs(uri: str) -> tuple[str, str]:
-    """Split ``gs://BUCKET/OBJECT`` into ``(BUCKET, OBJECT)``; both must be present."""
-    return _split(uri, need_object=True)
-
-
-def _split(uri: str, *, need_object: bool) -> tuple[str, str]:
-    if not is_gcs(uri):
-        raise UserError(f"{uri!r} is not a Cloud Storage URI; write it as gs://BUCKET/PATH")
-    bucket, _, name = uri[len(_SCHEME) :].partition("/")
-    problem = None
-    if not bucket:
-        problem = "the bucket name is missing"
-    elif not _valid_bucket(bucket):
-        problem = f"{bucket!r} is not a valid bucket name (lowercase letters, digits, '-', '_', '.')"
-    elif need_object and (not name or name.endswith("/")):
-        problem = "the object name is missing"
-    if problem:
-        raise UserError(f"{uri!r} is not a valid Cloud Storage URI: {problem}; write it as gs://BUCKET/PATH/FILE")
-    return bucket, name
-
-
-def _valid_bucket(name: str) -> bool:
-    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
-    return 3 <= len(name) <= 222 and set(name) <= allowed and name[0].isalnum() and name[-1].isalnum()
 
 
 def _exists_message(display: str) -> str:
@@ -824,7 +790,7 @@ def _content_address(local_path: PathOrUri, prefix_uri: PathOrUri, suffix: str |
     name = f"sha256-{local.sha256}{suffix}"
     if not is_gcs(prefix_uri):
         return source, display, local, str(Path(prefix_uri).expanduser() / name)
-    bucket, folder = _split(str(prefix_uri), need_object=False)
+    bucket, folder = split_folder_or_object(str(prefix_uri), need_object=False)
     folder = folder.strip("/")
     return source, display, local, f"{_SCHEME}{bucket}/{folder}/{name}" if folder else f"{_SCHEME}{bucket}/{name}"
 
@@ -1001,7 +967,7 @@ def list_uris(prefix: PathOrUri) -> list[str]:
     """Sorted files or objects whose path starts with ``prefix`` (a folder lists everything under it)."""
     if is_gcs(prefix):
         prefix = str(prefix)
-        bucket, name = _split(prefix, need_object=False)
+        bucket, name = split_folder_or_object(prefix, need_object=False)
         missing = f"bucket {bucket!r} not found (listing {prefix}); check the bucket name"
         with _gcs_errors(prefix, missing=missing):
             blobs = gcs_client().list_blobs(bucket, prefix=name or None, **_call_options())

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ... import catalog, storage
+from ... import catalog, params, storage
 from ...datasets import prepare
 from ...errors import UserError
 from ...jobs import DryRun, Job, TuneRequest
@@ -31,8 +31,8 @@ from . import client as vc
 from .images import stage_images
 from .jobs import ADAPTER_SIZES, LABEL_DATASET, LABEL_PREDICTED, LABEL_VERSION, VertexJob
 
-#: Engine options Vertex AI takes too (the rest belong to the local engine).
-_SERVICE_OPTIONS = {"batch_size"}
+#: The options beyond tune()'s parameters the service takes, and their rules (the rest belong to other backends).
+SERVICE_OPTIONS = {"batch_size": params.whole_at_least_1}
 
 
 @dataclass
@@ -119,14 +119,12 @@ def check(request: TuneRequest, ctx: vc.Context) -> str | None:
         if value is not None and not str(value).startswith("gs://"):
             raise UserError(f"{name} must be a gs:// folder for Vertex AI, not {value!r}; upload it first",
                             field=name)
-    unknown = sorted(set(request.options) - _SERVICE_OPTIONS)
+    unknown = sorted(set(request.options) - set(SERVICE_OPTIONS))
     if unknown:
-        raise UserError(f"{unknown[0]} is an option of the local engine; Vertex AI takes "
-                        f"{', '.join(sorted(_SERVICE_OPTIONS))} (or use backend='local')", field=unknown[0])
-    if "batch_size" in request.options:
-        from ... import params
-
-        params.whole_at_least_1("batch_size", request.options["batch_size"])
+        raise UserError(f"{unknown[0]} is not an option of Vertex AI, which takes "
+                        f"{', '.join(sorted(SERVICE_OPTIONS))} (or use another backend)", field=unknown[0])
+    for name, value in request.options.items():
+        SERVICE_OPTIONS[name](name, value)
     teacher = None
     if request.method == "distillation":
         found = catalog.get_teacher(request.base_teacher_model)
