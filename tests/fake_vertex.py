@@ -892,8 +892,10 @@ class FakeVertex:
         if state == "JOB_STATE_SUCCEEDED":
             if job.is_gemini:
                 out["tunedModel"] = self._tuned_gemini(job)
-            elif not job.artifacts_written:
-                self._write_artifacts(job)
+            else:  # registered in the Model Registry too, without checkpoints or an endpoint
+                out["tunedModel"] = {"model": f"projects/{job.project}/locations/{job.location}/models/{job.id}@1"}
+                if not job.artifacts_written:
+                    self._write_artifacts(job)
         return out
 
     def _data_stats(self, job: Job) -> dict:
@@ -1235,14 +1237,16 @@ class FakeVertex:
 
     # ------------------------------------------------------------------ tuned models
     def _get_model(self, project, location, model_id, version=None, *, query, body, project_id):
-        """A tuned Gemini model, labelled with its base model as the service labels it."""
-        job = next((j for j in self.jobs.values() if j.id == model_id and j.is_gemini), None)
+        """A tuned model (Gemini, or an open model the service registered), labelled with its base model."""
+        now = self.now()
+        job = next((j for j in self.jobs.values() if j.id == model_id and j.status(now)[0] == "JOB_STATE_SUCCEEDED"),
+                   None)
         if job is None:
             raise ApiError(404, f"Model projects/{project}/locations/{location}/models/{model_id} not found.",
                            "NOT_FOUND")
         return 200, {"name": f"projects/{project}/locations/{location}/models/{model_id}",
                      "displayName": job.body.get("tunedModelDisplayName") or model_id, "versionId": "1",
-                     "labels": {"google-vertex-llm-tuning-base-model-id": job.base_model.replace(".", "-"),
+                     "labels": {"google-vertex-llm-tuning-base-model-id": re.sub(r"[^a-z0-9_-]", "-", job.base_model),
                                 "google-vertex-llm-tuning-job-id": job.id}}  # fmt: skip
 
     # ------------------------------------------------------------------ batch prediction

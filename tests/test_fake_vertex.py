@@ -104,7 +104,9 @@ def test_llama_full_tuning_from_a_custom_checkpoint_runs_its_lifecycle_and_write
     # proto3 JSON leaves out a count of 0 and an empty list, as the service's answers do
     assert stats.total_truncated_example_count is None and stats.truncated_example_indices is None
     assert job.experiment.endswith("/metadataStores/default/contexts/tuning-experiment-" + job.name.rsplit("/")[-1])
-    assert job.tuned_model is None  # open models leave files, not a registered model
+    # open models leave files, and the service registers the tuned model (no checkpoints, no endpoint)
+    assert job.tuned_model.model == f"{job.name.split('/tuningJobs/')[0]}/models/{job.name.rsplit('/', 1)[1]}@1"
+    assert job.tuned_model.endpoint is None and job.tuned_model.checkpoints is None
 
     prefix = data["output"].split("/", 3)[3] + "/postprocess/node-0/checkpoints/"
     files = listing(fast, prefix)

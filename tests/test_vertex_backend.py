@@ -146,6 +146,32 @@ def test_an_open_model_job_is_watched_through_the_services_substates_to_its_chec
     assert again.data_stats().loc["examples", "predicted"] == len(CHAT)
 
 
+def test_an_open_model_job_with_a_registered_tuned_model_stays_an_open_model_job(vertex, data):
+    from tuning_magics.backends.vertex import endpoints
+
+    vertex.step_seconds = 60
+    job = tm.tune("meta/llama3_1@llama-3.1-8b", data["train"], tuning_mode="FULL", epochs=2,
+                  output_uri=data["output"])
+    walk(vertex, job)
+    assert job.succeeded and job.tuned_model_name.endswith("@1")  # the service registered it in the Model Registry
+    assert job.is_gemini is False and job.endpoint is None
+    folder = f"{data['output']}/postprocess/node-0/checkpoints"
+    assert [(c.name, c.uri) for c in job.checkpoints] == [
+        ("checkpoint-3", f"{folder}/checkpoint-3"), ("checkpoint-6", f"{folder}/checkpoint-6"),
+        ("final", f"{folder}/final")]  # fmt: skip
+    with pytest.raises(UserError, match="answers once it is deployed: call job.deploy"):
+        job.chat("Hello?")
+    with pytest.raises(UserError, match="tuned an open model"):
+        endpoints.batch_predict(job, data["train"], f"gs://{vertex.bucket}/predictions")
+    with pytest.raises(UserError, match="tuned an open model"):
+        job.chat("Hello?", checkpoint="base")
+    with pytest.raises(UserError, match="does not continue tuning meta/llama3_1@llama-3.1-8b"):
+        tm.tune(job, data["train"], epochs=1)
+    gemini = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    walk(vertex, gemini)
+    assert gemini.is_gemini and [c.name for c in gemini.checkpoints] == ["checkpoint-1", "final"]
+
+
 @pytest.mark.parametrize("outcome,state", [("failed", "JOB_STATE_FAILED"), ("expired", "JOB_STATE_EXPIRED")])
 def test_a_job_that_fails_or_expires_ends_with_the_services_error(vertex, data, outcome, state):
     vertex.step_seconds = 60

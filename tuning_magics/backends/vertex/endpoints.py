@@ -450,8 +450,8 @@ def _deployed(job) -> dict[str, VertexEndpoint]:
 
 
 def _is_gemini(job) -> bool:
-    base = str((job.config or {}).get("base_model") or "")
-    return base.startswith("gemini-") or bool(getattr(job, "tuned_model_name", None))
+    """Whether ``job`` tuned a Gemini model: by its base model (``VertexJob.is_gemini``), never by a tuned model."""
+    return bool(job.is_gemini)
 
 
 def _check_succeeded(job, doing: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from ... import catalog
 from ...errors import UserError
 from ...jobs import (
     JOB_STATE_CANCELLED,
@@ -119,16 +120,32 @@ class VertexJob(Job):
         return Progress(seen.step, int(total) if total else None, seen.epoch, seen.epochs)
 
     @property
+    def is_gemini(self) -> bool:
+        """Whether the job tuned a Gemini model, as its base model's catalog entry says.
+
+        Never decided by the tuned model: the service registers tuned open models in
+        the Model Registry too, so a finished open-model job carries ``tuned_model.model``
+        as well (google-genai's ``TunedModel``: ``model``, ``endpoint``, ``checkpoints``).
+        A base model the catalog does not know is Gemini when its id says so; a job
+        continued from a tuned model whose base the service did not name is Gemini,
+        as only Gemini models are tuned further.
+        """
+        base = str((self.config or {}).get("base_model") or "")
+        if not base:
+            return getattr(self.raw, "pre_tuned_model", None) is not None
+        found = catalog.find(base)
+        return found.provider == "gemini" if found is not None else base.startswith("gemini-")
+
+    @property
     def checkpoints(self) -> list[Checkpoint]:
         """Gemini: the tuned model's checkpoints. Open models: the output folder's ``checkpoint-N`` and ``final``."""
-        raw = self.raw
-        tuned = getattr(raw, "tuned_model", None)
-        found = []
-        for ck in (getattr(tuned, "checkpoints", None) or []):
-            step = int(ck.step) if ck.step is not None else None
-            found.append(Checkpoint(f"checkpoint-{ck.checkpoint_id}", step, ck.endpoint or tuned.model or ""))
-        if found:
-            if tuned.endpoint:
+        if self.is_gemini:
+            tuned = getattr(self.raw, "tuned_model", None)
+            found = []
+            for ck in (getattr(tuned, "checkpoints", None) or []):
+                step = int(ck.step) if ck.step is not None else None
+                found.append(Checkpoint(f"checkpoint-{ck.checkpoint_id}", step, ck.endpoint or tuned.model or ""))
+            if getattr(tuned, "endpoint", None):
                 found.append(Checkpoint("final", None, tuned.endpoint))
             return found
         out = self.output_uri
@@ -154,7 +171,10 @@ class VertexJob(Job):
 
     @property
     def tuned_model_name(self) -> str | None:
-        """The tuned model's resource name (``projects/.../models/...@1``) for Gemini, else None."""
+        """The tuned model's Model Registry name (``projects/.../models/...@1``) once the service gave one, else None.
+
+        Gemini jobs have one, and so may open-model jobs: :attr:`is_gemini` tells them apart.
+        """
         tuned = getattr(self.raw, "tuned_model", None)
         return getattr(tuned, "model", None)
 
