@@ -23,7 +23,16 @@ from tuning_magics.display.monitor import JobMonitor, job_text, show  # noqa: E4
 from tuning_magics.errors import UserError  # noqa: E402
 from tuning_magics.jobs import Checkpoint, Job, JobInfo, now  # noqa: E402
 
-from test_local_jobs import MODEL, _shared_models, home, records, wait_for  # noqa: E402,F401
+from test_local_jobs import (  # noqa: E402,F401
+    MODEL,
+    _fake_active,
+    _shared_models,
+    busy_message,
+    held_by_another_process,
+    home,
+    records,
+    wait_for,
+)
 
 
 class Scripted(Job):
@@ -299,6 +308,24 @@ def test_a_local_job_is_followed_to_success_and_can_stop_early(home, kernel):  #
     assert job.note.startswith("stopped early") and job.note in monitor.note.value
     assert monitor.stop_early_button.disabled and monitor.cancel_button.disabled
     assert "train loss" in job_text(job)
+
+
+def test_cancel_while_another_process_writes_the_registry_says_so_beside_the_button(home, tmp_path):  # noqa: F811
+    import os
+
+    import psutil
+
+    _fake_active("tune-busy", os.getpid(), psutil.Process().create_time(), tmp_path / "busy")  # nothing starts
+    job = tm.tune(MODEL, records(4))
+    monitor = JobMonitor(job)
+    with held_by_another_process():
+        start = time.monotonic()
+        monitor.cancel_button.click()
+        assert time.monotonic() - start < 15  # the kernel was held a few seconds, not sqlite's 30
+        assert monitor.message.value == busy_message()
+        assert monitor.update().state == "JOB_STATE_QUEUED"  # reading goes on meanwhile
+    monitor.cancel_button.click()
+    assert monitor.message.value == "cancelling" and job.refresh().state == "JOB_STATE_CANCELLED"
 
 
 @pytest.mark.slow

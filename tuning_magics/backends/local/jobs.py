@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,8 +112,16 @@ def record(job_id: str, config: dict, output_dir, *, display_name: str | None = 
 
 
 def start(job_id: str) -> LocalJob:
-    """Move the queue on (the recorded job starts if a slot is free) and return the job."""
-    scheduler.schedule()
+    """Move the queue on (the recorded job starts if a slot is free) and return the job.
+
+    The job is recorded already: a registry too busy to start it now is a warning, and the
+    next look at the job (``refresh``, ``wait``, the monitor) starts it.
+    """
+    try:
+        scheduler.schedule()
+    except registry.RegistryBusy as exc:
+        warnings.warn(f"job {job_id} is queued but not started yet: {exc}; it starts at the next look at it "
+                      "(job.refresh(), job.wait() or the monitor)")
     return LocalJob(job_id)
 
 
@@ -133,8 +142,7 @@ def get(job_id: str) -> LocalJob:
 def find(limit: int | None = None) -> list[LocalJob]:
     """Local jobs, newest first."""
     records = registry.find(limit=limit)
-    if any(scheduler.has_dead_worker(r) for r in records):
-        scheduler.schedule()
+    if any(scheduler.has_dead_worker(r) for r in records) and _move_queue():
         records = registry.find(limit=limit)
     return [LocalJob(r.id, _record=r) for r in records]
 
@@ -168,10 +176,11 @@ class LocalJob(Job):
     def _fetch(self) -> JobInfo:
         scheduler.poll_children()
         rec = self._record()
-        if scheduler.has_dead_worker(rec):
-            # Liveness: the worker died without a word. Mark it (under the lock) and move the queue on.
-            scheduler.schedule()
-            rec = self._record()
+        if scheduler.has_dead_worker(rec) or _missed_its_start(rec):
+            # Liveness: the worker died without a word, or a queued job was not started when a slot was free
+            # (the registry was busy then). Mark it (under the lock) and move the queue on.
+            if _move_queue():
+                rec = self._record()
         return _info(rec)
 
     def cancel(self) -> LocalJob:
@@ -335,6 +344,23 @@ class LocalJob(Job):
         """Free the models chat() or deploy() loaded (a running endpoint keeps serving its own)."""
         self._chat_models.clear()
         self._base_model = None
+
+
+def _move_queue() -> bool:
+    """Run the scheduler for a reader that noticed it is needed; False when the registry was too busy.
+
+    Reading a job never fails on a busy writer: the next look moves the queue on.
+    """
+    try:
+        scheduler.schedule()
+    except registry.RegistryBusy:
+        return False
+    return True
+
+
+def _missed_its_start(rec: registry.JobRecord) -> bool:
+    """A QUEUED job while fewer jobs than the limit are active: the scheduler should have started it."""
+    return rec.state == JOB_STATE_QUEUED and len(registry.find(states=ACTIVE_STATES)) < scheduler.concurrency()
 
 
 def _info(rec: registry.JobRecord) -> JobInfo:

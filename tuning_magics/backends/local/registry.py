@@ -5,7 +5,9 @@ and write the same file, ``<home>/jobs.sqlite3``, where ``<home>`` is
 ``$TUNING_MAGICS_HOME`` or the user's data folder (``~/.local/share/tuning_magics``
 on Linux; see ``tuning_magics.paths``). WAL mode lets
 readers go on while a worker writes; a busy timeout makes writers queue
-instead of failing. State changes are compare-and-set (``transition``) so
+instead of failing, for a few seconds only where a person waits (``%tune``, the
+monitor's Cancel): then :class:`RegistryBusy` says so in one line. The worker,
+which no one waits on, waits longer (:data:`WORKER_BUSY_WAIT`). State changes are compare-and-set (``transition``) so
 that a cancel and a worker finishing at the same moment cannot overwrite
 each other.
 
@@ -45,6 +47,11 @@ _ADDED_COLUMNS = {2: (("note", "TEXT"), ("stop_early", "INTEGER NOT NULL DEFAULT
 HOME_ENV = "TUNING_MAGICS_HOME"
 #: Each job folder's own record of the job: what :func:`rebuild` reads.
 JOB_FILE = "job.json"
+#: Seconds a change waits for another process's write (or the scheduler's lock) before
+#: :class:`RegistryBusy`: short, because the notebook is frozen meanwhile. The worker sets
+#: ``busy_wait = WORKER_BUSY_WAIT``.
+busy_wait = 3.0
+WORKER_BUSY_WAIT = 120.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -111,6 +118,20 @@ class RegistryDamaged(UserError):
     """The registry file cannot be read; the message names it and says how to rebuild it."""
 
 
+class RegistryBusy(UserError):
+    """Another process held the registry's write lock longer than :data:`busy_wait`."""
+
+
+def _busy() -> RegistryBusy:
+    return RegistryBusy(f"the job registry {db_path()} is busy (another process is writing it); "
+                        "try again in a moment", field="registry")
+
+
+def _is_busy(exc: sqlite3.DatabaseError) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(exc).lower()
+
+
 def _damaged(reason: str) -> RegistryDamaged:
     return RegistryDamaged(
         f"the local job registry {db_path()} is damaged ({reason}); "
@@ -137,9 +158,13 @@ def lock():
     except ImportError:
         require_extra("local", "filelock")
         raise
+    from filelock import Timeout
+
     held = FileLock(ensure_home() / "scheduler.lock")
     try:
-        held.acquire()
+        held.acquire(timeout=busy_wait)
+    except Timeout:
+        raise _busy() from None
     except OSError as exc:  # a data folder we may not write to
         raise home_error(exc) from None
     try:
@@ -212,7 +237,7 @@ def _make(path: Path) -> None:
 
 
 def connect() -> sqlite3.Connection:
-    """A new connection to the registry (made on first use); autocommit, WAL, 30 s busy timeout.
+    """A new connection to the registry (made on first use); autocommit, WAL, :data:`busy_wait` busy timeout.
 
     Raises :class:`RegistryDamaged` when the file is not a readable registry.
     """
@@ -220,10 +245,9 @@ def connect() -> sqlite3.Connection:
     if not path.exists():
         _make(path)
     # mode=rw: a registry that vanished is not silently made anew here.
-    conn = sqlite3.connect(path.as_uri() + "?mode=rw", uri=True, timeout=30.0, isolation_level=None)
+    conn = sqlite3.connect(path.as_uri() + "?mode=rw", uri=True, timeout=busy_wait, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout = 30000")
         if path.stat().st_size == 0:
             raise _damaged("it is empty")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -239,6 +263,8 @@ def connect() -> sqlite3.Connection:
         conn.close()
         if _is_damage(exc):
             raise _damaged(str(exc)) from None
+        if _is_busy(exc):
+            raise _busy() from None
         raise
     except BaseException:
         conn.close()
@@ -270,6 +296,8 @@ def _db():
     except sqlite3.DatabaseError as exc:
         if _is_damage(exc):
             raise _damaged(str(exc)) from None
+        if _is_busy(exc):
+            raise _busy() from None
         raise
     finally:
         conn.close()

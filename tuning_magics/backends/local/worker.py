@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m tuning_magics.backends.local.worker <job id>", file=sys.stderr)
         return 2
+    # No one waits on a worker: it outlasts another process's long write rather than lose the job's end.
+    registry.busy_wait = registry.WORKER_BUSY_WAIT
     state = JOB_STATE_FAILED
     try:
         state = Worker(argv[0]).run()
