@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import importlib.util
+import math
 import os
 import re
 import signal
@@ -345,6 +346,48 @@ def test_metrics_and_checkpoints_tolerate_partial_writes(home, tmp_path):
     assert list(m.columns[:7]) == list(METRIC_COLUMNS)
     with pytest.raises(UserError, match="no final model yet"):
         job.chat("hi")
+
+
+@pytest.mark.parametrize("progress", ['[1, 2, 3]', 'garbage', '{"step": "x", "total_steps": 24}', None])
+def test_metric_rows_and_progress_of_the_wrong_types_never_break_a_view(home, tmp_path, progress):
+    from tuning_magics.display.monitor import JobMonitor, job_text
+    from tuning_magics.experiments import jobs_frame
+
+    out = tmp_path / "edited"
+    _fake_active("tune-edited", os.getpid(), psutil.Process().create_time(), out)
+    (out / "metrics.jsonl").write_text(
+        '{"step": 1, "epoch": 0.5, "train_loss": 2.0}\n'
+        '{"step": "2", "epoch": 1.0, "train_loss": "1.5"}\n'          # numbers written as text: read as numbers
+        '{"step": 3, "epoch": 1.5, "train_loss": [1, 2], "token_accuracy": "high"}\n'  # values left out
+        '{"step": "three", "train_loss": 1.0}\n'                       # no whole step: the row is skipped
+        '[1, 2, 3]\n"a string"\nnot json\n\n'
+        '{"step": 4.0, "epoch": 2.0, "train_loss": 1.2, "eval_loss": {"x": 1}, "grad_norm": true}\n'
+    )
+    if progress is not None:
+        (out / "progress.json").write_text(progress)
+    job = tm.get_job("tune-edited")
+    with pytest.warns(UserWarning) as caught:
+        m = job.metrics()
+        assert m["step"].tolist() == [1, 2, 3, 4]
+        assert m["train_loss"].tolist()[:2] == [2.0, 1.5] and math.isnan(m.loc[2, "train_loss"])
+        assert m["eval_loss"].isna().all() and m["token_accuracy"].isna().all() and "grad_norm" not in m
+        p = job.progress()
+        assert (p.step, p.epoch) == (4, 2.0)  # from the metrics: the progress file is not the worker's
+        monitor = JobMonitor(job)
+        assert "step 4" in monitor.progress_label.value and "train loss 1.2000" in monitor.losses.value
+        assert "step 4" in job_text(job)
+        assert jobs_frame([job]).loc[0, "final_train_loss"] == 1.2
+    (warning,) = caught  # one warning, however often the job is read
+    assert str(warning.message) == (f"{out / 'metrics.jsonl'} holds values that are not numbers (line 3: "
+                                    "train_loss = [1, 2] and 7 more); they are left out of the job's metrics")
+
+
+def test_progress_written_as_text_is_read_as_numbers(home, tmp_path):
+    out = tmp_path / "texty"
+    _fake_active("tune-texty", os.getpid(), psutil.Process().create_time(), out)
+    (out / "progress.json").write_text('{"step": "5", "total_steps": "24", "epoch": "x", "epochs": 3}')
+    p = tm.get_job("tune-texty").progress()
+    assert (p.step, p.total_steps, p.epoch, p.epochs) == (5, 24, None, 3)
 
 
 def test_resume_and_cancel_rules(home, tmp_path):

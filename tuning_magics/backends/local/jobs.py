@@ -36,7 +36,7 @@ from ...jobs import (
 )
 from . import registry, scheduler
 from .checkpoints import job_checkpoints
-from .metrics import read_metrics
+from .metrics import number, read_metrics, whole
 
 def jobs_root() -> Path:
     """Where job folders go unless ``output_uri`` names one: ``<home>/jobs``."""
@@ -245,17 +245,21 @@ class LocalJob(Job):
         return job_checkpoints(self.output_dir)
 
     def progress(self) -> Progress:
-        """The step of the total steps and the epoch of the epochs, as the worker last wrote them."""
-        import json
+        """The step of the total steps and the epoch of the epochs, as the worker last wrote them.
 
+        Without a readable progress file (none yet, or not the worker's), from the metrics.
+        """
         from .worker import PROGRESS_FILE
 
         try:
             saved = json.loads((self.output_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or whole(saved.get("step")) is None:
             return super().progress()
-        return Progress(step=saved.get("step"), total_steps=saved.get("total_steps"), epoch=saved.get("epoch"),
-                        epochs=saved.get("epochs"))
+        epoch = number(saved.get("epoch"))
+        return Progress(step=whole(saved.get("step")), total_steps=whole(saved.get("total_steps")),
+                        epoch=None if epoch is None else float(epoch), epochs=whole(saved.get("epochs")))
 
     @property
     def log(self) -> str:
