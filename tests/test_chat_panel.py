@@ -18,6 +18,88 @@ from tuning_magics.display.chat import ChatPanel
 QA = invented_facts()[:6]  # facts the session's tuned model knows
 
 
+# -- a local job whose models are gone or were never made: refused before any model loads --------
+
+
+def local_job(tmp_path, state, checkpoints=(), *, folder=True):
+    """A local job in ``state`` whose folder holds only ``checkpoint-N`` folders (no final model)."""
+    import os
+
+    import psutil
+
+    from tuning_magics.backends.local import registry
+    from tuning_magics.backends.local.checkpoints import checkpoints_dir
+    from tuning_magics.backends.local.jobs import LocalJob
+
+    out = tmp_path / "job"
+    for step in checkpoints:
+        (checkpoints_dir(out) / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints_dir(out) / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    if folder:
+        out.mkdir(exist_ok=True)
+    alive = dict(pid=os.getpid(), pid_started=psutil.Process().create_time()) if state == "JOB_STATE_RUNNING" else {}
+    job_id = registry.new_id("chat")
+    registry.insert(registry.JobRecord(id=job_id, config={"base_model": "local/tiny-qwen3"}, state=state,
+                                       output_dir=str(out), created=time.time(), started=time.time(), **alive))
+    return LocalJob(job_id)
+
+
+def test_a_deleted_final_model_is_named_gone_with_the_checkpoints_left(tmp_path):
+    from tuning_magics.backends.local.checkpoints import final_dir
+    from tuning_magics.errors import UserError
+
+    job = local_job(tmp_path, "JOB_STATE_SUCCEEDED", (8, 16))
+    expected = (f"job {job.id}'s final model is gone ({final_dir(job.output_dir)} was deleted); the checkpoints "
+                "left there are checkpoint-8, checkpoint-16: chat with checkpoint='checkpoint-16' or another")
+    for call in (lambda: job.chat("hi"), job.chat_panel, lambda: job.deploy()):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == expected and err.value.field == "checkpoint"
+
+
+def test_a_checkpoint_the_job_lacks_is_refused_before_the_panel_opens(tmp_path):
+    from tuning_magics.errors import UserError
+
+    job = local_job(tmp_path, "JOB_STATE_SUCCEEDED", (8, 16))
+    with pytest.raises(UserError) as err:
+        job.chat_panel(checkpoint="checkpoint-999")
+    assert str(err.value) == f"job {job.id} has no checkpoint 'checkpoint-999'; choose one of checkpoint-8, checkpoint-16"
+    assert job.chat_panel(checkpoint="checkpoint-8").title == f"Chat with job {job.id} (checkpoint-8)"
+    assert job.chat_panel(checkpoint="16", compare_base=False) is not None  # a step number names its checkpoint
+
+
+@pytest.mark.parametrize("state, checkpoints, folder, words", [
+    ("JOB_STATE_SUCCEEDED", (), True, "'s final model is gone ({final} was deleted); no checkpoints are left there; "
+                                      "tune again"),
+    ("JOB_STATE_SUCCEEDED", (), False, "'s folder {out} was deleted, its final model and checkpoints with it; "
+                                       "tune again"),
+    ("JOB_STATE_FAILED", (8,), True, " ended JOB_STATE_FAILED without a final model; the checkpoints left there are "
+                                     "checkpoint-8: chat with checkpoint='checkpoint-8' or another, or job.resume() "
+                                     "continues it"),
+    ("JOB_STATE_CANCELLED", (), True, " ended JOB_STATE_CANCELLED without a final model; no checkpoints are left "
+                                      "there, or job.resume() starts it again"),
+])
+def test_an_ended_job_without_a_final_model_says_what_is_left(tmp_path, state, checkpoints, folder, words):
+    from tuning_magics.backends.local.checkpoints import final_dir
+    from tuning_magics.errors import UserError
+
+    job = local_job(tmp_path, state, checkpoints, folder=folder)
+    with pytest.raises(UserError) as err:
+        job.chat_panel()
+    assert str(err.value) == f"job {job.id}" + words.format(final=final_dir(job.output_dir), out=job.output_dir)
+
+
+def test_a_running_job_opens_its_panel_and_each_reply_says_to_wait_for_the_final_model(tmp_path):
+    from tuning_magics.errors import UserError
+
+    job = local_job(tmp_path, "JOB_STATE_RUNNING", (8,))
+    panel = job.chat_panel(compare_base=False)
+    with pytest.raises(UserError, match=r"has no final model yet \(JOB_STATE_RUNNING\); wait for it, or chat with "
+                                        "checkpoint= one of checkpoint-8"):
+        job.chat("hi")
+    assert panel is not None
+
+
 # -- a scripted model, for what the panel does with any reply ---------------------------------
 
 

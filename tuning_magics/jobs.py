@@ -266,6 +266,7 @@ class Job(ABC):
         """
         from .display.chat import AtCheckpoint, ChatPanel
 
+        self._check_chat_checkpoint(checkpoint)  # a checkpoint the job lacks is refused before the panel opens
         base = None
         if compare_base:
             config = self.config or {}
@@ -273,6 +274,9 @@ class Job(ABC):
                                                        or "base model"))
         label = "final" if checkpoint is None else checkpoint
         return ChatPanel(self, checkpoint=checkpoint, base=base, title=f"Chat with job {self.id} ({label})")
+
+    def _check_chat_checkpoint(self, checkpoint: str | None) -> None:
+        """A one-line UserError when the job has no ``checkpoint`` to chat with; backends that can tell override it."""
 
     @property
     def can_stop_early(self) -> bool:

@@ -35,7 +35,7 @@ from ...jobs import (
     timestamp,
 )
 from . import registry, scheduler
-from .checkpoints import job_checkpoints
+from .checkpoints import final_dir, job_checkpoints
 from .metrics import number, read_metrics, whole
 
 def jobs_root() -> Path:
@@ -273,10 +273,7 @@ class LocalJob(Job):
         ckpts = {c.name: c.uri for c in self.checkpoints}
         if checkpoint is None:
             if "final" not in ckpts:
-                raise UserError(
-                    f"job {self._id} has no final model yet ({self.state}); wait for it, or chat with "
-                    f"checkpoint= one of {', '.join(ckpts) or 'its checkpoints once they exist'}"
-                )
+                raise self._no_final(list(ckpts))
             return ckpts["final"]
         if checkpoint in ckpts:
             return ckpts[checkpoint]
@@ -284,10 +281,39 @@ class LocalJob(Job):
             name = f"checkpoint-{int(checkpoint)}"
             if name in ckpts:
                 return ckpts[name]
-        raise UserError(
-            f"job {self._id} has no checkpoint {checkpoint!r}; choose one of {', '.join(ckpts) or '(none yet)'}",
-            field="checkpoint",
-        )
+        if ckpts:
+            choose = f"choose one of {', '.join(ckpts)}"
+        elif not self.done:
+            choose = "it has none yet"
+        else:
+            choose = f"none are left in {self.output_dir}" if self.output_dir.is_dir() else \
+                f"its folder {self.output_dir} was deleted"
+        raise UserError(f"job {self._id} has no checkpoint {checkpoint!r}; {choose}", field="checkpoint")
+
+    def _no_final(self, names: list[str]) -> UserError:
+        """Why there is no final model to chat with, and what is left to chat with instead."""
+        state = self.state
+        if not self.done:
+            return UserError(f"job {self._id} has no final model yet ({state}); wait for it, or chat with "
+                             f"checkpoint= one of {', '.join(names) or 'its checkpoints once they exist'}",
+                             field="checkpoint")
+        if not self.output_dir.is_dir():
+            return UserError(f"job {self._id}'s folder {self.output_dir} was deleted, its final model and "
+                             "checkpoints with it; tune again", field="checkpoint")
+        left = (f"the checkpoints left there are {', '.join(names)}: chat with checkpoint={names[-1]!r} or another"
+                if names else "no checkpoints are left there")
+        if state == JOB_STATE_SUCCEEDED:
+            why = f"job {self._id}'s final model is gone ({final_dir(self.output_dir)} was deleted)"
+            return UserError(f"{why}; {left}" + ("" if names else "; tune again"), field="checkpoint")
+        again = "job.resume() continues it" if names else "job.resume() starts it again"
+        return UserError(f"job {self._id} ended {state} without a final model; {left}, or {again}",
+                         field="checkpoint")
+
+    def _check_chat_checkpoint(self, checkpoint: str | None) -> None:
+        """Refuse a checkpoint the job lacks, and a final model an ended job lacks (a running one may yet make it)."""
+        if checkpoint == "base" or (checkpoint is None and not self.done):
+            return
+        self._checkpoint_path(checkpoint)
 
     def chat(self, messages_or_text, *, checkpoint: str | None = None, stream: bool = False, **gen):
         """Reply with the tuned model (or ``checkpoint``: a name such as ``checkpoint-8``, a step, or ``"base"``).
