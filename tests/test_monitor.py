@@ -303,11 +303,62 @@ def test_a_local_job_is_followed_to_success_and_can_stop_early(home, kernel):  #
     monitor.stop_early_button.click()
     monitor.wait(120)
     assert not monitor.running and job.state == "JOB_STATE_SUCCEEDED"
-    assert monitor.bar.bar_style == "success" and monitor.bar.value == 1.0
+    stopped = job.progress().step
+    assert monitor.bar.bar_style == "success" and monitor.bar.value == pytest.approx(stopped / 96)
+    assert monitor.progress_label.value.startswith(f"stopped early at step {stopped} of 96")
     assert monitor.selected_checkpoint == "final"
     assert job.note.startswith("stopped early") and job.note in monitor.note.value
     assert monitor.stop_early_button.disabled and monitor.cancel_button.disabled
     assert "train loss" in job_text(job)
+
+
+def ended_local_job(tmp_path, state, *, progress: dict, steps: int, checkpoints=(), note=None):
+    """A local job that ended in ``state``: the worker's last progress file, ``steps`` metric rows, checkpoints."""
+    import json
+
+    from tuning_magics.backends.local import registry
+    from tuning_magics.backends.local.checkpoints import checkpoints_dir
+    from tuning_magics.backends.local.jobs import LocalJob
+
+    out = tmp_path / "ended"
+    out.mkdir()
+    (out / "progress.json").write_text(json.dumps(progress))
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "epoch": round(s / 8, 4), "train_loss": 2.0 / s}) + "\n" for s in range(1, steps + 1)))
+    for step in checkpoints:
+        (checkpoints_dir(out) / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints_dir(out) / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    registry.insert(registry.JobRecord(id="tune-ended", config={"base_model": MODEL, "epochs": 3}, state=state,
+                                       output_dir=str(out), created=time.time(), started=time.time(),
+                                       ended=time.time(), note=note))
+    return LocalJob("tune-ended")
+
+
+def test_a_job_stopped_early_at_step_1_reads_stopped_early_not_100_percent(home, tmp_path):  # noqa: F811
+    job = ended_local_job(tmp_path, "JOB_STATE_SUCCEEDED", steps=1, checkpoints=(1,),
+                          progress={"step": 1, "total_steps": 24, "epoch": 0.125, "epochs": 3},
+                          note="stopped early at step 1 of 24; final is checkpoint-1")
+    monitor = JobMonitor(job)
+    assert monitor.progress_label.value == "stopped early at step 1 of 24 · epoch 0.125 of 3"
+    assert monitor.bar.value == pytest.approx(1 / 24) and monitor.bar.bar_style == "success"
+    assert "progress: stopped early at step 1 of 24" in job_text(job) and "100%" not in job_text(job)
+
+
+def test_a_job_that_ran_to_its_end_reads_100_percent(home, tmp_path):  # noqa: F811
+    job = ended_local_job(tmp_path, "JOB_STATE_SUCCEEDED", steps=24, checkpoints=(8, 16, 24),
+                          progress={"step": 24, "total_steps": 24, "epoch": 3.0, "epochs": 3})
+    monitor = JobMonitor(job)
+    assert monitor.progress_label.value == "step 24 of 24 (100%) · epoch 3 of 3" and monitor.bar.value == 1.0
+
+
+def test_a_killed_worker_shows_no_step_behind_its_last_checkpoint(home, tmp_path):  # noqa: F811
+    # The worker wrote progress at step 7 (it writes at most every half second), then trained on to step 9,
+    # saving checkpoint-8, and was killed.
+    job = ended_local_job(tmp_path, "JOB_STATE_FAILED", steps=9, checkpoints=(8,),
+                          progress={"step": 7, "total_steps": 24, "epoch": 0.875, "epochs": 3})
+    progress = job.progress()
+    assert (progress.step, progress.epoch, progress.stopped_early) == (9, 1.125, False)
+    assert JobMonitor(job).progress_label.value == "step 9 of 24 (38%) · epoch 1.125 of 3"
 
 
 def test_cancel_while_another_process_writes_the_registry_says_so_beside_the_button(home, tmp_path):  # noqa: F811

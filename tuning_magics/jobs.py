@@ -183,6 +183,8 @@ class Progress:
     total_steps: int | None = None
     epoch: float | None = None
     epochs: int | None = None
+    #: Training ended at ``step``, short of ``total_steps``, because stopping early was asked for.
+    stopped_early: bool = False
 
     @property
     def fraction(self) -> float | None:

@@ -95,6 +95,7 @@ class Snapshot:
     epoch: float | None = None
     epochs: int | None = None
     fraction: float | None = None
+    stopped_early: bool = False
     eta: float | None = None
     train_loss: float | None = None
     train_smoothed: float | None = None
@@ -142,7 +143,9 @@ class Snapshot:
             part = f"step {self.step:,}"
             if self.total_steps:
                 part += f" of {self.total_steps:,}"
-            if self.fraction is not None:
+            if self.stopped_early:
+                part = f"stopped early at {part}"
+            elif self.fraction is not None:
                 part += f" ({self.fraction:.0%})"
             parts.append(part)
         if self.epoch is not None or self.epochs:
@@ -261,7 +264,9 @@ def read_snapshot(job, *, frame=None, rate: _Rate | None = None) -> Snapshot:
         snap.waiting = started is None and ended is None
     snap.step, snap.total_steps, snap.epoch, snap.epochs = (progress.step, progress.total_steps, progress.epoch,
                                                             progress.epochs)
-    snap.fraction = 1.0 if info.state == _SUCCEEDED and snap.total_steps else progress.fraction
+    snap.stopped_early = progress.stopped_early
+    snap.fraction = 1.0 if info.state == _SUCCEEDED and snap.total_steps and not snap.stopped_early \
+        else progress.fraction
     if rate is not None:
         rate.add(progress.step)
         per_second = rate.per_second()

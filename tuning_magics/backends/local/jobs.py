@@ -36,7 +36,7 @@ from ...jobs import (
 )
 from . import registry, scheduler
 from .checkpoints import final_dir, job_checkpoints
-from .metrics import number, read_metrics, whole
+from .metrics import last_metric, number, read_metrics, whole
 
 def jobs_root() -> Path:
     """Where job folders go unless ``output_uri`` names one: ``<home>/jobs``."""
@@ -247,7 +247,10 @@ class LocalJob(Job):
     def progress(self) -> Progress:
         """The step of the total steps and the epoch of the epochs, as the worker last wrote them.
 
-        Without a readable progress file (none yet, or not the worker's), from the metrics.
+        Without a readable progress file (none yet, or not the worker's), from the metrics. The
+        worker writes progress at most every ``PROGRESS_EVERY`` seconds, so for a job that has ended
+        (stopped early, cancelled, killed) the metrics' last step wins when it is further: never a
+        step behind the last checkpoint. ``stopped_early``: it succeeded short of the total.
         """
         from .worker import PROGRESS_FILE
 
@@ -257,9 +260,14 @@ class LocalJob(Job):
             saved = None
         if not isinstance(saved, dict) or whole(saved.get("step")) is None:
             return super().progress()
-        epoch = number(saved.get("epoch"))
-        return Progress(step=whole(saved.get("step")), total_steps=whole(saved.get("total_steps")),
-                        epoch=None if epoch is None else float(epoch), epochs=whole(saved.get("epochs")))
+        step, epoch, total = whole(saved.get("step")), number(saved.get("epoch")), whole(saved.get("total_steps"))
+        if self.done:
+            last = last_metric(self.output_dir)
+            if last.get("step") is not None and last["step"] > step:
+                step, epoch = last["step"], last.get("epoch")
+        return Progress(step=step, total_steps=total, epoch=None if epoch is None else float(epoch),
+                        epochs=whole(saved.get("epochs")),
+                        stopped_early=self.succeeded and total is not None and step < total)
 
     @property
     def log(self) -> str:
