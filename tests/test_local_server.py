@@ -713,3 +713,29 @@ def test_job_chat_without_the_local_extra_names_it(without_extra):
     proc = without_extra("local", code)
     assert proc.returncode == 0, proc.stderr
     assert "MISSING" in proc.stdout and 'pip install "tuning_magics[local]"' in proc.stdout, proc.stdout
+
+
+# -- the real openai client ------------------------------------------------------------------------
+
+
+def _openai(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_the_openai_client_retrieves_a_model_whose_id_has_a_slash(plain):
+    import openai
+
+    from tuning_magics.backends.local.server import serve
+
+    with serve(plain.chat_model, model_name="tune-1/final") as srv:
+        client = _openai(srv)
+        assert [m.id for m in client.models.list()] == ["tune-1/final"]
+        model = client.models.retrieve("tune-1/final")  # sent as /v1/models/tune-1%2Ffinal
+        assert model.id == "tune-1/final" and model.object == "model" and model.owned_by == "tuning_magics"
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve("tune-1/other")
+        assert "'tune-1/other' is not served here" in err.value.body["message"] and err.value.param == "model"
+        reply = client.chat.completions.create(model="tune-1/final", messages=_HI, max_tokens=2)
+        assert reply.model == "tune-1/final"

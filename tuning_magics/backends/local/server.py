@@ -7,7 +7,8 @@ accepts) and answers on a background thread::
         server.url                      # http://127.0.0.1:PORT/v1
         server.chat("Hello")            # through HTTP, like any client
 
-Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``messages``,
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}`` (the id URL-encoded or
+not, as clients send ``job/final``), ``POST /v1/chat/completions`` (``messages``,
 ``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``, ``top_k``,
 ``seed``, ``stream`` with server-sent events ending in ``data: [DONE]``, and
 ``usage`` token counts). Requests follow the rules of :mod:`tuning_magics.chat_request`, the
@@ -46,6 +47,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -504,12 +506,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.deadline = None
         ep = self.endpoint
         path = self._path()
+        model = {"id": ep.model_name, "object": "model", "created": ep.created, "owned_by": "tuning_magics"}
+        one = path.removeprefix("/v1").removeprefix("/models/") if path.startswith(("/v1/models/", "/models/")) \
+            else None
         if path in ("/v1/models", "/models"):
-            self._send_json(200, {"object": "list", "data": [
-                {"id": ep.model_name, "object": "model", "created": ep.created, "owned_by": "tuning_magics"}]})
-        elif path in (f"/v1/models/{ep.model_name}", f"/models/{ep.model_name}"):
-            self._send_json(200, {"id": ep.model_name, "object": "model", "created": ep.created,
-                                  "owned_by": "tuning_magics"})
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif one is not None:
+            # The openai client sends the id percent-encoded ("job%2Ffinal"), others as it is.
+            name = urllib.parse.unquote(one)
+            if name == ep.model_name:
+                self._send_json(200, model)
+            else:
+                self._error(404, f"model {name[:100]!r} is not served here; this endpoint serves {ep.model_name!r}",
+                            "model")
         elif path in ("", "/health", "/v1"):
             self._send_json(200, {"status": "ok", "model": ep.model_name, "active_requests": ep.active_requests})
         else:
