@@ -421,7 +421,15 @@ def test_the_api_key_is_never_written_to_the_job(home, fake_endpoint, monkeypatc
     # A server that echoes the key it refuses, as some do.
     ep = fake_endpoint(lambda p, n: "fine", models_status=401)
     prompts = _write_jsonl(home / "key-prompts.jsonl", [{"prompt": "hi"}])
-    job = tm.tune(STUDENT_BASE, str(prompts), method="distillation", base_teacher_model=ep.url, epochs=1)
+    # Refused at submission (the endpoint is asked first), not by a job minutes later.
+    before = len(tm.list_jobs())
+    with pytest.raises(tm.UserError) as refused:
+        tm.tune(STUDENT_BASE, str(prompts), method="distillation", base_teacher_model=ep.url, epochs=1)
+    assert "OPENAI_API_KEY" in str(refused.value) and key not in str(refused.value)
+    assert len(tm.list_jobs()) == before
+    # A key the endpoint refuses only once the job asks it: the job fails, and its files never hold the key.
+    ep_later = fake_endpoint(lambda p, n: 401)
+    job = tm.tune(STUDENT_BASE, str(prompts), method="distillation", base_teacher_model=ep_later.url, epochs=1)
     job.wait(timeout=300)
     assert job.state == "JOB_STATE_FAILED" and "OPENAI_API_KEY" in (job.error or "")
     for path in [*Path(job.output_uri).rglob("*"), *home.glob("jobs.sqlite3*")]:
@@ -429,3 +437,50 @@ def test_the_api_key_is_never_written_to_the_job(home, fake_endpoint, monkeypatc
             assert key.encode() not in path.read_bytes(), path
     with sqlite3.connect(home / "jobs.sqlite3") as conn:
         assert key not in json.dumps(conn.execute("SELECT * FROM jobs").fetchall())
+
+
+@pytest.mark.slow
+def test_a_credential_in_the_teacher_url_is_used_but_never_shown_or_stored(home, fake_endpoint, monkeypatch):
+    import base64
+    import sqlite3
+
+    import tuning_magics as tm
+    from tuning_magics.backends.local.submit import TEACHER_SECRET_FILE
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    ep = fake_endpoint(lambda p, n: "fine")
+    url = ep.url.replace("http://", "http://bob:pw-s3cret@") + "?api_key=qk-s3cret"
+    prompts = _write_jsonl(home / "url-prompts.jsonl", [{"prompt": "hi"}, {"prompt": "there"}])
+    plan = tm.tune(STUDENT_BASE, str(prompts), method="distillation", base_teacher_model=url, epochs=1,
+                   dry_run=True)
+    assert "s3cret" not in str(plan) and "bob:***@" in str(plan) and "api_key=***" in str(plan)
+    job = tm.tune(STUDENT_BASE, str(prompts), method="distillation", base_teacher_model=url, epochs=1)
+    assert "s3cret" not in json.dumps(job.config) and "s3cret" not in repr(job)
+    job.wait(timeout=300)
+    assert job.succeeded, job.error
+    # The teacher was asked with the credential: the user and password as Basic authorization.
+    assert {auth for _, auth in ep.seen} == {"Basic " + base64.b64encode(b"bob:pw-s3cret").decode()}
+    holders = [p for p in Path(job.output_uri).rglob("*") if p.is_file() and b"s3cret" in p.read_bytes()]
+    secret = Path(job.output_uri) / TEACHER_SECRET_FILE
+    assert holders == [secret] and secret.stat().st_mode & 0o077 == 0  # only its owner reads it
+    with sqlite3.connect(home / "jobs.sqlite3") as conn:
+        assert "s3cret" not in json.dumps(conn.execute("SELECT * FROM jobs").fetchall())
+
+
+@pytest.mark.slow
+def test_an_unreachable_teacher_endpoint_is_refused_before_a_job_is_queued(home):
+    import socket
+
+    import tuning_magics as tm
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    prompts = _write_jsonl(home / "p.jsonl", [{"prompt": "hi"}])
+    before = len(tm.list_jobs())
+    for dry_run in (True, False):
+        with pytest.raises(tm.UserError, match=f"the endpoint http://127.0.0.1:{port}/v1 does not answer") as info:
+            tm.tune(STUDENT_BASE, str(prompts), method="distillation",
+                    base_teacher_model=f"http://127.0.0.1:{port}/v1", epochs=1, dry_run=dry_run)
+        assert info.value.field == "base_teacher_model" and "\n" not in str(info.value)
+    assert len(tm.list_jobs()) == before

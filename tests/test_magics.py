@@ -312,7 +312,7 @@ def test_cell_tune_takes_dataset_and_dataframe_variables(ip, jobs_home, shown, t
     assert ip.user_ns["j2"].config["train_dataset"].startswith("DataFrame")
 
 
-def test_dry_run_shows_what_would_be_submitted_and_submits_nothing(ip, jobs_home, shown):
+def test_dry_run_shows_what_would_be_submitted_and_submits_nothing(ip, jobs_home, shown, tmp_path):
     before = len(tm.list_jobs())
     ip.push({"records": RECORDS})
     ip.user_ns.pop("job", None)
@@ -325,6 +325,19 @@ def test_dry_run_shows_what_would_be_submitted_and_submits_nothing(ip, jobs_home
     assert isinstance(ip.user_ns["plan"], DryRun)
     ip.run_line_magic("tune", "--model local/tiny-qwen3 --data $records --epochs 2 --dry-run")
     assert shown[-1].request["epochs"] == 2
+    # Everything that takes effect is shown: what was given, and the engine's defaults for the rest.
+    ip.run_cell_magic("tune", "--dry-run", "model: local/tiny-qwen3\ndata: $records\nlearning_rate_multiplier: 50\n"
+                      f"output_uri: {tmp_path / 'out'}\ndisplay_name: fifty\ndescription: why\nlabels: {{team: a}}\n")
+    plan = shown[-1]
+    assert plan.request["learning_rate_multiplier"] == 50 and plan.request["output_uri"] == str(tmp_path / "out")
+    assert plan.request["tuned_model_display_name"] == "fifty" and plan.request["description"] == "why"
+    assert plan.request["labels"] == {"team": "a"}
+    assert "epochs=3" in str(plan) and "learning_rate=0.15" in str(plan) and "batch_size=8" in str(plan)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(UsageError, match="already holds files"):  # as submitting would say
+        ip.run_line_magic("tune", f"--model local/tiny-qwen3 --data $records --output-uri {tmp_path / 'full'} "
+                                  "--dry-run")
     assert len(tm.list_jobs()) == before
 
 

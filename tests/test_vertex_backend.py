@@ -46,10 +46,16 @@ def staged(fake, prefix=""):
 
 
 def walk(fake, job, limit=30):
-    """Refresh the job, moving the fake's clock a step each time, until it ends; returns the (state, substate) seen."""
+    """Refresh the job, moving the fake's clock a step each time, until it ends; returns the (state, substate) seen.
+
+    A look the fake answered 429 (every 5th GET of a job) leaves the last snapshot and says so in
+    ``job.retrying``: the clock moves on only after a look that got through.
+    """
     seen = []
     for _ in range(limit):
         job.refresh()
+        if job.retrying:
+            continue
         seen.append((job.state, job.substate))
         if job.done or job.state == "JOB_STATE_PAUSED":
             break
@@ -98,6 +104,19 @@ def test_dry_run_shows_the_body_it_would_send_and_uploads_and_submits_nothing(ve
     assert vertex.bodies() == [plan.request]  # what the dry run showed is what was sent
     assert staged(vertex) == [uri.split("/", 3)[3]]
     assert job.display_name == "capitals"
+
+
+def test_a_dry_run_looks_at_the_buckets_it_would_write_to(vertex, monkeypatch):
+    monkeypatch.setenv("TUNING_MAGICS_STAGING_BUCKET", "gs://no-such-bucket-here/staging")
+    with pytest.raises(UserError) as info:
+        tm.tune("gemini-2.5-flash", FRAME, epochs=1, dry_run=True)
+    assert info.value.field == "staging_bucket" and "gs://no-such-bucket-here does not exist" in str(info.value)
+    monkeypatch.setenv("TUNING_MAGICS_STAGING_BUCKET", f"gs://{vertex.bucket}/{vertex.staging}")
+    with pytest.raises(UserError) as info:
+        tm.tune("qwen3-4b", FRAME, epochs=1, output_uri="gs://no-output-bucket/out", dry_run=True)
+    assert info.value.field == "output_uri" and "gs://no-output-bucket does not exist" in str(info.value)
+    assert tm.tune("qwen3-4b", FRAME, epochs=1, dry_run=True).backend == "vertex"
+    assert vertex.bodies() == [] and staged(vertex) == []
 
 
 def test_local_data_is_uploaded_once_under_a_name_made_from_its_content(vertex):
@@ -222,6 +241,48 @@ def test_data_stats_count_from_the_services_totals_and_keep_its_sample_of_indice
     assert stats["dropped_examples"] is None  # the service has no such total
     frame = job.data_stats()
     assert frame.loc["truncated_examples", "service"] == 7 and pd.isna(frame.loc["dropped_examples", "service"])
+
+
+def test_polling_survives_429_5xx_and_dropped_connections_and_says_it_is_retrying(vertex, data):
+    from tuning_magics.backends.vertex.jobs import MAX_BACKOFF
+    from tuning_magics.display.monitor import job_text
+
+    vertex.step_seconds = 60
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    job.refresh()
+    seen, usual = (job.state, job.substate), job.poll_interval(0)
+    vertex.fail_next(503, "The service is currently unavailable.", method="GET", path=r"/tuningJobs/")
+    job.refresh()
+    assert (job.state, job.substate) == seen and not job.done  # the last snapshot stands; never FAILED
+    assert job.retrying.startswith("Vertex AI answered 503 UNAVAILABLE to the last look (1 in a row)")
+    assert "retrying: Vertex AI answered 503" in job_text(job)  # the monitor says so
+    vertex.drop_next(method="GET", path=r"/tuningJobs/")
+    job.refresh()
+    assert "the connection to Vertex AI failed" in job.retrying and "(2 in a row)" in job.retrying
+    assert job.poll_interval(0) == 4.0 > usual  # backing off
+    vertex.fail_next(429, "Quota exceeded.", method="GET", path=r"/tuningJobs/", times=8)
+    for _ in range(8):
+        job.refresh()
+    assert job.poll_interval(0) == MAX_BACKOFF and "(10 in a row)" in job.retrying  # bounded
+    job.refresh()
+    assert job.retrying is None and job.poll_interval(0) == usual and "retrying" not in job_text(job)
+    # A first read, with nothing to show meanwhile, asks again quickly.
+    vertex.fail_next(503, "The service is currently unavailable.", method="GET", path=r"/tuningJobs/", times=2)
+    assert tm.get_job(job.name).state == job.state
+    # Errors that do not pass are one line at once.
+    vertex.deny("aiplatform.tuningJobs.get")
+    with pytest.raises(UserError, match="permission denied to read tuning job") as info:
+        job.refresh()
+    assert "\n" not in str(info.value)
+
+
+def test_wait_goes_through_transient_errors_to_the_jobs_end(vertex, data):
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)  # the fake's 0.2 s steps: done in about a second
+    vertex.fail_next(429, "Quota exceeded.", method="GET", path=r"/tuningJobs/", times=2)
+    vertex.drop_next(method="GET", path=r"/tuningJobs/")
+    vertex.fail_next(502, "Bad gateway.", method="GET", path=r"/tuningJobs/")
+    assert job.wait(timeout=120, poll=0.05, raise_on_failure=True).state == "JOB_STATE_SUCCEEDED"
+    assert job.retrying is None
 
 
 def test_cancel_goes_through_cancelling_to_cancelled(vertex, data):
@@ -505,7 +566,10 @@ def test_no_token_appears_in_any_output_log_or_error_of_a_whole_run(vertex, data
     walk(vertex, job)
     shown += [repr(job), str(job.info), str(job.config), job.metrics().to_string(), job.data_stats().to_string(),
               str(job.checkpoints), repr(tm.list_jobs()), repr(tm.get_job(job.name))]
-    vertex.fail_next(500, f"backend error while serving Bearer {vertex.token}", method="GET", path=r"/tuningJobs/")
+    from tuning_magics.backends.vertex.jobs import FIRST_READ_PAUSES
+
+    vertex.fail_next(500, f"backend error while serving Bearer {vertex.token}", method="GET", path=r"/tuningJobs/",
+                     times=len(FIRST_READ_PAUSES) + 1)  # every quick try of a first read
     with pytest.raises(UserError) as info:
         tm.get_job(job.name)
     shown.append(str(info.value))

@@ -890,6 +890,13 @@ def exists(uri: PathOrUri) -> bool:
         return _blob(uri).exists(**_call_options())
 
 
+def bucket_exists(uri: str) -> bool:
+    """Whether the bucket of the gs:// URI ``uri`` exists (and this identity may see it): one read, nothing made."""
+    bucket, _ = split_folder_or_object(str(uri), need_object=False)
+    with _gcs_errors(f"gs://{bucket}"):
+        return gcs_client().lookup_bucket(bucket, **_call_options()) is not None
+
+
 def size(uri: PathOrUri) -> int:
     """Size in bytes of the file or object."""
     if not is_gcs(uri):

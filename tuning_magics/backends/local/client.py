@@ -42,9 +42,20 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def chat_url(base_url: str) -> str:
-    """The chat-completions URL for a base URL (``http://h:p/v1``) or a full ``.../chat/completions`` URL."""
-    url = base_url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    """The chat-completions URL for a base URL (``http://h:p/v1``) or a full ``.../chat/completions`` URL.
+
+    A query (``?api_key=...``) stays at the end, where it belongs.
+    """
+    return _at(base_url, "/chat/completions")
+
+
+def _at(base_url: str, suffix: str) -> str:
+    """``base_url`` with its path ending in ``suffix`` (``/chat/completions`` or ``/models``), its query kept."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/").removesuffix("/chat/completions")
+    return urlunsplit((parts.scheme, parts.netloc, path + suffix, parts.query, ""))
 
 
 def _open(url: str, payload: dict | None, *, api_key: str | None, timeout: float, accept: str):
@@ -55,9 +66,13 @@ def _open(url: str, payload: dict | None, *, api_key: str | None, timeout: float
 
     data = None if payload is None else json.dumps(payload).encode()
     headers = {"Content-Type": "application/json", "Accept": accept}
+    url, basic = _without_userinfo(url)
+    if basic:
+        headers["Authorization"] = f"Basic {basic}"
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=data, headers=headers, method="GET" if data is None else "POST")
+    url = redact_url(url)  # what errors may say: never a key the URL carries
     try:
         return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -76,9 +91,45 @@ def _open(url: str, payload: dict | None, *, api_key: str | None, timeout: float
         raise EndpointError(f"no answer from {url} ({_one_line(getattr(exc, 'reason', exc))})") from None
 
 
+#: Query parameters that carry a credential (``?api_key=...``): never shown, never stored in a job's config.
+_SECRET_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token", "auth", "sig",
+                            "signature", "password", "secret", "code"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (``user:pw@``) and credential query values (``?api_key=``) replaced by ``***``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(str(url))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _without_userinfo(url: str) -> tuple[str, str | None]:
+    """``url`` without ``user:password@``, and those as the value of a Basic Authorization header (or None)."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), token
+
+
 def _cut(url: str, exc: BaseException) -> EndpointError:
     """A body that stalled past the timeout or was cut short."""
-    return EndpointError(f"the answer from {url} stopped before its end ({_one_line(exc) or type(exc).__name__})")
+    return EndpointError(f"the answer from {redact_url(url)} stopped before its end ({_one_line(exc) or type(exc).__name__})")
 
 
 def _request(url: str, payload: dict | None, *, api_key: str | None, timeout: float) -> dict:
@@ -92,14 +143,12 @@ def _request(url: str, payload: dict | None, *, api_key: str | None, timeout: fl
         try:
             return json.loads(raw or b"{}")
         except ValueError as exc:
-            raise EndpointError(f"{url} did not answer with JSON ({exc})") from None
+            raise EndpointError(f"{redact_url(url)} did not answer with JSON ({exc})") from None
 
 
 def list_models(base_url: str, *, api_key: str | None = None, timeout: float = 30.0) -> list[str]:
     """The model ids an OpenAI-compatible endpoint serves (``GET <base>/models``)."""
-    base = base_url.rstrip("/")
-    base = base.removesuffix("/chat/completions")
-    data = _request(base + "/models", None, api_key=api_key, timeout=timeout)
+    data = _request(_at(base_url, "/models"), None, api_key=api_key, timeout=timeout)
     return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
 
 
@@ -123,7 +172,7 @@ def stream_chat_completion(base_url: str, messages: list[dict], *, model: str | 
             except (OSError, http.client.HTTPException) as exc:
                 raise _cut(url, exc) from None
             if not raw:
-                raise EndpointError(f"the stream from {url} ended before data: [DONE]; the reply is incomplete")
+                raise EndpointError(f"the stream from {redact_url(url)} ended before data: [DONE]; the reply is incomplete")
             line = raw.decode("utf-8", errors="replace").strip()
             if not line.startswith("data:"):
                 continue
@@ -135,12 +184,12 @@ def stream_chat_completion(base_url: str, messages: list[dict], *, model: str | 
                 if not isinstance(event, dict):
                     raise ValueError
             except ValueError:
-                raise EndpointError(f"{url} sent a malformed stream event: {data[:80]}") from None
+                raise EndpointError(f"{redact_url(url)} sent a malformed stream event: {data[:80]}") from None
             if event.get("error") is not None:
                 error = event["error"]
                 message = error.get("message") if isinstance(error, dict) else error
                 code = error.get("code") if isinstance(error, dict) else None
-                raise EndpointError(f"{url} ended the stream with an error: {_one_line(message)}",
+                raise EndpointError(f"{redact_url(url)} ended the stream with an error: {_one_line(message)}",
                                     code if isinstance(code, int) else None, _one_line(message))
             choices = event.get("choices") or []
             piece = choices[0].get("delta", {}).get("content") if choices and isinstance(choices[0], dict) else None

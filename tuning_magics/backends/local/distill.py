@@ -131,7 +131,10 @@ def _refused(url: str, exc, what: str, api_key: str | None = None) -> UserError:
     text = str(exc)
     if api_key:
         text = text.replace(api_key, "***")  # some servers echo the key they refuse; it must not reach job logs
-    return UserError(f"the teacher endpoint {url} refused {what} ({text}); {_KEY_HINT}", field="base_teacher_model")
+    from .client import redact_url
+
+    return UserError(f"the teacher endpoint {redact_url(url)} refused {what} ({text}); {_KEY_HINT}",
+                     field="base_teacher_model")
 
 
 class _LocalTeacher:
@@ -200,7 +203,7 @@ class _EndpointTeacher:
     """An OpenAI-compatible chat-completions endpoint, asked from a small thread pool."""
 
     def __init__(self, url: str, *, api_key: str | None, model: str | None, timeout: float, concurrency: int):
-        from .client import EndpointError, list_models
+        from .client import EndpointError, list_models, redact_url
 
         url, _, named = url.partition("#")  # "http://host/v1#model-id" names the model
         self.url = url
@@ -217,18 +220,19 @@ class _EndpointTeacher:
                     raise _refused(url, exc, "the API key" if self.api_key else "a request without an API key",
                                    self.api_key) from None
                 if exc.status is None:
-                    raise UserError(f"the teacher endpoint {url} does not answer ({exc}); start the server or "
+                    raise UserError(f"the teacher endpoint {redact_url(url)} does not answer ({exc}); start the server or "
                                     "check the URL", field="base_teacher_model") from None
                 served = []  # some servers have no /models; the request then names no model
             self.model = served[0] if len(served) == 1 else None
             if len(served) > 1:
-                raise UserError(f"the teacher endpoint {url} serves {len(served)} models ({', '.join(served[:5])}); "
-                                f"name one at the end of base_teacher_model: {url}#{served[0]}",
+                raise UserError(f"the teacher endpoint {redact_url(url)} serves {len(served)} models "
+                                f"({', '.join(served[:5])}); name one at the end of base_teacher_model: "
+                                f"{redact_url(url)}#{served[0]}",
                                 field="base_teacher_model")
 
     def _ask(self, prompt: list[dict], gen: dict) -> str:
         """The endpoint's answer; EndpointError when it fails, _Refused when it refuses this prompt."""
-        from .client import EndpointError, chat_completion
+        from .client import EndpointError, chat_completion, redact_url
 
         params = {"max_tokens": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"]}
         if gen.get("seed") is not None:
@@ -245,7 +249,7 @@ class _EndpointTeacher:
                 raise _Refused(str(exc)) from None
             raise
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise EndpointError(f"{self.url} answered without choices[0].message.content") from None
+            raise EndpointError(f"{redact_url(self.url)} answered without choices[0].message.content") from None
 
     def answer(self, prompts: list[list[dict]], *, on_answer: Callable[[int, str], None], batch_size: int,
                stop: Callable[[], bool], **gen) -> None:

@@ -45,6 +45,10 @@ def check(request: TuneRequest) -> tuple[str | None, str | None, dict]:
     return custom, teacher, options
 
 
+#: The full teacher URL of a job whose URL carries a credential (the job's config keeps it redacted).
+TEACHER_SECRET_FILE = "teacher-endpoint.secret"
+
+
 def submit(request: TuneRequest) -> local.LocalJob:
     """Check the request, write the job folder (datasets included) and queue the job."""
     custom, teacher, options = check(request)
@@ -60,30 +64,62 @@ def submit(request: TuneRequest) -> local.LocalJob:
             validation_file = prepare.to_jsonl("validation_dataset", validation, out / "validation.jsonl",
                                                model, "sft")
             prepare.check_validation_set(validation_file.uri, train_file.uri, model)
-        config = {
-            "base_model": model.id,
-            "custom_base_model": custom,
-            "tuning_mode": request.tuning_mode,
-            "method": method,
-            "base_teacher_model": teacher,
-            "epochs": request.epochs,
-            "learning_rate": request.learning_rate,
-            "learning_rate_multiplier": request.learning_rate_multiplier,
-            "adapter_size": request.adapter_size,
-            "train_dataset": prepare.describe(train),
-            "validation_dataset": prepare.describe(validation),
-            "train_path": train_file.uri,
-            "validation_path": validation_file.uri if validation_file else None,
-            "output_uri": str(out),
-            "engine_options": options,
-            "predicted_stats": prepare.predicted_stats(train_file.report, model, request.epochs),
-        }
-        if request.description:
-            config["description"] = request.description
-        if request.labels:
-            config["labels"] = dict(request.labels)
+        config = _config(request, custom, teacher, options, str(out))
+        config.update(train_path=train_file.uri, validation_path=validation_file.uri if validation_file else None,
+                      predicted_stats=prepare.predicted_stats(train_file.report, model, request.epochs))
+        if teacher is not None and config["base_teacher_model"] != teacher:
+            _keep_secret(out / TEACHER_SECRET_FILE, teacher)
         local.record(job_id, config, out, display_name=request.tuned_model_display_name)
     return local.start(job_id)
+
+
+def _config(request: TuneRequest, custom, teacher, options: dict, output_uri: str) -> dict:
+    """What the job is told, as its ``config`` records it and the dry run shows it: every value that takes effect.
+
+    A teacher URL's credential is never in it (see :data:`TEACHER_SECRET_FILE`).
+    """
+    from .client import redact_url
+
+    config = {
+        "base_model": request.model.id,
+        "custom_base_model": custom,
+        "tuning_mode": request.tuning_mode,
+        "method": request.method,
+        "base_teacher_model": redact_url(teacher) if teacher and teacher.startswith(("http://", "https://"))
+        else teacher,
+        "epochs": request.epochs,
+        "learning_rate": request.learning_rate,
+        "learning_rate_multiplier": request.learning_rate_multiplier,
+        "adapter_size": request.adapter_size,
+        "train_dataset": prepare.describe(request.train_dataset),
+        "validation_dataset": prepare.describe(request.validation_dataset),
+        "output_uri": output_uri,
+        "engine_options": options,
+    }
+    if request.tuned_model_display_name:
+        config["tuned_model_display_name"] = request.tuned_model_display_name
+    if request.description:
+        config["description"] = request.description
+    if request.labels:
+        config["labels"] = dict(request.labels)
+    return config
+
+
+def _keep_secret(path: Path, text: str) -> None:
+    """Write ``text`` to a new file only this user can read."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def teacher_of(config: dict, folder) -> str | None:
+    """The teacher a job asks: the full URL kept beside a redacted one, else the config's own."""
+    secret = Path(folder) / TEACHER_SECRET_FILE
+    if secret.is_file():
+        return secret.read_text(encoding="utf-8").strip()
+    return config.get("base_teacher_model")
 
 
 def _check_fits(model: catalog.Model, mode: str, adapter_size, options: dict) -> None:
@@ -117,6 +153,7 @@ def _teacher(teacher: str) -> str:
     if found is not None and found.provider != "gemini":
         return found.id
     if teacher.startswith(("http://", "https://")):
+        _probe(teacher)
         return teacher  # an OpenAI-compatible endpoint
     if Path(teacher).expanduser().is_dir():
         return str(Path(teacher).expanduser().resolve())
@@ -127,13 +164,45 @@ def _teacher(teacher: str) -> str:
     )
 
 
+#: Seconds the endpoint of a teacher has to answer the check at submission.
+PROBE_TIMEOUT = 5.0
+
+
+def _probe(url: str) -> None:
+    """An endpoint teacher answers (``GET /models``) before a job is queued to ask it thousands of questions."""
+    import os
+
+    from .client import EndpointError, list_models, redact_url
+
+    base = url.partition("#")[0]
+    try:
+        list_models(base, api_key=os.environ.get("OPENAI_API_KEY"), timeout=PROBE_TIMEOUT)
+    except EndpointError as exc:
+        if exc.status is None:
+            raise UserError(f"base_teacher_model: the endpoint {redact_url(base)} does not answer ({exc.detail}); "
+                            "start the server or check the URL", field="base_teacher_model") from None
+        if exc.status in (401, 403):
+            raise UserError(f"base_teacher_model: the endpoint {redact_url(base)} refused the API key "
+                            f"(HTTP {exc.status}); set OPENAI_API_KEY in this process, then submit again",
+                            field="base_teacher_model") from None
+        # Some servers have no /models: the job names the model in its requests instead.
+
+
 def dry_run(request: TuneRequest):
-    """Everything :func:`submit` checks, with the datasets validated in a scratch folder; nothing is queued."""
+    """Everything :func:`submit` checks, with the datasets validated in a scratch folder; nothing is queued.
+
+    The request shown is the job's config with every value that takes effect:
+    the defaults the engine would use are filled in, and marked as defaults in a note.
+    """
     import tempfile
 
     from ...jobs import DryRun
+    from .trainer import effective_values
 
     custom, teacher, options = check(request)
+    output = request.output_uri
+    if output is not None:
+        _check_output_folder(output)
     with tempfile.TemporaryDirectory(prefix="tuning-magics-dry-run-") as scratch:
         train = prepare.to_jsonl("train_dataset", request.train_dataset, Path(scratch) / "train.jsonl",
                                  request.model, request.method)
@@ -142,10 +211,22 @@ def dry_run(request: TuneRequest):
                                           Path(scratch) / "validation.jsonl", request.model, "sft")
             prepare.check_validation_set(validation.uri, train.uri, request.model)
     stats = prepare.predicted_stats(train.report, request.model, request.epochs)
-    body = {"base_model": request.model.id, "custom_base_model": custom, "tuning_mode": request.tuning_mode,
-            "method": request.method, "base_teacher_model": teacher, "epochs": request.epochs,
-            "learning_rate": request.learning_rate, "adapter_size": request.adapter_size,
-            "train_dataset": prepare.describe(request.train_dataset),
-            "validation_dataset": prepare.describe(request.validation_dataset), "engine_options": options}
+    where = str(Path(output).expanduser().resolve()) if output is not None else str(local.jobs_root() / "<job id>")
+    body = _config(request, custom, teacher, options, where)
+    defaults = effective_values(body, tiny=request.model.provider == "local" and custom is None)
+    notes = ["the local engine bills nothing"]
+    if defaults:
+        notes.append("engine defaults that take effect: " + ", ".join(f"{k}={v:g}" if isinstance(v, float)
+                                                                      else f"{k}={v}" for k, v in defaults.items()))
     return DryRun("local", request.model.id, {k: v for k, v in body.items() if v is not None},
-                  stats["billable_tokens"], 0.0, stats, notes=("the local engine bills nothing",))
+                  stats["billable_tokens"], 0.0, stats, notes=tuple(notes))
+
+
+def _check_output_folder(output: str) -> None:
+    """The dry run's read-only view of what submit would find at ``output_uri``."""
+    folder = Path(output).expanduser()
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"output_uri {output!r} already holds files; give an empty or new folder, or leave "
+                        "output_uri out", field="output_uri")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output_uri {output!r} is a file, not a folder; give a folder", field="output_uri")

@@ -159,6 +159,35 @@ def engine_options() -> list[str]:
     return [f.name for f in fields(TrainConfig) if f.name not in OWN_FIELDS]
 
 
+def effective_values(config: dict, *, tiny: bool) -> dict:
+    """The defaults a job with ``config`` (a job's config) would train with, for the values it leaves unset.
+
+    ``tiny``: the model is a built-in toy model (the learning-rate defaults differ).
+    """
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("base_model", "train_path",
+                                                                                 "output_dir")}
+    out = {}
+    mode = normalise_mode(config.get("tuning_mode") or FULL)
+    for name in ("epochs", "adapter_size", "learning_rate_multiplier"):
+        if config.get(name) is None and (name != "adapter_size" or mode == PEFT):
+            out[name] = defaults[name]
+    multiplier = config.get("learning_rate_multiplier") or 1.0
+    if config.get("learning_rate") is None:
+        out["learning_rate"] = DEFAULT_LEARNING_RATES[("tiny" if tiny else "real", mode)] * multiplier
+    elif config.get("learning_rate_multiplier") is not None:
+        out["learning_rate"] = config["learning_rate"] * multiplier  # what the optimiser is given
+    given = config.get("engine_options") or {}
+    for name in engine_options():
+        if given.get(name) is None and defaults.get(name) is not None:
+            out[name] = defaults[name]
+    return out
+
+
+def engine_option_rules() -> dict:
+    """Each engine option and the rule its value follows."""
+    return {name: _RULES[name] for name in engine_options()}
+
+
 def check_engine_options(options: dict) -> dict:
     """The options with plain values; a one-line UserError for an unknown one or a value out of range.
 

@@ -166,13 +166,14 @@ class Worker:
     def _label(self, cfg: dict, out: Path) -> str:
         """Distillation: the teacher answers every prompt; the student then trains on its answers."""
         from .distill import LABELLED_FILE, label_dataset
+        from .submit import teacher_of
 
         labelled = out / LABELLED_FILE
         self._substate(DISTILLING)
         # label_dataset writes the file atomically, so one that exists is complete: a resumed
         # job keeps the teacher's answers it already paid for.
         if not labelled.is_file():
-            label_dataset(cfg["base_teacher_model"], cfg["train_path"], str(labelled), on_event=self.on_event,
+            label_dataset(teacher_of(cfg, out), cfg["train_path"], str(labelled), on_event=self.on_event,
                           should_stop=self.should_stop)
         return str(labelled)
 

@@ -79,12 +79,37 @@ def dry_run(request: TuneRequest) -> DryRun:
         notes.append("epochs: the service's default applies; billed tokens are shown for one epoch")
     if request.method == "distillation":
         notes.append(f"distillation also pays for {request.base_teacher_model}'s answers to every prompt")
+    notes += _check_buckets(plan)
     uploads = {str(Path(local).name if local.startswith(tempfile.gettempdir()) else local): uri
                for local, uri in plan.uploads.items()}
     return DryRun("vertex", model.id, body, billed, cost, plan.stats, uploads, tuple(notes))
 
 
 # -- checks ------------------------------------------------------------------------------
+
+
+def _check_buckets(plan: _Plan) -> list[str]:
+    """The dry run's read-only look at the buckets a submission would write to; notes for what it could not see."""
+    wanted = {}  # bucket -> the setting or parameter that names it
+    if plan.uploads:
+        wanted[storage.split_folder_or_object(_staging(plan.ctx, "the datasets"), need_object=False)[0]] = \
+            "staging_bucket"
+    if plan.output_uri and storage.is_gcs(plan.output_uri):
+        wanted.setdefault(storage.split_folder_or_object(plan.output_uri, need_object=False)[0], "output_uri")
+    notes = []
+    for bucket, field_name in wanted.items():
+        try:
+            found = storage.bucket_exists(f"gs://{bucket}")
+        except UserError as exc:
+            notes.append(f"bucket gs://{bucket} was not checked: {exc}")
+            continue
+        if not found:
+            raise UserError(f"{field_name}: the bucket gs://{bucket} does not exist (or this identity cannot see "
+                            f"it); create it (gcloud storage buckets create gs://{bucket} "
+                            f"--location={plan.ctx.location}) or name another", field=field_name)
+    return notes
+
+
 
 
 def check(request: TuneRequest, ctx: vc.Context) -> str | None:
