@@ -418,6 +418,8 @@ def test_wait_timeout_and_raise_on_failure(home, tmp_path):
     assert job.wait() is job
     with pytest.raises(JobFailedError, match="ValueError: boom"):
         job.wait(raise_on_failure=True)
+    # Queued behind a running job (this process), so it stays queued.
+    _fake_active("tune-busy", os.getpid(), psutil.Process().create_time(), tmp_path / "b")
     _fake_active("tune-slow", os.getpid(), psutil.Process().create_time(), tmp_path / "s", state=JOB_STATE_QUEUED)
     with pytest.raises(TimeoutError, match="still JOB_STATE_QUEUED"):
         tm.get_job("tune-slow").wait(timeout=0.2, poll=0.05)
