@@ -23,8 +23,10 @@ expect, in the JSON shapes the SDKs parse:
 
 Every request needs ``Authorization: Bearer <fake.token>`` and is recorded in
 ``fake.requests``. Failures and outcomes are scripted per test (``next_outcome``,
-``disable_api``, ``deny``, ``exhaust_quota``, ``fail_next``, ``regions``). Nothing but
-127.0.0.1 is ever contacted.
+``disable_api``, ``deny``, ``exhaust_quota``, ``fail_next``, ``drop_next``, ``regions``).
+Unasked, every 5th GET of the same tuning job answers 429 (``throttle_every``), as the
+service's read quota does under load, so every test that polls a job shows it survives that.
+Nothing but 127.0.0.1 is ever contacted.
 """
 
 from __future__ import annotations
@@ -94,12 +96,18 @@ SPEC_FIELDS = {"trainingDatasetUri", "validationDatasetUri", "hyperParameters", 
                "pipelineRootDirectory", "studentModel"}
 HYPER_FIELDS = {"epochCount", "learningRateMultiplier", "learningRate", "adapterSize", "batchSize",
                 "sftLossWeightMultiplier", "beta"}
+#: By default every 5th GET of the same tuning job answers 429 RESOURCE_EXHAUSTED (``FakeVertex.throttle_every``).
+THROTTLE_EVERY = 5
 ENUMS = {"tuningMode": ("TuningMode", ["TUNING_MODE_UNSPECIFIED", "TUNING_MODE_FULL", "TUNING_MODE_PEFT_ADAPTER"]),
          "adapterSize": ("AdapterSize", ["ADAPTER_SIZE_UNSPECIFIED", "ADAPTER_SIZE_ONE", "ADAPTER_SIZE_TWO",
                                          "ADAPTER_SIZE_FOUR", "ADAPTER_SIZE_EIGHT", "ADAPTER_SIZE_SIXTEEN",
                                          "ADAPTER_SIZE_THIRTY_TWO"])}
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}  # fmt: skip
+
+
+class _Dropped(Exception):
+    """Raised to close a request's connection without an answer (``FakeVertex.drop_next``)."""
 
 
 class ApiError(Exception):
@@ -472,6 +480,11 @@ class FakeVertex:
         self.step_seconds = step_seconds
         self.deploy_seconds = deploy_seconds
         self.metrics_every: int | None = None  # log train metrics every N steps (None: about 100 points a series)
+        #: Every Nth GET of the same tuning job answers 429, as the service's per-minute read quota does
+        #: under load (None: never). On by default, so every Vertex test also shows that polling survives it.
+        self.throttle_every: int | None = THROTTLE_EVERY
+        self.throttled = 0  # how many GETs were answered 429 that way
+        self._gets: dict[str, int] = {}
         self.project_numbers = {"fake-project": "123456789012", **(project_numbers or {})}
         self.regions: dict[str, set[str]] = {}  # base model -> regions that tune it (overrides the defaults)
         self.requests: list[Recorded] = []
@@ -568,6 +581,10 @@ class FakeVertex:
         """Answer the next ``times`` matching requests (method, regex on the path) with this error."""
         rule = {"method": method, "path": path, "left": times}
         self._failures.append((rule, ApiError(code, message, status, details)))
+
+    def drop_next(self, *, method: str | None = None, path: str | None = None, times: int = 1) -> None:
+        """Close the connection of the next ``times`` matching requests without answering (a dropped connection)."""
+        self._failures.append(({"method": method, "path": path, "left": times}, None))
 
     def disable_api(self, project: str = "fake-project") -> None:
         """Answer every request for ``project`` as a project without the Vertex AI API enabled."""
@@ -705,7 +722,7 @@ class FakeVertex:
                 if rule["left"] > 0 and rule["method"] in (None, method) and (
                         rule["path"] is None or re.search(rule["path"], path)):  # fmt: skip
                     rule["left"] -= 1
-                    raise error
+                    raise error or _Dropped()
 
     # ------------------------------------------------------------------ tuning jobs
     def _load_dataset(self, uri: str | None, field_name: str, required: bool) -> Dataset | None:
@@ -832,7 +849,14 @@ class FakeVertex:
         return job
 
     def _get_job(self, project, location, job_id, *, query, body, project_id):
-        return 200, self._render(self._find_job(project, location, job_id))
+        job = self._find_job(project, location, job_id)
+        self._gets[job.name] = looks = self._gets.get(job.name, 0) + 1
+        if self.throttle_every and looks % self.throttle_every == 0:
+            self.throttled += 1
+            raise ApiError(429, "Quota exceeded for quota metric 'Resource management (CRUD) requests' and limit "
+                                "'Resource management (CRUD) requests per minute per region' of service "
+                                f"'aiplatform.googleapis.com' for consumer 'project_number:{project}'.")
+        return 200, self._render(job)
 
     def _list_jobs(self, project, location, *, query, body, project_id):
         jobs = sorted((j for j in self.jobs.values() if j.project == project and j.location == location),
@@ -1322,6 +1346,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = self.fake.handle(method, parsed.path, query, body, headers)
         except ApiError as e:
             status, payload = e.code, e.body()
+        except _Dropped:  # no answer: the client sees the connection closed under it
+            self.close_connection = True
+            return
         except Exception as e:  # a bug in the fake shows as a 500 naming it
             status, payload = 500, ApiError(500, f"fake Vertex AI failed: {e!r}").body()
         if isinstance(payload, list):  # server-sent events

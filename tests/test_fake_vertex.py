@@ -45,10 +45,20 @@ def types():
 
 
 def wait(fake, client, name, limit=20):
-    """Poll, moving the fake's clock one step each time, until the job ends; return it and every step seen."""
+    """Poll, moving the fake's clock one step each time, until the job ends; return it and every step seen.
+
+    A GET the fake answers 429 (every 5th of a job, ``fake.throttle_every``) is asked again, as a client should.
+    """
+    from google.genai import errors
+
     seen = []
     for _ in range(limit):
-        job = client.tunings.get(name=name)
+        try:
+            job = client.tunings.get(name=name)
+        except errors.APIError as exc:
+            if exc.code != 429:
+                raise
+            job = client.tunings.get(name=name)
         seen.append((job.state.value, job.tuning_job_state.value if job.tuning_job_state else None))
         if job.has_ended or job.state.value == "JOB_STATE_PAUSED":
             break
@@ -354,6 +364,26 @@ def test_scripted_failures_use_the_services_codes_and_messages(fake_vertex, data
     assert err.code == 403 and err.message.startswith(
         "Vertex AI API has not been used in project 123456789012 before or it is disabled.")
     assert err.details["error"]["details"][0]["reason"] == "SERVICE_DISABLED"
+
+
+def test_every_fifth_get_of_a_job_is_throttled_and_a_connection_can_be_dropped(fake_vertex, data):
+    import httpx
+
+    t, client = types(), fake_vertex.genai_client()
+    fake_vertex.next_outcome("running")
+    name = client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=t.TuningDataset(gcs_uri=data["train"])).name
+    for _ in range(4):
+        client.tunings.get(name=name)
+    err = error_of(lambda: client.tunings.get(name=name))
+    assert (err.code, err.status) == (429, "RESOURCE_EXHAUSTED") and "Quota exceeded for quota metric" in err.message
+    assert fake_vertex.throttled == 1 and client.tunings.get(name=name).name == name
+    fake_vertex.throttle_every = None
+    for _ in range(10):
+        client.tunings.get(name=name)
+    fake_vertex.drop_next(method="GET", path=r"/tuningJobs/")
+    with pytest.raises(httpx.RemoteProtocolError):  # the server closed the connection without an answer
+        client.tunings.get(name=name)
+    assert client.tunings.get(name=name).name == name
 
 
 def test_every_request_needs_the_fakes_bearer_token(fake_vertex):

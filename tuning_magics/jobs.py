@@ -223,6 +223,13 @@ class Job(ABC):
     max_age: float = 0.5
     #: "local" or "vertex".
     backend: str = ""
+    #: While the last look at the job failed for a reason that passes (the service's 429 or 5xx, a
+    #: dropped connection): what happened, in one line. The snapshot is then the last one read, and
+    #: looks come less often until one succeeds. None otherwise.
+    retrying: str | None = None
+    #: Why :meth:`metrics` found no curve to show, in one line (None when it found one, or found
+    #: nothing worth a word).
+    metrics_note: str | None = None
 
     def __init__(self, info: JobInfo | None = None):
         self._info = info

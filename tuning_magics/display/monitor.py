@@ -90,6 +90,8 @@ class Snapshot:
     hint: str | None = None
     note: str | None = None
     error: str | None = None
+    retrying: str | None = None  # the last look at the job failed for a reason that passes (job.retrying)
+    metrics_note: str | None = None  # why there is no curve to show (job.metrics_note)
     step: int | None = None
     total_steps: int | None = None
     epoch: float | None = None
@@ -127,14 +129,16 @@ class Snapshot:
         if self.step is not None or self.epochs is not None:
             out.append(("progress", self.progress_text()))
         losses = self.losses_text()
-        if losses:
-            out.append(("metrics", losses))
+        if losses or self.metrics_note:
+            out.append(("metrics", losses or self.metrics_note))
         if self.checkpoints:
             out.append(("checkpoints", ", ".join(self.checkpoints)))
         if self.note:
             out.append(("note", self.note))
         if self.hint:
             out.append(("hint", self.hint))
+        if self.retrying:
+            out.append(("retrying", self.retrying))
         return out
 
     def progress_text(self) -> str:
@@ -254,7 +258,8 @@ def read_snapshot(job, *, frame=None, rate: _Rate | None = None) -> Snapshot:
         frame = job.metrics()
     snap = Snapshot(name=info.name, state=info.state, substate=info.substate, done=job.done,
                     model=(info.config or {}).get("base_model"), backend=getattr(job, "backend", "") or "",
-                    hint=job.hint, note=getattr(info, "note", None), error=info.error)
+                    hint=job.hint, note=getattr(info, "note", None), error=info.error,
+                    retrying=getattr(job, "retrying", None))
     created, started, ended = info.created, info.started, info.ended
     if created is not None:
         from datetime import datetime, timezone
@@ -285,6 +290,7 @@ def read_snapshot(job, *, frame=None, rate: _Rate | None = None) -> Snapshot:
             if column == "train_loss":
                 snap.train_smoothed = _num(_ema(found[1])[-1])
     snap.checkpoints = [c.name for c in job.checkpoints]
+    snap.metrics_note = getattr(job, "metrics_note", None)
     return snap
 
 
@@ -581,8 +587,9 @@ class JobMonitor:
         if snap.queued is not None:
             times += f" · queued {clock(snap.queued_now())}"
         value = f"<span style='margin-left:12px'>{_e(times)}</span>"
-        if snap.hint:
-            value += f"<div style='color:{_COLOURS['warning']}'>{_e(snap.hint)}</div>"
+        for text in (snap.hint, snap.retrying and f"retrying: {snap.retrying}"):
+            if text:
+                value += f"<div style='color:{_COLOURS['warning']}'>{_e(text)}</div>"
         _set(self.times, "value", value)
 
     def _show(self, snap: Snapshot, frame) -> None:
@@ -604,7 +611,7 @@ class JobMonitor:
         _set(self.bar, "value", float(fraction))
         _set(self.bar, "bar_style", style)
         _set(self.progress_label, "value", snap.progress_text())
-        _set(self.losses, "value", _e(snap.losses_text()))
+        _set(self.losses, "value", _e(snap.losses_text() or snap.metrics_note or ""))
         key = (len(frame), int(frame["step"].iloc[-1]) if len(frame) else None)
         if len(frame) and key != self._drawn:
             if self._plot is None:

@@ -197,7 +197,11 @@ def describe_error(code, status: str | None, message: str, ctx: Context, action:
 
 @contextmanager
 def api_errors(action: str, ctx: Context):
-    """Turn what google-genai, google-auth, google-api-core or the network raise into one UserError."""
+    """Turn what google-genai, google-auth, google-api-core or the network raise into one UserError.
+
+    The error's ``transient`` says, in a few words, when asking again may work
+    (see :func:`transient`); it is None otherwise.
+    """
     try:
         yield
     except UserError:
@@ -206,7 +210,43 @@ def api_errors(action: str, ctx: Context):
         problem = _one_line(exc, action, ctx)
         if problem is None:
             raise
-        raise UserError(redact(problem, ctx.credentials)) from None
+        error = UserError(redact(problem, ctx.credentials))
+        error.transient = transient(exc)
+        raise error from None
+
+
+#: Answers worth asking again for: google-genai's own list (``_RETRY_HTTP_STATUS_CODES`` in its
+#: _api_client.py, after Cloud Storage's retry strategy): 408, 429, 500, 502, 503 and 504.
+TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def transient(exc: BaseException) -> str | None:
+    """A few words on ``exc`` when asking again may work (a 429 or 5xx, a dropped connection, a time-out), else None."""
+    code = status = None
+    try:
+        from google.genai import errors as genai_errors
+
+        if isinstance(exc, genai_errors.APIError):
+            code, status = exc.code, exc.status
+    except ImportError:
+        pass
+    try:
+        from google.api_core import exceptions as core_errors
+
+        if isinstance(exc, core_errors.GoogleAPICallError):
+            code, status = exc.code, getattr(getattr(exc, "grpc_status_code", None), "name", None)
+    except ImportError:
+        pass
+    if code is not None:
+        return f"Vertex AI answered {code} {status or ''}".rstrip() if code in TRANSIENT_CODES else None
+    import httpx
+    import requests
+    from google.auth import exceptions as auth_errors
+
+    if isinstance(exc, (httpx.TransportError, requests.ConnectionError, requests.Timeout, ConnectionError,
+                        TimeoutError, auth_errors.TransportError)):
+        return f"the connection to Vertex AI failed ({type(exc).__name__})"
+    return None
 
 
 def _one_line(exc: BaseException, action: str, ctx: Context) -> str | None:

@@ -10,6 +10,7 @@ shown beside what the validator predicted (kept in the job's labels).
 from __future__ import annotations
 
 import re
+import time
 
 from ... import catalog
 from ...errors import UserError
@@ -35,6 +36,10 @@ LABEL_PREDICTED = {"examples": "tm-examples", "billable_tokens": "tm-billable-to
                    "truncated_examples": "tm-truncated", "dropped_examples": "tm-dropped"}
 
 _JOB_NAME = re.compile(r"projects/[^/]+/locations/[^/]+/tuningJobs/[^/]+")
+#: Pauses (seconds) between the quick tries of a job's first read, which has no snapshot to show meanwhile.
+FIRST_READ_PAUSES = (0.5, 1.0, 2.0)
+#: The longest pause between looks while the service keeps answering 429 or 5xx, or the connection drops.
+MAX_BACKOFF = 60.0
 
 
 class VertexJob(Job):
@@ -47,6 +52,7 @@ class VertexJob(Job):
         self._ctx = ctx
         self._raw = _job
         self._metrics = None  # (the snapshot they were read with, the frame)
+        self._misses = 0  # looks in a row that failed for a reason that passes
         super().__init__(_info(_job) if _job is not None else None)
 
     @property
@@ -66,14 +72,42 @@ class VertexJob(Job):
         return self._raw
 
     def poll_interval(self, looks: int) -> float:
-        """A tuning job takes minutes to days: look after 1 s, then less and less often, every 15 s at most."""
-        return min(15.0, 1.5 ** looks)
+        """A tuning job takes minutes to days: look after 1 s, then less and less often, every 15 s at most.
+
+        While looks fail for a reason that passes, the pause doubles with each, up to :data:`MAX_BACKOFF`.
+        """
+        usual = min(15.0, 1.5 ** looks)
+        return max(usual, min(MAX_BACKOFF, 2.0 ** self._misses)) if self._misses else usual
 
     def _fetch(self) -> JobInfo:
+        """The job as the service has it now.
+
+        A look that fails for a reason that passes (429, 5xx, a dropped connection:
+        :func:`~.client.transient`) never makes the job look failed: the last snapshot
+        stands, ``retrying`` says what happened, and ``poll_interval`` backs off. A first
+        read, with no snapshot yet, tries a few times quickly before it gives up with
+        one line. Any other error (403, 404, ...) is one UserError line at once.
+        """
         ctx = self.ctx
-        with vc.api_errors(f"read tuning job {self._name}", ctx), vc.sdk_quiet():
-            self._raw = vc.genai_client(ctx).tunings.get(name=self._name)
-        return _info(self._raw)
+        pauses = FIRST_READ_PAUSES if self._info is None else ()
+        for pause in (*pauses, None):
+            try:
+                with vc.api_errors(f"read tuning job {self._name}", ctx), vc.sdk_quiet():
+                    raw = vc.genai_client(ctx).tunings.get(name=self._name)
+                break
+            except UserError as exc:
+                why = getattr(exc, "transient", None)
+                if not why or (pause is None and self._info is None):
+                    raise
+                if pause is not None:
+                    time.sleep(pause)
+                    continue
+                self._misses += 1
+                self.retrying = f"{why} to the last look ({self._misses} in a row); the state shown is the last read"
+                return self._info
+        self._misses, self.retrying = 0, None
+        self._raw = raw
+        return _info(raw)
 
     def cancel(self) -> VertexJob:
         """Ask the service to stop the job; it goes CANCELLING, then CANCELLED. An ended job is left as it is."""
