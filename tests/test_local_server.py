@@ -724,6 +724,118 @@ def _openai(server):
     return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
 
 
+@pytest.mark.slow
+def test_the_openai_client_stops_at_a_stop_sequence(server, tuned_tiny_model):
+    client = _openai(server)
+    question, answer = QA[0]
+    stop = answer[2:4]
+    expected = answer[:answer.index(stop)]
+    messages = [{"role": "user", "content": question}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, stop=stop)
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    # Generation ended as the stop sequence was complete (the byte tokenizer: a token a character).
+    assert reply.usage.completion_tokens == len(expected) + len(stop)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, stream=True,
+                                                 stop=["no such text", stop], stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == len(expected) + len(stop)
+    # job.chat(), the chat class and Server.chat take the same option.
+    assert server.chat(question, stop=[stop]) == expected
+    assert "".join(server.chat(question, stop=stop, stream=True)) == expected
+    assert server.chat_model.reply(question, stop=stop) == expected
+    from tuning_magics.backends.local import registry
+    from tuning_magics.backends.local.jobs import LocalJob
+    from tuning_magics.jobs import JOB_STATE_SUCCEEDED
+
+    job_id = registry.new_id("chat")
+    registry.insert(registry.JobRecord(id=job_id, config={}, state=JOB_STATE_SUCCEEDED,
+                                       output_dir=tuned_tiny_model.output_dir, created=time.time()))
+    assert "".join(LocalJob(job_id).chat(question, stop=stop, stream=True)) == expected
+
+
+def test_a_stop_sequence_ends_generation_at_once_and_held_text_is_sent_at_the_end(plain):
+    client = _openai(plain)
+    # The untuned model answers newlines only.
+    reply = client.chat.completions.create(model="tiny", messages=_HI, max_tokens=50, stop="\n")
+    assert reply.choices[0].message.content == "" and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 1
+    chunks = list(client.chat.completions.create(model="tiny", messages=_HI, max_tokens=6, stop="\n\n\n\n\n\nx",
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "\n" * 6
+    assert chunks[-1].choices[0].finish_reason == "length"
+    for bad in (["a", "b", "c", "d", "e"], "", [""], 5, [5]):
+        with pytest.raises(UserError, match="'stop' must be a non-empty string or a list of up to 4"):
+            plain.chat_model.reply("hi", stop=bad)
+        _refused(client, {"stop": bad}, "stop", "'stop' must be")
+
+
+def _refused(client, options: dict, param: str, needle: str, messages=_HI) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **options)
+    error = err.value
+    assert error.status_code == 400 and error.type == "invalid_request_error", error.body
+    assert error.param == param and needle in error.body["message"] and "\n" not in error.body["message"], error.body
+
+
+_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [_TOOL]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"logit_bias": {"10": 5}}, "logit_bias"),
+    ({"functions": [_TOOL["function"]]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+])
+def test_options_the_server_lacks_are_refused_by_name(plain, options, param):
+    _refused(_openai(plain), options, param, f"'{param}'")
+
+
+def test_options_at_values_that_change_nothing_are_accepted(plain):
+    reply = _openai(plain).chat.completions.create(
+        model="tiny", messages=_HI, max_tokens=2, presence_penalty=0, frequency_penalty=0.0, logprobs=False,
+        response_format={"type": "text"}, tool_choice="none", logit_bias={}, user="someone",
+        extra_body={"store": False, "metadata": {"run": "1"}})
+    assert reply.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("messages, param, needle", [
+    ("hello", "messages", "must be a list"),
+    ([{"role": "user", "content": "hi"}, "oops"], "messages[1]", "messages[1] must be an object"),
+    ([{"content": "hi"}], "messages[0].role", "role is required"),
+    ([{"role": "tool", "content": "hi", "tool_call_id": "1"}], "messages[0].role", "role 'tool'"),
+    ([{"role": "user"}], "messages[0].content", "content is required"),
+    ([{"role": "user", "content": 5}], "messages[0].content", "a string or a list of text parts"),
+    ([{"role": "user", "content": {"text": "hi"}}], "messages[0].content", "not dict"),
+    ([{"role": "user", "content": [{"type": "text", "text": 7}]}], "messages[0].content", "content[0]"),
+    ([{"role": "user", "parts": [{"text": "hi"}]}], "messages[0].content", "content is required"),
+    ([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "messages[2].content", "required"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}],
+     "messages[1].tool_calls", "not supported"),
+    ([{"role": "user", "content": "hi", "name": "ann"}], "messages[0].name", "not supported"),
+])
+def test_malformed_messages_are_refused_naming_the_field(plain, messages, param, needle):
+    _refused(_openai(plain), {}, param, needle, messages=messages)
+
+
+def test_a_reply_message_echoed_back_is_accepted(plain):
+    client = _openai(plain)
+    first = client.chat.completions.create(model="tiny", messages=_HI, max_tokens=2)
+    echoed = first.choices[0].message.model_dump()  # role and content, with refusal, tool_calls... as null
+    reply = client.chat.completions.create(model="tiny", messages=[*_HI, echoed, *_HI], max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+
+
 def test_the_openai_client_retrieves_a_model_whose_id_has_a_slash(plain):
     import openai
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Iterator
 
-from ...chat_request import BadRequest, chat_request, check_context
+from ...chat_request import BadRequest, chat_request, check_context, cut_at_stop, until_stop
 
 
 class _Turns:
@@ -94,6 +94,27 @@ class _TakeTurns:
                 torch.set_rng_state(state[0])
                 if cuda:
                     torch.cuda.set_rng_state(state[1], self.device)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _StopSequences:
+    """A stopping criterion: stops once the reply's last tokens hold one of the request's stop sequences.
+
+    Each token adds at least a byte and a character has at most 4, so the last
+    ``4 * longest + 4`` tokens hold any stop sequence that just ended: a step costs
+    a short decode, not the whole reply's.
+    """
+
+    def __init__(self, tokenizer, stops: list[str], prompt_tokens: int):
+        self.tokenizer, self.stops, self.start = tokenizer, stops, prompt_tokens
+        self.tail = 4 * max(map(len, stops)) + 4
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        ids = input_ids[0, max(self.start, input_ids.shape[1] - self.tail):].tolist()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        stop = any(s in text for s in self.stops)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
@@ -218,7 +239,8 @@ class LocalChatModel:
         """The assistant's answer to ``messages`` (a list of chat messages or one user string).
 
         Options: ``max_new_tokens`` (default: 256, or what fits the context),
-        ``temperature`` (0 decodes greedily), ``top_p``, ``top_k``, ``seed``. With
+        ``temperature`` (0 decodes greedily), ``top_p``, ``top_k``, ``seed``, ``stop``
+        (a string or up to 4: the reply ends before the first). With
         ``stream=True`` the result is an iterator of text pieces instead of one
         string. A mistake in the request raises a one-line UserError.
         """
@@ -232,6 +254,8 @@ class LocalChatModel:
 
         kwargs = self.generation_kwargs(req["max_new_tokens"], req["temperature"], req["top_p"], req["top_k"])
         criteria = StoppingCriteriaList([_TakeTurns(self._turns, should_stop, self.device)])
+        if req["stop"]:
+            criteria.append(_StopSequences(self.tokenizer, req["stop"], req["prompt_tokens"]))
         self._turns.acquire()
         try:
             if req.get("seed") is not None:
@@ -246,7 +270,16 @@ class LocalChatModel:
         req = req if "inputs" in req else self.prepare(req)
         out = self._generate(req, should_stop)
         new = out[0, req["prompt_tokens"]:].tolist()
-        return self.tokenizer.decode(new, skip_special_tokens=True), req["prompt_tokens"], new
+        return cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), req["stop"])[0], \
+            req["prompt_tokens"], new
+
+    def finish_reason(self, new: list[int], stop=()) -> str:
+        """OpenAI's ``finish_reason`` for the generated ids ``new``: "stop" when the reply ended by itself or at one
+        of the ``stop`` sequences, else "length"."""
+        if new and new[-1] in self.stop_ids():
+            return "stop"
+        return "stop" if stop and cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), stop)[1] \
+            else "length"
 
     def stream(self, req: dict, *, ids: list | None = None,
                should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
@@ -254,10 +287,11 @@ class LocalChatModel:
 
         When ``ids`` is a list, the generated token ids are appended to it as they
         come. Generation stops when ``should_stop()`` is true or the iterator is
-        closed (its consumer went away).
+        closed (its consumer went away). The text ends before the request's first
+        stop sequence, and what may begin one is sent only once it does not.
         """
         req = req if "inputs" in req else self.prepare(req)  # mistakes raise here, not at the first piece
-        return self._pieces(req, ids, should_stop)
+        return until_stop(self._pieces(req, ids, should_stop), req["stop"])
 
     def _pieces(self, req: dict, ids: list | None, should_stop) -> Iterator[str]:
         from transformers import TextIteratorStreamer

@@ -10,9 +10,12 @@ accepts) and answers on a background thread::
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}`` (the id URL-encoded or
 not, as clients send ``job/final``), ``POST /v1/chat/completions`` (``messages``,
 ``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``, ``top_k``,
-``seed``, ``stream`` with server-sent events ending in ``data: [DONE]``, and
-``usage`` token counts). Requests follow the rules of :mod:`tuning_magics.chat_request`, the
-ones ``job.chat()`` follows; a mistake is answered 400 with the same sentence.
+``seed``, ``stop``, ``stream`` with server-sent events ending in ``data: [DONE]``,
+and ``usage`` token counts). Requests follow the rules of :mod:`tuning_magics.chat_request`,
+the ones ``job.chat()`` follows; a mistake is answered 400 with the same sentence,
+in OpenAI's error shape with ``param`` naming the field (``messages[2].content``). An
+option the server does not have (``tools``, ``response_format``, ``logprobs``,
+penalties...) is refused, never ignored, unless its value changes nothing.
 
 Resources are bounded the way TGI and vLLM bound them:
 
@@ -178,12 +181,12 @@ class Server:
         """The reply to a string or a message list, through this endpoint's HTTP API (greedy by default).
 
         ``options`` are ``job.chat()``'s, with the same rules: ``max_new_tokens``,
-        ``temperature``, ``top_p``, ``top_k``, ``seed``. With ``stream=True``, an
+        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``. With ``stream=True``, an
         iterator of text pieces as the server sends them. A request the server
         refuses raises a one-line UserError with the server's sentence.
         """
         req = chat_request(messages_or_text, stream=stream, **options)
-        body = {"messages": req["messages"], "max_tokens": req["max_new_tokens"],
+        body = {"messages": req["messages"], "max_tokens": req["max_new_tokens"], "stop": req["stop"] or None,
                 **{k: options[k] for k in ("temperature", "top_p", "top_k", "seed") if options.get(k) is not None}}
         # The server names max_tokens, the name it was sent; this caller wrote max_new_tokens.
         return self._ask(body, stream, rename={"max_tokens": "max_new_tokens"})
@@ -258,10 +261,6 @@ def _first_line(exc: BaseException) -> str:
 #: The answer to a generation cut short by Server.stop().
 _STOPPED = {"message": "the server stopped before the reply was finished; send the request to a running server",
             "type": "server_error", "param": None, "code": 503}
-
-
-def _finish(new: list[int], stops: set) -> str:
-    return "stop" if new and new[-1] in stops else "length"
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -588,15 +587,15 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             ep._leave()
 
-    def _cut(self, req: dict, new: list[int], stops: set) -> bool:
+    def _cut(self, req: dict, new: list[int], finish: str) -> bool:
         """Whether Server.stop() ended this generation before its end."""
-        return self.server.stopping and _finish(new, stops) == "length" and len(new) < req["max_new_tokens"]
+        return self.server.stopping and finish == "length" and len(new) < req["max_new_tokens"]
 
     def _complete(self, req: dict) -> None:
         cm = self.endpoint.chat_model
         text, prompt_len, new = cm.complete(req, should_stop=self._stopped)
-        stops = set(cm.stop_ids())
-        if self._cut(req, new, stops):
+        finish = cm.finish_reason(new, req["stop"])
+        if self._cut(req, new, finish):
             self.close_connection = True
             self._error(503, _STOPPED["message"])
             return
@@ -604,7 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": self.endpoint.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": _finish(new, stops)}],
+                         "finish_reason": finish}],
             "usage": _usage(prompt_len, new),
         })
 
@@ -640,11 +639,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         finally:
             pieces.close()
-        stops = set(ep.chat_model.stop_ids())
-        if self._cut(req, ids, stops):
+        finish = ep.chat_model.finish_reason(ids, req["stop"])
+        if self._cut(req, ids, finish):
             send({"error": _STOPPED})
             return
-        usage, finish = _usage(req["prompt_tokens"], ids), _finish(ids, stops)
+        usage = _usage(req["prompt_tokens"], ids)
         final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
         if req["include_usage"]:
             send(final)

@@ -45,7 +45,7 @@ import re
 import threading
 from contextlib import contextmanager
 
-from ...chat_request import chat_request
+from ...chat_request import apply_stop, chat_request
 from ...errors import UserError
 from ...jobs import JOB_STATE_SUCCEEDED
 from . import client as vc
@@ -95,14 +95,14 @@ class VertexEndpoint:
         """The reply to a string or a message list (text), or with ``stream=True`` an iterator of text pieces.
 
         ``gen`` holds ``job.chat()``'s options, with the same rules: ``max_new_tokens``,
-        ``temperature``, ``top_p``, ``top_k``, ``seed``. A mistake is a one-line
+        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``. A mistake is a one-line
         UserError before anything is sent; so is an error the service answers.
         """
         req = chat_request(messages_or_text, stream=stream, **gen)
         given = {k: req[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
                  if gen.get(k) is not None}
         ask = {"deployed": self._predict, "gemini": self._generate, "managed": self._complete}[self.kind]
-        return ask(req["messages"], given, stream)
+        return apply_stop(ask(req["messages"], given, stream), req["stop"])  # the reply ends before a stop sequence
 
     # -- deployed open models: predict ---------------------------------------------------
 
