@@ -36,7 +36,7 @@ from ...jobs import (
 )
 from . import registry, scheduler
 from .checkpoints import final_dir, job_checkpoints
-from .metrics import last_metric, number, read_metrics, whole
+from .metrics import PROGRESS_FILE, last_metric, number, read_metrics, whole
 
 def jobs_root() -> Path:
     """Where job folders go unless ``output_uri`` names one: ``<home>/jobs``."""
@@ -248,12 +248,10 @@ class LocalJob(Job):
         """The step of the total steps and the epoch of the epochs, as the worker last wrote them.
 
         Without a readable progress file (none yet, or not the worker's), from the metrics. The
-        worker writes progress at most every ``PROGRESS_EVERY`` seconds, so for a job that has ended
+        worker writes progress at most every ``worker.PROGRESS_EVERY`` seconds, so for a job that has ended
         (stopped early, cancelled, killed) the metrics' last step wins when it is further: never a
         step behind the last checkpoint. ``stopped_early``: it succeeded short of the total.
         """
-        from .worker import PROGRESS_FILE
-
         try:
             saved = json.loads((self.output_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -25,6 +25,8 @@ from ...storage import atomic_writer
 from ...tracking import TensorBoardLog
 
 METRICS_FILE = "metrics.jsonl"
+#: The job's latest progress (step of total steps, epoch of epochs), rewritten by the worker as it trains.
+PROGRESS_FILE = "progress.json"
 
 
 #: The metrics files this process has already warned about (one warning per file).

@@ -34,11 +34,11 @@ from ...jobs import (
     PROCESSING_DATASET,
 )
 from . import registry, scheduler
+from .metrics import PROGRESS_FILE
 
 #: Seconds between registry reads while watching for a cancel or a request to stop early.
 CANCEL_POLL = 0.5
-#: The job's latest progress (step of total steps, epoch of epochs), rewritten at most every PROGRESS_EVERY seconds.
-PROGRESS_FILE = "progress.json"
+#: progress.json (metrics.PROGRESS_FILE) is rewritten at most every PROGRESS_EVERY seconds.
 PROGRESS_EVERY = 0.5
 
 
