@@ -577,6 +577,23 @@ def test_a_validation_split_over_5000_rows_writes_nothing(tmp_path, monkeypatch)
     assert not list(tmp_path.iterdir())
 
 
+def test_a_split_whose_validation_file_is_over_a_quarter_of_the_bytes_writes_nothing_for_open_models(tmp_path):
+    from tuning_magics.datasets.build import _split
+
+    # Two long rows held out, short ones kept: 20% of the rows, far more than 25% of the bytes.
+    frame = pd.DataFrame({"question": [f"q{i}" for i in range(8)] + ["long question " * 20, "another " * 30],
+                          "answer": ["a"] * 10})
+    seed = next(seed for seed in range(1000) if sorted(_split(10, 0.2, seed)[1]) == [8, 9])
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(frame, out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer",
+                              validation_split=0.2, model="qwen3-4b", seed=seed)
+    assert info.value.field == "validation_split" and "of the training file's" in str(info.value)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    ds = tuning_magics.dataset(frame, out=str(tmp_path / "t.jsonl"), prompt="question", completion="answer",
+                               validation_split=0.2, model="local/tiny-qwen3", seed=seed)  # no such rule locally
+    assert ds.validation is not None
+
+
 def test_an_invalid_row_in_the_validation_part_stops_both_files(tmp_path):
     df = qa(10)
     df.loc[3, "answer"] = None

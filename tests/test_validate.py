@@ -522,6 +522,24 @@ def test_a_validation_set_over_5000_examples_is_an_error(tmp_path):
     assert ok.ok
 
 
+def test_an_open_models_validation_set_is_at_most_a_quarter_of_the_training_bytes(tmp_path):
+    train_records = [pc(f"question {i}", "answer") for i in range(80)]
+    train = write(tmp_path, train_records, name="train.jsonl")
+    size = (tmp_path / "train.jsonl").stat().st_size
+    quarter = [pc(f"question {i}", "answer") for i in range(80, 99)]  # 19 lines of 50 bytes: 23.8% of 3,990
+    assert tuning_magics.validate(write(tmp_path, quarter, name="ok.jsonl"), model="qwen3-4b", training=train).ok
+    over = quarter + [pc("question 99", "answer"), pc("q", "a")]  # 25.3%
+    err = only_error(tuning_magics.validate(write(tmp_path, over, name="over.jsonl"), model="qwen3-4b",
+                                            training=train))
+    assert f"of the training set's {size:,}" in err["message"] and "at most 25%" in err["message"]
+    # The same rule for records and DataFrames, sized as the JSONL lines they make.
+    assert not tuning_magics.validate(over, model="qwen3-4b", training=train_records).ok
+    assert tuning_magics.validate(quarter, model="qwen3-4b", training=pd.DataFrame(train_records)).ok
+    # Gemini and the local models have no such rule.
+    assert tuning_magics.validate(over, model="gemini-2.5-flash", training=train_records).ok
+    assert tuning_magics.validate(over, model="local/tiny-qwen3", training=train_records).ok
+
+
 def test_a_validation_set_identical_to_the_training_set_is_an_error(tmp_path):
     records = [pc("a", "b"), pc("c", "d")]
     train = write(tmp_path, records, name="train.jsonl")
@@ -777,5 +795,7 @@ def test_gemini_takes_a_validation_set_above_1000_examples_only_up_to_30_percent
     report = validate(validation, model="gemini-2.5-flash", training=train)
     assert not report.ok
     assert "at most 1,000 for gemini-2.5-flash with 2,000 training examples" in str(report.errors[0])
-    assert validate(validation, model="qwen/qwen3@qwen3-4b", training=train).ok  # open models: 5000
+    open_model = validate(validation, model="qwen/qwen3@qwen3-4b", training=train)  # open models: 5000 examples,
+    assert [e.message for e in open_model.errors] == [open_model.errors[0].message]  # one error: the bytes,
+    assert "at most 25%" in open_model.errors[0].message  # not the example count
     assert validate(validation, model="gemini-2.5-flash", training=rows(4000, "train")).ok  # 30% is 1,200

@@ -119,6 +119,17 @@ def test_a_dry_run_looks_at_the_buckets_it_would_write_to(vertex, monkeypatch):
     assert vertex.bodies() == [] and staged(vertex) == []
 
 
+def test_an_open_models_validation_set_over_a_quarter_of_the_training_bytes_is_refused_before_upload(vertex):
+    held_out = FRAME.head(4).assign(answer=lambda f: f["answer"] + " And a much longer answer than before.")
+    for dry_run in (True, False):
+        with pytest.raises(UserError) as info:
+            tm.tune("qwen3-4b", FRAME, validation_dataset=held_out, epochs=1, dry_run=dry_run)
+        assert info.value.field == "validation_dataset" and "at most 25%" in str(info.value)
+    assert vertex.bodies() == [] and staged(vertex) == []
+    tm.tune("qwen3-4b", FRAME, validation_dataset=FRAME.head(2), epochs=1)  # 2 of 12 rows: well under
+    assert len(vertex.bodies()) == 1
+
+
 def test_local_data_is_uploaded_once_under_a_name_made_from_its_content(vertex):
     first = tm.tune("gemini-2.5-flash", FRAME, epochs=1)
     again = tm.tune("gemini-2.5-flash", FRAME.copy(), epochs=1)

@@ -619,11 +619,25 @@ def dataset(
                 raise DatasetInvalid(report, hint="fix the data" if skip_invalid else _SKIP_HINT)
         for (_, _, _, writer), fh in zip(prepared, streams):
             writer(fh)
+        if val_rows is not None and spec is not None and spec.provider == "open":
+            _check_validation_bytes(streams[0].tell(), streams[1].tell(), validation_split)
     datasets = [Dataset(uri=t, report=r, model=spec.id if spec else None, epochs=epochs,
                         columns={"format": fmt}) for _, t, r, _ in prepared]
     train = datasets[0]
     train.validation = datasets[1] if len(datasets) > 1 else None
     return train
+
+
+def _check_validation_bytes(train_bytes: int, validation_bytes: int, validation_split) -> None:
+    """Open models: the split's validation file may be at most a quarter of the training file's bytes."""
+    from ..catalog import OPEN_VALIDATION_BYTES_SHARE
+
+    if train_bytes and validation_bytes > OPEN_VALIDATION_BYTES_SHARE * train_bytes:
+        raise UserError(
+            f"validation_split={validation_split} makes a validation file of {validation_bytes:,} bytes, "
+            f"{validation_bytes / train_bytes:.2%} of the training file's {train_bytes:,}; for open models the "
+            f"service takes at most {OPEN_VALIDATION_BYTES_SHARE:.0%}: use a smaller validation_split (nothing "
+            "was written)", field="validation_split")
 
 
 def _skip_bad_rows(report: ValidationReport, bad_count: int, left: int) -> None:

@@ -838,7 +838,8 @@ def validate(
     modality and its own tokenizer where available offline. ``method`` is
     ``"sft"`` (every example needs an answer) or ``"distillation"`` (prompts
     alone are enough). Pass the training set as ``training=`` when validating
-    a validation set: it may hold at most 5000 examples and must differ from it.
+    a validation set: it may hold at most 5000 examples, must differ from it,
+    and for open models may be at most 25% of its size in bytes.
     """
     method = _check_method(method)
     spec = _resolve_model(model)
@@ -888,6 +889,28 @@ def _check_validation_set(report: ValidationReport, source, training, spec=None)
         )
     if _fingerprint(source) == train_fingerprint:
         report.error("the validation set is identical to the training set; hold out different examples")
+    if spec is not None and spec.provider == "open":
+        from ..catalog import OPEN_VALIDATION_BYTES_SHARE
+
+        size, train_size = _jsonl_bytes(source), _jsonl_bytes(training)
+        if train_size and size > OPEN_VALIDATION_BYTES_SHARE * train_size:
+            report.error(
+                f"the validation set is {size:,} bytes, {size / train_size:.2%} of the training set's {train_size:,}; "
+                f"for open models the service takes at most {OPEN_VALIDATION_BYTES_SHARE:.0%}: hold out fewer "
+                f"examples (at most {int(OPEN_VALIDATION_BYTES_SHARE * train_size):,} bytes)"
+            )
+
+
+def _jsonl_bytes(source) -> int:
+    """The size in bytes of ``source`` as a JSONL file: the file's own size, or the lines its records make."""
+    if isinstance(source, (list, tuple)) or is_dataframe(source):
+        import orjson
+
+        return sum(len(orjson.dumps(r, default=str, option=orjson.OPT_SERIALIZE_NUMPY)) + 1
+                   for r, _ in _records_of(source))
+    from .. import storage
+
+    return storage.size(_uri(source))
 
 
 def _fingerprint(source, *, count: bool = False):
