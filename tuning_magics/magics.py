@@ -6,7 +6,7 @@ Settings
 --------
 ``%tuning_config [name=value ...]``
     Show the settings and where each value comes from, or set some
-    (``project``, ``location``, ``staging_bucket``, ``backend``, ``api_endpoint``).
+    (``project``, ``location``, ``staging_bucket``, ``backend``, ``api_endpoint``, ``mlflow``).
     ``%config TuningMagics.project = "my-project"`` sets the same store: whichever
     of the two was used last wins. ``name=`` (empty) forgets a session value.
 ``%tune_models [--provider open|gemini|local] [--mode FULL|PEFT_ADAPTER]``
@@ -24,7 +24,7 @@ Datasets
 
 Tuning
 ------
-``%%tune [VAR] [--backend local|vertex] [--wait] [--dry-run] [--verbose]``
+``%%tune [VAR] [--backend NAME] [--wait] [--dry-run] [--verbose]``
     The cell body is YAML whose keys are the parameters of ``tune()``
     (``base_model``, ``train_dataset``, ``validation_dataset``, ``tuning_mode``,
     ``method``, ``epochs``, ``learning_rate``, ``learning_rate_multiplier``,
@@ -56,11 +56,11 @@ Tuning
 
 Jobs and experiments
 --------------------
-``%tune_jobs [--backend local|vertex] [--state STATE[,STATE]] [--model TEXT] [--limit N]``
+``%tune_jobs [--backend NAME] [--state STATE[,STATE]] [--model TEXT] [--limit N]``
     A table of jobs, newest first: state, model, method, created, duration
     and best validation loss. Where widgets render, click a job to show it.
     The returned table has ``.jobs`` and ``.frame`` (a DataFrame).
-``%tune_attach NAME [--as VAR] [--backend local|vertex]``
+``%tune_attach NAME [--as VAR] [--backend NAME]``
     The job with this id, Vertex AI resource name or unique display name, in
     ``VAR`` (default ``job``), shown with its monitor: after a kernel restart,
     the way back to a running job.
@@ -165,7 +165,8 @@ def _tune_cell_parser() -> _ArgParser:
                    epilog="The line form: %tune --model local/tiny-qwen3 --data $ds --epochs 3 [--as job]")
     p.add_argument("var", nargs="?", help="the variable the Job goes into (default: job)")
     p.add_argument("--as", dest="as_", metavar="VAR", help="the same as VAR")
-    p.add_argument("--backend", help="local or vertex (default: from the model and the settings)")
+    p.add_argument("--backend", help="local, vertex or another registered backend (default: from the model "
+                                     "and the settings)")
     p.add_argument("--wait", action="store_const", const=True, help="wait for the job to end")
     p.add_argument("--dry-run", action="store_const", const=True,
                    help="check everything and show what would be submitted, without submitting")
@@ -693,9 +694,9 @@ class TuningMagics(Magics):
 
     @line_magic
     def tune_jobs(self, line: str = ""):
-        """The jobs as a table: ``%tune_jobs [--backend local|vertex] [--state S] [--model TEXT] [--limit N]``."""
+        """The jobs as a table: ``%tune_jobs [--backend NAME] [--state S] [--model TEXT] [--limit N]``."""
         p = _ArgParser(prog="tune_jobs", description="Tuning jobs, newest first.")
-        p.add_argument("--backend", help="local or vertex (default: both)")
+        p.add_argument("--backend", help="one backend (default: every backend that lists jobs here)")
         p.add_argument("--state", help="only jobs in this state, e.g. SUCCEEDED or RUNNING,QUEUED")
         p.add_argument("--model", help="only jobs whose base model contains this text")
         p.add_argument("--limit", type=int, help="at most this many jobs")
@@ -730,7 +731,7 @@ class TuningMagics(Magics):
         p = _ArgParser(prog="tune_attach", description="A job by id, resource name or unique display name.")
         p.add_argument("name", help="job id, Vertex AI resource name or unique display name")
         p.add_argument("--as", dest="as_", metavar="VAR", default="job", help="the variable (default: job)")
-        p.add_argument("--backend", help="local or vertex")
+        p.add_argument("--backend", help="the backend to look in (default: the one whose job names look like NAME)")
         p.add_argument("--verbose", action="store_true", help="show tracebacks")
         args = _parse(p, line)
         if args is None:
