@@ -16,7 +16,9 @@ expect, in the JSON shapes the SDKs parse:
 - ``batchPredictionJobs`` create and get: Gemini batch prediction from a JSONL file in the
   emulator, pending then running for a clock step each, then its predictions are written.
 - ``metadataStores/default/contexts|artifacts/X`` and ``tensorboards/...`` reads:
-  experiment, run, runs, time series, ``:read`` and ``:batchRead``. As the service does, a read
+  experiment, its runs (contexts listed by ``ExperimentRun.list``'s filter), each run's ``-tb-run``
+  artifact naming its TensorBoard run (ids of its own unless ``fake.tensorboard_names =
+  "experiment"``), runs, time series, ``:read`` and ``:batchRead``. As the service does, a read
   returns at most 1,000 points of a series (``:read``: ``maxDataPoints``, up to 10,000, or -1 for
   all), chosen at random when it has more. ``fake.metrics_every = 1`` logs a point at every step
   (by default about 100 points a series), for jobs of more than 1,000 steps.
@@ -308,7 +310,7 @@ SAMPLED_INDICES = 5
 
 
 def proto3_json(value):
-    """``value`` as proto3's JSON mapping writes it: fields holding 0, "0", false or an empty list or object left out."""
+    """``value`` as proto3's JSON mapping writes it: fields holding 0, "0", false, [] or {} are left out."""
     if isinstance(value, dict):
         out = {k: proto3_json(v) for k, v in value.items()}
         return {k: v for k, v in out.items() if v not in (None, 0, "0", False, [], {})}
@@ -480,6 +482,10 @@ class FakeVertex:
         self.step_seconds = step_seconds
         self.deploy_seconds = deploy_seconds
         self.metrics_every: int | None = None  # log train metrics every N steps (None: about 100 points a series)
+        #: How a job's TensorBoard experiment and run are named: "own" (ids of their own, found only through
+        #: the experiment run's "-tb-run" artifact, as aiplatform finds them) or "experiment" (named after the
+        #: experiment context and its run, with no such artifact, as older jobs may be).
+        self.tensorboard_names = "own"
         #: Every Nth GET of the same tuning job answers 429, as the service's per-minute read quota does
         #: under load (None: never). On by default, so every Vertex test also shows that polling survives it.
         self.throttle_every: int | None = THROTTLE_EVERY
@@ -661,6 +667,7 @@ class FakeVertex:
             ("POST", r"/batchPredictionJobs", self._create_batch),
             ("GET", r"/batchPredictionJobs/([^/:]+)", self._get_batch),
             ("GET", r"/models/([^/:@]+)(@\d+)?", self._get_model),
+            ("GET", r"/metadataStores/default/contexts", self._list_contexts),
             ("GET", r"/metadataStores/default/contexts/([^/:]+)", self._get_context),
             ("GET", r"/metadataStores/default/artifacts/([^/:]+)", self._get_artifact),
             ("GET", r"/tensorboards/([^/:]+)", self._get_tensorboard),
@@ -983,17 +990,41 @@ class FakeVertex:
                                       "experiment_deleted": False}}  # fmt: skip
         job = self._started_job(project, location, lambda j: context_id == f"{j.experiment_id}-{j.run_id}")
         if job:
-            state = "COMPLETE" if job.status(self.now())[3] else "RUNNING"
-            return 200, {**base, "name": f"{prefix}/{context_id}", "displayName": job.run_id,
-                         "schemaTitle": "system.ExperimentRun", "createTime": rfc3339(job.created),
-                         "updateTime": rfc3339(job.created), "parentContexts": [self._experiment_name(job)],
-                         "metadata": {"state": state, "params": {}, "metrics": {}}}  # fmt: skip
+            return 200, self._run_context(job)
         raise ApiError(404, f"Context {prefix}/{context_id} not found.")
+
+    def _run_context(self, job: Job) -> dict:
+        """The experiment run's context: its id is ``<experiment>-<run>`` (aiplatform's
+        ``_format_experiment_run_resource_id``), its parent the experiment."""
+        state = "COMPLETE" if job.status(self.now())[3] else "RUNNING"
+        return {"name": f"{self._experiment_name(job)}-{job.run_id}", "displayName": job.run_id,
+                "schemaTitle": "system.ExperimentRun", "schemaVersion": "0.0.1", "etag": "1",
+                "createTime": rfc3339(job.created), "updateTime": rfc3339(job.created),
+                "parentContexts": [self._experiment_name(job)],
+                "metadata": {"state": state, "params": {}, "metrics": {}}}  # fmt: skip
+
+    def _list_contexts(self, project, location, *, query, body, project_id):
+        """Contexts matching a filter of the form aiplatform's ``ExperimentRun.list`` sends
+        (``schema_title="..." AND parent_contexts:"..."``, metadata/utils.py ``_make_filter_string``);
+        any other filter is refused."""
+        text = (query.get("filter") or [""])[-1]
+        terms = {}
+        for part in filter(None, text.split(" AND ")):
+            m = re.fullmatch(r'(schema_title)="([^"]+)"|(parent_contexts):"([^"]+)"', part.strip())
+            if not m:
+                raise ApiError(400, f"Invalid filter: {text!r}.")
+            terms[m.group(1) or m.group(3)] = m.group(2) or m.group(4)
+        now = self.now()
+        found = [self._run_context(j) for j in self.jobs.values()
+                 if j.project == project and j.location == location and j.status(now)[2]]
+        found = [c for c in found if terms.get("schema_title", c["schemaTitle"]) == c["schemaTitle"]
+                 and terms.get("parent_contexts", c["parentContexts"][0]) in c["parentContexts"]]
+        return 200, {"contexts": found} if found else {}
 
     def _get_artifact(self, project, location, artifact_id, *, query, body, project_id):
         job = self._started_job(project, location, lambda j: artifact_id == f"{j.experiment_id}-{j.run_id}-tb-run")
         name = f"projects/{project}/locations/{location}/metadataStores/default/artifacts/{artifact_id}"
-        if not job:
+        if not job or self.tensorboard_names == "experiment":
             raise ApiError(404, f"Artifact {name} not found.")
         run = self._tb_run_name(job)
         return 200, {"name": name, "displayName": job.run_id, "schemaTitle": "google.VertexTensorboardRun",
@@ -1002,15 +1033,24 @@ class FakeVertex:
                      "updateTime": rfc3339(job.created),
                      "metadata": {"resourceName": run, "vertex_experiment_tracking": True}}  # fmt: skip
 
+    def _tb_ids(self, job: Job) -> tuple[str, str]:
+        """(TensorBoard experiment id, run id) of a job's metrics (see ``tensorboard_names``)."""
+        if self.tensorboard_names == "experiment":
+            return job.experiment_id, job.run_id
+        digest = hashlib.sha1(job.name.encode()).hexdigest()[:12]
+        return f"tuning-{digest}", f"run-{digest}"
+
     def _tb_run_name(self, job: Job) -> str:
-        return f"{self._tensorboard(job.project, job.location)}/experiments/{job.experiment_id}/runs/{job.run_id}"
+        experiment, run = self._tb_ids(job)
+        return f"{self._tensorboard(job.project, job.location)}/experiments/{experiment}/runs/{run}"
 
     def _tb_job(self, project, location, tb, experiment=None, run=None) -> Job | None:
         if self._tensorboard(project, location).rsplit("/", 1)[1] != tb:
             raise ApiError(404, f"Tensorboard projects/{project}/locations/{location}/tensorboards/{tb} not found.")
         if experiment is None:
             return None
-        job = self._started_job(project, location, lambda j: j.experiment_id == experiment and run in (None, j.run_id))
+        job = self._started_job(project, location,
+                                lambda j: self._tb_ids(j)[0] == experiment and run in (None, self._tb_ids(j)[1]))
         if not job:
             raise ApiError(404, f"{'TensorboardRun ' + run if run else 'TensorboardExperiment ' + experiment} "
                                 "not found.")  # fmt: skip
@@ -1029,7 +1069,7 @@ class FakeVertex:
                      "updateTime": rfc3339(job.created), "etag": "1", "source": "vertex_ai_tuning"}  # fmt: skip
 
     def _run_json(self, job: Job) -> dict:
-        return {"name": self._tb_run_name(job), "displayName": job.run_id, "createTime": rfc3339(job.created),
+        return {"name": self._tb_run_name(job), "displayName": self._tb_ids(job)[1], "createTime": rfc3339(job.created),
                 "updateTime": rfc3339(job.created), "etag": "1"}  # fmt: skip
 
     def _list_tb_runs(self, project, location, tb, experiment, *, query, body, project_id):

@@ -371,7 +371,8 @@ def test_every_fifth_get_of_a_job_is_throttled_and_a_connection_can_be_dropped(f
 
     t, client = types(), fake_vertex.genai_client()
     fake_vertex.next_outcome("running")
-    name = client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=t.TuningDataset(gcs_uri=data["train"])).name
+    train = t.TuningDataset(gcs_uri=data["train"])
+    name = client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=train).name
     for _ in range(4):
         client.tunings.get(name=name)
     err = error_of(lambda: client.tunings.get(name=name))

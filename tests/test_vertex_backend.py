@@ -661,6 +661,19 @@ def test_rows_naming_image_files_on_this_machine_are_uploaded_and_rewritten(vert
         tm.tune("gemini-2.5-flash", missing, epochs=1)
 
 
+def test_a_job_without_a_loss_curve_says_why_in_one_line(vertex, data):
+    from tuning_magics.display.monitor import job_text
+
+    vertex.step_seconds = 60
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
+    frame = job.metrics()
+    assert len(frame) == 0 and job.metrics_note == frame.attrs["note"] == (
+        "no loss curve yet: Vertex AI logs the metrics once tuning starts")
+    assert "metrics: no loss curve yet: Vertex AI logs the metrics once tuning starts" in job_text(job)
+    walk(vertex, job)
+    assert len(job.metrics()) and job.metrics_note is None and "no loss curve" not in job_text(job)
+
+
 def test_metrics_are_read_once_per_snapshot_of_the_job(vertex, data):
     vertex.step_seconds = 60
     job = tm.tune("gemini-2.5-flash", data["train"], epochs=2)

@@ -42,6 +42,11 @@ def get(fake, name):
 
 
 def read(fake, experiment):
+    """The rows read_metrics finds."""
+    return read_with_note(fake, experiment).rows
+
+
+def read_with_note(fake, experiment):
     return read_metrics(experiment, project="fake-project", location="us-central1", credentials=fake.credentials(),
                         api_endpoint=fake.url)  # fmt: skip
 
@@ -112,6 +117,7 @@ def test_the_fake_returns_at_most_a_thousand_points_of_a_series_unless_all_are_a
     from google.auth.transport.requests import AuthorizedSession
 
     fake_vertex.metrics_every = 1
+    fake_vertex.tensorboard_names = "experiment"  # the TensorBoard experiment is named after the context
     job = tune(fake_vertex, epochs=600, validation=False)
     fake_vertex.advance(10 * fake_vertex.step_seconds)
     experiment = get(fake_vertex, job.name).experiment
@@ -154,7 +160,49 @@ def test_api_errors_are_raised_as_google_api_core_exceptions(fake_vertex):
     with pytest.raises(exceptions.Forbidden, match="aiplatform.tensorboardTimeSeries.read") as info:
         read(fake_vertex, experiment)
     assert info.value.code == 403
-    assert [r.path.split("/")[-1] for r in fake_vertex.requests[-2:]] == [experiment.rsplit("/")[-1], "runs"]
+    assert [r.path.split("/")[-1] for r in fake_vertex.requests[-2:]] == [
+        experiment.rsplit("/")[-1] + "-" + experiment.rsplit("/")[-1].replace("experiment", "experiment-run")
+        + "-tb-run", "timeSeries"]  # fmt: skip
+
+
+def test_the_tensorboard_run_is_found_through_the_experiment_runs_artifact_as_aiplatform_finds_it(fake_vertex):
+    job = tune(fake_vertex)
+    fake_vertex.advance(10 * fake_vertex.step_seconds)
+    experiment = get(fake_vertex, job.name).experiment
+    rows = read(fake_vertex, experiment)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    paths = [r.path.split("/v1/", 1)[1] for r in fake_vertex.requests if "/metadataStores/" in r.path]
+    run_context = f"{experiment}-{experiment.rsplit('/', 1)[1].replace('experiment', 'experiment-run')}"
+    assert paths == [experiment, experiment.rsplit("/", 1)[0], run_context.replace("/contexts/", "/artifacts/")
+                     + "-tb-run"]  # fmt: skip
+    listed = next(r for r in fake_vertex.requests if r.path.endswith("/contexts"))
+    assert listed.query["filter"] == [f'schema_title="system.ExperimentRun" AND parent_contexts:"{experiment}"']
+    tensorboard_run = next(r.path for r in fake_vertex.requests if r.path.endswith("/timeSeries"))
+    assert "/experiments/tuning-experiment-" not in tensorboard_run  # not where the experiment's id would lead
+
+
+def test_a_job_without_the_artifact_is_read_where_the_experiments_name_leads(fake_vertex):
+    fake_vertex.tensorboard_names = "experiment"  # TensorBoard named after the experiment; no -tb-run artifact
+    job = tune(fake_vertex)
+    fake_vertex.advance(10 * fake_vertex.step_seconds)
+    experiment = get(fake_vertex, job.name).experiment
+    assert [r["step"] for r in read(fake_vertex, experiment)] == [1, 2, 3, 4]
+    assert any(r.path.endswith(f"/experiments/{experiment.rsplit('/', 1)[1]}/runs") for r in fake_vertex.requests)
+
+
+def test_no_curve_found_is_said_in_one_line(fake_vertex):
+    missing = "projects/123456789012/locations/us-central1/metadataStores/default/contexts/tuning-experiment-1"
+    found = read_with_note(fake_vertex, missing)
+    assert found.rows == [] and found.note == "no loss curve yet: the job's experiment tuning-experiment-1 does not " \
+                                              "exist yet"
+    fake_vertex.next_outcome("running")
+    job = tune(fake_vertex, epochs=4)  # 8 steps
+    fake_vertex.advance(3 * fake_vertex.step_seconds)  # tuning has just begun: a run, no series yet
+    found = read_with_note(fake_vertex, get(fake_vertex, job.name).experiment)
+    assert found.rows == [] and found.note.startswith("no loss curve (yet): the TensorBoard run of experiment ")
+    fake_vertex.advance(0.15 * fake_vertex.step_seconds)
+    found = read_with_note(fake_vertex, get(fake_vertex, job.name).experiment)
+    assert [r["step"] for r in found.rows] == [1] and found.note is None
 
 
 def test_importing_the_module_imports_nothing_from_google():

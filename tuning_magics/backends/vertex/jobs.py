@@ -127,7 +127,9 @@ class VertexJob(Job):
         """Training and evaluation loss and next-token accuracy per step, read from the job's experiment.
 
         Read once per snapshot of the job: ``progress()`` and a monitor's update ask
-        for them together, and each read is several calls to the service.
+        for them together, and each read is several calls to the service. When no
+        curve can be found, ``metrics_note`` (and the frame's ``attrs["note"]``) says
+        why in one line; it is None otherwise.
         """
         from .metrics import read_metrics
 
@@ -135,13 +137,19 @@ class VertexJob(Job):
         if self._metrics is not None and self._metrics[0] is raw:
             return self._metrics[1].copy()
         experiment = getattr(raw, "experiment", None)
-        rows = []
         if experiment:
             ctx = self.ctx
             with vc.api_errors(f"read the metrics of tuning job {self._name}", ctx):
-                rows = read_metrics(experiment, project=ctx.project, location=ctx.location,
-                                    credentials=ctx.credentials, api_endpoint=ctx.api_endpoint)
+                rows, note = read_metrics(experiment, project=ctx.project, location=ctx.location,
+                                          credentials=ctx.credentials, api_endpoint=ctx.api_endpoint)
+        elif self.done:
+            rows, note = [], "no loss curve: the job ended before tuning started (it has no experiment)"
+        else:
+            rows, note = [], "no loss curve yet: Vertex AI logs the metrics once tuning starts"
         frame = metrics_frame(rows)
+        if note:
+            frame.attrs["note"] = note
+        self.metrics_note = note
         self._metrics = (raw, frame)
         return frame.copy()
 

@@ -1,28 +1,37 @@
 """A Vertex AI tuning job's loss and token-accuracy curves, read from the TensorBoard behind its experiment.
 
-The service logs a tuning job's metrics into a Vertex AI TensorBoard: the job's
-``experiment`` is a metadata context whose ``backing_tensorboard_resource`` names
-the TensorBoard; the TensorBoard experiment has the context's id, and its run(s)
-hold the time series ``/train_total_loss``, ``/eval_total_loss``,
-``/train_fraction_of_correct_next_step_preds`` and
+The service logs a tuning job's metrics into a Vertex AI TensorBoard, and
+:func:`read_metrics` finds them the way aiplatform's ``ExperimentRun`` does
+(google-cloud-aiplatform, ``metadata/experiment_run_resource.py``): the job's
+``experiment`` is a metadata context; its runs are the contexts of schema
+``system.ExperimentRun`` whose parent it is (``ExperimentRun.list``'s filter);
+each run ``R`` has a metadata artifact ``R-tb-run`` (``_tensorboard_run_id``) of
+schema ``google.VertexTensorboardRun`` whose ``metadata.resourceName`` is the
+TensorBoard run (``_lookup_tensorboard_run_artifact``). Where no run has such an
+artifact, the older guess is tried: the TensorBoard named by the experiment's
+``backing_tensorboard_resource``, its experiment of the context's id, and the
+runs under it. A run holds the time series ``/train_total_loss``,
+``/eval_total_loss``, ``/train_fraction_of_correct_next_step_preds`` and
 ``/eval_fraction_of_correct_next_step_preds``.
 
-:func:`read_metrics` follows that chain over REST with google-auth's
-``AuthorizedSession`` (a light import, unlike the aiplatform clients) and
-returns one dict per step. Each series is read whole (``timeSeries/S:read`` with
-``maxDataPoints=-1``): ``tensorboards/T:batchRead``, and ``:read`` by default,
-return at most 1,000 points of a series, chosen at random when it has more,
-which would thin out the curve of a long job. Which series an experiment has is
-found once and kept for the session (looked up again only while some of the
-four are still missing, as the eval series appear at the first epoch's end), so
-a monitor refreshing a job reads its series and nothing else. Nothing from
-google is imported until it is called.
+The chain is followed over REST with google-auth's ``AuthorizedSession`` (a
+light import, unlike the aiplatform clients); the answer is one dict per step
+and, when no curve could be found, a one-line note saying why. Each series is
+read whole (``timeSeries/S:read`` with ``maxDataPoints=-1``):
+``tensorboards/T:batchRead``, and ``:read`` by default, return at most 1,000
+points of a series, chosen at random when it has more, which would thin out the
+curve of a long job. Which series an experiment has is found once and kept for
+the session (looked up again only while some of the four are still missing, as
+the eval series appear at the first epoch's end), so a monitor refreshing a job
+reads its series and nothing else. Nothing from google is imported until it is
+called.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from typing import NamedTuple
 
 #: Time series display name -> the key it fills in each step's dict.
 SERIES = {
@@ -40,17 +49,30 @@ _FOUND: dict[tuple[str, str], dict] = {}
 _FOUND_LOCK = threading.Lock()
 _FOUND_MAX = 256
 _CONTEXT = re.compile(r"projects/[^/]+/locations/([^/]+)/metadataStores/[^/]+/contexts/([^/]+)")
+# aiplatform's metadata/constants.py: an experiment run's schema, its TensorBoard run artifact's id suffix and schema.
+_EXPERIMENT_RUN = "system.ExperimentRun"
+_TB_RUN_SUFFIX = "-tb-run"
+_TB_RUN_SCHEMA = "google.VertexTensorboardRun"
+
+
+class Metrics(NamedTuple):
+    """What :func:`read_metrics` found: one dict per step, and why there is no curve when ``rows`` is empty."""
+
+    rows: list[dict]
+    note: str | None = None
 
 
 def read_metrics(experiment: str, *, project: str, location: str, credentials, api_endpoint: str | None = None,
-                 ) -> list[dict]:  # fmt: skip
-    """One dict per logged step, in step order: ``step``, ``train_loss``, ``eval_loss``, ``token_accuracy``.
+                 ) -> Metrics:  # fmt: skip
+    """The metrics of a tuning job's experiment: ``rows`` in step order, and a ``note`` when none were found.
 
-    ``experiment`` is a tuning job's ``experiment`` (a metadata context's resource
-    name, or just its id in ``project``/``location``). Values a step lacks are None;
-    ``eval_token_accuracy`` is added to every row when the job logs it. An experiment
-    that does not exist (yet), or has no TensorBoard or no points yet, gives ``[]``.
-    Other API errors are raised as google-api-core exceptions.
+    Each row has ``step``, ``train_loss``, ``eval_loss`` and ``token_accuracy`` (None
+    where a step lacks one); ``eval_token_accuracy`` is added to every row when the job
+    logs it. ``experiment`` is a tuning job's ``experiment`` (a metadata context's
+    resource name, or just its id in ``project``/``location``). An experiment that does
+    not exist (yet), without a TensorBoard run or without the loss series gives no rows
+    and a one-line note; a run whose series have no points yet gives neither. Other API
+    errors are raised as google-api-core exceptions.
     """
     from google.auth.transport.requests import AuthorizedSession
 
@@ -81,10 +103,10 @@ def _get(session, url: str, params=None) -> dict | None:
     return response.json() if response.content else {}
 
 
-def _pages(session, url: str, key: str):
+def _pages(session, url: str, key: str, params: dict | None = None):
     token = None
     while True:
-        page = _get(session, url, {"pageSize": 100, **({"pageToken": token} if token else {})})
+        page = _get(session, url, {**(params or {}), "pageSize": 100, **({"pageToken": token} if token else {})})
         if page is None:
             return
         yield from page.get(key, [])
@@ -93,18 +115,21 @@ def _pages(session, url: str, key: str):
             return
 
 
-def _read(session, base: str, context: str) -> list[dict]:
+def _read(session, base: str, context: str) -> Metrics:
     key = (base, context)
+    name = context.rsplit("/", 1)[1]
     with _FOUND_LOCK:
         found = dict(_FOUND.get(key) or {})
     if set((found.get("series") or {}).values()) >= set(SERIES.values()):  # all four known: read them
         rows = _read_series(session, base, found["series"])
         if rows is not None:
-            return _table(rows, found["series"])
+            return Metrics(_table(rows, found["series"]))
         found = {}  # a series known before is gone: find them all again
     runs = found.get("runs") or _runs(session, base, context)
+    if runs is None:
+        return Metrics([], f"no loss curve yet: the job's experiment {name} does not exist yet")
     if not runs:
-        return []
+        return Metrics([], f"no loss curve: experiment {name} has no TensorBoard run (yet)")
     wanted: dict[str, str] = {}  # time series resource name -> the key it fills
     for run in runs:
         for series in _pages(session, f"{base}/{run}/timeSeries", "tensorboardTimeSeries"):
@@ -117,13 +142,35 @@ def _read(session, base: str, context: str) -> list[dict]:
             while len(_FOUND) >= _FOUND_MAX:
                 del _FOUND[next(iter(_FOUND))]
             _FOUND[key] = {"runs": runs, "series": wanted}
-    return _table(_read_series(session, base, wanted) or {}, wanted)
+    if not wanted:
+        return Metrics([], f"no loss curve (yet): the TensorBoard run of experiment {name} has no "
+                           f"{' or '.join(list(SERIES)[:2])} series")
+    return Metrics(_table(_read_series(session, base, wanted) or {}, wanted))
 
 
-def _runs(session, base: str, context: str) -> list[str]:
-    """The TensorBoard runs of an experiment context, or [] while it has no TensorBoard (or does not exist)."""
+def _runs(session, base: str, context: str) -> list[str] | None:
+    """The TensorBoard runs of an experiment context ([] without any), or None when the context does not exist.
+
+    First as aiplatform finds an experiment run's TensorBoard run: the context's runs
+    (``schema_title="system.ExperimentRun" AND parent_contexts:"<context>"``, the filter of
+    ``ExperimentRun.list``), each run's ``<run id>-tb-run`` artifact, its ``resourceName``.
+    Then, where no run has one, the TensorBoard experiment named after the context.
+    """
     found = _get(session, f"{base}/{context}")
-    tensorboard = ((found or {}).get("metadata") or {}).get("backing_tensorboard_resource")
+    if found is None:
+        return None
+    context = found.get("name") or context  # as the service names it (with the project's number)
+    store = context.rsplit("/contexts/", 1)[0]
+    runs = []
+    criteria = {"filter": f'schema_title="{_EXPERIMENT_RUN}" AND parent_contexts:"{context}"'}
+    for run in _pages(session, f"{base}/{store}/contexts", "contexts", criteria):
+        artifact = _get(session, f"{base}/{store}/artifacts/{run['name'].rsplit('/', 1)[1]}{_TB_RUN_SUFFIX}")
+        meta = (artifact or {}).get("metadata") or {}
+        if (artifact or {}).get("schemaTitle") == _TB_RUN_SCHEMA and meta.get("resourceName"):
+            runs.append(meta["resourceName"])
+    if runs:
+        return runs
+    tensorboard = (found.get("metadata") or {}).get("backing_tensorboard_resource")
     if not tensorboard:
         return []
     tb_experiment = f"{tensorboard}/experiments/{context.rsplit('/', 1)[1]}"
