@@ -399,10 +399,12 @@ def test_the_mlflow_setting_is_true_or_false_text(tmp_path, monkeypatch):
     assert s.mlflow == "false"
     s.update(mlflow="TRUE")
     assert s.mlflow == "true"
-    for bad in ("yes", True):
+    for bad in ("yes", 1):
         with pytest.raises(UserError) as info:
             s.update(mlflow=bad)
         assert info.value.field == "mlflow" and '"true" or "false"' in str(info.value)
+    s.update(mlflow=False)  # a boolean is taken as what it says, as pyproject.toml's `mlflow = false` is
+    assert s.mlflow == "false"
     (tmp_path / "pyproject.toml").write_text('[tool.tuning_magics]\nmlflow = "true"\n', encoding="utf-8")
     assert Settings(_start=tmp_path).mlflow == "true"
     assert "mlflow" in Settings(_start=tmp_path).describe()
