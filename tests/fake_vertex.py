@@ -84,7 +84,12 @@ OUTCOMES = {  # outcome -> (final state, default phase it happens in)
     "expired": ("JOB_STATE_EXPIRED", "TUNING_JOB_STATE_WAITING_FOR_CAPACITY"),
     "paused": ("JOB_STATE_PAUSED", "TUNING_JOB_STATE_TUNING"),
     "running": (None, "TUNING_JOB_STATE_TUNING"),  # stays in that phase for good
+    # JobState's "some results may be missing due to errors" (aiplatform_v1beta1 job_state.py): outputs are written
+    "partially_succeeded": ("JOB_STATE_PARTIALLY_SUCCEEDED", "TUNING_JOB_STATE_POST_PROCESSING"),
 }
+#: The states in which a job has written its outputs (tuned model, checkpoints, data stats).
+SUCCEEDED_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED")
+ENDED_STATES = (*SUCCEEDED_STATES, "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
 METRICS = ("/train_total_loss", "/train_fraction_of_correct_next_step_preds", "/train_num_predictions",
            "/eval_total_loss", "/eval_fraction_of_correct_next_step_preds")  # fmt: skip
 DEFAULT_EPOCHS, DEFAULT_BATCH = 3, 8
@@ -93,11 +98,26 @@ JOB_FIELDS = {"name", "tunedModelDisplayName", "description", "baseModel", "preT
               "distillationSpec", "preferenceOptimizationSpec", "reinforcementTuningSpec", "partnerModelTuningSpec",
               "veoTuningSpec", "labels", "encryptionSpec", "serviceAccount", "customBaseModel", "outputUri",
               "evaluationConfig", "tuningJobMetadata"}
-SPEC_FIELDS = {"trainingDatasetUri", "validationDatasetUri", "hyperParameters", "exportLastCheckpointOnly",
-               "evaluationConfig", "tuningMode", "promptDatasetUri", "baseTeacherModel", "tunedTeacherModelSource",
-               "pipelineRootDirectory", "studentModel"}
-HYPER_FIELDS = {"epochCount", "learningRateMultiplier", "learningRate", "adapterSize", "batchSize",
-                "sftLossWeightMultiplier", "beta"}
+# Each tuning spec's own fields and hyperparameters: what google-genai's _CreateTuningJobConfig_to_vertex
+# (tunings.py, 2.x) puts under it for each method, and what aiplatform_v1beta1's tuning_job.py declares.
+# Supervised tuning has no teacher, prompt set or SFT loss weight; distillation has no other spec's fields.
+SPEC_FIELDS = {
+    "supervisedTuningSpec": {"trainingDatasetUri", "validationDatasetUri", "hyperParameters",
+                             "exportLastCheckpointOnly", "evaluationConfig", "tuningMode"},
+    "distillationSpec": {"promptDatasetUri", "trainingDatasetUri", "validationDatasetUri", "hyperParameters",
+                         "exportLastCheckpointOnly", "evaluationConfig", "tuningMode", "baseTeacherModel",
+                         "tunedTeacherModelSource", "pipelineRootDirectory", "studentModel"},
+}  # fmt: skip
+HYPER_FIELDS = {
+    "supervisedTuningSpec": {"epochCount", "learningRateMultiplier", "learningRate", "adapterSize", "batchSize"},
+    "distillationSpec": {"epochCount", "learningRateMultiplier", "learningRate", "adapterSize", "batchSize",
+                         "sftLossWeightMultiplier"},
+}  # fmt: skip
+#: The oneof ``tuning_spec`` of a TuningJob: at most one of them.
+TUNING_SPECS = ("supervisedTuningSpec", "distillationSpec", "preferenceOptimizationSpec", "reinforcementTuningSpec",
+                "partnerModelTuningSpec", "veoTuningSpec")
+#: Hyperparameters Gemini models refuse: they take learningRateMultiplier, and no batch size.
+GEMINI_REFUSES = {"learningRate": "learningRateMultiplier", "batchSize": None}
 #: By default every 5th GET of the same tuning job answers 429 RESOURCE_EXHAUSTED (``FakeVertex.throttle_every``).
 THROTTLE_EVERY = 5
 ENUMS = {"tuningMode": ("TuningMode", ["TUNING_MODE_UNSPECIFIED", "TUNING_MODE_FULL", "TUNING_MODE_PEFT_ADAPTER"]),
@@ -330,6 +350,9 @@ class Outcome:
     at: str | None = None
     error: dict | None = None
     step_seconds: float | None = None
+    #: tuningJobState -> the JobState the job shows in that phase instead of PHASES' own
+    #: (e.g. {"TUNING_JOB_STATE_WAITING_FOR_QUOTA": "JOB_STATE_QUEUED"}).
+    states: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -413,7 +436,7 @@ class Job:
             return "JOB_STATE_CANCELLED", PHASES[index][1], started(index), done
         if now < natural_end or final is None:
             state, sub = PHASES[phase(now)]
-            return state, sub, started(phase(now)), None
+            return self.outcome.states.get(sub, state), sub, started(phase(now)), None
         return final, PHASES[stop][1], started(stop), None if final == "JOB_STATE_PAUSED" else natural_end
 
     def progress(self, now: float) -> float:
@@ -422,13 +445,13 @@ class Job:
         stop = _PHASE_INDEX[self.outcome.at or at]
         if stop < 3:
             return 0.0
-        if self.status(now)[0] == "JOB_STATE_SUCCEEDED":
+        if self.status(now)[0] in SUCCEEDED_STATES:
             return 1.0
         if self.cancel_requested is not None:
             now = min(now, self.cancel_requested)
         t0 = self.created + 3 * self.step_seconds
         frac = (now - t0) / self.step_seconds if self.step_seconds > 0 else 1.0
-        if final != "JOB_STATE_SUCCEEDED" and stop == 3:
+        if final not in SUCCEEDED_STATES and stop == 3:
             frac = min(frac, 0.5)  # a job that stops (or is held) while tuning gets half way
         return max(0.0, min(1.0, frac))
 
@@ -569,18 +592,23 @@ class FakeVertex:
 
     # ------------------------------------------------------------------ scripting
     def next_outcome(self, outcome: str = "succeeded", *, at: str | None = None, error: dict | None = None,
-                     step_seconds: float | None = None) -> None:  # fmt: skip
+                     step_seconds: float | None = None, states: dict | None = None) -> None:  # fmt: skip
         """Script how the next created job ends (queued: one call per job).
 
-        ``outcome``: succeeded, failed, cancelled, expired, paused, or running (never ends).
+        ``outcome``: succeeded, partially_succeeded, failed, cancelled, expired, paused, or running (never ends).
         ``at``: the tuningJobState it happens in (e.g. "TUNING_JOB_STATE_WAITING_FOR_QUOTA").
-        ``error``: the job's ``error`` ({"code": ..., "message": ...}) for failed jobs.
+        ``error``: the job's ``error`` ({"code": ..., "message": ...}) for failed (or partly failed) jobs.
+        ``states``: tuningJobState -> the JobState shown in that phase, e.g. JOB_STATE_QUEUED while
+        waiting for quota, JOB_STATE_UPDATING while tuning.
         """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(OUTCOMES)}")
         if at is not None and at not in _PHASE_INDEX:
             raise ValueError(f"at must be one of {list(_PHASE_INDEX)}")
-        self._outcomes.append(Outcome(outcome, at, error, step_seconds))
+        for sub in states or {}:
+            if sub not in _PHASE_INDEX:
+                raise ValueError(f"states' keys must be among {list(_PHASE_INDEX)}")
+        self._outcomes.append(Outcome(outcome, at, error, step_seconds, dict(states or {})))
 
     def fail_next(self, code: int, message: str, *, status: str | None = None, method: str | None = None,
                   path: str | None = None, times: int = 1, details: list | None = None) -> None:  # fmt: skip
@@ -774,6 +802,10 @@ class FakeVertex:
         for key in body:
             if key not in JOB_FIELDS:
                 bad_name(key, "tuning_job")
+        specs = [key for key in TUNING_SPECS if key in body]
+        if len(specs) > 1:
+            raise ApiError(400, f"Invalid JSON payload received. Oneof field 'tuning_spec' is already set. "
+                                f"Cannot set '{specs[1]}'")
         for spec_key, message, hyper_message in (
                 ("supervisedTuningSpec", "SupervisedTuningSpec", "SupervisedHyperParameters"),
                 ("distillationSpec", "DistillationSpec", "DistillationHyperParameters")):  # fmt: skip
@@ -782,13 +814,13 @@ class FakeVertex:
                 continue
             where = f"tuning_job.{_snake(spec_key)}"
             for key, value in spec.items():
-                if key not in SPEC_FIELDS:
+                if key not in SPEC_FIELDS[spec_key]:
                     bad_name(key, where)
                 if key in ENUMS and not (value in ENUMS[key][1] or isinstance(value, int)):
                     bad_enum(key, value, where, message)
             hp = spec.get("hyperParameters") or {}
             for key, value in hp.items():
-                if key not in HYPER_FIELDS:
+                if key not in HYPER_FIELDS[spec_key]:
                     bad_name(key, f"{where}.hyper_parameters")
                 if key in ENUMS and not (value in ENUMS[key][1] or isinstance(value, int)):
                     bad_enum(key, value, f"{where}.hyper_parameters", hyper_message)
@@ -817,6 +849,11 @@ class FakeVertex:
         if base not in known:
             raise ApiError(400, f"Base model {base} is not supported for tuning. Supported models: "
                                 f"{', '.join(sorted(known))}.")  # fmt: skip
+        hyper = (body.get("supervisedTuningSpec") or {}).get("hyperParameters") or {}
+        for key, instead in GEMINI_REFUSES.items():
+            if base.startswith("gemini-") and key in hyper:
+                raise ApiError(400, f"{key} is not supported for tuning {base}"
+                                    + (f"; use {instead}." if instead else "."))
         regions = self.regions.get(base, GEMINI_REGIONS if base.startswith("gemini-") else OPEN_REGIONS)
         if location not in regions:
             raise ApiError(400, f"Base model {base} is not supported for tuning in region {location}. "
@@ -879,7 +916,7 @@ class FakeVertex:
     def _cancel_job(self, project, location, job_id, *, query, body, project_id):
         job = self._find_job(project, location, job_id)
         state = self._render(job)["state"]
-        if state in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"):
+        if state in ENDED_STATES:
             raise ApiError(400, f"Cannot cancel tuning job {job.name} in state {state}.", "FAILED_PRECONDITION")
         if job.cancel_requested is None:
             job.cancel_requested = self.now()
@@ -908,7 +945,7 @@ class FakeVertex:
             hp.setdefault("epochCount", str(job.epochs))
             hp.setdefault("learningRateMultiplier", 1.0)
             hp.setdefault("adapterSize", "ADAPTER_SIZE_FOUR")
-        if _PHASE_INDEX.get(sub or "", 0) >= 2 or state == "JOB_STATE_SUCCEEDED":  # the dataset has been read
+        if _PHASE_INDEX.get(sub or "", 0) >= 2 or state in SUCCEEDED_STATES:  # the dataset has been read
             out["tuningDataStats"] = self._data_stats(job)
         if start:
             out["experiment"] = self._experiment_name(job)
@@ -920,7 +957,9 @@ class FakeVertex:
         elif state == "JOB_STATE_EXPIRED":
             out["error"] = job.outcome.error or {"code": 4, "message": "The tuning job waited too long for capacity "
                                                                        "and expired. Please retry later."}
-        if state == "JOB_STATE_SUCCEEDED":
+        elif state == "JOB_STATE_PARTIALLY_SUCCEEDED" and job.outcome.error:
+            out["error"] = job.outcome.error
+        if state in SUCCEEDED_STATES:
             if job.is_gemini:
                 out["tunedModel"] = self._tuned_gemini(job)
             else:  # registered in the Model Registry too, without checkpoints or an endpoint
@@ -1303,8 +1342,7 @@ class FakeVertex:
     def _get_model(self, project, location, model_id, version=None, *, query, body, project_id):
         """A tuned model (Gemini, or an open model the service registered), labelled with its base model."""
         now = self.now()
-        job = next((j for j in self.jobs.values() if j.id == model_id and j.status(now)[0] == "JOB_STATE_SUCCEEDED"),
-                   None)
+        job = next((j for j in self.jobs.values() if j.id == model_id and j.status(now)[0] in SUCCEEDED_STATES), None)
         if job is None:
             raise ApiError(404, f"Model projects/{project}/locations/{location}/models/{model_id} not found.",
                            "NOT_FOUND")

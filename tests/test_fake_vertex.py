@@ -60,7 +60,7 @@ def wait(fake, client, name, limit=20):
                 raise
             job = client.tunings.get(name=name)
         seen.append((job.state.value, job.tuning_job_state.value if job.tuning_job_state else None))
-        if job.has_ended or job.state.value == "JOB_STATE_PAUSED":
+        if job.has_ended or job.state.value in ("JOB_STATE_PAUSED", "JOB_STATE_PARTIALLY_SUCCEEDED"):
             break
         fake.advance(fake.step_seconds)
     return job, seen
@@ -277,6 +277,59 @@ def test_the_service_fills_in_gemini_defaults_without_touching_the_recorded_body
     assert (hp.epoch_count, hp.adapter_size.value, hp.learning_rate_multiplier) == (3, "ADAPTER_SIZE_FOUR", 1.0)
     assert fast.bodies() == [{"baseModel": "gemini-2.5-flash",
                               "supervisedTuningSpec": {"trainingDatasetUri": data["train"]}}]  # fmt: skip
+
+
+def test_scripted_states_queued_updating_and_partially_succeeded(fast, data):
+    t, client = types(), fast.genai_client()
+    error = {"code": 13, "message": "The last checkpoint could not be exported. Trace 7f3a."}
+    fast.next_outcome("partially_succeeded", error=error, states={
+        "TUNING_JOB_STATE_WAITING_FOR_QUOTA": "JOB_STATE_QUEUED", "TUNING_JOB_STATE_TUNING": "JOB_STATE_UPDATING"})
+    job = client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=t.TuningDataset(gcs_uri=data["train"]))
+    job, seen = wait(fast, client, job.name)
+    assert [state for state, _ in seen] == ["JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_PENDING",
+                                            "JOB_STATE_UPDATING", "JOB_STATE_RUNNING", "JOB_STATE_PARTIALLY_SUCCEEDED"]
+    assert job.tuned_model.checkpoints and job.error.message == error["message"] and job.end_time
+    err = error_of(lambda: client.tunings.cancel(name=job.name))
+    assert err.code == 400 and "JOB_STATE_PARTIALLY_SUCCEEDED" in err.message
+
+
+def test_each_method_takes_its_own_fields_and_gemini_refuses_learning_rate_and_batch_size(fake_vertex, data):
+    from google.auth.transport.requests import AuthorizedSession
+
+    t, client = types(), fake_vertex.genai_client()
+
+    def gemini(**config):
+        return error_of(lambda: client.tunings.tune(base_model="gemini-2.5-flash", config=t.CreateTuningJobConfig(
+            **config), training_dataset=t.TuningDataset(gcs_uri=data["train"])))
+
+    err = gemini(learning_rate=1e-4)
+    assert (err.code, err.message) == (400, "learningRate is not supported for tuning gemini-2.5-flash; use "
+                                            "learningRateMultiplier.")
+    assert gemini(batch_size=8).message == "batchSize is not supported for tuning gemini-2.5-flash."
+    # An open model takes them, and an adapter size for LoRA, as Google's own tune_open_model.py sends it.
+    client.tunings.tune(base_model="qwen/qwen3@qwen3-32b", training_dataset=t.TuningDataset(gcs_uri=data["train"]),
+                        config=t.CreateTuningJobConfig(tuning_mode="TUNING_MODE_PEFT_ADAPTER", learning_rate=2e-4,
+                                                       batch_size=8, adapter_size="ADAPTER_SIZE_SIXTEEN",
+                                                       output_uri=data["output"]))  # fmt: skip
+    session = AuthorizedSession(fake_vertex.credentials())
+    url = f"{fake_vertex.url}/v1beta1/projects/fake-project/locations/us-central1/tuningJobs"
+
+    def post(**spec):
+        body = {"baseModel": "qwen/qwen3@qwen3-4b", "outputUri": data["output"], **spec}
+        answer = session.post(url, json=body, timeout=10)
+        return answer.status_code, answer.json()["error"]["message"]
+
+    sft = {"trainingDatasetUri": data["train"]}
+    assert post(supervisedTuningSpec={**sft, "baseTeacherModel": TEACHER}) == (
+        400, 'Invalid JSON payload received. Unknown name "baseTeacherModel" at \'tuning_job.supervised_tuning_spec\': '
+             "Cannot find field.")  # fmt: skip
+    code, message = post(supervisedTuningSpec={**sft, "hyperParameters": {"sftLossWeightMultiplier": 0.5}})
+    assert code == 400 and "tuning_job.supervised_tuning_spec.hyper_parameters" in message
+    code, message = post(supervisedTuningSpec=sft, distillationSpec={"promptDatasetUri": data["prompts"],
+                                                                     "baseTeacherModel": TEACHER})
+    assert code == 400 and "Oneof field 'tuning_spec' is already set" in message
+    session.close()
+    assert len(fake_vertex.jobs) == 1
 
 
 def test_a_paused_job_can_be_cancelled(fast, data):

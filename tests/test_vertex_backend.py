@@ -296,6 +296,28 @@ def test_wait_goes_through_transient_errors_to_the_jobs_end(vertex, data):
     assert job.retrying is None
 
 
+def test_queued_updating_and_partially_succeeded_become_our_states(vertex, data):
+    vertex.step_seconds = 60
+    vertex.next_outcome("partially_succeeded", error={"code": 13, "message": "The last checkpoint could not be "
+                                                                             "exported. Trace 7f3a."},
+                        states={"TUNING_JOB_STATE_WAITING_FOR_QUOTA": "JOB_STATE_QUEUED",
+                                "TUNING_JOB_STATE_TUNING": "JOB_STATE_UPDATING"})  # fmt: skip
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=2)
+    seen = walk(vertex, job)
+    assert seen[0] == ("JOB_STATE_QUEUED", "WAITING_FOR_QUOTA")  # QUEUED is one of ours, and wait() goes on
+    assert ("JOB_STATE_RUNNING", "TUNING") in seen  # UPDATING goes back to RUNNING
+    assert job.state == "JOB_STATE_SUCCEEDED" and job.done and job.substate is None
+    assert job.note == ("the service reports JOB_STATE_PARTIALLY_SUCCEEDED: some results may be missing (The last "
+                        "checkpoint could not be exported); check the checkpoints before using them")
+    assert [c.name for c in job.checkpoints] == ["checkpoint-1", "checkpoint-2", "final"]
+
+
+def test_gemini_refuses_a_batch_size_in_one_line(vertex, data):
+    with pytest.raises(UserError, match="batchSize is not supported for tuning gemini-2.5-flash") as info:
+        tm.tune("gemini-2.5-flash", data["train"], epochs=1, batch_size=8)
+    assert "\n" not in str(info.value) and not vertex.jobs
+
+
 def test_cancel_goes_through_cancelling_to_cancelled(vertex, data):
     vertex.step_seconds = 60
     job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)

@@ -17,6 +17,7 @@ from ...errors import UserError
 from ...jobs import (
     JOB_STATE_CANCELLED,
     JOB_STATE_FAILED,
+    JOB_STATE_RUNNING,
     JOB_STATE_SUCCEEDED,
     STATES,
     TERMINAL_STATES,
@@ -271,11 +272,19 @@ def _enum_name(value) -> str | None:
     return getattr(value, "name", None) or str(value)
 
 
+#: The service's JobStates that are not ours, and the nearest of ours (aiplatform_v1beta1's job_state.py:
+#: UPDATING "goes back to the RUNNING state", PARTIALLY_SUCCEEDED "some results may be missing due to errors").
+_NEAREST_STATE = {"JOB_STATE_UPDATING": JOB_STATE_RUNNING, "JOB_STATE_PARTIALLY_SUCCEEDED": JOB_STATE_SUCCEEDED}
+
+
 def _info(raw) -> JobInfo:
-    state = _enum_name(raw.state) or "JOB_STATE_PENDING"
-    if state not in STATES:  # UNSPECIFIED, UPDATING, PARTIALLY_SUCCEEDED: the nearest of ours
-        state = {"JOB_STATE_PARTIALLY_SUCCEEDED": JOB_STATE_SUCCEEDED,
-                 "JOB_STATE_UPDATING": "JOB_STATE_RUNNING"}.get(state, "JOB_STATE_PENDING")
+    service_state = _enum_name(raw.state) or "JOB_STATE_PENDING"
+    state = service_state if service_state in STATES else _NEAREST_STATE.get(service_state, "JOB_STATE_PENDING")
+    note = None
+    if service_state == "JOB_STATE_PARTIALLY_SUCCEEDED":
+        said = vc.first_sentence(getattr(raw.error, "message", None) or "") if raw.error is not None else ""
+        note = ("the service reports JOB_STATE_PARTIALLY_SUCCEEDED: some results may be missing"
+                + (f" ({said})" if said else "") + "; check the checkpoints before using them")
     substate = _enum_name(getattr(raw, "tuning_job_state", None))
     if substate:
         substate = substate.removeprefix("TUNING_JOB_STATE_")
@@ -300,6 +309,7 @@ def _info(raw) -> JobInfo:
         ended=raw.end_time,
         attempts=1 if raw.start_time else 0,
         data_stats=_data_stats(raw.tuning_data_stats),
+        note=note,
     )
 
 
