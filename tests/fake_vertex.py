@@ -51,23 +51,42 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # ====================================================================== what the service offers
 
+# The fake's own copy of what the service accepts (not read from tuning_magics.catalog, so a drift between
+# the two fails tests/test_catalog_settings.py). Open models: the open-model tuning page's list, 2026-12-06
+# (docs.cloud.google.com/gemini-enterprise-agent-platform/models/open-model-tuning). Gemini: the models
+# the supervised tuning reference lists (.../reference/models/tuning), 2026-12-06; 2.0 Flash and Flash-Lite
+# were discontinued on 2026-06-01. Regions: open models in REGIONS; Gemini 3.x only in us-central1 and
+# europe-west4 (the supervised tuning page's limits); Gemini 2.5 in the regions of the tuning region
+# settings page that could be read. No "global": no page lists it for tuning.
 OPEN_MODELS = {
+    "google/gemma4@gemma-4-e2b-it", "google/gemma4@gemma-4-e4b-it", "google/gemma4@gemma-4-26b-a4b-it",
+    "google/gemma4@gemma-4-31b-it",
     "google/gemma3@gemma-3-1b-it", "google/gemma3@gemma-3-4b-it", "google/gemma3@gemma-3-12b-it",
-    "google/gemma3@gemma-3-27b-it", "google/medgemma@medgemma-4b-it",
+    "google/gemma3@gemma-3-27b-it", "google/medgemma@medgemma-1.5-4b-it",
     "meta/llama3_1@llama-3.1-8b", "meta/llama3_1@llama-3.1-8b-instruct",
     "meta/llama3-2@llama-3.2-1b-instruct", "meta/llama3-2@llama-3.2-3b-instruct",
     "meta/llama3-3@llama-3.3-70b-instruct", "meta/llama4@llama-4-scout-17b-16e-instruct",
+    "qwen/qwen3-5@qwen3.5-9b",
     "qwen/qwen3@qwen3-4b", "qwen/qwen3@qwen3-8b", "qwen/qwen3@qwen3-14b", "qwen/qwen3@qwen3-32b",
 }  # fmt: skip
-STUDENTS = {m for m in OPEN_MODELS if m.startswith(("qwen/", "google/gemma3@"))}
+STUDENTS = {m for m in OPEN_MODELS if m.startswith(("qwen/qwen3@", "google/gemma3@"))}
 TEACHERS = {"deepseek-ai/deepseek-r1-0528-maas", "deepseek-ai/deepseek-v3.2-maas",
             "qwen/qwen3-next-80b-a3b-thinking-maas"}  # fmt: skip
-GEMINI_MODELS = {"gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.0-flash-001",
-                 "gemini-2.0-flash-lite-001"}  # fmt: skip
+GEMINI_MODELS = {"gemini-3.5-flash", "gemini-3.5-flash-lite", "gemini-3.1-flash-lite", "gemini-2.5-pro",
+                 "gemini-2.5-flash", "gemini-2.5-flash-lite"}  # fmt: skip
 OPEN_REGIONS = {"us-central1", "europe-west4", "us-west1", "us-east5", "asia-southeast1"}
 GEMINI_REGIONS = OPEN_REGIONS | {"us-east1", "us-east4", "us-south1", "us-west4", "europe-west1", "europe-west2",
                                  "europe-west3", "europe-west9", "asia-northeast1", "asia-south1",
-                                 "australia-southeast1", "global"}  # fmt: skip
+                                 "australia-southeast1"}  # fmt: skip
+GEMINI_3_REGIONS = {"us-central1", "europe-west4"}
+
+
+def regions_for(base: str) -> set[str]:
+    """The regions that tune ``base`` (unless a test sets ``fake.regions``)."""
+    if base.startswith("gemini-3"):
+        return GEMINI_3_REGIONS
+    return GEMINI_REGIONS if base.startswith("gemini-") else OPEN_REGIONS
+
 
 PHASES = (  # (state, tuningJobState) in the order a job goes through them
     ("JOB_STATE_PENDING", "TUNING_JOB_STATE_WAITING_FOR_QUOTA"),
@@ -854,7 +873,7 @@ class FakeVertex:
             if base.startswith("gemini-") and key in hyper:
                 raise ApiError(400, f"{key} is not supported for tuning {base}"
                                     + (f"; use {instead}." if instead else "."))
-        regions = self.regions.get(base, GEMINI_REGIONS if base.startswith("gemini-") else OPEN_REGIONS)
+        regions = self.regions.get(base, regions_for(base))
         if location not in regions:
             raise ApiError(400, f"Base model {base} is not supported for tuning in region {location}. "
                                 f"Supported regions: {', '.join(sorted(regions))}.", "FAILED_PRECONDITION")

@@ -10,18 +10,24 @@ from tuning_magics.config import Settings
 
 FULL, PEFT = catalog.FULL, catalog.PEFT
 
-# MISSION.md, "Supported models (catalog facts)".
+# MISSION.md, "Supported models (catalog facts)", brought to the open-model tuning page of 2026-12-06
+# (catalog.py names the sources): Gemma 4, Medgemma 1.5 4B IT (instead of Medgemma 4B IT) and Qwen 3.5 9B.
 TABLE = [
+    ("google/gemma4@gemma-4-e2b-it", (PEFT,), 8192, ("text",)),
+    ("google/gemma4@gemma-4-e4b-it", (PEFT,), 8192, ("text",)),
+    ("google/gemma4@gemma-4-26b-a4b-it", (PEFT,), 8192, ("text",)),
+    ("google/gemma4@gemma-4-31b-it", (PEFT,), 8192, ("text",)),
     ("google/gemma3@gemma-3-1b-it", (FULL,), 8192, ("text",)),
     ("google/gemma3@gemma-3-4b-it", (FULL,), 8192, ("text",)),
     ("google/gemma3@gemma-3-12b-it", (FULL,), 8192, ("text",)),
     ("google/gemma3@gemma-3-27b-it", (PEFT, FULL), 8192, ("text",)),
-    ("google/medgemma@medgemma-4b-it", (FULL,), 8192, ("text",)),
+    ("google/medgemma@medgemma-1.5-4b-it", (FULL,), 8192, ("text",)),
     ("meta/llama3_1@llama-3.1-8b", (PEFT, FULL), 8192, ("text",)),
     ("meta/llama3_1@llama-3.1-8b-instruct", (PEFT, FULL), 8192, ("text",)),
     ("meta/llama3-2@llama-3.2-1b-instruct", (FULL,), 8192, ("text",)),
     ("meta/llama3-2@llama-3.2-3b-instruct", (FULL,), 8192, ("text",)),
     ("meta/llama3-3@llama-3.3-70b-instruct", (PEFT, FULL), 8192, ("text",)),
+    ("qwen/qwen3-5@qwen3.5-9b", (FULL,), 8192, ("text",)),
     ("qwen/qwen3@qwen3-4b", (FULL,), 8192, ("text",)),
     ("qwen/qwen3@qwen3-8b", (FULL,), 8192, ("text",)),
     ("qwen/qwen3@qwen3-14b", (FULL,), 8192, ("text",)),
@@ -262,6 +268,31 @@ def test_gemini_prices_only_where_published():
 )
 def test_validation_limit(model_id, train, limit):
     assert catalog.validation_limit(model_id, train) == limit
+
+
+def test_the_fake_vertex_ai_accepts_exactly_what_the_catalog_offers():
+    # tests/fake_vertex.py keeps its own copy of what the service accepts: a drift between the two fails here.
+    import fake_vertex as fake
+
+    assert {m.id for m in catalog.models(provider="open")} == fake.OPEN_MODELS
+    assert {m.id for m in catalog.models(provider="gemini")} == fake.GEMINI_MODELS
+    assert {m.id for m in catalog.models(provider="open", student=True)} == fake.STUDENTS
+    assert {t.id for t in catalog.teachers()} == fake.TEACHERS
+    assert set(catalog.REGIONS) == fake.OPEN_REGIONS
+    for model in catalog.models(provider="open") + catalog.models(provider="gemini"):
+        if model.regions is not None:
+            assert set(model.regions) == fake.regions_for(model.id), model.id
+        else:  # no rule here: the fake (the service) decides, in at least the open-model regions
+            assert fake.regions_for(model.id) >= fake.OPEN_REGIONS, model.id
+
+
+def test_new_open_models_resolve_from_their_short_and_hugging_face_names():
+    assert catalog.get("gemma-4-26b-a4b-it").id == "google/gemma4@gemma-4-26b-a4b-it"
+    assert catalog.get("Qwen/Qwen3.5-9B").id == "qwen/qwen3-5@qwen3.5-9b"
+    assert catalog.get("medgemma-1.5-4b-it").id == "google/medgemma@medgemma-1.5-4b-it"
+    assert catalog.find("google/medgemma@medgemma-4b-it") is None  # no longer listed
+    with pytest.raises(UserError, match="supports tuning_mode PEFT_ADAPTER"):
+        catalog.check_mode(catalog.get("gemma-4-e4b-it"), "FULL")
 
 
 def test_table_has_a_row_per_model():

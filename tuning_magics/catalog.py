@@ -24,7 +24,11 @@ PEFT = "PEFT_ADAPTER"
 TUNING_MODES = (FULL, PEFT)
 METHODS = ("sft", "distillation")
 
-#: Where open-model tuning runs (MISSION.md, from the open-model tuning page).
+#: Where open-model tuning runs. Source: Google's own tuning skill, github.com/google/skills
+#: skills/cloud/agent-platform-tuning/SKILL.md, "0.2 Possible Locations" (2026-08-19), as MISSION.md has it;
+#: the open-model tuning page's own region list could not be read in 2026-12. No ``global`` location:
+#: neither page lists it, and docs.cloud.google.com/gemini-enterprise-agent-platform/machine-learning/
+#: general/locations says the platform "doesn't support a global location" (read 2026-12-06).
 REGIONS = ("us-central1", "europe-west4", "us-west1", "us-east5", "asia-southeast1")
 
 #: Where Gemini 3.x tuning jobs run ("Supported endpoints for model tuning" in the
@@ -86,8 +90,12 @@ class Teacher:
     notes: str = ""
 
 
-def _open(id, family, modes, hf, params, *, student=False, seq=8192, modalities=("text",)):
-    return Model(id, family, modes, seq, modalities, hf, "open", student, (), params, regions=REGIONS)
+def _open(id, family, modes, hf, params, *, student=False, seq=8192, modalities=("text",), notes=""):
+    return Model(id, family, modes, seq, modalities, hf, "open", student, (), params, notes, regions=REGIONS)
+
+
+_UNREAD_LIMITS = ("the page's limits table could not be read (2026-12): 8192 tokens and text, as for the "
+                  "page's other models, are not confirmed")
 
 
 _GEMINI_MODALITIES = ("text", "image", "audio", "video", "document")
@@ -106,7 +114,8 @@ def _gemini(gid, adapter_sizes, *, regions=None, continued=False, price=None, no
 
 
 # Gemini: LoRA only, tuned through google-genai; adapter size, epochs and a
-# learning-rate multiplier are the knobs. Sources (checked 2026-11):
+# learning-rate multiplier are the knobs. Sources (checked 2026-11; the list of models that can be
+# tuned read again 2026-12-06, unchanged; no ``global`` tuning location is listed for any of them):
 # - models that can be tuned: docs.cloud.google.com/gemini-enterprise-agent-platform/reference/models/tuning
 #   (Gemini 3.5 Flash-Lite, 3.5 Flash, 3.1 Flash-Lite, 2.5 Pro, 2.5 Flash, 2.5 Flash-Lite);
 # - adapter sizes, 131,072 tokens per example, validation rule, 3.x tuning regions:
@@ -135,17 +144,34 @@ _GEMINI: tuple[Model, ...] = (
 )
 
 
+# Open models, as of 2026-12-06. Ids: "Supervised and distillation fine-tuning for open models",
+# docs.cloud.google.com/gemini-enterprise-agent-platform/models/open-model-tuning ("Models that support
+# supervised fine-tuning", the ja and ko copies, read 2026-12-06; the en copy's list was cut). Tuning modes:
+# github.com/google/skills skills/cloud/agent-platform-tuning/references/models.md (2026-08-19), whose table
+# gives Gemma 4 LoRA only, MedGemma 1.5 and Qwen 3.5 full tuning only. Medgemma 4B IT
+# (google/medgemma@medgemma-4b-it) is no longer listed: Medgemma 1.5 4B IT replaces it. Qwen 3.6 27B and
+# 35B A3B appear only in one copy of the page (documentation.s3ns.fr, zh-cn) without their modes: not added.
+# Distillation students are MISSION.md's; the page's student list could not be read.
 _MODELS: tuple[Model, ...] = (
+    _open("google/gemma4@gemma-4-e2b-it", "gemma4", (PEFT,), "google/gemma-4-E2B-it", "2B effective",
+          notes=_UNREAD_LIMITS),
+    _open("google/gemma4@gemma-4-e4b-it", "gemma4", (PEFT,), "google/gemma-4-E4B-it", "4B effective",
+          notes=_UNREAD_LIMITS),
+    _open("google/gemma4@gemma-4-26b-a4b-it", "gemma4", (PEFT,), "google/gemma-4-26B-A4B-it", "4B active / 26B",
+          notes=_UNREAD_LIMITS),
+    _open("google/gemma4@gemma-4-31b-it", "gemma4", (PEFT,), "google/gemma-4-31B-it", "31B", notes=_UNREAD_LIMITS),
     _open("google/gemma3@gemma-3-1b-it", "gemma3", (FULL,), "google/gemma-3-1b-it", "1B", student=True),
     _open("google/gemma3@gemma-3-4b-it", "gemma3", (FULL,), "google/gemma-3-4b-it", "4B", student=True),
     _open("google/gemma3@gemma-3-12b-it", "gemma3", (FULL,), "google/gemma-3-12b-it", "12B", student=True),
     _open("google/gemma3@gemma-3-27b-it", "gemma3", (PEFT, FULL), "google/gemma-3-27b-it", "27B", student=True),
-    _open("google/medgemma@medgemma-4b-it", "gemma3", (FULL,), "google/medgemma-4b-it", "4B"),
+    _open("google/medgemma@medgemma-1.5-4b-it", "gemma3", (FULL,), "google/medgemma-1.5-4b-it", "4B",
+          notes=_UNREAD_LIMITS),
     _open("meta/llama3_1@llama-3.1-8b", "llama", (PEFT, FULL), "meta-llama/Llama-3.1-8B", "8B"),
     _open("meta/llama3_1@llama-3.1-8b-instruct", "llama", (PEFT, FULL), "meta-llama/Llama-3.1-8B-Instruct", "8B"),
     _open("meta/llama3-2@llama-3.2-1b-instruct", "llama", (FULL,), "meta-llama/Llama-3.2-1B-Instruct", "1B"),
     _open("meta/llama3-2@llama-3.2-3b-instruct", "llama", (FULL,), "meta-llama/Llama-3.2-3B-Instruct", "3B"),
     _open("meta/llama3-3@llama-3.3-70b-instruct", "llama", (PEFT, FULL), "meta-llama/Llama-3.3-70B-Instruct", "70B"),
+    _open("qwen/qwen3-5@qwen3.5-9b", "qwen3", (FULL,), "Qwen/Qwen3.5-9B", "9B", notes=_UNREAD_LIMITS),
     _open("qwen/qwen3@qwen3-4b", "qwen3", (FULL,), "Qwen/Qwen3-4B", "4B", student=True),
     _open("qwen/qwen3@qwen3-8b", "qwen3", (FULL,), "Qwen/Qwen3-8B", "8B", student=True),
     _open("qwen/qwen3@qwen3-14b", "qwen3", (FULL,), "Qwen/Qwen3-14B", "14B", student=True),
