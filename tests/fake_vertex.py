@@ -10,9 +10,14 @@ expect, in the JSON shapes the SDKs parse:
   A job's lifecycle is driven by the clock, so ``get`` advances it; on success it carries
   data stats, an experiment backed by a TensorBoard, and either Gemini's tuned model and
   checkpoints or an open model's files under ``outputUri`` (written into the emulator).
-- ``projects/P/locations/L:deploy`` (a long-running operation) and ``operations/O``.
-- ``endpoints/E`` get, delete, ``:undeployModel``, ``:predict``, ``:generateContent``, ``:streamGenerateContent``,
-  ``endpoints/openapi/chat/completions`` (and ``endpoints/E/chat/completions``).
+- ``projects/P/locations/L:deploy`` (a long-running operation of ``deploy_seconds`` on the fake's clock, 20
+  minutes unless set) and ``operations/O``.
+- ``endpoints/E`` get, delete, ``:undeployModel``, ``:predict`` (a ``prompt``, or a chat request with
+  ``"@requestFormat": "chatCompletions"`` framed by :func:`chat_template`), ``:generateContent``,
+  ``:streamGenerateContent``, ``endpoints/openapi/chat/completions`` (and ``endpoints/E/chat/completions``).
+  Model Garden endpoints are dedicated: their predictions are answered at ``fake.dedicated_dns`` (HTTPS on
+  127.0.0.1 with ``fake.ca_file``, trusted through ``REQUESTS_CA_BUNDLE`` while the fake runs), never on the shared
+  host.
 - ``batchPredictionJobs`` create and get: Gemini batch prediction from a JSONL file in the
   emulator, pending then running for a clock step each, then its predictions are written.
 - ``metadataStores/default/contexts|artifacts/X`` and ``tensorboards/...`` reads:
@@ -35,12 +40,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import ipaddress
 import json
 import math
+import os
 import random
 import re
 import secrets
+import shutil
+import ssl
 import struct
+import tempfile
 import threading
 import time
 import urllib.error
@@ -112,6 +122,10 @@ ENDED_STATES = (*SUCCEEDED_STATES, "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "J
 METRICS = ("/train_total_loss", "/train_fraction_of_correct_next_step_preds", "/train_num_predictions",
            "/eval_total_loss", "/eval_fraction_of_correct_next_step_preds")  # fmt: skip
 DEFAULT_EPOCHS, DEFAULT_BATCH = 3, 8
+#: By default every 5th GET of the same tuning job answers 429 RESOURCE_EXHAUSTED (``FakeVertex.throttle_every``).
+THROTTLE_EVERY = 5
+#: Seconds a Model Garden deploy takes on the fake's clock (Google's notebooks: 15-30 minutes); fake.advance() moves it.
+DEPLOY_SECONDS = 20 * 60
 # The fields the service knows; any other is refused like the real JSON parser does.
 JOB_FIELDS = {"name", "tunedModelDisplayName", "description", "baseModel", "preTunedModel", "supervisedTuningSpec",
               "distillationSpec", "preferenceOptimizationSpec", "reinforcementTuningSpec", "partnerModelTuningSpec",
@@ -274,6 +288,52 @@ def reply_to(prompt: str, max_tokens: int | None = None) -> str:
     digest = hashlib.sha1(prompt.encode()).hexdigest()[:8]
     words = f"Answer {digest} to: {prompt.strip()}".split()
     return " ".join(words[:max_tokens] if max_tokens else words)
+
+
+def chat_template(messages: list[dict]) -> str:
+    """The chat template of the fake's deployed models (Llama 3's): messages framed as the model was tuned on them."""
+    turns = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{' '.join(_texts(m.get('content')))}"
+                    "<|eot_id|>" for m in messages)
+    return f"<|begin_of_text|>{turns}<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def chat_reply(messages: list[dict], max_tokens: int | None = None) -> str:
+    """A deployed model's answer to a conversation: to its last user message, marked by the whole templated text."""
+    users = [m for m in messages if m.get("role") == "user"]
+    digest = hashlib.sha1(chat_template(messages).encode()).hexdigest()[:8]
+    words = f"Answer {digest} to: {' '.join(_texts(users[-1].get('content'))) if users else ''}".split()
+    return " ".join(words[:max_tokens] if max_tokens else words)
+
+
+def _self_signed(folder: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 that is its own authority, and its key: (cert file, key file) in ``folder``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake Vertex AI dedicated endpoints")])
+    now = _dt.datetime.now(_dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(days=1)).not_valid_after(now + _dt.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    cert_file, key_file = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(cert_file, "wb") as out:
+        out.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return cert_file, key_file
 
 
 def _distribution(values: list[int]) -> dict:
@@ -516,13 +576,21 @@ class Recorded:
 class FakeVertex:
     """A fake Vertex AI REST API on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self, storage_host: str | None = None, *, step_seconds: float = 0.2, deploy_seconds: float = 0.2,
+    def __init__(self, storage_host: str | None = None, *, step_seconds: float = 0.2,
+                 deploy_seconds: float = DEPLOY_SECONDS,
                  project_numbers: dict[str, str] | None = None):  # fmt: skip
         self.storage = Storage(storage_host)
         self.bucket: str | None = None  # the emulator's ready bucket, when the fixture knows it
         self.token = f"ya29.fake-vertex-token-{secrets.token_hex(8)}"
         self.step_seconds = step_seconds
-        self.deploy_seconds = deploy_seconds
+        self.deploy_seconds = deploy_seconds  # how long a Model Garden deploy takes, on the fake's clock
+        self.dns_delay = 0.0  # seconds after a deploy ends before its endpoint has a dedicated DNS name
+        self.dedicated_dns = ""  # the host:port that answers dedicated endpoints (TLS), once started
+        self.ca_file = ""  # the certificate of that host, which requests trusts while the fake runs
+        self._deploy_errors: list[dict] = []
+        self._tls: ThreadingHTTPServer | None = None
+        self._tls_dir: str | None = None
+        self._saved_ca: str | None = None
         self.metrics_every: int | None = None  # log train metrics every N steps (None: about 100 points a series)
         #: How a job's TensorBoard experiment and run are named: "own" (ids of their own, found only through
         #: the experiment run's "-tb-run" artifact, as aiplatform finds them) or "experiment" (named after the
@@ -563,6 +631,21 @@ class FakeVertex:
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         threading.Thread(target=self._httpd.serve_forever, name="fake-vertex", daemon=True).start()
+        # Dedicated endpoints answer at their own DNS name over HTTPS (https://{dedicatedEndpointDns}/v1/...:predict).
+        # Here that name is "127.0.0.1:PORT", a second listener with a certificate of its own for 127.0.0.1, which
+        # requests trusts (REQUESTS_CA_BUNDLE) until stop(), as a machine trusts Google's: nothing in the code under
+        # test knows it is not Google's host.
+        self._tls_dir = tempfile.mkdtemp(prefix="fake-vertex-tls-")
+        cert, key = _self_signed(self._tls_dir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self._tls = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._tls.daemon_threads = True
+        self._tls.socket = context.wrap_socket(self._tls.socket, server_side=True, do_handshake_on_connect=False)
+        self.dedicated_dns, self.ca_file = f"127.0.0.1:{self._tls.server_address[1]}", cert
+        self._saved_ca = os.environ.get("REQUESTS_CA_BUNDLE")
+        os.environ["REQUESTS_CA_BUNDLE"] = cert
+        threading.Thread(target=self._tls.serve_forever, name="fake-vertex-dedicated", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -570,6 +653,16 @@ class FakeVertex:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        if self._tls:
+            self._tls.shutdown()
+            self._tls.server_close()
+            self._tls = None
+            if os.environ.get("REQUESTS_CA_BUNDLE") == self.ca_file:
+                if self._saved_ca is None:
+                    os.environ.pop("REQUESTS_CA_BUNDLE", None)
+                else:
+                    os.environ["REQUESTS_CA_BUNDLE"] = self._saved_ca
+            shutil.rmtree(self._tls_dir or "", ignore_errors=True)
 
     def __enter__(self):
         return self.start()
@@ -698,6 +791,13 @@ class FakeVertex:
             raise ApiError(404, f"The requested URL {path} was not found on this server.", "NOT_FOUND")
         project, location, rest = m.group(2), m.group(3), m.group(4)
         self._check_access(method, path, project)
+        if self.dedicated_dns and headers.get("host") == self.dedicated_dns:  # the dedicated endpoints' own host
+            hit = re.fullmatch(r"/endpoints/([^/:]+):predict", rest)
+            if method != "POST" or not hit or m.group(1) != "v1":
+                raise ApiError(404, f"The requested URL {path} was not found on this server.", "NOT_FOUND")
+            with self._lock:
+                return self._predict(self.project_number(project), location, hit.group(1), query=query,
+                                     body=body or {}, project_id=project, dedicated_host=True)
         routes = [
             ("POST", r"/tuningJobs", self._create_job),
             ("GET", r"/tuningJobs", self._list_jobs),
@@ -1200,37 +1300,92 @@ class FakeVertex:
         return 200, {"timeSeriesData": data}
 
     # ------------------------------------------------------------------ deploy and operations
+    # Model Garden's deploy (ModelGardenService.Deploy, google/cloud/aiplatform_v1beta1/types/model_garden_service.py):
+    # a DeployRequest answered with a long-running operation that takes ``deploy_seconds`` of the fake's clock
+    # (15-30 minutes by Google's notebooks). Its DeployOperationMetadata carries no endpoint (generic_metadata,
+    # publisher_model, destination, project_number, model_id): the endpoint is named by the DeployResponse at the
+    # end, or from the start by EndpointConfig.endpoint_user_id. The endpoint itself appears a third of the way in,
+    # empty; its model is deployed at the end. Model Garden endpoints are dedicated (unless
+    # dedicated_endpoint_disabled): their DNS name comes ``dns_delay`` seconds after the deploy ends, so the first
+    # reads of the endpoint lack it.
+    _DEPLOY_FIELDS = {"publisherModelName", "huggingFaceModelId", "customModel", "endpointConfig", "modelConfig",
+                      "deployConfig"}
+    _ENDPOINT_CONFIG_FIELDS = {"endpointDisplayName", "dedicatedEndpointEnabled", "dedicatedEndpointDisabled",
+                               "privateServiceConnectConfig", "endpointUserId"}
+
+    def fail_deploy(self, code: int = 8, message: str = "The following quota metrics exceed quota limits: "
+                    "aiplatform.googleapis.com/custom_model_serving_nvidia_l4_gpus") -> None:
+        """Make the next deploy's operation end with this error (a google.rpc.Status code; 8: RESOURCE_EXHAUSTED)."""
+        self._deploy_errors.append({"code": code, "message": message})
+
     def _deploy(self, project, location, *, query, body, project_id):
+        for key in body:
+            if key not in self._DEPLOY_FIELDS:
+                raise ApiError(400, f'Invalid JSON payload received. Unknown name "{key}": Cannot find field.')
+        config = body.get("endpointConfig") or {}
+        for key in config:
+            if key not in self._ENDPOINT_CONFIG_FIELDS:
+                raise ApiError(400, f'Invalid JSON payload received. Unknown name "{key}" at \'endpoint_config\': '
+                                    "Cannot find field.")
         uri = (body.get("customModel") or {}).get("gcsUri")
         if not uri:
             raise ApiError(400, "custom_model.gcs_uri is required to deploy a custom model.")
+        spec = ((body.get("deployConfig") or {}).get("dedicatedResources") or {}).get("machineSpec") or {}
+        accelerator = spec.get("acceleratorType")
+        if accelerator is not None:
+            from google.cloud.aiplatform_v1beta1.types import AcceleratorType
+
+            known = accelerator in AcceleratorType.__members__ or (
+                isinstance(accelerator, int) and accelerator in {a.value for a in AcceleratorType})
+            if not known or accelerator in ("ACCELERATOR_TYPE_UNSPECIFIED", 0):
+                raise ApiError(400, "Invalid value at 'deploy_config.dedicated_resources.machine_spec.accelerator_type' "
+                                    f"(type.googleapis.com/google.cloud.aiplatform.v1beta1.AcceleratorType), "
+                                    f"{json.dumps(accelerator)}")
         bucket_path = uri.rstrip("/") + "/model-00001-of-00001.safetensors"
         if self.storage.host and self.storage.read(bucket_path) is None:
             raise ApiError(400, f"No model weights (*.safetensors) found in {uri}.")
         prefix = f"projects/{project}/locations/{location}"
-        endpoint, op = f"{prefix}/endpoints/{self._new_id()}", f"{prefix}/operations/{self._new_id()}"
-        model = f"{prefix}/models/{self._new_id()}"
+        wanted = config.get("endpointUserId")
+        if wanted is not None and not re.fullmatch(r"[a-z]([a-z0-9-]{0,61}[a-z0-9])?|[1-9][0-9]{0,8}", str(wanted)):
+            raise ApiError(400, f"Invalid endpoint_user_id {wanted!r}: a letter then up to 62 of [a-z0-9-] ending "
+                                "with a letter or digit, or a number of up to 9 digits without leading zeros.")
+        endpoint = f"{prefix}/endpoints/{wanted or self._new_id()}"
+        if endpoint in self.endpoints:
+            raise ApiError(409, f"Endpoint {endpoint} already exists.", "ALREADY_EXISTS")
+        op, model = f"{prefix}/operations/{self._new_id()}", f"{prefix}/models/{self._new_id()}"
         now = self.now()
-        self.endpoints[endpoint] = {"kind": "open", "gcsUri": uri, "model": model, "created": now,
-                                    "displayName": (body.get("endpointConfig") or {}).get("endpointDisplayName")
-                                    or "custom-model-endpoint", "deployConfig": body.get("deployConfig", {}),
-                                    "ready": now + self.deploy_seconds}  # fmt: skip
-        self.operations[op] = {"endpoint": endpoint, "model": model, "done_at": now + self.deploy_seconds,
-                               "created": now}  # fmt: skip
+        ready = now + self.deploy_seconds
+        dedicated = not config.get("dedicatedEndpointDisabled")
+        self.endpoints[endpoint] = {"kind": "open", "gcsUri": uri, "model": model, "created": now + self.deploy_seconds / 3,
+                                    "displayName": config.get("endpointDisplayName") or "custom-model-endpoint",
+                                    "deployConfig": body.get("deployConfig", {}), "ready": ready,
+                                    "dedicated": dedicated, "dns_at": ready + self.dns_delay,
+                                    "error": self._deploy_errors.pop(0) if self._deploy_errors else None}  # fmt: skip
+        self.operations[op] = {"endpoint": endpoint, "model": model, "done_at": ready, "created": now,
+                               "project_number": project}  # fmt: skip
         return 200, self._operation(op)
 
     def _operation(self, op: str) -> dict:
         info = self.operations[op]
+        now = self.now()
         meta = {"@type": f"type.googleapis.com/{info.get('package', 'google.cloud.aiplatform.v1beta1')}."
                          f"{info.get('metadata_type', 'DeployOperationMetadata')}",
-                "genericMetadata": {"createTime": rfc3339(info["created"]), "updateTime": rfc3339(self.now())},
+                "genericMetadata": {"createTime": rfc3339(info["created"]), "updateTime": rfc3339(now)},
                 "destination": op.rsplit("/operations/", 1)[0]}  # fmt: skip
+        deployed = self.endpoints.get(info.get("endpoint") or "")
+        if "project_number" in info:  # a deploy: DeployOperationMetadata's own fields, the model once it is made
+            meta["projectNumber"] = info["project_number"]
+            if deployed and now >= deployed["created"]:
+                meta["modelId"] = info["model"].rsplit("/", 1)[1]
         out = {"name": op, "metadata": meta}
-        if self.now() >= info["done_at"]:
+        if now >= info["done_at"]:
             out["done"] = True
-            out["response"] = info.get("response") or {
-                "@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployResponse",
-                "endpoint": info["endpoint"], "model": info["model"]}  # fmt: skip
+            if deployed and deployed.get("error"):
+                out["error"] = deployed["error"]
+            else:
+                out["response"] = info.get("response") or {
+                    "@type": "type.googleapis.com/google.cloud.aiplatform.v1beta1.DeployResponse",
+                    "endpoint": info["endpoint"], "model": info["model"]}  # fmt: skip
         return out
 
     def _get_operation(self, project, location, op_id, *, query, body, project_id):
@@ -1243,23 +1398,32 @@ class FakeVertex:
     def _endpoint(self, project, location, endpoint_id) -> tuple[str, dict]:
         name = f"projects/{project}/locations/{location}/endpoints/{endpoint_id}"
         info = self.endpoints.get(name)
-        if not info:
+        if not info or self.now() < info["created"]:  # a deploy makes its endpoint part-way
             raise ApiError(404, f"Endpoint {name} not found.")
         return name, info
 
+    def _serving(self, info: dict) -> bool:
+        """Whether an endpoint has a model deployed that answers (a deploy's is, once it ended well)."""
+        if info.get("undeployed") or info.get("error"):
+            return False
+        return self.now() >= info.get("ready", 0)
+
     def _get_endpoint(self, project, location, endpoint_id, *, query, body, project_id):
         name, info = self._endpoint(project, location, endpoint_id)
+        out = {"name": name, "displayName": info.get("displayName", name.rsplit("/", 1)[1]), "etag": "1",
+               "createTime": rfc3339(info["created"]), "updateTime": rfc3339(info["created"])}
+        if info.get("dedicated"):
+            out["dedicatedEndpointEnabled"] = True
+            if self.now() >= info["dns_at"]:
+                out["dedicatedEndpointDns"] = self.dedicated_dns
+        if not self._serving(info):
+            return 200, {**out, "etag": "2", "updateTime": rfc3339(self.now())}
         deployed = {"id": info["model"].rsplit("/", 1)[1], "model": info["model"], "modelVersionId": "1",
                     "displayName": info.get("displayName", "tuned-model"), "createTime": rfc3339(info["created"])}
         dedicated = (info.get("deployConfig") or {}).get("dedicatedResources")
         if dedicated:
             deployed["dedicatedResources"] = dedicated
-        if info.get("undeployed"):
-            return 200, {"name": name, "displayName": info.get("displayName", name.rsplit("/", 1)[1]), "etag": "2",
-                         "createTime": rfc3339(info["created"]), "updateTime": rfc3339(self.now())}  # fmt: skip
-        return 200, {"name": name, "displayName": info.get("displayName", name.rsplit("/", 1)[1]),
-                     "deployedModels": [deployed], "trafficSplit": {deployed["id"]: 100}, "etag": "1",
-                     "createTime": rfc3339(info["created"]), "updateTime": rfc3339(info["created"])}  # fmt: skip
+        return 200, {**out, "deployedModels": [deployed], "trafficSplit": {deployed["id"]: 100}}
 
     def _done_operation(self, project, location, endpoint_id, metadata_type: str, response_type: str) -> dict:
         """A long-running operation that is done at once (undeploy and delete take no time here).
@@ -1274,10 +1438,16 @@ class FakeVertex:
                                "response": {"@type": "type.googleapis.com/" + response_type.format(package)}}
         return self._operation(op)
 
+    def _check_not_deploying(self, name: str, info: dict) -> None:
+        if not info.get("error") and self.now() < info.get("ready", 0):
+            raise ApiError(400, f"Endpoint {name} has an operation in progress: a model is being deployed to it.",
+                           "FAILED_PRECONDITION")
+
     def _undeploy_model(self, project, location, endpoint_id, *, query, body, project_id):
         name, info = self._endpoint(project, location, endpoint_id)
+        self._check_not_deploying(name, info)
         deployed = body.get("deployedModelId")
-        if info.get("undeployed") or deployed != info["model"].rsplit("/", 1)[1]:
+        if not self._serving(info) or deployed != info["model"].rsplit("/", 1)[1]:
             raise ApiError(400, f"Model {deployed} is not deployed on endpoint {name}.", "FAILED_PRECONDITION")
         info["undeployed"] = True
         return 200, self._done_operation(project, location, endpoint_id, "UndeployModelOperationMetadata",
@@ -1285,27 +1455,79 @@ class FakeVertex:
 
     def _delete_endpoint(self, project, location, endpoint_id, *, query, body, project_id):
         name, info = self._endpoint(project, location, endpoint_id)
-        if info.get("kind") == "open" and not info.get("undeployed"):
+        self._check_not_deploying(name, info)
+        if info.get("kind") == "open" and self._serving(info):
             raise ApiError(400, f"Endpoint {name} still has deployed models; undeploy them first.",
                            "FAILED_PRECONDITION")
         del self.endpoints[name]
         return 200, self._done_operation(project, location, endpoint_id, "DeleteOperationMetadata",
                                          "google.protobuf.Empty")
 
-    def _predict(self, project, location, endpoint_id, *, query, body, project_id):
+    def _dedicated_only(self, name: str, info: dict, dedicated_host: bool) -> None:
+        """Refuse a prediction on the wrong host: a dedicated endpoint's on the shared one, and the reverse."""
+        if info.get("dedicated") and not dedicated_host:
+            # The service's answer, as users recorded it (a README on serving a movielens model on Vertex AI).
+            raise ApiError(400, "This endpoint is a dedicated endpoint via CloudESF and cannot be accessed through "
+                                "the Vertex AI API. Please access the endpoint using its dedicated dns name "
+                                f"'{self.dedicated_dns}'", "FAILED_PRECONDITION")
+        if dedicated_host and not (info.get("dedicated") and self.now() >= info["dns_at"]):
+            raise ApiError(404, f"The requested URL /v1/{name}:predict was not found on this server.", "NOT_FOUND")
+
+    def _predict(self, project, location, endpoint_id, *, query, body, project_id, dedicated_host=False):
+        """``:predict`` as Model Garden's vLLM container answers it: a ``prompt`` instance, or a chat request.
+
+        An instance with ``"@requestFormat": "chatCompletions"`` holds an OpenAI chat request; its messages go
+        through the model's chat template (:func:`chat_template`) and the prediction is the chat completion
+        (GoogleCloudPlatform/vertex-ai-samples, model_garden_pytorch_qwq_deployment.ipynb:
+        ``response.predictions["choices"][0]["message"]["content"]``). Stricter than the service: a ``prompt`` that
+        frames a conversation by hand (``User: ...`` / ``Assistant:`` lines) is refused, since a tuned chat model
+        must see its own template.
+        """
         name, info = self._endpoint(project, location, endpoint_id)
+        self._dedicated_only(name, info, dedicated_host)
+        if not self._serving(info):
+            raise ApiError(400, f"Endpoint {name} does not have any deployed model.", "FAILED_PRECONDITION")
         instances = body.get("instances")
         if not isinstance(instances, list) or not instances:
             raise ApiError(400, "instances must be a non-empty list.")
+        model = info["model"]
+        answer = {"deployedModelId": model.rsplit("/", 1)[1], "model": model,
+                  "modelDisplayName": info.get("displayName", ""), "modelVersionId": "1"}  # fmt: skip
+        if any(isinstance(inst, dict) and "@requestFormat" in inst for inst in instances):
+            if len(instances) != 1 or instances[0].get("@requestFormat") != "chatCompletions":
+                raise ApiError(400, 'A chat request is one instance with "@requestFormat": "chatCompletions".')
+            request = {k: v for k, v in instances[0].items() if k != "@requestFormat"}
+            return 200, {**answer, "predictions": self._chat_completion(request)}
         predictions = []
         for k, inst in enumerate(instances):
             if not isinstance(inst, dict) or not isinstance(inst.get("prompt"), str):
                 raise ApiError(400, f"instances[{k}].prompt is required and must be a string.")
+            if re.search(r"(?m)^(System|User|Assistant|Human):", inst["prompt"]):
+                raise ApiError(400, f"instances[{k}].prompt frames a conversation by hand (User:/Assistant: lines); "
+                                    "this fake's chat models take messages with \"@requestFormat\": "
+                                    "\"chatCompletions\", framed by their own chat template.")
             text = reply_to(inst["prompt"], int(inst["max_tokens"]) if inst.get("max_tokens") else None)
             predictions.append(text if inst.get("raw_response") else f"Prompt:\n{inst['prompt']}\nOutput:\n{text}")
-        model = info["model"]
-        return 200, {"predictions": predictions, "deployedModelId": model.rsplit("/", 1)[1], "model": model,
-                     "modelDisplayName": info.get("displayName", ""), "modelVersionId": "1"}  # fmt: skip
+        return 200, {**answer, "predictions": predictions}
+
+    def _chat_completion(self, request: dict) -> dict:
+        """The chat completion a deployed model gives an OpenAI chat request: :func:`chat_reply` to its messages."""
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") for m in messages):
+            raise ApiError(400, "messages must be a non-empty list of {role, content} objects.")
+        known = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stream",
+                 "model", "stop", "n"}
+        unknown = sorted(set(request) - known)
+        if unknown:
+            raise ApiError(400, f"Unknown field {unknown[0]!r} in the chat request.")
+        limit = request.get("max_tokens") or request.get("max_completion_tokens")
+        text = chat_reply(messages, int(limit) if limit else None)
+        n_in, n_out = len(chat_template(messages).split()), len(text.split())
+        return {"id": f"chatcmpl-{self._new_id()}", "object": "chat.completion", "created": int(time.time()),
+                "model": request.get("model", ""),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
     def _generate(self, project, location, endpoint_id, verb, *, query, body, project_id):
         name, info = self._endpoint(project, location, endpoint_id)
@@ -1333,7 +1555,7 @@ class FakeVertex:
 
     def _chat(self, project, location, endpoint_id, *, query, body, project_id):
         if endpoint_id != "openapi":
-            self._endpoint(project, location, endpoint_id)
+            self._dedicated_only(*self._endpoint(project, location, endpoint_id), False)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list.")

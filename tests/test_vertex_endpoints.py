@@ -1,10 +1,12 @@
 """Serving on Vertex AI (tuning_magics.backends.vertex.endpoints), through the real google-genai and
 google-cloud-aiplatform SDKs against the fake Vertex AI API (tests/fake_vertex.py) and the Cloud Storage emulator:
-Model Garden deploy of a tuned open model, chat through predict, generate_content and chat completions."""
+Model Garden deploy of a tuned open model (minutes long on the fake's clock, followed in the background, to a
+dedicated endpoint), chat through predict with the model's chat template, generate_content and chat completions."""
 
 from __future__ import annotations
 
 import io
+import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -17,15 +19,14 @@ pytest.importorskip("google.genai")
 pytestmark = pytest.mark.filterwarnings("ignore:The SDK's tuning implementation is experimental")
 
 from tuning_magics.backends.vertex import endpoints  # noqa: E402
-from fake_vertex import CHAT, TEACHER  # noqa: E402
+from fake_vertex import CHAT, TEACHER, chat_reply  # noqa: E402
 
 
 
 @pytest.fixture
 def vertex(vertex):
-    """The signed-in fake, with jobs that move only when the test moves its clock and quick deployments."""
+    """The signed-in fake, with jobs and deployments (20 minutes) that move only when the test moves its clock."""
     vertex.step_seconds = 60
-    vertex.deploy_seconds = 0.05
     return vertex
 
 
@@ -57,6 +58,13 @@ def gemini(vertex, train):
     return finish(vertex, tm.tune("gemini-2.5-flash", train, epochs=2))
 
 
+def deployed(fake, job, **options):
+    """``job.deploy(**options)``, its clock moved to the end of the deployment, and waited for."""
+    endpoint = job.deploy(**options)
+    fake.advance(fake.deploy_seconds + fake.dns_delay)
+    return endpoint.wait(timeout=30, poll=0.01)
+
+
 def requests_to(fake, pattern):
     import re
 
@@ -74,23 +82,100 @@ def no_token_in(fake, *texts):
 def test_deploying_an_open_model_job_sends_the_seeds_machine_and_the_final_checkpoint(vertex, llama):
     out = io.StringIO()
     with redirect_stdout(out), redirect_stderr(out):
-        endpoint = llama.deploy()
+        endpoint = deployed(vertex, llama)
     deploy = requests_to(vertex, r":deploy$")
     assert len(deploy) == 1 and deploy[0].path == "/v1beta1/projects/fake-project/locations/us-central1:deploy"
     final = f"{llama.output_uri}/postprocess/node-0/checkpoints/final"
-    assert deploy[0].body == {"customModel": {"gcsUri": final}, "deployConfig": {"dedicatedResources": {
-        "machineSpec": {"machineType": "g2-standard-12", "acceleratorType": 11, "acceleratorCount": 1},
-        "minReplicaCount": 1, "maxReplicaCount": 1}}}  # fmt: skip  (NVIDIA_L4 goes as its enum number)
-    assert endpoint.kind == "deployed" and endpoint.source == final
-    assert endpoint.name.startswith("projects/123456789012/locations/us-central1/endpoints/")
+    endpoint_id = deploy[0].body["endpointConfig"]["endpointUserId"]
+    assert deploy[0].body == {"customModel": {"gcsUri": final}, "endpointConfig": {"endpointUserId": endpoint_id},
+                              "deployConfig": {"dedicatedResources": {
+        "machineSpec": {"machineType": "g2-standard-12", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1},
+        "minReplicaCount": 1, "maxReplicaCount": 1}}}  # fmt: skip
+    assert endpoint_id.startswith(f"tm-{llama.id}-final-")
+    assert endpoint.kind == "deployed" and endpoint.source == final and endpoint.state == "READY"
+    assert endpoint.name == f"projects/123456789012/locations/us-central1/endpoints/{endpoint_id}"
     assert endpoint.name in repr(endpoint) and "deployed" in repr(endpoint)
     no_token_in(vertex, out.getvalue(), repr(endpoint))
 
 
+def test_deploy_returns_at_once_named_and_says_how_long_it_has_been_deploying(vertex, llama):
+    started = time.monotonic()
+    endpoint = llama.deploy()
+    assert time.monotonic() - started < 20  # a 20-minute deploy on the fake's clock: deploy() did not wait for it
+    assert endpoint.state == "DEPLOYING" and not endpoint.done
+    assert endpoint.name.rsplit("/", 1)[1] == requests_to(vertex, r":deploy$")[0].body["endpointConfig"][
+        "endpointUserId"]  # known before the service is done, though the operation never names it
+    assert "DEPLOYING" in repr(endpoint) and endpoint.name in repr(endpoint)
+    for call in (lambda: endpoint.chat("hi"), lambda: llama.chat("hi"), lambda: list(llama.chat("hi", stream=True))):
+        with pytest.raises(UserError, match=r"is still deploying \(0 min so far; .*endpoint.wait\(\)") as info:
+            call()
+        assert endpoint.name in str(info.value)
+    vertex.advance(7 * 60)
+    with pytest.raises(UserError, match=r"still deploying \(7 min so far"):
+        llama.chat("hi")
+    ops = [r for r in vertex.requests if "/operations/" in r.path]
+    assert ops and all(r.method == "GET" and r.path.startswith("/v1beta1/") for r in ops)
+    assert not requests_to(vertex, r":predict$")  # nothing is asked of an endpoint that is not up
+    vertex.advance(14 * 60)
+    assert endpoint.wait(timeout=30, poll=0.01) is endpoint and endpoint.state == "READY"
+    assert endpoint.chat("hi") == llama.chat("hi") and "hi" in endpoint.chat("hi")
+    assert "21 min" not in repr(endpoint) and endpoint.elapsed >= 20 * 60
+
+
+def test_a_wait_that_times_out_names_the_endpoint_and_how_to_delete_it(vertex, llama):
+    endpoint = llama.deploy()
+    vertex.advance(3 * 60)
+    with pytest.raises(TimeoutError) as info:
+        endpoint.wait(timeout=0.3, poll=0.05)
+    message = str(info.value)
+    assert endpoint.name in message and "3 min so far" in message and "endpoint.delete()" in message
+    assert "network" not in message and "\n" not in message
+    with pytest.raises(UserError, match=r"still deploying \(3 min so far\) and can be deleted once it is up"):
+        endpoint.delete()
+    # deploy(timeout=...) waits that long and says the same; the deploy goes on and the job knows its endpoint
+    with pytest.raises(TimeoutError, match=r"endpoint projects/123456789012/.+/endpoints/tm-.+ is still deploying"):
+        llama.deploy(checkpoint="final", timeout=0.2)
+    with pytest.raises(UserError, match="still deploying"):
+        llama.chat("hi")
+    vertex.advance(20 * 60)
+    assert endpoint.wait(timeout=30, poll=0.01).state == "READY"
+    endpoint.delete()
+    assert endpoint.state == "DELETED" and endpoint.name not in vertex.endpoints
+
+
+def test_a_look_that_fails_on_the_way_is_tried_again_and_a_refusal_is_one_line(vertex, llama):
+    endpoint = llama.deploy()
+    vertex.advance(20 * 60)
+    vertex.fail_next(503, "The service is currently unavailable.", path="/operations/", times=2)
+    assert endpoint.wait(timeout=30, poll=0.01).state == "READY"
+    again = llama.deploy()
+    vertex.deny("aiplatform.operations.get")
+    vertex.fail_next(403, "Permission 'aiplatform.operations.get' denied.", path="/operations/")
+    with pytest.raises(UserError) as info:
+        again.wait(timeout=30, poll=0.01)
+    assert "permission denied" in str(info.value) and again.name in str(info.value)
+
+
+def test_a_deploy_that_fails_says_why_in_one_line_and_its_endpoint_can_be_deleted(vertex, llama):
+    vertex.fail_deploy()
+    endpoint = llama.deploy()
+    vertex.advance(20 * 60)
+    with pytest.raises(UserError) as info:
+        endpoint.wait(timeout=30, poll=0.01)
+    message = str(info.value)
+    assert endpoint.state == "FAILED" and message == endpoint.error and "\n" not in message
+    assert "RESOURCE_EXHAUSTED" in message and "custom_model_serving_nvidia_l4_gpus" in message
+    assert "g2-standard-12 with 1 NVIDIA_L4" in message and endpoint.name in message
+    with pytest.raises(UserError, match="RESOURCE_EXHAUSTED"):
+        llama.chat("hi")
+    endpoint.delete()  # the endpoint the deploy made, empty
+    assert endpoint.name not in vertex.endpoints
+
+
 def test_a_named_checkpoint_and_other_machines_can_be_deployed(vertex, llama):
     steps = [c.step for c in llama.checkpoints if c.step is not None]
-    endpoint = llama.deploy(checkpoint=steps[0], machine_type="a2-highgpu-1g", accelerator_type="NVIDIA_TESLA_A100",
-                            accelerator_count=1, endpoint_display_name="first-epoch")
+    endpoint = deployed(vertex, llama, checkpoint=steps[0], machine_type="a2-highgpu-1g",
+                        accelerator_type="NVIDIA_TESLA_A100", accelerator_count=1, endpoint_display_name="first-epoch")
     body = requests_to(vertex, r":deploy$")[-1].body
     assert body["customModel"]["gcsUri"].endswith(f"/postprocess/node-0/checkpoints/checkpoint-{steps[0]}")
     assert body["deployConfig"]["dedicatedResources"]["machineSpec"]["machineType"] == "a2-highgpu-1g"
@@ -122,6 +207,14 @@ def test_a_bad_deploy_option_is_one_line_naming_it_and_deploys_nothing(vertex, l
     assert not requests_to(vertex, r":deploy$")
 
 
+def test_an_accelerator_the_service_does_not_know_is_one_line_naming_it(vertex, llama):
+    with pytest.raises(UserError) as info:
+        llama.deploy(accelerator_type="NVIDIA_L5")
+    message = str(info.value)
+    assert message.startswith("Vertex AI rejected the request to deploy") and "accelerator_type" in message
+    assert "NVIDIA_L5" in message and "\n" not in message
+
+
 def test_a_job_that_has_not_succeeded_is_not_deployed(vertex, train):
     job = tm.tune("meta/llama3_1@llama-3.1-8b", train, epochs=1, output_uri=f"gs://{vertex.bucket}/out-running")
     with pytest.raises(UserError, match=r"is JOB_STATE_PENDING: only a job that succeeded can be deployed") as info:
@@ -144,39 +237,163 @@ def test_a_deploy_the_service_refuses_is_one_line_naming_the_project_without_the
     no_token_in(vertex, message)
 
 
+# ====================================================================== the deployment in the notebook
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """A kernel that records the parent header each thread sets (as ipykernel 7 keeps one per thread)."""
+    from tuning_magics.display import monitor
+
+    class Kernel:
+        _parent_ident = {"shell": b"ident"}
+
+        def __init__(self):
+            self.header, self.set_in = {"header": {"msg_id": "cell-1"}}, []
+
+        def get_parent(self, channel=None):
+            return self.header
+
+        def set_parent(self, ident, parent, channel="shell"):
+            self.set_in.append((threading.current_thread().name, parent))
+
+    k = Kernel()
+    monkeypatch.setattr(monitor, "_kernel", lambda: (k, None))
+    return k
+
+
+def test_the_deployment_shows_its_state_elapsed_and_name_live_from_a_thread(vertex, llama, kernel, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    from tuning_magics.display import deploy
+
+    monkeypatch.setattr(deploy, "TICK", 0.02)
+    endpoint = llama.deploy()
+    view = deploy.DeployMonitor(endpoint)
+    tree = [id(w) for w in view.widget.children]
+    assert "DEPLOYING" in view.state.value and endpoint.name in view.details.value
+    assert "g2-standard-12 with 1 NVIDIA_L4" in view.details.value and "elapsed 0:0" in view.times.value
+    kernel.header = {"header": {"msg_id": "a-later-cell"}}  # the kernel moved on to another cell
+    monkeypatch.setattr(type(endpoint), "poll_interval", lambda self, looks: 0.02)
+    view.start()
+    vertex.advance(12 * 60)
+    deadline = time.monotonic() + 10
+    while "elapsed 12:" not in view.times.value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "elapsed 12:" in view.times.value and view.running
+    vertex.advance(10 * 60)
+    view.wait(10)
+    assert not view.running and "READY" in view.state.value and endpoint.state == "READY"
+    assert [id(w) for w in view.widget.children] == tree  # built once, only values changed
+    assert kernel.set_in and kernel.set_in[0] == ("tuning-deploy-monitor", {"header": {"msg_id": "cell-1"}})
+    bundle = view._repr_mimebundle_()
+    assert endpoint.name in bundle["text/plain"] and "READY" in bundle["text/plain"]
+    assert "endpoint.delete() stops the billing" in bundle["text/plain"] and "tm-deploy" in bundle["text/html"]
+
+
+def test_without_widgets_the_endpoint_shows_as_text_and_html(vertex, llama, capsys, monkeypatch):
+    from tuning_magics.display import deploy, monitor
+
+    monkeypatch.setattr(monitor, "_kernel", lambda: (None, None))
+    endpoint = llama.deploy()
+    vertex.advance(5 * 60)
+    endpoint.refresh()
+    assert deploy.show(endpoint) is None
+    text = capsys.readouterr().out
+    assert endpoint.name in text and "DEPLOYING" in text and "elapsed 5:" in text and "endpoint.wait()" in text
+    vertex.fail_deploy()
+    failed = llama.deploy()
+    vertex.advance(20 * 60)
+    failed.refresh()
+    bundle = failed._repr_mimebundle_()
+    assert "FAILED" in bundle["text/plain"] and "RESOURCE_EXHAUSTED" in bundle["text/html"]
+    assert "<script" not in bundle["text/html"]
+
+
+# ====================================================================== dedicated endpoints
+
+
+def test_a_dedicated_endpoint_is_asked_at_its_dns_name_once_it_has_one(vertex, llama):
+    from google.auth.transport.requests import AuthorizedSession
+
+    vertex.dns_delay = 90
+    endpoint = llama.deploy()
+    vertex.advance(vertex.deploy_seconds)
+    endpoint.refresh()
+    assert endpoint.state == "DEPLOYING" and endpoint.note == "deployed; waiting for its dedicated DNS name"
+    read = requests_to(vertex, endpoint.name.rsplit("/", 1)[1] + "$")
+    assert read and read[-1].method == "GET"  # the endpoint was read, and had no DNS name yet
+    with pytest.raises(UserError, match="still deploying"):
+        endpoint.chat("hi")
+    # an endpoint made by hand before its DNS name exists: no answer yet, and nothing kept of what it read
+    by_hand = endpoints.VertexEndpoint(endpoint.name, "deployed")
+    with pytest.raises(UserError, match="has no dedicated DNS name yet.*try again in a minute"):
+        by_hand.chat("hi")
+    vertex.advance(90)
+    reply = endpoint.wait(timeout=30, poll=0.01).chat("hi")
+    assert by_hand.chat("hi") == reply
+    predict = requests_to(vertex, r":predict$")
+    assert len(predict) == 2 and {r.headers["host"] for r in predict} == {vertex.dedicated_dns}
+    assert all(r.path == f"/v1/{endpoint.name}:predict" for r in predict)
+    # the shared host refuses the endpoint's predictions, with the service's words
+    session = AuthorizedSession(vertex.credentials())
+    shared = session.post(f"{vertex.url}/v1/{endpoint.name}:predict", json={"instances": [{"prompt": "hi"}]},
+                          timeout=10).json()["error"]
+    assert shared["status"] == "FAILED_PRECONDITION" and shared["message"].startswith(
+        "This endpoint is a dedicated endpoint via CloudESF and cannot be accessed through the Vertex AI API.")
+
+
 # ====================================================================== chat with a deployed open model
 
 
-def test_an_open_model_job_chats_through_predict_with_the_seeds_instance(vertex, llama):
+def test_an_open_model_job_chats_through_predict_with_the_models_chat_template(vertex, llama):
     with pytest.raises(UserError, match=r"call job.deploy\(\) first"):
         llama.chat("hi")  # chat never deploys by itself
     assert not requests_to(vertex, r":deploy$")
-    endpoint = llama.deploy()
+    endpoint = deployed(vertex, llama)
     reply = endpoint.chat("hi")
     predict = requests_to(vertex, r":predict$")
     assert len(predict) == 1 and predict[0].path == f"/v1/{endpoint.name}:predict"
-    assert predict[0].body == {"instances": [{"prompt": "hi", "max_tokens": 200, "temperature": 1.0, "top_p": 1.0,
-                                              "top_k": 1, "raw_response": True}]}  # fmt: skip
-    assert "hi" in reply and not reply.startswith("Prompt:")
+    assert predict[0].body == {"instances": [{"@requestFormat": "chatCompletions",
+                                              "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 200, "temperature": 1.0, "top_p": 1.0, "top_k": 1}]}
+    assert reply == chat_reply([{"role": "user", "content": "hi"}])
     # the job answers through the endpoint its deploy() returned, also when read back by name
     assert llama.chat("hi") == reply and tm.get_job(llama.name).chat("hi") == reply
     assert len(requests_to(vertex, r":predict$")) == 3
 
 
-def test_chat_options_become_the_instances_fields(vertex, llama):
-    endpoint = llama.deploy()
-    reply = endpoint.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a car."}],
-                          max_new_tokens=3, temperature=0.2, top_p=0.9, top_k=40, seed=7)
+def test_a_conversation_goes_whole_to_the_models_template_with_the_chats_options(vertex, llama):
+    endpoint = deployed(vertex, llama)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a car."},
+                {"role": "assistant", "content": "A Volvo."}, {"role": "user", "content": "Another?"}]
+    reply = endpoint.chat(messages, max_new_tokens=3, temperature=0.2, top_p=0.9, top_k=40, seed=7)
     instance = requests_to(vertex, r":predict$")[-1].body["instances"][0]
-    assert instance == {"prompt": "System: Be brief.\nUser: Name a car.\nAssistant:", "max_tokens": 3,
-                        "temperature": 0.2, "top_p": 0.9, "top_k": 40, "seed": 7, "raw_response": True}
-    assert len(reply.split()) == 3
+    assert instance == {"@requestFormat": "chatCompletions", "messages": messages, "max_tokens": 3,
+                        "temperature": 0.2, "top_p": 0.9, "top_k": 40, "seed": 7}
+    assert reply == chat_reply(messages, 3) and len(reply.split()) == 3
+    assert "User:" not in str(instance)  # no conversation framed by hand: the model's own template frames it
+    assert endpoint.chat(messages[-1:], max_new_tokens=3) != reply  # the earlier turns reached the model
+    assert requests_to(vertex, r":predict$")[-1].body["instances"][0]["messages"] == messages[-1:]
+    assert endpoint.chat("hi", top_k=0) and requests_to(vertex, r":predict$")[-1].body["instances"][0]["top_k"] == -1
     pieces = list(endpoint.chat("hi", stream=True))
     assert pieces == [endpoint.chat("hi")]  # predict has no stream: the reply comes as one piece
 
 
+def test_the_fake_refuses_a_conversation_framed_by_hand(vertex, llama):
+    from google.auth.transport.requests import AuthorizedSession
+
+    endpoint = deployed(vertex, llama)
+    url = f"https://{vertex.dedicated_dns}/v1/{endpoint.name}:predict"
+    session = AuthorizedSession(vertex.credentials())
+    framed = session.post(url, json={"instances": [{"prompt": "System: Be brief.\nUser: Hi\nAssistant:"}]},
+                          timeout=10)
+    assert framed.status_code == 400 and "chatCompletions" in framed.json()["error"]["message"]
+    plain = session.post(url, json={"instances": [{"prompt": "Hi", "raw_response": True}]}, timeout=10)
+    assert plain.status_code == 200 and "Hi" in plain.json()["predictions"][0]
+
+
 def test_a_mistake_is_one_line_before_any_request(vertex, llama):
-    endpoint = llama.deploy()
+    endpoint = deployed(vertex, llama)
     before = len(vertex.requests)
     for call, field in ((lambda: endpoint.chat("hi", temperature=-1), "temperature"),
                         (lambda: endpoint.chat("hi", stream=True, temperature=-1), "temperature"),
@@ -191,7 +408,7 @@ def test_a_mistake_is_one_line_before_any_request(vertex, llama):
 
 
 def test_an_endpoint_that_is_gone_is_one_line_naming_the_project(vertex, llama):
-    endpoint = llama.deploy()
+    endpoint = deployed(vertex, llama)
     vertex.endpoints.pop(endpoint.name)
     with pytest.raises(UserError) as info:
         endpoint.chat("hi")
@@ -228,6 +445,15 @@ def test_deploy_chat_and_delete_leave_the_notebooks_own_vertexai_settings_as_the
     assert before["_project"] == "users-project" and before["_location"] == "europe-west4"
     endpoint = llama.deploy()
     assert {name: getattr(users_sdk, name) for name in _SDK_SETTINGS} == before
+    waiting = threading.Thread(target=endpoint.wait, kwargs={"timeout": 30, "poll": 0.01})
+    waiting.start()  # followed from another thread, as the notebook's view does, while the notebook goes on
+    seen = []
+    while waiting.is_alive() and len(seen) < 50:
+        seen.append({name: getattr(users_sdk, name) for name in _SDK_SETTINGS})
+        time.sleep(0.005)
+    vertex.advance(vertex.deploy_seconds)
+    waiting.join(30)
+    assert endpoint.state == "READY" and seen and all(s == before for s in seen)
     assert endpoint.chat("hi") == llama.chat("hi")
     assert {name: getattr(users_sdk, name) for name in _SDK_SETTINGS} == before
     endpoint.delete()
@@ -242,7 +468,7 @@ def test_a_chat_after_the_api_endpoint_setting_is_removed_goes_to_the_regions_ow
                                                                                             monkeypatch):
     import socket
 
-    endpoint = llama.deploy()
+    endpoint = deployed(vertex, llama)
     assert endpoint.chat("hi")
     monkeypatch.delenv("TUNING_MAGICS_API_ENDPOINT")
     for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
@@ -351,7 +577,7 @@ def test_a_managed_model_error_is_one_line_without_the_token(vertex):
 
 
 def test_deleting_a_deployed_endpoint_undeploys_its_model_and_forgets_it(vertex, llama):
-    endpoint = llama.deploy()
+    endpoint = deployed(vertex, llama)
     endpoint.delete()
     assert endpoint.name not in vertex.endpoints
     undeploy = requests_to(vertex, r":undeployModel$")

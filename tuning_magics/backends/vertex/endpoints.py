@@ -2,18 +2,24 @@
 
 :func:`deploy_job` deploys a succeeded open-model job's ``final`` checkpoint (or a
 named one) through Model Garden's custom weights, as the tuning notebooks do by
-hand: ``model_garden.CustomModel(gcs_uri=...).deploy(machine_type="g2-standard-12",
-accelerator_type="NVIDIA_L4", accelerator_count=1)``. A tuned Gemini model is
-served by the service already: its endpoint is returned, nothing is deployed.
+hand with ``model_garden.CustomModel(gcs_uri=...).deploy(machine_type="g2-standard-12",
+accelerator_type="NVIDIA_L4", accelerator_count=1)``, but without blocking: a
+deploy takes 15-30 minutes and is billed, so it returns at once with the
+endpoint, named from the start (``endpoint_user_id``), while the service
+deploys to it. The endpoint shows its state in the notebook (state, elapsed,
+its name), ``wait()``s when asked, and answers once it is up. A tuned Gemini
+model is served by the service already: its endpoint is returned, nothing is
+deployed.
 
 A :class:`VertexEndpoint` chats like the local engine's endpoint (same
 signature, same request rules from :mod:`tuning_magics.chat_request`, so a
 mistake is one line before any network call), through the method that fits:
 
 - ``"deployed"`` (a tuned open model on its own machine): ``predict`` with the
-  seed's instance (``prompt``, ``max_tokens`` 200, ``temperature`` 1.0, ``top_p``
-  1.0, ``top_k`` 1, ``raw_response``) unless the call says otherwise, at the
-  endpoint's dedicated DNS name when it has one, as ``aiplatform.Endpoint.predict`` does;
+  conversation in the serving container's chat-completions format, so the
+  model's own chat template frames it (up to 200 tokens, ``temperature`` 1.0,
+  ``top_p`` 1.0, ``top_k`` 1 unless the call says otherwise), at the endpoint's
+  dedicated DNS name when it has one, as ``aiplatform.Endpoint.predict`` does;
 - ``"gemini"`` (a tuned Gemini model or one of its checkpoints):
   google-genai's ``generate_content`` / ``generate_content_stream``;
 - ``"managed"`` (open models served by Vertex AI, such as the distillation
@@ -22,17 +28,15 @@ mistake is one line before any network call), through the method that fits:
 
 :func:`chat_with_job` is ``VertexJob.chat``: a Gemini job answers from its
 endpoint or a checkpoint's; an open-model job answers from the endpoint its
-``deploy()`` returned in this session, and never deploys by itself (a
-deployment costs money while it runs). :func:`batch_predict` runs a Gemini
-batch prediction over a JSONL file in Cloud Storage.
+``deploy()`` returned in this session, once it is up, and never deploys by
+itself (a deployment costs money while it runs). :func:`batch_predict` runs a
+Gemini batch prediction over a JSONL file in Cloud Storage.
 
 The aiplatform SDK's process-wide settings (``vertexai.init``) belong to the
-notebook: chat and delete name the project, region, credentials and API endpoint
-on each request (REST with the context's credentials, or a GAPIC client with its
-own client options), and never read or change them. Only Model Garden's
-``CustomModel.deploy`` takes them from there alone: :func:`_sdk_settings` sets
-ours for that one call and puts the notebook's back, under one lock held across
-the call.
+notebook: deploy, chat and delete name the project, region, credentials and API
+endpoint on each request (REST with the context's credentials, or a GAPIC client
+with its own client options), and never read or change them, also while a
+deployment is followed from a background thread.
 
 The cloud SDKs are imported inside the functions that use them: ``import
 vertexai`` alone takes seconds.
@@ -42,10 +46,12 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import threading
-from contextlib import contextmanager
+import time
+from datetime import datetime
 
-from ...chat_request import apply_stop, chat_request
+from ...chat_request import chat_request
 from ...errors import UserError
 from ...jobs import JOB_STATE_SUCCEEDED
 from . import client as vc
@@ -53,11 +59,15 @@ from . import client as vc
 DEFAULT_MACHINE_TYPE = "g2-standard-12"
 DEFAULT_ACCELERATOR_TYPE = "NVIDIA_L4"
 DEFAULT_ACCELERATOR_COUNT = 1
-#: The seed's predict instance: what a deployed open model is asked unless chat() says otherwise.
+#: The seed's sampling: what a deployed open model is asked with unless chat() says otherwise.
 PREDICT_DEFAULTS = {"max_tokens": 200, "temperature": 1.0, "top_p": 1.0, "top_k": 1}
 #: Where an open-model job leaves its checkpoints under its output folder.
 CHECKPOINTS_FOLDER = "postprocess/node-0/checkpoints"
 KINDS = ("deployed", "gemini", "managed")
+#: An endpoint's deployment states: being deployed, answering, failed to deploy, deleted by delete().
+DEPLOYING, READY, FAILED, DELETED = "DEPLOYING", "READY", "FAILED", "DELETED"
+#: How long a Model Garden deploy takes, as Google's notebooks say (the service gives no estimate).
+TYPICAL_DEPLOY = "15-30 minutes"
 _TIMEOUT = vc.API_TIMEOUT
 
 
@@ -67,18 +77,32 @@ class VertexEndpoint:
     ``name`` is the endpoint's resource name (``projects/P/locations/L/endpoints/E``);
     for a managed open model, ``model`` is its id (``qwen/qwen3-next-80b-a3b-thinking-maas``)
     and ``name`` the OpenAI-compatible endpoint it is served from.
+
+    One that ``job.deploy()`` returned follows its deployment: ``state`` (DEPLOYING,
+    READY, FAILED, DELETED), ``elapsed`` seconds, ``note`` and ``error``; ``refresh()``
+    looks again, ``wait()`` blocks until it is up. Displayed in a notebook it shows
+    all of that live.
     """
 
     def __init__(self, name: str, kind: str, *, model: str | None = None, ctx: vc.Context | None = None,
-                 source: str | None = None):
+                 source: str | None = None, operation: str | None = None, machine: str | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         self.name = name
         self.kind = kind
         self.model = model
         self.source = source  # what is served: a checkpoint's gs:// folder or a tuning job's checkpoint
+        self.operation = operation  # the deploy's long-running operation, for an endpoint deploy() made
+        self.machine = machine  # what it is deployed on, e.g. "g2-standard-12 with 1 NVIDIA_L4"
+        self.state = DEPLOYING if operation else READY
+        self.note: str | None = None  # what a deploying endpoint waits for, when known
+        self.error: str | None = None  # why the deploy failed
         self._ctx = ctx
-        self._predict_at: str | None = None  # the predict URL, once looked up
+        self._predict_at: str | None = None  # the dedicated predict URL, once known (the shared one never kept)
+        self._started = time.monotonic()
+        self._service_seconds = 0.0  # the deploy's age by the service's own clock
+        self._took: float | None = None  # seconds the deploy took, once it ended
+        self._looking = threading.Lock()  # one look at a time (a display thread and the user's wait may overlap)
 
     @property
     def ctx(self) -> vc.Context:
@@ -86,29 +110,172 @@ class VertexEndpoint:
             self._ctx = vc.context(resource=self.name)
         return self._ctx
 
+    @property
+    def done(self) -> bool:
+        """Whether the deployment has ended (up, failed or deleted): nothing more to follow."""
+        return self.state != DEPLOYING
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the deploy began (by this session's clock or the service's, whichever says more)."""
+        if self._took is not None:
+            return self._took
+        return max(time.monotonic() - self._started, self._service_seconds)
+
     def __repr__(self) -> str:
         what = f" {self.model}" if self.model else ""
+        state = "" if self.state == READY else f" {self.state} {_minutes(self.elapsed)}"
         source = f" serving {self.source}" if self.source else ""
-        return f"<VertexEndpoint {self.kind}{what} {self.name}{source}>"
+        return f"<VertexEndpoint {self.kind}{what}{state} {self.name}{source}>"
 
     def chat(self, messages_or_text, *, stream: bool = False, **gen):
         """The reply to a string or a message list (text), or with ``stream=True`` an iterator of text pieces.
 
         ``gen`` holds ``job.chat()``'s options, with the same rules: ``max_new_tokens``,
-        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``. A mistake is a one-line
-        UserError before anything is sent; so is an error the service answers.
+        ``temperature``, ``top_p``, ``top_k``, ``seed``. A mistake is a one-line
+        UserError before anything is sent; so is an error the service answers, and
+        so is asking an endpoint that is still deploying.
         """
         req = chat_request(messages_or_text, stream=stream, **gen)
         given = {k: req[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
                  if gen.get(k) is not None}
+        self._check_up()
         ask = {"deployed": self._predict, "gemini": self._generate, "managed": self._complete}[self.kind]
-        return apply_stop(ask(req["messages"], given, stream), req["stop"])  # the reply ends before a stop sequence
+        return ask(req["messages"], given, stream)
+
+    # -- following a deployment ----------------------------------------------------------------
+
+    def poll_interval(self, looks: int) -> float:
+        """A deploy takes minutes: look after 1 s, then less and less often, every 15 s at most."""
+        return min(15.0, 1.5 ** looks)
+
+    def refresh(self) -> VertexEndpoint:
+        """Look at the deployment again (its operation, then the endpoint's dedicated DNS name)."""
+        if not self.done:
+            with vc.api_errors(self._following(), self.ctx):
+                self._look()
+        return self
+
+    def wait(self, timeout: float | None = None, poll: float | None = None) -> VertexEndpoint:
+        """Block until the endpoint is up and return it; a failed deploy is a one-line UserError.
+
+        ``timeout`` (seconds) raises ``TimeoutError`` naming the endpoint while it is
+        still deploying then; the deployment goes on. A look that fails on the way
+        (the network, the service busy) is tried again until then.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        looks, trouble = 0, None
+        while not self.done:
+            try:
+                self._look()
+                trouble = None
+            except Exception as exc:  # noqa: BLE001 - a passing failure is looked at again; others are one line
+                if not _passing(exc):
+                    with vc.api_errors(self._following(), self.ctx):
+                        raise
+                trouble = exc
+            if self.done:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                last = f"; the last look at it failed ({type(trouble).__name__})" if trouble else ""
+                raise TimeoutError(
+                    f"endpoint {self.name} is still deploying after {timeout:g} s ({_minutes(self.elapsed)} so far"
+                    f"{last}); the deployment goes on, and its machine is billed once it is up: endpoint.wait() "
+                    "waits again, endpoint.delete() removes it once it is up")
+            pause = self.poll_interval(looks) if poll is None else poll
+            looks += 1
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(pause)
+        self._check_up()
+        return self
+
+    def _following(self) -> str:
+        return f"follow the deployment of endpoint {self.name}"
+
+    def _look(self) -> None:
+        """One look at the deploy operation and, once it is done, at the endpoint (network errors as raised)."""
+        with self._looking:
+            if self.done:
+                return
+            ctx = self.ctx
+            with _session(ctx) as session:
+                # The deploy is a google.longrunning Operation: GET it until done, then its response (a
+                # DeployResponse) or its error. DeployOperationMetadata carries no endpoint: only
+                # generic_metadata, publisher_model, destination, project_number and model_id
+                # (google/cloud/aiplatform_v1beta1/types/model_garden_service.py).
+                op = _checked(session.get(f"{_api_base(ctx)}/v1beta1/{self.operation}", timeout=_TIMEOUT)).json()
+                op = op or {}
+                self._service_seconds = max(self._service_seconds, _operation_age(op))
+                if not op.get("done"):
+                    return
+                if op.get("error"):
+                    self._end(FAILED, error=self._failure(op["error"]))
+                    return
+                self.name = (op.get("response") or {}).get("endpoint") or self.name
+                found = _checked(session.get(f"{_api_base(ctx)}/v1/{self.name}", timeout=_TIMEOUT)).json() or {}
+            url = self._dedicated_url(found)
+            if url is False:
+                self.note = "deployed; waiting for its dedicated DNS name"
+                return
+            self._predict_at = url
+            self._end(READY)
+
+    def _end(self, state: str, *, error: str | None = None) -> None:
+        self._took = self.elapsed
+        self.state, self.error, self.note = state, error, None
+
+    def _failure(self, error: dict) -> str:
+        status = _RPC_STATUS.get(error.get("code"), f"code {error.get('code')}")
+        text = " ".join(str(error.get("message") or "no message").split())[:300].rstrip(".")
+        if status == "RESOURCE_EXHAUSTED":
+            fix = (f"ask for more serving quota for {self.machine or 'the machine'} in {self.ctx.location} (the "
+                   "console's Quotas page), or deploy(machine_type=..., accelerator_type=...) on another machine")
+        else:
+            fix = "fix what it says and call job.deploy() again"
+        return vc.redact(f"deploying {self.source or 'the model'} to endpoint {self.name} failed after "
+                         f"{_minutes(self.elapsed)} ({status}: {text}); {fix}; endpoint.delete() removes the "
+                         "endpoint if it was made", self.ctx.credentials)
+
+    def _check_up(self) -> None:
+        """A one-line UserError unless the endpoint answers: still deploying (after one more look), failed, deleted."""
+        if self.state == DEPLOYING:
+            self.refresh()
+        if self.state == DEPLOYING:
+            raise UserError(f"endpoint {self.name} is still deploying ({_minutes(self.elapsed)} so far; a Model "
+                            f"Garden deploy takes {TYPICAL_DEPLOY}): endpoint.wait() waits for it", field="endpoint")
+        if self.state == FAILED:
+            raise UserError(self.error, field="endpoint")
+        if self.state == DELETED:
+            raise UserError(f"endpoint {self.name} was deleted; job.deploy() makes a new one", field="endpoint")
+
+    # -- display ---------------------------------------------------------------------------------
+
+    def _ipython_display_(self) -> None:
+        """In a notebook a deployment shows itself live (state, elapsed, the endpoint's name); text elsewhere."""
+        from ...display.deploy import show
+
+        show(self)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        """The endpoint's facts as text and HTML, for frontends without widgets."""
+        from ...display.deploy import endpoint_bundle
+
+        return endpoint_bundle(self)
 
     # -- deployed open models: predict ---------------------------------------------------
 
     def predict_instance(self, messages: list[dict], given: dict) -> dict:
-        """The ``predict`` instance for a checked conversation: the seed's fields, with the call's options."""
-        instance = {"prompt": render_prompt(messages), **PREDICT_DEFAULTS}
+        """The ``predict`` instance for a checked conversation: the messages as a chat request, with the options.
+
+        Model Garden's serving containers (vLLM) take an OpenAI chat request inside a
+        predict instance that says ``"@requestFormat": "chatCompletions"``, frame the
+        messages with the model's own chat template, and answer with the chat
+        completion as the prediction (GoogleCloudPlatform/vertex-ai-samples,
+        notebooks/community/model_garden/model_garden_pytorch_qwq_deployment.ipynb and
+        model_garden_llama_guard_deployment.ipynb): the template the model was tuned with.
+        """
+        instance = {"@requestFormat": "chatCompletions", "messages": messages, **PREDICT_DEFAULTS}
         if "max_new_tokens" in given:
             instance["max_tokens"] = given["max_new_tokens"]
         for key in ("temperature", "top_p", "top_k", "seed"):
@@ -116,7 +283,6 @@ class VertexEndpoint:
                 instance[key] = given[key]
         if instance["top_k"] == 0:  # "no top-k", which the serving container spells -1
             instance["top_k"] = -1
-        instance["raw_response"] = True  # the reply alone, without the container's "Prompt: ... Output:" frame
         return instance
 
     def _predict(self, messages: list[dict], given: dict, stream: bool):
@@ -127,11 +293,11 @@ class VertexEndpoint:
             with vc.api_errors(f"ask endpoint {self.name}", ctx), _session(ctx) as session:
                 url = self._predict_url(session, ctx)
                 answer = _checked(session.post(url, json={"instances": [instance]}, timeout=_TIMEOUT)).json()
-            predictions = list((answer or {}).get("predictions") or [])
+            predictions = (answer or {}).get("predictions")
             if not predictions:
                 raise UserError(f"endpoint {self.name} answered without a prediction; check that a model is "
                                 "deployed on it")
-            return _prediction_text(predictions[0])
+            return _prediction_text(predictions[0] if isinstance(predictions, list) else predictions, self.name)
 
         if not stream:
             return ask()
@@ -142,13 +308,36 @@ class VertexEndpoint:
         return pieces()
 
     def _predict_url(self, session, ctx: vc.Context) -> str:
-        """Where the endpoint answers ``predict``: its dedicated DNS name when it has one (looked up once)."""
+        """Where the endpoint answers ``predict``: its dedicated DNS name when it has one.
+
+        The dedicated URL is kept once known; the shared one is looked up again each
+        time, since a dedicated endpoint's first reads can lack its DNS name.
+        """
         if self._predict_at is None:
-            base = _api_base(ctx)
-            found = _checked(session.get(f"{base}/v1/{self.name}", timeout=_TIMEOUT)).json() or {}
-            dns = found.get("dedicatedEndpointDns") if found.get("dedicatedEndpointEnabled") else None
-            self._predict_at = f"https://{dns}/v1/{self.name}:predict" if dns else f"{base}/v1/{self.name}:predict"
+            found = _checked(session.get(f"{_api_base(ctx)}/v1/{self.name}", timeout=_TIMEOUT)).json() or {}
+            url = self._dedicated_url(found)
+            if url is False:
+                raise UserError(f"endpoint {self.name} has no dedicated DNS name yet, and only that name answers "
+                                "its predictions; try again in a minute", field="endpoint")
+            if url is None:
+                return f"{_api_base(ctx)}/v1/{self.name}:predict"
+            self._predict_at = url
         return self._predict_at
+
+    def _dedicated_url(self, found: dict) -> str | None | bool:
+        """The dedicated predict URL of an endpoint as read (``False``: dedicated, no DNS name yet; ``None``: shared).
+
+        Model Garden endpoints are dedicated, and the shared host refuses their
+        predictions ("This endpoint is a dedicated endpoint via CloudESF and cannot be
+        accessed through the Vertex AI API. Please access the endpoint using its
+        dedicated dns name ..."); aiplatform's ``Endpoint.predict(use_dedicated_endpoint=True)``
+        posts to ``https://{dedicated_endpoint_dns}/v1/{resource_name}:predict``
+        (google/cloud/aiplatform/models.py).
+        """
+        if not found.get("dedicatedEndpointEnabled"):
+            return None
+        dns = found.get("dedicatedEndpointDns")
+        return f"https://{dns}/v1/{self.name}:predict" if dns else False
 
     # -- tuned Gemini: generate_content ----------------------------------------------------
 
@@ -246,6 +435,11 @@ class VertexEndpoint:
         if self.kind != "deployed":
             raise UserError(f"a {self.kind} endpoint is served by Vertex AI and is not deleted from here; only an "
                             "endpoint job.deploy() made for an open model is", field="endpoint")
+        if self.state == DEPLOYING:
+            self.refresh()
+        if self.state == DEPLOYING:  # the service refuses to undeploy while the deploy is under way
+            raise UserError(f"endpoint {self.name} is still deploying ({_minutes(self.elapsed)} so far) and can be "
+                            "deleted once it is up: endpoint.wait(), then endpoint.delete()", field="endpoint")
         ctx = self.ctx
         with vc.api_errors(f"delete endpoint {self.name}", ctx), _endpoint_service(ctx) as service:
             found = service.get_endpoint(name=self.name, timeout=_TIMEOUT)
@@ -259,6 +453,7 @@ class VertexEndpoint:
                     request["traffic_split"] = split
                 service.undeploy_model(request=request, timeout=_TIMEOUT).result(timeout=None)
             service.delete_endpoint(name=self.name, timeout=_TIMEOUT).result(timeout=None)
+        self._end(DELETED, error=self.error)
         _forget(self.name)
 
     undeploy = delete
@@ -267,29 +462,57 @@ class VertexEndpoint:
 # -- the helpers of chat ------------------------------------------------------------------------
 
 
-_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def render_prompt(messages: list[dict]) -> str:
-    """A checked conversation as the one text a deployed open model's ``prompt`` takes.
-
-    One user message is sent as it is (as the seed does); a longer conversation
-    goes as ``Role: text`` lines ending with ``Assistant:`` for the reply.
-    """
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    lines = [f"{_ROLE_NAMES[m['role']]}: {m['content']}" for m in messages]
-    return "\n".join(lines + ["Assistant:"])
-
-
-def _prediction_text(prediction) -> str:
+def _prediction_text(prediction, name: str) -> str:
+    """The reply in a prediction: a chat completion's message (``"@requestFormat": "chatCompletions"``) or text."""
     if isinstance(prediction, str):
         return prediction
     if isinstance(prediction, dict):
+        choices = prediction.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            content = (choices[0].get("message") or {}).get("content")
+            if isinstance(content, str):
+                return content
         for key in ("content", "text", "output", "generated_text"):
             if isinstance(prediction.get(key), str):
                 return prediction[key]
-    return str(prediction)
+    raise UserError(f"endpoint {name} answered without a reply: {vc.redact(str(prediction)[:200])}")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min"
+
+
+#: google.rpc.Code numbers of an operation's error, by name (google/rpc/code.proto).
+_RPC_STATUS = {1: "CANCELLED", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND", 6: "ALREADY_EXISTS",
+               7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION", 10: "ABORTED",
+               13: "INTERNAL", 14: "UNAVAILABLE", 16: "UNAUTHENTICATED"}
+
+
+def _operation_age(op: dict) -> float:
+    """Seconds between an operation's create and update times (its ``genericMetadata``), by the service's clock."""
+    meta = (op.get("metadata") or {}).get("genericMetadata") or {}
+    times = [_timestamp(meta.get(key)) for key in ("createTime", "updateTime")]
+    return max(0.0, times[1] - times[0]) if None not in times else 0.0
+
+
+def _timestamp(text) -> float | None:
+    """An RFC 3339 time as the API writes it (``2026-01-02T03:04:05.123456789Z``) in seconds, or None."""
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", str(text or ""))
+    if not m:
+        return None
+    fraction = (m.group(2) or ".0")[:7]  # datetime reads microseconds at most
+    return datetime.fromisoformat(m.group(1) + fraction + m.group(3).replace("Z", "+00:00")).timestamp()
+
+
+def _passing(exc: BaseException) -> bool:
+    """Whether a failed look is worth another: the network, or the service busy or overloaded."""
+    import requests
+
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    from google.api_core import exceptions
+
+    return isinstance(exc, (exceptions.TooManyRequests, exceptions.ServerError))
 
 
 def _gemini_text(answer, name: str, *, partial: bool = False) -> str:
@@ -370,37 +593,6 @@ def _endpoint_service(ctx: vc.Context):
 
     return EndpointServiceClient(credentials=ctx.credentials, transport="rest",
                                  client_options=ClientOptions(api_endpoint=_api_base(ctx)))
-
-
-#: What vertexai.init sets that Model Garden's deploy reads: project, region, credentials, API endpoint, transport.
-_SDK_SETTINGS = ("_project", "_location", "_credentials", "_api_endpoint", "_api_transport")
-_SDK_LOCK = threading.RLock()
-
-
-@contextmanager
-def _sdk_settings(ctx: vc.Context):
-    """aiplatform's process-wide settings pointed at the context for the ``with`` body, then put back as they were.
-
-    For the one call that reads nothing else (Model Garden's ``CustomModel.deploy``).
-    The lock is held across the body, so two such calls for different regions never
-    run on each other's settings; the notebook's own ``vertexai.init`` values are
-    back once the body ends, whatever it raised. ``init`` itself is not called: it
-    cannot unset an API endpoint, and it resets the notebook's experiment when the
-    project or region changes.
-    """
-    from google.cloud.aiplatform import initializer
-
-    config = initializer.global_config
-    ours = (ctx.project, ctx.location, ctx.credentials, ctx.api_endpoint, "rest" if ctx.api_endpoint else None)
-    with _SDK_LOCK:
-        saved = [getattr(config, name) for name in _SDK_SETTINGS]
-        try:
-            for name, value in zip(_SDK_SETTINGS, ours):
-                setattr(config, name, value)
-            yield
-        finally:
-            for name, value in zip(_SDK_SETTINGS, saved):
-                setattr(config, name, value)
 
 
 def managed_endpoint(model_id: str, *, location: str | None = None) -> VertexEndpoint:
@@ -526,11 +718,14 @@ def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE
 
     Serves the folder ``<output_uri>/postprocess/node-0/checkpoints/<checkpoint>`` on
     ``machine_type`` with ``accelerator_count`` ``accelerator_type`` (the seed's
-    ``g2-standard-12`` with one NVIDIA L4 by default) and returns the endpoint,
-    which ``job.chat()`` then uses. The machine costs money until the endpoint
-    is deleted (``endpoint.delete()``). ``timeout``: seconds to wait for the
-    deploy request. A tuned Gemini model is served already: its endpoint (or
-    ``checkpoint``'s) is returned and nothing is deployed.
+    ``g2-standard-12`` with one NVIDIA L4 by default). Returns at once with the
+    endpoint, named from the start, while the service deploys to it (15-30
+    minutes); displayed in a notebook it shows its state live, ``endpoint.wait()``
+    waits for it, and ``job.chat()`` uses it once it is up. ``timeout``: seconds
+    to wait for it here before returning (a ``TimeoutError`` naming the endpoint
+    when it is not up by then). The machine costs money until the endpoint is
+    deleted (``endpoint.delete()``). A tuned Gemini model is served already: its
+    endpoint (or ``checkpoint``'s) is returned and nothing is deployed.
     """
     if unknown:
         name = sorted(unknown)[0]
@@ -545,21 +740,41 @@ def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE
         _remember(job, name, endpoint)
         return endpoint
     name, uri = _open_checkpoint(job, checkpoint)
-    options = {"machine_type": machine_type.strip(), "accelerator_type": accelerator_type.strip(),
-               "accelerator_count": int(accelerator_count)}
+    machine = f"{machine_type.strip()} with {int(accelerator_count)} {accelerator_type.strip()}"
+    endpoint_id = _endpoint_id(job, name)
+    # The request aiplatform's CustomModel(gcs_uri=...).deploy() sends (vertexai/model_garden/_model_garden.py,
+    # _deploy_gcs_uri), sent here with the context's credentials so the notebook's vertexai.init settings stay
+    # untouched, plus DeployRequest.EndpointConfig.endpoint_user_id: the endpoint's ID, chosen here so its name
+    # is known before the service finishes (google/cloud/aiplatform_v1beta1/types/model_garden_service.py).
+    endpoint_config = {"endpointUserId": endpoint_id}
     if endpoint_display_name is not None:
-        options["endpoint_display_name"] = endpoint_display_name.strip()
-    if timeout is not None:
-        options["deploy_request_timeout"] = float(timeout)
-    with vc.api_errors(f"deploy {uri} on {options['machine_type']} with {options['accelerator_count']} "
-                       f"{options['accelerator_type']}", ctx):
-        from vertexai.preview import model_garden
-
-        with _sdk_settings(ctx):
-            deployed = model_garden.CustomModel(gcs_uri=uri).deploy(**options)
-    endpoint = VertexEndpoint(deployed.resource_name, "deployed", ctx=ctx, source=uri)
+        endpoint_config["endpointDisplayName"] = endpoint_display_name.strip()
+    body = {"customModel": {"gcsUri": uri}, "endpointConfig": endpoint_config,
+            "deployConfig": {"dedicatedResources": {
+                "machineSpec": {"machineType": machine_type.strip(), "acceleratorType": accelerator_type.strip(),
+                                "acceleratorCount": int(accelerator_count)},
+                "minReplicaCount": 1, "maxReplicaCount": 1}}}  # fmt: skip
+    with vc.api_errors(f"deploy {uri} on {machine}", ctx), _session(ctx) as session:
+        op = _checked(session.post(f"{_api_base(ctx)}/v1beta1/{ctx.parent}:deploy", json=body,
+                                   timeout=_TIMEOUT)).json() or {}
+    operation = op.get("name") or ""
+    if "/operations/" not in operation:
+        raise UserError(f"Vertex AI answered the deploy of {uri} without an operation to follow: "
+                        f"{vc.redact(str(op)[:200])}")
+    # The operation's name carries the project number the service names the endpoint with.
+    endpoint = VertexEndpoint(f"{operation.split('/operations/')[0]}/endpoints/{endpoint_id}", "deployed", ctx=ctx,
+                              source=uri, operation=operation, machine=machine)
     _remember(job, name, endpoint)
+    if timeout is not None:
+        endpoint.wait(timeout)
     return endpoint
+
+
+def _endpoint_id(job, checkpoint: str) -> str:
+    """A fresh endpoint ID naming the job and checkpoint: a letter first, ``[a-z0-9-]``, at most 63 characters."""
+    tail = f"-{secrets.token_hex(3)}"
+    stem = re.sub(r"[^a-z0-9]+", "-", f"tm-{job.id}-{checkpoint}".lower()).strip("-")
+    return stem[: 63 - len(tail)].rstrip("-") + tail
 
 
 def base_endpoint(job) -> VertexEndpoint:
