@@ -1,10 +1,14 @@
 """Vertex AI tuning jobs as :class:`~tuning_magics.jobs.Job`: watch, cancel, metrics, checkpoints.
 
 A :class:`VertexJob` answers the same questions as a local job. The
-service's ``JobState`` names are ours already; its ``tuning_job_state``
+service's ``JobState`` names are ours already (UPDATING and PARTIALLY_SUCCEEDED
+become the nearest of ours, the latter with a note); its ``tuning_job_state``
 (``TUNING_JOB_STATE_WAITING_FOR_QUOTA``, ...) becomes the sub-state
 (``WAITING_FOR_QUOTA``, ...). ``tuning_data_stats`` become ``data_stats``,
-shown beside what the validator predicted (kept in the job's labels).
+shown beside what the validator predicted (kept in the job's labels). Whether a
+job tuned Gemini is its base model's business (``is_gemini``), and a look the
+service answers with a 429 or 5xx, or a dropped connection, keeps the last
+snapshot and says so (``retrying``) instead of failing.
 """
 
 from __future__ import annotations
