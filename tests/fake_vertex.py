@@ -151,8 +151,6 @@ TUNING_SPECS = ("supervisedTuningSpec", "distillationSpec", "preferenceOptimizat
                 "partnerModelTuningSpec", "veoTuningSpec")
 #: Hyperparameters Gemini models refuse: they take learningRateMultiplier, and no batch size.
 GEMINI_REFUSES = {"learningRate": "learningRateMultiplier", "batchSize": None}
-#: By default every 5th GET of the same tuning job answers 429 RESOURCE_EXHAUSTED (``FakeVertex.throttle_every``).
-THROTTLE_EVERY = 5
 ENUMS = {"tuningMode": ("TuningMode", ["TUNING_MODE_UNSPECIFIED", "TUNING_MODE_FULL", "TUNING_MODE_PEFT_ADAPTER"]),
          "adapterSize": ("AdapterSize", ["ADAPTER_SIZE_UNSPECIFIED", "ADAPTER_SIZE_ONE", "ADAPTER_SIZE_TWO",
                                          "ADAPTER_SIZE_FOUR", "ADAPTER_SIZE_EIGHT", "ADAPTER_SIZE_SIXTEEN",
