@@ -51,7 +51,7 @@ import threading
 import time
 from datetime import datetime
 
-from ...chat_request import chat_request
+from ...chat_request import apply_stop, chat_request
 from ...errors import UserError
 from ...jobs import JOB_STATE_SUCCEEDED
 from . import client as vc
@@ -132,7 +132,7 @@ class VertexEndpoint:
         """The reply to a string or a message list (text), or with ``stream=True`` an iterator of text pieces.
 
         ``gen`` holds ``job.chat()``'s options, with the same rules: ``max_new_tokens``,
-        ``temperature``, ``top_p``, ``top_k``, ``seed``. A mistake is a one-line
+        ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``. A mistake is a one-line
         UserError before anything is sent; so is an error the service answers, and
         so is asking an endpoint that is still deploying.
         """
@@ -141,7 +141,7 @@ class VertexEndpoint:
                  if gen.get(k) is not None}
         self._check_up()
         ask = {"deployed": self._predict, "gemini": self._generate, "managed": self._complete}[self.kind]
-        return ask(req["messages"], given, stream)
+        return apply_stop(ask(req["messages"], given, stream), req["stop"])  # the reply ends before a stop sequence
 
     # -- following a deployment ----------------------------------------------------------------
 
