@@ -377,6 +377,7 @@ def test_a_conversation_goes_whole_to_the_models_template_with_the_chats_options
     assert endpoint.chat("hi", top_k=0) and requests_to(vertex, r":predict$")[-1].body["instances"][0]["top_k"] == -1
     pieces = list(endpoint.chat("hi", stream=True))
     assert pieces == [endpoint.chat("hi")]  # predict has no stream: the reply comes as one piece
+    assert endpoint.chat("hi", stop=" to:") == chat_reply([{"role": "user", "content": "hi"}]).split(" to:")[0]
 
 
 def test_the_fake_refuses_a_conversation_framed_by_hand(vertex, llama):
