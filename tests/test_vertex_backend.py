@@ -377,6 +377,7 @@ def test_open_models_go_to_vertex_where_a_project_is_set_and_local_models_never_
     "kwargs,field,text",
     [
         (dict(base_model="gemini-2.5-flash", learning_rate=1e-4), "learning_rate", "learning_rate_multiplier"),
+        (dict(base_model="gemini-2.5-flash", batch_size=8), "batch_size", "batch_size is for open models"),
         (dict(base_model="qwen3-32b", tuning_mode="PEFT_ADAPTER", adapter_size=4), "adapter_size", "Gemini"),
         (dict(base_model="qwen3-4b", learning_rate_multiplier=2.0), "learning_rate_multiplier", "learning_rate"),
         (dict(base_model="qwen3-4b", method="distillation", base_teacher_model="http://127.0.0.1:9/v1"),

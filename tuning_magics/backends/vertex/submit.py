@@ -125,6 +125,9 @@ def check(request: TuneRequest, ctx: vc.Context) -> str | None:
             raise UserError("custom_base_model is for open models; a tuned Gemini model continues with "
                             "tune(base_model=job_or_model_name, pre_tuned_model_checkpoint_id=...)",
                             field="custom_base_model")
+        if "batch_size" in request.options:  # the service refuses hyperParameters.batchSize for Gemini
+            raise UserError(f"batch_size is for open models; {model.id} is tuned with the service's own batch "
+                            "size: drop it", field="batch_size")
     else:
         for name in ("learning_rate_multiplier", "adapter_size", "export_last_checkpoint_only"):
             if getattr(request, name) is not None:
