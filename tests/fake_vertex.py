@@ -1336,9 +1336,9 @@ class FakeVertex:
             known = accelerator in AcceleratorType.__members__ or (
                 isinstance(accelerator, int) and accelerator in {a.value for a in AcceleratorType})
             if not known or accelerator in ("ACCELERATOR_TYPE_UNSPECIFIED", 0):
-                raise ApiError(400, "Invalid value at 'deploy_config.dedicated_resources.machine_spec.accelerator_type' "
-                                    f"(type.googleapis.com/google.cloud.aiplatform.v1beta1.AcceleratorType), "
-                                    f"{json.dumps(accelerator)}")
+                raise ApiError(400, "Invalid value at 'deploy_config.dedicated_resources.machine_spec."
+                                    "accelerator_type' (type.googleapis.com/google.cloud.aiplatform.v1beta1."
+                                    f"AcceleratorType), {json.dumps(accelerator)}")
         bucket_path = uri.rstrip("/") + "/model-00001-of-00001.safetensors"
         if self.storage.host and self.storage.read(bucket_path) is None:
             raise ApiError(400, f"No model weights (*.safetensors) found in {uri}.")
@@ -1354,7 +1354,8 @@ class FakeVertex:
         now = self.now()
         ready = now + self.deploy_seconds
         dedicated = not config.get("dedicatedEndpointDisabled")
-        self.endpoints[endpoint] = {"kind": "open", "gcsUri": uri, "model": model, "created": now + self.deploy_seconds / 3,
+        self.endpoints[endpoint] = {"kind": "open", "gcsUri": uri, "model": model,
+                                    "created": now + self.deploy_seconds / 3,
                                     "displayName": config.get("endpointDisplayName") or "custom-model-endpoint",
                                     "deployConfig": body.get("deployConfig", {}), "ready": ready,
                                     "dedicated": dedicated, "dns_at": ready + self.dns_delay,

@@ -70,7 +70,8 @@ def endpoint_html(endpoint) -> str:
     colour = _COLOURS[_STYLES.get(endpoint.state, "info")]
     rows = "".join(
         f"<tr><th style='text-align:right;padding:1px 8px'>{_e(label)}</th>"
-        + (f"<td style='color:{colour};font-weight:bold'>{_e(value)}</td>" if label == "state" else f"<td>{_e(value)}</td>")
+        + (f"<td style='color:{colour};font-weight:bold'>{_e(value)}</td>" if label == "state"
+           else f"<td>{_e(value)}</td>")
         + "</tr>"
         for label, value in facts(endpoint)
     )
