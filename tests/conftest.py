@@ -452,3 +452,36 @@ def hf_cache(tmp_path, monkeypatch):
 
     yield make
     tokens._tokenizer_for.cache_clear()
+
+
+# ====================================================================== a fresh virtualenv with the repository
+# ``fresh_venv(tmp_path)``: the repository's tracked files copied to ``tmp_path/repo`` (no .venv, no
+# outputs: what a clone or Binder sees) and a new virtualenv at ``tmp_path/venv``; returns
+# ``(repo, bin folder, environment)`` with the venv first on PATH and its own TUNING_MAGICS_HOME.
+# ``run_ok(command, cwd=, env=, timeout=)`` runs a command there and fails the test with its output.
+
+REPO_ROOT = _Path(__file__).resolve().parent.parent
+
+
+def run_ok(command, *, cwd, env, timeout):
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, command))} failed:\n{done.stdout[-4000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def fresh_venv(tmp_path):
+    import shutil
+
+    repo = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, (f.decode() for f in files.split(b"\0"))):
+        if (REPO_ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, repo / name)
+    venv = tmp_path / "venv"
+    run_ok([sys.executable, "-m", "venv", str(venv)], cwd=repo, env=os.environ, timeout=120)
+    bin_ = venv / "bin"
+    env = dict(os.environ, PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=str(venv),
+               TUNING_MAGICS_HOME=str(tmp_path / "home"), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PYTHONPATH", None)
+    return repo, bin_, env

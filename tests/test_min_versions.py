@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import fresh_venv, run_ok
 
 REPO = Path(__file__).resolve().parent.parent
 #: The tests that run against the lowest versions: the Vertex backend and Cloud Storage, through the real SDKs.
@@ -92,7 +92,7 @@ else:
 
 
 @pytest.mark.parametrize("dist", sorted(vertex_floors()))
-def test_an_sdk_older_than_its_floor_is_named_in_one_line_with_the_pip_install_to_run(tmp_path, dist):
+def test_an_sdk_older_than_its_floor_is_named_in_one_line_with_the_pip_install_torun_ok(tmp_path, dist):
     floors = vertex_floors()
     old = _below(floors[dist])
     done = _with_installed(tmp_path, {**floors, dist: old}, _CONTEXT)
@@ -130,42 +130,24 @@ def test_cloud_storage_asks_only_for_its_own_packages_to_be_new_enough(tmp_path)
 # ====================================================================== the floors themselves, installed
 
 
-def _run(command, *, cwd, env, timeout):
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(map(str, command))} failed:\n{done.stdout[-4000:]}\n{done.stderr[-3000:]}"
-    return done
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # an install (pip's cache makes it about a minute) and the tests (about three)
 def test_the_vertex_and_cloud_storage_tests_pass_with_the_lowest_versions_the_vertex_extra_declares(tmp_path):
-    repo = tmp_path / "repo"
-    # The repository's tracked files (no .venv, no build outputs): pip builds the package from them.
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
-        if (REPO / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, repo / name)
-    venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], cwd=repo, env=os.environ, timeout=120)
-    bin_ = venv / "bin"
-    env = dict(os.environ, PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", VIRTUAL_ENV=str(venv),
-               TUNING_MAGICS_HOME=str(tmp_path / "home"), PIP_DISABLE_PIP_VERSION_CHECK="1")
-    env.pop("PYTHONPATH", None)
+    repo, bin_, env = fresh_venv(tmp_path)  # the tracked files, as pip builds the package from them
     floors = vertex_floors()
     project = _project()
     tools = [r for r in project["optional-dependencies"]["dev"] if _name(r) in TEST_TOOLS]
     assert len(tools) == len(TEST_TOOLS), f"the dev extra no longer declares all of {TEST_TOOLS}"
     pins = [f"{dist}=={floor}" for dist, floor in floors.items()]
-    _run([bin_ / "python", "-m", "pip", "install", "-q", *pins, *project["dependencies"], *tools], cwd=repo, env=env,
+    run_ok([bin_ / "python", "-m", "pip", "install", "-q", *pins, *project["dependencies"], *tools], cwd=repo, env=env,
          timeout=1200)
-    _run([bin_ / "python", "-m", "pip", "install", "-q", "--no-deps", "."], cwd=repo, env=env, timeout=600)
-    listed = _run([bin_ / "python", "-c", "import importlib.metadata as m, sys; "
+    run_ok([bin_ / "python", "-m", "pip", "install", "-q", "--no-deps", "."], cwd=repo, env=env, timeout=600)
+    listed = run_ok([bin_ / "python", "-c", "import importlib.metadata as m, sys; "
                    "print(' '.join(f'{d}=={m.version(d)}' for d in sys.argv[1:]))", *floors], cwd=tmp_path, env=env,
                   timeout=60).stdout.split()
     assert listed == pins
     # The installed package, not the copy's source folder, is what the tests import (pytest, not python -m pytest).
-    done = _run([bin_ / "pytest", *TESTS, "-q", "-p", "no:cacheprovider", "-m", "not slow",
+    done = run_ok([bin_ / "pytest", *TESTS, "-q", "-p", "no:cacheprovider", "-m", "not slow",
                  *(f"--deselect={t}" for t in NEEDS_LOCAL)], cwd=repo, env=env, timeout=1200)
     summary = done.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary and "error" not in summary, done.stdout[-4000:]
