@@ -435,7 +435,7 @@ def test_an_open_model_on_vertex_has_no_base_to_compare_with(vertex, gemini):
 
     class OpenJob:
         name, config = "projects/p/locations/l/tuningJobs/1", {"base_model": "meta/llama3_1@llama-3.1-8b"}
-        tuned_model_name = None
+        tuned_model_name, is_gemini = None, False
 
     with pytest.raises(UserError, match="tuned an open model, whose base model has no endpoint here"):
         endpoints.chat_with_job(OpenJob(), "hi", checkpoint="base")

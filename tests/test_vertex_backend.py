@@ -312,12 +312,6 @@ def test_queued_updating_and_partially_succeeded_become_our_states(vertex, data)
     assert [c.name for c in job.checkpoints] == ["checkpoint-1", "checkpoint-2", "final"]
 
 
-def test_gemini_refuses_a_batch_size_in_one_line(vertex, data):
-    with pytest.raises(UserError, match="batchSize is not supported for tuning gemini-2.5-flash") as info:
-        tm.tune("gemini-2.5-flash", data["train"], epochs=1, batch_size=8)
-    assert "\n" not in str(info.value) and not vertex.jobs
-
-
 def test_cancel_goes_through_cancelling_to_cancelled(vertex, data):
     vertex.step_seconds = 60
     job = tm.tune("gemini-2.5-flash", data["train"], epochs=1)
