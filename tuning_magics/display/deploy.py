@@ -185,19 +185,6 @@ class DeployMonitor:
         return f"<DeployMonitor {self.endpoint.name} {self.endpoint.state}>"
 
 
-class _Text:
-    """The endpoint as text and HTML only: where ipywidgets is missing, no kernel runs, or nothing is deploying."""
-
-    def __init__(self, endpoint):
-        self.bundle = endpoint_bundle(endpoint)
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        return self.bundle
-
-    def __repr__(self) -> str:
-        return self.bundle["text/plain"]
-
-
 def show(endpoint) -> DeployMonitor | None:
     """Display ``endpoint`` below the cell: a live view while deploy() follows it, else its facts once.
 
@@ -212,7 +199,7 @@ def show(endpoint) -> DeployMonitor | None:
     except ImportError:
         kernel = None
     if kernel is None or not endpoint.operation:
-        display(_Text(endpoint))
+        display(monitor.TextView(endpoint_bundle(endpoint)))
         return None
     view = DeployMonitor(endpoint)
     view._handle = display(view, display_id=True)

@@ -726,11 +726,11 @@ def _set(obj, name: str, value) -> None:
         setattr(obj, name, value)
 
 
-class _Text:
-    """The job as text and HTML only: what displays where ipywidgets is not installed or no kernel runs."""
+class TextView:
+    """Text and HTML only, from a bundle: what displays where ipywidgets is not installed or no kernel runs."""
 
-    def __init__(self, job):
-        self.bundle = job_bundle(job)
+    def __init__(self, bundle: dict):
+        self.bundle = bundle
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         return self.bundle
@@ -753,7 +753,7 @@ def show(job) -> JobMonitor | None:
     except ImportError:
         kernel = None
     if kernel is None:
-        display(_Text(job))
+        display(TextView(job_bundle(job)))
         return None
     monitor = JobMonitor(job)
     monitor._handle = display(monitor, display_id=True)
