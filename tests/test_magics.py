@@ -671,3 +671,22 @@ def test_config_sets_the_mlflow_setting_too(ip):
         assert tm.settings.mlflow == "true"
     finally:
         tm.settings.update(mlflow=None)
+
+
+def test_a_finished_local_job_as_base_model_continues_from_its_final_model(ip, jobs_home, shown, tmp_path):
+    from tuning_magics.backends.local.checkpoints import final_dir
+
+    finished_job("tune-first", tmp_path, lr=1e-3, train=[2.0, 1.0], evals={})
+    first = tm.get_job("tune-first")
+    with pytest.raises(tm.UserError, match="has no final model to continue from") as info:
+        tm.tune(first, RECORDS, epochs=1, dry_run=True)  # it ran, but its final model is not there
+    assert info.value.field == "base_model"
+    final = final_dir(first.output_uri)
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    plan = tm.tune(first, RECORDS, epochs=1, dry_run=True)
+    assert plan.backend == "local" and plan.request["base_model"] == MODEL
+    assert plan.request["custom_base_model"] == str(final)
+    ip.push({"first": first, "records": RECORDS})
+    ip.run_cell_magic("tune", "--dry-run", "model: $first\ndata: $records\n")  # the same from %%tune
+    assert shown[-1].request["custom_base_model"] == str(final)
