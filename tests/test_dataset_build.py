@@ -1044,3 +1044,160 @@ def test_the_report_never_calls_matplotlib_use_or_pyplot():
                 assert not any("pyplot" in n or n == "pylab" for n in names), module
             if isinstance(node, ast.Attribute) and node.attr in ("use", "switch_backend"):
                 assert not (isinstance(node.value, ast.Name) and node.value.id in ("matplotlib", "plt")), module
+
+
+# -- the report of an invalid dataset ---------------------------------------------------------------------------
+
+BAD_ROWS = [3, 7, 10, 12]
+
+
+def bad_qa() -> pd.DataFrame:
+    """62 rows: four invalid in different ways and columns, one far over local/tiny-qwen3's 1,024 tokens."""
+    rows = [{"question": f"What is {i}+{i}?", "answer": f"It is {2 * i}."} for i in range(62)]
+    rows[12]["question"] = ""  # the question column's errors come first column by column: not in row order
+    rows[3]["answer"] = "   "
+    rows[10]["answer"] = None
+    rows[7]["question"] = 42
+    rows[20]["answer"] = "word " * 2000
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("messages", [False, True])  # the vectorised text path and the record path
+def test_an_invalid_dataset_reports_errors_in_row_order_once_and_totals_over_the_valid_rows(tmp_path, messages):
+    import html as H
+
+    from tuning_magics.display import dataset_report as DR
+
+    df = bad_qa()
+    if messages:
+        df = pd.DataFrame({"messages": [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                                        for q, a in zip(df["question"], df["answer"])]})
+        columns = {"messages": "messages"}
+    else:
+        columns = {"prompt": "question", "completion": "answer"}
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), model="local/tiny-qwen3", **columns)
+    report = info.value.report
+    assert [e.line for e in report.errors] == [r + 1 for r in BAD_ROWS]
+    assert report.error_count == 4 and [w.line for w in report.warnings] == [21]  # the long row, beside the errors
+    # The counts are those of the valid rows written alone, not zeros (nor a mean over the invalid rows' zeros).
+    valid = tuning_magics.dataset(df.drop(index=BAD_ROWS), out=str(tmp_path / "v.jsonl"), model="local/tiny-qwen3",
+                                  **columns)
+    assert report.tokens == valid.tokens and report.tokens["total"] > 2000
+    assert (report.examples, report.valid_examples) == (62, 58)
+    text = DR.report_text(report)
+    page = H.unescape(DR.report_html(report))
+    for shown in (text, page):
+        assert "tokens over the 58 valid rows" in shown and "over the 58 valid rows: total 0" not in shown
+        assert "billed tokens (1 epoch) over the 58 valid rows" in shown
+        at = [shown.index(e.where) for e in report.errors]
+        assert at == sorted(at)  # in row order
+        for e in report.errors:
+            assert shown.count(e.where) == 1 and shown.count(f"{e.where}: {e.message}" if shown is text
+                                                              else e.message) >= 1
+    assert f"{valid.tokens['total']:,}" in page and "<th style" in page
+    assert "line</th>" not in page  # a DataFrame row is named once, by its label: not also by a line number
+
+
+def test_a_valid_report_says_nothing_of_valid_rows(tmp_path):
+    ds = tuning_magics.dataset(qa(), out=str(tmp_path / "t.jsonl"))
+    assert ds.report.valid_examples == 3 and ds.report.valid_scope() == ""
+    assert "valid rows" not in ds._repr_html_() and "valid rows" not in ds.report.summary()
+
+
+def test_one_bad_row_of_many_is_counted_as_such(tmp_path):
+    df = qa(5)
+    df.loc[2, "answer"] = " "
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"))
+    assert "tokens (estimated) over the 4 valid rows: total" in info.value.report.summary()
+    df = qa(2)
+    df.loc[0, "answer"] = " "
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"))
+    assert "over the 1 valid row: total" in info.value.report.summary()
+
+
+@pytest.mark.parametrize("columns", [{"prompt": "q", "completion": "q"}, {"prompt": "q", "completion": "a",
+                                                                          "system": "q"}])
+def test_a_column_used_for_two_turns_reports_each_bad_cell_once(tmp_path, columns):
+    df = pd.DataFrame({"q": ["fine", " "], "a": ["x", "y"]})
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), **columns)
+    assert [str(e) for e in info.value.report.errors] == [
+        "row 1, column 'q': is blank (empty, or only white space or invisible characters); give it text or drop "
+        "the example"]
+    assert info.value.report.error_count == 1 and "(and" not in str(info.value)
+
+
+def test_more_bad_cells_than_listed_are_listed_in_row_order_and_all_counted(tmp_path):
+    n = 2 * V.MAX_LISTED
+    q = [None if i % 2 else f"q{i}" for i in range(n)]
+    a = [" " if i % 3 == 0 else f"a{i}" for i in range(n)]
+    expected = [(i + 1, f"row {i}, column '{c}'") for i in range(n) for c, col in (("q", q), ("a", a))
+                if col[i] is None or col[i] == " "]
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(pd.DataFrame({"q": q, "a": a}), out=str(tmp_path / "t.jsonl"), prompt="q",
+                              completion="a")
+    report = info.value.report
+    assert [(e.line, e.field) for e in report.errors] == expected[:V.MAX_LISTED]
+    assert report.error_count == len(expected) > V.MAX_LISTED
+
+
+def test_the_magic_line_beside_the_report_counts_the_errors_without_repeating_them(tmp_path):
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(bad_qa(), out=str(tmp_path / "t.jsonl"))
+    exc = info.value
+    assert exc.beside_report == (
+        f"4 errors in {tmp_path / 't.jsonl'}, listed above (the first: row 3, column 'answer'); nothing was written: "
+        "fix the data, or pass skip_invalid=True (--skip-invalid) to leave those rows out")
+    assert str(exc).startswith("row 3, column 'answer': is blank")  # without the report, the line says it all
+
+
+def test_the_report_follows_the_jupyterlab_theme_with_fallbacks_that_survive_its_sanitizer(tmp_path):
+    import re
+
+    df = qa(4)
+    df.loc[1, "answer"] = " "
+    with pytest.raises(DatasetInvalid) as info:
+        tuning_magics.dataset(df, out=str(tmp_path / "t.jsonl"), model="local/tiny-qwen3")
+    page = info.value.report._repr_html_() + tuning_magics.dataset(qa(), out=str(tmp_path / "v.jsonl"),
+                                                                   model="local/tiny-qwen3")._repr_html_()
+    styles = re.findall(r"style='([^']*)'", page)
+    themed = set()
+    for style in styles:
+        declarations = [d.split(":", 1) for d in style.split(";")]
+        for i, (prop, value) in enumerate(declarations):
+            if "var(" not in value:
+                continue
+            found = re.fullmatch(r"(.*)var\((--jp-[a-z0-9-]+),(#[0-9a-f]{3,6})\)", value)
+            assert found, style
+            themed.add((prop, found[2]))
+            # JupyterLab's sanitizer drops a var(...) value from untrusted output: the plain one before it stays.
+            assert declarations[i - 1] == [prop, found[1] + found[3]], style
+        # Text is given a colour of the theme's font only where its background is set too.
+        if any(v.startswith("var(--jp-ui-font-color") for p, v in declarations if p == "color"):
+            assert any(p == "background-color" for p, _ in declarations), style
+    assert {("color", "--jp-error-color1"), ("color", "--jp-success-color1"), ("border", "--jp-border-color2"),
+            ("background-color", "--jp-layout-color2"), ("color", "--jp-ui-font-color1")} <= themed
+    assert "<style" not in page and "color:#000;" not in page.split("var(--jp-layout-color2")[0]
+
+
+def test_the_histogram_png_is_transparent_with_mid_grey_text(tmp_path):
+    import io
+
+    import numpy as np
+    from matplotlib.image import imread
+
+    from tuning_magics.display.dataset_report import histogram_png
+
+    ds = tuning_magics.dataset(qa(40), out=str(tmp_path / "t.jsonl"))
+    rgba = imread(io.BytesIO(histogram_png(ds.report)), format="png")
+    assert rgba.shape[2] == 4 and rgba[0, 0, 3] == 0 and rgba[-1, -1, 3] == 0  # the notebook shows through
+    inked = rgba[rgba[..., 3] > 0.5][:, :3]
+    bars = np.all(np.abs(inked - np.array([0x4C, 0x72, 0xB0]) / 255) < 0.02, axis=1)
+    text = inked[~bars]  # the labels, ticks and axes
+    assert len(text) > 100
+    assert np.all(np.ptp(text, axis=1) < 0.02)  # grey
+    assert np.all((text.mean(axis=1) > 0.4) & (text.mean(axis=1) < 0.6))  # mid-grey: not black, not white
+

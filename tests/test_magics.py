@@ -79,10 +79,31 @@ def test_user_mistakes_are_one_line_usage_errors(ip, tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def test_invalid_rows_stop_the_write_and_name_the_row(ip, tmp_path):
+def test_invalid_rows_stop_the_write_and_name_the_row(ip, tmp_path, capsys):
     ip.push({"bad": pd.DataFrame({"q": ["ok", "  "], "a": ["fine", "also"]}, index=["r1", "r2"])})
-    with pytest.raises(UsageError, match=r"row 'r2', column 'q': is blank"):
+    with pytest.raises(UsageError) as info:
         ip.run_line_magic("dataset", "bad --prompt q --completion a --out bad.jsonl")
+    # The report shown above lists the error; the one line names the row and the fix without saying it again.
+    assert str(info.value) == ("1 error in bad.jsonl, listed above (the first: row 'r2', column 'q'); nothing was "
+                               "written: fix the data, or pass skip_invalid=True (--skip-invalid) to leave those "
+                               "rows out")
+    assert capsys.readouterr().out.count("row 'r2', column 'q': is blank") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_invalid_dataset_shows_its_report_once_in_row_order(ip, tmp_path, capsys):
+    rows = pd.DataFrame({"q": ["fine", "  ", 5, "ok", None], "a": ["x", "y", "z", "", "w"]})
+    ip.push({"rows": rows})
+    try:
+        with pytest.raises(UsageError, match=r"^4 errors in rows\.jsonl, listed above \(the first: row 1, "):
+            ip.run_line_magic("dataset", "rows --prompt q --completion a --out rows.jsonl")
+    finally:
+        ip.user_ns.pop("rows")
+    shown = capsys.readouterr().out
+    where = ["row 1, column 'q': ", "row 2, column 'q': ", "row 3, column 'a': ", "row 4, column 'q': "]
+    assert [shown.count(w) for w in where] == [1, 1, 1, 1]
+    assert [shown.index(w) for w in where] == sorted(shown.index(w) for w in where)
+    assert "tokens (estimated) over the 1 valid row: total" in shown and "total 0," not in shown
     assert list(tmp_path.iterdir()) == []
 
 

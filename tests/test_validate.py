@@ -119,6 +119,29 @@ def test_token_stats_are_estimated_without_a_tokenizer(tmp_path):
     assert "estimated" in report.summary()
 
 
+@pytest.mark.parametrize("as_", ["file", "records", "frame"])
+def test_token_stats_of_an_invalid_dataset_are_over_its_valid_examples(tmp_path, as_):
+    good = [pc("a" * 40, "b" * 4), pc("c" * 80, "d" * 4), pc("e" * 8, "f")]
+    records = [good[0], pc("q", "  "), good[1], {"prompt": 5, "completion": "x"}, good[2], pc("", None)]
+    source = {"file": lambda: write(tmp_path, records), "records": lambda: records,
+              "frame": lambda: pd.DataFrame(records)}[as_]()
+    report = tuning_magics.validate(source, model="local/tiny-qwen3")
+    assert [e.line for e in report.errors] == [2, 4, 6, 6]  # in line order
+    alone = tuning_magics.validate(good, model="local/tiny-qwen3")
+    # Not a total of zeros, nor a mean that counts the invalid examples as empty ones.
+    assert report.tokens == alone.tokens and report.tokens["total"] > 0
+    assert (report.examples, report.valid_examples) == (6, 3)
+    assert "tokens over the 3 valid rows: total" in report.summary()
+    assert "tokens over the 3 valid rows" in report._repr_html_()
+
+
+def test_an_image_example_for_a_text_only_model_has_no_token_count(tmp_path):
+    report = tuning_magics.validate([image_chat(), chat("q", "a")], model=TEXT_MODEL)
+    assert [e.line for e in report.errors] == [1]
+    assert report.valid_examples == 1 and report.tokens == tuning_magics.validate([chat("q", "a")],
+                                                                                  model=TEXT_MODEL).tokens
+
+
 def test_error_entries_carry_line_field_and_message(tmp_path):
     report = tuning_magics.validate(write(tmp_path, [pc(), {"prompt": "p"}]))
     err = only_error(report)

@@ -466,9 +466,11 @@ class TuningMagics(Magics):
             if verbose:
                 raise
             report = getattr(exc, "report", None)
+            message = str(exc)
             if report is not None:
                 self._show(report)
-            raise UsageError(" ".join(str(exc).split("\n"))) from None
+                message = getattr(exc, "beside_report", message)  # the report lists the errors: not twice
+            raise UsageError(" ".join(message.split("\n"))) from None
 
     def _show(self, obj) -> None:
         from IPython.display import display

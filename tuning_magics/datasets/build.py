@@ -25,6 +25,7 @@ from . import formats as F
 from .tokens import TokenCounter
 from .validate import (
     BLANK_PATTERN,
+    MAX_LISTED,
     TOO_DEEP,
     Issue,
     ValidationReport,
@@ -40,8 +41,6 @@ from .validate import (
 
 #: Rows turned into JSON per chunk: bounds the extra memory while writing.
 CHUNK_ROWS = 20_000
-#: Bad cells listed per column (and rows over the length limit); the counts stay exact.
-_LISTED = 200
 
 # Column names tried, in order, when the caller names none.
 _AUTO = (
@@ -57,7 +56,11 @@ _SKIP_HINT = "fix the data, or pass skip_invalid=True (--skip-invalid) to leave 
 
 
 class DatasetInvalid(UserError):
-    """The dataset has errors; nothing was written. ``.report`` lists them all, ``.problem`` names the first."""
+    """The dataset has errors; nothing was written. ``.report`` lists them all, ``.problem`` names the first.
+
+    ``.beside_report`` is the one line to give where the report itself is shown: it counts the
+    errors and says where the first is, without saying it again.
+    """
 
     def __init__(self, report: ValidationReport, *, hint: str = _SKIP_HINT):
         first = report.errors[0] if report.errors else Issue("unknown problem")
@@ -65,6 +68,10 @@ class DatasetInvalid(UserError):
         self.problem = f"{first}{more}"
         super().__init__(f"{self.problem}; nothing was written: {hint}")
         self.report = report
+        n = report.error_count
+        where = f" (the first: {first.where})" if first.where else ""
+        self.beside_report = (f"{n:,} error{'s' if n != 1 else ''} in {report.source}, listed above{where}; "
+                              f"nothing was written: {hint}")
 
 
 @dataclass
@@ -314,10 +321,15 @@ def _arrow_strings(col):
     return pa.array(col, from_pandas=True)
 
 
-def _check_text_column(col, name, report: ValidationReport, positions):
-    """The validator's text rules over a whole column at once; returns a boolean numpy mask of bad rows.
+_RULES = (None, "null", "type", "surrogate", "blank")  # a text cell's rule code -> its TEXT_RULES key
 
-    Works for every dtype: text, object, categorical, nullable numbers, Arrow types.
+
+def _text_rules(col):
+    """The validator's text rules over a whole column at once.
+
+    Returns (codes, values): per row the index in :data:`_RULES` of the rule it breaks (0: good text),
+    and the column's values when they were looked at one by one (else None). Works for every dtype:
+    text, object, categorical, nullable numbers, Arrow types.
     """
     import numpy as np
     import pyarrow as pa
@@ -336,15 +348,8 @@ def _check_text_column(col, name, report: ValidationReport, positions):
         bad_text = np.fromiter((isinstance(v, str) and not _is_unicode(v) for v in values), bool, n)
         strings = pa.array(np.where(is_text & ~bad_text, values, "x"), type=pa.large_string())
     blank = pc.fill_null(pc.match_substring_regex(strings, BLANK_PATTERN), False).to_numpy(zero_copy_only=False)
-    blank = blank & ~isna & ~bad_type & ~bad_text
-    bad = isna | bad_type | bad_text | blank
-    where = np.flatnonzero(bad)
-    for i in where[:_LISTED]:  # in row order
-        rule = "null" if isna[i] else "type" if bad_type[i] else "surrogate" if bad_text[i] else "blank"
-        report.error(text_message(rule, values[i] if values is not None else None), int(positions[i]) + 1,
-                     f"column {name!r}")
-    report.error_count += max(0, len(where) - _LISTED)
-    return bad
+    codes = np.select([isna, bad_type, bad_text, blank], [1, 2, 3, 4], 0).astype(np.int8)
+    return codes, values
 
 
 def _role_prefix(role: str, fmt: str) -> bytes:
@@ -385,14 +390,27 @@ def _text_lines(cols: list[list[bytes]], roles: list[str], fmt: str, system: lis
 
 
 def _text_pass(df, mapping: _Mapping, report: ValidationReport, rows):
-    """Check the text columns of one subset of rows; returns (those rows, their positions, a mask of the bad ones)."""
+    """Check the text columns of one subset of rows; returns (those rows, their positions, a mask of the bad ones).
+
+    Problems are reported in row order, and a column used for two turns is checked once.
+    """
     import numpy as np
 
     sub = df.iloc[rows] if rows is not None else df
     positions = np.asarray(rows) if rows is not None else np.arange(len(df))
+    names = list(dict.fromkeys(name for _, name in mapping.text_columns()))
+    checked = [(name, *_text_rules(sub[name])) for name in names]
     bad = np.zeros(len(sub), bool)
-    for _, name in mapping.text_columns():
-        bad |= _check_text_column(sub[name], name, report, positions)
+    for _, codes, _ in checked:
+        bad |= codes != 0
+    listed = 0
+    for i in np.flatnonzero(bad)[:MAX_LISTED]:  # the report lists no more than these rows hold
+        for name, codes, values in checked:
+            if codes[i]:
+                listed += 1
+                report.error(text_message(_RULES[codes[i]], values[i] if values is not None else None),
+                             int(positions[i]) + 1, f"column {name!r}")
+    report.error_count += sum(int(np.count_nonzero(codes)) for _, codes, _ in checked) - listed
     return sub, positions, bad
 
 
@@ -657,12 +675,12 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
 
     sub, positions, bad = _text_pass(df, mapping, report, rows)
     report.format = fmt
-    if bad.any() and skip_invalid:
-        _skip_bad_rows(report, int(bad.sum()), int((~bad).sum()))
-        sub, positions = sub[~bad], positions[~bad]
     report.examples = len(sub)
-    if not report.ok:
-        return None
+    if bad.any():
+        if skip_invalid:
+            _skip_bad_rows(report, int(bad.sum()), int((~bad).sum()))
+            report.examples -= int(bad.sum())
+        sub, positions = sub[~bad], positions[~bad]  # tokens are counted over the valid rows alone
     columns = mapping.text_columns()
     fixed = mapping.system_prompt
     lengths = counter.count_columns(sub, columns, fixed)
@@ -670,12 +688,15 @@ def _prepare_text(df, mapping, fmt, report, counter, rows, spec, skip_invalid):
     report.tokens_estimated, report.tokenizer_note = counter.estimated, counter.note
     if spec is not None:
         over = np.flatnonzero(lengths > spec.max_seq_len)
-        for i in over[:_LISTED]:
+        for i in over[:MAX_LISTED]:
             report.warn(f"is about {int(lengths[i]):,} tokens; {spec.id} takes at most {spec.max_seq_len:,}, "
                         "so it will be truncated", int(positions[i]) + 1)
-        report.warning_count += max(0, len(over) - _LISTED)
-    report.example = ([{"role": "system", "content": fixed}] if fixed else []) + [
-        {"role": role, "content": sub[name].iloc[0]} for role, name in columns]
+        report.warning_count += max(0, len(over) - MAX_LISTED)
+    if len(sub):
+        report.example = ([{"role": "system", "content": fixed}] if fixed else []) + [
+            {"role": role, "content": sub[name].iloc[0]} for role, name in columns]
+    if not report.ok:
+        return None
     roles = [r for r, _ in mapping.roles]
     names = [c for _, c in mapping.roles]
     fixed_escaped = _escaped([fixed])[0] if fixed else None
@@ -718,8 +739,6 @@ def _prepare_general(df, mapping, fmt, report, counter, rows, spec, skip_invalid
     keep = [i for i, (line, _) in enumerate(records) if line not in bad_lines]
     if skip_invalid and bad_lines:
         _skip_bad_rows(report, len(bad_lines), len(keep))
-        lengths = report.token_lengths
-        report.token_lengths = [lengths[i] for i in keep]
         report.examples = len(keep)
     if not report.ok:
         return None

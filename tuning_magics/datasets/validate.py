@@ -107,14 +107,19 @@ class Issue:
     def to_dict(self) -> dict:
         return {"line": self.line, "field": self.field, "message": self.message}
 
-    def __str__(self) -> str:
+    @property
+    def where(self) -> str:
+        """Where the problem is: ``line 3, completion``, or ``row 'r2', column 'q'`` for a DataFrame row."""
         where = []
         # DataFrame rows are named by their index label in the field; lines are for files.
         if self.line is not None and not (self.field or "").startswith("row "):
             where.append(f"line {self.line}")
         if self.field:
             where.append(self.field)
-        return f"{', '.join(where)}: {self.message}" if where else self.message
+        return ", ".join(where)
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
 
 
 @dataclass
@@ -132,6 +137,7 @@ class ValidationReport:
     images: int = 0
     model: str | None = None
     method: str = "sft"
+    #: Tokens of each valid example, in order: an example with an error has none (its count would mislead).
     token_lengths: object = field(default_factory=lambda: array("q"), repr=False)
     tokens_estimated: bool = True
     tokenizer_note: str = ""
@@ -144,7 +150,18 @@ class ValidationReport:
         return self.error_count == 0
 
     @property
+    def valid_examples(self) -> int:
+        """Examples without errors: those the token counts are taken over."""
+        return len(self.token_lengths)
+
+    def valid_scope(self) -> str:
+        """What token counts are taken over: `` over the 57 valid rows`` when some examples have errors, else ''."""
+        valid = self.valid_examples
+        return f" over the {valid:,} valid row{'s' if valid != 1 else ''}" if valid < self.examples else ""
+
+    @property
     def tokens(self) -> dict:
+        """Token counts over the valid examples: total, max, mean, and whether they are estimated."""
         import numpy as np
 
         lengths = np.asarray(self.token_lengths, dtype=np.int64)
@@ -227,7 +244,7 @@ class ValidationReport:
         lines = [
             f"{self.source}: {verdict}: {self.examples} examples ({self.format or 'unknown format'}), "
             f"{self.error_count} errors, {self.warning_count} warnings",
-            f"tokens{est}: total {tok['total']:,}, max {tok['max']:,}, mean {tok['mean']:,}",
+            f"tokens{est}{self.valid_scope()}: total {tok['total']:,}, max {tok['max']:,}, mean {tok['mean']:,}",
         ]
         if self.dropped:
             lines.append(f"dropped by the service: {self.dropped} examples")
@@ -760,23 +777,21 @@ def check_records(
                     report.error(
                         f"is {fmt} but line {first_line} is {report.format}; one file holds one format", line
                     )
-            lengths.append(0)
-            if report.error_count != before or fmt is None:
-                if bad_lines is not None:
-                    bad_lines.add(line)
-                continue
-            messages = F.to_messages(record, fmt)
-            if has_image:
+            if has_image and report.error_count == before:
                 report.images += 1
                 if model is not None and not model.multimodal:
                     report.error(f"has an image but {model.id} is text-only; remove images or pick an image model",
                                  line)
-                    if bad_lines is not None:
-                        bad_lines.add(line)
-            else:
+            if report.error_count != before or fmt is None:
+                if bad_lines is not None:
+                    bad_lines.add(line)
+                continue
+            if not has_image:
                 text_only += 1
                 if len(text_only_lines) < 20:
                     text_only_lines.append(line)
+            messages = F.to_messages(record, fmt)
+            lengths.append(0)  # a valid example's slot: its count comes now or with its batch
             if report.example is None:
                 report.example = messages
             if batched:

@@ -10,20 +10,36 @@ import base64
 import html
 import io
 
+
+def _themed(prop: str, variable: str, fallback: str, value: str = "{}") -> str:
+    """``prop`` in the JupyterLab theme's ``variable`` (light or dark), ``fallback`` where the theme has none.
+
+    The plain declaration comes first: JupyterLab's sanitizer drops a value with var(...) from untrusted
+    output, and the plain one then stays; elsewhere the later var(...) wins.
+    """
+    return f"{prop}:{value.format(fallback)};{prop}:{value.format(f'var({variable},{fallback})')}"
+
+
 # Inline styles only: JupyterLab drops <style> blocks (and class-based looks with them) from untrusted or
-# reopened notebooks, while the style attribute survives its sanitizer for these properties.
+# reopened notebooks, while the style attribute survives its sanitizer for these properties. Text takes the
+# theme's own colour (none is set) except in a box that sets its background too; accents are mid-tones
+# that read on light and dark backgrounds alike.
 _REPORT = "font-family:sans-serif;font-size:13px;max-width:980px"
 _TABLE = "border-collapse:collapse;margin:4px 0"
-_CELL = "border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top"
-_OK = "color:#1a7f37;font-weight:bold"
-_BAD = "color:#cf222e;font-weight:bold"
-_WARN = "color:#9a6700"
-_EXAMPLE = ("white-space:pre-wrap;font-family:monospace;border:1px solid #ddd;padding:6px;"
-            "background-color:#fafafa")
-#: A span of tokens the loss is taken on.
+_BORDER = _themed("border", "--jp-border-color2", "#bbb", "1px solid {}")
+_CELL = _BORDER + ";padding:2px 8px;text-align:left;vertical-align:top"
+_OK = _themed("color", "--jp-success-color1", "#1a7f37") + ";font-weight:bold"
+_BAD = _themed("color", "--jp-error-color1", "#cf222e") + ";font-weight:bold"
+_WARN = _themed("color", "--jp-warn-color1", "#9a6700")
+_EXAMPLE = ";".join(["white-space:pre-wrap;font-family:monospace;padding:6px", _BORDER,
+                     _themed("background-color", "--jp-layout-color2", "#fafafa"),
+                     _themed("color", "--jp-ui-font-color1", "#000")])
+#: A span of tokens the loss is taken on: its own background and text colour, legible in either theme.
 LOSS_STYLE = "background-color:#dafbe1;border-bottom:2px solid #1a7f37;color:#000000"
-#: A span of the template and prompt, with no loss.
+#: A span of the template and prompt, with no loss: mid-grey, legible on light and dark.
 TEMPLATE_STYLE = "color:#888888"
+#: Text in the histogram PNG, whose background is transparent: mid-grey, legible on light and dark.
+PLOT_TEXT = "#808080"
 
 
 def _e(value) -> str:
@@ -47,10 +63,14 @@ def histogram_png(report, *, bins: int = 30) -> bytes | None:
     ax = fig.add_subplot()
     ax.bar([lo for lo, _, _ in hist], [c for _, _, c in hist], width=[hi - lo + 1 for lo, hi, _ in hist],
            align="edge", color="#4c72b0")
-    ax.set_xlabel("tokens per example")
-    ax.set_ylabel("examples")
+    # A transparent background and mid-grey text: the notebook's own background shows through, light or dark.
+    ax.set_xlabel("tokens per example", color=PLOT_TEXT)
+    ax.set_ylabel("examples", color=PLOT_TEXT)
+    ax.tick_params(colors=PLOT_TEXT)
+    for spine in ax.spines.values():
+        spine.set_color(PLOT_TEXT)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", transparent=True)
     return buf.getvalue()
 
 
@@ -72,13 +92,10 @@ def _issues_table(issues, count: int, kind: str) -> str:
         return ""
     css = _BAD if kind == "errors" else _WARN
     td = f"<td style='{_CELL}'>"
-    rows = "".join(
-        f"<tr>{td}{_e(i.line) if i.line is not None else ''}</td>{td}{_e(i.field or '')}</td>{td}{_e(i.message)}</td></tr>"
-        for i in issues[:50]
-    )
+    rows = "".join(f"<tr>{td}{_e(i.where)}</td>{td}{_e(i.message)}</td></tr>" for i in issues[:50])
     more = f"<div>… {count - min(50, len(issues)):,} more</div>" if count > min(50, len(issues)) else ""
     th = f"<th style='{_CELL}'>"
-    return (f"<div style='{css}'>{count:,} {kind}</div><table style='{_TABLE}'><tr>{th}line</th>{th}field</th>"
+    return (f"<div style='{css}'>{count:,} {kind}</div><table style='{_TABLE}'><tr>{th}where</th>"
             f"{th}message</th></tr>{rows}</table>{more}")
 
 
@@ -104,12 +121,13 @@ def report_html(report, *, epochs: int = 1, cost=None, uri=None, title: str | No
     tok = report.tokens
     verdict = f"<span style='{_OK}'>valid</span>" if report.ok else f"<span style='{_BAD}'>invalid</span>"
     est = " (estimated)" if tok["estimated"] else ""
+    scope = report.valid_scope()
     rows = [
         ("examples", f"{report.examples:,}"),
         ("format", report.format or "-"),
         ("target", f"{report.model or 'any model'}, {report.method}"),
-        (f"tokens{est}", f"total {tok['total']:,} · max {tok['max']:,} · mean {tok['mean']:,}"),
-        (f"billed tokens ({epochs} epoch{'s' if epochs != 1 else ''})", f"{tok['total'] * epochs:,}"),
+        (f"tokens{est}{scope}", f"total {tok['total']:,} · max {tok['max']:,} · mean {tok['mean']:,}"),
+        (f"billed tokens ({epochs} epoch{'s' if epochs != 1 else ''}){scope}", f"{tok['total'] * epochs:,}"),
     ]
     if cost is not None:
         rows.append(("estimated cost", f"${cost:,.2f} at list price"))
@@ -140,7 +158,8 @@ def report_text(report, *, epochs: int = 1, cost=None) -> str:
     """The report as plain text, for terminals and frontends without HTML."""
     lines = [report.summary()]
     tok = report.tokens
-    lines.append(f"billed tokens ({epochs} epoch{'s' if epochs != 1 else ''}): {tok['total'] * epochs:,}"
+    lines.append(f"billed tokens ({epochs} epoch{'s' if epochs != 1 else ''}){report.valid_scope()}: "
+                 f"{tok['total'] * epochs:,}"
                  + (f", estimated cost ${cost:,.2f}" if cost is not None else ""))
     hist = histogram_text(report)
     if hist:
