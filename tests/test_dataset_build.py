@@ -1201,3 +1201,54 @@ def test_the_histogram_png_is_transparent_with_mid_grey_text(tmp_path):
     assert np.all(np.ptp(text, axis=1) < 0.02)  # grey
     assert np.all((text.mean(axis=1) > 0.4) & (text.mean(axis=1) < 0.6))  # mid-grey: not black, not white
 
+
+# -- paths from the user --------------------------------------------------------------------------------------
+
+UNSET = "is the variable in {...} unset? set it, or give a path"
+EMPTY = "is the variable in {...} empty? set it, or give a path"
+
+
+@pytest.mark.parametrize("kwargs, field, message", [
+    ({"out": "None/train.jsonl"}, "out", f"out 'None/train.jsonl' starts with 'None': {UNSET}"),
+    ({"out": Path("data") / "nan" / "t.jsonl"}, "out", f"out 'data/nan/t.jsonl' has a segment 'nan': {UNSET}"),
+    ({"out": "None"}, "out", f"out 'None' starts with 'None': {UNSET}"),
+    ({"out": "gs://None/t.jsonl"}, "out", f"out 'gs://None/t.jsonl' starts with 'None': {UNSET}"),
+    ({"out": "gs:///t.jsonl"}, "out", f"out 'gs:///t.jsonl' has an empty segment: {EMPTY}"),
+    ({"out": "data//t.jsonl"}, "out", f"out 'data//t.jsonl' has an empty segment: {EMPTY}"),
+    ({"out": "t.jsonl", "validation_split": 1, "validation_out": "None/v.jsonl"}, "validation_out",
+     f"validation_out 'None/v.jsonl' starts with 'None': {UNSET}"),
+    ({"out": "t.jsonl", "validation_split": 1, "validation_out": "v/<NA>/v.jsonl"}, "validation_out",
+     f"validation_out 'v/<NA>/v.jsonl' has a segment '<NA>': {UNSET}"),
+])
+def test_a_path_from_an_unset_variable_is_refused_and_makes_no_folder(tmp_path, monkeypatch, kwargs, field,
+                                                                       message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        tuning_magics.dataset(qa(), **kwargs)
+    assert str(info.value) == message and info.value.field == field
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_paths_that_only_look_like_unset_ones_are_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in ("None.jsonl", "Nonesuch/t.jsonl", "./nano/t.jsonl", str(tmp_path / "abs" / "t.jsonl"),
+                "~/../" + str(tmp_path.relative_to(tmp_path.anchor)) + "/tilde.jsonl"):
+        assert tuning_magics.dataset(qa(), out=out).examples == 3
+    assert files(tmp_path) == ["None.jsonl", "Nonesuch", "abs", "nano", "tilde.jsonl"]
+
+
+@pytest.mark.parametrize("output_uri, message", [
+    ("None/run", f"output_uri 'None/run' starts with 'None': {UNSET}"),
+    ("runs/nan", f"output_uri 'runs/nan' has a segment 'nan': {UNSET}"),
+    ("gs://None/out", f"output_uri 'gs://None/out' starts with 'None': {UNSET}"),
+    ("runs//x", f"output_uri 'runs//x' has an empty segment: {EMPTY}"),
+])
+def test_tune_refuses_an_output_uri_from_an_unset_variable(tmp_path, monkeypatch, output_uri, message):
+    """The local job folder and the Vertex AI output folder come from tune()'s output_uri: refused before both."""
+    monkeypatch.chdir(tmp_path)
+    for dry_run in (True, False):
+        with pytest.raises(UserError) as info:
+            tuning_magics.tune(base_model="local/tiny-qwen3", train_dataset=qa(), output_uri=output_uri,
+                               dry_run=dry_run)
+        assert str(info.value) == message and info.value.field == "output_uri"
+    assert list(tmp_path.iterdir()) == []

@@ -91,6 +91,24 @@ def test_invalid_rows_stop_the_write_and_name_the_row(ip, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_unset_variable_in_a_dataset_path_is_one_line_and_makes_no_folder(ip, tmp_path):
+    # IPython writes {VAR} into the line as the value's text: None becomes the folder name "None".
+    ip.push({"BUCKET": None, "SUB": float("nan")})
+    try:
+        for line, shown in (
+            ("df --prompt q --completion a --out {BUCKET}/x.jsonl",
+             "out 'None/x.jsonl' starts with 'None': is the variable in {...} unset? set it, or give a path"),
+            ("df --prompt q --completion a --out x.jsonl --split 1 --validation-out data/{SUB}/v.jsonl",
+             "validation_out 'data/nan/v.jsonl' has a segment 'nan': is the variable in {...} unset? set it, "
+             "or give a path"),
+        ):
+            result = ip.run_cell(f"%dataset {line}")
+            assert isinstance(result.error_in_exec, UsageError) and str(result.error_in_exec) == shown
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        ip.user_ns.pop("BUCKET"), ip.user_ns.pop("SUB")
+
+
 def test_an_invalid_dataset_shows_its_report_once_in_row_order(ip, tmp_path, capsys):
     rows = pd.DataFrame({"q": ["fine", "  ", 5, "ok", None], "a": ["x", "y", "z", "", "w"]})
     ip.push({"rows": rows})

@@ -232,16 +232,12 @@ def rebuild_registry(*job_folders):
 
 
 def _output_uri(output_uri) -> str | None:
-    """A folder as text (a path or gs:// URI); anything else, a list for instance, is one line."""
-    import os
+    """A folder as text (a path or gs:// URI); anything else, a list or ``None/out`` for instance, is one line."""
+    from . import storage
 
     if output_uri is None:
         return None
-    if isinstance(output_uri, os.PathLike):
-        output_uri = os.fspath(output_uri)
-    if not isinstance(output_uri, str) or not output_uri.strip():
-        raise UserError(f"output_uri must be a folder, as a path or gs:// URI, not {output_uri!r}", field="output_uri")
-    return output_uri
+    return storage.check_path("output_uri", output_uri, kind="a folder, as a path or gs:// URI")
 
 
 def _backend_setting() -> str:

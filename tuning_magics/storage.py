@@ -89,6 +89,40 @@ def _exists_message(display: str) -> str:
     return f"{display} already exists; pass overwrite=True (--overwrite) or choose another path"
 
 
+# ---------------------------------------------------------------- paths the user gives
+
+#: How Python and pandas write a missing value as text: a path segment spelled so was a variable left unset.
+UNSET_SPELLINGS = frozenset({"None", "nan", "NaN", "<NA>", "NaT"})
+
+
+def check_path(name: str, value, *, kind: str = "a local path or a gs:// URI") -> str:
+    """``value``, a path or gs:// URI the user gave as option ``name``, as text; else a one-line UserError.
+
+    IPython writes a variable's value into a magic's line for ``{VAR}``, so an unset one turns
+    ``{BUCKET}/train.jsonl`` into ``None/train.jsonl`` (``data//train.jsonl`` or ``gs:///train.jsonl``
+    for an empty one). A segment that is the text of a missing value (None, nan, <NA>, NaT), or empty
+    inside the path, is refused here rather than made into a folder. Every option that names where to
+    write comes through here: dataset()'s out and validation_out, tune()'s output_uri.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{name} must be {kind}, not {value!r}", field=name)
+    gcs = is_gcs(value)
+    body = value[len(_SCHEME):] if gcs else value
+    segments = body.replace(os.sep, "/").replace(os.altsep or "/", "/").split("/")
+    for i, segment in enumerate(segments):
+        where = "starts with" if i == 0 else "has a segment"
+        if segment.strip() in UNSET_SPELLINGS:
+            raise UserError(f"{name} {value!r} {where} {segment.strip()!r}: is the variable in {{...}} unset? "
+                            "set it, or give a path", field=name)
+        # Empty: inside the path, or a gs:// URI's bucket; a local path may start or end with a separator.
+        if not segment.strip() and (0 < i < len(segments) - 1 or (i == 0 and gcs)):
+            raise UserError(f"{name} {value!r} has an empty segment: is the variable in {{...}} empty? "
+                            "set it, or give a path", field=name)
+    return value
+
+
 # ---------------------------------------------------------------- client and errors
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import numbers
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import params
+from .. import params, storage
 from ..errors import UserError
 from . import formats as F
 from .tokens import TokenCounter
@@ -119,8 +118,6 @@ class Dataset:
         """The first ``n`` records of the written file."""
         import orjson
 
-        from .. import storage
-
         out = []
         with storage.open_read(self.uri) as fh:
             for raw in fh:
@@ -173,11 +170,6 @@ class _Mapping:
 def _check_flag(name: str, value) -> None:
     if not isinstance(value, bool):
         raise UserError(f"{name} must be True or False, not {value!r}", field=name)
-
-
-def _check_path(name: str, value) -> None:
-    if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
-        raise UserError(f"{name} must be a local path or a gs:// URI, not {value!r}", field=name)
 
 
 def _column(df, name: str, value):
@@ -541,8 +533,6 @@ def _split(n: int, validation_split, seed):
 
 
 def _same_file(a: str, b: str) -> bool:
-    from .. import storage
-
     if storage.is_gcs(a) or storage.is_gcs(b):
         return a == b
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
@@ -588,8 +578,8 @@ def dataset(
         raise UserError(f"dataset() takes a pandas DataFrame, not {type(df).__name__}", field="df")
     _check_flag("overwrite", overwrite)
     _check_flag("skip_invalid", skip_invalid)
-    _check_path("out", out)
-    _check_path("validation_out", validation_out)
+    out, validation_out = (storage.check_path(n, v) if v is not None else None
+                           for n, v in (("out", out), ("validation_out", validation_out)))
     method = _check_method(method)
     spec = _resolve_model(model)
     epochs = params.check("epochs", epochs, optional=False)
@@ -602,18 +592,16 @@ def dataset(
     if len(df) == 0:
         raise UserError("the DataFrame has no rows", field="df")
     train_rows, val_rows = _split(len(df), validation_split, seed)
-    out = str(out) if out is not None else _default_out()
+    out = out if out is not None else _default_out()
     val_out = None
     if val_rows is None and validation_out is not None:
         raise UserError("validation_out needs validation_split: add validation_split=0.1 (--split 0.1) to hold out "
                         "a validation set there, or drop validation_out", field="validation_out")
     if val_rows is not None:
-        val_out = str(validation_out) if validation_out is not None else _validation_path(out)
+        val_out = validation_out if validation_out is not None else _validation_path(out)
         if _same_file(out, val_out):
             raise UserError(f"validation_out {val_out!r} is the training file itself; give the validation set "
                             "its own path", field="validation_out")
-    from .. import storage
-
     counter = TokenCounter(spec.id if spec else None)
     parts = [("train", out, train_rows)] + ([("validation", val_out, val_rows)] if val_rows is not None else [])
     # Both targets are checked before any work, and the pair is written whole or not at all.
