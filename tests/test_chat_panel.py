@@ -21,7 +21,7 @@ QA = invented_facts()[:6]  # facts the session's tuned model knows
 # -- a local job whose models are gone or were never made: refused before any model loads --------
 
 
-def local_job(tmp_path, state, checkpoints=(), *, folder=True):
+def local_job(tmp_path, state, checkpoints=(), *, folder=True, config=None, display_name=None):
     """A local job in ``state`` whose folder holds only ``checkpoint-N`` folders (no final model)."""
     import os
 
@@ -39,8 +39,9 @@ def local_job(tmp_path, state, checkpoints=(), *, folder=True):
         out.mkdir(exist_ok=True)
     alive = dict(pid=os.getpid(), pid_started=psutil.Process().create_time()) if state == "JOB_STATE_RUNNING" else {}
     job_id = registry.new_id("chat")
-    registry.insert(registry.JobRecord(id=job_id, config={"base_model": "local/tiny-qwen3"}, state=state,
-                                       output_dir=str(out), created=time.time(), started=time.time(), **alive))
+    registry.insert(registry.JobRecord(id=job_id, config={"base_model": "local/tiny-qwen3", **(config or {})},
+                                       state=state, output_dir=str(out), created=time.time(), started=time.time(),
+                                       display_name=display_name, **alive))
     return LocalJob(job_id)
 
 
@@ -64,7 +65,10 @@ def test_a_checkpoint_the_job_lacks_is_refused_before_the_panel_opens(tmp_path):
     with pytest.raises(UserError) as err:
         job.chat_panel(checkpoint="checkpoint-999")
     assert str(err.value) == f"job {job.id} has no checkpoint 'checkpoint-999'; choose one of checkpoint-8, checkpoint-16"
-    assert job.chat_panel(checkpoint="checkpoint-8").title == f"Chat with job {job.id} (checkpoint-8)"
+    panel = job.chat_panel(checkpoint="checkpoint-8")
+    assert panel.title == f"Chat with job {job.id}" and panel.checkpoint == "checkpoint-8"
+    assert panel._w_checkpoint.value == "checkpoint-8"
+    assert list(panel._w_checkpoint.options) == ["checkpoint-8", "checkpoint-16", "base"]
     assert job.chat_panel(checkpoint="16", compare_base=False) is not None  # a step number names its checkpoint
 
 
@@ -121,6 +125,11 @@ class Scripted:
                 yield p
 
         return pieces() if stream else "".join(self.pieces)
+
+
+def frontend_commits(widget, value) -> None:
+    """The frontend syncs the widget's value, as its comm message does (with the echo back)."""
+    widget.set_state({"value": value})
 
 
 def values_of(widget) -> list[str]:
@@ -183,8 +192,29 @@ def test_the_base_model_answers_the_same_message_side_by_side(job):
     assert base == LocalChatModel(tiny_model_path("local/tiny-qwen3")).reply(QA[1][0], max_new_tokens=16)
     assert panel.base_history == [{"role": "user", "content": QA[1][0]}, {"role": "assistant", "content": base}]
     view = panel._w_history.value
-    assert chat.escaped(tuned) in view and chat.escaped(base) in view and "local/tiny-qwen3" in view
+    assert chat.escaped(tuned) in view and "local/tiny-qwen3" in view
+    # The untuned tiny model answers with new lines until max tokens: the panel says so rather than show them.
+    assert base == "\n" * 16 and "(empty reply: 16 tokens of white space) (stopped at max tokens)" in view
     assert job._base_model is not None and len(job._chat_models) == 1  # both stay loaded for the next turn
+
+
+@pytest.mark.slow
+def test_a_streamed_reply_says_why_it_ended_and_the_panel_shows_a_cut_one(job):
+    from tuning_magics.jobs import Reply
+
+    reply = job.chat(QA[3][0], stream=True, max_new_tokens=24)
+    assert isinstance(reply, Reply) and reply.finish_reason is None  # not read yet
+    assert "".join(reply) == QA[3][1] and reply.finish_reason == "stop"  # the tuned model ends its answer
+    ids = job._chat_model(job.tuned_model).tokenizer(QA[3][1], add_special_tokens=False)["input_ids"]
+    assert reply.tokens == len(ids)  # the end-of-turn token not counted
+    enough = len(ids) + 1  # the answer and its end-of-turn token
+    cut = job.chat(QA[3][0], checkpoint="base", stream=True, max_new_tokens=enough)
+    text = "".join(cut)
+    assert (cut.finish_reason, cut.tokens) == ("length", enough)  # the untuned base goes on
+    panel = job.chat_panel()
+    panel._w_max.value = enough
+    assert panel.send(QA[3][0]) == (QA[3][1], text)
+    assert panel._w_history.value.count("(stopped at max tokens)") == 1
 
 
 @pytest.mark.slow
@@ -291,12 +321,15 @@ def test_enter_and_the_send_button_ask_without_blocking_and_one_reply_streams_at
 
     model = Slow()
     panel = ChatPanel(model)
-    panel._w_message.value = "first"
-    panel._w_message._handle_custom_msg({"event": "submit"}, [])  # Enter, as the frontend sends it
+    panel.settle_seconds = 0.05
+    panel._w_message._handle_custom_msg({"event": "submit"}, [])  # Enter, as the frontend sends it...
+    frontend_commits(panel._w_message, "first")  # ...and then the value it commits
     assert panel._w_message.value == "" and panel._w_send.disabled  # returned at once, still streaming
-    panel._w_message.value = "second"
+    frontend_commits(panel._w_message, "second")  # a click on Send blurs the box: its value comes first
     panel._w_send.click()
+    panel._settle.join(5)  # the click waits for a value that does not come, then sends the one it has
     assert "still streaming" in panel.status and len(model.requests) == 1
+    assert panel._w_message.value == "second"  # kept, to send once the reply is done
     gate.set()
     panel.wait(10)
     assert panel.history[-1]["content"] == "ab" and not panel._w_send.disabled
@@ -369,6 +402,272 @@ def test_the_widget_tree_is_built_once_and_a_reply_only_changes_values():
     tree.clear()
     walk(panel.widget)
     assert [id(w) for w in tree] == before
+
+
+# -- as a careful user finds it: theme, typing, runaway replies, defaults, checkpoints, layout ---------
+
+
+def widgets_of(widget) -> list:
+    out = [widget]
+    for child in getattr(widget, "children", ()):
+        out += widgets_of(child)
+    return out
+
+
+def html_of(panel) -> str:
+    """Every HTML the panel's widgets hold now."""
+    import ipywidgets as w
+
+    return "".join(x.value for x in widgets_of(panel.widget) if isinstance(x, w.HTML))
+
+
+def trained_shape(**kw):
+    from tuning_magics.datasets.tokens import TokenCounter
+    from tuning_magics.jobs import TrainingChats
+
+    shape = dict(examples=4, system_prompt="Be brief.", with_system_prompt=4, longest_turns=1, longest_tokens=5,
+                 tokens_estimated=True, counter=TokenCounter(None))
+    return TrainingChats(**{**shape, **kw})
+
+
+def test_every_colour_of_the_panel_follows_the_theme_with_a_fallback_in_inline_styles():
+    import re
+
+    from tuning_magics.errors import UserError
+
+    panel = ChatPanel(Scripted(["<b>hi</b>"]), base=Scripted(fail=UserError("no base model here")),
+                      trained=trained_shape(), checkpoints=["checkpoint-8", "base"])
+    panel.refresh_seconds = 0
+    seen = values_of(panel._w_live[0]) + values_of(panel._w_live[1])
+    panel.send("hello")  # a reply, the base model's note, the length note (the training examples were short)
+    panel._w_max.value = 0
+    panel._submit("again")  # an error
+    assert panel.length_note and panel.status
+    views = html_of(panel) + "".join(seen) + panel.html()
+    assert "<style" not in views  # JupyterLab strips <style> from untrusted output: inline styles only
+    styles = re.findall(r'style="([^"]*)"', views)
+    styles += [f"border:{x.layout.border}" for x in widgets_of(panel.widget) if x.layout.border]
+    themed = re.compile(r"var\(--jp-[\w-]+, [^()]+\)")
+    colours = 0
+    for style in styles:
+        assert "var(" not in themed.sub("", style), style  # every theme variable has a fallback
+        for prop, value in re.findall(r"(?:^|;)\s*([\w-]+)\s*:\s*([^;]+)", style):
+            bare = themed.sub("", value)
+            assert not re.search(r"#|rgb|hsl|\b(white|black|gr[ae]y|red|blue|green)\b", bare), (prop, value)
+            if prop in ("color", "background", "background-color") or prop.startswith("border"):
+                colours += prop in ("color", "background", "background-color")
+                assert prop == "border-radius" or themed.search(value), (prop, value)
+    assert colours >= 6  # text and backgrounds were checked, not nothing
+
+
+def test_enter_sends_the_value_the_frontend_commits_after_its_submit_event_and_clears_the_box():
+    model = Scripted(["ok"])
+    panel = ChatPanel(model)
+    panel.settle_seconds = 30  # a value that comes is sent at once, not after a wait
+    box = panel._w_message
+    # Keys are not synced one by one (their updates can trail Enter's submit event, and a late one would
+    # refill the box after it was cleared): the value comes only when the frontend commits it.
+    assert box.continuous_update is False
+    frontend_commits(box, "hell")  # committed when the box lost focus: nothing is sent
+    assert model.requests == [] and box.value == "hell"
+    box._handle_custom_msg({"event": "submit"}, [])  # Enter: ipywidgets 8 sends submit first...
+    frontend_commits(box, "hello")  # ...then the value, with the last key typed
+    panel.wait(10)
+    assert [m[-1]["content"] for m, _ in model.requests] == ["hello"] and box.value == ""
+    box._handle_custom_msg({"event": "submit"}, [])
+    frontend_commits(box, "world")  # the next message is the next message, not glued to the last
+    panel.wait(10)
+    assert [m[-1]["content"] for m, _ in model.requests] == ["hello", "world"] and box.value == ""
+    assert [m["content"] for m in panel.history] == ["hello", "ok", "world", "ok"]
+
+
+def test_enter_or_send_with_the_value_committed_before_sends_it_when_no_other_comes():
+    model = Scripted(["ok"])
+    panel = ChatPanel(model)
+    panel.settle_seconds = 0.05
+    box = panel._w_message
+    frontend_commits(box, "hello")  # a click on Send blurs the box first: its value comes before the click
+    panel._w_send.click()
+    panel.wait(10)
+    assert [m[-1]["content"] for m, _ in model.requests] == ["hello"] and box.value == ""
+    frontend_commits(box, "again")  # committed, then Enter without a change: no value follows the submit
+    box._handle_custom_msg({"event": "submit"}, [])
+    panel.wait(10)
+    assert [m[-1]["content"] for m, _ in model.requests] == ["hello", "again"] and box.value == ""
+    box._handle_custom_msg({"event": "submit"}, [])  # Enter in the empty box
+    panel.wait(10)
+    assert panel.status == "type a message first" and len(model.requests) == 2
+
+
+def test_replies_scroll_in_a_bounded_box_that_keeps_the_newest_in_view_above_the_message_box():
+    from tuning_magics.display.chat import HISTORY_MAX_HEIGHT
+
+    panel = ChatPanel(Scripted(["word " * 100] * 4), base=Scripted(["w " * 100] * 4))
+    scroll = panel._w_scroll
+    assert scroll.layout.max_height == HISTORY_MAX_HEIGHT and scroll.layout.overflow == "auto"
+    # A column-reverse box starts scrolled to its end: the last turn and the reply streaming now stay in view.
+    assert scroll.layout.flex_flow == "column-reverse"
+    assert scroll.children == (panel._w_live_box, panel._w_history)  # shown bottom up: the live reply last
+    rows = panel.widget.children
+    below = [row for row in rows if panel._w_message in getattr(row, "children", ())]
+    assert len(below) == 1 and rows.index(below[0]) > rows.index(scroll)
+    assert panel._w_message not in widgets_of(scroll) and panel._w_send not in widgets_of(scroll)
+    panel.send("one")
+    panel.send("two")
+    assert panel._w_history.value.count("word ") == 800  # all of it is there, to scroll back to
+
+
+class Told(Scripted):
+    """Replies as a Job's stream does: a Reply that says why it ended."""
+
+    def __init__(self, pieces, finish_reason, tokens, **kw):
+        super().__init__(pieces, **kw)
+        self.ended = (finish_reason, tokens)
+
+    def chat(self, messages, *, stream=False, **gen):
+        from tuning_magics.jobs import Reply
+
+        return Reply(super().chat(messages, stream=stream, **gen), lambda: self.ended)
+
+
+def test_a_reply_of_white_space_or_cut_at_max_tokens_says_so():
+    panel = ChatPanel(Told(["\n"] * 12, "length", 12), base=Told(["Mellt."], "stop", 3))
+    assert panel.send("hi") == ("\n" * 12, "Mellt.")
+    view = panel._w_history.value
+    assert "(empty reply: 12 tokens of white space) (stopped at max tokens)" in view
+    assert view.count("tm-finish") == 1  # the base model's reply ended by itself: nothing added
+    assert panel.history[-1] == {"role": "assistant", "content": "\n" * 12}  # the model's text, as it was
+    panel = ChatPanel(Told(["The capital", " of Zorvia is"], "length", 5))
+    panel.send("hi")
+    assert "The capital of Zorvia is\n<span" in panel._w_history.value
+    assert "(stopped at max tokens)" in panel._w_history.value
+    assert panel.text().splitlines()[-1] == "scripted: The capital of Zorvia is (stopped at max tokens)"
+    assert panel.history[-1]["content"] == "The capital of Zorvia is"
+    panel = ChatPanel(Scripted([" ", "\n"]))  # a stream that does not say how it ended
+    panel.send("hi")
+    assert "(empty reply: white space only)" in panel._w_history.value
+    assert "max tokens" not in panel._w_history.value
+
+
+def write_chats(path, chats) -> str:
+    import json
+
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    return str(path)
+
+
+def qa(q, a, system="Answer in one sentence."):
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def test_the_system_prompt_starts_as_the_training_datas_and_long_conversations_are_named(tmp_path):
+    train = write_chats(tmp_path / "train.jsonl", [
+        qa("What is the capital of Zorvia?", "Mellt."), qa("What is the capital of Borduk?", "Tavek."),
+        qa("Hi", "Hello.", system="Be brief."),
+        qa("What is the capital of Kemla?", "Soru, on the coast.") + [
+            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes, Soru is its capital."}],
+    ])
+    job = local_job(tmp_path, "JOB_STATE_RUNNING", (8,), config={"train_path": train})
+    trained = job.training_chats()
+    assert (trained.examples, trained.system_prompt, trained.with_system_prompt) == (4, "Answer in one sentence.", 3)
+    assert trained.longest_turns == 2 and trained.tokens_estimated is False  # the tiny model's exact counts
+    from tuning_magics.datasets.formats import read_conversations
+
+    assert trained.longest_tokens == max(map(trained.tokens, read_conversations(train)))
+    panel = job.chat_panel(checkpoint="checkpoint-8", compare_base=False)
+    assert panel._w_system.value == "Answer in one sentence."
+    assert "from the training data (3 of 4 examples had it)" in panel._w_system_source.value
+
+    model = Scripted(["Mellt."])
+    panel = ChatPanel(model, trained=trained)
+    panel.send("What is the capital of Zorvia?")
+    assert model.requests[-1][0][0] == {"role": "system", "content": "Answer in one sentence."}
+    panel.send("Sure?")  # two turns, as the longest example
+    assert panel.length_note == "" and panel._w_note.value == ""
+    panel.send("And of Borduk?")
+    tokens = trained.tokens(model.requests[-1][0] + [{"role": "assistant", "content": "Mellt."}])
+    assert panel.length_note == (
+        f"This conversation (3 turns, {tokens} tokens) is longer than any the model trained on (at most 2 turns, "
+        f"{trained.longest_tokens} tokens): replies may drift. Clear starts over; unticking 'Send earlier turns' "
+        "sends each message alone.")
+    assert chat.escaped(panel.length_note) in panel._w_note.value and panel.length_note in panel.text()
+    panel._w_keep.value = False  # history off: each message alone
+    panel.send("And of Kemla?")
+    assert model.requests[-1][0] == [{"role": "system", "content": "Answer in one sentence."},
+                                     {"role": "user", "content": "And of Kemla?"}]
+    assert panel.length_note == "" and len(panel.history) == 8  # the panel still shows every turn
+    panel._w_system.value = "Be long."
+    assert "the training data had another system prompt: 'Answer in one sentence.'" in panel._w_system_source.value
+
+
+def test_without_a_system_prompt_in_the_data_or_with_the_data_gone_the_panel_says_so(tmp_path):
+    import os
+
+    train = write_chats(tmp_path / "train.jsonl", [qa("Hi", "Hello.", system=None)])
+    job = local_job(tmp_path, "JOB_STATE_RUNNING", (8,), config={"train_path": train})
+    panel = job.chat_panel(compare_base=False)
+    assert panel._w_system.value == "" and "the training data had no system prompt" in panel._w_system_source.value
+    os.remove(train)
+    job = local_job(tmp_path / "again", "JOB_STATE_RUNNING", (8,), config={"train_path": train})
+    panel = job.chat_panel(compare_base=False)
+    assert panel._w_system.value == ""
+    assert f"the training data could not be read ({train} not found; check the path)" in \
+        panel._w_system_source.value
+
+
+def test_the_checkpoint_picker_switches_who_answers_and_each_reply_keeps_its_name():
+    class Job(Scripted):
+        display_name = "quickstart-facts"
+
+        def chat(self, messages, *, checkpoint=None, **gen):
+            self.requests.append((messages, {"checkpoint": checkpoint}))
+            return iter([f"from {checkpoint}"])
+
+    job = Job()
+    names = ["checkpoint-8"]
+    panel = ChatPanel(job, checkpoints=lambda: list(names) + ["base"])
+    picker = panel._w_checkpoint
+    assert list(picker.options) == ["checkpoint-8", "final", "base"] and picker.value == "final"
+    panel.send("a")
+    picker.value = "checkpoint-8"
+    panel.send("b")
+    assert [gen["checkpoint"] for _, gen in job.requests] == [None, "checkpoint-8"]
+    view = panel._w_history.value
+    assert "quickstart-facts (final)" in view and "quickstart-facts (checkpoint-8)" in view
+    names.append("checkpoint-16")  # the job went on training: the picker lists what it made after the turn
+    panel.send("c")
+    assert list(picker.options) == ["checkpoint-8", "checkpoint-16", "base"]  # no final model yet
+    panel.checkpoint = "final"  # what the monitor's picker does with an open panel
+    assert picker.value == "final" and panel.checkpoint is None
+    assert list(picker.options) == ["checkpoint-8", "checkpoint-16", "final", "base"]
+    panel.send("d")
+    assert job.requests[-1][1]["checkpoint"] is None
+
+
+def test_a_jobs_panel_is_titled_by_its_display_name_and_opens_on_the_monitors_pick(tmp_path):
+    job = local_job(tmp_path, "JOB_STATE_RUNNING", (8,), display_name="quickstart-facts")
+    panel = job.chat_panel(checkpoint="final")  # the monitor passes its selected_checkpoint, "final" included
+    assert panel.title == f"Chat with quickstart-facts (job {job.id})" and panel.checkpoint is None
+    assert list(panel._w_checkpoint.options) == ["checkpoint-8", "final", "base"]
+    assert panel._label(panel._sides[0]) == "tuned: quickstart-facts (final)"
+    panel = job.chat_panel(checkpoint="checkpoint-8")
+    assert panel._w_checkpoint.value == "checkpoint-8"
+    assert panel._label(panel._sides[0]) == "tuned: quickstart-facts (checkpoint-8)"
+
+
+def test_no_label_is_cut_and_no_width_is_fixed_so_nothing_scrolls_sideways():
+    panel = ChatPanel(Scripted(), base=Scripted(), checkpoints=["checkpoint-8", "base"])
+    described = [x for x in widgets_of(panel.widget) if getattr(x, "description", "")]
+    assert {x.description for x in described} >= {"System prompt", "Checkpoint", "Temperature", "Max tokens",
+                                                   "Send earlier turns", "Send", "Clear"}
+    for x in described:
+        if hasattr(x.style, "description_width"):
+            assert x.style.description_width == "initial", x.description  # as wide as its words
+    for x in widgets_of(panel.widget):
+        assert x.layout.width in (None, "auto"), (type(x).__name__, x.layout.width)  # flex, never px or 100%
+    settings = [row for row in panel.widget.children if panel._w_temperature in getattr(row, "children", ())]
+    assert settings[0].layout.flex_flow == "row wrap"  # a narrow page wraps the settings, never scrolls them
 
 
 # -- Vertex AI: a tuned Gemini job against the fake API -----------------------------------------------

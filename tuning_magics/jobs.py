@@ -194,6 +194,78 @@ class Progress:
         return min(1.0, max(0.0, self.step / self.total_steps))
 
 
+class Reply(Iterator[str]):
+    """A streamed reply (``job.chat(..., stream=True)``): its text pieces as they come, then why it ended.
+
+    Once read to its end, ``finish_reason`` is ``"stop"`` (the model ended it, or a
+    stop sequence did) or ``"length"`` (cut at ``max_new_tokens``), and ``tokens`` is
+    how many tokens of text it has (an end-of-turn token not counted). Both stay
+    None where the backend does not say, or the reply was not read to its end.
+    """
+
+    def __init__(self, pieces, ended=None):
+        self._pieces = iter(pieces)
+        self._ended = ended  # called once the pieces are done: returns (finish_reason, tokens)
+        self.finish_reason: str | None = None
+        self.tokens: int | None = None
+
+    def __iter__(self) -> Reply:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            if self._ended is not None:
+                ended, self._ended = self._ended, None
+                self.finish_reason, self.tokens = ended()
+            raise
+
+    def close(self) -> None:
+        """Stop reading: the backend stops generating."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass
+class TrainingChats:
+    """What the conversations a job trained on looked like (:meth:`Job.training_chats`), to chat in the same shape."""
+
+    examples: int
+    #: The system prompt most examples had (None: none had one), and how many had it.
+    system_prompt: str | None
+    with_system_prompt: int
+    #: The longest example: most user turns, and most tokens (the model's tokenizer; an estimate without it).
+    longest_turns: int
+    longest_tokens: int
+    tokens_estimated: bool
+    counter: Any = field(default=None, repr=False)  # the datasets.tokens.TokenCounter that counted them
+
+    def tokens(self, messages: list[dict]) -> int:
+        """Tokens of a conversation, counted as the training examples were."""
+        return self.counter.count(messages)
+
+    @classmethod
+    def read(cls, path, model_id: str | None) -> TrainingChats:
+        """The shape of the conversations in the JSONL file ``path`` (local or ``gs://``, any accepted format)."""
+        from collections import Counter
+
+        from . import storage
+        from .datasets.formats import read_conversations
+        from .datasets.tokens import TokenCounter
+
+        with storage.local_copy(path) as local:
+            conversations = read_conversations(local)
+        counter = TokenCounter(model_id)
+        prompts = Counter(c[0]["content"] for c in conversations if c and c[0]["role"] == "system")
+        system, with_system = prompts.most_common(1)[0] if prompts else (None, 0)
+        return cls(examples=len(conversations), system_prompt=system, with_system_prompt=with_system,
+                   longest_turns=max((sum(m["role"] == "user" for m in c) for c in conversations), default=0),
+                   longest_tokens=max(counter.count_many(conversations), default=0),
+                   tokens_estimated=counter.estimated, counter=counter)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One saved model: ``checkpoint-N`` (``step`` N) or ``final`` (``step`` None)."""
@@ -234,6 +306,7 @@ class Job(ABC):
     def __init__(self, info: JobInfo | None = None):
         self._info = info
         self._fetched_at = time.monotonic() if info is not None else 0.0
+        self._training_chats: TrainingChats | None = None
 
     # -- what a backend provides -------------------------------------------------
     @abstractmethod
@@ -269,20 +342,41 @@ class Job(ABC):
     def chat_panel(self, checkpoint: str | None = None, *, compare_base: bool = True):
         """A chat panel with the tuned model (or ``checkpoint``): streamed replies, history, a system prompt.
 
+        ``checkpoint`` is a name from ``job.checkpoints`` (``"final"`` is the
+        default), a step, or ``"base"``; the panel's picker switches it later.
         With ``compare_base`` the base model, before tuning, answers each message
         side by side (``chat(checkpoint="base")``); where the backend has no base
         model to ask, the panel says so in one line and the tuned model answers alone.
+        The system prompt starts as the one the training data had, and the panel
+        says when the conversation grows longer than any training example.
         """
         from .display.chat import AtCheckpoint, ChatPanel
 
+        checkpoint = None if checkpoint == "final" else checkpoint
         self._check_chat_checkpoint(checkpoint)  # a checkpoint the job lacks is refused before the panel opens
         base = None
         if compare_base:
             config = self.config or {}
             base = AtCheckpoint(self, "base", name=str(config.get("custom_base_model") or config.get("base_model")
                                                        or "base model"))
-        label = "final" if checkpoint is None else checkpoint
-        return ChatPanel(self, checkpoint=checkpoint, base=base, title=f"Chat with job {self.id} ({label})")
+        try:
+            trained, unread = self.training_chats(), None
+        except (OSError, ValueError, KeyError) as exc:  # UserError is a ValueError: the panel opens, without defaults
+            trained, unread = None, f"the training data could not be read ({str(exc).strip() or type(exc).__name__})"
+        name = f"{self.display_name} (job {self.id})" if self.display_name else f"job {self.id}"
+        return ChatPanel(self, checkpoint=checkpoint, base=base, title=f"Chat with {name}", trained=trained,
+                         trained_note=unread, checkpoints=lambda: [c.name for c in self.checkpoints] + ["base"])
+
+    def training_chats(self) -> TrainingChats | None:
+        """The shape of the conversations the job trained on (its system prompt, its longest example), or None
+        when the job does not record a training file. Read once per job object."""
+        if self._training_chats is None:
+            config = self.config or {}
+            path = config.get("train_path") or config.get("train_dataset")
+            if not isinstance(path, str) or not (path.startswith("gs://") or config.get("train_path")):
+                return None  # a local job records its own copy; a Vertex AI job its gs:// URI
+            self._training_chats = TrainingChats.read(path, config.get("base_model"))
+        return self._training_chats
 
     def _check_chat_checkpoint(self, checkpoint: str | None) -> None:
         """A one-line UserError when the job has no ``checkpoint`` to chat with; backends that can tell override it."""

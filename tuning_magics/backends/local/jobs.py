@@ -31,6 +31,7 @@ from ...jobs import (
     Job,
     JobInfo,
     Progress,
+    Reply,
     metrics_frame,
     timestamp,
 )
@@ -329,15 +330,25 @@ class LocalJob(Job):
 
         ``messages_or_text`` is a string or a list of ``{"role", "content"}`` messages;
         ``gen`` holds generation options (``max_new_tokens``, ``temperature``, ...).
-        With ``stream=True`` an iterator of text pieces is returned.
+        With ``stream=True`` a :class:`~tuning_magics.jobs.Reply` is returned: the text
+        pieces, then its ``finish_reason`` and ``tokens``.
         """
         from ...chat_request import chat_request
 
-        chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
+        req = chat_request(messages_or_text, stream=stream, **gen)  # a mistake is reported before any model loads
         require_extra("local")
-        if checkpoint == "base":
-            return self._base_chat_model().reply(messages_or_text, stream=stream, **gen)
-        return self._chat_model(self._checkpoint_path(checkpoint)).reply(messages_or_text, stream=stream, **gen)
+        model = self._base_chat_model() if checkpoint == "base" else \
+            self._chat_model(self._checkpoint_path(checkpoint))
+        if not stream:
+            return model.reply(messages_or_text, **gen)
+        req = model.prepare(req)
+        ids: list[int] = []
+
+        def ended():
+            ends_turn = bool(ids) and ids[-1] in model.stop_ids()
+            return model.finish_reason(ids, req["stop"]), len(ids) - ends_turn
+
+        return Reply(model.stream(req, ids=ids), ended)
 
     def _base_chat_model(self):
         """The job's base model, loaded as the worker loads it (``custom_base_model`` else ``base_model``), once."""
