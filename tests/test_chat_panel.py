@@ -616,6 +616,22 @@ def test_without_a_system_prompt_in_the_data_or_with_the_data_gone_the_panel_say
         panel._w_system_source.value
 
 
+def test_a_distilled_job_is_measured_by_the_teachers_answers_it_trained_on(tmp_path):
+    import json
+
+    from tuning_magics.backends.local.distill import LABELLED_FILE
+    from tuning_magics.backends.local.jobs import LocalJob
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Why is 2 even?"}) + "\n")
+    job = local_job(tmp_path, "JOB_STATE_RUNNING", (8,), config={"train_path": str(prompts), "method": "distillation"})
+    asked = job.training_chats()  # the teacher has not answered yet: the prompts are all there is
+    assert asked.longest_tokens == asked.tokens([{"role": "user", "content": "Why is 2 even?"}])
+    write_chats(job.output_dir / LABELLED_FILE, [qa("Why is 2 even?", "Because 2 = 2 x 1, a whole number of twos.")])
+    answered = LocalJob(job.id).training_chats()
+    assert answered.system_prompt == "Answer in one sentence." and answered.longest_tokens > asked.longest_tokens
+
+
 def test_the_checkpoint_picker_switches_who_answers_and_each_reply_keeps_its_name():
     class Job(Scripted):
         display_name = "quickstart-facts"
@@ -714,6 +730,9 @@ def gemini(vertex):
 
 def test_a_gemini_job_streams_through_generate_content_beside_its_base_model(vertex, gemini):
     panel = gemini.chat_panel()
+    # What it trained on is read from the job's gs:// training file (converted for Gemini when it was uploaded).
+    assert (panel._trained.examples, panel._trained.longest_turns) == (20, 1)
+    assert "the training data had no system prompt" in panel._w_system_source.value
     panel.refresh_seconds = 0
     live = values_of(panel._w_live[0])
     tuned, base = panel.send("Why is the sky blue?")

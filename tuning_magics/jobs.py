@@ -371,12 +371,17 @@ class Job(ABC):
         """The shape of the conversations the job trained on (its system prompt, its longest example), or None
         when the job does not record a training file. Read once per job object."""
         if self._training_chats is None:
-            config = self.config or {}
-            path = config.get("train_path") or config.get("train_dataset")
-            if not isinstance(path, str) or not (path.startswith("gs://") or config.get("train_path")):
-                return None  # a local job records its own copy; a Vertex AI job its gs:// URI
-            self._training_chats = TrainingChats.read(path, config.get("base_model"))
+            path = self._training_file()
+            if path is None:
+                return None
+            self._training_chats = TrainingChats.read(path, (self.config or {}).get("base_model"))
         return self._training_chats
+
+    def _training_file(self) -> str | None:
+        """The file the model trained on: a Vertex AI job records its gs:// URI; backends that keep their own
+        copy override this."""
+        path = (self.config or {}).get("train_dataset")
+        return path if isinstance(path, str) and path.startswith("gs://") else None
 
     def _check_chat_checkpoint(self, checkpoint: str | None) -> None:
         """A one-line UserError when the job has no ``checkpoint`` to chat with; backends that can tell override it."""

@@ -350,6 +350,15 @@ class LocalJob(Job):
 
         return Reply(model.stream(req, ids=ids), ended)
 
+    def _training_file(self) -> str | None:
+        """The job's own copy of its training data; for distillation, the teacher's answers once they exist."""
+        from .distill import LABELLED_FILE
+
+        labelled = self.output_dir / LABELLED_FILE
+        if (self.config or {}).get("method") == "distillation" and labelled.is_file():
+            return str(labelled)
+        return (self.config or {}).get("train_path")
+
     def _base_chat_model(self):
         """The job's base model, loaded as the worker loads it (``custom_base_model`` else ``base_model``), once."""
         config = self.config or {}
