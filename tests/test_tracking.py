@@ -474,7 +474,11 @@ def test_a_local_job_writes_tensorboard_files_and_is_logged_to_mlflow(mlflow_sto
     validation = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(20, 24)]
     job = tm.tune(MODEL, train, validation_dataset=validation, epochs=2, batch_size=2,
                   tuned_model_display_name="tracked")
-    assert job.wait(timeout=240).state == JOB_STATE_SUCCEEDED, job.error
+    try:
+        job.wait(timeout=240)
+    finally:
+        job.cancel()  # never leave a worker holding the slot the later tests and notebooks queue for
+    assert job.state == JOB_STATE_SUCCEEDED, job.error
     frame = job.metrics()
     assert len(frame) == 8 and frame["eval_loss"].notna().any()
 
