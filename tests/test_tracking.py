@@ -30,6 +30,7 @@ from tuning_magics.jobs import (
     JobInfo,
     metrics_frame,
 )
+from test_local_jobs import _shared_models, home  # noqa: F401  (a fresh registry, the tiny model shared)
 
 MODEL = "local/tiny-qwen3"
 
@@ -468,7 +469,8 @@ def test_without_mlflow_the_setting_warns_once_per_job(monkeypatch, mlflow_on):
 
 
 @pytest.mark.slow
-def test_a_local_job_writes_tensorboard_files_and_is_logged_to_mlflow(mlflow_store, mlflow_on):
+def test_a_local_job_writes_tensorboard_files_and_is_logged_to_mlflow(home, mlflow_store, mlflow_on):
+    # home: a registry of its own, so no job an earlier test left behind holds the one slot.
     mlflow = mlflow_store
     train = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(8)]
     validation = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(20, 24)]
