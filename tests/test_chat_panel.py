@@ -377,6 +377,21 @@ def test_without_widgets_the_panel_is_text_and_send_still_works(monkeypatch):
     assert "&lt;b&gt;hi" in bundle["text/html"] and "Chat &lt;tiny&gt;" in bundle["text/html"]
 
 
+def test_in_colab_the_panel_is_text_with_one_line_saying_why_and_send_still_works(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    panel = ChatPanel(Scripted(["hi"]), title="Chat")
+    assert panel.widget is None  # a panel updated from a thread would stand still there
+    assert panel.send("hello") == "hi"
+    bundle = panel._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" not in bundle
+    last = bundle["text/plain"].splitlines()[-1]
+    assert "googlecolab/colabtools#3373" in last and "panel.send('...')" in last
+    assert "googlecolab/colabtools#3373" in bundle["text/html"]
+
+
 def test_with_widgets_the_bundle_holds_the_view_and_the_text_fallback():
     panel = ChatPanel(Scripted())
     panel.send("hello")

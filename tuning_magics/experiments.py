@@ -23,6 +23,9 @@ CONFIG_ROWS = ("state", "base_model", "custom_base_model", "tuning_mode", "metho
                "epochs", "learning_rate", "learning_rate_multiplier", "adapter_size")
 #: The result rows of a comparison, after the engine options.
 RESULT_ROWS = ("best eval loss", "final train loss", "duration (s)")
+#: Rows measured while a job ran, which differ from run to run whatever the settings: shown, never
+#: counted as a difference between the jobs.
+MEASURED_ROWS = ("duration (s)",)
 
 
 def duration_seconds(job: Job) -> float | None:
@@ -95,7 +98,7 @@ class Comparison:
     """Several jobs side by side: ``table`` (one column per job), ``curves`` and ``figure_png``.
 
     ``differs`` names the rows of ``table`` whose values differ between the
-    jobs; they come first. ``curves`` maps each column label to that job's
+    jobs (the measured ones, such as the duration, aside); they come first. ``curves`` maps each column label to that job's
     metrics (step, train_loss, eval_loss, ...).
     """
 
@@ -160,7 +163,8 @@ def compare(jobs) -> Comparison:
     ``jobs``: Jobs or job ids (anything ``get_job`` takes). The table has one
     column per job and the rows base_model, tuning_mode, method, epochs,
     learning_rate, learning_rate_multiplier, adapter_size, each engine option,
-    best eval loss, final train loss and duration in seconds, those that differ first;
+    best eval loss, final train loss and duration in seconds, those that differ first
+    (the duration, measured rather than chosen, is never counted as a difference);
     rows empty for every job are left out.
     """
     import pandas as pd
@@ -196,7 +200,7 @@ def compare(jobs) -> Comparison:
     rows["duration (s)"] = [None if (d := duration_seconds(job)) is None else round(d, 1) for job in unique]
 
     rows = {name: values for name, values in rows.items() if any(v is not None for v in values)}
-    differs = [name for name, values in rows.items() if not _same(values)]
+    differs = [name for name, values in rows.items() if name not in MEASURED_ROWS and not _same(values)]
     order = differs + [name for name in rows if name not in differs]
     table = pd.DataFrame([rows[name] for name in order], index=order, columns=labels, dtype=object)
     table.index.name = "parameter"

@@ -534,7 +534,8 @@ class Job(ABC):
             return Progress(epochs=epochs)
         last = rows.iloc[-1]
         epoch = last.get("epoch")
-        return Progress(step=int(last["step"]), epoch=None if epoch != epoch else float(epoch), epochs=epochs)
+        missing = epoch is None or epoch != epoch  # no epoch column, or NaN on this row
+        return Progress(step=int(last["step"]), epoch=None if missing else float(epoch), epochs=epochs)
 
     def data_stats(self):
         """The dataset as our validator predicted it and as the service counted it, side by side.

@@ -202,6 +202,7 @@ class ChatPanel:
         self.temperature = 0.0
         self.max_new_tokens = DEFAULT_MAX_TOKENS
         self.keep_history = True
+        self._frozen = ""  # why no live panel is shown, where none can work
         self.widget = self._build()
 
     # -- the checkpoint answering ----------------------------------------------------------------
@@ -245,6 +246,12 @@ class ChatPanel:
 
     # -- the widget tree, built once ---------------------------------------------------------
     def _build(self):
+        from .monitor import live_unavailable
+
+        why = live_unavailable()
+        if why is not None:  # a panel would stand still: the text view, and the one line that says how to chat
+            self._frozen = f"{why}: panel.send('...') asks the model and shows the reply"
+            return None
         try:
             import ipywidgets as w
         except ImportError:
@@ -627,13 +634,14 @@ class ChatPanel:
         lines += [text for text in (self._length_note, self._status) if text]
         if len(lines) == 1:
             lines.append("(no messages yet: panel.send('...') asks)")
-        return "\n".join(lines)
+        return "\n".join(lines + ([self._frozen] if self._frozen else []))
 
     def html(self) -> str:
         """The conversation as HTML, every model text escaped."""
         turns = "".join(self._turn_html(k) for k in range(len(self._users)))
         status = _block(self._status, "error") if self._status else ""
-        return f"<div><b>{escaped(self.title)}</b>{turns}{_line(self._length_note, _WARN)}{status}</div>"
+        frozen = _line(self._frozen) if self._frozen else ""
+        return f"<div><b>{escaped(self.title)}</b>{turns}{_line(self._length_note, _WARN)}{status}{frozen}</div>"
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = {"text/plain": self.text(), "text/html": self.html()}

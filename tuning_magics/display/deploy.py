@@ -21,13 +21,14 @@ import threading
 import time
 
 from . import monitor
-from .monitor import _COLOURS, _e, _set, clock
+from .monitor import STATE_COLOURS, _e, _set, badge_html, clock
 from .monitor import _Parent as CellParent  # the one way a display thread re-sets its cell's parent header
 
 #: Seconds between looks at the clock (elapsed time); the deployment itself is looked at at its own pace.
 TICK = 1.0
 
-_STYLES = {"READY": "success", "FAILED": "danger", "DELETED": "warning", "DEPLOYING": "info"}
+#: The kind of state (monitor.state_kind's words, so the colours agree) of each endpoint state.
+_KINDS = {"READY": "succeeded", "FAILED": "failed", "DELETED": "cancelled", "DEPLOYING": "active"}
 
 
 def facts(endpoint) -> list[tuple[str, str]]:
@@ -67,15 +68,16 @@ def endpoint_text(endpoint) -> str:
 
 def endpoint_html(endpoint) -> str:
     """The same as :func:`endpoint_text`, as escaped HTML."""
-    colour = _COLOURS[_STYLES.get(endpoint.state, "info")]
+    kind = _KINDS.get(endpoint.state, "active")
+    colour = STATE_COLOURS[kind]
     rows = "".join(
         f"<tr><th style='text-align:right;padding:1px 8px'>{_e(label)}</th>"
-        + (f"<td style='color:{colour};font-weight:bold'>{_e(value)}</td>" if label == "state"
+        + (f"<td>{badge_html(value, kind, endpoint.state)}</td>" if label == "state"
            else f"<td>{_e(value)}</td>")
         + "</tr>"
         for label, value in facts(endpoint)
     )
-    error = f"<div style='color:{_COLOURS['danger']}'>{_e(endpoint.error)}</div>" if endpoint.error else ""
+    error = f"<div style='color:{STATE_COLOURS['failed']}'>{_e(endpoint.error)}</div>" if endpoint.error else ""
     return (f"<div class='tm-deploy' style='border-left:4px solid {colour};padding-left:6px'>"
             f"<table>{rows}</table>{error}</div>")
 
@@ -113,10 +115,8 @@ class DeployMonitor:
             endpoint = self.endpoint
             if fetch:
                 endpoint.refresh()
-            colour = _COLOURS[_STYLES.get(endpoint.state, "info")]
             state = endpoint.state + (f" · {endpoint.note}" if endpoint.note else "")
-            _set(self.state, "value", f"<span style='background:{colour};color:white;padding:2px 8px;"
-                                      f"border-radius:3px;font-weight:bold'>{_e(state)}</span>")
+            _set(self.state, "value", badge_html(state, _KINDS.get(endpoint.state, "active"), endpoint.state))
             if endpoint.operation:
                 _set(self.times, "value", f"<span style='margin-left:12px'>elapsed {clock(endpoint.elapsed)}</span>")
             rows = [(label, value) for label, value in facts(endpoint) if label not in ("state", "time")]
@@ -124,7 +124,7 @@ class DeployMonitor:
                 f"<tr><th style='text-align:right;padding:1px 8px'>{_e(label)}</th><td>{_e(value)}</td></tr>"
                 for label, value in rows) + "</table>")
             if endpoint.error:
-                _set(self.error, "value", f"<div style='color:{_COLOURS['danger']}'>{_e(endpoint.error)}</div>")
+                _set(self.error, "value", f"<div style='color:{STATE_COLOURS['failed']}'>{_e(endpoint.error)}</div>")
                 _set(self.error.layout, "display", "")
             self.updates += 1
 

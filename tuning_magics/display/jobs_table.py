@@ -4,23 +4,30 @@ In JupyterLab, VS Code and Colab each row's job id is a button that shows that
 job (its monitor) below the table. Everywhere else (nbval, a terminal,
 GitHub's notebook view) the same rows appear as an HTML table and as text.
 Every text from a job is escaped; model text is never rendered as HTML.
+Values read as in a comparison (:func:`compare.cell_text`: ``—`` where there
+is none), and each state wears the monitor's badge, in the theme's colours.
+
+DOM classes, for page styles and browser tests: ``tuning-magics-jobs`` and
+``tm-jobs`` (the table, or the widget's root), ``tm-state`` and
+``tm-state-<kind>`` (each state badge, as in the monitor).
 """
 
 from __future__ import annotations
 
 import html
 
+from .compare import MISSING, cell_text, missing
+from .monitor import badge_html, state_kind
+
 #: The columns shown, in order: (title, key of the summary row).
 COLUMNS = (("job", "job"), ("state", "state"), ("model", "model"), ("method", "method"),
            ("created", "created"), ("duration", "duration"), ("best eval loss", "best_eval_loss"))
 
-_STATE_COLOURS = {"SUCCEEDED": "#2e7d32", "FAILED": "#c62828", "EXPIRED": "#c62828",
-                  "CANCELLED": "#6d6d6d", "RUNNING": "#1565c0", "PENDING": "#1565c0"}
 
 
 def _duration(seconds) -> str:
-    if seconds is None or seconds != seconds:
-        return ""
+    if missing(seconds):
+        return MISSING
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -32,9 +39,9 @@ def _duration(seconds) -> str:
 
 
 def _when(created) -> str:
-    """A creation time in the notebook's local time zone, to the minute; empty when unknown (None or NaT)."""
-    if created is None or created != created:
-        return ""
+    """A creation time in the notebook's local time zone, to the minute; ``—`` when unknown (None or NaT)."""
+    if missing(created):
+        return MISSING
     if hasattr(created, "to_pydatetime"):  # a pandas Timestamp from the summary frame
         created = created.to_pydatetime()
     return created.astimezone().strftime("%Y-%m-%d %H:%M")
@@ -43,17 +50,23 @@ def _when(created) -> str:
 def _text(row: dict) -> dict:
     """The shown text of each column of a summary row."""
     name = row.get("display_name")
-    created = row.get("created")
-    loss = row.get("best_eval_loss")
+    named = not missing(name) and name and name != row["id"]
     return {
-        "job": f"{row['id']} ({name})" if name and name != row["id"] else str(row["id"]),
-        "state": str(row.get("state") or ""),
-        "model": str(row.get("model") or ""),
-        "method": str(row.get("method") or ""),
-        "created": _when(created),
+        "job": f"{row['id']} ({name})" if named else str(row["id"]),
+        "state": cell_text(row.get("state") or None),
+        "model": cell_text(row.get("model") or None),
+        "method": cell_text(row.get("method") or None),
+        "created": _when(row.get("created")),
         "duration": _duration(row.get("duration_s")),
-        "best_eval_loss": "" if loss is None or loss != loss else f"{loss:.4f}",
+        "best_eval_loss": cell_text(row.get("best_eval_loss")),
     }
+
+
+def _state_html(state: str) -> str:
+    """A summary row's state (``SUCCEEDED``) as the monitor's badge for that state."""
+    if state == MISSING:
+        return html.escape(state)
+    return badge_html(state, state_kind(f"JOB_STATE_{state}"), f"JOB_STATE_{state}")
 
 
 def _widgets_render() -> bool:
@@ -104,18 +117,15 @@ class JobsTable:
 
     def _repr_html_(self) -> str:
         if not self._rows:
-            return "<div class='tuning-magics-jobs'>no tuning jobs match</div>"
+            return "<div class='tuning-magics-jobs tm-jobs'>no tuning jobs match</div>"
         head = "".join(f"<th style='text-align:left'>{html.escape(title)}</th>" for title, _ in COLUMNS)
         body = []
         for r in self._rows:
-            cells = []
-            for _, key in COLUMNS:
-                style = "text-align:left"
-                if key == "state" and r[key] in _STATE_COLOURS:
-                    style += f";color:{_STATE_COLOURS[r[key]]}"
-                cells.append(f"<td style='{style}'>{html.escape(r[key])}</td>")
-            body.append("<tr>" + "".join(cells) + "</tr>")
-        return ("<table class='tuning-magics-jobs'><thead><tr>" + head + "</tr></thead><tbody>"
+            cells = "".join(f"<td style='text-align:left'>"
+                            f"{_state_html(r[key]) if key == 'state' else html.escape(r[key])}</td>"
+                            for _, key in COLUMNS)
+            body.append(f"<tr>{cells}</tr>")
+        return ("<table class='tuning-magics-jobs tm-jobs'><thead><tr>" + head + "</tr></thead><tbody>"
                 + "".join(body) + "</tbody></table>")
 
     # -- widgets --------------------------------------------------------------------
@@ -134,11 +144,12 @@ class JobsTable:
             button.on_click(lambda _b, job=job: self._select(job))
             self.buttons.append(button)
             cells.append(button)
-            # Label shows text as text: nothing a job holds is rendered as HTML.
-            cells += [w.Label(r[key]) for _, key in COLUMNS[1:]]
+            # Label shows text as text: nothing a job holds is rendered as HTML (the state is ours, escaped).
+            cells += [w.HTML(_state_html(r[key])) if key == "state" else w.Label(r[key]) for _, key in COLUMNS[1:]]
         grid = w.GridBox(cells, layout=w.Layout(
             grid_template_columns=f"max-content repeat({len(COLUMNS) - 1}, max-content)", grid_gap="2px 14px"))
         self._widget = w.VBox([grid, self.output])
+        self._widget.add_class("tm-jobs")
         return self._widget
 
     def _select(self, job) -> None:
