@@ -1,11 +1,18 @@
-"""The quickstart in a real browser: JupyterLab on 127.0.0.1, headless Chromium driven by Playwright.
+"""The quickstart in a real browser: JupyterLab and Notebook 7 on 127.0.0.1, headless Chromium driven by Playwright.
 
-The notebook is opened and run cell by cell the way a user runs it (Run All),
-then its outputs are checked in the page itself: no cell failed, the user's
-own training-loss plot is drawn (the dataset report left matplotlib alone),
-the job monitor reached JOB_STATE_SUCCEEDED with its loss-curve image, and a
-chat-panel message got a streamed reply (where the quickstart has them).
-Screenshots are kept in ``test-artifacts/browser/`` (or ``$TUNING_MAGICS_ARTIFACTS``).
+The notebook is opened and run the way a user runs it (Run All), then its
+outputs are checked in the page itself: no cell failed, the user's own
+training-loss plot is drawn (the dataset report left matplotlib alone), the
+job monitor reached JOB_STATE_SUCCEEDED live with its loss-curve image, and
+the chat panel, typed into at 30 ms a key and sent with Enter twice, sent
+exactly what the box held, cleared it, and kept its height bounded. In the
+light and the dark theme every text of the monitor and the panel reads on its
+background (WCAG contrast measured on the rendered colours).
+
+One Jupyter server serves both frontends, with a settings folder of its own, so
+the theme switches never reach the user's settings. Screenshots are kept in
+``test-artifacts/browser/`` (or ``$TUNING_MAGICS_ARTIFACTS``): ``<frontend>-<theme>-
+{done,monitor,chat}.png``.
 """
 
 from __future__ import annotations
@@ -42,8 +49,9 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """JupyterLab on 127.0.0.1 serving a copy of notebooks/, with news, windowing and tokens off."""
+def server(tmp_path_factory):
+    """A Jupyter server on 127.0.0.1 with JupyterLab and Notebook 7, serving a copy of notebooks/, with news,
+    windowing and tokens off and a settings folder of its own."""
     pytest.importorskip("playwright.sync_api")
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("output", "__pycache__"))
@@ -53,6 +61,7 @@ def lab(tmp_path_factory):
                                                                            "checkForUpdates": False},
         # Every cell stays in the page, so its outputs can be looked at without scrolling them into view.
         "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        "@jupyterlab/apputils-extension/themes.jupyterlab-settings": {"theme": "JupyterLab Light"},
     }.items():
         (settings / plugin).parent.mkdir(parents=True, exist_ok=True)
         (settings / plugin).write_text(json.dumps(values))
@@ -61,6 +70,7 @@ def lab(tmp_path_factory):
                JUPYTER_RUNTIME_DIR=str(root / "runtime"))
     command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
                "--IdentityProvider.token=", "--ServerApp.password=", "--LabApp.expose_app_in_browser=True",
+               "--JupyterNotebookApp.expose_app_in_browser=True",
                f"--ServerApp.root_dir={root}", f"--LabApp.workspaces_dir={root / 'workspaces'}"]
     if os.geteuid() == 0:
         command.append("--allow-root")
@@ -104,8 +114,21 @@ _CELLS_JS = """() => {
 }"""
 
 
-def _run_all(page, url: str, notebook: str, timeout: float = 600) -> list[dict]:
-    page.goto(f"{url}/lab/tree/{notebook}")
+#: Where each frontend opens a notebook.
+FRONTENDS = {"lab": "/lab/tree/", "notebook7": "/notebooks/"}
+THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
+
+
+def _theme(page, theme: str) -> None:
+    """Switch the page's theme as the Settings menu does, and wait until the page wears it."""
+    name = THEMES[theme]
+    page.evaluate(f"() => window.jupyterapp.commands.execute('apputils:change-theme', {{theme: '{name}'}})")
+    page.wait_for_function(f"() => document.body.dataset.jpThemeName === '{name}'", timeout=60_000)
+    page.wait_for_timeout(500)  # the theme's stylesheet applies after the attribute
+
+
+def _run_all(page, url: str, notebook: str, frontend: str = "lab", timeout: float = 600) -> list[dict]:
+    page.goto(f"{url}{FRONTENDS[frontend]}{notebook}")
     page.wait_for_selector(".jp-Notebook", timeout=90_000)
     page.wait_for_function("() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.status"
                            " === 'idle'", timeout=120_000)
@@ -128,49 +151,129 @@ def _run_all(page, url: str, notebook: str, timeout: float = 600) -> list[dict]:
         time.sleep(1)
 
 
-def _shot(page, name: str) -> Path:
+def _shot(page, name: str, *, full_page: bool = True) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     return path
 
 
-def test_the_quickstart_runs_in_jupyterlab_with_its_plots_monitor_and_chat(lab, browser):
-    url, _root = lab
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+# The lowest WCAG contrast ratio between the text of the elements under ``selector`` and what is behind it:
+# the colours as the page renders them, the background the nearest ancestor's that is not transparent.
+_CONTRAST_JS = """(selector) => {
+  const rgba = (c) => { const m = c.match(/[\\d.]+/g).map(Number); return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
+  const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+                              return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+  const behind = (el) => { for (let e = el; e; e = e.parentElement) { const c = rgba(getComputedStyle(e).backgroundColor);
+                            if (c[3] > 0.5) return c; } return [255, 255, 255, 1]; };
+  let worst = {ratio: 99, text: '', color: '', background: ''};
+  for (const root of document.querySelectorAll(selector)) {
+    for (const el of [root, ...root.querySelectorAll('*')]) {
+      // Words and numbers; a legend's swatch (a coloured glyph) is a colour to see, not a text to read.
+      const own = [...el.childNodes].some(n => n.nodeType === 3 && /[A-Za-z0-9]/.test(n.textContent));
+      const style = getComputedStyle(el);
+      if (!own || style.visibility === 'hidden' || style.display === 'none' || !el.offsetParent) continue;
+      const fg = rgba(style.color), bg = behind(el);
+      const [a, b] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+      const ratio = (a + 0.05) / (b + 0.05);
+      if (ratio < worst.ratio) worst = {ratio, text: el.textContent.trim().slice(0, 60), color: style.color,
+                                        background: 'rgb(' + bg.slice(0, 3).join(',') + ')'};
+    }
+  }
+  return worst;
+}"""
+
+
+def _readable(page, selector: str, where: str) -> None:
+    """Every text under ``selector`` reads on its background: contrast of at least 4.5 (WCAG AA)."""
+    worst = page.evaluate(_CONTRAST_JS, selector)
+    assert worst["ratio"] >= 4.5, f"{where}: {worst['text']!r} is {worst['color']} on {worst['background']} " \
+                                  f"(contrast {worst['ratio']:.2f})"
+
+
+def _check_monitor(page) -> None:
+    """The quickstart's live monitor reached SUCCEEDED, with its loss-curve image and no button left to press."""
+    page.wait_for_function("() => [...document.querySelectorAll('.tm-monitor')].some("
+                           "m => m.innerText.includes('JOB_STATE_SUCCEEDED'))", timeout=180_000)
+    monitor = page.locator(".tm-monitor").first
+    assert monitor.locator("img").count() >= 1
+    for button in (".tm-cancel", ".tm-stop-early"):  # an ended job's buttons are hidden, not greyed
+        assert not monitor.locator(button).is_visible(), button
+    _fits(monitor, "monitor")
+
+
+def _chat_fast(page, panel, questions) -> None:
+    """Type each question at 30 ms a key and press Enter at once, as a quick typist does."""
+    box = panel.locator(".tm-input input")
+    for n, question in enumerate(questions, start=1):
+        box.click()
+        box.press_sequentially(question, delay=30)
+        box.press("Enter")
+        page.wait_for_function(
+            "([n]) => [...document.querySelectorAll('.tm-chat .tm-history .tm-msg-user')].length >= n", arg=[n],
+            timeout=60_000)
+        assert box.input_value() == "", "the box is cleared when Enter sends it"
+        # The reply has ended: the live box (the reply streaming now) is hidden again.
+        page.wait_for_function("() => !document.querySelector('.tm-chat .tm-live')?.offsetParent", timeout=180_000)
+    sent = panel.locator(".tm-history .tm-msg-user").all_inner_texts()
+    assert [t.strip().removeprefix("you").strip() for t in sent] == questions, sent  # each block: "you", the text
+
+
+def _fits(view, what: str) -> None:
+    """Nothing in ``view`` runs off to the side or is cut short ("Temperat...", "epoch 40 of 4")."""
+    assert view.evaluate("v => v.scrollWidth <= v.clientWidth + 1"), f"the {what} scrolls sideways"
+    cut = view.evaluate("""v => [...v.querySelectorAll('label, .widget-label, .widget-html-content')].filter(
+        l => l.offsetParent && l.scrollWidth > l.clientWidth + 1).map(l => l.textContent)""")
+    assert cut == [], f"cut off in the {what}: {cut}"
+
+
+def _check_panel(page, panel) -> None:
+    """Bounded: the conversation scrolls inside the panel, the input stays in view, nothing runs off to the side."""
+    height = panel.evaluate("p => p.getBoundingClientRect().height")
+    assert height < 900, f"the chat panel is {height:.0f} px tall"
+    scroll = panel.locator(".tm-scroll")
+    assert scroll.evaluate("s => getComputedStyle(s).overflowY") in ("auto", "scroll")
+    _fits(panel, "chat panel")
+
+
+def _quickstart_in(page, url: str, frontend: str, first: str, then: str) -> None:
+    """Run the quickstart in ``frontend`` in the ``first`` theme, chat with it, then look at it in ``then``."""
+    page.goto(f"{url}{FRONTENDS[frontend]}notebooks/quickstart.ipynb")
+    page.wait_for_selector(".jp-Notebook", timeout=90_000)
+    _theme(page, first)
+    cells = _run_all(page, url, "notebooks/quickstart.ipynb", frontend)
+    _shot(page, f"{frontend}-{first}-done")
+    # The user's own matplotlib plot of the training loss is drawn in the page.
+    plot_cells = [c for c in cells if ".plot(" in c["source"]]
+    assert plot_cells, "the quickstart plots its training loss"
+    assert any("image/png" in o.get("data", {}) for o in plot_cells[0]["outputs"]), plot_cells[0]["outputs"]
+    assert "the tuned model knows the facts" in page.inner_text(".jp-Notebook")
+    _check_monitor(page)
+    # The chat panel starts with the system prompt the job was trained with.
+    panel = page.locator(".tm-chat").first
+    panel.scroll_into_view_if_needed()
+    assert panel.locator(".tm-system textarea").input_value() == "Answer in one sentence."
+    _chat_fast(page, panel, ["What is the capital of Zorvia?", "What is the capital of Quellan?"])
+    history = panel.locator(".tm-history").inner_text()
+    assert "Mellt" in history, history
+    _check_panel(page, panel)
+    for theme in (first, then):
+        if theme != first:
+            _theme(page, theme)
+        _readable(page, ".tm-monitor", f"{frontend}, {theme} theme, monitor")
+        _readable(page, ".tm-chat", f"{frontend}, {theme} theme, chat panel")
+        page.locator(".tm-monitor").first.scroll_into_view_if_needed()
+        _shot(page, f"{frontend}-{theme}-monitor", full_page=False)
+        panel.scroll_into_view_if_needed()
+        _shot(page, f"{frontend}-{theme}-chat", full_page=False)
+
+
+@pytest.mark.parametrize("frontend, first, then", [("lab", "light", "dark"), ("notebook7", "dark", "light")])
+def test_the_quickstart_in_the_browser_live_readable_in_both_themes_and_typed_into_fast(server, browser, frontend,
+                                                                                       first, then):
+    url, _root = server
+    page = browser.new_page(viewport={"width": 1000, "height": 1000})
     try:
-        cells = _run_all(page, url, "notebooks/quickstart.ipynb")
-        _shot(page, "quickstart-done")
-        # The user's own matplotlib plot of the training loss is drawn in the page.
-        plot_cells = [c for c in cells if ".plot(" in c["source"]]
-        assert plot_cells, "the quickstart plots its training loss"
-        assert any("image/png" in o.get("data", {}) for o in plot_cells[0]["outputs"]), plot_cells[0]["outputs"]
-        images = page.evaluate(f"""() => window.jupyterapp.shell.currentWidget.content.widgets[
-            {plot_cells[0]['index']}].node.querySelectorAll('.jp-OutputArea-output img').length""")
-        assert images >= 1
-        text = page.inner_text(".jp-Notebook")
-        assert "the tuned model knows the facts" in text
-        # The live monitor of the job, where the quickstart shows one: it reached SUCCEEDED with its loss image.
-        monitors = page.locator(".tm-monitor")
-        if monitors.count():
-            page.wait_for_function("() => [...document.querySelectorAll('.tm-monitor')].some("
-                                   "m => m.innerText.includes('JOB_STATE_SUCCEEDED'))", timeout=120_000)
-            assert monitors.first.locator("img").count() >= 1
-            monitors.first.scroll_into_view_if_needed()
-            _shot(page, "quickstart-monitor")
-        # The chat panel, where the quickstart opens one: a message gets a streamed reply.
-        panels = page.locator(".tm-chat")
-        if panels.count():
-            panel = panels.first
-            panel.scroll_into_view_if_needed()
-            panel.locator("textarea").first.fill("Answer in one sentence.")  # the system prompt it was tuned with
-            panel.locator("input[type=text]").last.fill("What is the capital of Zorvia?")
-            panel.get_by_role("button", name="Send").click()
-            # The reply streams into the panel's live view, then moves into the history.
-            page.wait_for_function("() => [...document.querySelectorAll('.tm-chat .tm-history')].some("
-                                   "h => h.innerText.includes('Mellt'))", timeout=180_000)
-            history = panel.locator(".tm-history").inner_text()
-            assert "What is the capital of Zorvia?" in history and "Mellt" in history
-            _shot(page, "quickstart-chat")
+        _quickstart_in(page, url, frontend, first, then)
     finally:
         page.close()

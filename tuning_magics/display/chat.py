@@ -58,10 +58,13 @@ _STYLE = {
     "tuned": _ANSWER + "var(--jp-brand-color1, #1976d2);",
     "reply": _ANSWER + "var(--jp-brand-color1, #1976d2);",
     "base": _ANSWER + "var(--jp-border-color1, #bdbdbd);",
-    "error": _ANSWER + "var(--jp-error-color1, #d32f2f);color:var(--jp-error-color1, #d32f2f);",
+    "error": _ANSWER + "var(--jp-error-color1, #d32f2f);",
 }
 _QUIET = "color:var(--jp-ui-font-color2, #616161);font-size:var(--jp-ui-font-size1, 13px);line-height:1.4;"
-_WARN = "color:var(--jp-warn-color1, #e65100);font-size:var(--jp-ui-font-size1, 13px);line-height:1.4;"
+# A warning is marked by a bar of the theme's warning colour beside text of its text colour: orange text
+# on the light theme's white reads at 2.7:1, under the 4.5:1 text needs.
+_WARN = ("color:var(--jp-ui-font-color1, #212121);border-left:3px solid var(--jp-warn-color1, #e65100);"
+         "padding-left:6px;font-size:var(--jp-ui-font-size1, 13px);line-height:1.4;")
 _BORDER = "1px solid var(--jp-border-color1, #bdbdbd)"
 #: The most height the conversation takes before it scrolls.
 HISTORY_MAX_HEIGHT = "420px"

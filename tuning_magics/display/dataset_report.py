@@ -28,9 +28,11 @@ _REPORT = "font-family:sans-serif;font-size:13px;max-width:980px"
 _TABLE = "border-collapse:collapse;margin:4px 0"
 _BORDER = _themed("border", "--jp-border-color2", "#bbb", "1px solid {}")
 _CELL = _BORDER + ";padding:2px 8px;text-align:left;vertical-align:top"
-_OK = _themed("color", "--jp-success-color1", "#1a7f37") + ";font-weight:bold"
-_BAD = _themed("color", "--jp-error-color1", "#cf222e") + ";font-weight:bold"
-_WARN = _themed("color", "--jp-warn-color1", "#9a6700")
+# Verdicts keep the theme's text colour (status colours as text read poorly: the light theme's orange on
+# white has a contrast of 2.7) and are marked by a line of the status colour under them.
+_OK = _themed("border-bottom", "--jp-success-color1", "#1a7f37", "3px solid {}") + ";font-weight:bold"
+_BAD = _themed("border-bottom", "--jp-error-color1", "#cf222e", "3px solid {}") + ";font-weight:bold"
+_WARN = _themed("border-bottom", "--jp-warn-color1", "#9a6700", "2px solid {}")
 _EXAMPLE = ";".join(["white-space:pre-wrap;font-family:monospace;padding:6px", _BORDER,
                      _themed("background-color", "--jp-layout-color2", "#fafafa"),
                      _themed("color", "--jp-ui-font-color1", "#000")])
@@ -95,7 +97,7 @@ def _issues_table(issues, count: int, kind: str) -> str:
     rows = "".join(f"<tr>{td}{_e(i.where)}</td>{td}{_e(i.message)}</td></tr>" for i in issues[:50])
     more = f"<div>… {count - min(50, len(issues)):,} more</div>" if count > min(50, len(issues)) else ""
     th = f"<th style='{_CELL}'>"
-    return (f"<div style='{css}'>{count:,} {kind}</div><table style='{_TABLE}'><tr>{th}where</th>"
+    return (f"<div><span style='{css}'>{count:,} {kind}</span></div><table style='{_TABLE}'><tr>{th}where</th>"
             f"{th}message</th></tr>{rows}</table>{more}")
 
 

@@ -718,8 +718,8 @@ class JobMonitor:
         self.state = w.HTML()
         self.times = w.HTML()
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
-                                   layout=w.Layout(width="320px"))
-        self.progress_label = w.Label()
+                                   layout=w.Layout(width="320px", max_width="100%"))
+        self.progress_label = w.Label(layout=w.Layout(width="auto", max_width="100%"))
         self.losses = w.HTML()
         self.plot = w.Image(format="png")
         self.legend = w.HTML()
@@ -747,13 +747,16 @@ class JobMonitor:
         self.note = w.HTML(layout=w.Layout(**hidden))
         self.error = w.HTML(layout=w.Layout(**hidden))
         self.chat_box = w.Output(layout=w.Layout(**hidden))
+        # Rows wrap where the cell is narrow (a side panel open, a 1,000 px window): nothing is cut off.
+        row = dict(flex_flow="row wrap", align_items="center")
+        self.plot_box.layout.flex_flow = "row wrap"
         self.widget = w.VBox([
             self.title,
-            w.HBox([self.state, self.times]),
-            w.HBox([self.bar, self.progress_label]),
+            w.HBox([self.state, self.times], layout=w.Layout(**row)),
+            w.HBox([self.bar, self.progress_label], layout=w.Layout(**row)),
             self.losses,
             self.plot_box,
-            w.HBox([self.checkpoint, self.chat_button, *buttons, self.message]),
+            w.HBox([self.checkpoint, self.chat_button, *buttons, self.message], layout=w.Layout(**row)),
             self.note,
             self.error,
             self.chat_box,
