@@ -17,14 +17,19 @@ and sets the environment the kernel inherits (``GOOGLE_CLOUD_PROJECT``,
 and ``GCE_METADATA_IP``, an empty ``CLOUDSDK_CONFIG``, a fresh
 ``TUNING_MAGICS_HOME``; no ``GOOGLE_APPLICATION_CREDENTIALS``, no ``NO_GCE_CHECK``),
 so the notebooks go through the product's real Application Default Credentials
-path, the one it takes on a notebook VM. (An ``authorized_user`` credentials file
+path, the one it takes on a notebook VM (``tm.check_setup()``, their first cell,
+finds the project, the bucket, the VM's service account and the fake API). (An ``authorized_user`` credentials file
 cannot stand in: google-auth always sends its refresh to oauth2.googleapis.com,
 whatever ``token_uri`` the file names.) After the notebook's last cell (its kernel
-stopped), the servers are stopped and the environment is restored: other
-notebooks (the quickstart) never see any of it.
+stopped), the harness fails the notebook if an endpoint it deployed is still
+there (a tutorial deletes what bills by the hour in its last cell, so Run All leaves
+nothing running), then the servers are stopped and the environment is restored:
+other notebooks (the quickstart) never see any of it.
 
 The quickstart runs with a Cloud project set and no credentials at all, as on a
 Workbench kernel whose user never signed in: local work must not need the cloud.
+Every notebook starts with a ``TUNING_MAGICS_HOME`` of its own, as a new user's: a job
+the test run left behind never holds up a tutorial's queue.
 
 ``vertex_environment()`` is the same as a context manager, for executing the
 tutorials outside pytest (``jupyter nbconvert --execute`` under it).
@@ -50,7 +55,8 @@ HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
 #: The notebooks this harness serves.
 PATTERN = "vertex_*.ipynb"
-PROJECT, LOCATION, BUCKET = "my-project", "us-central1", "my-project-tuning"
+#: The names the tutorials' own text uses as examples, so what the stand-ins print reads the same.
+PROJECT, LOCATION, BUCKET = "my-project", "us-central1", "my-bucket"
 #: Seconds per phase of a fake job (quota, dataset, capacity, tuning, post-processing) and per deployment.
 STEP_SECONDS, DEPLOY_SECONDS = 0.3, 0.2
 
@@ -184,11 +190,28 @@ def project_without_credentials():
         os.environ.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
         os.environ.update({"GOOGLE_CLOUD_PROJECT": PROJECT, "CLOUDSDK_CONFIG": str(scratch), "NO_GCE_CHECK": "true",
                            "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"})
-        yield
+        with fresh_home():
+            yield
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def fresh_home():
+    """A ``TUNING_MAGICS_HOME`` of the notebook's own, as a new user has: no job of the test run holds its queue."""
+    saved = os.environ.get("TUNING_MAGICS_HOME")
+    home = Path(tempfile.mkdtemp(prefix="tuning-magics-notebook-home-"))
+    os.environ["TUNING_MAGICS_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TUNING_MAGICS_HOME", None)
+        else:
+            os.environ["TUNING_MAGICS_HOME"] = saved
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _environment_for(node):
@@ -202,10 +225,15 @@ def _environment_for(node):
         return vertex_environment()
     if path.name == "quickstart.ipynb":
         return project_without_credentials()
-    return None
+    return fresh_home()
 
 
-_RUNNING: dict = {}  # notebook file collector -> its open environment
+_RUNNING: dict = {}  # notebook file collector -> (its open environment, the FakeVertex or None)
+
+
+def left_deployed(fake) -> list[str]:
+    """The endpoints a notebook deployed (Model Garden, billed by the hour) that are still there."""
+    return sorted(name for name, info in fake.endpoints.items() if info.get("kind") == "open")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -217,20 +245,28 @@ def pytest_runtest_setup(item):
     env = _environment_for(notebook)
     if env is None:
         return
-    env.__enter__()
-    _RUNNING[notebook] = env
+    _RUNNING[notebook] = (env, env.__enter__())
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After the notebook's last cell and its kernel have stopped, stop its servers and restore the environment."""
-    yield
-    notebook = item.parent
-    if notebook in _RUNNING and (nextitem is None or nextitem.parent is not notebook):
-        _RUNNING.pop(notebook).__exit__(None, None, None)
+    """After the notebook's last cell and its kernel have stopped: nothing left billing, then stop its servers."""
+    left: list[str] = []
+    try:
+        result = yield
+    finally:
+        notebook = item.parent
+        if notebook in _RUNNING and (nextitem is None or nextitem.parent is not notebook):
+            env, fake = _RUNNING.pop(notebook)
+            left = left_deployed(fake) if fake is not None else []
+            env.__exit__(None, None, None)
+    if left:
+        pytest.fail(f"{Path(str(item.parent.path)).name} left {len(left)} endpoint(s) deployed after its last cell "
+                    f"({', '.join(left)}): a tutorial deletes what it deploys in its last cell", pytrace=False)
+    return result
 
 
 def pytest_sessionfinish(session):
     """Whatever stopped the run early, nothing is left running."""
     while _RUNNING:
-        _RUNNING.popitem()[1].__exit__(None, None, None)
+        _RUNNING.popitem()[1][0].__exit__(None, None, None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 # session TUNING_MAGICS_HOME points at a temporary folder (tests that need a
 # fresh registry set their own on top of it).
 import os as _os
+import sys as _sys
 
 import pytest as _pytest
 
@@ -23,6 +24,34 @@ def _isolated_home(tmp_path_factory):
     mp.setenv("TUNING_MAGICS_HOME", str(tmp_path_factory.mktemp("tuning-magics-home")))
     yield
     mp.undo()
+
+
+@_pytest.fixture(scope="module", autouse=True)
+def _no_worker_outlives_its_module(request):
+    """A local job's worker a test module started and left running is stopped when the module ends, and named.
+
+    A worker left behind holds the local engine's one slot and a CPU core: the
+    modules and notebooks after it would queue behind it until they time out.
+    """
+    yield
+    scheduler = _sys.modules.get("tuning_magics.backends.local.scheduler")
+    if scheduler is None:
+        return
+    scheduler.poll_children()
+    left = [(pid, proc) for pid, proc in list(scheduler._children.items()) if proc.poll() is None]
+    for pid, proc in left:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+            proc.wait()
+    scheduler.poll_children()
+    if left:
+        import warnings
+
+        warnings.warn(f"{request.node.nodeid} left {len(left)} local worker(s) running (pids "
+                      f"{', '.join(str(pid) for pid, _ in left)}); they were stopped", _pytest.PytestWarning)
 
 
 # ====================================================================== Cloud Storage emulator

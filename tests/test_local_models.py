@@ -365,6 +365,11 @@ def test_memory_check_refuses_impossible_config_with_advice():
     assert "smaller model such as meta/llama" in msg
     with pytest.raises(UserError, match="PEFT_ADAPTER"):
         check_fits("meta/llama3_1@llama-3.1-8b", "FULL", 512, 1, "bfloat16", available=40 * GiB)
+    # Never a fix the model cannot take: Llama 3.2 1B is tuned in FULL only.
+    with pytest.raises(UserError) as info:
+        check_fits("meta/llama3-2@llama-3.2-1b-instruct", "FULL", 512, 8, "float32", available=20 * GiB,
+                   modes=("FULL",))
+    assert "PEFT_ADAPTER" not in str(info.value) and "batch_size=1" in str(info.value)
     # The tiny models fit anywhere.
     assert check_fits("local/tiny-qwen3", "FULL", 512, 8, "float32", available=2 * GiB) < 2 * GiB
 

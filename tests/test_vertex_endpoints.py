@@ -130,8 +130,8 @@ def test_a_wait_that_times_out_names_the_endpoint_and_how_to_delete_it(vertex, l
     message = str(info.value)
     assert endpoint.name in message and "3 min so far" in message and "endpoint.delete()" in message
     assert "network" not in message and "\n" not in message
-    with pytest.raises(UserError, match=r"still deploying \(3 min so far\) and can be deleted once it is up"):
-        endpoint.delete()
+    with pytest.raises(TimeoutError, match=r"still deploying after 0.3 s \(3 min so far"):
+        endpoint.delete(timeout=0.3, poll=0.05)  # delete() waits for a deploy under way, as wait() does
     # deploy(timeout=...) waits that long and says the same; the deploy goes on and the job knows its endpoint
     with pytest.raises(TimeoutError, match=r"endpoint projects/123456789012/.+/endpoints/tm-.+ is still deploying"):
         llama.deploy(checkpoint="final", timeout=0.2)
@@ -141,6 +141,17 @@ def test_a_wait_that_times_out_names_the_endpoint_and_how_to_delete_it(vertex, l
     assert endpoint.wait(timeout=30, poll=0.01).state == "READY"
     endpoint.delete()
     assert endpoint.state == "DELETED" and endpoint.name not in vertex.endpoints
+
+
+def test_delete_during_a_deploy_waits_for_it_then_removes_the_endpoint(vertex, llama):
+    """The service refuses to undeploy while a model is being deployed: delete() waits, so nothing is left billing."""
+    endpoint = llama.deploy()
+    vertex.advance(3 * 60)
+    threading.Timer(0.5, vertex.advance, args=(20 * 60,)).start()  # the deploy ends while delete() waits
+    endpoint.delete(poll=0.05)  # the fake, like the service, refuses to undeploy or delete while deploying
+    assert endpoint.state == "DELETED" and endpoint.name not in vertex.endpoints
+    endpoint.delete()  # again: nothing left to delete, and nothing asked of the service
+    assert len(requests_to(vertex, r":undeployModel$")) == 1
 
 
 def test_a_look_that_fails_on_the_way_is_tried_again_and_a_refusal_is_one_line(vertex, llama):

@@ -34,6 +34,7 @@ _LAZY = {
     "rebuild_registry": ("tuning_magics.api", "rebuild_registry"),
     "log_to_mlflow": ("tuning_magics.tracking", "log_to_mlflow"),
     "compare": ("tuning_magics.experiments", "compare"),
+    "check_setup": ("tuning_magics.backends.vertex.setup", "check_setup"),
     "Comparison": ("tuning_magics.experiments", "Comparison"),
     # %load_ext tuning_magics: IPython reads this attribute, so the magics load only then.
     "load_ipython_extension": ("tuning_magics.magics", "load_ipython_extension"),

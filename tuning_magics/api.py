@@ -15,6 +15,7 @@ imported by this module.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from datetime import datetime, timezone
@@ -74,8 +75,9 @@ def tune(
     ``backend``: a backend's name (``"local"``, ``"vertex"``, or one another
     package registers); by default ``local/*`` models run locally, Gemini on
     Vertex AI, and open models on Vertex AI when a Cloud project is configured,
-    else locally (``job.backend`` says which; :func:`tuning_magics.backends.choose`
-    is the rule). A finished job as ``base_model`` continues from its tuned model.
+    else locally, which the dry run's notes and a warning at submission say
+    (``job.backend`` says which; :func:`tuning_magics.backends.choice` is the
+    rule). A finished job as ``base_model`` continues from its tuned model.
     ``dry_run=True`` checks everything and returns the :class:`~tuning_magics.jobs.DryRun`
     (the exact request, billed tokens, estimated cost) without uploading or submitting.
     Other keywords are engine options (``batch_size``, ``max_seq_len``, ``seed``, ...).
@@ -108,7 +110,7 @@ def tune(
         base_model = source.base_model
         custom_base_model = custom_base_model or source.custom_base_model
     model = _model(base_model)
-    chosen = backends.choose(model, backend, setting=_backend_setting)
+    chosen, passed_over = backends.choice(model, backend, setting=_backend_setting)
     if source is not None and source.backend != chosen.name:
         raise UserError(f"this base_model is continued by the {source.backend} backend; drop backend= or use "
                         f"{source.backend!r}", field="backend")
@@ -144,8 +146,11 @@ def tune(
         pre_tuned_model=source.pre_tuned_model if source is not None else None,
     )
     if dry_run:
-        return chosen.dry_run(request)
+        plan = chosen.dry_run(request)
+        return dataclasses.replace(plan, notes=(passed_over, *plan.notes)) if passed_over else plan
     job = chosen.submit(request)
+    if passed_over:  # auto chose the home backend only because another cannot take the model here: say so
+        warnings.warn(passed_over, UserWarning, stacklevel=2)
     return job.wait() if wait else job
 
 

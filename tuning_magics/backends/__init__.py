@@ -90,6 +90,14 @@ class Backend(ABC):
         """Whether this backend is the natural home of ``model`` when several could tune it (settings decide ties)."""
         return False
 
+    def passed_over(self, model) -> str | None:
+        """Why ``auto`` sends ``model`` elsewhere though this backend can tune it (with the fix), or None.
+
+        :func:`choice` says it when the model then falls to the home backend, so
+        the switch is never silent (Vertex AI: no Cloud project is set).
+        """
+        return None
+
     def engine_options(self) -> dict:
         """The options beyond ``tune()``'s parameters this backend takes: name -> its rule (see :mod:`~tuning_magics.params`)."""
         return {}
@@ -235,7 +243,12 @@ def all_backends() -> list[Backend]:
 
 
 def choose(model, requested: str | None = None, setting=None) -> Backend:
-    """The backend that tunes ``model``.
+    """The backend that tunes ``model`` (see :func:`choice`)."""
+    return choice(model, requested, setting)[0]
+
+
+def choice(model, requested: str | None = None, setting=None) -> tuple[Backend, str | None]:
+    """The backend that tunes ``model``, and a note when it got the model only because another could not here.
 
     An explicit ``requested`` backend wins, and a model it cannot tune is one
     line. Otherwise a model only one backend can tune goes there, whatever the
@@ -243,28 +256,35 @@ def choose(model, requested: str | None = None, setting=None) -> Backend:
     for the others ``setting()`` (the ``backend`` setting, read only then, so a
     broken ``pyproject.toml`` never holds up a built-in model) names the backend,
     and where it says ``auto`` a backend that ``prefers`` the model wins (Vertex
-    AI where a Cloud project is set), else the home backend.
+    AI where a Cloud project is set), else the home backend: then the note says
+    which backend passed the model over, why, and the fix (:meth:`Backend.passed_over`).
     """
     if requested is not None and check_name(requested) != "auto":
         backend = get(requested)
         refused = backend.refusal(model)
         if refused is not None:
             raise refused
-        return backend
+        return backend, None
     able = [b for b in all_backends() if b.can_tune(model)]
     if not able:
         raise UserError(f"no backend here tunes {model.id}; catalog.table() lists the models there are",
                         field="base_model")
     if len(able) == 1:
-        return able[0]
+        return able[0], None
     wanted = check_name(setting()) if setting is not None else "auto"
     for backend in able:
         if backend.name == wanted:
-            return backend
+            return backend, None
     for backend in able:
         if backend.prefers(model):
-            return backend
-    return next((b for b in able if b.name == HOME), able[0])
+            return backend, None
+    chosen = next((b for b in able if b.name == HOME), able[0])
+    for other in able:
+        why = other.passed_over(model) if other is not chosen else None
+        if why:
+            return chosen, (f"{model.id} runs on {chosen.title}, not {other.title}: {why}; "
+                            f"backend='{chosen.name}' keeps it there without this note")
+    return chosen, None
 
 
 def owner(name: str) -> Backend:

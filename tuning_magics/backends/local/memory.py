@@ -158,10 +158,12 @@ def _gib(n: int) -> str:
 
 
 def check_fits(model_config_or_id, tuning_mode: str, max_seq_len: int, batch_size: int, dtype=None, *,
-               device=None, adapter_size: int = 8, available: int | None = None, model_name: str | None = None) -> int:
+               device=None, adapter_size: int = 8, available: int | None = None, model_name: str | None = None,
+               modes=None) -> int:
     """Raise a one-line UserError when the job would not fit in memory; return the estimate in bytes.
 
-    The message says what would fit: LoRA instead of full tuning, a smaller
+    The message says what would fit: LoRA instead of full tuning (where
+    ``modes``, the tuning modes the model takes, has it; None: any), a smaller
     batch or sequence length, or a smaller model of the catalog.
     """
     tuning_mode = normalise_mode(tuning_mode)
@@ -180,7 +182,7 @@ def check_fits(model_config_or_id, tuning_mode: str, max_seq_len: int, batch_siz
 
     options = []
     mode = tuning_mode
-    if mode == FULL and fits(tuning_mode=PEFT):
+    if mode == FULL and (modes is None or PEFT in modes) and fits(tuning_mode=PEFT):
         options.append(f"tuning_mode={PEFT}")
     if batch_size > 1 and fits(batch_size=1):
         options.append("batch_size=1")

@@ -131,7 +131,7 @@ def _check_fits(model: catalog.Model, mode: str, adapter_size, options: dict) ->
 
     seq = min(512, options.get("max_seq_len") or 512)
     check_fits(model.id, mode, seq, options.get("batch_size") or 8, adapter_size=adapter_size or 8,
-               model_name=model.id)
+               model_name=model.id, modes=model.modes)
 
 
 def _local_folder(name: str, value) -> str:

@@ -32,6 +32,13 @@ class VertexBackend(Backend):
         """Gemini always; open models where a Cloud project is configured (Workbench, Colab Enterprise)."""
         return model.provider == "gemini" or (model.provider == "open" and bool(_project()))
 
+    def passed_over(self, model) -> str | None:
+        """An open model stays local only for want of a Cloud project: say so, with the fix."""
+        if model.provider == "open" and not _project():
+            return ("no Cloud project is set (tuning_magics.settings.update(project='my-project') or "
+                    "GOOGLE_CLOUD_PROJECT)")
+        return None
+
     def engine_options(self) -> dict:
         from .submit import SERVICE_OPTIONS
 

@@ -172,6 +172,11 @@ def first_sentence(message: str) -> str:
     return (message[: cut.start()] if cut else message)[:300].rstrip(".")
 
 
+def api_disabled(message) -> bool:
+    """Whether a 403's message says the API is not enabled in the project (SERVICE_DISABLED), not a missing role."""
+    return bool(re.search(r"has not been used|is disabled|SERVICE_DISABLED|not enabled", str(message)))
+
+
 def describe_error(code, status: str | None, message: str, ctx: Context, action: str) -> str:
     """One line for an error the API answered ``action`` with, naming the project or region and the fix."""
     status = (status or "").upper()
@@ -179,7 +184,7 @@ def describe_error(code, status: str | None, message: str, ctx: Context, action:
     where = f"project {ctx.project}, {ctx.location}"
     if code == 401 or status == "UNAUTHENTICATED":
         return f"Vertex AI refused the credentials to {action} in project {ctx.project}: {_ADC_FIX}"
-    if code == 403 and re.search(r"has not been used|is disabled|SERVICE_DISABLED|not enabled", str(message)):
+    if code == 403 and api_disabled(message):
         return (f"the Vertex AI API is not enabled in project {ctx.project}: enable it with `gcloud services "
                 f"enable aiplatform.googleapis.com --project {ctx.project}`, wait a minute, and try again")
     if code == 403 or status == "PERMISSION_DENIED":

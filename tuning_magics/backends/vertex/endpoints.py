@@ -163,6 +163,12 @@ class VertexEndpoint:
         still deploying then; the deployment goes on. A look that fails on the way
         (the network, the service busy) is tried again until then.
         """
+        self._follow(timeout, poll)
+        self._check_up()
+        return self
+
+    def _follow(self, timeout: float | None, poll: float | None) -> None:
+        """Look at the deployment until it ends (up, failed or deleted); ``timeout`` seconds: a TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         looks, trouble = 0, None
         while not self.done:
@@ -181,14 +187,12 @@ class VertexEndpoint:
                 raise TimeoutError(
                     f"endpoint {self.name} is still deploying after {timeout:g} s ({_minutes(self.elapsed)} so far"
                     f"{last}); the deployment goes on, and its machine is billed once it is up: endpoint.wait() "
-                    "waits again, endpoint.delete() removes it once it is up")
+                    "waits again, endpoint.delete() waits for it and removes it")
             pause = self.poll_interval(looks) if poll is None else poll
             looks += 1
             if deadline is not None:
                 pause = max(0.0, min(pause, deadline - time.monotonic()))
             time.sleep(pause)
-        self._check_up()
-        return self
 
     def _following(self) -> str:
         return f"follow the deployment of endpoint {self.name}"
@@ -426,20 +430,23 @@ class VertexEndpoint:
 
     # -- clean-up --------------------------------------------------------------------------
 
-    def delete(self) -> None:
+    def delete(self, timeout: float | None = None, poll: float | None = None) -> None:
         """Undeploy the model and delete the endpoint, so its machine stops costing money (deployed only).
 
+        A deploy still under way is waited for first, as :meth:`wait` does (the
+        service refuses to undeploy from an endpoint a model is being deployed to),
+        so a deployment never outlives the delete asked of it; ``timeout`` seconds
+        raise ``TimeoutError`` naming it while it is still deploying then. A failed
+        deploy's endpoint is deleted too; one already deleted is left as it is.
         A tuned Gemini model's endpoint belongs to the service and a managed model
         has none of its own: for those this is a one-line UserError.
         """
         if self.kind != "deployed":
             raise UserError(f"a {self.kind} endpoint is served by Vertex AI and is not deleted from here; only an "
                             "endpoint job.deploy() made for an open model is", field="endpoint")
-        if self.state == DEPLOYING:
-            self.refresh()
-        if self.state == DEPLOYING:  # the service refuses to undeploy while the deploy is under way
-            raise UserError(f"endpoint {self.name} is still deploying ({_minutes(self.elapsed)} so far) and can be "
-                            "deleted once it is up: endpoint.wait(), then endpoint.delete()", field="endpoint")
+        if self.state == DELETED:
+            return
+        self._follow(timeout, poll)
         ctx = self.ctx
         with vc.api_errors(f"delete endpoint {self.name}", ctx), _endpoint_service(ctx) as service:
             found = service.get_endpoint(name=self.name, timeout=_TIMEOUT)
