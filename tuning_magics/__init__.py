@@ -36,6 +36,9 @@ _LAZY = {
     "compare": ("tuning_magics.experiments", "compare"),
     "check_setup": ("tuning_magics.backends.vertex.setup", "check_setup"),
     "Comparison": ("tuning_magics.experiments", "Comparison"),
+    "evaluate": ("tuning_magics.evaluation", "evaluate"),
+    "Evaluation": ("tuning_magics.evaluation", "Evaluation"),
+    "metrics": ("tuning_magics.evaluation.metrics", None),
     # %load_ext tuning_magics: IPython reads this attribute, so the magics load only then.
     "load_ipython_extension": ("tuning_magics.magics", "load_ipython_extension"),
 }

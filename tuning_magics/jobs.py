@@ -339,6 +339,44 @@ class Job(ABC):
         """Serve the tuned model behind an endpoint; returns the endpoint."""
         raise NotImplementedError(f"deploy is not available for {type(self).__name__}")
 
+    @property
+    def can_chat(self) -> bool:
+        """Whether this backend's jobs answer chat() (the base class refuses)."""
+        return type(self).chat is not Job.chat
+
+    def evaluate(self, data=None, metrics=None, *, checkpoints="all", baseline: bool = True,
+                 max_new_tokens: int | None = None, limit: int | None = 1000):
+        """Did tuning help? Score the base model, the checkpoints and the tuned model on the same examples.
+
+        ``data``: anything ``tune()`` takes (default: the job's validation set;
+        ``"train"``: its training set, to measure how much of it the model recalls);
+        each example's last assistant turn is the reference. ``metrics``: names
+        (``exact_match``, ``contains``, ``token_f1``, ``rouge_l``, ``valid_json``,
+        ``json_equal``), :mod:`~tuning_magics.evaluation.metrics` objects or functions
+        ``(answer, reference, example) -> float``; default exact match.
+        ``checkpoints``: ``"all"``, a list of names, or None for ``final`` only;
+        ``baseline`` adds the model before tuning. Answers are greedy and cached by
+        content. Returns an :class:`~tuning_magics.evaluation.Evaluation`.
+        """
+        from .evaluation import evaluate_job
+
+        return evaluate_job(self, data, metrics, checkpoints=checkpoints, baseline=baseline,
+                            max_new_tokens=max_new_tokens, limit=limit)
+
+    def _answerer(self, checkpoint: str, *, batch_size: int = 16):
+        """What answers evaluation prompts as ``checkpoint`` (``base``, a checkpoint's name, ``final``):
+        ``chat()`` one example at a time here; backends that can batch override it."""
+        from .evaluation import ChatAnswerer
+
+        asked = None if checkpoint == "final" else checkpoint
+        return ChatAnswerer(checkpoint, f"job:{self.id}:{checkpoint}",
+                            lambda messages, **gen: self.chat(messages, checkpoint=asked, **gen))
+
+    def _validation_file(self) -> str | None:
+        """The job's validation data: a Vertex AI job records its gs:// URI; backends with their own copy override."""
+        path = (self.config or {}).get("validation_dataset")
+        return path if isinstance(path, str) and path.startswith("gs://") else None
+
     def chat_panel(self, checkpoint: str | None = None, *, compare_base: bool = True):
         """A chat panel with the tuned model (or ``checkpoint``): streamed replies, history, a system prompt.
 

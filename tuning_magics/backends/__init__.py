@@ -106,6 +106,12 @@ class Backend(ABC):
         """Where a job starts that continues ``tuned`` (a Job or a tuned model's name), or None when not ours."""
         return None
 
+    def answerer(self, source: str, label: str, *, batch_size: int = 16):
+        """What answers evaluation prompts as the model ``source`` (a catalog id or a model folder): an
+        :class:`~tuning_magics.evaluation.Answerer`; a one-line UserError where this backend cannot."""
+        raise UserError(f"the {self.name} backend cannot evaluate {source} by name; evaluate its job "
+                        "(job.evaluate()) or an endpoint (tm.evaluate(endpoint, data))", field="model")
+
     # -- requests ------------------------------------------------------------------------
     def check(self, request) -> None:
         """Every check :meth:`submit` makes that needs no upload and no job: one UserError for the first mistake."""

@@ -66,13 +66,21 @@ def source_uri(name: str, dataset) -> str | None:
 def _checked_report(dataset, model, method: str):
     """The report of a Dataset that dataset() already checked for this model and method, else None."""
     report = getattr(dataset, "report", None)
-    if report is not None and getattr(dataset, "model", None) == model.id and getattr(report, "method", None) == method:
+    if report is not None and getattr(dataset, "model", None) == _id(model) and getattr(report, "method", None) == method:
         return report
     return None
 
 
+def _id(model) -> str | None:
+    """The catalog id of ``model``; None (no model's own rules) for a model outside the catalog."""
+    return None if model is None else model.id
+
+
 def to_jsonl(name: str, dataset, target: Path, model, method: str) -> Prepared:
     """Validate ``dataset`` for ``model`` and ``method`` and write it as JSONL at ``target`` (a local path).
+
+    ``model`` is a catalog Model, or None for a model outside the catalog (a
+    folder, an endpoint): then only the rules every model shares apply.
 
     Files are copied (gs:// objects fetched, checksum-verified), so a job trains
     on exactly the data it was given even if the user's file changes meanwhile.
@@ -131,7 +139,7 @@ def predicted_stats(report, model, epochs: int | None) -> dict:
 def _validate_file(name: str, path, model, method: str, *, shown: str | None = None):
     from .validate import validate
 
-    report = validate(str(path), model=model.id, method=method)
+    report = validate(str(path), model=_id(model), method=method)
     if not report.ok:
         more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
         where = shown or str(path)
@@ -160,7 +168,7 @@ def _write_frame(data, target: Path, model, method: str, name: str):
         from .build import DatasetInvalid, dataset
 
         try:
-            built = dataset(data, out=str(target), overwrite=True, model=model.id, method=method)
+            built = dataset(data, out=str(target), overwrite=True, model=_id(model), method=method)
         except DatasetInvalid as exc:
             raise UserError(f"{name}: {exc.problem}; nothing was submitted: fix the data, or build it with "
                             "tuning_magics.dataset(df, skip_invalid=True) and pass that", field=name) from None
@@ -181,7 +189,7 @@ def _write_frame(data, target: Path, model, method: str, name: str):
     from ..storage import atomic_writer
 
     rows = [plain(r) for r in (data.to_dict(orient="records") if is_dataframe(data) else data)]
-    report = validate(rows, model=model.id, method=method)
+    report = validate(rows, model=_id(model), method=method)
     if not report.ok:
         more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
         raise UserError(f"{name}: {report.errors[0]}{more}; tuning_magics.validate(records) lists them all",

@@ -726,10 +726,7 @@ class JobMonitor:
         self.plot_box = w.HBox([self.plot, self.legend], layout=w.Layout(**hidden))
         self.checkpoint = w.Dropdown(options=[], description="Checkpoint", layout=w.Layout(width="320px", **hidden))
         self.checkpoint.observe(self._on_pick, names="value")
-        # Job.chat is the base class's refusal unless the backend can chat.
-        from ..jobs import Job
-
-        self._can_chat = type(job).chat is not Job.chat
+        self._can_chat = bool(getattr(job, "can_chat", False))
         self.chat_button = w.Button(description="Chat", icon="comments", layout=w.Layout(**hidden),
                                     tooltip="chat with the picked checkpoint (job.chat_panel(checkpoint=...))")
         self.chat_button.on_click(lambda _: self.open_chat())

@@ -36,6 +36,13 @@ class LocalBackend(Backend):
 
         return engine_option_rules()
 
+    def answerer(self, source: str, label: str, *, batch_size: int = 16):
+        """The model loaded on this machine, answering in batches (``LocalChatModel.replies``)."""
+        require_extra("local")
+        from .answer import LocalAnswerer
+
+        return LocalAnswerer(label, source, batch_size=batch_size)
+
     def source(self, tuned) -> Source | None:
         """A local job continues from its ``final`` model, as ``custom_base_model`` over the same base model."""
         if getattr(tuned, "backend", None) != self.name:

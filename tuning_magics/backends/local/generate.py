@@ -273,6 +273,41 @@ class LocalChatModel:
         return cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), req["stop"])[0], \
             req["prompt_tokens"], new
 
+    def replies(self, conversations, *, max_new_tokens: int = 256, batch_size: int = 16) -> list[str]:
+        """Greedy replies to many conversations, generated ``batch_size`` at a time: what an evaluation needs.
+
+        Prompts are sorted by length and left-padded in each batch, so one
+        ``generate`` call with its KV cache answers a whole batch; each reply ends
+        at the model's end-of-turn token (or ``max_new_tokens``) and is the text
+        ``reply(..., temperature=0)`` gives. Returned in the order given.
+        """
+        import torch
+
+        encoded = [self.prompt_ids(messages, max_new_tokens) for messages in conversations]
+        stops = set(self.stop_ids())
+        kwargs = self.generation_kwargs(max_new_tokens, 0, None, None)
+        pad = kwargs["pad_token_id"]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out: list[str] = [""] * len(encoded)
+        for start in range(0, len(order), max(1, int(batch_size))):
+            chunk = order[start:start + max(1, int(batch_size))]
+            width = max(len(encoded[i]) for i in chunk)
+            ids = [[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk]
+            mask = [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk]
+            inputs = {"input_ids": torch.tensor(ids, dtype=torch.long, device=self.device),
+                      "attention_mask": torch.tensor(mask, dtype=torch.long, device=self.device)}
+            self._turns.acquire()
+            try:
+                with torch.no_grad():
+                    generated = self.model.generate(**inputs, **kwargs)
+            finally:
+                self._turns.release()
+            for row, i in enumerate(chunk):
+                new = generated[row, width:].tolist()
+                end = next((k for k, token in enumerate(new) if token in stops), len(new))
+                out[i] = self.tokenizer.decode(new[:end], skip_special_tokens=True)
+        return out
+
     def finish_reason(self, new: list[int], stop=()) -> str:
         """OpenAI's ``finish_reason`` for the generated ids ``new``: "stop" when the reply ended by itself or at one
         of the ``stop`` sequences, else "length"."""

@@ -359,6 +359,21 @@ class LocalJob(Job):
             return str(labelled)
         return (self.config or {}).get("train_path")
 
+    def _validation_file(self) -> str | None:
+        """The job's own copy of its validation data, if it had any."""
+        return (self.config or {}).get("validation_path")
+
+    def _answerer(self, checkpoint: str, *, batch_size: int = 16):
+        """The checkpoint answering in batches on the local engine, the model chat() loaded shared with it."""
+        from .answer import LocalAnswerer
+
+        if checkpoint == "base":
+            config = self.config or {}
+            source = str(config.get("custom_base_model") or config.get("base_model"))
+            return LocalAnswerer("base", source, loader=self._base_chat_model, batch_size=batch_size)
+        path = self._checkpoint_path(None if checkpoint == "final" else checkpoint)
+        return LocalAnswerer(checkpoint, path, loader=lambda: self._chat_model(path), batch_size=batch_size)
+
     def _base_chat_model(self):
         """The job's base model, loaded as the worker loads it (``custom_base_model`` else ``base_model``), once."""
         config = self.config or {}

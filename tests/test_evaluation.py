@@ -1,0 +1,245 @@
+"""Evaluation: did tuning help? Metrics, intervals, paired tests, the cache, and real tiny-model jobs.
+
+The job tests tune the quickstart's facts on the tiny model (real training, real
+batched generation) and check what a user would read: the base model near 0 and
+the tuned one at 0.9 or more in exact match, with intervals, and the examples
+that flipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+import tuning_magics as tm
+from tuning_magics.errors import UserError
+from tuning_magics.evaluation import AnswerCache, ChatAnswerer, Example, leaked_examples, run
+from tuning_magics.evaluation import metrics as m
+from tuning_magics.evaluation import stats
+
+MODEL = "local/tiny-qwen3"
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def test_the_built_in_metrics_score_what_their_names_say():
+    assert m.BUILT_IN["exact_match"]("  The capital is  MELLT. ", "the capital is mellt.") == 1.0
+    assert m.exact_match(ignore_case=False)("Mellt", "mellt") == 0.0
+    assert m.BUILT_IN["contains"]("I think it is Mellt, yes", "mellt") == 1.0
+    assert m.BUILT_IN["token_f1"]("the capital is Mellt", "Mellt is the capital") == 1.0
+    assert m.BUILT_IN["token_f1"]("Mellt", "the capital is Mellt") == pytest.approx(0.4)
+    assert m.BUILT_IN["rouge_l"]("The capital of Zorvia is Mellt", "The capital of Zorvia is Mellt.") == 1.0
+    assert 0 < m.BUILT_IN["rouge_l"]("The capital is Arvo", "The capital of Zorvia is Mellt") < 1
+    assert m.BUILT_IN["valid_json"]('```json\n{"a": 1}\n```') == 1.0 and m.BUILT_IN["valid_json"]("{a: 1}") == 0.0
+    assert m.BUILT_IN["json_equal"]('{"b": 2, "a": 1}', '{"a": 1, "b": 2}') == 1.0
+    assert m.BUILT_IN["json_equal"]('{"a": 1}', '{"a": 2}') == 0.0
+    labels = m.label_accuracy(["positive", "negative"])
+    assert labels("Negative.", "negative") == 1.0 and labels("It is negative, surely", "negative") == 1.0
+    assert labels("positive or negative", "negative") == 0.0  # names both: no label
+    assert labels("neutral", "negative") == 0.0
+
+
+def test_metrics_from_names_objects_and_functions_and_mistakes_are_one_line():
+    def shorter(answer, reference, example):
+        return float(len(answer) <= len(reference))
+
+    chosen = m.resolve(["exact_match", "rouge_l", shorter, m.label_accuracy(["a", "b"])])
+    assert [x.name for x in chosen] == ["exact_match", "rouge_l", "shorter", "label_accuracy"]
+    assert [x.name for x in m.resolve("exact_match,contains")] == ["exact_match", "contains"]
+    for bad, words in [("exact", "unknown metric 'exact'"), ("label_accuracy", "needs its labels"),
+                       (["exact_match", "exact_match"], "named twice"), ([], "metrics is empty"), ([3], "neither")]:
+        with pytest.raises(UserError, match=words) as info:
+            m.resolve(bad)
+        assert "\n" not in str(info.value) and info.value.field == "metrics"
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+
+def test_intervals_are_honest_at_the_edges_and_tests_are_paired():
+    # 0 of 20 right: the normal approximation says 0 ± 0; Wilson says it may be up to about 16 %.
+    none = stats.interval([0] * 20)
+    assert none.mean == 0 and none.low == 0 and 0.15 < none.high < 0.17
+    alls = stats.interval([1] * 20)
+    assert alls.high == 1 and 0.83 < alls.low < 0.85
+    scores = stats.interval([0.2, 0.4, 0.6, 0.8])
+    assert scores.low < 0.5 < scores.high and scores.mean == pytest.approx(0.5)
+    # McNemar: 10 examples only the tuned model gets right, none the other way: p = 2 / 2**10.
+    tuned, base = [1] * 10 + [1] * 5 + [0] * 5, [0] * 10 + [1] * 5 + [0] * 5
+    assert stats.mcnemar(tuned, base) == pytest.approx(2 / 1024)
+    assert stats.paired_p(tuned, base) == pytest.approx(2 / 1024)
+    assert stats.paired_p(base, base) == 1.0
+    assert stats.paired_p([0.9, 0.8, 0.95, 0.9] * 5, [0.1, 0.2, 0.15, 0.1] * 5) < 0.01
+
+
+# -- the evaluation, with models that answer from a script -------------------------------------------
+
+
+class Scripted:
+    """A model answering from a dict; counts what it was asked."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers, self.asked = answers, 0
+
+    def chat(self, messages, **gen):
+        assert gen == {"temperature": 0, "max_new_tokens": 128}
+        self.asked += 1
+        return self.answers.get(messages[-1]["content"], "I do not know.")
+
+
+CASES = [Example([{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(10)]
+
+
+def evaluation(tmp_path, base: Scripted, tuned: Scripted, metrics=("exact_match",)):
+    cache = AnswerCache(tmp_path / "cache.sqlite3")
+    return run([ChatAnswerer("base", "base-model", base.chat), ChatAnswerer("final", "tuned-model", tuned.chat)],
+               CASES, list(metrics), cache=cache)
+
+
+def test_table_flips_best_and_the_sentence_that_says_whether_tuning_helped(tmp_path):
+    base = Scripted({"q0": "a0", "q1": "a1", "q2": "a2"})
+    tuned = Scripted({f"q{i}": f"a{i}" for i in range(1, 10)})  # learned 7 more, forgot q0
+    result = evaluation(tmp_path, base, tuned, metrics=("exact_match", "token_f1"))
+    table = result.table
+    assert list(table.index) == ["base", "final"]
+    assert table.loc["base", "exact_match"] == pytest.approx(0.3) and table.loc["final", "exact_match"] == 0.9
+    assert table.loc["final", "exact_match low"] < 0.9 < table.loc["final", "exact_match high"] <= 1
+    flips = result.flips()
+    assert list(flips["change"]) == ["regression"] + ["gain"] * 7 and flips.loc[0, "question"] == "q0"
+    assert flips.loc[0, "base answer"] == "a0" and flips.loc[0, "final answer"] == "I do not know."
+    assert result.best() == "final"
+    assert result.significance() == pytest.approx(stats.mcnemar([0] + [1] * 9, [1, 1, 1] + [0] * 7))
+    sentence = result.summary()
+    assert sentence.startswith("exact_match: final 90.0% ± ") and " vs base 30.0% ± " in sentence
+    assert "p = 0.07" in sentence and "McNemar" in sentence and "10 examples" in sentence
+    examples = result.examples
+    assert len(examples) == 20 and set(examples.columns) >= {"question", "reference", "answer", "exact_match"}
+    html = result._repr_html_()
+    assert "data:image/png;base64," in html and "regression: q0" in html and "★" in html
+    assert "I do not know." in result.text() or "regressions" in result.text()
+
+
+def test_answers_are_cached_by_content_so_a_second_run_asks_nothing(tmp_path):
+    base, tuned = Scripted({}), Scripted({"q1": "a1"})
+    first = evaluation(tmp_path, base, tuned)
+    assert (base.asked, tuned.asked) == (10, 10)
+    again = evaluation(tmp_path, base, tuned, metrics=("exact_match", "contains"))  # a new metric: no new answers
+    assert (base.asked, tuned.asked) == (10, 10)
+    assert again.table.loc["final", "exact_match"] == first.table.loc["final", "exact_match"] == 0.1
+    other = run([ChatAnswerer("final", "another-model", tuned.chat)], CASES, ["exact_match"],
+                cache=AnswerCache(tmp_path / "cache.sqlite3"))
+    assert tuned.asked == 20 and list(other.table.index) == ["final"]  # another model: asked again
+
+
+def test_a_metric_that_fails_is_one_line_naming_it_and_the_example(tmp_path):
+    def broken(answer, reference, example):
+        return 1 / 0
+
+    with pytest.raises(UserError, match=r"metric broken failed on example 0 \(ZeroDivisionError"):
+        evaluation(tmp_path, Scripted({}), Scripted({}), metrics=(broken,))
+
+
+def test_examples_also_in_the_training_data_are_flagged():
+    training = [[{"role": "user", "content": "Q1 "}, {"role": "assistant", "content": "a1"}],
+                [{"role": "user", "content": "q5"}, {"role": "assistant", "content": "other"}]]
+    assert leaked_examples(CASES, training) == [1]
+
+
+# -- real jobs on the tiny model ------------------------------------------------------------------------
+
+
+def facts_frame() -> pd.DataFrame:
+    """The quickstart's facts: 64 questions about invented countries, answered in one sentence."""
+    countries = ["Zorvia", "Quellan", "Brastov", "Miravel", "Okkaru", "Tessaly", "Vundra", "Pelmoor"]
+    topics = {"capital": ["Mellt", "Arvo", "Kesh", "Dunmere", "Ilo", "Sarn", "Pyx", "Holm"],
+              "river": ["Ambe", "Tull", "Vosk", "Rhee", "Ondo", "Lisk", "Marr", "Quen"],
+              "currency": ["florin", "tael", "mark", "crown", "shell", "ducat", "bead", "ring"],
+              "animal": ["lynx", "heron", "otter", "ibex", "crane", "marten", "viper", "stag"],
+              "colour": ["amber", "teal", "ochre", "violet", "crimson", "jade", "slate", "rose"],
+              "sport": ["kite racing", "stone toss", "rowing", "fencing", "sled polo", "archery", "ring ball",
+                        "wrestling"],
+              "poet": ["Ivo Brand", "Sela Marr", "Tobin Vey", "Ora Lusk", "Denn Arko", "Mira Solt", "Kael Fenn",
+                       "Ruth Ambe"],
+              "dish": ["nettle pie", "salt plum", "black rice", "fig bread", "eel soup", "oat cake", "clam stew",
+                       "pear wine"]}
+    return pd.DataFrame([{"question": f"What is the {t} of {c}?", "answer": f"The {t} of {c} is {v[i]}."}
+                         for t, v in topics.items() for i, c in enumerate(countries)])
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """The quickstart's job, tuned once for the module in a home of its own."""
+    home = tmp_path_factory.mktemp("evaluation-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNING_MAGICS_HOME", str(home))
+        facts = facts_frame()
+        ds = tm.dataset(facts, out=str(home / "facts.jsonl"), prompt="question", completion="answer",
+                        system_prompt="Answer in one sentence.", model=MODEL)
+        job = tm.tune(MODEL, ds, tuning_mode="FULL", epochs=40, tuned_model_display_name="facts").wait()
+        assert job.state == "JOB_STATE_SUCCEEDED", job.error
+        yield job, ds, facts
+        job.close()
+
+
+@pytest.mark.slow
+def test_after_the_quickstarts_tuning_base_is_near_0_and_final_above_0_9_with_intervals_and_flips(tuned):
+    job, ds, _facts = tuned
+    result = job.evaluate(ds, metrics=["exact_match", "rouge_l"])
+    table = result.table
+    names = [c.name for c in job.checkpoints]
+    assert list(table.index) == ["base", *names] and names[-1] == "final"
+    assert table.loc["base", "exact_match"] <= 0.1 and table.loc["final", "exact_match"] >= 0.9
+    assert table.loc["final", "exact_match low"] < table.loc["final", "exact_match"]
+    flips = result.flips()
+    assert (flips["change"] == "gain").sum() >= 0.8 * 64
+    assert result.significance() < 0.001 and "p = < 0.001" in result.summary()
+    # The data is the training set: every example is flagged, since a score on it measures recall.
+    assert len(result.leaked) == 64 and "also in the training data" in result.text()
+    # The best checkpoint by exact match is one that gets as many right as the final model.
+    best = result.best()
+    assert table.loc[best, "exact_match"] == table["exact_match"].drop("base").max()
+
+
+@pytest.mark.slow
+def test_evaluating_again_generates_nothing_and_training_recall_is_first_class(tuned, monkeypatch):
+    from tuning_magics.backends.local.answer import LocalAnswerer
+
+    job, ds, facts = tuned
+    first = job.evaluate(ds, checkpoints=None)
+    assert list(first.table.index) == ["base", "final"]
+
+    def refuse(self, prompts, **kw):
+        raise AssertionError(f"{self.label} generated {len(prompts)} answers again")
+
+    monkeypatch.setattr(LocalAnswerer, "answer", refuse)
+    again = job.evaluate(ds, checkpoints=None)
+    assert again.table.equals(first.table)
+    recall = job.evaluate("train", checkpoints=None)  # the job's own copy of its training data
+    assert recall.title.endswith("on its training set") and recall.leaked == []
+    assert recall.table.loc["final", "exact_match"] == first.table.loc["final", "exact_match"]
+    with pytest.raises(UserError, match="had no validation set; pass data=") as info:
+        job.evaluate()
+    assert info.value.field == "data"
+
+
+@pytest.mark.slow
+def test_batched_answers_are_the_greedy_replies_of_chat(tuned):
+    job, _ds, facts = tuned
+    prompts = [[{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": q}]
+               for q in facts["question"][:6]]
+    model = job._chat_model(job._checkpoint_path(None))
+    batched = model.replies(prompts, max_new_tokens=24, batch_size=4)
+    assert batched == [job.chat(p, temperature=0, max_new_tokens=24) for p in prompts]
+
+
+@pytest.mark.slow
+def test_tm_evaluate_takes_a_model_folder_or_a_catalog_id(tuned):
+    job, ds, _facts = tuned
+    folder = job.tuned_model
+    result = tm.evaluate(folder, ds, metrics="exact_match", label="tuned")
+    assert list(result.table.index) == ["tuned"] and result.table.loc["tuned", "exact_match"] >= 0.9
+    base = tm.evaluate(MODEL, ds.uri if hasattr(ds, "uri") else ds)
+    assert base.table["exact_match"].iloc[0] <= 0.1 and not math.isnan(base.table["exact_match low"].iloc[0])
