@@ -243,3 +243,27 @@ def test_tm_evaluate_takes_a_model_folder_or_a_catalog_id(tuned):
     assert list(result.table.index) == ["tuned"] and result.table.loc["tuned", "exact_match"] >= 0.9
     base = tm.evaluate(MODEL, ds.uri if hasattr(ds, "uri") else ds)
     assert base.table["exact_match"].iloc[0] <= 0.1 and not math.isnan(base.table["exact_match low"].iloc[0])
+
+
+@pytest.mark.slow
+def test_tune_eval_is_job_evaluate_in_a_line(tuned):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    job, ds, facts = tuned
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "tuning_magics")
+    shell.push({"job": job, "facts": facts.rename(columns={"question": "prompt", "answer": "completion"})})
+    try:
+        result = shell.run_line_magic("tune_eval", "--data $facts --metrics exact_match,token_f1 --checkpoints final "
+                                                   "--as scores")
+        assert list(result.table.index) == ["base", "final"] and shell.user_ns["scores"] is result
+        assert [m.name for m in result.metrics] == ["exact_match", "token_f1"]
+        alone = shell.run_line_magic("tune_eval", "job --data train --checkpoints final --no-baseline")
+        assert list(alone.table.index) == ["final"]
+        with pytest.raises(UsageError, match="unknown metric 'exactish'") as info:
+            shell.run_line_magic("tune_eval", "--data train --metrics exactish")
+        assert "\n" not in str(info.value)
+    finally:
+        for name in ("job", "facts", "scores"):
+            shell.user_ns.pop(name, None)

@@ -71,6 +71,10 @@ Jobs and experiments
     The chat panel of a job (``job.chat_panel()``): ``JOB`` is a variable
     holding a job, ``$var``, or a job id; by default the variable ``job``, else
     the job submitted or attached last, else the newest job.
+``%tune_eval [JOB] [--data $df|PATH|train] [--metrics M,M] [--checkpoints all|final|C,C] [--no-baseline] [--as VAR]``
+    ``job.evaluate()``: the base model, the checkpoints and the tuned model
+    scored on the same examples, with intervals, the paired test and the
+    examples that flipped; the same job default as ``%tune_chat``.
 
 Errors
 ------
@@ -802,13 +806,45 @@ class TuningMagics(Magics):
                              f"{job.id}; use job.chat('...') instead")
         return self._run(lambda: panel(checkpoint=args.checkpoint), args.verbose)
 
-    def _chat_job(self, word: str | None, verbose: bool):
+    @line_magic
+    @no_var_expand
+    def tune_eval(self, line: str = ""):
+        """Did tuning help? ``%tune_eval [JOB] [--data $df] [--metrics exact_match,rouge_l] [--checkpoints final]
+        [--no-baseline] [--max-new-tokens N] [--as VAR]``: ``job.evaluate()``, shown."""
+        p = _ArgParser(prog="tune_eval", description="Score a job's base model, checkpoints and tuned model.")
+        p.add_argument("job", nargs="?", help="a variable holding a job, $var, or a job id (default: job)")
+        p.add_argument("--data", help="$var holding the examples, a JSONL path, or 'train' (default: the "
+                                      "job's validation set)")
+        p.add_argument("--metrics", default="exact_match", help="names, comma-separated (default: exact_match)")
+        p.add_argument("--checkpoints", default="all", help="'all' (default), 'final', or names, comma-separated")
+        p.add_argument("--no-baseline", action="store_true", help="leave out the model before tuning")
+        p.add_argument("--max-new-tokens", type=int, help="the longest answer, in tokens (default: 128)")
+        p.add_argument("--as", dest="as_", metavar="VAR", help="keep the Evaluation in this variable")
+        p.add_argument("--verbose", action="store_true", help="show tracebacks")
+        args = _parse(p, line)
+        if args is None:
+            return None
+        job = self._chat_job(args.job, args.verbose, prog="%tune_eval")
+        data = args.data
+        if data is not None and _WHOLE_VAR.fullmatch(data):
+            data = _lookup(self.shell.user_ns, data[1:], "%tune_eval")
+        checkpoints = {"all": "all", "final": None}.get(args.checkpoints,
+                                                        [c.strip() for c in args.checkpoints.split(",") if c.strip()])
+        var = _variable_name(args.as_, "--as") if args.as_ else None
+        result = self._run(lambda: job.evaluate(data, args.metrics, checkpoints=checkpoints,
+                                                baseline=not args.no_baseline, max_new_tokens=args.max_new_tokens),
+                           args.verbose)
+        if var is not None:
+            self._keep(var, result)
+        return result
+
+    def _chat_job(self, word: str | None, verbose: bool, prog: str = "%tune_chat"):
         from .jobs import Job
 
         if word is not None:
-            items = self._jobs_of(word, "%tune_chat")
+            items = self._jobs_of(word, prog)
             if len(items) != 1:
-                raise UsageError(f"%tune_chat: {word} holds {len(items)} jobs; name one")
+                raise UsageError(f"{prog}: {word} holds {len(items)} jobs; name one")
             item = items[0]
             if isinstance(item, Job):
                 return item
@@ -823,7 +859,7 @@ class TuningMagics(Magics):
 
         newest = self._run(lambda: list_jobs(1), verbose)
         if not newest:
-            raise UsageError("%tune_chat: there is no job yet; submit one with %%tune, or name one: %tune_chat JOB")
+            raise UsageError(f"{prog}: there is no job yet; submit one with %%tune, or name one: {prog} JOB")
         return newest[0]
 
 
