@@ -267,3 +267,148 @@ def test_tune_eval_is_job_evaluate_in_a_line(tuned):
     finally:
         for name in ("job", "facts", "scores"):
             shell.user_ns.pop(name, None)
+
+
+# -- the judge --------------------------------------------------------------------------------------
+
+
+class Grader:
+    """A judge that grades by the texts in its prompt: 5 when the answer is the reference, else 1; pairwise,
+    the answer that is the reference; ``always`` replaces every pairwise verdict (a judge biased to a position)."""
+
+    def __init__(self, always: str | None = None):
+        self.always, self.asked = always, []
+
+    def chat(self, messages, **gen):
+        import re
+
+        text = messages[-1]["content"]
+        self.asked.append(text)
+        reference = re.search(r"Reference answer:\n(.*?)\n\n", text, re.S).group(1)
+        if "Answer A:" in text:
+            if self.always:
+                return f"Better: {self.always}"
+            a = re.search(r"Answer A:\n(.*?)\n\n", text, re.S).group(1)
+            b = re.search(r"Answer B:\n(.*?)\n\n", text, re.S).group(1)
+            return "Better: tie" if (a == reference) == (b == reference) else f"Better: {'A' if a == reference else 'B'}"
+        answer = re.search(r"Answer to grade:\n(.*?)\n\n", text, re.S).group(1)
+        return "Score: 5" if answer == reference else "Score: 1"
+
+
+def test_a_judge_grades_pointwise_and_pairwise_with_the_order_swapped_and_is_cached(tmp_path):
+    from tuning_magics.evaluation.judge import Judge
+
+    base = Scripted({"q0": "a0", "q1": "a1", "q2": "a2"})
+    tuned = Scripted({f"q{i}": f"a{i}" for i in range(1, 10)})
+    grader = Grader()
+    judge = Judge(grader, model_name="grader")
+    cache = AnswerCache(tmp_path / "cache.sqlite3")
+    answerers = [ChatAnswerer("base", "base-model", base.chat), ChatAnswerer("final", "tuned-model", tuned.chat)]
+    result = run(answerers, CASES, ["exact_match"], cache=cache, judge=judge)
+    assert result.table.loc["base", "judge"] == pytest.approx(0.3) and result.table.loc["final", "judge"] == 0.9
+    # Pointwise for each model (q1 and q2 have the same answer from both: graded once each), pairwise per example.
+    assert len(grader.asked) == len(set(grader.asked)) == 10 + 10 - 2 + 10
+    pair = result.pairwise
+    assert (pair["model"], pair["against"]) == ("final", "base")
+    assert pair["scores"].count(1.0) == 7 and pair["scores"].count(0.0) == 1 and pair["scores"].count(0.5) == 2
+    sentence = result.win_rate()
+    assert "judge grader: final preferred to base in 7, base in 1, ties 2" in sentence and "p = 0.07" in sentence
+    assert sentence in result.text() and "Score: N" in str(judge)
+    # The first answer shown alternates: half the pairwise prompts show the tuned answer as A.
+    shown_first = [t.split("Answer A:\n")[1].split("\n")[0] for t in grader.asked if "Answer A:" in t]
+    assert shown_first[0] == "I do not know." and shown_first[1] == "a1"  # q0: tuned first; q1: base first
+    run(answerers, CASES, ["exact_match"], cache=cache, judge=judge)
+    assert len(grader.asked) == 28  # graded again from the cache
+
+
+def test_swapping_the_order_cancels_a_judge_that_always_picks_the_first_answer(tmp_path):
+    from tuning_magics.evaluation.judge import Judge
+
+    answerers = [ChatAnswerer("base", "b", Scripted({}).chat), ChatAnswerer("final", "f", Scripted({}).chat)]
+    result = run(answerers, CASES, ["exact_match"], cache=AnswerCache(tmp_path / "c.sqlite3"),
+                 judge=Judge(Grader(always="A")))
+    assert result.pairwise["scores"].count(1.0) == result.pairwise["scores"].count(0.0) == 5
+
+
+def test_a_judge_prompt_without_its_placeholders_or_an_unusable_judge_is_one_line():
+    from tuning_magics.evaluation.judge import Judge, pairwise_choice, pointwise_score
+
+    with pytest.raises(UserError, match=r"lacks \{reference\}"):
+        Judge(Grader(), pointwise_prompt="Grade {question} {answer}")
+    with pytest.raises(UserError, match="OpenAI-compatible"):
+        Judge("gemini-2.5-pro")
+    with pytest.raises(UserError, match="cannot chat"):
+        Judge(42)
+    assert pointwise_score("Score: 4") == 0.75 and pointwise_score("3") == 0.5 and math.isnan(pointwise_score("ok"))
+    assert pairwise_choice("Better: B.") == "B" and pairwise_choice("better: TIE") == "tie"
+    assert pairwise_choice("both fine") is None
+
+
+@pytest.fixture
+def judge_server():
+    """An OpenAI-compatible chat completions server on 127.0.0.1 that grades as Grader does (request shapes as
+    OpenAI's API reference gives them: POST /v1/chat/completions, choices[0].message.content)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    grader, bodies = Grader(), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append((self.path, body))
+            if self.path != "/v1/chat/completions":
+                self.send_response(404)
+                self.end_headers()
+                return
+            reply = json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": grader.chat(body["messages"])}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", bodies
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_judge_behind_an_openai_compatible_url(tmp_path, judge_server):
+    url, bodies = judge_server
+    answerers = [ChatAnswerer("base", "b", Scripted({"q0": "a0"}).chat),
+                 ChatAnswerer("final", "f", Scripted({"q0": "a0", "q1": "a1"}).chat)]
+    result = run(answerers, CASES, ["exact_match"], cache=AnswerCache(tmp_path / "c.sqlite3"),
+                 judge=tm.Judge(url, model_name="grader-1"))
+    assert result.table.loc["final", "judge"] == pytest.approx(0.2)
+    prompts = [b["messages"][0]["content"] for _, b in bodies]
+    assert len(prompts) == len(set(prompts)) == 11 + 10  # the same answer twice is graded once
+    assert {path for path, _ in bodies} == {"/v1/chat/completions"}
+    assert all(b["model"] == "grader-1" and b["temperature"] == 0 and b["messages"][0]["role"] == "user"
+               for _, b in bodies)
+    with pytest.raises(UserError, match=r"the judge at http://127.0.0.1:9/v1 cannot be reached") as info:
+        run(answerers, CASES, ["exact_match"], cache=AnswerCache(tmp_path / "c2.sqlite3"),
+            judge=tm.Judge("http://127.0.0.1:9/v1"))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_served_local_job_is_a_judge_and_an_unreadable_verdict_is_counted_not_invented(tuned):
+    job, ds, facts = tuned
+    endpoint = job.deploy()  # the tiny model as judge: its verdicts are no "Score: N", and say so
+    try:
+        small = facts.head(4).rename(columns={"question": "prompt", "answer": "completion"})
+        result = job.evaluate(small, checkpoints=None, judge=tm.Judge(endpoint.url, model_name=endpoint.model_name))
+    finally:
+        endpoint.stop()
+    assert "judge" in result.table.columns
+    verdicts = result.pairwise["scores"]
+    unread = sum(math.isnan(s) for s in verdicts)
+    assert len(verdicts) == 4 and (unread == 0 or f"{unread} verdicts unreadable" in result.win_rate())

@@ -39,6 +39,7 @@ _LAZY = {
     "evaluate": ("tuning_magics.evaluation", "evaluate"),
     "Evaluation": ("tuning_magics.evaluation", "Evaluation"),
     "metrics": ("tuning_magics.evaluation.metrics", None),
+    "Judge": ("tuning_magics.evaluation.judge", "Judge"),
     # %load_ext tuning_magics: IPython reads this attribute, so the magics load only then.
     "load_ipython_extension": ("tuning_magics.magics", "load_ipython_extension"),
 }

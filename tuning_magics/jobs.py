@@ -345,7 +345,7 @@ class Job(ABC):
         return type(self).chat is not Job.chat
 
     def evaluate(self, data=None, metrics=None, *, checkpoints="all", baseline: bool = True,
-                 max_new_tokens: int | None = None, limit: int | None = 1000):
+                 max_new_tokens: int | None = None, limit: int | None = 1000, judge=None):
         """Did tuning help? Score the base model, the checkpoints and the tuned model on the same examples.
 
         ``data``: anything ``tune()`` takes (default: the job's validation set;
@@ -356,12 +356,16 @@ class Job(ABC):
         ``(answer, reference, example) -> float``; default exact match.
         ``checkpoints``: ``"all"``, a list of names, or None for ``final`` only;
         ``baseline`` adds the model before tuning. Answers are greedy and cached by
-        content. Returns an :class:`~tuning_magics.evaluation.Evaluation`.
+        content. ``judge``: a chat model that grades the answers (a
+        :class:`~tuning_magics.evaluation.judge.Judge`, a job or endpoint, or an
+        OpenAI-compatible base URL): its 1-5 grades become the metric ``judge``,
+        and it compares the tuned model with the base pairwise (``win_rate()``).
+        Returns an :class:`~tuning_magics.evaluation.Evaluation`.
         """
         from .evaluation import evaluate_job
 
         return evaluate_job(self, data, metrics, checkpoints=checkpoints, baseline=baseline,
-                            max_new_tokens=max_new_tokens, limit=limit)
+                            max_new_tokens=max_new_tokens, limit=limit, judge=judge)
 
     def _answerer(self, checkpoint: str, *, batch_size: int = 16):
         """What answers evaluation prompts as ``checkpoint`` (``base``, a checkpoint's name, ``final``):

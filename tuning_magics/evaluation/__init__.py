@@ -182,6 +182,9 @@ class Evaluation:
     settings: dict = field(default_factory=dict)
     leaked: list[int] = field(default_factory=list)  # examples that are also in the training data
     title: str = "Evaluation"
+    #: The judge's pairwise verdicts: {"model", "against", "scores" (per example: 1 better, 0.5 tie, 0 worse,
+    #: NaN unreadable), "judge"}; None without a judge or a second model.
+    pairwise: dict | None = None
 
     # -- tables --------------------------------------------------------------------------------------
     @property
@@ -271,6 +274,23 @@ class Evaluation:
         a, b = self._pair(model, against)
         return paired_p(self.scores[a][m.name], self.scores[b][m.name])
 
+    def win_rate(self) -> str:
+        """The judge's pairwise verdict in words: how often it preferred the tuned model, with the sign test."""
+        if not self.pairwise:
+            return ""
+        from .stats import mcnemar
+
+        scores = self.pairwise["scores"]
+        read = [s for s in scores if not math.isnan(s)]
+        wins, losses, ties = read.count(1.0), read.count(0.0), read.count(0.5)
+        found = interval(read)
+        p = mcnemar([1] * wins + [0] * losses, [0] * wins + [1] * losses)
+        unread = len(scores) - len(read)
+        return (f"judge {self.pairwise['judge']}: {self.pairwise['model']} preferred to {self.pairwise['against']} "
+                f"in {wins}, {self.pairwise['against']} in {losses}, ties {ties} (win rate {_score(found, _RATE)}, "
+                f"p = {_p(p)}, sign test; order swapped every other example)"
+                + (f"; {unread} verdicts unreadable" if unread else ""))
+
     def summary(self, metric: str | None = None) -> str:
         """One sentence: the tuned model against the base, with intervals and the paired test's p-value."""
         m = self._metric(metric)
@@ -300,6 +320,8 @@ class Evaluation:
             lines.append(f"{(flips['change'] == 'regression').sum()} regressions, {(flips['change'] == 'gain').sum()} "
                          "gains (evaluation.flips())")
             lines.append(f"best by {self.metrics[0].name}: {self.best()}")
+        if self.pairwise:
+            lines.append(self.win_rate())
         if self.leaked:
             lines.append(f"note: {self._leak_note()}")
         return "\n".join(lines)
@@ -319,7 +341,8 @@ class Evaluation:
                 "scores": {label: [_score(found[label][m.name], m) for m in self.metrics] for label in self.labels},
                 "intervals": {m.name: [found[label][m.name] for label in self.labels] for m in self.metrics},
                 "best": self.best() if several else None,
-                "summaries": [self.summary(m.name) for m in self.metrics] if several else [],
+                "summaries": ([self.summary(m.name) for m in self.metrics] if several else [])
+                + ([self.win_rate()] if self.pairwise else []),
                 "flips": self.flips() if several else None, "pair": self._pair(None, None) if several else None,
                 "leak_note": self._leak_note()}
 
@@ -327,6 +350,9 @@ class Evaluation:
         from ..display.evaluation import evaluation_html
 
         return evaluation_html(self._view())
+
+
+_RATE = Metric("win rate", lambda *_: 0.0)
 
 
 def _all_binary(scores, metric: Metric) -> bool:
@@ -348,9 +374,71 @@ def _p(p: float) -> str:
 # ---------------------------------------------------------------------------------------------- running it
 
 
+def _cached(cache: AnswerCache, key_of, items: list, ask) -> list[str]:
+    """``ask(items)`` for the items whose key (``key_of(item)``) the cache lacks; every reply, in order."""
+    keys = [key_of(item) for item in items]
+    found = cache.get_many(keys)
+    missing = [i for i, key in enumerate(keys) if key not in found]
+    if missing:
+        fresh = ask([items[i] for i in missing])
+        new = {keys[i]: text for i, text in zip(missing, fresh)}
+        cache.put_many(new)
+        found.update(new)
+    return [found[key] for key in keys]
+
+
+def _fill(template: str, **values: str) -> str:
+    """The template with each ``{name}`` replaced (braces in the values stay as they are)."""
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", str(value))
+    return template
+
+
+def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache: AnswerCache):
+    """The judge's pointwise scores per label, and its pairwise verdicts of the last model against the base."""
+    from .judge import pairwise_choice, pointwise_score
+
+    settings = {"judge_max_tokens": 32}
+
+    def key_of(prompt):
+        return AnswerCache.key(judge.key, [prompt], settings)
+
+    pointwise = {}
+    for label in labels:
+        prompts = [_fill(judge.pointwise_prompt, question=case.question, reference=case.reference,
+                         answer=answers[label][i]) for i, case in enumerate(cases)]
+        pointwise[label] = [pointwise_score(r) for r in _cached(cache, key_of, prompts, judge.ask)]
+    pairwise = None
+    if len(labels) > 1:
+        model = labels[-1]
+        against = "base" if "base" in labels and model != "base" else labels[0]
+        prompts = []
+        for i, case in enumerate(cases):
+            first, second = answers[model][i], answers[against][i]
+            if i % 2:  # every other example the other way round: the judge's liking for a position cancels out
+                first, second = second, first
+            prompts.append(_fill(judge.pairwise_prompt, question=case.question, reference=case.reference,
+                                 answer_a=first, answer_b=second))
+        scores = []
+        for i, reply in enumerate(_cached(cache, key_of, prompts, judge.ask)):
+            choice = pairwise_choice(reply)
+            if choice is None:
+                scores.append(math.nan)
+            elif choice == "tie":
+                scores.append(0.5)
+            else:
+                model_is_a = i % 2 == 0
+                scores.append(1.0 if (choice == "A") == model_is_a else 0.0)
+        pairwise = {"model": model, "against": against, "scores": scores, "judge": judge.name}
+    return pointwise, pairwise
+
+
 def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        cache: AnswerCache | None = None, leaked=(), title: str = "Evaluation", progress=None) -> Evaluation:
-    """Ask each answerer every example (answers found in the cache are not asked again) and score them."""
+        cache: AnswerCache | None = None, leaked=(), title: str = "Evaluation", progress=None,
+        judge=None) -> Evaluation:
+    """Ask each answerer every example (answers found in the cache are not asked again) and score them;
+    with a :class:`~tuning_magics.evaluation.judge.Judge`, its grades are the metric ``judge`` and its pairwise
+    verdicts :meth:`Evaluation.win_rate`."""
     chosen = metrics_module.resolve(metrics)
     labels = [a.label for a in answerers]
     doubled = sorted({label for label in labels if labels.count(label) > 1})
@@ -386,8 +474,17 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
                     raise UserError(f"metric {metric.name} failed on example {i} ({type(exc).__name__}: {exc}); "
                                     "fix the function or leave it out", field="metrics") from None
             scores[label][metric.name] = values
+    pairwise = None
+    if judge is not None:
+        if "judge" in [m.name for m in chosen]:
+            raise UserError("a metric is named judge, the name of the judge's grades; rename it", field="metrics")
+        pointwise, pairwise = _judge(judge, cases, answers, labels, cache)
+        chosen = chosen + [Metric("judge", lambda *_: math.nan, about=f"the grade of judge {judge.name}, 1 to 5 "
+                                                                       "as 0 to 1")]
+        for label in labels:
+            scores[label]["judge"] = pointwise[label]
     return Evaluation(labels=labels, metrics=chosen, cases=cases, answers=answers, scores=scores, settings=settings,
-                      leaked=sorted(leaked), title=title)
+                      leaked=sorted(leaked), title=title, pairwise=pairwise)
 
 
 def leaked_examples(cases: list[Example], training: list[list]) -> list[int]:
@@ -408,7 +505,7 @@ def leaked_examples(cases: list[Example], training: list[list]) -> list[int]:
 
 
 def evaluate(model, data, metrics=None, *, label: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             limit: int | None = DEFAULT_LIMIT, batch_size: int = 16) -> Evaluation:
+             limit: int | None = DEFAULT_LIMIT, batch_size: int = 16, judge=None) -> Evaluation:
     """Evaluate any model on ``data``: a Job (its base, checkpoints and final, see :meth:`Job.evaluate`), a catalog
     id or a local model folder (the local engine, batched), or anything with ``chat()`` (an endpoint).
 
@@ -417,7 +514,7 @@ def evaluate(model, data, metrics=None, *, label: str | None = None, max_new_tok
     ``(answer, reference, example) -> float`` (default: exact match).
     """
     if hasattr(model, "checkpoints") and callable(getattr(model, "evaluate", None)):  # a Job
-        return model.evaluate(data, metrics, max_new_tokens=max_new_tokens, limit=limit)
+        return model.evaluate(data, metrics, max_new_tokens=max_new_tokens, limit=limit, judge=judge)
     from .. import backends, catalog
 
     if isinstance(model, (str, Path)):
@@ -436,11 +533,12 @@ def evaluate(model, data, metrics=None, *, label: str | None = None, max_new_tok
     else:
         raise UserError(f"evaluate() takes a job, a model id, a model folder or an endpoint, not {type(model).__name__}",
                         field="model")
-    return run([answerer], cases, metrics, max_new_tokens=max_new_tokens, title=f"Evaluation of {answerer.label}")
+    return run([answerer], cases, metrics, max_new_tokens=max_new_tokens, title=f"Evaluation of {answerer.label}",
+               judge=_as_judge(judge))
 
 
 def evaluate_job(job, data=None, metrics=None, *, checkpoints="all", baseline: bool = True,
-                 max_new_tokens: int | None = None, limit: int | None = DEFAULT_LIMIT) -> Evaluation:
+                 max_new_tokens: int | None = None, limit: int | None = DEFAULT_LIMIT, judge=None) -> Evaluation:
     """:meth:`Job.evaluate <tuning_magics.jobs.Job.evaluate>`: the job's base, checkpoints and final, side by side."""
     from .. import catalog
     from ..datasets.formats import read_conversations
@@ -496,4 +594,13 @@ def evaluate_job(job, data=None, metrics=None, *, checkpoints="all", baseline: b
                 leaked = []  # the training data could not be read: no leak check, nothing else lost
     title = f"Evaluation of {job.display_name or job.id}" + (" on its training set" if name == "train_dataset" else "")
     return run(answerers, cases, metrics, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-               leaked=leaked, title=title)
+               leaked=leaked, title=title, judge=_as_judge(judge))
+
+
+def _as_judge(judge):
+    """A Judge from what the user gave: a Judge, a model with chat(), or an OpenAI-compatible URL; None stays."""
+    if judge is None:
+        return None
+    from .judge import Judge
+
+    return judge if isinstance(judge, Judge) else Judge(judge)
