@@ -195,7 +195,7 @@ def test_after_the_quickstarts_tuning_base_is_near_0_and_final_above_0_9_with_in
     assert table.loc["final", "exact_match low"] < table.loc["final", "exact_match"]
     flips = result.flips()
     assert (flips["change"] == "gain").sum() >= 0.8 * 64
-    assert result.significance() < 0.001 and "p = < 0.001" in result.summary()
+    assert result.significance() < 0.001 and "p < 0.001" in result.summary()
     # The data is the training set: every example is flagged, since a score on it measures recall.
     assert len(result.leaked) == 64 and "also in the training data" in result.text()
     # The best checkpoint by exact match is one that gets as many right as the final model.

@@ -530,7 +530,7 @@ def test_tune_jobs_filters_and_renders_escaped_html(ip, jobs_home, tmp_path):
 
     html = table._repr_html_()
     assert "&lt;b&gt;first&lt;/b&gt;" in html and "<b>first</b>" not in html
-    assert "0.9000" in html and "1 min 00 s" in html and "SUCCEEDED" in html
+    assert ">0.9<" in html and "0.9000" not in html and "1 min 00 s" in html and "SUCCEEDED" in html
     bundle = table._repr_mimebundle_()
     assert set(bundle) == {"text/plain", "text/html"}  # no kernel here: no widget view
     text = bundle["text/plain"]

@@ -288,7 +288,7 @@ class Evaluation:
         unread = len(scores) - len(read)
         return (f"judge {self.pairwise['judge']}: {self.pairwise['model']} preferred to {self.pairwise['against']} "
                 f"in {wins}, {self.pairwise['against']} in {losses}, ties {ties} (win rate {_score(found, _RATE)}, "
-                f"p = {_p(p)}, sign test; order swapped every other example)"
+                f"p {_p(p)}, sign test; order swapped every other example)"
                 + (f"; {unread} verdicts unreadable" if unread else ""))
 
     def summary(self, metric: str | None = None) -> str:
@@ -300,7 +300,7 @@ class Evaluation:
         a, b = self._pair(None, None)
         p = self.significance(m.name, model=a, against=b)
         return (f"{m.name}: {a} {_score(interval(self.scores[a][m.name]), m)} vs {b} "
-                f"{_score(interval(self.scores[b][m.name]), m)}, p = {_p(p)} "
+                f"{_score(interval(self.scores[b][m.name]), m)}, p {_p(p)} "
                 f"({'McNemar' if m.binary or _all_binary(self.scores, m) else 'paired bootstrap'}, "
                 f"{len(self.cases)} examples)")
 
@@ -368,7 +368,8 @@ def _score(found, metric: Metric) -> str:
 
 
 def _p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+    """A p-value as its relation: ``< 0.001``, ``= 0.012``, ``= 0.07``."""
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}" if p < 0.1 else f"= {p:.2f}"
 
 
 # ---------------------------------------------------------------------------------------------- running it
