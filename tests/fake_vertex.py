@@ -288,6 +288,12 @@ def reply_to(prompt: str, max_tokens: int | None = None) -> str:
     return " ".join(words[:max_tokens] if max_tokens else words)
 
 
+def base_reply_to(model: str, prompt: str, max_tokens: int | None = None) -> str:
+    """A Gemini model's answer before tuning: ``base <model>:`` and :func:`reply_to`'s answer."""
+    words = f"base {model}: {reply_to(prompt)}".split()
+    return " ".join(words[:max_tokens] if max_tokens else words)
+
+
 def chat_template(messages: list[dict]) -> str:
     """The chat template of the fake's deployed models (Llama 3's): messages framed as the model was tuned on them."""
     turns = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{' '.join(_texts(m.get('content')))}"
@@ -808,6 +814,10 @@ class FakeVertex:
             ("POST", r"/endpoints/([^/:]+):undeployModel", self._undeploy_model),
             ("DELETE", r"/endpoints/([^/:]+)", self._delete_endpoint),
             ("POST", r"/endpoints/([^/:]+):(generateContent|streamGenerateContent)", self._generate),
+            # Google's own models: POST .../publishers/google/models/{MODEL}:generateContent (Vertex AI's
+            # generateContent REST reference); the fake serves its Gemini models, and answers as base_reply_to.
+            ("POST", r"/publishers/google/models/(gemini-[\w.-]+):(generateContent|streamGenerateContent)",
+             self._generate_base),
             ("POST", r"/endpoints/([^/:]+)/chat/completions", self._chat),
             ("POST", r"/batchPredictionJobs", self._create_batch),
             ("GET", r"/batchPredictionJobs/([^/:]+)", self._get_batch),
@@ -1528,14 +1538,23 @@ class FakeVertex:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
-    def _generate(self, project, location, endpoint_id, verb, *, query, body, project_id):
-        name, info = self._endpoint(project, location, endpoint_id)
+    def _generate_base(self, project, location, model, verb, *, query, body, project_id):
+        """A Gemini model before tuning: :func:`base_reply_to` through the same generateContent shapes."""
+        return self._generate(project, location, None, verb, query=query, body=body, project_id=project_id,
+                              base=model)
+
+    def _generate(self, project, location, endpoint_id, verb, *, query, body, project_id, base=None):
+        if base is None:
+            name, info = self._endpoint(project, location, endpoint_id)
+        else:
+            info = {"model": f"publishers/google/models/{base}"}
         contents = body.get("contents")
         if not isinstance(contents, list) or not contents:
             raise ApiError(400, "contents must not be empty.")
         prompt = " ".join(_texts([c for c in contents if c.get("role", "user") == "user"][-1:]))
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
-        text = reply_to(prompt, int(limit) if limit else None)
+        text = (reply_to if base is None else lambda p, n: base_reply_to(base, p, n))(prompt, int(limit) if limit
+                                                                                        else None)
         n_in, n_out = len(prompt.split()), len(text.split())
         usage = {"promptTokenCount": n_in, "candidatesTokenCount": n_out, "totalTokenCount": n_in + n_out}
 

@@ -707,33 +707,11 @@ def test_no_label_is_cut_and_no_width_is_fixed_so_nothing_scrolls_sideways():
 @pytest.fixture
 def gemini(vertex):
     pytest.importorskip("google.genai")
-    import re
-
     import tuning_magics as tm
-    from fake_vertex import CHAT, Recorded, reply_to
+    from fake_vertex import CHAT
 
     vertex.step_seconds = 60
     vertex.deploy_seconds = 0.05
-    handle = vertex.handle
-
-    def with_base_models(method, path, query, body, headers):
-        # The service's own Gemini models answer generateContent at publishers/google/models/<id>.
-        hit = re.fullmatch(r"/v1beta1/projects/[^/]+/locations/[^/]+/publishers/google/models/(gemini-[\w.-]+):"
-                           r"(generateContent|streamGenerateContent)", path)
-        if not hit or method != "POST":
-            return handle(method, path, query, body, headers)
-        vertex.requests.append(Recorded(method, path, query, body, headers))
-        prompt = body["contents"][-1]["parts"][0]["text"]
-        words = f"base {hit.group(1)}: {reply_to(prompt)}".split(" ")
-
-        def chunk(text):
-            return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}]}
-
-        if hit.group(2) == "generateContent":
-            return 200, chunk(" ".join(words))
-        return 200, [chunk(w + (" " if k < len(words) - 1 else "")) for k, w in enumerate(words)]
-
-    vertex.handle = with_base_models
     train = vertex.put(vertex.uri("train.jsonl"), CHAT)
     job = tm.tune("gemini-2.5-flash", train, epochs=2)
     for _ in range(30):

@@ -412,3 +412,35 @@ def test_a_served_local_job_is_a_judge_and_an_unreadable_verdict_is_counted_not_
     verdicts = result.pairwise["scores"]
     unread = sum(math.isnan(s) for s in verdicts)
     assert len(verdicts) == 4 and (unread == 0 or f"{unread} verdicts unreadable" in result.win_rate())
+
+
+def test_a_chat_model_is_asked_a_few_at_a_time_and_again_after_a_transient_failure():
+    import threading
+    import time as clock
+
+    lock, now, most, failed = threading.Lock(), [0], [0], []
+
+    def chat(messages, **gen):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            clock.sleep(0.02)
+            question = messages[-1]["content"]
+            if question == "q3" and not failed:
+                failed.append(question)
+                error = UserError("quota exceeded (429)")
+                error.transient = "Vertex AI answered 429 RESOURCE_EXHAUSTED"
+                raise error
+            if question == "q7":
+                raise UserError("not found: the endpoint is gone")
+            return question.replace("q", "a")
+        finally:
+            with lock:
+                now[0] -= 1
+
+    answerer = ChatAnswerer("final", "m", chat, concurrency=3, waits=(0.01, 0.01))
+    assert answerer.answer([c.prompt for c in CASES[:7]], max_new_tokens=8) == [f"a{i}" for i in range(7)]
+    assert failed == ["q3"] and 1 < most[0] <= 3  # asked in parallel, never more than 3 at once
+    with pytest.raises(UserError, match="the endpoint is gone"):  # not transient: no second try
+        answerer.answer([c.prompt for c in CASES], max_new_tokens=8)

@@ -642,3 +642,31 @@ def test_batch_prediction_mistakes_are_one_line(vertex, gemini, llama):
         endpoints.batch_predict(gemini, missing, f"gs://{vertex.bucket}/out")
     assert "rejected" in str(info.value) and missing in str(info.value) and "\n" not in str(info.value)
     assert not vertex.batches
+
+
+def test_a_gemini_job_is_evaluated_through_generate_content_and_a_429_is_asked_again(vertex, gemini):
+    """job.evaluate() on Vertex AI: base and tuned model through generate_content, a few at a time; the quota's
+    429 on the way is waited out, not reported."""
+    from fake_vertex import base_reply_to, reply_to
+
+    from tuning_magics import evaluation
+
+    questions = [f"What is {i} plus {i}?" for i in range(6)]
+    data = [{"messages": [{"role": "user", "content": q},
+                          {"role": "assistant", "content": reply_to(q) if i % 2 == 0 else "Twelve."}]}
+            for i, q in enumerate(questions)]
+    before = len(requests_to(vertex, r"generateContent$"))
+    vertex.fail_next(429, "Quota exceeded for aiplatform.googleapis.com/generate_content_requests",
+                     status="RESOURCE_EXHAUSTED", path=r"generateContent$")
+    waits = evaluation.RETRY_WAITS
+    evaluation.RETRY_WAITS = (0.05,) * 5
+    try:
+        result = gemini.evaluate(data, checkpoints=None, limit=None)
+    finally:
+        evaluation.RETRY_WAITS = waits
+    assert list(result.table.index) == ["base", "final"]
+    assert result.table.loc["final", "exact_match"] == 0.5 and result.table.loc["base", "exact_match"] == 0
+    assert result.answers["base"][0] == base_reply_to("gemini-2.5-flash", questions[0])  # the model before tuning
+    assert len(requests_to(vertex, r"generateContent$")) - before == 2 * 6 + 1  # one asked twice
+    again = gemini.evaluate(data, checkpoints=None)
+    assert again.table.equals(result.table) and len(requests_to(vertex, r"generateContent$")) - before == 13

@@ -145,14 +145,40 @@ class Answerer:
         raise NotImplementedError
 
 
-class ChatAnswerer(Answerer):
-    """Anything with ``chat(messages, temperature=0, max_new_tokens=...)``, asked one example at a time."""
+#: Requests a chat model is asked at once, and the waits before asking again after a transient failure
+#: (a 429 or 5xx, a dropped connection: a UserError whose ``transient`` says so).
+CONCURRENCY = 4
+RETRY_WAITS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
-    def __init__(self, label: str, key: str, chat):
+
+class ChatAnswerer(Answerer):
+    """Anything with ``chat(messages, temperature=0, max_new_tokens=...)`` (a Vertex AI model or endpoint, a
+    server): ``concurrency`` requests at a time, each asked again after a transient failure (a quota's 429,
+    a 5xx, a dropped connection) with growing waits; any other failure, or one that persists, is one line."""
+
+    def __init__(self, label: str, key: str, chat, *, concurrency: int = CONCURRENCY, waits=RETRY_WAITS):
         self.label, self.key, self._chat = label, key, chat
+        self.concurrency, self.waits = max(1, int(concurrency)), tuple(waits)
+
+    def _one(self, prompt, max_new_tokens: int) -> str:
+        import time
+
+        for wait in (*self.waits, None):
+            try:
+                return str(self._chat(prompt, temperature=0, max_new_tokens=max_new_tokens))
+            except UserError as exc:
+                if wait is None or not getattr(exc, "transient", None):
+                    raise
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def answer(self, prompts, *, max_new_tokens: int) -> list[str]:
-        return [str(self._chat(prompt, temperature=0, max_new_tokens=max_new_tokens)) for prompt in prompts]
+        if self.concurrency == 1 or len(prompts) < 2:
+            return [self._one(p, max_new_tokens) for p in prompts]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"tuning-magics-eval-{self.label}") as pool:
+            return list(pool.map(lambda p: self._one(p, max_new_tokens), prompts))
 
 
 def fingerprint(source: str) -> str:
