@@ -444,3 +444,48 @@ def test_a_chat_model_is_asked_a_few_at_a_time_and_again_after_a_transient_failu
     assert failed == ["q3"] and 1 < most[0] <= 3  # asked in parallel, never more than 3 at once
     with pytest.raises(UserError, match="the endpoint is gone"):  # not transient: no second try
         answerer.answer([c.prompt for c in CASES], max_new_tokens=8)
+
+
+def test_progress_moves_a_chunk_at_a_time_and_an_interrupted_evaluation_keeps_what_it_has(tmp_path):
+    from tuning_magics import evaluation
+
+    cases = [Example([{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(40)]
+    asked: list[str] = []
+    stop_at = [20]
+
+    def chat(messages, **gen):
+        if len(asked) == stop_at[0]:
+            stop_at[0] = None
+            raise KeyboardInterrupt  # the user stops the cell halfway
+        asked.append(messages[-1]["content"])
+        return messages[-1]["content"].replace("q", "a")
+
+    heard = []
+    answerer = ChatAnswerer("final", "m", chat, concurrency=1)
+    cache = AnswerCache(tmp_path / "cache.sqlite3")
+    with pytest.raises(KeyboardInterrupt):
+        run([answerer], cases, ["exact_match"], cache=cache, progress=lambda *a: heard.append(a))
+    assert heard == [("final", 0, 40), ("final", 16, 40)]  # the first chunk was cached before the interrupt
+    asked.clear()
+    heard.clear()
+    result = run([answerer], cases, ["exact_match"], cache=cache, progress=lambda *a: heard.append(a))
+    assert asked == [f"q{i}" for i in range(16, 40)] and result.table.loc["final", "exact_match"] == 1.0
+    assert heard == [("final", 16, 40), ("final", 32, 40), ("final", 40, 40), ("done", 1, 1)]
+    assert evaluation.CHUNK == 16
+
+
+def test_the_progress_bar_says_the_phase_the_rate_and_the_time_left(monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, **kw: shown.append(obj))
+    from tuning_magics.display.evaluation import EvaluationProgress
+
+    view = EvaluationProgress("Evaluation of facts")
+    now = [100.0]
+    view._time = lambda: now[0]
+    view("base", 8, 64)
+    assert view.text.value == "base: 8 of 64 (8 cached)" and view.bar.value == pytest.approx(0.125)
+    now[0] += 4.0
+    view("base", 24, 64)
+    assert view.text.value == "base: 24 of 64 · 4.0/s · 0:10 left"
+    view("done", 1, 1)
+    assert view.widget.layout.display == "none" and shown == [view.widget]

@@ -80,3 +80,63 @@ def evaluation_html(view: dict) -> str:
     if view["leak_note"]:
         parts.append(f"<div>note: {_e(view['leak_note'])}</div>")
     return "".join(parts) + "</div>"
+
+
+class EvaluationProgress:
+    """A progress bar below the cell while an evaluation runs: the phase (a model, the judge), done of total,
+    the rate and the time left. Updated from the cell's own thread, so it shows wherever widgets render."""
+
+    def __init__(self, title: str):
+        import time
+
+        import ipywidgets as w
+
+        self._time = time.monotonic
+        self.label = w.HTML(f"<b>{_e(title)}</b>")
+        self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
+                                   layout=w.Layout(width="240px", max_width="100%"))
+        self.text = w.Label(layout=w.Layout(width="auto"))
+        self.widget = w.HBox([self.label, self.bar, self.text], layout=w.Layout(flex_flow="row wrap",
+                                                                                align_items="center"))
+        self.widget.add_class("tm-eval-progress")
+        self._phase, self._started, self._first = None, None, 0
+        from IPython.display import display
+
+        self._handle = display(self.widget, display_id=True)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase == "done":
+            self.widget.layout.display = "none"  # the result shows below; the bar has said all it had to
+            return
+        now = self._time()
+        if phase != self._phase:
+            self._phase, self._started, self._first = phase, now, done
+        self.bar.value = done / total if total else 1.0
+        words = f"{phase}: {done:,} of {total:,}"
+        fresh, spent = done - self._first, now - self._started
+        if fresh > 0 and spent > 0.5 and done < total:
+            rate = fresh / spent
+            words += f" · {rate:.1f}/s · {clock_text((total - done) / rate)} left"
+        elif self._first and done == self._first:
+            words += f" ({self._first:,} cached)"
+        self.text.value = words
+
+
+def clock_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress_view(title: str):
+    """An :class:`EvaluationProgress` where a kernel shows widgets, else False (no progress is shown)."""
+    try:
+        from IPython import get_ipython
+
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if getattr(shell, "kernel", None) is None:
+        return False
+    return EvaluationProgress(title)

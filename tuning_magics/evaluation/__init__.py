@@ -401,16 +401,25 @@ def _p(p: float) -> str:
 # ---------------------------------------------------------------------------------------------- running it
 
 
-def _cached(cache: AnswerCache, key_of, items: list, ask) -> list[str]:
-    """``ask(items)`` for the items whose key (``key_of(item)``) the cache lacks; every reply, in order."""
+#: Items asked (and cached) at a time: an interrupted evaluation keeps what it has, and the progress moves.
+CHUNK = 16
+
+
+def _cached(cache: AnswerCache, key_of, items: list, ask, *, progress=None, phase: str = "") -> list[str]:
+    """``ask(items)`` for the items whose key (``key_of(item)``) the cache lacks, :data:`CHUNK` at a time, each
+    chunk cached as it comes; every reply, in order. ``progress(phase, done, total)`` after each chunk."""
     keys = [key_of(item) for item in items]
     found = cache.get_many(keys)
     missing = [i for i, key in enumerate(keys) if key not in found]
-    if missing:
-        fresh = ask([items[i] for i in missing])
-        new = {keys[i]: text for i, text in zip(missing, fresh)}
+    if progress is not None:
+        progress(phase, len(items) - len(missing), len(items))
+    for start in range(0, len(missing), CHUNK):
+        part = missing[start:start + CHUNK]
+        new = {keys[i]: text for i, text in zip(part, ask([items[i] for i in part]))}
         cache.put_many(new)
         found.update(new)
+        if progress is not None:
+            progress(phase, len(items) - len(missing) + start + len(part), len(items))
     return [found[key] for key in keys]
 
 
@@ -421,7 +430,7 @@ def _fill(template: str, **values: str) -> str:
     return template
 
 
-def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache: AnswerCache):
+def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache: AnswerCache, progress=None):
     """The judge's pointwise scores per label, and its pairwise verdicts of the last model against the base."""
     from .judge import pairwise_choice, pointwise_score
 
@@ -434,7 +443,8 @@ def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache:
     for label in labels:
         prompts = [_fill(judge.pointwise_prompt, question=case.question, reference=case.reference,
                          answer=answers[label][i]) for i, case in enumerate(cases)]
-        pointwise[label] = [pointwise_score(r) for r in _cached(cache, key_of, prompts, judge.ask)]
+        pointwise[label] = [pointwise_score(r) for r in _cached(cache, key_of, prompts, judge.ask, progress=progress,
+                                                                 phase=f"judge: {label}")]
     pairwise = None
     if len(labels) > 1:
         model = labels[-1]
@@ -447,7 +457,8 @@ def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache:
             prompts.append(_fill(judge.pairwise_prompt, question=case.question, reference=case.reference,
                                  answer_a=first, answer_b=second))
         scores = []
-        for i, reply in enumerate(_cached(cache, key_of, prompts, judge.ask)):
+        for i, reply in enumerate(_cached(cache, key_of, prompts, judge.ask, progress=progress,
+                                          phase=f"judge: {model} vs {against}")):
             choice = pairwise_choice(reply)
             if choice is None:
                 scores.append(math.nan)
@@ -465,7 +476,9 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
         judge=None) -> Evaluation:
     """Ask each answerer every example (answers found in the cache are not asked again) and score them;
     with a :class:`~tuning_magics.evaluation.judge.Judge`, its grades are the metric ``judge`` and its pairwise
-    verdicts :meth:`Evaluation.win_rate`."""
+    verdicts :meth:`Evaluation.win_rate`. ``progress(phase, done, total)`` hears how far it is (default: a
+    progress bar below the cell where widgets render; ``False``: none). Answers are cached a chunk at a
+    time, so an interrupted evaluation (Ctrl-C, a kernel interrupt) continues where it stopped."""
     chosen = metrics_module.resolve(metrics)
     labels = [a.label for a in answerers]
     doubled = sorted({label for label in labels if labels.count(label) > 1})
@@ -473,19 +486,16 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
         raise UserError(f"two models are labelled {', '.join(doubled)}; give each a label of its own", field="models")
     cache = cache or AnswerCache()
     settings = {"temperature": 0, "max_new_tokens": int(max_new_tokens)}
+    if progress is None:
+        from ..display.evaluation import progress_view
+
+        progress = progress_view(title)
     answers: dict[str, list[str]] = {}
     for answerer in answerers:
-        keys = [AnswerCache.key(answerer.key, case.prompt, settings) for case in cases]
-        found = cache.get_many(keys)
-        missing = [i for i, key in enumerate(keys) if key not in found]
-        if progress is not None:
-            progress(answerer.label, len(cases) - len(missing), len(cases))
-        if missing:
-            fresh = answerer.answer([cases[i].prompt for i in missing], max_new_tokens=int(max_new_tokens))
-            new = {keys[i]: text for i, text in zip(missing, fresh)}
-            cache.put_many(new)
-            found.update(new)
-        answers[answerer.label] = [found[key] for key in keys]
+        answers[answerer.label] = _cached(
+            cache, lambda prompt, a=answerer: AnswerCache.key(a.key, prompt, settings), [c.prompt for c in cases],
+            lambda prompts, a=answerer: a.answer(prompts, max_new_tokens=int(max_new_tokens)),
+            progress=progress or None, phase=answerer.label)
     scores: dict[str, dict[str, list[float]]] = {}
     for label in labels:
         scores[label] = {}
@@ -505,11 +515,13 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
     if judge is not None:
         if "judge" in [m.name for m in chosen]:
             raise UserError("a metric is named judge, the name of the judge's grades; rename it", field="metrics")
-        pointwise, pairwise = _judge(judge, cases, answers, labels, cache)
+        pointwise, pairwise = _judge(judge, cases, answers, labels, cache, progress or None)
         chosen = chosen + [Metric("judge", lambda *_: math.nan, about=f"the grade of judge {judge.name}, 1 to 5 "
                                                                        "as 0 to 1")]
         for label in labels:
             scores[label]["judge"] = pointwise[label]
+    if progress:
+        progress("done", 1, 1)
     return Evaluation(labels=labels, metrics=chosen, cases=cases, answers=answers, scores=scores, settings=settings,
                       leaked=sorted(leaked), title=title, pairwise=pairwise)
 
