@@ -145,7 +145,18 @@ def test_a_metric_that_fails_is_one_line_naming_it_and_the_example(tmp_path):
 def test_examples_also_in_the_training_data_are_flagged():
     training = [[{"role": "user", "content": "Q1 "}, {"role": "assistant", "content": "a1"}],
                 [{"role": "user", "content": "q5"}, {"role": "assistant", "content": "other"}]]
-    assert leaked_examples(CASES, training) == [1]
+    assert leaked_examples(CASES, training) == {1: "exact"}
+    # A paraphrase of a training example: most of its word pairs are the same.
+    facts = [[{"role": "user", "content": "What is the capital city of the land of Zorvia?"},
+              {"role": "assistant", "content": "The capital city of the land of Zorvia is Mellt."}]]
+    asked = [Example([{"role": "user", "content": "what is the  capital city of the land of ZORVIA?"}],
+                     "The capital city of the land of Zorvia is Mellt."),
+             Example([{"role": "user", "content": "What is the capital city of the land of Quellan?"}],
+                     "The capital city of the land of Quellan is Arvo.")]
+    assert leaked_examples(asked, facts) == {0: "exact"}  # case and spacing aside, the same
+    asked[0] = Example([{"role": "user", "content": "So, what is the capital city of the land of Zorvia?"}],
+                       "The capital city of the land of Zorvia is Mellt.")
+    assert leaked_examples(asked, facts) == {0: "near"}  # another country is another fact
 
 
 # -- real jobs on the tiny model ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sqlite3
 import tempfile
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ class Evaluation:
     scores: dict[str, dict[str, list[float]]]  # label -> metric name -> one score per example
     settings: dict = field(default_factory=dict)
     leaked: list[int] = field(default_factory=list)  # examples that are also in the training data
+    near: list[int] = field(default_factory=list)  # those of them that are near-duplicates, not exact copies
     title: str = "Evaluation"
     #: The judge's pairwise verdicts: {"model", "against", "scores" (per example: 1 better, 0.5 tie, 0 worse,
     #: NaN unreadable), "judge"}; None without a judge or a second model.
@@ -241,7 +243,7 @@ class Evaluation:
                        "answer": self.answers[label][i]}
                 for metric in self.metrics:
                     row[metric.name] = self.scores[label][metric.name][i]
-                row["in training data"] = i in self.leaked
+                row["in training data"] = ("near-duplicate" if i in self.near else "exact") if i in self.leaked else ""
                 rows.append(row)
         return pd.DataFrame(rows)
 
@@ -355,7 +357,8 @@ class Evaluation:
     def _leak_note(self) -> str:
         if not self.leaked:
             return ""
-        return (f"{len(self.leaked)} of the {len(self.cases)} examples are also in the training data (a score on "
+        kinds = f" ({len(self.leaked) - len(self.near)} exact, {len(self.near)} near-duplicates)" if self.near else ""
+        return (f"{len(self.leaked)} of the {len(self.cases)} examples are also in the training data{kinds} (a score on "
                 "them measures recall, not generalisation)")
 
     def _view(self) -> dict:
@@ -472,7 +475,7 @@ def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache:
 
 
 def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        cache: AnswerCache | None = None, leaked=(), title: str = "Evaluation", progress=None,
+        cache: AnswerCache | None = None, leaked=None, title: str = "Evaluation", progress=None,
         judge=None) -> Evaluation:
     """Ask each answerer every example (answers found in the cache are not asked again) and score them;
     with a :class:`~tuning_magics.evaluation.judge.Judge`, its grades are the metric ``judge`` and its pairwise
@@ -523,11 +526,20 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
     if progress:
         progress("done", 1, 1)
     return Evaluation(labels=labels, metrics=chosen, cases=cases, answers=answers, scores=scores, settings=settings,
-                      leaked=sorted(leaked), title=title, pairwise=pairwise)
+                      leaked=sorted(leaked or {}), near=sorted(i for i, kind in (leaked or {}).items() if kind == "near"),
+                      title=title, pairwise=pairwise)
 
 
-def leaked_examples(cases: list[Example], training: list[list]) -> list[int]:
-    """The examples whose question and reference also appear, normalised, in the training conversations."""
+#: Word-pair overlap (Jaccard) from which an example counts as a near-duplicate of a training example.
+NEAR_DUPLICATE = 0.8
+
+
+def leaked_examples(cases: list[Example], training: list[list]) -> dict[int, str]:
+    """The examples also in the training conversations: ``{index: "exact"}`` when question and reference are the
+    same once normalised, ``{index: "near"}`` when their word pairs overlap by :data:`NEAR_DUPLICATE` or more
+    (a paraphrase, a changed number)."""
+    from collections import Counter
+
     from ..datasets.formats import text_of
     from .metrics import normalise
 
@@ -535,12 +547,35 @@ def leaked_examples(cases: list[Example], training: list[list]) -> list[int]:
         users = [m for m in prompt if m.get("role") == "user"]
         return (normalise(text_of(users[-1]["content"])) if users else "", normalise(reference))
 
-    seen = set()
+    def pairs(sig: tuple[str, str]) -> set[str]:
+        words = re.findall(r"\w+", " ".join(sig))
+        return {f"{a} {b}" for a, b in zip(words, words[1:])} or set(words)
+
+    seen: set = set()
+    shingles: list[set] = []
+    index: dict[str, list[int]] = {}
     for conversation in training:
         last = max((i for i, m in enumerate(conversation) if m.get("role") in ("assistant", "model")), default=None)
-        if last is not None:
-            seen.add(signature(conversation[:last], text_of(conversation[last]["content"])))
-    return [i for i, case in enumerate(cases) if signature(case.prompt, case.reference) in seen]
+        if last is None:
+            continue
+        sig = signature(conversation[:last], text_of(conversation[last]["content"]))
+        if sig in seen:
+            continue
+        seen.add(sig)
+        shingles.append(pairs(sig))
+        for pair in shingles[-1]:
+            index.setdefault(pair, []).append(len(shingles) - 1)
+    found: dict[int, str] = {}
+    for i, case in enumerate(cases):
+        sig = signature(case.prompt, case.reference)
+        if sig in seen:
+            found[i] = "exact"
+            continue
+        mine = pairs(sig)
+        shared = Counter(j for pair in mine for j in index.get(pair, ()))
+        if any(n / (len(mine) + len(shingles[j]) - n) >= NEAR_DUPLICATE for j, n in shared.items()):
+            found[i] = "near"
+    return found
 
 
 def evaluate(model, data, metrics=None, *, label: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -620,7 +655,7 @@ def evaluate_job(job, data=None, metrics=None, *, checkpoints="all", baseline: b
     labels = (["base"] if baseline else []) + chosen
     answerers = [job._answerer(label) for label in labels]
 
-    leaked: list[int] = []
+    leaked: dict[int, str] = {}
     if name != "train_dataset":
         training = job._training_file()
         if training is not None:
@@ -630,7 +665,7 @@ def evaluate_job(job, data=None, metrics=None, *, checkpoints="all", baseline: b
                 with storage.local_copy(training) as local:
                     leaked = leaked_examples(cases, read_conversations(local))
             except (OSError, UserError):
-                leaked = []  # the training data could not be read: no leak check, nothing else lost
+                leaked = {}  # the training data could not be read: no leak check, nothing else lost
     title = f"Evaluation of {job.display_name or job.id}" + (" on its training set" if name == "train_dataset" else "")
     return run(answerers, cases, metrics, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
                leaked=leaked, title=title, judge=_as_judge(judge))
