@@ -8,6 +8,7 @@ from __future__ import annotations
 # fresh registry set their own on top of it).
 import os as _os
 import sys as _sys
+import time as _time
 
 import pytest as _pytest
 
@@ -38,7 +39,15 @@ def _no_worker_outlives_its_module(request):
     if scheduler is None:
         return
     scheduler.poll_children()
-    left = [(pid, proc) for pid, proc in list(scheduler._children.items()) if proc.poll() is None]
+    # A worker whose job has just ended exits by itself a moment later (it closes its files and moves the
+    # queue on): give each a few seconds to, and stop only those still running then.
+    deadline = _time.monotonic() + 10
+    left = []
+    for pid, proc in list(scheduler._children.items()):
+        try:
+            proc.wait(timeout=max(0.0, deadline - _time.monotonic()))
+        except Exception:
+            left.append((pid, proc))
     for pid, proc in left:
         proc.terminate()
         try:

@@ -651,6 +651,36 @@ def test_tune_chat_opens_the_jobs_chat_panel(ip, jobs_home, tmp_path, monkeypatc
     assert "\n" not in str(info.value)
 
 
+def test_tune_eval_passes_its_options_to_job_evaluate(ip, jobs_home, tmp_path, monkeypatch):
+    calls = []
+
+    def evaluate(self, data=None, metrics=None, **options):
+        calls.append((self.id, data, metrics, options))
+        return f"evaluation of {self.id}"
+
+    monkeypatch.setattr(Job, "evaluate", evaluate)
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0], evals={}, age=300)
+    judge = tm.Judge("http://127.0.0.1:9/v1", model_name="grader")
+    ip.push({"job": tm.get_job("tune-a"), "frame": pd.DataFrame({"prompt": ["q"], "completion": ["a"]}),
+             "judge": judge})
+    assert ip.run_line_magic("tune_eval", "--data $frame --metrics exact_match,rouge_l --checkpoints "
+                                          "checkpoint-8,final --judge $judge --max-new-tokens 16 --as scores") == \
+        "evaluation of tune-a"
+    job_id, data, metrics, options = calls[-1]
+    assert job_id == "tune-a" and list(data.columns) == ["prompt", "completion"] and metrics == "exact_match,rouge_l"
+    assert options == {"checkpoints": ["checkpoint-8", "final"], "baseline": True, "max_new_tokens": 16,
+                       "judge": judge}
+    assert ip.user_ns["scores"] == "evaluation of tune-a"
+    ip.run_line_magic("tune_eval", "tune-a --data train --checkpoints final --no-baseline --judge "
+                                   "http://127.0.0.1:8000/v1")
+    assert calls[-1][1] == "train" and calls[-1][3]["checkpoints"] is None and calls[-1][3]["baseline"] is False
+    assert calls[-1][3]["judge"] == "http://127.0.0.1:8000/v1"
+    with pytest.raises(UsageError, match=r"%tune_eval: \$nothing is not a notebook variable"):
+        ip.run_line_magic("tune_eval", "--judge $nothing")
+    ip.user_ns.pop("scores", None)
+    ip.user_ns.pop("judge", None)
+
+
 def test_config_and_tuning_config_share_one_store_last_one_wins(ip):
     # %config first, then %tuning_config, then %config again with the same value as before.
     ip.run_cell("%config TuningMagics.project = 'proj-a'")

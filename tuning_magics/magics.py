@@ -71,7 +71,7 @@ Jobs and experiments
     The chat panel of a job (``job.chat_panel()``): ``JOB`` is a variable
     holding a job, ``$var``, or a job id; by default the variable ``job``, else
     the job submitted or attached last, else the newest job.
-``%tune_eval [JOB] [--data $df|PATH|train] [--metrics M,M] [--checkpoints all|final|C,C] [--no-baseline] [--as VAR]``
+``%tune_eval [JOB] [--data $df|PATH|train] [--metrics M,M] [--checkpoints all|final|C,C] [--judge URL|$var] ...``
     ``job.evaluate()``: the base model, the checkpoints and the tuned model
     scored on the same examples, with intervals, the paired test and the
     examples that flipped; the same job default as ``%tune_chat``.
@@ -810,7 +810,7 @@ class TuningMagics(Magics):
     @no_var_expand
     def tune_eval(self, line: str = ""):
         """Did tuning help? ``%tune_eval [JOB] [--data $df] [--metrics exact_match,rouge_l] [--checkpoints final]
-        [--no-baseline] [--max-new-tokens N] [--as VAR]``: ``job.evaluate()``, shown."""
+        [--no-baseline] [--max-new-tokens N] [--judge URL|$var] [--as VAR]``: ``job.evaluate()``, shown."""
         p = _ArgParser(prog="tune_eval", description="Score a job's base model, checkpoints and tuned model.")
         p.add_argument("job", nargs="?", help="a variable holding a job, $var, or a job id (default: job)")
         p.add_argument("--data", help="$var holding the examples, a JSONL path, or 'train' (default: the "
@@ -819,6 +819,8 @@ class TuningMagics(Magics):
         p.add_argument("--checkpoints", default="all", help="'all' (default), 'final', or names, comma-separated")
         p.add_argument("--no-baseline", action="store_true", help="leave out the model before tuning")
         p.add_argument("--max-new-tokens", type=int, help="the longest answer, in tokens (default: 128)")
+        p.add_argument("--judge", help="a judge: the base URL of an OpenAI-compatible server, or $var holding a "
+                                       "tm.Judge, a job or an endpoint")
         p.add_argument("--as", dest="as_", metavar="VAR", help="keep the Evaluation in this variable")
         p.add_argument("--verbose", action="store_true", help="show tracebacks")
         args = _parse(p, line)
@@ -828,12 +830,15 @@ class TuningMagics(Magics):
         data = args.data
         if data is not None and _WHOLE_VAR.fullmatch(data):
             data = _lookup(self.shell.user_ns, data[1:], "%tune_eval")
+        judge = args.judge
+        if judge is not None and _WHOLE_VAR.fullmatch(judge):
+            judge = _lookup(self.shell.user_ns, judge[1:], "%tune_eval")
         checkpoints = {"all": "all", "final": None}.get(args.checkpoints,
                                                         [c.strip() for c in args.checkpoints.split(",") if c.strip()])
         var = _variable_name(args.as_, "--as") if args.as_ else None
         result = self._run(lambda: job.evaluate(data, args.metrics, checkpoints=checkpoints,
-                                                baseline=not args.no_baseline, max_new_tokens=args.max_new_tokens),
-                           args.verbose)
+                                                baseline=not args.no_baseline, max_new_tokens=args.max_new_tokens,
+                                                judge=judge), args.verbose)
         if var is not None:
             self._keep(var, result)
         return result
