@@ -12,6 +12,8 @@ import html
 import io
 import math
 
+from .monitor import clock
+
 #: Bars: the base model grey, checkpoints a light blue, the final model a strong blue (read on light and dark).
 _BASE, _CHECKPOINT, _FINAL = "#9e9e9e", "#64b5f6", "#1e88e5"
 _INK = "#808080"
@@ -116,16 +118,10 @@ class EvaluationProgress:
         fresh, spent = done - self._first, now - self._started
         if fresh > 0 and spent > 0.5 and done < total:
             rate = fresh / spent
-            words += f" · {rate:.1f}/s · {clock_text((total - done) / rate)} left"
+            words += f" · {rate:.1f}/s · {clock((total - done) / rate)} left"
         elif self._first and done == self._first:
             words += f" ({self._first:,} cached)"
         self.text.value = words
-
-
-def clock_text(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def progress_view(title: str):

@@ -161,8 +161,6 @@ def resolve(metrics) -> list[Metric]:
         metrics = ["exact_match"]
     if isinstance(metrics, (str, Metric)) or callable(metrics):
         metrics = [metrics]
-    if isinstance(metrics, str):
-        metrics = [metrics]
     out: list[Metric] = []
     for item in metrics:
         if isinstance(item, str):
