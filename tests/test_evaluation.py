@@ -182,17 +182,69 @@ def facts_frame() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """The quickstart's job, tuned once for the module in a home of its own."""
+    """The quickstart's job, tuned once for the module in a home of its own, its facts scored in exact match
+    before the first step and at each checkpoint (evaluation during tuning)."""
     home = tmp_path_factory.mktemp("evaluation-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNING_MAGICS_HOME", str(home))
         facts = facts_frame()
         ds = tm.dataset(facts, out=str(home / "facts.jsonl"), prompt="question", completion="answer",
                         system_prompt="Answer in one sentence.", model=MODEL)
-        job = tm.tune(MODEL, ds, tuning_mode="FULL", epochs=40, tuned_model_display_name="facts").wait()
+        job = tm.tune(MODEL, ds, tuning_mode="FULL", epochs=40, tuned_model_display_name="facts",
+                      evaluation={"data": ds, "metrics": "exact_match"}).wait()
         assert job.state == "JOB_STATE_SUCCEEDED", job.error
         yield job, ds, facts
         job.close()
+
+
+@pytest.mark.slow
+def test_evaluation_during_tuning_scores_base_and_each_checkpoint_and_evaluate_reuses_their_answers(
+        tuned, monkeypatch):
+    from tuning_magics.backends.local.answer import LocalAnswerer
+    from tuning_magics.display.monitor import JobMonitor
+
+    job, ds, _facts = tuned
+    scores = job.checkpoint_scores()
+    names = [c.name for c in job.checkpoints]
+    assert list(scores.index) == ["base", *names[:-1]] and list(scores.columns) == ["step", "exact_match"]
+    assert scores.loc["base", "exact_match"] <= 0.1 and scores["exact_match"].iloc[-1] >= 0.9
+    assert job.best_checkpoint() == scores["exact_match"].drop("base").idxmax()
+    assert "eval_exact_match" in job.metrics().columns  # beside the loss, in TensorBoard and MLflow too
+
+    generated = []
+    real = LocalAnswerer.answer
+    monkeypatch.setattr(LocalAnswerer, "answer", lambda self, prompts, **kw: generated.append(self.label)
+                        or real(self, prompts, **kw))
+    result = job.evaluate(ds)
+    assert set(generated) == {"final"}  # base and every checkpoint were answered while the job trained
+    assert (result.table["exact_match"].drop("final") == scores["exact_match"]).all()
+
+    monitor = JobMonitor(job)
+    best = job.best_checkpoint()
+    labels = dict((value, label) for label, value in monitor.checkpoint.options)
+    assert labels[best].endswith("★ best") and labels["final"] == "final"
+    assert f"(best {scores.loc[best, 'exact_match']:.3f}, {best})" in monitor.losses.value
+    assert "exact_match on the evaluation data" in monitor.legend.value
+
+
+def test_evaluation_during_tuning_is_checked_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path))
+    facts = facts_frame().rename(columns={"question": "prompt", "answer": "completion"})
+    for given, words, field in [
+            ({"metrics": ["exact_match"]}, "scores the validation set unless", "evaluation"),
+            ({"data": facts, "metrics": [len]}, "named ones", "evaluation.metrics"),
+            ({"data": facts, "metrics": "bleu"}, "unknown metric 'bleu'", "evaluation.metrics"),
+            ({"data": facts, "every": 3}, "unknown key 'every'", "evaluation"),
+            ({"data": facts, "limit": 0}, "evaluation.limit must be a whole number", "evaluation.limit"),
+            ({"data": facts, "limit": 10}, "64 examples, more than limit=10", "evaluation.data"),
+            ({"data": facts.drop(columns="completion")}, "evaluation.data", "evaluation.data")]:
+        with pytest.raises(UserError, match=words) as info:
+            tm.tune(MODEL, facts, evaluation=given)
+        assert "\n" not in str(info.value) and info.value.field == field, (given, str(info.value))
+    assert tm.list_jobs() == []  # nothing was queued, no job folder left behind
+    plan = tm.tune(MODEL, facts, evaluation={"data": facts[:8], "metrics": "exact_match, rouge_l"}, dry_run=True)
+    assert plan.request["evaluation"] == {"metrics": ["exact_match", "rouge_l"], "max_new_tokens": 128, "limit": 200,
+                                          "data": "DataFrame of 8 rows"}
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ def tune(
     base_teacher_model: str | None = None,
     pre_tuned_model_checkpoint_id: str | None = None,
     export_last_checkpoint_only: bool | None = None,
+    evaluation=None,
     backend: str | None = None,
     dry_run: bool = False,
     wait: bool = False,
@@ -78,6 +79,9 @@ def tune(
     else locally, which the dry run's notes and a warning at submission say
     (``job.backend`` says which; :func:`tuning_magics.backends.choice` is the
     rule). A finished job as ``base_model`` continues from its tuned model.
+    ``evaluation``: task metrics scored on each checkpoint as it is written
+    (``{"data": df, "metrics": ["exact_match"]}``; the data defaults to the
+    validation set), drawn beside the loss; see :mod:`tuning_magics.evaluation.during`.
     ``dry_run=True`` checks everything and returns the :class:`~tuning_magics.jobs.DryRun`
     (the exact request, billed tokens, estimated cost) without uploading or submitting.
     Other keywords are engine options (``batch_size``, ``max_seq_len``, ``seed``, ...).
@@ -135,6 +139,13 @@ def tune(
     if validation_dataset is None and getattr(train_dataset, "validation", None) is not None:
         validation_dataset = train_dataset.validation
 
+    from .evaluation import during
+
+    evaluation = during.check(evaluation)
+    if evaluation is not None and evaluation.data is None and validation_dataset is None:
+        raise UserError("evaluation scores the validation set unless given its own data; pass validation_dataset= "
+                        "or evaluation={'data': ...}", field="evaluation")
+
     request = TuneRequest(
         model=model, train_dataset=train_dataset, method=method, tuning_mode=mode,
         validation_dataset=validation_dataset, custom_base_model=custom_base_model, base_teacher_model=teacher,
@@ -143,7 +154,7 @@ def tune(
         tuned_model_display_name=tuned_model_display_name, description=description, labels=_labels(labels),
         pre_tuned_model_checkpoint_id=pre_tuned_model_checkpoint_id,
         export_last_checkpoint_only=export_last_checkpoint_only, options=dict(engine_options),
-        pre_tuned_model=source.pre_tuned_model if source is not None else None,
+        pre_tuned_model=source.pre_tuned_model if source is not None else None, evaluation=evaluation,
     )
     if dry_run:
         plan = chosen.dry_run(request)

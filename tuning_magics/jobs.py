@@ -60,7 +60,9 @@ PROCESSING_DATASET = "PROCESSING_DATASET"
 WAITING_FOR_CAPACITY = "WAITING_FOR_CAPACITY"  # Vertex AI: waiting for accelerators
 TUNING = "TUNING"
 POST_PROCESSING = "POST_PROCESSING"
-SUBSTATES = (WAITING_FOR_QUOTA, DISTILLING, PROCESSING_DATASET, WAITING_FOR_CAPACITY, TUNING, POST_PROCESSING)
+EVALUATING = "EVALUATING"  # local tuning: the model just saved answers the evaluation examples
+SUBSTATES = (WAITING_FOR_QUOTA, DISTILLING, PROCESSING_DATASET, WAITING_FOR_CAPACITY, TUNING, EVALUATING,
+             POST_PROCESSING)
 #: Sub-states in which a job waits for the service rather than works.
 WAITING_SUBSTATES = frozenset({WAITING_FOR_QUOTA, WAITING_FOR_CAPACITY})
 
@@ -137,6 +139,8 @@ class TuneRequest:
     pre_tuned_model: str | None = None
     pre_tuned_model_checkpoint_id: str | None = None
     export_last_checkpoint_only: bool | None = None
+    #: Task metrics scored on each checkpoint during tuning (:class:`~tuning_magics.evaluation.during.DuringTuning`).
+    evaluation: Any = None
     #: Backend-specific options (the local engine's ``batch_size``, ``max_seq_len``, ...).
     options: dict = field(default_factory=dict)
 
@@ -366,6 +370,21 @@ class Job(ABC):
 
         return evaluate_job(self, data, metrics, checkpoints=checkpoints, baseline=baseline,
                             max_new_tokens=max_new_tokens, limit=limit, judge=judge)
+
+    def checkpoint_scores(self):
+        """Evaluation during tuning (``tune(evaluation=...)``): a DataFrame, one row per model scored while the
+        job trained (``base`` at step 0, then each checkpoint by name), with its ``step`` and a column per
+        metric; empty when the job evaluates nothing during tuning."""
+        from .evaluation.during import checkpoint_scores
+
+        return checkpoint_scores(self.metrics(), self.checkpoints)
+
+    def best_checkpoint(self, metric: str | None = None) -> str | None:
+        """The checkpoint to keep by a task metric scored during tuning (default: the first one), not by loss;
+        a tie goes to the earliest. None when the job scored none. ``job.chat(checkpoint=job.best_checkpoint())``."""
+        from .evaluation.during import best_checkpoint
+
+        return best_checkpoint(self.checkpoint_scores(), metric)
 
     def _answerer(self, checkpoint: str, *, batch_size: int = 16):
         """What answers evaluation prompts as ``checkpoint`` (``base``, a checkpoint's name, ``final``):

@@ -185,7 +185,13 @@ class Snapshot:
     eval_loss: float | None = None
     best_eval: tuple[float, int] | None = None  # (lowest validation loss, its step)
     token_accuracy: float | None = None
+    #: Evaluation during tuning: each task metric's latest score, and the best checkpoint by the first metric
+    #: as (checkpoint, metric, score).
+    task_scores: dict = field(default_factory=dict)
+    best_task: tuple | None = None
     checkpoints: list[str] = field(default_factory=list)
+    #: What the checkpoint picker shows for each checkpoint scored during tuning (its score; the best marked).
+    checkpoint_labels: dict = field(default_factory=dict)
     taken: float = field(default_factory=time.monotonic)
 
     @property
@@ -289,6 +295,11 @@ class Snapshot:
             parts.append(part)
         if self.token_accuracy is not None:
             parts.append(f"token accuracy {self.token_accuracy:.3f}")
+        for name, value in self.task_scores.items():
+            part = f"{name} {value:.3f}"
+            if self.best_task is not None and self.best_task[1] == name:
+                part += f" (best {self.best_task[2]:.3f}, {self.best_task[0]})"
+            parts.append(part)
         return " · ".join(parts)
 
     def text(self) -> str:
@@ -433,9 +444,33 @@ def read_snapshot(job, *, frame=None, rate: StepRate | None = None) -> Snapshot:
                 snap.train_smoothed = None if average is None else _num(average[-1])
             elif column == "eval_loss":
                 snap.best_eval = _best(found)
-    snap.checkpoints = [c.name for c in job.checkpoints]
+    checkpoints = job.checkpoints
+    snap.checkpoints = [c.name for c in checkpoints]
+    _task_scores(snap, frame, checkpoints)
     snap.metrics_note = getattr(job, "metrics_note", None)
     return snap
+
+
+def _task_scores(snap: Snapshot, frame, checkpoints) -> None:
+    """Evaluation during tuning: the latest score of each task metric, the best checkpoint by the first, and
+    the picker's label of each checkpoint scored."""
+    from ..evaluation.during import best_checkpoint, checkpoint_scores
+
+    scores = checkpoint_scores(frame, checkpoints)
+    names = [c for c in scores.columns if c != "step"]
+    if not names:
+        return
+    for name in names:
+        found = scores[name].dropna()
+        if len(found):
+            snap.task_scores[name] = float(found.iloc[-1])
+    kept = scores[names[0]].drop("base", errors="ignore").dropna()
+    best = best_checkpoint(scores) if kept.nunique() > 1 else None  # all the same: none is the one to keep
+    if best is not None:
+        snap.best_task = (best, names[0], float(scores.loc[best, names[0]]))
+    for label, value in scores[names[0]].items():
+        if label in snap.checkpoints and not math.isnan(value):
+            snap.checkpoint_labels[label] = f"{label} · {names[0]} {value:.3f}" + (" ★ best" if label == best else "")
 
 
 def job_text(job) -> str:
@@ -527,6 +562,11 @@ class LossPlot:
         self.best, = ax.plot([], [], ls="", marker="*", ms=14, color=colours["validation loss"],
                              markeredgecolor=PLOT_INK, **lines)
         self.accuracy, = self.acc_axes.plot([], [], color=colours["token accuracy"], lw=1, ls="--", **lines)
+        # Evaluation during tuning: the first task metric at each checkpoint, on the same 0-1 axis.
+        self.task, = self.acc_axes.plot([], [], color=colours["task metric"], lw=1.5, marker="D", ms=4, **lines)
+        self.task_best, = self.acc_axes.plot([], [], ls="", marker="*", ms=14, color=colours["task metric"],
+                                             markeredgecolor=PLOT_INK, **lines)
+        self.points = points
         self.acc_axes.set_ylim(0, 1)
         self.figure.subplots_adjust(left=0.1, right=0.9, bottom=0.19, top=0.96)
         self._limits = None
@@ -536,6 +576,9 @@ class LossPlot:
         #: lowest validation loss with its step (or None).
         self.drawn: list[tuple[str, bool]] = []
         self.best_point: tuple[float, int] | None = None
+        #: The task metric drawn (evaluation during tuning) and its best score with its step, or None.
+        self.task_name: str | None = None
+        self.task_point: tuple[float, int] | None = None
 
     def png(self, frame, total_steps: int | None = None) -> bytes:
         """The picture of a metrics DataFrame (columns ``step``, ``train_loss``, ``eval_loss``, ``token_accuracy``).
@@ -567,7 +610,22 @@ class LossPlot:
             self.drawn.append((name, average is not None))
         self.best_point = _best(_series(frame, "eval_loss"))
         self.best.set_data(*(([self.best_point[1]], [self.best_point[0]]) if self.best_point else ([], [])))
-        accuracy = any(name == "token accuracy" for name, _ in self.drawn)
+        from ..evaluation.during import PREFIX, task_metrics
+
+        self.task_name = next(iter(task_metrics(frame.columns)), None)
+        found = _series(frame, PREFIX + self.task_name) if self.task_name else None
+        self.task.set_data(*(found if found is not None else ([], [])))
+        self.task_point = None
+        if found is not None:
+            last = max(last, float(found[0][-1]))
+            scored = found[0] > 0  # the base model (step 0) is not a checkpoint to keep
+            if len(set(found[1][scored])) > 1:  # all the same: none is the one to keep
+                i = int(found[1][scored].argmax())
+                self.task_point = (float(found[1][scored][i]), int(found[0][scored][i]))
+        self.task_best.set_data(*(([self.task_point[1]], [self.task_point[0]]) if self.task_point else ([], [])))
+        right = ("score, 0-1" if self.task_name else "token accuracy") \
+            if any(name == "token accuracy" for name, _ in self.drawn) or self.task_name else None
+        accuracy = right
         limits = (max(float(total_steps or 0), _nice_ceiling(last * 1.25) if last > (total_steps or 0) else 0.0, 1.0),
                   _nice_ceiling(top * 1.05))
         if (self._limits is None or limits[0] != self._limits[0] or limits[1] > self._limits[1]
@@ -575,14 +633,17 @@ class LossPlot:
             self._limits = (limits[0], max(limits[1], self._limits[1] if self._limits else 0.0), accuracy)
             self.loss_axes.set_xlim(0, self._limits[0])
             self.loss_axes.set_ylim(0, self._limits[1])
-            self.acc_axes.set_visible(accuracy)  # no right axis for a curve that is not there
+            self.acc_axes.set_visible(bool(accuracy))  # no right axis for a curve that is not there
+            if accuracy:
+                self.acc_axes.set_ylabel(accuracy, fontsize=self.points, color=PLOT_INK)
             self.canvas.draw()
             self._background = self.canvas.copy_from_bbox(self.figure.bbox)
             self.backgrounds += 1
         self.canvas.restore_region(self._background)
         for line in (self.train_raw, self.eval_raw, self.train_ema, self.eval_ema, self.best):
             self.loss_axes.draw_artist(line)
-        self.acc_axes.draw_artist(self.accuracy)
+        for line in (self.accuracy, self.task, self.task_best):
+            self.acc_axes.draw_artist(line)
         return _encode_png(self.canvas)
 
     def legend_html(self) -> str:
@@ -598,6 +659,12 @@ class LossPlot:
         if self.best_point is not None:
             entries.append(f"<span style='color:{PLOT_COLOURS['validation loss']}'>&#9733;</span> lowest validation "
                            f"loss, {self.best_point[0]:.4g} at step {self.best_point[1]:,}")
+        if self.task_name:
+            entries.append(f"<span style='color:{PLOT_COLOURS['task metric']};font-weight:bold'>&#9670;</span> "
+                           f"{_e(self.task_name)} on the evaluation data (right axis, 0-1, at each checkpoint)")
+        if self.task_point is not None:
+            entries.append(f"<span style='color:{PLOT_COLOURS['task metric']}'>&#9733;</span> best {_e(self.task_name)}"
+                           f", {self.task_point[0]:.3g} at step {self.task_point[1]:,}")
         return (f"<div class='tm-legend' style='font-size:12px;line-height:1.6;color:{INK}'>"
                 + "<br>".join(entries) + "</div>")
 
@@ -618,7 +685,8 @@ LABEL_PX = 11
 #: Axes, ticks and labels of the PNG plots: a mid grey that reads on a light and a dark notebook alike.
 PLOT_INK = "#8c8c8c"
 #: The curves' colours: mid tones that stand out on a light and a dark page.
-PLOT_COLOURS = {"train loss": "#4a86d4", "validation loss": "#e8772e", "token accuracy": "#3fa34d"}
+PLOT_COLOURS = {"train loss": "#4a86d4", "validation loss": "#e8772e", "token accuracy": "#3fa34d",
+                "task metric": "#b05cc9"}
 
 
 # -- the kernel -------------------------------------------------------------------------------
@@ -879,7 +947,7 @@ class JobMonitor:
             _set(self.plot_box.layout, "display", "")
             self._drawn = key
             self.redraws += 1
-        self._show_checkpoints(snap.checkpoints)
+        self._show_checkpoints(snap.checkpoints, snap.checkpoint_labels)
         # A button that can no longer act is not shown.
         _set(self.cancel_button.layout, "display", "none" if snap.done or kind == "cancelling" else "")
         if self.stop_early_button is not None:
@@ -897,12 +965,14 @@ class JobMonitor:
         else:
             _set(self.error.layout, "display", "none")
 
-    def _show_checkpoints(self, names: list[str]) -> None:
-        if list(self.checkpoint.options) != names:
+    def _show_checkpoints(self, names: list[str], labels: dict | None = None) -> None:
+        """The picker's checkpoints, each labelled with its score where it was evaluated during tuning."""
+        options = [(labels.get(name, name), name) for name in names] if labels else list(names)
+        if list(self.checkpoint.options) != options:
             keep = self._picked if self._picked in names else (names[-1] if names else None)
             self._setting_options = True
             try:
-                self.checkpoint.options = names
+                self.checkpoint.options = options
                 self.checkpoint.value = keep
             finally:
                 self._setting_options = False

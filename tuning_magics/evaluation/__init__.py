@@ -32,7 +32,7 @@ from pathlib import Path
 from ..errors import UserError
 from . import metrics as metrics_module
 from .metrics import Metric
-from .stats import interval, is_binary, paired_p
+from .stats import highest, interval, is_binary, paired_p
 
 #: Tokens an answer may take unless ``max_new_tokens`` says otherwise.
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -289,10 +289,7 @@ class Evaluation:
         """The model (checkpoint) with the highest mean ``metric``; a tie goes to the earliest, which trained least."""
         m = self._metric(metric)
         candidates = [label for label in self.labels if label != "base"] or self.labels
-        means = {label: interval(self.scores[label][m.name]).mean for label in candidates}
-        top = max(v for v in means.values() if not math.isnan(v)) if any(not math.isnan(v) for v in means.values()) \
-            else math.nan
-        return next(label for label in candidates if means[label] == top) if not math.isnan(top) else candidates[-1]
+        return highest({label: interval(self.scores[label][m.name]).mean for label in candidates}) or candidates[-1]
 
     def significance(self, metric: str | None = None, *, model: str | None = None,
                      against: str | None = None) -> float:

@@ -103,3 +103,10 @@ def paired_p(a, b, *, seed: int = 0) -> float:
     if is_binary(xs) and is_binary(ys):
         return mcnemar(xs, ys)
     return paired_bootstrap(xs, ys, seed=seed)
+
+
+def highest(means: dict) -> str | None:
+    """The key of the highest mean (NaN never counts), the first of those tied; None when none is a number."""
+    found = [(value, -i, key) for i, (key, value) in enumerate(means.items())
+             if value is not None and not math.isnan(value)]
+    return max(found)[2] if found else None

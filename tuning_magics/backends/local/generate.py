@@ -133,6 +133,14 @@ class LocalChatModel:
         self.model.config.use_cache = True
         self._turns = _Turns()
 
+    @classmethod
+    def around(cls, model, tokenizer, name: str = "model") -> "LocalChatModel":
+        """A chat model over weights already loaded (the trainer's, between steps): nothing is loaded or copied;
+        the caller puts the model in eval mode with its KV cache on."""
+        self = cls.__new__(cls)
+        self.name, self.model, self.tokenizer, self._turns = name, model, tokenizer, _Turns()
+        return self
+
     @property
     def device(self):
         return next(self.model.parameters()).device

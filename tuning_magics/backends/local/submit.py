@@ -67,6 +67,8 @@ def submit(request: TuneRequest) -> local.LocalJob:
         config = _config(request, custom, teacher, options, str(out))
         config.update(train_path=train_file.uri, validation_path=validation_file.uri if validation_file else None,
                       predicted_stats=prepare.predicted_stats(train_file.report, model, request.epochs))
+        if request.evaluation is not None:
+            config["evaluation"]["path"] = _evaluation_file(request, out, validation_file)
         if teacher is not None and config["base_teacher_model"] != teacher:
             _keep_secret(out / TEACHER_SECRET_FILE, teacher)
         local.record(job_id, config, out, display_name=request.tuned_model_display_name)
@@ -102,7 +104,24 @@ def _config(request: TuneRequest, custom, teacher, options: dict, output_uri: st
         config["description"] = request.description
     if request.labels:
         config["labels"] = dict(request.labels)
+    if request.evaluation is not None:
+        config["evaluation"] = request.evaluation.describe()
     return config
+
+
+def _evaluation_file(request: TuneRequest, folder: Path, validation_file) -> str:
+    """The examples scored at each checkpoint (``evaluation.data``, else the validation set), checked now as
+    the worker will read them, so a mistake is said at submission and not after the first epoch."""
+    from ...evaluation import examples_of
+
+    spec = request.evaluation
+    if spec.data is not None:
+        uri = prepare.to_jsonl("evaluation.data", spec.data, folder / "evaluation.jsonl", request.model, "sft").uri
+    else:
+        uri = validation_file.uri
+    examples_of(uri, request.model, name="evaluation.data" if spec.data is not None else "validation_dataset",
+                limit=spec.limit)
+    return uri
 
 
 def _keep_secret(path: Path, text: str) -> None:
@@ -210,6 +229,8 @@ def dry_run(request: TuneRequest):
             validation = prepare.to_jsonl("validation_dataset", request.validation_dataset,
                                           Path(scratch) / "validation.jsonl", request.model, "sft")
             prepare.check_validation_set(validation.uri, train.uri, request.model)
+        if request.evaluation is not None:
+            _evaluation_file(request, Path(scratch), validation if request.validation_dataset is not None else None)
     stats = prepare.predicted_stats(train.report, request.model, request.epochs)
     where = str(Path(output).expanduser().resolve()) if output is not None else str(local.jobs_root() / "<job id>")
     body = _config(request, custom, teacher, options, where)

@@ -19,6 +19,8 @@ Events passed to ``on_event`` (plain dicts):
 - ``{"event": "metrics", "step", "epoch", "eval_loss", "eval_token_accuracy"}`` (one per epoch, with validation)
 - ``{"event": "progress", "step", "total_steps", "epoch", "epochs", "fraction"}``
 - ``{"event": "checkpoint", "path", "step", "epoch"}``
+- ``{"event": "metrics", "step", "epoch", "eval_<metric>"...}`` (evaluation during tuning: at step 0 and after
+  each checkpoint)
 - ``{"event": "resumed", "step", "epoch", "checkpoint"}``
 """
 
@@ -40,6 +42,7 @@ from ... import params
 from ...catalog import FULL, PEFT, normalise_mode
 from ...errors import UserError
 from ...storage import atomic_folder
+from ...evaluation.during import PREFIX
 from . import checkpoints as ckpt
 from .metrics import METRICS_FILE, MetricsWriter
 
@@ -378,14 +381,16 @@ def _load_weights(model, folder: Path, mode: str, device) -> None:
 
 def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, should_stop_early: Callable[[], bool] | None = None,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, evaluator: Callable | None = None) -> TrainResult:
     """Fine-tune ``config.base_model`` (or ``config.custom_base_model``) on ``config.train_path``.
 
     Raises :class:`TrainingCancelled` when ``should_stop()`` turns True (the last
     complete checkpoint stays usable for ``resume=True``). When ``should_stop_early()``
     turns True, training ends after the step in progress: a checkpoint of that step
     is written (evaluated first when there is a validation set), the best checkpoint
-    so far becomes ``final`` and the result's ``note`` says so. Raises UserError for
+    so far becomes ``final`` and the result's ``note`` says so. ``evaluator(model, tokenizer, label, folder)``
+    (evaluation during tuning, see :class:`.answer.CheckpointEvaluator`) scores the model before the first step
+    and after each checkpoint; its scores are metrics rows ``eval_<metric>``. Raises UserError for
     anything the user can fix (missing weights, unreadable data, not enough memory).
     """
     import torch
@@ -580,10 +585,32 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
             }, indent=2), encoding="utf-8")
         written.append(str(target))
         emit({"event": "checkpoint", "path": str(target), "step": global_step, "epoch": epoch})
+        score(epoch, target.name, str(target))
+
+    def score(epoch, label: str, folder: str | None) -> None:
+        """Evaluation during tuning: the task metrics of the model as it is now, as a metrics row."""
+        if evaluator is None:
+            return
+        emit({"event": "substate", "substate": "EVALUATING"})
+        model.eval()
+        model.config.use_cache = True
+        try:
+            with torch.no_grad():
+                scores = evaluator(model, tokenizer, label, folder)
+        finally:
+            model.config.use_cache = False
+            model.train()
+        row = {"step": global_step, "epoch": epoch, **{PREFIX + name: round(value, 6) for name, value in
+                                                      scores.items()}}
+        metrics.write(row)
+        emit({"event": "metrics", **row})
+        emit({"event": "substate", "substate": "TUNING"})
 
     try:
         with writes:
             emit({"event": "substate", "substate": "TUNING"})
+            if global_step == 0:
+                score(0, "base", None)
             for epoch in range(start_epoch, int(config.epochs)):
                 batches = D.length_grouped_batches(lengths, batch_size, config.seed * 1000 + epoch)
                 for s in range(0, len(batches), accum):

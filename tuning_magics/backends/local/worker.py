@@ -155,8 +155,15 @@ class Worker:
             self._check_stop()
             # train() checks that the job fits in memory (a UserError) before it loads any weights.
             config = self._train_config(cfg, train_path, out)
+            evaluator = None
+            if cfg.get("evaluation"):
+                from .answer import CheckpointEvaluator
+
+                evaluator = CheckpointEvaluator(cfg["evaluation"], cfg["base_model"],
+                                                cfg.get("custom_base_model") or cfg["base_model"],
+                                                should_stop=self.should_stop)
             result = train(config, on_event=self.on_event, should_stop=self.should_stop,
-                           should_stop_early=self.should_stop_early, resume=rec.resume)
+                           should_stop_early=self.should_stop_early, resume=rec.resume, evaluator=evaluator)
         except TrainingCancelled:
             raise _Stop() from None
         if not out.is_dir():  # removed after the trainer's last look: nothing of the result is left
