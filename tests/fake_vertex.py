@@ -9,7 +9,9 @@ expect, in the JSON shapes the SDKs parse:
   from the Cloud Storage emulator), get, list (newest first, pageSize/pageToken), cancel.
   A job's lifecycle is driven by the clock, so ``get`` advances it; on success it carries
   data stats, an experiment backed by a TensorBoard, and either Gemini's tuned model and
-  checkpoints or an open model's files under ``outputUri`` (written into the emulator).
+  checkpoints or an open model's files under ``outputUri`` (written into the emulator). A Gemini job with
+  ``supervisedTuningSpec.evaluationConfig`` (checked as the service checks it) lists ``evaluateDatasetRuns``, a
+  scored run per checkpoint reached.
 - ``projects/P/locations/L:deploy`` (a long-running operation of ``deploy_seconds`` on the fake's clock, 20
   minutes unless set) and ``operations/O``.
 - ``endpoints/E`` get, delete, ``:undeployModel``, ``:predict`` (a ``prompt``, or a chat request with
@@ -155,6 +157,36 @@ ENUMS = {"tuningMode": ("TuningMode", ["TUNING_MODE_UNSPECIFIED", "TUNING_MODE_F
          "adapterSize": ("AdapterSize", ["ADAPTER_SIZE_UNSPECIFIED", "ADAPTER_SIZE_ONE", "ADAPTER_SIZE_TWO",
                                          "ADAPTER_SIZE_FOUR", "ADAPTER_SIZE_EIGHT", "ADAPTER_SIZE_SIXTEEN",
                                          "ADAPTER_SIZE_THIRTY_TWO"])}
+# Evaluation during tuning (a preview, us-central1 only): ``supervisedTuningSpec.evaluationConfig`` as
+# google-genai's _EvaluationConfig_to_vertex and t_metrics (tunings.py, _transformers.py, 2.x) send it: each
+# metric in snake_case with exactly one of these specs (the REST reference's METRIC_SPEC list), its
+# ``aggregation_metrics``; ``outputConfig.gcs_destination.output_uri_prefix`` a gs:// folder. A validation set is
+# what is scored ("tested against the latter at each checkpoint", Google's sft_gemini_automatic_evaluation
+# notebook). Proto JSON reads camelCase and snake_case alike and null as unset.
+EVALUATION_SPECS = ("pointwise_metric_spec", "pairwise_metric_spec", "exact_match_spec", "bleu_spec", "rouge_spec")
+EVALUATION_REGION = "us-central1"
+#: ROUGE types the service knows (RougeSpec's docs: rougen[1-9], rougeL, rougeLsum); case matters.
+ROUGE_TYPES = {*(f"rouge{n}" for n in range(1, 10)), "rougeL", "rougeLsum"}
+AGGREGATIONS = {"AVERAGE", "MODE", "STANDARD_DEVIATION", "VARIANCE", "MINIMUM", "MAXIMUM", "MEDIAN",
+                "PERCENTILE_P90", "PERCENTILE_P95", "PERCENTILE_P99"}
+#: Each spec's aggregation result field (EvaluateDatasetRun's AggregationResult) and the score the fake gives a
+#: checkpoint a fraction ``x`` of the way through training: rising as it learns, as a real task score does.
+EVALUATION_RESULTS = {"exact_match_spec": ("exactMatchMetricValue", lambda x: 0.1 + 0.75 * (1 - math.exp(-3 * x))),
+                      "rouge_spec": ("rougeMetricValue", lambda x: 0.3 + 0.6 * (1 - math.exp(-3 * x))),
+                      "bleu_spec": ("bleuMetricValue", lambda x: 0.2 + 0.5 * (1 - math.exp(-3 * x))),
+                      "pointwise_metric_spec": ("pointwiseMetricResult", lambda x: 2 + 2.5 * (1 - math.exp(-3 * x)))}
+
+
+def _snake_keys(value):
+    """A proto-JSON object with camelCase keys in snake_case and null members left out, as the parser reads it."""
+    if isinstance(value, dict):
+        return {re.sub(r"(?<!^)([A-Z])", lambda m: "_" + m.group(1).lower(), k): _snake_keys(v)
+                for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_snake_keys(v) for v in value]
+    return value
+
+
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}  # fmt: skip
 
@@ -1001,6 +1033,8 @@ class FakeVertex:
             raise ApiError(400, "output_uri is required to tune an open model.")
         train = self._load_dataset(spec.get(train_field), f"{prefix}.{train_field}", True)
         validation = self._load_dataset(spec.get("validationDatasetUri"), f"{prefix}.validationDatasetUri", False)
+        if spec.get("evaluationConfig") is not None:
+            self._check_evaluation(spec["evaluationConfig"], base, location, validation, prefix)
         if body.get("customBaseModel") and not body["customBaseModel"].startswith("gs://"):
             raise ApiError(400, f"customBaseModel must be a Cloud Storage folder, got {body['customBaseModel']!r}.")
         outcome = self._outcomes.pop(0) if self._outcomes else Outcome()
@@ -1011,6 +1045,74 @@ class FakeVertex:
             job.resolved_base = base
         self.jobs[name] = job
         return 200, self._render(job)
+
+    @staticmethod
+    def _check_evaluation(config: dict, base: str, location: str, validation, prefix: str) -> None:
+        """Evaluation during tuning, refused as the service refuses it (see EVALUATION_SPECS)."""
+        where = f"{prefix}.evaluation_config"
+        if not base.startswith("gemini-"):
+            raise ApiError(400, f"{where} is not supported for base model {base}.")
+        if location != EVALUATION_REGION:
+            raise ApiError(400, f"{where} is only supported in {EVALUATION_REGION}.", "FAILED_PRECONDITION")
+        if validation is None:
+            raise ApiError(400, f"{where} requires {prefix}.validation_dataset_uri: it is what each checkpoint is "
+                                "evaluated on.")
+        config = _snake_keys(config)
+        unknown = sorted(set(config) - {"metrics", "output_config", "autorater_config", "inference_generation_config"})
+        if unknown:
+            raise ApiError(400, f'Invalid JSON payload received. Unknown name "{unknown[0]}" at \'{where}\': '
+                                "Cannot find field.")
+        metrics = config.get("metrics") or []
+        if not metrics:
+            raise ApiError(400, f"{where}.metrics must not be empty.")
+        for i, metric in enumerate(metrics):
+            specs = [k for k in metric if k != "aggregation_metrics"]
+            if any(k not in EVALUATION_SPECS for k in specs) or len(specs) != 1:
+                raise ApiError(400, f"{where}.metrics[{i}] must set exactly one of {', '.join(EVALUATION_SPECS)}; "
+                                    f"got {', '.join(specs) or 'none'}.")
+            bad = [a for a in metric.get("aggregation_metrics") or [] if a not in AGGREGATIONS]
+            if bad:
+                raise ApiError(400, f"Invalid value at '{where}.metrics[{i}].aggregation_metrics' ({bad[0]}).")
+            kind = specs[0]
+            if kind == "rouge_spec" and metric[kind].get("rouge_type") not in ROUGE_TYPES:
+                raise ApiError(400, f"{where}.metrics[{i}].rouge_spec.rouge_type {metric[kind].get('rouge_type')!r} "
+                                    f"is not one of {', '.join(sorted(ROUGE_TYPES))}.")
+            if kind in ("pointwise_metric_spec", "pairwise_metric_spec") and \
+                    not metric[kind].get("metric_prompt_template"):
+                raise ApiError(400, f"{where}.metrics[{i}].{kind}.metric_prompt_template is required.")
+        prefix_uri = ((config.get("output_config") or {}).get("gcs_destination") or {}).get("output_uri_prefix")
+        if not str(prefix_uri or "").startswith("gs://"):
+            raise ApiError(400, f"{where}.output_config.gcs_destination.output_uri_prefix must be a gs:// folder.")
+
+    def _evaluation_runs(self, job: Job, state: str) -> list[dict]:
+        """``evaluateDatasetRuns``: one per checkpoint the job has reached, the newest still running (only its
+        ``evaluationRun``) until the job ends; each metric's AVERAGE and STANDARD_DEVIATION, in config order."""
+        config = _snake_keys(job.spec.get("evaluationConfig") or {})
+        reached = job.total_steps * job.progress(self.now())
+        runs = []
+        output = config["output_config"]["gcs_destination"]["output_uri_prefix"].rstrip("/")
+        done = [(epoch, step) for epoch, step in job.checkpoint_steps() if step <= reached]
+        for epoch, step in done:
+            run = {"checkpointId": str(epoch),
+                   "evaluationRun": f"projects/{job.project}/locations/{job.location}/evaluationRuns/{job.id}{epoch}"}
+            runs.append(run)
+            if (epoch, step) == done[-1] and state not in ENDED_STATES:
+                continue  # the last checkpoint's evaluation is still running
+            results = []
+            for metric in config["metrics"]:
+                kind = next(k for k in metric if k != "aggregation_metrics")
+                field_name, score = EVALUATION_RESULTS.get(kind, ("pairwiseMetricResult", None))
+                for aggregation in metric.get("aggregation_metrics") or ["AVERAGE"]:
+                    value = score(step / job.total_steps) if score else None
+                    if aggregation == "STANDARD_DEVIATION" and value is not None:
+                        value = 0.1
+                    results.append({"aggregationMetric": aggregation, field_name:
+                                    {"score": round(value, 4)} if value is not None else {"pairwiseChoice": "TIE"}})
+            run["evaluateDatasetResponse"] = {
+                "aggregationOutput": {"aggregationResults": results,
+                                      "dataset": {"gcsSource": {"uris": [job.validation.uri]}}},
+                "outputInfo": {"gcsOutputDirectory": f"{output}/evaluation_{rfc3339(job.created)}_{epoch}"}}
+        return runs
 
     def _find_job(self, project, location, job_id) -> Job:
         job = self.jobs.get(f"projects/{project}/locations/{location}/tuningJobs/{job_id}")
@@ -1086,6 +1188,8 @@ class FakeVertex:
                                                                        "and expired. Please retry later."}
         elif state == "JOB_STATE_PARTIALLY_SUCCEEDED" and job.outcome.error:
             out["error"] = job.outcome.error
+        if job.spec.get("evaluationConfig") is not None and start:
+            out["evaluateDatasetRuns"] = self._evaluation_runs(job, state)
         if state in SUCCEEDED_STATES:
             if job.is_gemini:
                 out["tunedModel"] = self._tuned_gemini(job)

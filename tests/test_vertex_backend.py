@@ -709,3 +709,69 @@ def test_metrics_are_read_once_per_snapshot_of_the_job(vertex, data):
     job.refresh()  # a new snapshot reads them again
     job.metrics()
     assert reads() - before == 2 * once
+
+
+# ====================================================================== evaluation during tuning
+
+
+def test_a_gemini_job_evaluated_during_tuning_sends_the_services_evaluation_config_and_reads_its_scores(vertex,
+                                                                                                       data):
+    job = tm.tune("gemini-2.5-flash", data["train"], epochs=3, validation_dataset=data["validation"],
+                  evaluation={"metrics": "exact_match, rouge_l", "max_new_tokens": 64})
+    config = vertex.bodies()[-1]["supervisedTuningSpec"]["evaluationConfig"]
+    kinds = [next(k for k, v in metric.items() if v is not None and k != "aggregation_metrics")
+             for metric in config["metrics"]]
+    assert kinds == ["exact_match_spec", "rouge_spec"] and config["metrics"][1]["rouge_spec"]["rouge_type"] == "rougeL"
+    assert config["outputConfig"]["gcs_destination"]["output_uri_prefix"].startswith(f"gs://{vertex.bucket}/")
+    assert config["inferenceGenerationConfig"] == {"temperature": 0.0, "maxOutputTokens": 64}
+    walk(vertex, job)
+    assert job.state == "JOB_STATE_SUCCEEDED"
+    scores = job.checkpoint_scores()
+    assert list(scores.index) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert list(scores.columns) == ["step", "exact_match", "rouge_l"]
+    assert scores["exact_match"].is_monotonic_increasing and 0 < scores["rouge_l"].min() <= 1
+    assert job.best_checkpoint() == "checkpoint-3" and job.best_checkpoint("rouge_l") == "checkpoint-3"
+    frame = job.metrics()  # beside the loss curve the experiment holds
+    assert frame["eval_exact_match"].notna().sum() == 3 and frame["train_loss"].notna().any()
+
+
+def test_evaluation_during_tuning_on_vertex_follows_the_services_rules_before_anything_is_uploaded(vertex, data):
+    for kwargs, field, words in [
+            (dict(base_model="qwen3-4b", output_uri=data["output"]), "evaluation", "Gemini models only"),
+            (dict(evaluation={"metrics": "token_f1"}), "evaluation.metrics", "not token_f1"),
+            (dict(evaluation={"data": FRAME}), "evaluation.data", "give the evaluation data as validation_dataset"),
+    ]:
+        arguments = dict(base_model="gemini-2.5-flash", evaluation={"metrics": "exact_match"},
+                         validation_dataset=FRAME[:4])
+        arguments.update(kwargs)
+        with pytest.raises(UserError, match=words) as info:
+            tm.tune(train_dataset=FRAME, epochs=1, **arguments)
+        assert info.value.field == field and "\n" not in str(info.value)
+    tm.settings.update(location="europe-west4")
+    try:
+        with pytest.raises(UserError, match="us-central1 only") as info:
+            tm.tune("gemini-2.5-flash", FRAME, validation_dataset=FRAME[:4], evaluation=True)
+    finally:
+        tm.settings.update(location="us-central1")
+    assert vertex.bodies() == [] and staged(vertex) == []
+    # evaluation's own data is the validation set the service scores, and the dry run shows the whole request.
+    plan = tm.tune("gemini-2.5-flash", FRAME, evaluation={"data": FRAME[:4]}, dry_run=True)
+    assert plan.request["supervisedTuningSpec"]["validationDatasetUri"].startswith("gs://")
+    assert plan.request["supervisedTuningSpec"]["evaluationConfig"]["metrics"][0]["exact_match_spec"] == {}
+
+
+def test_the_fake_refuses_evaluation_configs_the_service_refuses(vertex, data):
+    from google.genai import errors, types
+
+    client = vertex.genai_client()
+    output = types.OutputConfig(gcs_destination=types.GcsDestination(output_uri_prefix=f"gs://{vertex.bucket}/e"))
+    for metrics, validation, words in [
+            ([types.Metric(name="rougeL")], data["validation"], "rouge_type 'rougel'"),
+            ([types.Metric(name="exact_match")], None, "requires"),
+    ]:
+        config = types.CreateTuningJobConfig(
+            validation_dataset=types.TuningValidationDataset(gcs_uri=validation) if validation else None,
+            evaluation_config=types.EvaluationConfig(metrics=metrics, output_config=output))
+        with pytest.raises(errors.ClientError, match=words):
+            client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=types.TuningDataset(
+                gcs_uri=data["train"]), config=config)

@@ -136,7 +136,7 @@ class VertexJob(Job):
         curve can be found, ``metrics_note`` (and the frame's ``attrs["note"]``) says
         why in one line; it is None otherwise.
         """
-        from .metrics import read_metrics
+        from .metrics import evaluation_rows, read_metrics
 
         raw = self.raw  # a fresh snapshot when the last one is stale
         if self._metrics is not None and self._metrics[0] is raw:
@@ -151,7 +151,7 @@ class VertexJob(Job):
             rows, note = [], "no loss curve: the job ended before tuning started (it has no experiment)"
         else:
             rows, note = [], "no loss curve yet: Vertex AI logs the metrics once tuning starts"
-        frame = metrics_frame(rows)
+        frame = metrics_frame(rows + evaluation_rows(raw))
         if note:
             frame.attrs["note"] = note
         self.metrics_note = note

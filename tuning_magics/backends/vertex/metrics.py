@@ -196,3 +196,35 @@ def _read_series(session, base: str, wanted: dict[str, str]) -> dict[int, dict] 
 def _table(rows: dict[int, dict], wanted: dict[str, str]) -> list[dict]:
     keys = _ALWAYS + (("eval_token_accuracy",) if "eval_token_accuracy" in wanted.values() else ())
     return [{"step": step, **{k: rows[step].get(k) for k in keys}} for step in sorted(rows)]
+
+
+#: The metric each kind of Vertex AI aggregation result scores (tuning_magics asks ROUGE as ROUGE-L only).
+_RESULTS = {"exact_match_metric_value": "exact_match", "rouge_metric_value": "rouge_l", "bleu_metric_value": "bleu"}
+
+
+def evaluation_rows(raw) -> list[dict]:
+    """Evaluation during tuning: a metrics row per checkpoint the service has scored, ``{"step", "eval_<metric>"}``
+    from each metric's AVERAGE (google-genai's ``TuningJob.evaluate_dataset_runs``). A run still going, or one
+    that failed, has no row; a checkpoint is placed at its step once the tuned model lists it."""
+    from ...evaluation.during import PREFIX
+
+    tuned = getattr(raw, "tuned_model", None)
+    steps = {str(ck.checkpoint_id): int(ck.step) for ck in (getattr(tuned, "checkpoints", None) or [])
+             if ck.step is not None}
+    rows = []
+    for run in getattr(raw, "evaluate_dataset_runs", None) or []:
+        output = getattr(run.evaluate_dataset_response, "aggregation_output", None)
+        step = steps.get(str(run.checkpoint_id))
+        if step is None or run.error is not None or output is None:
+            continue
+        row = {"step": step}
+        for result in output.aggregation_results or []:
+            if str(getattr(result.aggregation_metric, "value", result.aggregation_metric)) != "AVERAGE":
+                continue
+            for attr, name in _RESULTS.items():
+                value = getattr(result, attr, None)
+                if value is not None and value.score is not None:
+                    row[PREFIX + name] = float(value.score)
+        if len(row) > 1:
+            rows.append(row)
+    return rows

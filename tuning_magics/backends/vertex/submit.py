@@ -33,6 +33,9 @@ from .jobs import ADAPTER_SIZES, LABEL_DATASET, LABEL_PREDICTED, LABEL_VERSION, 
 
 #: The options beyond tune()'s parameters the service takes, and their rules (the rest belong to other backends).
 SERVICE_OPTIONS = {"batch_size": params.whole_at_least_1}
+#: The metrics Vertex AI scores on each checkpoint itself (evaluation during tuning), in the region that has it.
+EVALUATION_METRICS = ("exact_match", "rouge_l")
+EVALUATION_REGION = "us-central1"
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Plan:
     stats: dict = field(default_factory=dict)
     labels: dict = field(default_factory=dict)
     output_uri: str | None = None
+    evaluation_uri: str | None = None  # where the service writes each checkpoint's evaluation
     teacher: str | None = None
     call: tuple = ()  # (base_model, training_dataset, config) for tunings.tune
 
@@ -153,6 +157,8 @@ def check(request: TuneRequest, ctx: vc.Context) -> str | None:
                         f"{', '.join(sorted(SERVICE_OPTIONS))} (or use another backend)", field=unknown[0])
     for name, value in request.options.items():
         SERVICE_OPTIONS[name](name, value)
+    if request.evaluation is not None:
+        _check_evaluation(request, ctx)
     teacher = None
     if request.method == "distillation":
         found = catalog.get_teacher(request.base_teacher_model)
@@ -163,6 +169,28 @@ def check(request: TuneRequest, ctx: vc.Context) -> str | None:
                             field="base_teacher_model")
         teacher = found.id
     return teacher
+
+
+def _check_evaluation(request: TuneRequest, ctx: vc.Context) -> None:
+    """Evaluation during tuning as Vertex AI has it (a preview): Gemini models, in us-central1, exact match and
+    ROUGE-L, on the validation set."""
+    model, spec = request.model, request.evaluation
+    if model.provider != "gemini":
+        raise UserError(f"Vertex AI evaluates checkpoints during tuning for Gemini models only; drop evaluation= and "
+                        f"score {model.id} afterwards with job.evaluate(), or tune it with backend='local'",
+                        field="evaluation")
+    if ctx.location != EVALUATION_REGION:
+        raise UserError(f"Vertex AI evaluates during tuning in {EVALUATION_REGION} only (a preview), not in "
+                        f"{ctx.location}; set location='{EVALUATION_REGION}', or drop evaluation= and score the job "
+                        "afterwards with job.evaluate()", field="evaluation")
+    other = [m for m in spec.metrics if m not in EVALUATION_METRICS]
+    if other:
+        raise UserError(f"evaluation.metrics: Vertex AI scores {' and '.join(EVALUATION_METRICS)} during tuning, not "
+                        f"{', '.join(other)}; score those afterwards with job.evaluate(metrics=[...])",
+                        field="evaluation.metrics")
+    if spec.data is not None and request.validation_dataset is not None:
+        raise UserError("evaluation.data: Vertex AI scores each checkpoint on the validation set; give the evaluation "
+                        "data as validation_dataset, or leave evaluation.data out", field="evaluation.data")
 
 
 def _staging(ctx: vc.Context, why: str) -> str:
@@ -180,13 +208,23 @@ def _plan(request: TuneRequest, ctx: vc.Context, scratch: Path) -> _Plan:
     plan = _Plan(request, ctx, "", None, teacher=teacher)
     train = _dataset(plan, "train_dataset", request.train_dataset, scratch / "train.jsonl", method)
     plan.train_uri = train.uri
-    if request.validation_dataset is not None:
-        validation = _dataset(plan, "validation_dataset", request.validation_dataset, scratch / "validation.jsonl",
-                              "sft")
+    spec = request.evaluation
+    # The service scores checkpoints on the validation set: evaluation's own data is that set.
+    name, given = ("evaluation.data", spec.data) if spec is not None and spec.data is not None else \
+        ("validation_dataset", request.validation_dataset)
+    if given is not None:
+        validation = _dataset(plan, name, given, scratch / "validation.jsonl", "sft")
         plan.validation_uri = validation.uri
         local_train = next((k for k, v in plan.uploads.items() if v == train.uri), train.uri)
         local_validation = next((k for k, v in plan.uploads.items() if v == validation.uri), validation.uri)
         prepare.check_validation_set(local_validation, local_train, model)
+        if spec is not None:
+            from ...evaluation import examples_of
+
+            examples_of(local_validation, model, name=name, limit=spec.limit)  # every example has its reference
+    if spec is not None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        plan.evaluation_uri = f"{_staging(ctx, 'the evaluation results')}/evaluations/{model.short_name}-{stamp}"
     plan.stats = prepare.predicted_stats(train.report, model, request.epochs)
     plan.output_uri = request.output_uri
     if plan.output_uri is None and model.provider == "open":
@@ -267,8 +305,24 @@ def _sdk_call(plan: _Plan):
     config.update({k: v for k, v in optional.items() if v is not None})
     if plan.validation_uri:
         config["validation_dataset"] = types.TuningValidationDataset(gcs_uri=plan.validation_uri)
+    if request.evaluation is not None:
+        config["evaluation_config"] = _evaluation_config(request.evaluation, plan.evaluation_uri)
     base_model = request.pre_tuned_model or model.id
     return base_model, types.TuningDataset(gcs_uri=plan.train_uri), types.CreateTuningJobConfig(**config)
+
+
+def _evaluation_config(spec, output_uri: str):
+    """google-genai's EvaluationConfig for evaluation during tuning: the metrics, greedy answers of at most
+    ``max_new_tokens``, the results under ``output_uri``. ROUGE-L goes as a RougeSpec, since ``Metric(name=...)``
+    lower-cases the name into a ROUGE type the service does not know (``rougel``)."""
+    from google.genai import types
+
+    metrics = {"exact_match": types.Metric(name="exact_match"),
+               "rouge_l": types.UnifiedMetric(rouge_spec=types.RougeSpec(rouge_type="rougeL"))}
+    return types.EvaluationConfig(
+        metrics=[metrics[name] for name in spec.metrics],
+        output_config=types.OutputConfig(gcs_destination=types.GcsDestination(output_uri_prefix=output_uri)),
+        inference_generation_config=types.GenerationConfig(temperature=0, max_output_tokens=spec.max_new_tokens))
 
 
 def request_body(plan: _Plan) -> dict:
