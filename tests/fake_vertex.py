@@ -640,6 +640,8 @@ class FakeVertex:
         self.project_numbers = {"fake-project": "123456789012", **(project_numbers or {})}
         self.regions: dict[str, set[str]] = {}  # base model -> regions that tune it (overrides the defaults)
         self.requests: list[Recorded] = []
+        #: Every instance the evaluation service graded: {"kind", "values", "model", "template"}.
+        self.evaluations: list[dict] = []
         self.jobs: dict[str, Job] = {}
         self.endpoints: dict[str, dict] = {}
         self.operations: dict[str, dict] = {}
@@ -840,6 +842,7 @@ class FakeVertex:
             ("GET", r"/tuningJobs/([^/:]+)", self._get_job),
             ("POST", r"/tuningJobs/([^/:]+):cancel", self._cancel_job),
             ("POST", r":deploy", self._deploy),
+            ("POST", r":evaluateInstances", self._evaluate_instances),
             ("GET", r"/operations/([^/:]+)", self._get_operation),
             ("GET", r"/endpoints/([^/:]+)", self._get_endpoint),
             ("POST", r"/endpoints/([^/:]+):predict", self._predict),
@@ -881,6 +884,7 @@ class FakeVertex:
                     (r"/tuningJobs/[^/:]+$", "GET", "aiplatform.tuningJobs.get"),
                     (r":cancel$", "POST", "aiplatform.tuningJobs.cancel"),
                     (r":deploy$", "POST", "aiplatform.endpoints.deploy"),
+                    (r":evaluateInstances$", "POST", "aiplatform.locations.evaluateInstances"),
                     (r"/endpoints/[^/]+[:/]", "POST", "aiplatform.endpoints.predict"),
                     (r"/endpoints/[^/:]+$", "GET", "aiplatform.endpoints.get"),
                     (r"/metadataStores/[^/]+/contexts/", "GET", "aiplatform.contexts.get"),
@@ -1113,6 +1117,56 @@ class FakeVertex:
                                       "dataset": {"gcsSource": {"uris": [job.validation.uri]}}},
                 "outputInfo": {"gcsOutputDirectory": f"{output}/evaluation_{rfc3339(job.created)}_{epoch}"}}
         return runs
+
+    def _evaluate_instances(self, project, location, *, query, body, project_id):
+        """The Gen AI evaluation service's ``evaluateInstances`` for an autorater metric (EvaluationService in
+        aiplatform_v1beta1's evaluation_service.py): one instance of ``pointwiseMetricInput`` or
+        ``pairwiseMetricInput``, whose template the service fills from ``jsonInstance`` (a JSON object of strings;
+        every ``{variable}`` of the template must be in it), graded by a fake Gemini: pointwise 5 when the response
+        is the reference, 3 when it holds it, else 1; pairwise the response that is the reference (``CANDIDATE``
+        is ``response``, ``BASELINE`` is ``baseline_model_response``), else ``TIE``. Proto JSON: camelCase or
+        snake_case keys alike, null as unset."""
+        request = _snake_keys(body)
+        kinds = [k for k in ("pointwise_metric_input", "pairwise_metric_input") if k in request]
+        other = sorted(set(request) - {"pointwise_metric_input", "pairwise_metric_input", "autorater_config",
+                                       "location"} - {k for k in request if k.endswith("_input")})
+        if other:
+            raise ApiError(400, f'Invalid JSON payload received. Unknown name "{other[0]}": Cannot find field.')
+        if len(kinds) != 1:
+            raise ApiError(400, "EvaluateInstancesRequest.metric_inputs: set exactly one of pointwise_metric_input "
+                                "and pairwise_metric_input (the fake grades autorater metrics only).")
+        given = request[kinds[0]]
+        template = (given.get("metric_spec") or {}).get("metric_prompt_template")
+        if not template:
+            raise ApiError(400, f"{kinds[0]}.metric_spec.metric_prompt_template is required.")
+        try:
+            values = json.loads((given.get("instance") or {}).get("json_instance") or "")
+        except ValueError:
+            raise ApiError(400, f"{kinds[0]}.instance.json_instance must be a JSON object.") from None
+        if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
+            raise ApiError(400, f"{kinds[0]}.instance.json_instance must be a JSON object of strings.")
+        missing = sorted(set(re.findall(r"\{(\w+)\}", template)) - set(values))
+        if missing:
+            raise ApiError(400, f"The metric prompt template needs {{{missing[0]}}}, which the instance lacks.")
+        model = (request.get("autorater_config") or {}).get("autorater_model")
+        if model is not None and not re.fullmatch(r"projects/[^/]+/locations/[^/]+/(publishers/google/models/"
+                                                  r"gemini-[\w.-]+|endpoints/[^/]+)", model):
+            raise ApiError(400, f"autorater_config.autorater_model {model!r} must be a publisher model "
+                                "(projects/P/locations/L/publishers/google/models/M) or an endpoint.")
+        self.evaluations.append({"kind": kinds[0], "values": values, "model": model, "template": template})
+
+        def same(a: str, b: str) -> bool:
+            return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+        reference, response = values.get("reference", ""), values.get("response", "")
+        if kinds[0] == "pointwise_metric_input":
+            score = 5.0 if same(response, reference) else 3.0 if reference.casefold() in response.casefold() else 1.0
+            return 200, {"pointwiseMetricResult": {"score": score, "explanation": f"Rated {score:g} against the "
+                                                                                  "reference."}}
+        baseline = values.get("baseline_model_response", "")
+        choice = "TIE" if same(response, reference) == same(baseline, reference) else \
+            "CANDIDATE" if same(response, reference) else "BASELINE"
+        return 200, {"pairwiseMetricResult": {"pairwiseChoice": choice, "explanation": f"{choice} agrees better."}}
 
     def _find_job(self, project, location, job_id) -> Job:
         job = self.jobs.get(f"projects/{project}/locations/{location}/tuningJobs/{job_id}")

@@ -6,6 +6,7 @@ dedicated endpoint), chat through predict with the model's chat template, genera
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -670,3 +671,39 @@ def test_a_gemini_job_is_evaluated_through_generate_content_and_a_429_is_asked_a
     assert len(requests_to(vertex, r"generateContent$")) - before == 2 * 6 + 1  # one asked twice
     again = gemini.evaluate(data, checkpoints=None)
     assert again.table.equals(result.table) and len(requests_to(vertex, r"generateContent$")) - before == 13
+
+
+def test_vertex_ais_evaluation_service_judges_pointwise_and_pairwise_and_says_what_it_costs(vertex, gemini):
+    """judge="vertex:MODEL": Gemini grades through evaluateInstances, the service filling the template's
+    variables; the verdicts are cached like answers, and what the judge cost is said."""
+    from fake_vertex import reply_to
+
+    questions = [f"What is {i} times {i}?" for i in range(6)]
+    data = [{"messages": [{"role": "user", "content": q},
+                          {"role": "assistant", "content": reply_to(q) if i % 2 == 0 else "Twelve."}]}
+            for i, q in enumerate(questions)]
+    before = len(vertex.evaluations)
+    result = gemini.evaluate(data, checkpoints=None, judge="vertex:gemini-2.5-flash")
+    graded = vertex.evaluations[before:]
+    assert len(graded) == 2 * 6 + 6  # each model's answers pointwise, then final against base pairwise
+    assert {g["model"] for g in graded} == {"projects/fake-project/locations/us-central1/publishers/google/models/"
+                                            "gemini-2.5-flash"}
+    pointwise = next(g for g in graded if g["kind"] == "pointwise_metric_input")
+    assert {"{prompt}", "{reference}", "{response}"} <= set(re.findall(r"\{\w+\}", pointwise["template"]))
+    assert pointwise["values"]["prompt"] in questions  # the service fills the template: the values travel apart
+    # The fake grades 5 (1.0) when the answer is the reference, 3 (0.5) when it holds it: final is right on every
+    # other example; base says the same after its "base <model>:" there, so it is partly right.
+    assert result.table.loc["final", "judge"] == 0.5 and result.table.loc["base", "judge"] == 0.25
+    # Pairwise, final is Response A on even examples and B on odd ones: it wins the even ones, ties the rest.
+    assert result.pairwise["scores"] == [1.0, 0.5, 1.0, 0.5, 1.0, 0.5]
+    usage = result.judge_usage
+    assert usage["calls"] == 18 and usage["cached"] == 0 and usage["tokens"] > 18 * 200
+    assert "billed to Vertex AI project fake-project" in result.text()
+    again = gemini.evaluate(data, checkpoints=None, judge="vertex:gemini-2.5-flash")
+    assert len(vertex.evaluations) == before + 18 and again.judge_usage["cached"] == 18
+    assert again.table.equals(result.table)
+    # A template with a variable the instance does not carry is refused by the service: one line.
+    judge = tm.Judge("vertex", pointwise_prompt="Rate {answer} to {question} against {reference} in {context}.")
+    with pytest.raises(UserError, match=r"evaluation service.*needs \{context\}") as info:
+        gemini.evaluate(data[:2], checkpoints=None, judge=judge)
+    assert "\n" not in str(info.value)

@@ -152,34 +152,43 @@ CONCURRENCY = 4
 RETRY_WAITS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-class ChatAnswerer(Answerer):
-    """Anything with ``chat(messages, temperature=0, max_new_tokens=...)`` (a Vertex AI model or endpoint, a
-    server): ``concurrency`` requests at a time, each asked again after a transient failure (a quota's 429,
-    a 5xx, a dropped connection) with growing waits; any other failure, or one that persists, is one line."""
+def ask_all(ask, items: list, *, concurrency: int = CONCURRENCY, waits=None, name: str = "eval") -> list:
+    """``ask(item)`` for every item, ``concurrency`` at a time, in order; a transient failure (a UserError whose
+    ``transient`` says so: a quota's 429, a 5xx, a dropped connection) is asked again after each of ``waits``
+    (default :data:`RETRY_WAITS`); any other failure, or one that persists, is raised."""
+    import time
 
-    def __init__(self, label: str, key: str, chat, *, concurrency: int = CONCURRENCY, waits=RETRY_WAITS):
-        self.label, self.key, self._chat = label, key, chat
-        self.concurrency, self.waits = max(1, int(concurrency)), tuple(waits)
+    waits = RETRY_WAITS if waits is None else waits
 
-    def _one(self, prompt, max_new_tokens: int) -> str:
-        import time
-
-        for wait in (*self.waits, None):
+    def one(item):
+        for wait in (*waits, None):
             try:
-                return str(self._chat(prompt, temperature=0, max_new_tokens=max_new_tokens))
+                return ask(item)
             except UserError as exc:
                 if wait is None or not getattr(exc, "transient", None):
                     raise
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def answer(self, prompts, *, max_new_tokens: int) -> list[str]:
-        if self.concurrency == 1 or len(prompts) < 2:
-            return [self._one(p, max_new_tokens) for p in prompts]
-        from concurrent.futures import ThreadPoolExecutor
+    if concurrency <= 1 or len(items) < 2:
+        return [one(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"tuning-magics-eval-{self.label}") as pool:
-            return list(pool.map(lambda p: self._one(p, max_new_tokens), prompts))
+    with ThreadPoolExecutor(concurrency, thread_name_prefix=f"tuning-magics-{name}") as pool:
+        return list(pool.map(one, items))
+
+
+class ChatAnswerer(Answerer):
+    """Anything with ``chat(messages, temperature=0, max_new_tokens=...)`` (a Vertex AI model or endpoint, a
+    server), asked as :func:`ask_all` asks."""
+
+    def __init__(self, label: str, key: str, chat, *, concurrency: int = CONCURRENCY, waits=RETRY_WAITS):
+        self.label, self.key, self._chat = label, key, chat
+        self.concurrency, self.waits = max(1, int(concurrency)), tuple(waits)
+
+    def answer(self, prompts, *, max_new_tokens: int) -> list[str]:
+        return ask_all(lambda p: str(self._chat(p, temperature=0, max_new_tokens=max_new_tokens)), prompts,
+                       concurrency=self.concurrency, waits=self.waits, name=f"eval-{self.label}")
 
 
 def fingerprint(source: str) -> str:
@@ -213,6 +222,9 @@ class Evaluation:
     #: The judge's pairwise verdicts: {"model", "against", "scores" (per example: 1 better, 0.5 tie, 0 worse,
     #: NaN unreadable), "judge"}; None without a judge or a second model.
     pairwise: dict | None = None
+    #: What the judge cost: {"calls" asked, "cached" (asked before, free), "tokens" (about), "billed" (who, or
+    #: None)}; None without a judge.
+    judge_usage: dict | None = None
 
     # -- tables --------------------------------------------------------------------------------------
     @property
@@ -347,9 +359,17 @@ class Evaluation:
             lines.append(f"best by {self.metrics[0].name}: {self.best()}")
         if self.pairwise:
             lines.append(self.win_rate())
+        if self.judge_usage:
+            lines.append(self._judge_note())
         if self.leaked:
             lines.append(f"note: {self._leak_note()}")
         return "\n".join(lines)
+
+    def _judge_note(self) -> str:
+        used = self.judge_usage or {}
+        billed = f", billed to {used['billed']}" if used.get("billed") and used.get("calls") else ""
+        return (f"judge: {used.get('calls', 0)} calls, about {used.get('tokens', 0):,} tokens{billed}; "
+                f"{used.get('cached', 0)} verdicts from the cache")
 
     def _leak_note(self) -> str:
         if not self.leaked:
@@ -368,7 +388,7 @@ class Evaluation:
                 "intervals": {m.name: [found[label][m.name] for label in self.labels] for m in self.metrics},
                 "best": self.best() if several else None,
                 "summaries": ([self.summary(m.name) for m in self.metrics] if several else [])
-                + ([self.win_rate()] if self.pairwise else []),
+                + ([self.win_rate()] if self.pairwise else []) + ([self._judge_note()] if self.judge_usage else []),
                 "flips": self.flips() if several else None, "pair": self._pair(None, None) if several else None,
                 "leak_note": self._leak_note()}
 
@@ -405,12 +425,16 @@ def _p(p: float) -> str:
 CHUNK = 16
 
 
-def _cached(cache: AnswerCache, key_of, items: list, ask, *, progress=None, phase: str = "") -> list[str]:
+def _cached(cache: AnswerCache, key_of, items: list, ask, *, progress=None, phase: str = "",
+            announce=None) -> list[str]:
     """``ask(items)`` for the items whose key (``key_of(item)``) the cache lacks, :data:`CHUNK` at a time, each
-    chunk cached as it comes; every reply, in order. ``progress(phase, done, total)`` after each chunk."""
+    chunk cached as it comes; every reply, in order. ``progress(phase, done, total)`` after each chunk;
+    ``announce(missing items)`` before any is asked (what it will cost), and its text, if any, is the phase's."""
     keys = [key_of(item) for item in items]
     found = cache.get_many(keys)
     missing = [i for i, key in enumerate(keys) if key not in found]
+    if announce is not None:
+        phase = announce([items[i] for i in missing]) or phase
     if progress is not None:
         progress(phase, len(items) - len(missing), len(items))
     for start in range(0, len(missing), CHUNK):
@@ -423,42 +447,44 @@ def _cached(cache: AnswerCache, key_of, items: list, ask, *, progress=None, phas
     return [found[key] for key in keys]
 
 
-def _fill(template: str, **values: str) -> str:
-    """The template with each ``{name}`` replaced (braces in the values stay as they are)."""
-    for name, value in values.items():
-        template = template.replace("{" + name + "}", str(value))
-    return template
-
-
 def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache: AnswerCache, progress=None):
-    """The judge's pointwise scores per label, and its pairwise verdicts of the last model against the base."""
+    """The judge's pointwise scores per label, its pairwise verdicts of the last model against the base, and
+    what the judge cost (calls asked, cached, tokens, who bills them)."""
     from .judge import pairwise_choice, pointwise_score
 
     settings = {"judge_max_tokens": 32}
+    usage = {"calls": 0, "cached": 0, "tokens": 0, "billed": judge.billed}
 
-    def key_of(prompt):
-        return AnswerCache.key(judge.key, [prompt], settings)
+    def grading(kind: str, values: list[dict], phase: str) -> list[str]:
+        def announce(missing: list[dict]) -> str:
+            cost = judge.cost([judge.prompt(kind, v) for v in missing])
+            usage["calls"] += cost["calls"]
+            usage["cached"] += len(values) - cost["calls"]
+            usage["tokens"] += cost["tokens"]
+            billed = f", billed to {cost['billed']}" if cost["billed"] and cost["calls"] else ""
+            return f"{phase} ({cost['calls']} calls, about {cost['tokens']:,} tokens{billed})"
+
+        return _cached(cache, lambda v: AnswerCache.key(judge.key, [judge.prompt(kind, v)], settings), values,
+                       lambda part: judge.grade(kind, part), progress=progress, phase=phase, announce=announce)
 
     pointwise = {}
     for label in labels:
-        prompts = [_fill(judge.pointwise_prompt, question=case.question, reference=case.reference,
-                         answer=answers[label][i]) for i, case in enumerate(cases)]
-        pointwise[label] = [pointwise_score(r) for r in _cached(cache, key_of, prompts, judge.ask, progress=progress,
-                                                                 phase=f"judge: {label}")]
+        values = [{"question": case.question, "reference": case.reference, "answer": answers[label][i]}
+                  for i, case in enumerate(cases)]
+        pointwise[label] = [pointwise_score(r) for r in grading("pointwise", values, f"judge: {label}")]
     pairwise = None
     if len(labels) > 1:
         model = labels[-1]
         against = "base" if "base" in labels and model != "base" else labels[0]
-        prompts = []
+        values = []
         for i, case in enumerate(cases):
             first, second = answers[model][i], answers[against][i]
             if i % 2:  # every other example the other way round: the judge's liking for a position cancels out
                 first, second = second, first
-            prompts.append(_fill(judge.pairwise_prompt, question=case.question, reference=case.reference,
-                                 answer_a=first, answer_b=second))
+            values.append({"question": case.question, "reference": case.reference, "answer_a": first,
+                           "answer_b": second})
         scores = []
-        for i, reply in enumerate(_cached(cache, key_of, prompts, judge.ask, progress=progress,
-                                          phase=f"judge: {model} vs {against}")):
+        for i, reply in enumerate(grading("pairwise", values, f"judge: {model} vs {against}")):
             choice = pairwise_choice(reply)
             if choice is None:
                 scores.append(math.nan)
@@ -468,7 +494,7 @@ def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache:
                 model_is_a = i % 2 == 0
                 scores.append(1.0 if (choice == "A") == model_is_a else 0.0)
         pairwise = {"model": model, "against": against, "scores": scores, "judge": judge.name}
-    return pointwise, pairwise
+    return pointwise, pairwise, usage
 
 
 def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -511,11 +537,11 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
                     raise UserError(f"metric {metric.name} failed on example {i} ({type(exc).__name__}: {exc}); "
                                     "fix the function or leave it out", field="metrics") from None
             scores[label][metric.name] = values
-    pairwise = None
+    pairwise = judge_usage = None
     if judge is not None:
         if "judge" in [m.name for m in chosen]:
             raise UserError("a metric is named judge, the name of the judge's grades; rename it", field="metrics")
-        pointwise, pairwise = _judge(judge, cases, answers, labels, cache, progress or None)
+        pointwise, pairwise, judge_usage = _judge(judge, cases, answers, labels, cache, progress or None)
         chosen = chosen + [Metric("judge", lambda *_: math.nan, about=f"the grade of judge {judge.name}, 1 to 5 "
                                                                        "as 0 to 1")]
         for label in labels:
@@ -524,7 +550,7 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
         progress("done", 1, 1)
     return Evaluation(labels=labels, metrics=chosen, cases=cases, answers=answers, scores=scores, settings=settings,
                       leaked=sorted(leaked or {}), near=sorted(i for i, kind in (leaked or {}).items() if kind == "near"),
-                      title=title, pairwise=pairwise)
+                      title=title, pairwise=pairwise, judge_usage=judge_usage)
 
 
 #: Word-pair overlap (Jaccard) from which an example counts as a near-duplicate of a training example.

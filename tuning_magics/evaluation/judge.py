@@ -1,8 +1,10 @@
 """A judge: a chat model that grades answers, pointwise against a rubric and pairwise (which of two is better).
 
 ``Judge(model)`` takes anything with ``chat(messages, temperature=0, max_new_tokens=...)``
-(a job, ``job.deploy()``'s endpoint, a Vertex AI endpoint) or the base URL of an
-OpenAI-compatible server (``http://127.0.0.1:8000/v1``, with ``model_name=``). Its
+(a job, ``job.deploy()``'s endpoint, a Vertex AI endpoint), the base URL of an
+OpenAI-compatible server (``http://127.0.0.1:8000/v1``, with ``model_name=``), or
+``"vertex"`` / ``"vertex:gemini-2.5-flash"``: Gemini grading through Vertex AI's Gen AI
+evaluation service (:mod:`tuning_magics.backends.vertex.judge`), in the configured project. Its
 prompts are plain text with ``{question}``, ``{reference}``, ``{answer}`` (pointwise)
 or ``{answer_a}``, ``{answer_b}`` (pairwise) in them: shown by ``print(judge)`` and
 changed by passing ``pointwise_prompt=`` / ``pairwise_prompt=``.
@@ -16,7 +18,10 @@ changed by passing ``pointwise_prompt=`` / ``pairwise_prompt=``.
   or 0 (worse).
 
 Judge replies are cached with the answers (by the judge's identity and the exact
-prompt), so grading again costs nothing.
+prompt), so grading again costs nothing. Before the judge is asked, the evaluation's
+progress says how many calls and about how many tokens it will cost
+(:meth:`Judge.cost`), and the :class:`~tuning_magics.evaluation.Evaluation` keeps what was
+spent (``judge_usage``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,15 @@ Reply with one line: "Better: A", "Better: B" or "Better: tie"."""
 
 #: Tokens a judge's reply may take: one line is asked for.
 JUDGE_MAX_TOKENS = 32
+#: About how many tokens the evaluation service's autorater writes per grade (its reasons, step by step).
+SERVICE_REPLY_TOKENS = 200
+
+
+def fill(template: str, **values: str) -> str:
+    """The template with each ``{name}`` replaced (braces in the values stay as they are)."""
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", str(value))
+    return template
 
 
 class _OpenAICompatible:
@@ -111,10 +125,23 @@ class Judge:
             if missing:
                 raise UserError(f"the judge's prompt lacks {', '.join('{' + f + '}' for f in missing)}; keep every "
                                 "placeholder of the default prompt", field="judge")
-        if isinstance(self.model, str):
+        self._service = None
+        if isinstance(self.model, str) and re.fullmatch(r"vertex(:[\w./@-]+)?", self.model):
+            from ..backends.vertex.judge import PAIRWISE_TEMPLATE, POINTWISE_TEMPLATE, EvaluationService
+
+            autorater = self.model.partition(":")[2] or None
+            self._service = EvaluationService(autorater)
+            if self.pointwise_prompt == POINTWISE_PROMPT:  # the service's autorater answers its own structure
+                self.pointwise_prompt = POINTWISE_TEMPLATE
+            if self.pairwise_prompt == PAIRWISE_PROMPT:
+                self.pairwise_prompt = PAIRWISE_TEMPLATE
+            self.model_name = self.model_name or f"{autorater or 'default autorater'} on Vertex AI's evaluation service"
+            self.key = f"vertex-eval:{self._service.autorater or 'default'}"
+        elif isinstance(self.model, str):
             if not re.match(r"https?://", self.model):
-                raise UserError(f"judge {self.model!r}: give a model with chat() (a job, an endpoint) or the base "
-                                "URL of an OpenAI-compatible server, http://host:port/v1", field="judge")
+                raise UserError(f"judge {self.model!r}: give a model with chat() (a job, an endpoint), the base "
+                                "URL of an OpenAI-compatible server, http://host:port/v1, or 'vertex' (Gemini on "
+                                "Vertex AI's evaluation service)", field="judge")
             self._chat = _OpenAICompatible(self.model, self.model_name or "default", self.api_key).chat
             self.key = f"openai:{self.model}:{self.model_name or 'default'}"
         elif callable(getattr(self.model, "chat", None)):
@@ -136,6 +163,32 @@ class Judge:
         """The judge's replies to prompts (user messages), greedily."""
         return [str(self._chat([{"role": "user", "content": p}], temperature=0, max_new_tokens=JUDGE_MAX_TOKENS))
                 for p in prompts]
+
+    def prompt(self, kind: str, values: dict) -> str:
+        """The whole prompt the judge reads for one example (``kind``: ``pointwise`` or ``pairwise``)."""
+        return fill(self.pointwise_prompt if kind == "pointwise" else self.pairwise_prompt, **values)
+
+    def grade(self, kind: str, values: list[dict]) -> list[str]:
+        """The judge's verdicts (``Score: N``, ``Better: A|B|tie``) on examples given as their placeholders'
+        values; the evaluation service fills its template itself, a chat judge reads it filled."""
+        if self._service is not None:
+            template = self.pointwise_prompt if kind == "pointwise" else self.pairwise_prompt
+            return self._service.grade(kind, template, values)
+        return self.ask([self.prompt(kind, v) for v in values])
+
+    @property
+    def billed(self) -> str | None:
+        """Who bills the judge's calls, where someone does."""
+        if self._service is not None:
+            return f"Vertex AI project {self._service.ctx.project}"
+        return None
+
+    def cost(self, prompts: list[str]) -> dict:
+        """What asking these prompts costs: ``calls``, and ``tokens`` read and written (about 4 characters a
+        token), and who bills them (None: a judge of your own)."""
+        written = SERVICE_REPLY_TOKENS if self._service is not None else JUDGE_MAX_TOKENS
+        return {"calls": len(prompts), "tokens": sum(len(p) for p in prompts) // 4 + written * len(prompts),
+                "billed": self.billed}
 
 
 def pointwise_score(reply: str) -> float:
