@@ -1799,11 +1799,16 @@ class FakeVertex:
                 folder = f"{info['body']['outputConfig']['gcsDestination']['outputUriPrefix'].rstrip('/')}" \
                          f"/prediction-model-{name.rsplit('/', 1)[1]}"
                 lines = []
+                base = re.fullmatch(r"publishers/google/models/(gemini-[\w.-]+)", info["body"].get("model") or "")
                 for rec in info["records"]:
                     request = rec.get("request") or {}
                     prompt = " ".join(_texts([c for c in request.get("contents") or []
                                               if isinstance(c, dict) and c.get("role", "user") == "user"][-1:]))
-                    answer = {"candidates": [{"content": {"role": "model", "parts": [{"text": reply_to(prompt)}]},
+                    # The same model answers as it does online (generateContent), to the same request.
+                    limit = (request.get("generationConfig") or {}).get("maxOutputTokens")
+                    limit = int(limit) if limit else None
+                    text = base_reply_to(base.group(1), prompt, limit) if base else reply_to(prompt, limit)
+                    answer = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
                                               "finishReason": "STOP"}]}  # fmt: skip
                     lines.append(json.dumps({"status": "", "request": request, "response": answer}))
                 self.storage.write(f"{folder}/predictions.jsonl", ("\n".join(lines) + "\n").encode())

@@ -707,3 +707,37 @@ def test_vertex_ais_evaluation_service_judges_pointwise_and_pairwise_and_says_wh
     with pytest.raises(UserError, match=r"evaluation service.*needs \{context\}") as info:
         gemini.evaluate(data[:2], checkpoints=None, judge=judge)
     assert "\n" not in str(info.value)
+
+
+def test_many_gemini_answers_come_from_one_batch_prediction_each_and_match_the_online_ones(vertex, gemini,
+                                                                                           monkeypatch):
+    """From batch_from uncached prompts, base and final answer through a batch prediction job each, with the
+    request asked online (so the answers, and the cache, are the same); below it, online."""
+    from types import SimpleNamespace
+
+    from fake_vertex import base_reply_to, reply_to
+
+    from tuning_magics.backends.vertex import answer
+
+    monkeypatch.setattr(answer, "time", SimpleNamespace(sleep=lambda _s: vertex.advance(vertex.step_seconds)))
+    questions = [f"Which number follows {i}?" for i in range(5)]
+    data = [{"messages": [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": reply_to(q, 6)}]} for q in questions]
+    online = len(requests_to(vertex, r"generateContent$"))
+    batches = len(vertex.bodies(path=r"/batchPredictionJobs$"))
+    result = gemini.evaluate(data, checkpoints=None, max_new_tokens=6, batch_from=5)
+    bodies = vertex.bodies(path=r"/batchPredictionJobs$")[batches:]
+    assert [b["model"] for b in bodies] == ["publishers/google/models/gemini-2.5-flash", gemini.tuned_model_name]
+    assert len(requests_to(vertex, r"generateContent$")) == online  # nothing asked online
+    assert result.answers["base"] == [base_reply_to("gemini-2.5-flash", q, 6) for q in questions]
+    assert result.answers["final"] == [reply_to(q, 6) for q in questions]
+    assert result.table.loc["final", "exact_match"] == 1.0
+    # Below batch_from the same answers come online: one more example, the five others from the cache.
+    more = data + [{"messages": [{"role": "user", "content": "Which number follows 9?"},
+                                 {"role": "assistant", "content": "10"}]}]
+    again = gemini.evaluate(more, checkpoints=None, max_new_tokens=6, batch_from=5)
+    assert len(vertex.bodies(path=r"/batchPredictionJobs$")) == batches + 2
+    assert len(requests_to(vertex, r"generateContent$")) == online + 2
+    assert again.answers["final"][:5] == result.answers["final"]
+    with pytest.raises(UserError, match="batch_from must be a whole number of at least 1"):
+        gemini.evaluate(data, checkpoints=None, batch_from=0)

@@ -349,7 +349,7 @@ class Job(ABC):
         return type(self).chat is not Job.chat
 
     def evaluate(self, data=None, metrics=None, *, checkpoints="all", baseline: bool = True,
-                 max_new_tokens: int | None = None, limit: int | None = 1000, judge=None):
+                 max_new_tokens: int | None = None, limit: int | None = 1000, judge=None, batch_from: int | None = 500):
         """Did tuning help? Score the base model, the checkpoints and the tuned model on the same examples.
 
         ``data``: anything ``tune()`` takes (default: the job's validation set;
@@ -364,12 +364,15 @@ class Job(ABC):
         :class:`~tuning_magics.evaluation.judge.Judge`, a job or endpoint, or an
         OpenAI-compatible base URL): its 1-5 grades become the metric ``judge``,
         and it compares the tuned model with the base pairwise (``win_rate()``).
+        ``batch_from``: Gemini on Vertex AI answers online a few at a time, and from
+        this many answers not yet cached through one batch prediction job (half the
+        price, no rate limit, minutes to start); None: always online.
         Returns an :class:`~tuning_magics.evaluation.Evaluation`.
         """
         from .evaluation import evaluate_job
 
         return evaluate_job(self, data, metrics, checkpoints=checkpoints, baseline=baseline,
-                            max_new_tokens=max_new_tokens, limit=limit, judge=judge)
+                            max_new_tokens=max_new_tokens, limit=limit, judge=judge, batch_from=batch_from)
 
     def checkpoint_scores(self):
         """Evaluation during tuning (``tune(evaluation=...)``): a DataFrame, one row per model scored while the
@@ -386,9 +389,10 @@ class Job(ABC):
 
         return best_checkpoint(self.checkpoint_scores(), metric)
 
-    def _answerer(self, checkpoint: str, *, batch_size: int = 16):
+    def _answerer(self, checkpoint: str, *, batch_size: int = 16, batch_from: int | None = None):
         """What answers evaluation prompts as ``checkpoint`` (``base``, a checkpoint's name, ``final``):
-        ``chat()`` one example at a time here; backends that can batch override it."""
+        ``chat()`` one example at a time here; backends that can batch override it (``batch_size`` prompts per
+        generate call on the local engine; a batch prediction job from ``batch_from`` prompts on Vertex AI)."""
         from .evaluation import ChatAnswerer
 
         asked = None if checkpoint == "final" else checkpoint

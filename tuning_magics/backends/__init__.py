@@ -112,6 +112,13 @@ class Backend(ABC):
         raise UserError(f"the {self.name} backend cannot evaluate {source} by name; evaluate its job "
                         "(job.evaluate()) or an endpoint (tm.evaluate(endpoint, data))", field="model")
 
+    def judge_service(self, model: str | None):
+        """A service that grades answers (``Judge("<backend>:<model>")``): ``grade(kind, template, values)``
+        returning verdicts, ``pointwise_template`` / ``pairwise_template``, ``autorater`` and ``ctx.project``
+        (see :mod:`tuning_magics.backends.vertex.judge`); a one-line UserError where this backend has none."""
+        raise UserError(f"the {self.name} backend has no judge service; give a judge with chat() or an "
+                        "OpenAI-compatible URL", field="judge")
+
     # -- requests ------------------------------------------------------------------------
     def check(self, request) -> None:
         """Every check :meth:`submit` makes that needs no upload and no job: one UserError for the first mistake."""

@@ -426,10 +426,11 @@ CHUNK = 16
 
 
 def _cached(cache: AnswerCache, key_of, items: list, ask, *, progress=None, phase: str = "",
-            announce=None) -> list[str]:
+            announce=None, chunk=CHUNK) -> list[str]:
     """``ask(items)`` for the items whose key (``key_of(item)``) the cache lacks, :data:`CHUNK` at a time, each
     chunk cached as it comes; every reply, in order. ``progress(phase, done, total)`` after each chunk;
-    ``announce(missing items)`` before any is asked (what it will cost), and its text, if any, is the phase's."""
+    ``announce(missing items)`` before any is asked (what it will cost), and its text, if any, is the phase's.
+    ``chunk``: items asked at a time, or a function of how many are missing that says it."""
     keys = [key_of(item) for item in items]
     found = cache.get_many(keys)
     missing = [i for i, key in enumerate(keys) if key not in found]
@@ -437,8 +438,9 @@ def _cached(cache: AnswerCache, key_of, items: list, ask, *, progress=None, phas
         phase = announce([items[i] for i in missing]) or phase
     if progress is not None:
         progress(phase, len(items) - len(missing), len(items))
-    for start in range(0, len(missing), CHUNK):
-        part = missing[start:start + CHUNK]
+    size = max(1, int(chunk(len(missing)) if callable(chunk) else chunk))
+    for start in range(0, len(missing), size):
+        part = missing[start:start + size]
         new = {keys[i]: text for i, text in zip(part, ask([items[i] for i in part]))}
         cache.put_many(new)
         found.update(new)
@@ -521,7 +523,7 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
         answers[answerer.label] = _cached(
             cache, lambda prompt, a=answerer: AnswerCache.key(a.key, prompt, settings), [c.prompt for c in cases],
             lambda prompts, a=answerer: a.answer(prompts, max_new_tokens=int(max_new_tokens)),
-            progress=progress or None, phase=answerer.label)
+            progress=progress or None, phase=answerer.label, chunk=getattr(answerer, "chunk_size", CHUNK))
     scores: dict[str, dict[str, list[float]]] = {}
     for label in labels:
         scores[label] = {}
@@ -634,8 +636,13 @@ def evaluate(model, data, metrics=None, *, label: str | None = None, max_new_tok
                judge=_as_judge(judge))
 
 
+#: From this many answers not yet in the cache, a Gemini model on Vertex AI answers through one batch prediction.
+BATCH_FROM = 500
+
+
 def evaluate_job(job, data=None, metrics=None, *, checkpoints="all", baseline: bool = True,
-                 max_new_tokens: int | None = None, limit: int | None = DEFAULT_LIMIT, judge=None) -> Evaluation:
+                 max_new_tokens: int | None = None, limit: int | None = DEFAULT_LIMIT, judge=None,
+                 batch_from: int | None = BATCH_FROM) -> Evaluation:
     """:meth:`Job.evaluate <tuning_magics.jobs.Job.evaluate>`: the job's base, checkpoints and final, side by side."""
     from .. import catalog
     from ..datasets.formats import read_conversations
@@ -676,7 +683,11 @@ def evaluate_job(job, data=None, metrics=None, *, checkpoints="all", baseline: b
             chosen.append(label)
         chosen = [n for n in names if n in chosen]  # in training order, final last
     labels = (["base"] if baseline else []) + chosen
-    answerers = [job._answerer(label) for label in labels]
+    if batch_from is not None:
+        from .. import params
+
+        batch_from = params.whole_at_least_1("batch_from", batch_from)
+    answerers = [job._answerer(label, batch_from=batch_from) for label in labels]
 
     leaked: dict[int, str] = {}
     if name != "train_dataset":

@@ -69,8 +69,6 @@ Reply with one line: "Better: A", "Better: B" or "Better: tie"."""
 
 #: Tokens a judge's reply may take: one line is asked for.
 JUDGE_MAX_TOKENS = 32
-#: About how many tokens the evaluation service's autorater writes per grade (its reasons, step by step).
-SERVICE_REPLY_TOKENS = 200
 
 
 def fill(template: str, **values: str) -> str:
@@ -125,18 +123,16 @@ class Judge:
             if missing:
                 raise UserError(f"the judge's prompt lacks {', '.join('{' + f + '}' for f in missing)}; keep every "
                                 "placeholder of the default prompt", field="judge")
-        self._service = None
-        if isinstance(self.model, str) and re.fullmatch(r"vertex(:[\w./@-]+)?", self.model):
-            from ..backends.vertex.judge import PAIRWISE_TEMPLATE, POINTWISE_TEMPLATE, EvaluationService
-
-            autorater = self.model.partition(":")[2] or None
-            self._service = EvaluationService(autorater)
+        self._service = self._judge_service()
+        if self._service is not None:
             if self.pointwise_prompt == POINTWISE_PROMPT:  # the service's autorater answers its own structure
-                self.pointwise_prompt = POINTWISE_TEMPLATE
+                self.pointwise_prompt = self._service.pointwise_template
             if self.pairwise_prompt == PAIRWISE_PROMPT:
-                self.pairwise_prompt = PAIRWISE_TEMPLATE
-            self.model_name = self.model_name or f"{autorater or 'default autorater'} on Vertex AI's evaluation service"
-            self.key = f"vertex-eval:{self._service.autorater or 'default'}"
+                self.pairwise_prompt = self._service.pairwise_template
+            autorater = self._service.autorater
+            self.model_name = self.model_name or f"{(autorater or 'default autorater').rsplit('/', 1)[-1]} on " \
+                                                 f"{self.model.partition(':')[0]}'s judge service"
+            self.key = f"{self.model.partition(':')[0]}-judge:{autorater or 'default'}"
         elif isinstance(self.model, str):
             if not re.match(r"https?://", self.model):
                 raise UserError(f"judge {self.model!r}: give a model with chat() (a job, an endpoint), the base "
@@ -150,6 +146,20 @@ class Judge:
         else:
             raise UserError(f"judge: a {type(self.model).__name__} cannot chat; give a job, an endpoint or an "
                             "OpenAI-compatible URL", field="judge")
+
+    def _judge_service(self):
+        """``"<backend>"`` or ``"<backend>:<model>"``: that backend's judge service (Vertex AI's evaluation
+        service for ``vertex``), else None."""
+        if not isinstance(self.model, str) or re.match(r"https?://", self.model):
+            return None
+        from .. import backends
+
+        name, _, model = self.model.partition(":")
+        try:
+            backends.check_name(name, auto=False)
+        except UserError:
+            return None
+        return backends.get(name).judge_service(model or None)
 
     @property
     def name(self) -> str:
@@ -179,14 +189,12 @@ class Judge:
     @property
     def billed(self) -> str | None:
         """Who bills the judge's calls, where someone does."""
-        if self._service is not None:
-            return f"Vertex AI project {self._service.ctx.project}"
-        return None
+        return self._service.billed if self._service is not None else None
 
     def cost(self, prompts: list[str]) -> dict:
         """What asking these prompts costs: ``calls``, and ``tokens`` read and written (about 4 characters a
         token), and who bills them (None: a judge of your own)."""
-        written = SERVICE_REPLY_TOKENS if self._service is not None else JUDGE_MAX_TOKENS
+        written = self._service.reply_tokens if self._service is not None else JUDGE_MAX_TOKENS
         return {"calls": len(prompts), "tokens": sum(len(p) for p in prompts) // 4 + written * len(prompts),
                 "billed": self.billed}
 

@@ -363,8 +363,9 @@ class LocalJob(Job):
         """The job's own copy of its validation data, if it had any."""
         return (self.config or {}).get("validation_path")
 
-    def _answerer(self, checkpoint: str, *, batch_size: int = 16):
-        """The checkpoint answering in batches on the local engine, the model chat() loaded shared with it."""
+    def _answerer(self, checkpoint: str, *, batch_size: int = 16, batch_from: int | None = None):
+        """The checkpoint answering in batches on the local engine, the model chat() loaded shared with it
+        (``batch_from``, Vertex AI's batch prediction, has no meaning here)."""
         from .answer import LocalAnswerer
 
         if checkpoint == "base":

@@ -54,6 +54,12 @@ class VertexBackend(Backend):
         pre_tuned, base_model = tuned_model_source(tuned)
         return Source(base_model=base_model, pre_tuned_model=pre_tuned, backend=self.name)
 
+    def judge_service(self, model: str | None):
+        """Gemini grading through Vertex AI's Gen AI evaluation service (``Judge("vertex:gemini-2.5-flash")``)."""
+        from .judge import EvaluationService
+
+        return EvaluationService(model)
+
     def dry_run(self, request):
         from . import submit
 

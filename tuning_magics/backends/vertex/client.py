@@ -70,6 +70,16 @@ _ADC_LOCK = threading.Lock()
 _ADC: dict = {}
 
 
+def staging_folder(ctx: Context, why: str) -> str:
+    """The staging bucket's folder (no trailing slash); a one-line UserError saying how to set it when unset."""
+    if not ctx.staging_bucket:
+        raise UserError(f"staging_bucket: Vertex AI needs a Cloud Storage folder for {why}; set "
+                        "TUNING_MAGICS_STAGING_BUCKET=gs://my-bucket/tuning or "
+                        "tuning_magics.settings.update(staging_bucket='gs://my-bucket/tuning')",
+                        field="staging_bucket")
+    return ctx.staging_bucket.rstrip("/")
+
+
 def default_credentials(project: str | None):
     """Application Default Credentials (found once per session); a one-line UserError when there are none."""
     with _ADC_LOCK:

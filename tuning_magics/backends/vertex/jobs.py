@@ -166,6 +166,20 @@ class VertexJob(Job):
             return Progress(int(total), int(total), seen.epochs, seen.epochs)
         return Progress(seen.step, int(total) if total else None, seen.epoch, seen.epochs)
 
+    def _answerer(self, checkpoint: str, *, batch_size: int = 16, batch_from: int | None = None):
+        """A Gemini job's base or final model answers online, or from ``batch_from`` uncached prompts through a
+        batch prediction job (see :mod:`.answer`); checkpoints, and open models' endpoints, answer online."""
+        online = super()._answerer(checkpoint)
+        if batch_from is None or not self.is_gemini or checkpoint not in ("base", "final"):
+            return online
+        from .answer import GeminiAnswerer
+
+        base = str((self.config or {}).get("base_model") or "")
+        model = f"publishers/google/models/{base}" if checkpoint == "base" else self.tuned_model_name
+        if not model or (checkpoint == "base" and not base.startswith("gemini-")):
+            return online
+        return GeminiAnswerer(online, model=model, ctx=self.ctx, batch_from=batch_from)
+
     @property
     def is_gemini(self) -> bool:
         """Whether the job tuned a Gemini model, as its base model's catalog entry says.

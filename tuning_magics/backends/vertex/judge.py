@@ -104,6 +104,11 @@ class EvaluationService:
     """Grades through ``evaluateInstances`` in the configured project and location; ``autorater`` names the
     model (a catalog Gemini id or a full resource name), None for the service's default."""
 
+    pointwise_template = POINTWISE_TEMPLATE
+    pairwise_template = PAIRWISE_TEMPLATE
+    #: About how many tokens the autorater writes per grade (its reasons, step by step).
+    reply_tokens = 200
+
     def __init__(self, autorater: str | None = None):
         self.ctx = vc.context()
         self.autorater = None
@@ -111,6 +116,11 @@ class EvaluationService:
             self.autorater = autorater if autorater.startswith("projects/") else \
                 f"{self.ctx.parent}/publishers/google/models/{autorater}"
         self._client = None
+
+    @property
+    def billed(self) -> str:
+        """Who pays for the grades."""
+        return f"Vertex AI project {self.ctx.project}"
 
     def _service(self):
         if self._client is None:

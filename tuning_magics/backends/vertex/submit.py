@@ -96,7 +96,7 @@ def _check_buckets(plan: _Plan) -> list[str]:
     """The dry run's read-only look at the buckets a submission would write to; notes for what it could not see."""
     wanted = {}  # bucket -> the setting or parameter that names it
     if plan.uploads:
-        wanted[storage.split_folder_or_object(_staging(plan.ctx, "the datasets"), need_object=False)[0]] = \
+        wanted[storage.split_folder_or_object(vc.staging_folder(plan.ctx, "the datasets"), need_object=False)[0]] = \
             "staging_bucket"
     if plan.output_uri and storage.is_gcs(plan.output_uri):
         wanted.setdefault(storage.split_folder_or_object(plan.output_uri, need_object=False)[0], "output_uri")
@@ -193,15 +193,6 @@ def _check_evaluation(request: TuneRequest, ctx: vc.Context) -> None:
                         "data as validation_dataset, or leave evaluation.data out", field="evaluation.data")
 
 
-def _staging(ctx: vc.Context, why: str) -> str:
-    if not ctx.staging_bucket:
-        raise UserError(f"staging_bucket: Vertex AI needs a Cloud Storage folder for {why}; set "
-                        "TUNING_MAGICS_STAGING_BUCKET=gs://my-bucket/tuning or "
-                        "tuning_magics.settings.update(staging_bucket='gs://my-bucket/tuning')",
-                        field="staging_bucket")
-    return ctx.staging_bucket.rstrip("/")
-
-
 def _plan(request: TuneRequest, ctx: vc.Context, scratch: Path) -> _Plan:
     teacher = check(request, ctx)
     model, method = request.model, request.method
@@ -224,12 +215,13 @@ def _plan(request: TuneRequest, ctx: vc.Context, scratch: Path) -> _Plan:
             examples_of(local_validation, model, name=name, limit=spec.limit)  # every example has its reference
     if spec is not None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        plan.evaluation_uri = f"{_staging(ctx, 'the evaluation results')}/evaluations/{model.short_name}-{stamp}"
+        folder = vc.staging_folder(ctx, "the evaluation results")
+        plan.evaluation_uri = f"{folder}/evaluations/{model.short_name}-{stamp}"
     plan.stats = prepare.predicted_stats(train.report, model, request.epochs)
     plan.output_uri = request.output_uri
     if plan.output_uri is None and model.provider == "open":
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        plan.output_uri = f"{_staging(ctx, 'the tuned model')}/outputs/{model.short_name}-{stamp}"
+        plan.output_uri = f"{vc.staging_folder(ctx, 'the tuned model')}/outputs/{model.short_name}-{stamp}"
     plan.labels = _labels(request, plan)
     # The SDK checks its own types here, before anything is uploaded.
     with vc.api_errors(f"build the tuning request for {model.id}", ctx):
@@ -247,7 +239,7 @@ def _dataset(plan: _Plan, name: str, dataset, target: Path, method: str) -> prep
     if source is not None and source.startswith("gs://"):
         return prepare.validate_in_place(name, source, model, method, dataset)
     local = prepare.to_jsonl(name, dataset, target, model, method)
-    staging = _staging(plan.ctx, "the datasets")
+    staging = vc.staging_folder(plan.ctx, "the datasets")
     # Local and inline images go first, as objects of their own: the dataset then refers to them by gs:// URI.
     scratch = target.parent / target.stem
     scratch.mkdir(exist_ok=True)
