@@ -362,6 +362,13 @@ def test_dry_run_shows_what_would_be_submitted_and_submits_nothing(ip, jobs_home
     assert "dry run on local: nothing was uploaded or submitted" in str(plan)
     ip.run_cell_magic("tune", "plan", "model: local/tiny-qwen3\ndata: $records\ndry_run: true\n")
     assert isinstance(ip.user_ns["plan"], DryRun)
+    # Evaluation during tuning is a mapping in the body, its data a variable like any other.
+    ip.run_cell_magic("tune", "--dry-run", "model: local/tiny-qwen3\ndata: $records\nevaluation:\n  data: $records\n"
+                      "  metrics: exact_match, rouge_l\n  max_new_tokens: 32\n")
+    assert shown[-1].request["evaluation"] == {"metrics": ["exact_match", "rouge_l"], "max_new_tokens": 32,
+                                               "limit": 200, "data": f"list of {len(RECORDS)} records"}
+    with pytest.raises(UsageError, match="evaluation: unknown key 'every'"):
+        ip.run_cell_magic("tune", "--dry-run", "model: local/tiny-qwen3\ndata: $records\nevaluation:\n  every: 2\n")
     ip.run_line_magic("tune", "--model local/tiny-qwen3 --data $records --epochs 2 --dry-run")
     assert shown[-1].request["epochs"] == 2
     # Everything that takes effect is shown: what was given, and the engine's defaults for the rest.
