@@ -37,6 +37,10 @@ _METHODS = {
     "supervised_fine_tuning": "sft",
     "distillation": "distillation",
     "distill": "distillation",
+    "preference": "preference",
+    "preference_tuning": "preference",
+    "preference_optimization": "preference",
+    "dpo": "preference",
 }
 
 
@@ -57,6 +61,7 @@ def tune(
     labels: dict | None = None,
     method: str = "sft",
     base_teacher_model: str | None = None,
+    beta: float | None = None,
     pre_tuned_model_checkpoint_id: str | None = None,
     export_last_checkpoint_only: bool | None = None,
     evaluation=None,
@@ -72,7 +77,10 @@ def tune(
     ``train_dataset`` / ``validation_dataset``: a Dataset, a JSONL path or gs:// URI,
     a pandas DataFrame or a list of records. ``tuning_mode``: ``FULL`` or
     ``PEFT_ADAPTER`` (default: FULL where the model supports it). ``method``:
-    ``"sft"`` or ``"distillation"`` (then ``base_teacher_model`` labels the prompts).
+    ``"sft"``, ``"distillation"`` (then ``base_teacher_model`` labels the prompts) or
+    ``"preference"`` (pairs of a preferred and a rejected answer, see
+    :mod:`tuning_magics.datasets.preference`; ``beta``, default 0.1, is how far the
+    model may move from where it started: lower moves further).
     ``backend``: a backend's name (``"local"``, ``"vertex"``, or one another
     package registers); by default ``local/*`` models run locally, Gemini on
     Vertex AI, and open models on Vertex AI when a Cloud project is configured,
@@ -126,6 +134,9 @@ def tune(
     if learning_rate is not None and learning_rate_multiplier is not None:
         raise UserError("give learning_rate or learning_rate_multiplier, not both", field="learning_rate")
     adapter_size = _check_adapter_size(model, mode, adapter_size)
+    if beta is not None and method != "preference":
+        raise UserError("beta is preference tuning's; drop it or set method='preference'", field="beta")
+    beta = params.check("beta", beta)
     teacher = _teacher(model, method, base_teacher_model)
     if train_dataset is None:
         raise UserError("train_dataset is required: pass a DataFrame, a JSONL path or a Dataset", field="train_dataset")
@@ -154,7 +165,7 @@ def tune(
         tuned_model_display_name=tuned_model_display_name, description=description, labels=_labels(labels),
         pre_tuned_model_checkpoint_id=pre_tuned_model_checkpoint_id,
         export_last_checkpoint_only=export_last_checkpoint_only, options=dict(engine_options),
-        pre_tuned_model=source.pre_tuned_model if source is not None else None, evaluation=evaluation,
+        pre_tuned_model=source.pre_tuned_model if source is not None else None, evaluation=evaluation, beta=beta,
     )
     if dry_run:
         plan = chosen.dry_run(request)
@@ -297,7 +308,7 @@ _MAX_USER_LABELS = 58
 def _method(method) -> str:
     norm = _METHODS.get(str(method).strip().lower())
     if norm is None:
-        raise UserError(f"method must be 'sft' or 'distillation', not {method!r}", field="method")
+        raise UserError(f"method must be 'sft', 'distillation' or 'preference', not {method!r}", field="method")
     return norm
 
 
@@ -338,7 +349,7 @@ def _check_adapter_size(model: catalog.Model, mode: str, adapter_size) -> int | 
 
 
 def _teacher(model: catalog.Model, method: str, teacher) -> str | None:
-    if method == "sft":
+    if method != "distillation":
         if teacher is not None:
             raise UserError(
                 "base_teacher_model is used only with method='distillation'; drop it or set the method",

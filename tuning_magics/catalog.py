@@ -22,7 +22,7 @@ from .errors import UserError
 FULL = "FULL"
 PEFT = "PEFT_ADAPTER"
 TUNING_MODES = (FULL, PEFT)
-METHODS = ("sft", "distillation")
+METHODS = ("sft", "distillation", "preference")
 
 #: Where open-model tuning runs. Source: Google's own tuning skill, github.com/google/skills
 #: skills/cloud/agent-platform-tuning/SKILL.md, "0.2 Possible Locations" (2026-08-19), as MISSION.md has it;

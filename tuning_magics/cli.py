@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a JSONL dataset (local path or gs:// URI)")
     v.add_argument("path", help="the JSONL file or gs:// URI")
     v.add_argument("--model", help="target model id (adds its sequence length, modality and tokenizer)")
-    v.add_argument("--method", default="sft", choices=["sft", "distillation"])
+    v.add_argument("--method", default="sft", choices=["sft", "distillation", "preference"])
     v.add_argument("--validation", metavar="VPATH", help="also check this validation set against PATH")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     m = sub.add_parser("models", help="list the tunable models")

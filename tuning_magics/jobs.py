@@ -139,6 +139,8 @@ class TuneRequest:
     pre_tuned_model: str | None = None
     pre_tuned_model_checkpoint_id: str | None = None
     export_last_checkpoint_only: bool | None = None
+    #: Preference tuning: how far the model may move from where it started (DPO's beta; None: the default).
+    beta: float | None = None
     #: Task metrics scored on each checkpoint during tuning (:class:`~tuning_magics.evaluation.during.DuringTuning`).
     evaluation: Any = None
     #: Backend-specific options (the local engine's ``batch_size``, ``max_seq_len``, ...).

@@ -79,6 +79,7 @@ RULES = {
     "learning_rate": above_0,
     "learning_rate_multiplier": above_0,
     "adapter_size": whole_at_least_1,
+    "beta": above_0,
 }
 
 

@@ -67,9 +67,15 @@ def normalise_format(name: str) -> str:
 
 
 def detect(record) -> str | None:
-    """The format of one record, judged by its keys; None when no format fits."""
+    """The format of one record, judged by its keys; None when no format fits. Preference pairs (see
+    :mod:`.preference`) are told apart first: they share keys with the other formats."""
     if not isinstance(record, dict):
         return None
+    from . import preference
+
+    pair = preference.detect(record)
+    if pair is not None:
+        return pair
     if "messages" in record:
         return CHAT
     if "contents" in record or "systemInstruction" in record or "system_instruction" in record:
@@ -140,6 +146,11 @@ def to_messages(record: dict, fmt: str | None = None) -> list[dict]:
     The record is assumed valid (see :mod:`tuning_magics.datasets.validate`).
     """
     fmt = fmt or detect(record)
+    from . import preference
+
+    if fmt in preference.FORMATS:  # the prompt and the preferred answer: what the pair asks to learn
+        prompt, chosen, _rejected = preference.pair_of(record, fmt)
+        return prompt + [{"role": "assistant", "content": chosen}]
     if fmt == CHAT:
         return [
             {"role": "assistant" if m["role"] == "model" else m["role"], "content": m["content"]}

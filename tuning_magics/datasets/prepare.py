@@ -109,11 +109,11 @@ def validate_in_place(name: str, uri: str, model, method: str, dataset=None) -> 
     return Prepared(uri, report or _validate_file(name, uri, model, method))
 
 
-def check_validation_set(validation: str, train: str, model) -> None:
+def check_validation_set(validation: str, train: str, model, method: str = "sft") -> None:
     """The service's rules for a validation set: at most 5000 examples, and not the training set again."""
     from .validate import validate
 
-    report = validate(str(validation), model=model.id, training=str(train))
+    report = validate(str(validation), model=model.id, method=method, training=str(train))
     if not report.ok:
         raise UserError(f"validation_dataset: {report.errors[0]}", field="validation_dataset")
 
@@ -164,7 +164,9 @@ def _write_frame(data, target: Path, model, method: str, name: str):
     # Only GenerateContent columns need the records as they are; every other
     # DataFrame goes through dataset(), which names bad cells by row and column.
     gc_keys = TOP_KEYS["generate_content"]
-    if is_dataframe(data) and not (set(data.columns) <= gc_keys and "contents" in data.columns):
+    # Preference pairs (prompt, chosen, rejected) are records as they are, whatever holds them.
+    if is_dataframe(data) and method != "preference" and not (set(data.columns) <= gc_keys
+                                                              and "contents" in data.columns):
         from .build import DatasetInvalid, dataset
 
         try:

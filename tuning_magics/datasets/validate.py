@@ -297,6 +297,19 @@ class RecordChecker:
                 f"unknown keys ({keys}); expected prompt/completion, messages, or contents", line
             )
             return None, False
+        from . import preference
+
+        if (fmt in preference.FORMATS) != (self.method == "preference"):
+            if self.method == "preference":
+                self.report.error("preference tuning needs pairs: prompt, chosen and rejected (or Vertex AI's "
+                                  "contents and completions)", line)
+            else:
+                self.report.error(f"is preference data ({fmt}); tune it with method='preference'", line)
+            return None, False
+        if fmt in preference.FORMATS:
+            for message, where in preference.problems(record, fmt):
+                self.report.error(message, line, where)
+            return fmt, False
         unknown = sorted(set(record) - F.TOP_KEYS[fmt])
         if unknown:
             self.report.error(f"unknown key {unknown[0]!r} for the {fmt} format; remove it", line, unknown[0])
@@ -836,7 +849,7 @@ def _check_method(method: str) -> str:
 
     m = method.lower() if isinstance(method, str) else None
     if m not in METHODS:
-        raise UserError(f"method must be sft or distillation, not {method!r}", field="method")
+        raise UserError(f"method must be {', '.join(METHODS[:-1])} or {METHODS[-1]}, not {method!r}", field="method")
     return m
 
 
@@ -851,8 +864,9 @@ def validate(
 
     ``model`` (any catalog spelling) adds the model's rules: sequence length,
     modality and its own tokenizer where available offline. ``method`` is
-    ``"sft"`` (every example needs an answer) or ``"distillation"`` (prompts
-    alone are enough). Pass the training set as ``training=`` when validating
+    ``"sft"`` (every example needs an answer), ``"distillation"`` (prompts
+    alone are enough) or ``"preference"`` (pairs: a prompt, the preferred answer
+    and the rejected one; see :mod:`tuning_magics.datasets.preference`). Pass the training set as ``training=`` when validating
     a validation set: it may hold at most 5000 examples, must differ from it,
     and for open models may be at most 25% of its size in bytes.
     """

@@ -185,6 +185,9 @@ class Snapshot:
     eval_loss: float | None = None
     best_eval: tuple[float, int] | None = None  # (lowest validation loss, its step)
     token_accuracy: float | None = None
+    #: Preference tuning: how far the chosen answers' reward is above the rejected ones', and how often it is.
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
     #: Evaluation during tuning: each task metric's latest score, and the best checkpoint by the first metric
     #: as (checkpoint, metric, score).
     task_scores: dict = field(default_factory=dict)
@@ -295,6 +298,10 @@ class Snapshot:
             parts.append(part)
         if self.token_accuracy is not None:
             parts.append(f"token accuracy {self.token_accuracy:.3f}")
+        if self.reward_margin is not None:
+            parts.append(f"reward margin {self.reward_margin:.3f}")
+        if self.reward_accuracy is not None:
+            parts.append(f"chosen preferred {self.reward_accuracy:.0%}")
         for name, value in self.task_scores.items():
             part = f"{name} {value:.3f}"
             if self.best_task is not None and self.best_task[1] == name:
@@ -435,7 +442,7 @@ def read_snapshot(job, *, frame=None, rate: StepRate | None = None) -> Snapshot:
     if rate is not None and info.state in _TRAINING:
         rate.add(progress.step)
         snap.eta = eta_seconds(progress.step, progress.total_steps, rate.per_second())
-    for column in ("train_loss", "eval_loss", "token_accuracy"):
+    for column in ("train_loss", "eval_loss", "token_accuracy", "reward_margin", "reward_accuracy"):
         found = _series(frame, column)
         if found is not None:
             setattr(snap, column, _num(found[1][-1]))

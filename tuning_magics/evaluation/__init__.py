@@ -59,16 +59,18 @@ class Example:
         return text_of(users[-1]["content"]) if users else ""
 
 
-def examples_of(data, model, *, name: str = "data", limit: int | None = DEFAULT_LIMIT) -> list[Example]:
+def examples_of(data, model, *, name: str = "data", limit: int | None = DEFAULT_LIMIT,
+                method: str = "sft") -> list[Example]:
     """The examples of ``data`` (anything ``tune()`` takes), validated for ``model`` as for tuning.
 
-    Each conversation is cut before its last assistant turn, which is the reference.
+    Each conversation is cut before its last assistant turn, which is the reference. Preference pairs
+    (``method="preference"``) are their prompt, and the preferred answer as the reference.
     """
     from ..datasets.formats import read_conversations, text_of
     from ..datasets.prepare import to_jsonl
 
     with tempfile.TemporaryDirectory(prefix="tuning-magics-eval-") as folder:
-        prepared = to_jsonl(name, data, Path(folder) / "eval.jsonl", model, "sft")
+        prepared = to_jsonl(name, data, Path(folder) / "eval.jsonl", model, method)
         from .. import storage
 
         with storage.local_copy(prepared.uri) as local:

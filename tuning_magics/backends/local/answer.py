@@ -44,7 +44,8 @@ class CheckpointEvaluator:
 
         self.spec, self.base_source, self.should_stop = spec, base_source, should_stop
         self.metrics = resolve(list(spec["metrics"]))
-        self.cases = examples_of(spec["path"], catalog.find(model_id), name="evaluation data", limit=spec["limit"])
+        self.cases = examples_of(spec["path"], catalog.find(model_id), name="evaluation data", limit=spec["limit"],
+                                 method=spec.get("method", "sft"))
 
     def _progress(self, _phase, _done, _total) -> None:
         if self.should_stop is not None and self.should_stop():

@@ -61,9 +61,10 @@ def submit(request: TuneRequest) -> local.LocalJob:
         train_file = prepare.to_jsonl("train_dataset", train, out / "train.jsonl", model, method)
         validation_file = None
         if validation is not None:
+            scored = "preference" if method == "preference" else "sft"
             validation_file = prepare.to_jsonl("validation_dataset", validation, out / "validation.jsonl",
-                                               model, "sft")
-            prepare.check_validation_set(validation_file.uri, train_file.uri, model)
+                                               model, scored)
+            prepare.check_validation_set(validation_file.uri, train_file.uri, model, scored)
         config = _config(request, custom, teacher, options, str(out))
         config.update(train_path=train_file.uri, validation_path=validation_file.uri if validation_file else None,
                       predicted_stats=prepare.predicted_stats(train_file.report, model, request.epochs))
@@ -93,6 +94,7 @@ def _config(request: TuneRequest, custom, teacher, options: dict, output_uri: st
         "learning_rate": request.learning_rate,
         "learning_rate_multiplier": request.learning_rate_multiplier,
         "adapter_size": request.adapter_size,
+        "beta": request.beta,
         "train_dataset": prepare.describe(request.train_dataset),
         "validation_dataset": prepare.describe(request.validation_dataset),
         "output_uri": output_uri,
@@ -106,6 +108,8 @@ def _config(request: TuneRequest, custom, teacher, options: dict, output_uri: st
         config["labels"] = dict(request.labels)
     if request.evaluation is not None:
         config["evaluation"] = request.evaluation.describe()
+        if request.method == "preference" and request.evaluation.data is None:
+            config["evaluation"]["method"] = "preference"  # the validation pairs: prompts, preferred answers
     return config
 
 
@@ -117,10 +121,11 @@ def _evaluation_file(request: TuneRequest, folder: Path, validation_file) -> str
     spec = request.evaluation
     if spec.data is not None:
         uri = prepare.to_jsonl("evaluation.data", spec.data, folder / "evaluation.jsonl", request.model, "sft").uri
-    else:
-        uri = validation_file.uri
+        method = "sft"
+    else:  # a preference job's validation pairs: their prompts, the preferred answers as references
+        uri, method = validation_file.uri, "preference" if request.method == "preference" else "sft"
     examples_of(uri, request.model, name="evaluation.data" if spec.data is not None else "validation_dataset",
-                limit=spec.limit)
+                limit=spec.limit, method=method)
     return uri
 
 
@@ -226,9 +231,10 @@ def dry_run(request: TuneRequest):
         train = prepare.to_jsonl("train_dataset", request.train_dataset, Path(scratch) / "train.jsonl",
                                  request.model, request.method)
         if request.validation_dataset is not None:
+            scored = "preference" if request.method == "preference" else "sft"
             validation = prepare.to_jsonl("validation_dataset", request.validation_dataset,
-                                          Path(scratch) / "validation.jsonl", request.model, "sft")
-            prepare.check_validation_set(validation.uri, train.uri, request.model)
+                                          Path(scratch) / "validation.jsonl", request.model, scored)
+            prepare.check_validation_set(validation.uri, train.uri, request.model, scored)
         if request.evaluation is not None:
             _evaluation_file(request, Path(scratch), validation if request.validation_dataset is not None else None)
     stats = prepare.predicted_stats(train.report, request.model, request.epochs)

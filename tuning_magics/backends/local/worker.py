@@ -162,8 +162,15 @@ class Worker:
                 evaluator = CheckpointEvaluator(cfg["evaluation"], cfg["base_model"],
                                                 cfg.get("custom_base_model") or cfg["base_model"],
                                                 should_stop=self.should_stop)
-            result = train(config, on_event=self.on_event, should_stop=self.should_stop,
-                           should_stop_early=self.should_stop_early, resume=rec.resume, evaluator=evaluator)
+            if cfg.get("method") == "preference":  # DPO on TRL's trainer; a resumed job starts it again
+                from .preference import train_preference
+
+                result = train_preference(config, beta=cfg.get("beta"), on_event=self.on_event,
+                                          should_stop=self.should_stop, should_stop_early=self.should_stop_early,
+                                          evaluator=evaluator)
+            else:
+                result = train(config, on_event=self.on_event, should_stop=self.should_stop,
+                               should_stop_early=self.should_stop_early, resume=rec.resume, evaluator=evaluator)
         except TrainingCancelled:
             raise _Stop() from None
         if not out.is_dir():  # removed after the trainer's last look: nothing of the result is left

@@ -157,6 +157,9 @@ def check(request: TuneRequest, ctx: vc.Context) -> str | None:
                         f"{', '.join(sorted(SERVICE_OPTIONS))} (or use another backend)", field=unknown[0])
     for name, value in request.options.items():
         SERVICE_OPTIONS[name](name, value)
+    if request.method == "preference":
+        raise UserError("preference tuning runs on the local engine in this version (DPO); tune with "
+                        "backend='local', or submit Vertex AI's PREFERENCE_TUNING with google-genai", field="method")
     if request.evaluation is not None:
         _check_evaluation(request, ctx)
     teacher = None

@@ -1,0 +1,124 @@
+"""Preference tuning: pairs in TRL's and Vertex AI's formats, and DPO on the local engine through TRL.
+
+The job test follows Google's advice on a real tiny model: supervised tuning on answers in two styles
+first, then preference tuning from that job on pairs preferring one style; the greedy answers to new
+prompts move to the preferred style.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tuning_magics as tm
+from tuning_magics.datasets import preference as P
+from tuning_magics.datasets.validate import validate
+from tuning_magics.errors import UserError
+
+MODEL = "local/tiny-qwen3"
+
+
+def gemini_pair(prompt: str, chosen: str, rejected: str, system: str | None = None) -> dict:
+    record = {"contents": [{"role": "user", "parts": [{"text": prompt}]}],
+              "completions": [{"score": 1.0, "completion": {"role": "model", "parts": [{"text": chosen}]}},
+                              {"score": 0.0, "completion": {"role": "model", "parts": [{"text": rejected}]}}]}
+    if system:
+        record["system_instruction"] = {"parts": [{"text": system}]}
+    return record
+
+
+def test_both_preference_formats_validate_and_convert_into_each_other():
+    trl = {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+           "chosen": [{"role": "assistant", "content": "Hello, friend."}], "rejected": "go away"}
+    gemini = gemini_pair("Hi?", "Hello, friend.", "go away", system="Be kind.")
+    for record, fmt in ((trl, P.PREFERENCE), (gemini, P.GEMINI_PREFERENCE)):
+        report = validate([record], MODEL, "preference")
+        assert report.ok and report.format == fmt, str(report)
+        assert P.pair_of(record, fmt) == ([{"role": "system", "content": "Be kind."},
+                                           {"role": "user", "content": "Hi?"}], "Hello, friend.", "go away")
+    assert P.from_pair(*P.pair_of(trl, P.PREFERENCE), P.GEMINI_PREFERENCE) == {
+        **gemini, "completions": [{**c, "score": int(c["score"])} for c in gemini["completions"]]}
+
+
+@pytest.mark.parametrize("record, where, words", [
+    ({"prompt": "Hi?", "chosen": "same", "rejected": " same"}, "chosen", "is the same as rejected"),
+    ({"prompt": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey"}], "chosen": "a",
+      "rejected": "b"}, "prompt", "must end with a user turn"),
+    ({"prompt": "Hi?", "chosen": "a"}, "rejected", "must be the rejected answer"),
+    ({"prompt": "Hi?", "chosen": "a", "rejected": "b", "score": 1}, "score", "unknown key 'score'"),
+    ({**gemini_pair("Hi?", "a", "b"), "completions": gemini_pair("Hi?", "a", "b")["completions"][:1]},
+     "completions", "exactly two completions"),
+    ({**gemini_pair("Hi?", "a", "b"), "completions": [
+        {"score": 1, "completion": {"role": "model", "parts": [{"text": "a"}]}},
+        {"score": 1, "completion": {"role": "model", "parts": [{"text": "b"}]}}]}, "completions",
+     r"scores must be 1 \(preferred\) and 0"),
+    ({**gemini_pair("Hi?", "a", "b"), "contents": [{"role": "user", "parts": [
+        {"inlineData": {"mimeType": "image/png", "data": "AA=="}}]}]}, "contents", "text only"),
+])
+def test_a_bad_pair_is_named_by_line_and_field(record, where, words):
+    report = validate([record], MODEL, "preference")
+    assert not report.ok
+    issue = report.errors[0]
+    assert issue.field == where and issue.line == 1
+    import re
+
+    assert re.search(words, str(issue)), str(issue)
+
+
+def test_pairs_for_sft_and_answers_for_preference_say_which_method_fits():
+    pair = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "no"}
+    assert "tune it with method='preference'" in str(validate([pair], MODEL, "sft").errors[0])
+    assert "preference tuning needs pairs" in str(validate([{"prompt": "Hi?", "completion": "Hello."}], MODEL,
+                                                           "preference").errors[0])
+    with pytest.raises(UserError, match="beta is preference tuning's") as info:
+        tm.tune(MODEL, [{"prompt": "Hi?", "completion": "Hello."}], beta=0.1)
+    assert info.value.field == "beta"
+    with pytest.raises(UserError, match="beta must be a finite number above 0"):
+        tm.tune(MODEL, [pair], method="preference", beta=0)
+
+
+def test_a_preference_job_is_refused_on_vertex_ai_in_one_line(vertex):
+    with pytest.raises(UserError, match="preference tuning runs on the local engine") as info:
+        tm.tune("gemini-2.5-flash", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "no"}], method="dpo",
+                backend="vertex", dry_run=True)
+    assert info.value.field == "method" and "\n" not in str(info.value)
+
+
+STYLES = {"polite": "Blue, thank you kindly.", "curt": "red"}
+
+
+def colour_prompt(i: int) -> str:
+    return f"Name a colour for item {i}."
+
+
+@pytest.mark.slow
+def test_dpo_after_sft_moves_greedy_answers_to_the_preferred_style(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path))
+    mixed = [{"prompt": colour_prompt(i), "completion": STYLES["polite" if i % 2 else "curt"]} for i in range(24)]
+    sft = tm.tune(MODEL, mixed, epochs=10, wait=True)
+    assert sft.state == "JOB_STATE_SUCCEEDED", sft.error
+    held_out = [colour_prompt(i) for i in range(100, 106)]
+
+    def polite(job) -> int:
+        return sum(job.chat(q, temperature=0, max_new_tokens=8).startswith("Blue") for q in held_out)
+
+    before = polite(sft)
+    pairs = [gemini_pair(colour_prompt(i), STYLES["polite"], STYLES["curt"]) for i in range(24)]
+    validation = [{"prompt": colour_prompt(i), "chosen": STYLES["polite"], "rejected": STYLES["curt"]}
+                  for i in range(50, 54)]
+    job = tm.tune(sft, pairs, method="preference", beta=0.1, epochs=3, validation_dataset=validation,
+                  evaluation={"data": [{"prompt": q, "completion": STYLES["polite"]} for q in held_out],
+                              "metrics": "contains,rouge_l", "max_new_tokens": 32}, wait=True)
+    assert job.state == "JOB_STATE_SUCCEEDED", job.error
+    assert job.config["method"] == "preference" and job.config["beta"] == 0.1
+    after = polite(job)
+    assert after > before and after == len(held_out), (before, after)
+    frame = job.metrics()
+    assert frame["reward_margin"].dropna().iloc[-1] > 0 and frame["reward_accuracy"].dropna().iloc[-1] == 1.0
+    assert frame["eval_reward_margin"].notna().sum() == 3  # the validation pairs, after each epoch
+    assert [c.name for c in job.checkpoints] == ["checkpoint-3", "checkpoint-6", "checkpoint-9", "final"]
+    scores = job.checkpoint_scores()  # scored at each checkpoint, as a supervised job is
+    assert list(scores.index) == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    assert scores["rouge_l"].iloc[-1] > 0.5, scores
+    from tuning_magics.display.monitor import job_text
+
+    assert "reward margin" in job_text(job) and "chosen preferred 100%" in job_text(job)
