@@ -142,12 +142,18 @@ SPEC_FIELDS = {
     "distillationSpec": {"promptDatasetUri", "trainingDatasetUri", "validationDatasetUri", "hyperParameters",
                          "exportLastCheckpointOnly", "evaluationConfig", "tuningMode", "baseTeacherModel",
                          "tunedTeacherModelSource", "pipelineRootDirectory", "studentModel"},
+    # google-genai's PreferenceOptimizationSpec (types.py) and the request's evaluationConfig (tunings.py)
+    "preferenceOptimizationSpec": {"trainingDatasetUri", "validationDatasetUri", "hyperParameters",
+                                   "exportLastCheckpointOnly", "evaluationConfig"},
 }  # fmt: skip
 HYPER_FIELDS = {
     "supervisedTuningSpec": {"epochCount", "learningRateMultiplier", "learningRate", "adapterSize", "batchSize"},
     "distillationSpec": {"epochCount", "learningRateMultiplier", "learningRate", "adapterSize", "batchSize",
                          "sftLossWeightMultiplier"},
+    "preferenceOptimizationSpec": {"epochCount", "learningRateMultiplier", "adapterSize", "beta"},
 }  # fmt: skip
+#: Gemini models the service preference-tunes (Google's announcement, 2025-11: 2.5 Flash and Flash-Lite).
+PREFERENCE_MODELS = {"gemini-2.5-flash", "gemini-2.5-flash-lite"}
 #: The oneof ``tuning_spec`` of a TuningJob: at most one of them.
 TUNING_SPECS = ("supervisedTuningSpec", "distillationSpec", "preferenceOptimizationSpec", "reinforcementTuningSpec",
                 "partnerModelTuningSpec", "veoTuningSpec")
@@ -292,8 +298,33 @@ def _texts(value, key=None):
             yield from _texts(v, key)
 
 
+def _preference_problem(record: dict) -> str | None:
+    """Why one line of a preference dataset is refused ("Prepare preference tuning data for Gemini models":
+    contents ending with a user turn, text only; exactly two single model-turn completions scored 1 and 0),
+    else None."""
+    if set(record) - {"contents", "completions", "system_instruction", "systemInstruction"}:
+        return f"unknown fields {sorted(set(record) - {'contents', 'completions', 'system_instruction'})}"
+    contents, completions = record.get("contents"), record.get("completions")
+    if not isinstance(contents, list) or not contents or contents[-1].get("role", "user") != "user":
+        return "contents must end with a user turn"
+    if any("text" not in part for turn in contents for part in turn.get("parts") or [{}]):
+        return "preference tuning takes text only"
+    if not isinstance(completions, list) or len(completions) != 2:
+        return "completions must hold exactly two completions"
+    if sorted(float(c.get("score", -1)) for c in completions) != [0.0, 1.0]:
+        return "completion scores must be 1 (preferred) and 0 (dispreferred)"
+    if any((c.get("completion") or {}).get("role") != "model" for c in completions):
+        return "each completion must be a model turn"
+    return None
+
+
 def _split_example(rec: dict) -> tuple[list[str], list[str]]:
-    """(input texts, output texts) of one example in any of the supported formats."""
+    """(input texts, output texts) of one example in any of the supported formats (a preference pair's
+    outputs are its two completions)."""
+    if "completions" in rec:
+        ins = list(_texts(rec.get("system_instruction") or rec.get("systemInstruction"))) + list(_texts(
+            rec.get("contents")))
+        return ins, list(_texts([c.get("completion") for c in rec["completions"]]))
     if "prompt" in rec:
         return [str(rec["prompt"])], [str(rec.get("completion", ""))]
     turns = rec.get("messages") or rec.get("contents") or []
@@ -500,7 +531,8 @@ class Job:
 
     @property
     def spec(self) -> dict:
-        return self.body.get("distillationSpec") or self.body.get("supervisedTuningSpec") or {}
+        return (self.body.get("distillationSpec") or self.body.get("supervisedTuningSpec")
+                or self.body.get("preferenceOptimizationSpec") or {})
 
     @property
     def epochs(self) -> int:
@@ -971,7 +1003,9 @@ class FakeVertex:
                                 f"Cannot set '{specs[1]}'")
         for spec_key, message, hyper_message in (
                 ("supervisedTuningSpec", "SupervisedTuningSpec", "SupervisedHyperParameters"),
-                ("distillationSpec", "DistillationSpec", "DistillationHyperParameters")):  # fmt: skip
+                ("distillationSpec", "DistillationSpec", "DistillationHyperParameters"),
+                ("preferenceOptimizationSpec", "PreferenceOptimizationSpec",
+                 "PreferenceOptimizationHyperParameters")):  # fmt: skip
             spec = body.get(spec_key)
             if not isinstance(spec, dict):
                 continue
@@ -1030,6 +1064,11 @@ class FakeVertex:
                 raise ApiError(400, f"Teacher model {teacher} is not supported for distillation. "
                                     f"Supported teachers: {', '.join(sorted(TEACHERS))}.")
             train_field = "promptDatasetUri"
+        elif "preferenceOptimizationSpec" in body:
+            spec, prefix = body["preferenceOptimizationSpec"], "preferenceOptimizationSpec"
+            if base not in PREFERENCE_MODELS:
+                raise ApiError(400, f"Base model {base} is not supported for preference tuning.")
+            train_field = "trainingDatasetUri"
         else:
             spec, prefix = body.get("supervisedTuningSpec") or {}, "supervisedTuningSpec"
             train_field = "trainingDatasetUri"
@@ -1037,6 +1076,12 @@ class FakeVertex:
             raise ApiError(400, "output_uri is required to tune an open model.")
         train = self._load_dataset(spec.get(train_field), f"{prefix}.{train_field}", True)
         validation = self._load_dataset(spec.get("validationDatasetUri"), f"{prefix}.validationDatasetUri", False)
+        if prefix == "preferenceOptimizationSpec":
+            for data, where in ((train, "trainingDatasetUri"), (validation, "validationDatasetUri")):
+                for line, record in enumerate(data.records if data else [], 1):
+                    problem = _preference_problem(record)
+                    if problem:
+                        raise ApiError(400, f"{prefix}.{where}: line {line}: {problem}")
         if spec.get("evaluationConfig") is not None:
             self._check_evaluation(spec["evaluationConfig"], base, location, validation, prefix)
         if body.get("customBaseModel") and not body["customBaseModel"].startswith("gs://"):
@@ -1223,8 +1268,9 @@ class FakeVertex:
             out["endTime"] = rfc3339(end)
         if "tunedModelDisplayName" not in out and job.is_gemini:
             out["tunedModelDisplayName"] = f"{job.base_model}-tuned-{job.id}"
-        if job.is_gemini and "supervisedTuningSpec" in out:  # the service fills in its defaults
-            hp = out["supervisedTuningSpec"].setdefault("hyperParameters", {})
+        filled = "supervisedTuningSpec" if "supervisedTuningSpec" in out else "preferenceOptimizationSpec"
+        if job.is_gemini and filled in out:  # the service fills in its defaults
+            hp = out[filled].setdefault("hyperParameters", {})
             hp.setdefault("epochCount", str(job.epochs))
             hp.setdefault("learningRateMultiplier", 1.0)
             hp.setdefault("adapterSize", "ADAPTER_SIZE_FOUR")
@@ -1257,6 +1303,12 @@ class FakeVertex:
         if "distillationSpec" in job.body:
             stats = job.train.stats(job.epochs, job.total_steps, distillation=True)
             return {"distillationDataStats": {"trainingDatasetStats": stats}}
+        if "preferenceOptimizationSpec" in job.body:  # PreferenceOptimizationDataStats: no truncation counts
+            stats = job.train.stats(job.epochs, job.total_steps)
+            for key in ("totalTruncatedExampleCount", "truncatedExampleIndices", "totalTuningCharacterCount",
+                        "totalBillableCharacterCount", "userMessagePerExampleDistribution"):
+                stats.pop(key, None)
+            return {"preferenceOptimizationDataStats": stats}
         return {"supervisedTuningDataStats": job.train.stats(job.epochs, job.total_steps)}
 
     def _tuned_gemini(self, job: Job) -> dict:

@@ -76,13 +76,6 @@ def test_pairs_for_sft_and_answers_for_preference_say_which_method_fits():
         tm.tune(MODEL, [pair], method="preference", beta=0)
 
 
-def test_a_preference_job_is_refused_on_vertex_ai_in_one_line(vertex):
-    with pytest.raises(UserError, match="preference tuning runs on the local engine") as info:
-        tm.tune("gemini-2.5-flash", [{"prompt": "Hi?", "chosen": "Hello.", "rejected": "no"}], method="dpo",
-                backend="vertex", dry_run=True)
-    assert info.value.field == "method" and "\n" not in str(info.value)
-
-
 STYLES = {"polite": "Blue, thank you kindly.", "curt": "red"}
 
 

@@ -775,3 +775,56 @@ def test_the_fake_refuses_evaluation_configs_the_service_refuses(vertex, data):
         with pytest.raises(errors.ClientError, match=words):
             client.tunings.tune(base_model="gemini-2.5-flash", training_dataset=types.TuningDataset(
                 gcs_uri=data["train"]), config=config)
+
+
+# ====================================================================== preference tuning
+
+
+PAIRS = [{"prompt": f"Say hello to guest {i}.", "chosen": f"Hello, guest {i}, welcome!", "rejected": "hi"}
+         for i in range(12)]
+
+
+def test_a_gemini_preference_job_sends_what_google_genai_sends_by_hand_and_its_pairs_in_geminis_format(vertex):
+    from google.genai import types
+
+    from tuning_magics.datasets import preference
+
+    job = tm.tune("gemini-2.5-flash", PAIRS, method="preference", beta=0.1, epochs=2, adapter_size=4,
+                  validation_dataset=PAIRS[:3])
+    ours = vertex.bodies()[-1]
+    spec = ours["preferenceOptimizationSpec"]
+    # The same call written by hand with google-genai, on the files tuning_magics uploaded.
+    client = vertex.genai_client()  # kept: a client that is collected closes its connections
+    client.tunings.tune(
+        base_model="gemini-2.5-flash", training_dataset=types.TuningDataset(gcs_uri=spec["trainingDatasetUri"]),
+        config=types.CreateTuningJobConfig(method="PREFERENCE_TUNING", beta=0.1, epoch_count=2,
+                                           adapter_size="ADAPTER_SIZE_FOUR", validation_dataset=types.
+                                           TuningValidationDataset(gcs_uri=spec["validationDatasetUri"])))
+    hand = vertex.bodies()[-1]
+    ours.pop("labels")
+    assert ours == hand and spec["hyperParameters"]["beta"] == 0.1
+    # TRL's pairs went up in Gemini's format, which the service (and the fake) reads.
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket, name = spec["trainingDatasetUri"][len("gs://"):].split("/", 1)
+    lines = storage.Client(project="test", credentials=AnonymousCredentials()).bucket(bucket).blob(
+        name).download_as_text().splitlines()
+    first = json.loads(lines[0])
+    assert preference.detect(first) == preference.GEMINI_PREFERENCE and len(lines) == 12
+    assert preference.pair_of(first, preference.GEMINI_PREFERENCE) == (
+        [{"role": "user", "content": "Say hello to guest 0."}], "Hello, guest 0, welcome!", "hi")
+    walk(vertex, job)
+    assert job.state == "JOB_STATE_SUCCEEDED" and job.config["method"] == "preference" and job.config["beta"] == 0.1
+    assert job.data_stats().loc["examples", "service"] == 12  # the service counted the pairs
+
+
+def test_preference_tuning_on_vertex_ai_follows_the_catalog_and_the_services_format(vertex):
+    with pytest.raises(UserError, match="Vertex AI preference-tunes gemini-2.5-flash, gemini-2.5-flash-lite, "
+                                        "not gemini-2.5-pro") as info:
+        tm.tune("gemini-2.5-pro", PAIRS, method="preference")
+    assert info.value.field == "method"
+    gs = vertex.put(vertex.uri("pairs.jsonl"), PAIRS)  # TRL's format, already in Cloud Storage
+    with pytest.raises(UserError, match="Vertex AI reads preference pairs in Gemini's format") as info:
+        tm.tune("gemini-2.5-flash", gs, method="preference")
+    assert info.value.field == "train_dataset" and vertex.bodies() == []

@@ -70,6 +70,9 @@ class Model:
     #: Whether a tuned checkpoint of this model can be tuned further (the service's
     #: continuous tuning, ``pre_tuned_model`` / ``pre_tuned_model_checkpoint_id``).
     continued_tuning: bool = False
+    #: Whether the managed service preference-tunes this model (``method="preference"``); every model the
+    #: local engine tunes, it also preference-tunes.
+    preference_tuning: bool = False
 
     @property
     def multimodal(self) -> bool:
@@ -106,10 +109,11 @@ _GEMINI_3_NOTES = (
 )
 
 
-def _gemini(gid, adapter_sizes, *, regions=None, continued=False, price=None, notes=""):
+def _gemini(gid, adapter_sizes, *, regions=None, continued=False, price=None, preference=False, notes=""):
     return Model(
         gid, "gemini", (PEFT,), 131072, _GEMINI_MODALITIES, None, "gemini", False, tuple(adapter_sizes), "",
         notes, price_per_million_tokens=price, regions=regions, continued_tuning=continued,
+        preference_tuning=preference,
     )
 
 
@@ -130,7 +134,11 @@ def _gemini(gid, adapter_sizes, *, regions=None, continued=False, price=None, no
 #   service decides;
 # - training prices: the 2.5 prices are the ones published on the Vertex AI generative AI pricing page
 #   when this catalog was first written, not re-found in 2026-11; no published 3.x tuning price was
-#   found, so those are None (no cost estimate rather than a guessed one).
+#   found, so those are None (no cost estimate rather than a guessed one);
+# - preference tuning (text pairs, adapter sizes 1-16, beta): Gemini 2.5 Flash and Flash-Lite, as Google
+#   announced it (discuss.google.dev "Preference tuning now available for Gemini 2.5 Flash models on Vertex
+#   AI", 2025-11) and its console steps (.../docs/models/gemini-use-preference-tuning); the page's own list of
+#   models could not be read, so no other model is marked.
 _GEMINI: tuple[Model, ...] = (
     _gemini("gemini-3.5-flash", (1, 2, 4, 8, 16), regions=GEMINI_3_REGIONS, continued=True,
             notes=_GEMINI_3_NOTES + "; the Gemini API lists gemini-3.5-flash as deprecated (served by "
@@ -139,8 +147,8 @@ _GEMINI: tuple[Model, ...] = (
     _gemini("gemini-3.1-flash-lite", (1, 2, 4, 8, 16), regions=GEMINI_3_REGIONS, continued=True,
             notes=_GEMINI_3_NOTES),
     _gemini("gemini-2.5-pro", (1, 2, 4, 8), continued=True, price=25.0),
-    _gemini("gemini-2.5-flash", (1, 2, 4, 8, 16), price=5.0),
-    _gemini("gemini-2.5-flash-lite", (1, 2, 4, 8, 16), price=1.5),
+    _gemini("gemini-2.5-flash", (1, 2, 4, 8, 16), price=5.0, preference=True),
+    _gemini("gemini-2.5-flash-lite", (1, 2, 4, 8, 16), price=1.5, preference=True),
 )
 
 

@@ -36,7 +36,7 @@ def detect(record: dict) -> str | None:
     return None
 
 
-def _text(value) -> str | None:
+def answer_text(value) -> str | None:
     """The text of an answer given as a string, one assistant message, or a list holding one; else None."""
     if isinstance(value, str):
         return value
@@ -48,65 +48,12 @@ def _text(value) -> str | None:
     return None
 
 
-def _parts_text(parts) -> str | None:
+def parts_text(parts) -> str | None:
     """The text of Gemini parts that are all text; None where one is not."""
     if not isinstance(parts, list) or not parts:
         return None
     texts = [p.get("text") for p in parts if isinstance(p, dict)]
     return "".join(texts) if len(texts) == len(parts) and all(isinstance(t, str) for t in texts) else None
-
-
-def problems(record: dict, fmt: str) -> list[tuple[str, str | None]]:
-    """What is wrong with one preference record: (message, field) pairs, empty when it is valid."""
-    from .validate import is_blank
-
-    found: list[tuple[str, str | None]] = []
-    unknown = sorted(set(record) - TOP_KEYS[fmt])
-    if unknown:
-        found.append((f"unknown key {unknown[0]!r} for the {fmt} format; remove it", unknown[0]))
-    if fmt == PREFERENCE:
-        prompt = record.get("prompt")
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-                found.append(("must be chat messages with text content", "prompt"))
-            elif prompt[-1].get("role") != "user":
-                found.append(("must end with a user turn, the one the two answers reply to", "prompt"))
-        elif not isinstance(prompt, str) or is_blank(prompt):
-            found.append(("is missing or empty; give the question both answers reply to", "prompt"))
-        for key in ("chosen", "rejected"):
-            text = _text(record.get(key))
-            if text is None or is_blank(text):
-                found.append((f"must be the {'preferred' if key == 'chosen' else 'rejected'} answer: a text or one "
-                               "assistant message", key))
-        if not found and _text(record["chosen"]).strip() == _text(record["rejected"]).strip():
-            found.append(("is the same as rejected; a pair teaches nothing when both answers are one", "chosen"))
-        return found
-    contents = record.get("contents")
-    if not isinstance(contents, list) or not contents:
-        found.append(("must be a list of turns ending with the user's", "contents"))
-    else:
-        for i, turn in enumerate(contents):
-            if not isinstance(turn, dict) or _parts_text(turn.get("parts")) is None:
-                found.append((f"turn {i + 1} must have text parts only (preference tuning is text only)", "contents"))
-                break
-        else:
-            if contents[-1].get("role", "user") != "user":
-                found.append(("must end with a user turn, the one the completions reply to", "contents"))
-    completions = record.get("completions")
-    if not isinstance(completions, list) or len(completions) != 2:
-        found.append(("must hold exactly two completions, the preferred one scored 1 and the other 0",
-                      "completions"))
-        return found
-    scores = []
-    for i, item in enumerate(completions):
-        completion = item.get("completion") if isinstance(item, dict) else None
-        if not isinstance(completion, dict) or completion.get("role", "model") != "model" or \
-                _parts_text(completion.get("parts")) is None:
-            found.append((f"completion {i + 1} must be a model turn with text parts", "completions"))
-        scores.append(item.get("score") if isinstance(item, dict) else None)
-    if sorted(s for s in scores if isinstance(s, (int, float)) and not isinstance(s, bool)) != [0, 1]:
-        found.append((f"scores must be 1 (preferred) and 0, not {scores}", "completions"))
-    return found
 
 
 def pair_of(record: dict, fmt: str) -> tuple[list[dict], str, str]:
@@ -115,15 +62,15 @@ def pair_of(record: dict, fmt: str) -> tuple[list[dict], str, str]:
         prompt = record["prompt"]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
             [{"role": "assistant" if m["role"] == "model" else m["role"], "content": m["content"]} for m in prompt]
-        return messages, _text(record["chosen"]), _text(record["rejected"])
+        return messages, answer_text(record["chosen"]), answer_text(record["rejected"])
     messages = []
     system = record.get("system_instruction") or record.get("systemInstruction")
-    if system and _parts_text(system.get("parts")):
-        messages.append({"role": "system", "content": _parts_text(system["parts"])})
+    if system and parts_text(system.get("parts")):
+        messages.append({"role": "system", "content": parts_text(system["parts"])})
     for turn in record["contents"]:
         messages.append({"role": "assistant" if turn.get("role") == "model" else "user",
-                         "content": _parts_text(turn["parts"])})
-    by_score = {item["score"]: _parts_text(item["completion"]["parts"]) for item in record["completions"]}
+                         "content": parts_text(turn["parts"])})
+    by_score = {item["score"]: parts_text(item["completion"]["parts"]) for item in record["completions"]}
     return messages, by_score[1], by_score[0]
 
 
@@ -156,3 +103,28 @@ def read_pairs(path) -> list[dict]:
                 prompt, chosen, rejected = pair_of(record, detect(record))
                 out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
+
+
+def convert_file(path, fmt: str) -> int:
+    """Rewrite a valid local preference JSONL file in ``fmt``, atomically; how many records changed format."""
+    import orjson
+
+    from ..storage import atomic_writer
+
+    records = []
+    changed = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            raw = raw.strip().removeprefix(b"\xef\xbb\xbf")
+            if raw:
+                record = orjson.loads(raw)
+                source = detect(record)
+                if source != fmt:
+                    record = from_pair(*pair_of(record, source), fmt)
+                    changed += 1
+                records.append(record)
+    if changed:
+        with atomic_writer(path, overwrite=True) as out:
+            for record in records:
+                out.write(orjson.dumps(record) + b"\n")
+    return changed

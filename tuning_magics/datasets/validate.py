@@ -275,6 +275,59 @@ class ValidationReport:
 # -- one record -----------------------------------------------------------------
 
 
+def preference_problems(record: dict, fmt: str) -> list[tuple[str, str | None]]:
+    """What is wrong with one preference record: (message, field) pairs, empty when it is valid."""
+    from .preference import PREFERENCE, TOP_KEYS, answer_text, parts_text
+
+    found: list[tuple[str, str | None]] = []
+    unknown = sorted(set(record) - TOP_KEYS[fmt])
+    if unknown:
+        found.append((f"unknown key {unknown[0]!r} for the {fmt} format; remove it", unknown[0]))
+    if fmt == PREFERENCE:
+        prompt = record.get("prompt")
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+                found.append(("must be chat messages with text content", "prompt"))
+            elif prompt[-1].get("role") != "user":
+                found.append(("must end with a user turn, the one the two answers reply to", "prompt"))
+        elif not isinstance(prompt, str) or is_blank(prompt):
+            found.append(("is missing or empty; give the question both answers reply to", "prompt"))
+        for key in ("chosen", "rejected"):
+            text = answer_text(record.get(key))
+            if text is None or is_blank(text):
+                found.append((f"must be the {'preferred' if key == 'chosen' else 'rejected'} answer: a text or one "
+                               "assistant message", key))
+        if not found and answer_text(record["chosen"]).strip() == answer_text(record["rejected"]).strip():
+            found.append(("is the same as rejected; a pair teaches nothing when both answers are one", "chosen"))
+        return found
+    contents = record.get("contents")
+    if not isinstance(contents, list) or not contents:
+        found.append(("must be a list of turns ending with the user's", "contents"))
+    else:
+        for i, turn in enumerate(contents):
+            if not isinstance(turn, dict) or parts_text(turn.get("parts")) is None:
+                found.append((f"turn {i + 1} must have text parts only (preference tuning is text only)", "contents"))
+                break
+        else:
+            if contents[-1].get("role", "user") != "user":
+                found.append(("must end with a user turn, the one the completions reply to", "contents"))
+    completions = record.get("completions")
+    if not isinstance(completions, list) or len(completions) != 2:
+        found.append(("must hold exactly two completions, the preferred one scored 1 and the other 0",
+                      "completions"))
+        return found
+    scores = []
+    for i, item in enumerate(completions):
+        completion = item.get("completion") if isinstance(item, dict) else None
+        if not isinstance(completion, dict) or completion.get("role", "model") != "model" or \
+                parts_text(completion.get("parts")) is None:
+            found.append((f"completion {i + 1} must be a model turn with text parts", "completions"))
+        scores.append(item.get("score") if isinstance(item, dict) else None)
+    if sorted(s for s in scores if isinstance(s, (int, float)) and not isinstance(s, bool)) != [0, 1]:
+        found.append((f"scores must be 1 (preferred) and 0, not {scores}", "completions"))
+    return found
+
+
 class RecordChecker:
     """Checks single records; shared by the file, record and DataFrame paths."""
 
@@ -307,7 +360,7 @@ class RecordChecker:
                 self.report.error(f"is preference data ({fmt}); tune it with method='preference'", line)
             return None, False
         if fmt in preference.FORMATS:
-            for message, where in preference.problems(record, fmt):
+            for message, where in preference_problems(record, fmt):
                 self.report.error(message, line, where)
             return fmt, False
         unknown = sorted(set(record) - F.TOP_KEYS[fmt])

@@ -340,7 +340,8 @@ def _output_uri(raw) -> str | None:
 
 def _config(raw, labels: dict) -> dict:
     sft, distill = raw.supervised_tuning_spec, raw.distillation_spec
-    spec = sft or distill
+    prefer = getattr(raw, "preference_optimization_spec", None)
+    spec = sft or distill or prefer
     hyper = getattr(spec, "hyper_parameters", None)
     mode = _enum_name(getattr(spec, "tuning_mode", None) or getattr(hyper, "tuning_mode", None))
     adapter = _enum_name(getattr(hyper, "adapter_size", None))
@@ -350,13 +351,15 @@ def _config(raw, labels: dict) -> dict:
         "base_model": raw.base_model or getattr(getattr(raw, "pre_tuned_model", None), "base_model", None),
         "custom_base_model": raw.custom_base_model,
         "tuning_mode": (mode or "").removeprefix("TUNING_MODE_") or None,
-        "method": "distillation" if distill is not None else "sft",
+        "method": "distillation" if distill is not None else "preference" if prefer is not None else "sft",
         "base_teacher_model": getattr(distill, "base_teacher_model", None),
         "epochs": int(hyper.epoch_count) if getattr(hyper, "epoch_count", None) else None,
         "learning_rate": getattr(hyper, "learning_rate", None),
         "learning_rate_multiplier": getattr(hyper, "learning_rate_multiplier", None),
         "adapter_size": _ADAPTER_NUMBERS.get(adapter or ""),
-        "train_dataset": getattr(sft, "training_dataset_uri", None) or getattr(distill, "prompt_dataset_uri", None),
+        "beta": getattr(hyper, "beta", None),
+        "train_dataset": getattr(sft or prefer, "training_dataset_uri", None)
+        or getattr(distill, "prompt_dataset_uri", None),
         "validation_dataset": getattr(spec, "validation_dataset_uri", None),
         "output_uri": _output_uri(raw),
         "labels": labels,

@@ -157,9 +157,10 @@ def check(request: TuneRequest, ctx: vc.Context) -> str | None:
                         f"{', '.join(sorted(SERVICE_OPTIONS))} (or use another backend)", field=unknown[0])
     for name, value in request.options.items():
         SERVICE_OPTIONS[name](name, value)
-    if request.method == "preference":
-        raise UserError("preference tuning runs on the local engine in this version (DPO); tune with "
-                        "backend='local', or submit Vertex AI's PREFERENCE_TUNING with google-genai", field="method")
+    if request.method == "preference" and not model.preference_tuning:
+        ids = ", ".join(m.id for m in catalog.models() if m.preference_tuning)
+        raise UserError(f"Vertex AI preference-tunes {ids}, not {model.id}; choose one of them, or tune "
+                        f"{model.id} with backend='local' (DPO)", field="method")
     if request.evaluation is not None:
         _check_evaluation(request, ctx)
     teacher = None
@@ -207,11 +208,12 @@ def _plan(request: TuneRequest, ctx: vc.Context, scratch: Path) -> _Plan:
     name, given = ("evaluation.data", spec.data) if spec is not None and spec.data is not None else \
         ("validation_dataset", request.validation_dataset)
     if given is not None:
-        validation = _dataset(plan, name, given, scratch / "validation.jsonl", "sft")
+        scored = "preference" if method == "preference" else "sft"
+        validation = _dataset(plan, name, given, scratch / "validation.jsonl", scored)
         plan.validation_uri = validation.uri
         local_train = next((k for k, v in plan.uploads.items() if v == train.uri), train.uri)
         local_validation = next((k for k, v in plan.uploads.items() if v == validation.uri), validation.uri)
-        prepare.check_validation_set(local_validation, local_train, model)
+        prepare.check_validation_set(local_validation, local_train, model, scored)
         if spec is not None:
             from ...evaluation import examples_of
 
@@ -237,11 +239,21 @@ def _dataset(plan: _Plan, name: str, dataset, target: Path, method: str) -> prep
 
     Inline images of a local dataset are staged as objects of their own (see ``images``).
     """
+    from ...datasets import preference
+
     model = plan.request.model
     source = prepare.source_uri(name, dataset)
     if source is not None and source.startswith("gs://"):
-        return prepare.validate_in_place(name, source, model, method, dataset)
+        found = prepare.validate_in_place(name, source, model, method, dataset)
+        if method == "preference" and found.report is not None and found.report.format != preference.GEMINI_PREFERENCE:
+            raise UserError(f"{name}: Vertex AI reads preference pairs in Gemini's format (contents, completions "
+                            f"scored 1 and 0), not {found.report.format}; pass the file from this machine (a path or "
+                            "a DataFrame) and it is converted, or convert it with "
+                            "tuning_magics.datasets.preference.convert_file", field=name)
+        return found
     local = prepare.to_jsonl(name, dataset, target, model, method)
+    if method == "preference":  # pairs go as Gemini's format, whichever the user brought
+        preference.convert_file(local.uri, preference.GEMINI_PREFERENCE)
     staging = vc.staging_folder(plan.ctx, "the datasets")
     # Local and inline images go first, as objects of their own: the dataset then refers to them by gs:// URI.
     scratch = target.parent / target.stem
@@ -279,6 +291,10 @@ def _sdk_call(plan: _Plan):
     if request.method == "distillation":
         config["method"] = "DISTILLATION"
         config["base_teacher_model"] = plan.teacher
+    elif request.method == "preference":
+        config["method"] = "PREFERENCE_TUNING"
+        if request.beta is not None:
+            config["beta"] = request.beta
     if model.provider == "open" and (request.method == "sft" or request.tuning_mode != catalog.FULL):
         # Distillation tunes fully unless told otherwise: the seed's call sends no mode.
         config["tuning_mode"] = "TUNING_MODE_" + request.tuning_mode
