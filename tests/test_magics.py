@@ -688,6 +688,28 @@ def test_tune_eval_passes_its_options_to_job_evaluate(ip, jobs_home, tmp_path, m
     ip.user_ns.pop("judge", None)
 
 
+def test_tune_arena_passes_its_options_to_job_arena(ip, jobs_home, tmp_path, monkeypatch):
+    calls = []
+
+    def arena(self, prompts, **options):
+        calls.append((self.id, prompts, options))
+        return f"arena of {self.id}"
+
+    monkeypatch.setattr(Job, "arena", arena)
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0], evals={}, age=300)
+    other = object()
+    ip.push({"job": tm.get_job("tune-a"), "questions": ["q1", "q2"], "other": other})
+    assert ip.run_line_magic("tune_arena", "--prompts $questions --against checkpoint-8 --as duel") == "arena of tune-a"
+    assert calls[-1] == ("tune-a", ["q1", "q2"], {"against": "checkpoint-8", "checkpoint": "final", "name": None})
+    assert ip.user_ns["duel"] == "arena of tune-a"
+    ip.run_line_magic("tune_arena", "tune-a --prompts $questions --against $other --checkpoint checkpoint-8 --name n")
+    assert calls[-1][2] == {"against": other, "checkpoint": "checkpoint-8", "name": "n"}
+    with pytest.raises(UsageError, match="--prompts takes a \\$variable"):
+        ip.run_line_magic("tune_arena", "--prompts q1")
+    for name in ("duel", "questions", "other"):
+        ip.user_ns.pop(name, None)
+
+
 def test_config_and_tuning_config_share_one_store_last_one_wins(ip):
     # %config first, then %tuning_config, then %config again with the same value as before.
     ip.run_cell("%config TuningMagics.project = 'proj-a'")

@@ -40,6 +40,7 @@ _LAZY = {
     "Evaluation": ("tuning_magics.evaluation", "Evaluation"),
     "metrics": ("tuning_magics.evaluation.metrics", None),
     "Judge": ("tuning_magics.evaluation.judge", "Judge"),
+    "Arena": ("tuning_magics.arena", "Arena"),
     # %load_ext tuning_magics: IPython reads this attribute, so the magics load only then.
     "load_ipython_extension": ("tuning_magics.magics", "load_ipython_extension"),
 }

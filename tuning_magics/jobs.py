@@ -406,6 +406,17 @@ class Job(ABC):
         path = (self.config or {}).get("validation_dataset")
         return path if isinstance(path, str) and path.startswith("gs://") else None
 
+    def arena(self, prompts, *, against="base", checkpoint: str = "final", name: str | None = None,
+              max_new_tokens: int = 128):
+        """Two models answer ``prompts`` side by side, anonymous and in random order, and you vote
+        (:class:`~tuning_magics.arena.Arena`): this job's ``checkpoint`` against ``against``, which is another of
+        its checkpoints (``"base"``, ``"checkpoint-8"``), another job, ``(job, checkpoint)``, or anything with
+        ``chat()``. Votes are kept on disk as they are cast; the same arena again continues where they stop."""
+        from .arena import Arena
+
+        other = (self, against) if isinstance(against, (str, int)) else against
+        return Arena((self, checkpoint), other, prompts, name=name, max_new_tokens=max_new_tokens)
+
     def chat_panel(self, checkpoint: str | None = None, *, compare_base: bool = True):
         """A chat panel with the tuned model (or ``checkpoint``): streamed replies, history, a system prompt.
 

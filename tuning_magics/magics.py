@@ -75,6 +75,9 @@ Jobs and experiments
     ``job.evaluate()``: the base model, the checkpoints and the tuned model
     scored on the same examples, with intervals, the paired test and the
     examples that flipped; the same job default as ``%tune_chat``.
+``%tune_arena [JOB] --prompts $list [--against base|checkpoint-N|$job] [--as VAR]``
+    ``job.arena()``: two models answer side by side, anonymous and in random
+    order, and you vote; the votes rank them and become preference pairs.
 
 Errors
 ------
@@ -842,6 +845,37 @@ class TuningMagics(Magics):
         if var is not None:
             self._keep(var, result)
         return result
+
+    @line_magic
+    @no_var_expand
+    def tune_arena(self, line: str = ""):
+        """Two models side by side, anonymous, and you vote: ``%tune_arena [JOB] --prompts $list
+        [--against base|checkpoint-N|$job] [--checkpoint final] [--name NAME] [--as VAR]``: ``job.arena()``."""
+        p = _ArgParser(prog="tune_arena", description="Vote between two models' answers, shown as A and B.")
+        p.add_argument("job", nargs="?", help="a variable holding a job, $var, or a job id (default: job)")
+        p.add_argument("--prompts", required=True, help="$var holding the prompts (texts or chat conversations)")
+        p.add_argument("--against", default="base", help="'base' (default), a checkpoint's name, or $var holding "
+                                                         "another job or a model with chat()")
+        p.add_argument("--checkpoint", default="final", help="this job's side (default: final)")
+        p.add_argument("--name", help="the arena's name: its votes file (default: made from the models and prompts)")
+        p.add_argument("--as", dest="as_", metavar="VAR", help="keep the Arena in this variable")
+        p.add_argument("--verbose", action="store_true", help="show tracebacks")
+        args = _parse(p, line)
+        if args is None:
+            return None
+        job = self._chat_job(args.job, args.verbose, prog="%tune_arena")
+        if not _WHOLE_VAR.fullmatch(args.prompts):
+            raise UsageError("%tune_arena: --prompts takes a $variable holding a list of prompts")
+        prompts = _lookup(self.shell.user_ns, args.prompts[1:], "%tune_arena")
+        against = args.against
+        if _WHOLE_VAR.fullmatch(against):
+            against = _lookup(self.shell.user_ns, against[1:], "%tune_arena")
+        var = _variable_name(args.as_, "--as") if args.as_ else None
+        arena = self._run(lambda: job.arena(prompts, against=against, checkpoint=args.checkpoint, name=args.name),
+                          args.verbose)
+        if var is not None:
+            self._keep(var, arena)
+        return arena
 
     def _chat_job(self, word: str | None, verbose: bool, prog: str = "%tune_chat"):
         from .jobs import Job
