@@ -594,9 +594,12 @@ class LossPlot:
         """
         top, last = 0.0, 0.0
         self.drawn = []
+        # The right axis's rate: token accuracy, or for preference tuning how often the chosen answer wins.
+        rate = ("token_accuracy", "token accuracy") if _series(frame, "token_accuracy") is not None or \
+            _series(frame, "reward_accuracy") is None else ("reward_accuracy", "chosen preferred")
         for column, name, raw, smooth in (("train_loss", "train loss", self.train_raw, self.train_ema),
                                           ("eval_loss", "validation loss", self.eval_raw, self.eval_ema),
-                                          ("token_accuracy", "token accuracy", self.accuracy, None)):
+                                          (*rate, self.accuracy, None)):
             found = _series(frame, column)
             if found is None:
                 raw.set_data([], [])
@@ -630,8 +633,8 @@ class LossPlot:
                 i = int(found[1][scored].argmax())
                 self.task_point = (float(found[1][scored][i]), int(found[0][scored][i]))
         self.task_best.set_data(*(([self.task_point[1]], [self.task_point[0]]) if self.task_point else ([], [])))
-        right = ("score, 0-1" if self.task_name else "token accuracy") \
-            if any(name == "token accuracy" for name, _ in self.drawn) or self.task_name else None
+        right = ("score, 0-1" if self.task_name else rate[1]) \
+            if any(name == rate[1] for name, _ in self.drawn) or self.task_name else None
         accuracy = right
         limits = (max(float(total_steps or 0), _nice_ceiling(last * 1.25) if last > (total_steps or 0) else 0.0, 1.0),
                   _nice_ceiling(top * 1.05))
@@ -658,7 +661,7 @@ class LossPlot:
         entries = []
         for name, averaged in self.drawn:
             colour = PLOT_COLOURS[name]
-            if name == "token accuracy":
+            if name in ("token accuracy", "chosen preferred"):
                 how = "dashed, right axis, 0-1"
             else:
                 how = "faint: each point, bold: smoothed" if averaged else "each point"
@@ -693,7 +696,7 @@ LABEL_PX = 11
 PLOT_INK = "#8c8c8c"
 #: The curves' colours: mid tones that stand out on a light and a dark page.
 PLOT_COLOURS = {"train loss": "#4a86d4", "validation loss": "#e8772e", "token accuracy": "#3fa34d",
-                "task metric": "#b05cc9"}
+                "chosen preferred": "#3fa34d", "task metric": "#b05cc9"}
 
 
 # -- the kernel -------------------------------------------------------------------------------
