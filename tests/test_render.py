@@ -95,6 +95,48 @@ def test_the_agreement_check_catches_a_missing_bos_and_a_newline_inside_the_loss
                 assert_agree(engine_tokenizers[name], messages, R.Preview(wrong, True, "", preview.rendered))
 
 
+def test_a_weight_0_turn_carries_no_loss_in_the_engine_and_the_preview(engine_tokenizers):
+    """OpenAI's chat format marks turns not to learn with "weight": 0: the file's messages keep it, the engine
+    takes no loss on them, and the preview marks exactly what the engine learns."""
+    from tuning_magics.datasets.formats import read_conversations
+    from tuning_magics.datasets.validate import validate
+
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Old", "weight": 0},
+                           {"role": "user", "content": "Again"},
+                           {"role": "assistant", "content": "New", "weight": 1}]}
+    assert validate([record], "local/tiny-qwen3").ok
+    messages = F.to_messages(record)
+    assert [m.get("weight") for m in messages] == [None, 0, None, 1]
+    for name in BUILTIN:
+        preview = R.preview(messages, name)
+        assert_agree(engine_tokenizers[name], messages, preview)
+        learned = "".join(text for text, loss in preview.segments if loss)
+        assert "New" in learned and "Old" not in learned
+    every = R.render(engine_tokenizers[BUILTIN[0]], [{k: v for k, v in m.items() if k != "weight"}
+                                                     for m in messages])
+    assert every.loss_tokens > R.render(engine_tokenizers[BUILTIN[0]], messages).loss_tokens
+
+
+def test_weights_are_checked_and_vertex_ai_users_are_told_what_they_change(tmp_path):
+    from tuning_magics.datasets.validate import validate
+
+    bad = {"messages": [{"role": "user", "content": "Hi", "weight": 1},
+                        {"role": "assistant", "content": "A", "weight": 2}]}
+    errors = [(e.field, str(e)) for e in validate([bad], "local/tiny-qwen3").errors]
+    assert ("messages[0].weight", "line 1, messages[0].weight: only an assistant turn has a weight (0: not "
+            "learned, 1: learned)") in errors
+    assert any(f == "messages[1].weight" and "must be 0 (not learned) or 1 (learned), not 2" in t for f, t in errors)
+    none = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A", "weight": 0}]}
+    assert "nothing to learn" in str(validate([none], "local/tiny-qwen3").errors[0])
+    ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A", "weight": 0},
+                       {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "B"}]}
+    assert validate([ok], "local/tiny-qwen3").warnings == []
+    warned = validate([ok], "qwen3-4b").warnings
+    assert len(warned) == 1 and "Vertex AI learns every model turn" in str(warned[0])
+    old = validate([{"input_text": "a", "output_text": "b"}], "local/tiny-qwen3")
+    assert "retired Vertex AI format: rename them prompt and completion" in str(old.errors[0])
+
+
 def test_the_builtin_preview_needs_no_tokenizer_library_and_matches_the_real_tokenizer(engine_tokenizers):
     byte = T.ByteTokenizer()
     text = "<bos>a é🌍\n<|im_end|><|im_<pad>"

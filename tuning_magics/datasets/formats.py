@@ -151,9 +151,10 @@ def to_messages(record: dict, fmt: str | None = None) -> list[dict]:
     if fmt in preference.FORMATS:  # the prompt and the preferred answer: what the pair asks to learn
         prompt, chosen, _rejected = preference.pair_of(record, fmt)
         return prompt + [{"role": "assistant", "content": chosen}]
-    if fmt == CHAT:
+    if fmt == CHAT:  # an assistant turn's "weight" (0: not learned) goes along
         return [
-            {"role": "assistant" if m["role"] == "model" else m["role"], "content": m["content"]}
+            {"role": "assistant" if m["role"] == "model" else m["role"], "content": m["content"],
+             **({"weight": m["weight"]} if "weight" in m else {})}
             for m in record["messages"]
         ]
     if fmt == PROMPT_COMPLETION:
@@ -176,7 +177,8 @@ def to_messages(record: dict, fmt: str | None = None) -> list[dict]:
 def from_messages(messages: list[dict], fmt: str) -> dict:
     """Build a record of format ``fmt`` from chat messages."""
     if fmt == CHAT:
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+        return {"messages": [{"role": m["role"], "content": m["content"],
+                              **({"weight": m["weight"]} if "weight" in m else {})} for m in messages]}
     if fmt == GENERATE_CONTENT:
         record: dict = {}
         contents = []
@@ -245,6 +247,8 @@ def read_conversations(path) -> list[list[dict]]:
                 continue
             record = orjson.loads(raw)
             out.append([
-                {"role": m["role"], "content": text_of(m["content"])} for m in to_messages(record)
+                {"role": m["role"], "content": text_of(m["content"]), **({"weight": m["weight"]} if "weight" in m
+                                                                        else {})}
+                for m in to_messages(record)
             ])
     return out

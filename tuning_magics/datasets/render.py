@@ -74,7 +74,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     """The rendered conversation and the character spans of the assistant turns in it.
 
     A span runs from the start of the reply to the end of its end-of-turn
-    marker. It is found by rendering the conversation up to each assistant turn
+    marker. A turn with ``"weight": 0`` (OpenAI's chat format: not learned) has no span. It is found by rendering the conversation up to each assistant turn
     with and without the reply; templates for which that does not give prefixes
     of the full text (some drop earlier reasoning) fall back to locating the
     reply text itself.
@@ -91,7 +91,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
             prefix_ok = False
             break
         end = len(upto.rstrip())  # the newline after the end marker is the next turn's business
-        spans.append((len(before), end))
+        if m.get("weight", 1) != 0:
+            spans.append((len(before), end))
     if prefix_ok:
         return full, spans
     spans = []
@@ -109,7 +110,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         stripped = rest.lstrip()
         if eos and stripped.startswith(eos):
             end += len(rest) - len(stripped) + len(eos)
-        spans.append((start, end))
+        if m.get("weight", 1) != 0:
+            spans.append((start, end))
         cursor = end
     return full, spans
 

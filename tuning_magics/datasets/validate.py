@@ -135,6 +135,8 @@ class ValidationReport:
     warning_count: int = 0
     dropped: int = 0
     images: int = 0
+    #: Assistant turns with ``"weight": 0``: the local engine does not learn them; Vertex AI learns every turn.
+    unlearned_turns: int = 0
     model: str | None = None
     method: str = "sft"
     #: Tokens of each valid example, in order: an example with an error has none (its count would mislead).
@@ -346,6 +348,11 @@ class RecordChecker:
         fmt = F.detect(record)
         if fmt is None:
             keys = ", ".join(sorted(record)) or "none"
+            if {"input_text", "output_text"} & set(record):
+                self.report.error("input_text/output_text is the retired Vertex AI format: rename them prompt and "
+                                  "completion (tm.dataset(df, prompt='input_text', completion='output_text') "
+                                  "converts a DataFrame)", line)
+                return None, False
             self.report.error(
                 f"unknown keys ({keys}); expected prompt/completion, messages, or contents", line
             )
@@ -400,14 +407,29 @@ class RecordChecker:
             return False
         has_image = False
         roles = []
+        learned = 0
         for i, msg in enumerate(messages):
             where = f"messages[{i}]"
             if not isinstance(msg, dict):
                 self.report.error(f"must be an object with role and content, not {json_type(msg)}", line, where)
                 continue
-            extra = sorted(set(msg) - {"role", "content"})
+            extra = sorted(set(msg) - {"role", "content", "weight"})
             if extra:
                 self.report.error(f"unknown key {extra[0]!r}; a message has role and content", line, f"{where}.{extra[0]}")
+            if "weight" in msg:
+                # OpenAI's chat format: an assistant turn's weight 0 (not learned) or 1 (learned).
+                if msg.get("role") not in ("assistant", "model"):
+                    self.report.error("only an assistant turn has a weight (0: not learned, 1: learned)", line,
+                                      f"{where}.weight")
+                elif isinstance(msg["weight"], bool) or msg["weight"] not in (0, 1):
+                    self.report.error(f"must be 0 (not learned) or 1 (learned), not {msg['weight']!r}", line,
+                                      f"{where}.weight")
+                elif msg["weight"] == 0:
+                    self.report.unlearned_turns += 1
+                else:
+                    learned += 1
+            elif msg.get("role") in ("assistant", "model"):
+                learned += 1
             role = msg.get("role", _MISSING)
             if role is _MISSING or role is None:
                 self.report.error("missing; use system, user or assistant", line, f"{where}.role")
@@ -419,6 +441,9 @@ class RecordChecker:
                     self.report.error("a system message must come first", line, f"{where}.role")
             has_image |= self._chat_content(msg.get("content", _MISSING), line, f"{where}.content")
         self._turns(roles, line, "messages")
+        if self.method == "sft" and "assistant" in roles and not learned:
+            self.report.error("every assistant turn has weight 0: nothing to learn; set weight 1 on the answers to "
+                              "learn", line, "messages")
         return has_image
 
     def _chat_content(self, content, line, where) -> bool:
@@ -880,6 +905,11 @@ def check_records(
         )
         for line in text_only_lines:
             report.warn("is text-only in an image dataset: the service will drop it", line)
+    if report.unlearned_turns and model is not None and model.provider != "local":
+        n = report.unlearned_turns
+        report.warn(f"{n:,} assistant turn{'s have' if n != 1 else ' has'} weight 0: the local engine does not learn "
+                    f"{'them' if n != 1 else 'it'}, but Vertex AI learns every model turn; drop such turns (with the "
+                    "user turn each answers) to keep them out there, or tune with backend='local'")
     report.tokens_estimated = counter.estimated
     report.tokenizer_note = counter.note
     return report
