@@ -115,3 +115,37 @@ def test_dpo_after_sft_moves_greedy_answers_to_the_preferred_style(tmp_path, mon
     from tuning_magics.display.monitor import job_text
 
     assert "reward margin" in job_text(job) and "chosen preferred 100%" in job_text(job)
+
+
+@pytest.mark.slow
+def test_a_cancelled_preference_run_resumes_from_its_last_checkpoint_and_trains_no_step_twice(tmp_path):
+    import json
+
+    from tuning_magics.backends.local import checkpoints as ckpt
+    from tuning_magics.backends.local.metrics import read_metrics
+    from tuning_magics.backends.local.preference import train_preference
+    from tuning_magics.backends.local.trainer import TrainConfig, TrainingCancelled
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": colour_prompt(i), "chosen": STYLES["polite"],
+                                         "rejected": STYLES["curt"]}) + "\n" for i in range(16)))
+    out = tmp_path / "job"
+    config = TrainConfig(base_model=MODEL, train_path=str(pairs), output_dir=str(out), tuning_mode="PEFT_ADAPTER",
+                         epochs=3, batch_size=8)
+    seen = []
+
+    def stop_after_epoch_1():
+        seen.append(1)
+        return len(seen) > 3  # steps 1 and 2 make epoch 1 (16 pairs, 8 a step); a third step is cut short
+
+    with pytest.raises(TrainingCancelled):
+        train_preference(config, should_stop=stop_after_epoch_1)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    events = []
+    result = train_preference(config, resume=True, on_event=events.append)
+    assert {"event": "resumed", "step": 2, "epoch": 1, "checkpoint": str(ckpt.checkpoints_dir(out) / "checkpoint-2")} \
+        in events
+    steps = [row["step"] for row in read_metrics(out) if "train_loss" in row]
+    assert steps == list(range(1, 7)) and result.steps == 6  # each step once, however many runs it took
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert ckpt.find_final(out) is not None

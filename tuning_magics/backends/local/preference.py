@@ -12,6 +12,11 @@ is loaded by the engine's loader, so any model it tunes (LoRA or full) is tuned 
 
 A LoRA job's reference model is the base under the adapter (TRL turns the adapter off
 to score it); a full job's is a frozen copy, twice the weights in memory.
+
+``resume=True`` (``job.resume()`` after a cancel or a killed worker) continues from the
+last complete checkpoint: its weights, the epochs after it, the metrics up to its step
+kept, so no step is trained or logged twice. The optimizer's moments and the learning
+rate's schedule start again over the epochs left.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def _dataset(path: str | None):
 
 
 def train_preference(config: TrainConfig, *, beta: float | None = None, on_event=None, should_stop=None,
-                     should_stop_early=None, evaluator=None) -> TrainResult:
+                     should_stop_early=None, evaluator=None, resume: bool = False) -> TrainResult:
     """Tune ``config``'s model on its preference pairs with DPO; what :func:`.trainer.train` returns, the same
     events and files. Raises :class:`.trainer.TrainingCancelled` when ``should_stop()`` turns True."""
     import torch
@@ -85,9 +90,20 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
     size_class = "tiny" if param_count(model_config) < TINY_MAX_PARAMS else "real"
     lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[(size_class, mode)] * LEARNING_RATE_SHARE) * float(
         config.learning_rate_multiplier)
-    model, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32, device=device)
+    ckpt.remove_stale_temp(out)
+    start = ckpt.latest_checkpoint(out) if resume else None
+    if not resume:
+        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
+    done = ckpt.read_state(start) if start is not None else {}
+    offset_step, offset_epoch = int(done.get("global_step", 0)), int(done.get("epoch", 0))
+    model, tokenizer = load_model_and_tokenizer(str(start) if start is not None and mode == FULL else source,
+                                                dtype=torch.float32, device=device)
     peft_config = None
-    if mode == PEFT:
+    if mode == PEFT and start is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(start), is_trainable=True)
+    elif mode == PEFT:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=int(config.adapter_size), lora_alpha=int(config.lora_alpha or 2 * config.adapter_size),
@@ -96,9 +112,9 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / batch_size) / accum)
     total_steps = steps_per_epoch * int(config.epochs)
     keep_epochs = set(ckpt.checkpoint_epochs(int(config.epochs)))
-    ckpt.remove_stale_temp(out)
-    shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
-    metrics = MetricsWriter(out)
+    metrics = MetricsWriter(out, keep_until_step=offset_step if resume else None)
+    if start is not None:
+        emit({"event": "resumed", "step": offset_step, "epoch": offset_epoch, "checkpoint": str(start)})
     state = {"cancelled": False, "early": False, "last": {}}
 
     def asked(check) -> bool:
@@ -139,7 +155,8 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
         """The engine's promises, kept from inside TRL's loop."""
 
         def on_log(self, args, trainer_state, control, logs=None, **kwargs):
-            row = {"step": trainer_state.global_step, "epoch": round(float(trainer_state.epoch or 0), 4)}
+            row = {"step": offset_step + trainer_state.global_step,
+                   "epoch": round(offset_epoch + float(trainer_state.epoch or 0), 4)}
             row.update({ours: round(float(logs[theirs]), 6) for theirs, ours in _LOGGED.items()
                         if isinstance((logs or {}).get(theirs), (int, float))})
             if len(row) > 2:
@@ -148,24 +165,25 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
                 emit({"event": "metrics", **row})
 
         def on_step_end(self, args, trainer_state, control, **kwargs):
-            emit({"event": "progress", "step": trainer_state.global_step, "total_steps": total_steps,
-                  "epoch": round(float(trainer_state.epoch or 0), 4), "epochs": int(config.epochs),
-                  "fraction": round(trainer_state.global_step / max(1, total_steps), 6)})
+            step = offset_step + trainer_state.global_step
+            emit({"event": "progress", "step": step, "total_steps": total_steps,
+                  "epoch": round(offset_epoch + float(trainer_state.epoch or 0), 4), "epochs": int(config.epochs),
+                  "fraction": round(step / max(1, total_steps), 6)})
             if asked(should_stop):
                 state["cancelled"] = control.should_training_stop = True
-            elif trainer_state.global_step < total_steps and asked(should_stop_early):
+            elif step < total_steps and asked(should_stop_early):
                 state["early"] = control.should_training_stop = True
             return control
 
         def on_epoch_end(self, args, trainer_state, control, model=None, **kwargs):
-            epoch = round(float(trainer_state.epoch or 0))
+            epoch = offset_epoch + round(float(trainer_state.epoch or 0))
             if epoch in keep_epochs and not state["cancelled"]:
-                save_checkpoint(model, trainer_state.global_step, epoch)
+                save_checkpoint(model, offset_step + trainer_state.global_step, epoch)
             return control
 
     args = DPOConfig(
         output_dir=str(out / ".trl"), per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=accum, num_train_epochs=int(config.epochs), learning_rate=lr,
+        gradient_accumulation_steps=accum, num_train_epochs=int(config.epochs) - offset_epoch, learning_rate=lr,
         lr_scheduler_type=config.lr_scheduler, warmup_steps=int(round(total_steps * float(config.warmup_ratio))),
         weight_decay=float(config.weight_decay), max_grad_norm=float(config.max_grad_norm), beta=beta or DEFAULT_BETA,
         max_length=max_len, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=config.seed,
@@ -175,14 +193,15 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[Bridge()])
     try:
-        trainer.train()
+        if offset_epoch < int(config.epochs):  # a job resumed after its last epoch only writes its final model
+            trainer.train()
         if state["cancelled"]:
-            raise TrainingCancelled(f"cancelled at step {trainer.state.global_step}")
+            raise TrainingCancelled(f"cancelled at step {offset_step + trainer.state.global_step}")
         note = None
         if state["early"]:
-            step = trainer.state.global_step
+            step = offset_step + trainer.state.global_step
             if str(ckpt.checkpoints_dir(out) / f"checkpoint-{step}") not in map(str, ckpt.list_checkpoints(out)):
-                save_checkpoint(trainer.model, step, round(float(trainer.state.epoch or 0)))
+                save_checkpoint(trainer.model, step, offset_epoch + round(float(trainer.state.epoch or 0)))
             note = f"stopped early at step {step} of {total_steps}; final is checkpoint-{step}"
         emit({"event": "substate", "substate": "POST_PROCESSING"})
         tuned = trainer.model
@@ -200,7 +219,8 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
         metrics.close()
         shutil.rmtree(out / ".trl", ignore_errors=True)
     last = state["last"]
-    return TrainResult(final_dir=str(ckpt.final_dir(out)), steps=trainer.state.global_step, epochs=int(config.epochs),
+    return TrainResult(final_dir=str(ckpt.final_dir(out)), steps=offset_step + trainer.state.global_step,
+                       epochs=int(config.epochs),
                        train_loss=last.get("train_loss"), eval_loss=last.get("eval_loss"), tokens_per_second=0.0,
                        padding_share=0.0, checkpoints=[str(p) for p in ckpt.list_checkpoints(out)], learning_rate=lr,
                        metrics_path=str(out / METRICS_FILE), note=note)

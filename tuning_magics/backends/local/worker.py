@@ -162,12 +162,12 @@ class Worker:
                 evaluator = CheckpointEvaluator(cfg["evaluation"], cfg["base_model"],
                                                 cfg.get("custom_base_model") or cfg["base_model"],
                                                 should_stop=self.should_stop)
-            if cfg.get("method") == "preference":  # DPO on TRL's trainer; a resumed job starts it again
+            if cfg.get("method") == "preference":  # DPO on TRL's trainer
                 from .preference import train_preference
 
                 result = train_preference(config, beta=cfg.get("beta"), on_event=self.on_event,
                                           should_stop=self.should_stop, should_stop_early=self.should_stop_early,
-                                          evaluator=evaluator)
+                                          evaluator=evaluator, resume=rec.resume)
             else:
                 result = train(config, on_event=self.on_event, should_stop=self.should_stop,
                                should_stop_early=self.should_stop_early, resume=rec.resume, evaluator=evaluator)
