@@ -277,3 +277,59 @@ def test_the_quickstart_in_the_browser_live_readable_in_both_themes_and_typed_in
         _quickstart_in(page, url, frontend, first, then)
     finally:
         page.close()
+
+
+_ARENA_NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": (
+            "import tuning_magics as tm\n"
+            "rows = [{'prompt': f'What is {i} plus one?', 'completion': f'It is {i + 1}.'} for i in range(8)]\n"
+            "job = tm.tune('local/tiny-qwen3', rows, epochs=6, evaluation={'data': rows, 'metrics': 'rouge_l',\n"
+            "              'max_new_tokens': 16}, wait=True)\n"
+            "job")},
+        {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": (
+            "class Echo:\n"
+            "    def __init__(self, name): self.name = name\n"
+            "    def chat(self, messages, **gen): return f'{self.name} <b>says</b> ' + messages[-1]['content']\n"
+            "arena = tm.Arena(Echo('polite'), Echo('curt'), ['First question?', 'Second question?'], name='browser')\n"
+            "arena")},
+    ],
+    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def test_the_arena_votes_by_button_and_the_monitor_marks_the_best_checkpoint_in_the_dark_theme(server, browser):
+    url, root = server
+    (root / "arena.ipynb").write_text(json.dumps(_ARENA_NOTEBOOK))
+    page = browser.new_page(viewport={"width": 1000, "height": 1000})
+    try:
+        page.goto(f"{url}/lab/tree/arena.ipynb")
+        page.wait_for_selector(".jp-Notebook", timeout=90_000)
+        _theme(page, "dark")
+        _run_all(page, url, "arena.ipynb")
+        # The monitor of a job scored during tuning: the task metric beside the loss, the best checkpoint marked.
+        monitor = page.locator(".tm-monitor").first
+        page.wait_for_function("() => document.querySelector('.tm-monitor')?.innerText.includes('rouge_l')",
+                               timeout=60_000)
+        labels = [t.replace("\xa0", " ") for t in monitor.locator(".tm-checkpoint select option").all_inner_texts()]
+        assert any(label.endswith("★ best") for label in labels), labels
+        assert "rouge_l on the evaluation data" in monitor.inner_text()
+        _fits(monitor, "monitor")
+        # The arena: two answers, escaped, and a vote per button; the next round shows at once.
+        arena = page.locator(".tm-arena").first
+        arena.scroll_into_view_if_needed()
+        answers = arena.locator(".tm-arena-answer").all_inner_texts()
+        assert len(answers) == 2 and all("<b>says</b>" in a for a in answers), answers
+        _readable(page, ".tm-arena", "lab, dark theme, arena")
+        _fits(arena, "arena")
+        _shot(page, "lab-dark-arena", full_page=False)
+        arena.locator(".tm-arena-vote").first.click()
+        page.wait_for_function("() => document.querySelector('.tm-arena')?.innerText.includes('round 2')",
+                               timeout=30_000)
+        votes = (root / "home" / "arenas" / "browser.jsonl").read_text().splitlines()
+        assert len(votes) == 1 and json.loads(votes[0])["vote"] == "A"  # on disk as soon as it was cast
+        monitor.scroll_into_view_if_needed()
+        _shot(page, "lab-dark-evaluated-monitor", full_page=False)
+    finally:
+        page.close()
