@@ -64,6 +64,20 @@ def test_a_bad_pair_is_named_by_line_and_field(record, where, words):
     assert re.search(words, str(issue)), str(issue)
 
 
+def test_a_dataframe_of_pairs_validates_tunes_as_it_is_and_dataset_says_where_pairs_go(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path))
+    frame = pd.DataFrame({"prompt": ["Hi?", "Bye?"], "chosen": ["Hello, friend.", "Goodbye, friend."],
+                          "rejected": ["hey", "bye"]})
+    assert validate(frame, MODEL, "preference").ok
+    plan = tm.tune(MODEL, frame, method="preference", dry_run=True)
+    assert plan.request["method"] == "preference" and plan.predicted_stats["examples"] == 2
+    with pytest.raises(UserError, match="preference pairs go as they are") as info:
+        tm.dataset(frame, method="preference")
+    assert info.value.field == "method"
+
+
 def test_pairs_for_sft_and_answers_for_preference_say_which_method_fits():
     pair = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "no"}
     assert "tune it with method='preference'" in str(validate([pair], MODEL, "sft").errors[0])

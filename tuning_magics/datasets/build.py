@@ -581,6 +581,10 @@ def dataset(
     out, validation_out = (storage.check_path(n, v) if v is not None else None
                            for n, v in (("out", out), ("validation_out", validation_out)))
     method = _check_method(method)
+    if method == "preference":
+        raise UserError("dataset() builds examples with one answer; preference pairs go as they are: pass the "
+                        "DataFrame (prompt, chosen and rejected columns) to tune(..., method='preference'), or "
+                        "check it with validate(df, method='preference')", field="method")
     spec = _resolve_model(model)
     epochs = params.check("epochs", epochs, optional=False)
     mapping = _mapping(df, prompt=prompt, completion=completion, user=user, assistant=assistant,
