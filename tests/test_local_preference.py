@@ -64,8 +64,11 @@ def test_a_bad_pair_is_named_by_line_and_field(record, where, words):
     assert re.search(words, str(issue)), str(issue)
 
 
-def test_a_dataframe_of_pairs_validates_tunes_as_it_is_and_dataset_says_where_pairs_go(tmp_path, monkeypatch):
+def test_a_dataframe_of_pairs_validates_tunes_and_builds_a_dataset_in_either_format(tmp_path, monkeypatch):
+    import json
+
     import pandas as pd
+    from IPython.core.interactiveshell import InteractiveShell
 
     monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path))
     frame = pd.DataFrame({"prompt": ["Hi?", "Bye?"], "chosen": ["Hello, friend.", "Goodbye, friend."],
@@ -73,9 +76,34 @@ def test_a_dataframe_of_pairs_validates_tunes_as_it_is_and_dataset_says_where_pa
     assert validate(frame, MODEL, "preference").ok
     plan = tm.tune(MODEL, frame, method="preference", dry_run=True)
     assert plan.request["method"] == "preference" and plan.predicted_stats["examples"] == 2
-    with pytest.raises(UserError, match="preference pairs go as they are") as info:
-        tm.dataset(frame, method="preference")
-    assert info.value.field == "method"
+    # dataset() finds chosen and rejected, writes TRL's pairs, or Gemini's for a Gemini model.
+    ds = tm.dataset(frame, method="preference", system_prompt="Be kind.", out=str(tmp_path / "pairs.jsonl"))
+    assert ds.format == "preference" and ds.examples == 2
+    first = json.loads(open(ds.uri).readline())
+    assert P.pair_of(first, P.PREFERENCE) == ([{"role": "system", "content": "Be kind."},
+                                              {"role": "user", "content": "Hi?"}], "Hello, friend.", "hey")
+    gemini = tm.dataset(frame.rename(columns={"prompt": "question", "chosen": "good", "rejected": "bad"}),
+                        prompt="question", chosen="good", rejected="bad", method="preference",
+                        model="gemini-2.5-flash", out=str(tmp_path / "gemini.jsonl"))
+    assert gemini.format == "gemini_preference"
+    assert P.pair_of(json.loads(open(gemini.uri).readline()), P.GEMINI_PREFERENCE)[1:] == ("Hello, friend.", "hey")
+    broken = frame.assign(rejected=["hey", None])
+    with pytest.raises(UserError, match="row 1, rejected"):
+        tm.dataset(broken, method="preference", out=str(tmp_path / "broken.jsonl"))
+    assert not (tmp_path / "broken.jsonl").exists()  # nothing half-written
+    with pytest.raises(UserError, match="preference pairs take method='preference'"):
+        tm.dataset(frame, chosen="chosen", rejected="rejected", out=str(tmp_path / "x.jsonl"))
+    # %dataset takes the same options.
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "tuning_magics")
+    shell.push({"pairs_frame": frame})
+    try:
+        shell.run_line_magic("dataset", f"pairs_frame --chosen chosen --rejected rejected --method preference "
+                                        f"--out {tmp_path / 'magic.jsonl'} --as pairs_ds")
+        assert shell.user_ns["pairs_ds"].format == "preference" and shell.user_ns["pairs_ds"].examples == 2
+    finally:
+        for name in ("pairs_frame", "pairs_ds"):
+            shell.user_ns.pop(name, None)
 
 
 def test_pairs_for_sft_and_answers_for_preference_say_which_method_fits():

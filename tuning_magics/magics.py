@@ -152,13 +152,15 @@ def _dataset_parser() -> _ArgParser:
     p.add_argument("--format", "-f", help="chat, prompt_completion or generate_content")
     for name in ("prompt", "completion", "user", "assistant", "system", "messages"):
         p.add_argument(f"--{name}", help=f"the {name} column")
+    for name in ("chosen", "rejected"):
+        p.add_argument(f"--{name}", help=f"the {name} answer's column (with --method preference)")
     p.add_argument("--images", "--image", nargs="+", help="image column(s)")
     p.add_argument("--system-prompt", help="one system prompt for every example")
     p.add_argument("--validation-split", "--split", type=_number, help="fraction (or count >= 1) held out")
     p.add_argument("--validation-out", help="where the validation set goes")
     p.add_argument("--seed", type=int)
     p.add_argument("--model", "-m", help="target model (its rules and tokenizer)")
-    p.add_argument("--method", help="sft (default) or distillation")
+    p.add_argument("--method", help="sft (default), distillation or preference")
     p.add_argument("--epochs", type=int, help="for the billed-token and cost estimate")
     # store_const leaves unset flags as None, so a cell body's value is not overridden by a default.
     p.add_argument("--overwrite", action="store_const", const=True, help="replace an existing file or object")

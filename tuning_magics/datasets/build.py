@@ -152,9 +152,10 @@ class _Mapping:
     images: list = field(default_factory=list)
     system_column: object = None
     system_prompt: str | None = None
+    pair: tuple | None = None  # (chosen column, rejected column) of preference pairs
 
     def used_columns(self) -> list:
-        cols = [c for _, c in self.roles] + self.images
+        cols = [c for _, c in self.roles] + self.images + list(self.pair or ())
         if self.messages is not None:
             cols.append(self.messages)
         if self.system_column is not None:
@@ -196,8 +197,26 @@ def _column(df, name: str, value):
     raise UserError(f"{name} must be a column name, not {value!r}", field=name)
 
 
-def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, messages, images) -> _Mapping:
+def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, messages, images, chosen=None,
+             rejected=None) -> _Mapping:
     columns = list(df.columns)
+    pair = None
+    if chosen is not None:
+        if completion is not None or assistant is not None:
+            raise UserError("preference pairs have chosen and rejected answers, not a completion/assistant column; "
+                            "drop it", field="completion")
+        pair = (_column(df, "chosen", chosen), _column(df, "rejected", rejected))
+        for name, col in zip(("chosen", "rejected"), pair):
+            if col not in columns:
+                raise UserError(f"column {col!r} ({name}) is not in the DataFrame; it has "
+                                f"{', '.join(map(str, columns[:8]))}", field=name)
+        if prompt is None and user is None and messages is None:
+            found = next((c for c in ("prompt", "user", "question", "instruction", "input", "messages")
+                          if c in columns), None)
+            if found is None:
+                raise UserError(f"name the prompt column (prompt=, user= or messages=); the DataFrame has "
+                                f"{', '.join(map(str, columns[:8]))}", field="prompt")
+            prompt, messages = (None, found) if found == "messages" else (found, None)
     prompt, completion, user, assistant, system, messages = (
         _column(df, n, v) for n, v in (("prompt", prompt), ("completion", completion), ("user", user),
                                        ("assistant", assistant), ("system", system), ("messages", messages)))
@@ -250,6 +269,7 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
         images=images,
         system_column=system,
         system_prompt=system_prompt or None,
+        pair=pair,
     )
     duplicated = set(df.columns[df.columns.duplicated()])
     for option, col in named:
@@ -267,6 +287,16 @@ def _mapping(df, *, prompt, completion, user, assistant, system, system_prompt, 
 
 
 def _output_format(fmt, mapping: _Mapping, spec) -> str:
+    if mapping.pair is not None:
+        from . import preference
+
+        if fmt is None:
+            return preference.GEMINI_PREFERENCE if spec is not None and spec.provider == "gemini" else \
+                preference.PREFERENCE
+        if fmt not in preference.FORMATS:
+            raise UserError(f"preference pairs are written as {' or '.join(preference.FORMATS)}, not {fmt!r}",
+                            field="format")
+        return fmt
     if fmt is not None:
         if not isinstance(fmt, str):
             raise UserError(f"format must be chat, prompt_completion or generate_content, not {fmt!r}", field="format")
@@ -478,6 +508,20 @@ def _row_records(df, mapping: _Mapping, fmt: str, rows):
                 first_user = next((m for m in msgs if isinstance(m, dict) and m.get("role") == "user"), None)
                 if first_user is not None and isinstance(first_user.get("content"), str):
                     first_user["content"] = parts + [{"type": "text", "text": first_user["content"]}]
+        if mapping.pair is not None:  # the prompt's turns, then the two answers
+            from . import preference
+
+            answers = [cols[c][i] for c in mapping.pair]
+            answers = [None if _is_na(a) else a for a in answers]
+            if fmt == preference.PREFERENCE:
+                record = {"prompt": msgs, "chosen": answers[0], "rejected": answers[1]}
+            else:
+                try:
+                    record = preference.from_pair(msgs, *answers, fmt)
+                except (TypeError, KeyError, AttributeError):
+                    record = {"prompt": msgs, "chosen": answers[0], "rejected": answers[1]}
+            yield pos, record, None
+            continue
         try:
             record = F.from_messages(msgs, fmt) if fmt != F.CHAT else {"messages": msgs}
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -550,6 +594,8 @@ def dataset(
     system: str | None = None,
     system_prompt: str | None = None,
     messages: str | None = None,
+    chosen: str | None = None,
+    rejected: str | None = None,
     images=None,
     validation_split=None,
     validation_out: str | None = None,
@@ -563,7 +609,10 @@ def dataset(
     """Turn a DataFrame into validated JSONL at ``out`` (a local path or gs:// URI).
 
     Columns: ``prompt``/``completion`` or ``user``/``assistant`` (text), or
-    ``messages`` (a list of ``{role, content}`` per row); ``system`` (a column)
+    ``messages`` (a list of ``{role, content}`` per row); with ``method="preference"``,
+    the prompt (``prompt``/``user`` or ``messages``) and ``chosen``/``rejected`` (the
+    preferred and the rejected answer; columns so named are found), written as
+    ``preference`` pairs or, for Gemini, ``gemini_preference``; ``system`` (a column)
     or ``system_prompt`` (one text for every row); ``images`` (one or more
     columns of gs://, https or local paths, or bytes). With none named, common
     column names are recognised. ``format`` is ``chat`` (default),
@@ -581,14 +630,17 @@ def dataset(
     out, validation_out = (storage.check_path(n, v) if v is not None else None
                            for n, v in (("out", out), ("validation_out", validation_out)))
     method = _check_method(method)
-    if method == "preference":
-        raise UserError("dataset() builds examples with one answer; preference pairs go as they are: pass the "
-                        "DataFrame (prompt, chosen and rejected columns) to tune(..., method='preference'), or "
-                        "check it with validate(df, method='preference')", field="method")
     spec = _resolve_model(model)
     epochs = params.check("epochs", epochs, optional=False)
+    if method == "preference" and chosen is None and rejected is None and \
+            {"chosen", "rejected"} <= set(map(str, df.columns)):
+        chosen, rejected = "chosen", "rejected"
+    if (chosen is None) != (rejected is None) or (method == "preference") != (chosen is not None):
+        raise UserError("preference pairs take method='preference' with a chosen and a rejected column (the "
+                        "preferred and the rejected answer)", field="chosen" if chosen is None else "method")
     mapping = _mapping(df, prompt=prompt, completion=completion, user=user, assistant=assistant,
-                       system=system, system_prompt=system_prompt, messages=messages, images=images)
+                       system=system, system_prompt=system_prompt, messages=messages, images=images,
+                       chosen=chosen, rejected=rejected)
     if method == "sft" and mapping.messages is None and not any(r == "assistant" for r, _ in mapping.roles):
         raise UserError("supervised tuning needs answers: name the completion/assistant column "
                         "(or use method='distillation' for prompts alone)", field="completion")
@@ -614,7 +666,8 @@ def dataset(
         for kind, target, rows in parts:
             report = ValidationReport(source=target, model=spec.id if spec else None, method=method,
                                       row_labels=df.index)
-            prepare = _prepare_general if mapping.messages is not None or mapping.images else _prepare_text
+            prepare = _prepare_general if mapping.messages is not None or mapping.images or mapping.pair \
+                else _prepare_text
             writer = prepare(df, mapping, fmt, report, counter, rows, spec, skip_invalid)
             prepared.append((kind, target, report, writer))
         if val_rows is not None:
