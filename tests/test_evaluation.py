@@ -552,3 +552,25 @@ def test_the_progress_bar_says_the_phase_the_rate_and_the_time_left(monkeypatch)
     assert view.text.value == "base: 24 of 64 · 4.0/s · 0:10 left"
     view("done", 1, 1)
     assert view.widget.layout.display == "none" and shown == [view.widget]
+
+
+def test_stopping_early_keeps_the_checkpoint_the_task_metric_picks_before_the_loss(tmp_path):
+    """With evaluation during tuning, Stop early keeps the best checkpoint by the first task metric (the
+    earliest on a tie), as job.best_checkpoint() does; without it, the lowest validation loss."""
+    import json
+
+    from tuning_magics.backends.local import checkpoints as ckpt
+    from tuning_magics.backends.local.trainer import _best_checkpoint
+
+    for step, loss in ((4, 0.9), (8, 0.5), (12, 0.7)):
+        folder = ckpt.checkpoints_dir(tmp_path) / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / ckpt.TRAINER_STATE).write_text(json.dumps({"global_step": step, "eval_loss": loss}))
+    assert _best_checkpoint(tmp_path, True) == (ckpt.checkpoints_dir(tmp_path) / "checkpoint-8",
+                                                "lowest validation loss, 0.5")
+    rows = [{"step": 0, "epoch": 0, "eval_exact_match": 0.0}, {"step": 4, "epoch": 1, "eval_exact_match": 0.75},
+            {"step": 8, "epoch": 2, "eval_exact_match": 0.5, "eval_loss": 0.5},
+            {"step": 12, "epoch": 3, "eval_exact_match": 0.75}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _best_checkpoint(tmp_path, True) == (ckpt.checkpoints_dir(tmp_path) / "checkpoint-4",
+                                                "best exact_match, 0.75")

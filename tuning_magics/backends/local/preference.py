@@ -32,7 +32,7 @@ from ...storage import atomic_folder
 from . import checkpoints as ckpt
 from .metrics import METRICS_FILE, MetricsWriter
 from .trainer import (DEFAULT_LEARNING_RATES, FULL, LORA_TARGETS, PEFT, TINY_MAX_PARAMS, TrainConfig, TrainResult,
-                      TrainingCancelled, _default_max_seq_len, normalise_mode)
+                      TrainingCancelled, _best_checkpoint, _default_max_seq_len, _load_weights, normalise_mode)
 
 #: DPO's beta unless the job says: how far the model may move from where it started (lower moves further).
 DEFAULT_BETA = 0.1
@@ -198,11 +198,15 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
         if state["cancelled"]:
             raise TrainingCancelled(f"cancelled at step {offset_step + trainer.state.global_step}")
         note = None
-        if state["early"]:
+        if state["early"]:  # the best checkpoint so far becomes final, chosen as a supervised job chooses
             step = offset_step + trainer.state.global_step
             if str(ckpt.checkpoints_dir(out) / f"checkpoint-{step}") not in map(str, ckpt.list_checkpoints(out)):
                 save_checkpoint(trainer.model, step, offset_epoch + round(float(trainer.state.epoch or 0)))
-            note = f"stopped early at step {step} of {total_steps}; final is checkpoint-{step}"
+            best, reason = _best_checkpoint(out, val_set is not None)
+            if best.name != f"checkpoint-{step}":
+                _load_weights(trainer.model, best, mode, device)
+            note = f"stopped early at step {step} of {total_steps}; final is {best.name}" + \
+                (f" ({reason})" if reason else "")
         emit({"event": "substate", "substate": "POST_PROCESSING"})
         tuned = trainer.model
         metrics.check()

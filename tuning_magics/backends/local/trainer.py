@@ -349,15 +349,29 @@ def _loss_and_accuracy(logits, labels):
     return loss_sum, int(keep.sum()), correct
 
 
-def _best_checkpoint(out: Path, with_validation: bool) -> tuple[Path, float | None]:
-    """The checkpoint to keep when stopping early: the lowest validation loss (the later on a tie), else the latest."""
+def _best_checkpoint(out: Path, with_validation: bool) -> tuple[Path, str | None]:
+    """The checkpoint to keep when stopping early, and why: by the task metric scored during tuning where there
+    is one (the highest, the earlier on a tie, as ``job.best_checkpoint()`` picks), else the lowest validation
+    loss (the later on a tie), else the latest."""
+    from ...evaluation.during import NOT_TASK
+    from ...evaluation.stats import highest
+    from .metrics import read_metrics
+
     found = ckpt.list_checkpoints(out)
+    rows = read_metrics(out)
+    task = next((k for row in rows for k in row if k.startswith(PREFIX) and k not in NOT_TASK), None)
+    if task is not None:
+        scores = {row["step"]: row[task] for row in rows if task in row}
+        by_name = {p.name: scores[int(p.name.split("-")[1])] for p in found if int(p.name.split("-")[1]) in scores}
+        best = highest(by_name)
+        if best is not None:
+            return ckpt.checkpoints_dir(out) / best, f"best {task[len(PREFIX):]}, {by_name[best]:.4g}"
     if with_validation:
         scored = [(ckpt.read_state(p).get("eval_loss"), i, p) for i, p in enumerate(found)]
         scored = [(loss, i, p) for loss, i, p in scored if loss is not None]
         if scored:
             loss, _, best = min(scored, key=lambda t: (t[0], -t[1]))
-            return best, loss
+            return best, f"lowest validation loss, {loss:.4g}"
     return found[-1], None
 
 
@@ -560,10 +574,10 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
             run_evaluation(epoch)
         if str(ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}") not in written:
             save_checkpoint(epoch)
-        best, loss = _best_checkpoint(out, bool(val_set))
+        best, reason = _best_checkpoint(out, bool(val_set))
         if best.name != f"checkpoint-{global_step}":
             _load_weights(model, best, mode, device)
-        why = f" (lowest validation loss, {loss:.4g})" if loss is not None else ""
+        why = f" ({reason})" if reason is not None else ""
         return f"stopped early at step {global_step} of {total_steps}; final is {best.name}{why}"
 
     def save_checkpoint(epoch) -> None:
