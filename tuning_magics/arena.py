@@ -277,9 +277,9 @@ class Arena:
                       "both bad"]].sort_values("strength", ascending=False)
 
     def to_preference_dataset(self, out: str | os.PathLike | None = None, *, model: str | None = None):
-        """The decided votes as preference pairs (the winner's answer chosen, the loser's rejected; ties, both-bad,
-        and pairs with an empty answer left out, with a warning that counts them), written as JSONL at ``out`` (default beside the votes) and validated for
-        ``tune(method="preference")``: a Dataset."""
+        """The decided votes as preference pairs (the winner's answer chosen, the loser's rejected), written as
+        JSONL at ``out`` (default beside the votes) and validated for ``tune(method="preference")``: a Dataset.
+        Ties, both-bad votes and pairs with an empty answer are left out, with a warning that counts them."""
         from .datasets.build import Dataset
         from .datasets.validate import validate
         from .storage import atomic_writer

@@ -326,7 +326,8 @@ class Evaluation:
         p = mcnemar([1] * wins + [0] * losses, [0] * wins + [1] * losses)
         unread = len(scores) - len(read)
         return (f"judge {self.pairwise['judge']}: {self.pairwise['model']} preferred to {self.pairwise['against']} "
-                f"in {wins}, {self.pairwise['against']} in {losses}, ties {ties} (win rate {_score(found, _RATE)}, "
+                f"in {wins}, {self.pairwise['against']} in {losses}, ties {ties} "
+                f"(win rate {_score(found, binary=False)}, "
                 f"p {_p(p)}, sign test; order swapped every other example)"
                 + (f"; {unread} verdicts unreadable" if unread else ""))
 
@@ -335,11 +336,11 @@ class Evaluation:
         m = self._metric(metric)
         if len(self.labels) < 2:
             only = self.labels[0]
-            return f"{m.name}: {only} {_score(interval(self.scores[only][m.name]), m)}"
+            return f"{m.name}: {only} {_score(interval(self.scores[only][m.name]), m.binary)}"
         a, b = self._pair(None, None)
         p = self.significance(m.name, model=a, against=b)
-        return (f"{m.name}: {a} {_score(interval(self.scores[a][m.name]), m)} vs {b} "
-                f"{_score(interval(self.scores[b][m.name]), m)}, p {_p(p)} "
+        return (f"{m.name}: {a} {_score(interval(self.scores[a][m.name]), m.binary)} vs {b} "
+                f"{_score(interval(self.scores[b][m.name]), m.binary)}, p {_p(p)} "
                 f"({'McNemar' if m.binary or _all_binary(self.scores, m) else 'paired bootstrap'}, "
                 f"{len(self.cases)} examples)")
 
@@ -351,7 +352,7 @@ class Evaluation:
         lines = [f"{self.title}: {len(self.cases)} examples, {', '.join(self.labels)}"]
         width = max(len(label) for label in self.labels)
         for label in self.labels:
-            parts = [f"{m.name} {_score(interval(self.scores[label][m.name]), m)}" for m in self.metrics]
+            parts = [f"{m.name} {_score(interval(self.scores[label][m.name]), m.binary)}" for m in self.metrics]
             lines.append(f"  {label:<{width}}  " + " · ".join(parts))
         lines += [s for s in (self.summary(m.name) for m in self.metrics) if len(self.labels) > 1]
         if len(self.labels) > 1:
@@ -386,7 +387,8 @@ class Evaluation:
         found = {label: {m.name: interval(self.scores[label][m.name]) for m in self.metrics} for label in self.labels}
         return {"title": self.title, "examples": len(self.cases), "labels": self.labels,
                 "metrics": [m.name for m in self.metrics],
-                "scores": {label: [_score(found[label][m.name], m) for m in self.metrics] for label in self.labels},
+                "scores": {label: [_score(found[label][m.name], m.binary) for m in self.metrics]
+                           for label in self.labels},
                 "intervals": {m.name: [found[label][m.name] for label in self.labels] for m in self.metrics},
                 "best": self.best() if several else None,
                 "summaries": ([self.summary(m.name) for m in self.metrics] if several else [])
@@ -400,17 +402,16 @@ class Evaluation:
         return evaluation_html(self._view())
 
 
-_RATE = Metric("win rate", lambda *_: 0.0)
 
 
 def _all_binary(scores, metric: Metric) -> bool:
     return all(is_binary(by[metric.name]) for by in scores.values())
 
 
-def _score(found, metric: Metric) -> str:
+def _score(found, binary: bool) -> str:
     if math.isnan(found.mean):
         return "—"
-    if metric.binary:
+    if binary:
         return f"{found.mean:.1%} ± {found.half_width * 100:.1f}"
     return f"{found.mean:.3f} ± {found.half_width:.3f}"
 
