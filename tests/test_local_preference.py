@@ -79,6 +79,11 @@ def test_a_dataframe_of_pairs_validates_tunes_and_builds_a_dataset_in_either_for
     # dataset() finds chosen and rejected, writes TRL's pairs, or Gemini's for a Gemini model.
     ds = tm.dataset(frame, method="preference", system_prompt="Be kind.", out=str(tmp_path / "pairs.jsonl"))
     assert ds.format == "preference" and ds.examples == 2
+    from tuning_magics.display.dataset_report import dataset_html, dataset_text
+
+    # The report shows the first pair: the prompt with its chosen answer as the model sees it, and the rejected.
+    assert "⟦Hello, friend." in dataset_text(ds) and "rejected answer, in the same place: hey" in dataset_text(ds)
+    assert "<code>hey</code>" in dataset_html(ds)
     first = json.loads(open(ds.uri).readline())
     assert P.pair_of(first, P.PREFERENCE) == ([{"role": "system", "content": "Be kind."},
                                               {"role": "user", "content": "Hi?"}], "Hello, friend.", "hey")

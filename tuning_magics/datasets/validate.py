@@ -137,6 +137,8 @@ class ValidationReport:
     images: int = 0
     #: Assistant turns with ``"weight": 0``: the local engine does not learn them; Vertex AI learns every turn.
     unlearned_turns: int = 0
+    #: Preference data: the first pair's rejected answer (``example`` holds its prompt and chosen answer).
+    example_rejected: str | None = field(default=None, repr=False)
     model: str | None = None
     method: str = "sft"
     #: Tokens of each valid example, in order: an example with an error has none (its count would mislead).
@@ -885,6 +887,10 @@ def check_records(
             lengths.append(0)  # a valid example's slot: its count comes now or with its batch
             if report.example is None:
                 report.example = messages
+                if fmt in ("preference", "gemini_preference"):
+                    from .preference import pair_of
+
+                    report.example_rejected = pair_of(record, fmt)[2]
             if batched:
                 pending.append((len(lengths) - 1, line, messages))
                 pending_chars += sum(len(F.text_of(m["content"])) for m in messages)

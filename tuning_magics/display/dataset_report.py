@@ -118,6 +118,11 @@ def _example_title(found) -> str:
     return "first example, as the model sees it" if found.exact else "first example, approximately"
 
 
+def _rejected(report) -> str | None:
+    """A preference pair's rejected answer, shown under the prompt and its chosen answer."""
+    return getattr(report, "example_rejected", None)
+
+
 def report_html(report, *, epochs: int = 1, cost=None, uri=None, title: str | None = None) -> str:
     """The full report of one validation as HTML."""
     tok = report.tokens
@@ -152,6 +157,8 @@ def report_html(report, *, epochs: int = 1, cost=None, uri=None, title: str | No
         out.append(f"<div>{_e(_example_title(found))}: {_e(found.note)} "
                    f"(<span style='{LOSS_STYLE}'>highlighted</span>: loss taken)</div>")
         out.append(example_html(found.segments))
+        if _rejected(report) is not None:
+            out.append(f"<div>the pair's rejected answer, in the same place: <code>{_e(_rejected(report))}</code></div>")
     out.append("</div>")
     return "".join(out)
 
@@ -170,6 +177,8 @@ def report_text(report, *, epochs: int = 1, cost=None) -> str:
     if found is not None:
         lines.append(f"{_example_title(found)}: {found.note} (⟦between these⟧: loss taken):\n"
                      + example_text(found.segments))
+        if _rejected(report) is not None:
+            lines.append(f"the pair's rejected answer, in the same place: {_rejected(report)}")
     return "\n".join(lines)
 
 
