@@ -79,8 +79,10 @@ def test_the_widget_casts_a_vote_per_button_and_shows_the_ranking_at_the_end(tmp
     assert "<b>x" not in view.body.value  # model text is escaped
     view.buttons[0].click()  # A is better
     assert len(arena.votes) == 1 and "round 2" in view.body.value
-    view.buttons[2].click()  # tie
-    assert view.row.layout.display == "none" and "strength" in view.body.value
+    view.keys.value = "q"  # the vote box takes a, b, t or x
+    assert len(arena.votes) == 1 and "type a, b, t or x" in view.message.value and view.keys.value == ""
+    view.keys.value = "t"  # tie, by key
+    assert view.row.layout.display == "none" and "strength" in view.body.value and view.message.value == ""
     assert [v["vote"] for v in arena._load()] == ["A", "tie"]
 
 

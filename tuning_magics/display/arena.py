@@ -1,6 +1,7 @@
 """The arena in the notebook: a round's prompt, answers A and B side by side, and a button per vote.
 
-A vote is cast (and on disk) when its button is pressed, and the next round shows; once
+A vote is cast (and on disk) when its button is pressed, or its key typed into the vote box
+(``a``, ``b``, ``t`` for a tie, ``x`` for both bad, then Enter), and the next round shows; once
 every round has a vote, the ranking shows instead. Colours are the theme's; every model
 text is escaped. Where widgets cannot render (a plain terminal, nbconvert), the arena
 is its text and its HTML: the round and the ``arena.vote(...)`` line that casts a vote.
@@ -15,6 +16,8 @@ from .monitor import INK, SOFT_INK
 
 #: Buttons: what each says, and the vote it casts.
 BUTTONS = (("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both bad", "both bad"))
+#: Keys typed into the vote box (then Enter): quicker than the mouse for many rounds.
+KEYS = {"a": "A", "b": "B", "t": "tie", "x": "both bad"}
 
 
 def _e(value) -> str:
@@ -54,8 +57,12 @@ class ArenaView:
             button.on_click(lambda _b, c=choice: self.cast(c))
             button.add_class("tm-arena-vote")
             self.buttons.append(button)
+        self.keys = w.Text(placeholder="or type a, b, t (tie), x (both bad), Enter", continuous_update=False,
+                           layout=w.Layout(width="260px"))
+        self.keys.add_class("tm-arena-keys")
+        self.keys.observe(self._typed, names="value")
         self.message = w.Label()
-        self.row = w.HBox(self.buttons + [self.message], layout=w.Layout(flex_flow="row wrap"))
+        self.row = w.HBox(self.buttons + [self.keys, self.message], layout=w.Layout(flex_flow="row wrap"))
         self.widget = w.VBox([self.body, self.row])
         self.widget.add_class("tm-arena")
         self.show()
@@ -64,6 +71,16 @@ class ArenaView:
         shown = self.arena.next()
         self.body.value = round_html(self.arena, shown)
         self.row.layout.display = "none" if shown is None else ""
+
+    def _typed(self, change) -> None:
+        key = str(change["new"]).strip().lower()
+        if not key:
+            return
+        self.keys.value = ""
+        if key not in KEYS:
+            self.message.value = f"type a, b, t or x, not {key!r}"
+            return
+        self.cast(KEYS[key])
 
     def cast(self, choice: str) -> None:
         from ..errors import UserError
