@@ -133,3 +133,50 @@ def test_a_jobs_checkpoints_in_the_arena_and_a_judges_votes_become_pairs_that_tu
     assert pairs.examples == ranking.iloc[0]["wins"]
     dpo = tm.tune(job, pairs, method="preference", epochs=1, wait=True)
     assert dpo.state == "JOB_STATE_SUCCEEDED", dpo.error
+
+
+def test_what_a_new_user_tripped_on(tmp_path, monkeypatch):
+    """A file of the user's is never replaced, a gs:// name is not a local folder, votes spelled as the keys,
+    a pandas Series of prompts, a blank answer shown as such, and a judge that fails or names no answer."""
+    import pandas as pd
+
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path))
+    questions = pd.Series(["One?", "Two?", "Three?"])
+    arena = Arena(Echo("polite"), Echo("curt"), questions)
+    assert len(arena.prompts) == 3
+    with pytest.raises(UserError, match="not 'C'"):
+        arena.vote("C")
+    arena.vote("A" if arena.next()["A"].startswith("polite") else "b")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("precious\n")
+    with pytest.raises(UserError, match="already exists"):
+        arena.to_preference_dataset(mine)
+    assert mine.read_text() == "precious\n"
+    assert arena.to_preference_dataset(mine, overwrite=True).examples == 1
+    arena.vote("t")
+    arena.vote("x")
+    assert [v["vote"] for v in arena.votes][1:] == ["tie", "both bad"]  # spelled as the vote box's keys
+
+    class Silent:
+        def chat(self, messages, **gen):
+            return "" if "Answer B:\ncurt" not in messages[-1]["content"] else "\n\n\n"
+
+    from tuning_magics.display.arena import round_html
+
+    blank = Arena(Echo("x"), Silent(), ["Q?"])
+    assert "an empty answer" in round_html(blank, blank.next())
+
+    class Broken:
+        def chat(self, messages, **gen):
+            raise RuntimeError("server exploded")
+
+    class Mute:
+        def chat(self, messages, **gen):
+            return "I cannot decide."
+
+    fresh = Arena(Echo("one"), Echo("two"), ["Q1?", "Q2?"])
+    with pytest.raises(UserError, match="judge .* failed on round 1: RuntimeError: server exploded") as info:
+        fresh.judge(tm.Judge(Broken(), model_name="broken"))
+    assert "\n" not in str(info.value)
+    with pytest.warns(UserWarning, match="named no answer in 2 replies"):
+        assert fresh.judge(tm.Judge(Mute(), model_name="mute")) == 0

@@ -513,7 +513,7 @@ def test_not_a_dataframe_empty_dataframe_bad_epochs_and_method(tmp_path):
         tuning_magics.dataset(qa(), out=out, prompt="question", completion="answer", epochs=0)
     assert info.value.field == "epochs"
     with pytest.raises(UserError) as info:
-        tuning_magics.dataset(qa(), out=out, prompt="question", completion="answer", method="dpo")
+        tuning_magics.dataset(qa(), out=out, prompt="question", completion="answer", method="rlhf")
     assert info.value.field == "method"
     with pytest.raises(UserError) as info:
         tuning_magics.dataset(qa(), out=out, prompt="question", completion="answer", model="not-a-model")

@@ -156,9 +156,10 @@ def test_dpo_after_sft_moves_greedy_answers_to_the_preferred_style(tmp_path, mon
     assert frame["reward_margin"].dropna().iloc[-1] > 0 and frame["reward_accuracy"].dropna().iloc[-1] == 1.0
     assert frame["eval_reward_margin"].notna().sum() == 3  # the validation pairs, after each epoch
     assert [c.name for c in job.checkpoints] == ["checkpoint-3", "checkpoint-6", "checkpoint-9", "final"]
-    scores = job.checkpoint_scores()  # scored at each checkpoint, as a supervised job is
-    assert list(scores.index) == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
-    assert scores["rouge_l"].iloc[-1] > 0.5, scores
+    scores = job.checkpoint_scores()  # the model it started from, then each checkpoint, as a supervised job
+    assert list(scores.index) == ["base", "checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    assert scores["rouge_l"].iloc[-1] > 0.5 and scores["rouge_l"].iloc[-1] > scores.loc["base", "rouge_l"], scores
+    assert job.best_checkpoint() != "base" and "reward_margin" not in scores.columns  # rewards are not task scores
     from tuning_magics.display.monitor import job_text
 
     assert "reward margin" in job_text(job) and "chosen preferred 100%" in job_text(job)

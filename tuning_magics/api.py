@@ -31,19 +31,6 @@ _ALIASES = {
     "epoch_count": "epochs",
     "teacher_model": "base_teacher_model",
 }
-_METHODS = {
-    "sft": "sft",
-    "supervised": "sft",
-    "supervised_fine_tuning": "sft",
-    "distillation": "distillation",
-    "distill": "distillation",
-    "preference": "preference",
-    "preference_tuning": "preference",
-    "preference_optimization": "preference",
-    "dpo": "preference",
-}
-
-
 def tune(
     base_model=None,
     train_dataset=None,
@@ -306,7 +293,7 @@ _MAX_USER_LABELS = 58
 
 
 def _method(method) -> str:
-    norm = _METHODS.get(str(method).strip().lower())
+    norm = catalog.METHOD_SPELLINGS.get(str(method).strip().lower())
     if norm is None:
         raise UserError(f"method must be 'sft', 'distillation' or 'preference', not {method!r}", field="method")
     return norm

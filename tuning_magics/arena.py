@@ -28,14 +28,30 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import UserError
 
 #: The votes a round takes: A (shown first) better, B better, a tie, or neither any good.
 VOTES = ("A", "B", "tie", "both bad")
-_SPELLINGS = {"a": "A", "left": "A", "1": "A", "b": "B", "right": "B", "2": "B", "tie": "tie", "=": "tie",
-              "same": "tie", "both bad": "both bad", "both_bad": "both bad", "bad": "both bad", "neither": "both bad"}
+_SPELLINGS = {"a": "A", "left": "A", "1": "A", "b": "B", "right": "B", "2": "B", "tie": "tie", "t": "tie",
+              "=": "tie", "same": "tie", "both bad": "both bad", "both_bad": "both bad", "bad": "both bad",
+              "neither": "both bad", "x": "both bad"}
+#: What the arena asks a judge: which answer is better, with no reference answer to compare with.
+JUDGE_PROMPT = """You compare two answers to the same request.
+
+Request:
+{question}
+
+{reference}
+
+Answer A:
+{answer_a}
+
+Answer B:
+{answer_b}
+
+Which answer serves the request better: correct, helpful, in a fitting tone? Ignore length as such.
+Reply with one line: "Better: A", "Better: B" or "Better: tie"."""
 
 
 @dataclass
@@ -119,7 +135,10 @@ class Arena:
         if self.sides[0].label == self.sides[1].label:
             raise UserError(f"both sides of the arena are {self.sides[0].label}; put two different models in it",
                             field="model")
-        if isinstance(prompts, str) or not prompts:
+        if isinstance(prompts, (str, dict)) or not hasattr(prompts, "__iter__"):
+            raise UserError("prompts must be a list of texts (or chat conversations), at least one", field="prompts")
+        prompts = list(prompts)  # a pandas Series, a tuple, a generator
+        if not prompts:
             raise UserError("prompts must be a list of texts (or chat conversations), at least one", field="prompts")
         self.prompts = [_prompt(p, i) for i, p in enumerate(prompts, 1)]
         self.seed, self.max_new_tokens = int(seed), params.whole_at_least_1("max_new_tokens", max_new_tokens)
@@ -196,9 +215,9 @@ class Arena:
     def vote(self, choice: str, *, round: int | None = None, voter: str = "you") -> dict:  # noqa: A002
         """Vote on ``round`` (default: the next without a vote): ``"A"``, ``"B"``, ``"tie"`` or ``"both bad"``.
         The vote is on disk when this returns."""
-        choice = _SPELLINGS.get(str(choice).strip().lower())
+        given, choice = choice, _SPELLINGS.get(str(choice).strip().lower())
         if choice is None:
-            raise UserError(f"vote A, B, tie or both bad, not {choice!r}", field="vote")
+            raise UserError(f"vote A, B, tie or both bad, not {given!r}", field="vote")
         if round is None:
             upcoming = self.next()
             if upcoming is None:
@@ -214,23 +233,42 @@ class Arena:
         self._append(vote)
         return vote
 
-    def judge(self, judge) -> int:
-        """A judge votes on every round without a vote (pairwise, by the reference-free prompt the arena gives
-        it: which answer is better); its votes are labelled ``judge:<name>``. Returns how many it cast."""
+    def judge(self, judge, *, instructions: str = "") -> int:
+        """A judge votes on every round without a vote, by :data:`JUDGE_PROMPT` (which answer serves the request
+        better; ``instructions`` say what you look for, such as a house style); its votes are labelled
+        ``judge:<name>``. Returns how many it cast; a reply naming no answer casts none and is counted in a
+        warning."""
+        import dataclasses
+        import warnings
+
         from .evaluation import _as_judge
         from .evaluation.judge import pairwise_choice
 
         judge = _as_judge(judge)
-        cast = 0
+        if judge._service is None:  # a chat judge reads the arena's own question; a judge service its template
+            judge = dataclasses.replace(judge, pairwise_prompt=JUDGE_PROMPT, model_name=judge.name)
+        cast = unread = 0
         for number in [i for i in range(len(self.prompts)) if i not in self.voted]:
             shown = self.round(number)
-            question = "\n".join(m["content"] for m in shown["prompt"] if m["role"] == "user")
-            reply = judge.grade("pairwise", [{"question": question, "reference": "(none: judge the answers on "
-                                              "their own merits)", "answer_a": shown["A"], "answer_b": shown["B"]}])[0]
+            question = "\n".join(f"{m['role']}: {m['content']}" for m in shown["prompt"])
+            notes = f"What to look for: {instructions}" if instructions else ""
+            try:
+                reply = judge.grade("pairwise", [{"question": question, "reference": notes, "answer_a": shown["A"],
+                                                  "answer_b": shown["B"]}])[0]
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the judge's own failure, in one line
+                raise UserError(f"judge {judge.name} failed on round {number + 1}: {type(exc).__name__}: {exc}"[:300],
+                                field="judge") from None
             choice = pairwise_choice(reply)
-            if choice is not None:
-                self.vote(choice, round=number, voter=f"judge:{judge.name}")
-                cast += 1
+            if choice is None:
+                unread += 1
+                continue
+            self.vote(choice, round=number, voter=f"judge:{judge.name}")
+            cast += 1
+        if unread:
+            warnings.warn(f"judge {judge.name} named no answer in {unread} replies (it should reply 'Better: A', "
+                          "'Better: B' or 'Better: tie'); those rounds have no vote", stacklevel=2)
         return cast
 
     # -- results -------------------------------------------------------------------------------------
@@ -276,10 +314,13 @@ class Arena:
         return frame[["strength", "win rate", "win rate low", "win rate high", "wins", "losses", "ties",
                       "both bad"]].sort_values("strength", ascending=False)
 
-    def to_preference_dataset(self, out: str | os.PathLike | None = None, *, model: str | None = None):
+    def to_preference_dataset(self, out: str | os.PathLike | None = None, *, model: str | None = None,
+                              overwrite: bool = False):
         """The decided votes as preference pairs (the winner's answer chosen, the loser's rejected), written as
         JSONL at ``out`` (default beside the votes) and validated for ``tune(method="preference")``: a Dataset.
-        Ties, both-bad votes and pairs with an empty answer are left out, with a warning that counts them."""
+        Ties, both-bad votes and pairs with an empty answer are left out, with a warning that counts them.
+        ``out`` (a local path or a gs:// URI) is never replaced unless ``overwrite``; the default file beside
+        the votes is the arena's own and is written again each time."""
         from .datasets.build import Dataset
         from .datasets.validate import validate
         from .storage import atomic_writer
@@ -300,18 +341,25 @@ class Arena:
 
             warnings.warn(f"{len(pairs) - len(usable)} of the {len(pairs)} decided votes are left out: an answer "
                           "was empty, or both were the same, which no tuning service takes as a pair", stacklevel=2)
-        pairs = usable
-        if not pairs:
-            raise UserError("no vote prefers one answer to another yet (ties and both-bad teach nothing); vote on "
+        if not usable:
+            raise UserError(f"none of the {len(pairs)} votes for an answer makes a pair: an answer was empty or both "
+                            "were the same; vote on other rounds" if pairs else
+                            "no vote prefers one answer to another yet (ties and both-bad teach nothing); vote on "
                             "more rounds", field="votes")
-        target = Path(out) if out is not None else self.path.with_name(f"{self.name}-preferences.jsonl")
-        with atomic_writer(target, overwrite=True) as fh:
+        pairs = usable
+        from . import storage
+
+        if out is not None:
+            target = storage.check_path("out", out)
+        else:
+            target, overwrite = str(self.path.with_name(f"{self.name}-preferences.jsonl")), True
+        with atomic_writer(target, overwrite=overwrite) as fh:
             for pair in pairs:
                 fh.write(json.dumps(pair, ensure_ascii=False).encode() + b"\n")
-        report = validate(str(target), model=model, method="preference")
+        report = validate(target, model=model, method="preference")
         if not report.ok:
             raise UserError(f"the arena's pairs did not validate: {report.errors[0]}", field="votes")
-        return Dataset(uri=str(target), report=report, model=model)
+        return Dataset(uri=target, report=report, model=model)
 
     # -- display -------------------------------------------------------------------------------------
     def text(self) -> str:

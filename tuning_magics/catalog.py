@@ -23,6 +23,11 @@ FULL = "FULL"
 PEFT = "PEFT_ADAPTER"
 TUNING_MODES = (FULL, PEFT)
 METHODS = ("sft", "distillation", "preference")
+#: Every spelling of a tuning method that tune(), validate() and dataset() take.
+METHOD_SPELLINGS = {"sft": "sft", "supervised": "sft", "supervised_fine_tuning": "sft",
+                    "distillation": "distillation", "distill": "distillation",
+                    "preference": "preference", "preference_tuning": "preference",
+                    "preference_optimization": "preference", "dpo": "preference"}
 
 #: Where open-model tuning runs. Source: Google's own tuning skill, github.com/google/skills
 #: skills/cloud/agent-platform-tuning/SKILL.md, "0.2 Possible Locations" (2026-08-19), as MISSION.md has it;

@@ -163,10 +163,9 @@ def _write_frame(data, target: Path, model, method: str, name: str):
 
     # Only GenerateContent columns need the records as they are; every other
     # DataFrame goes through dataset(), which names bad cells by row and column.
-    gc_keys = TOP_KEYS["generate_content"]
-    # Preference pairs (prompt, chosen, rejected) are records as they are, whatever holds them.
-    if is_dataframe(data) and method != "preference" and not (set(data.columns) <= gc_keys
-                                                              and "contents" in data.columns):
+    # GenerateContent columns (and Gemini's preference pairs, which add completions) are records as they are.
+    gc_keys = TOP_KEYS["generate_content"] | {"completions"}
+    if is_dataframe(data) and not (set(data.columns) <= gc_keys and "contents" in data.columns):
         from .build import DatasetInvalid, dataset
 
         try:
@@ -194,7 +193,8 @@ def _write_frame(data, target: Path, model, method: str, name: str):
     report = validate(rows, model=_id(model), method=method)
     if not report.ok:
         more = f" (and {report.error_count - 1} more)" if report.error_count > 1 else ""
-        raise UserError(f"{name}: {report.errors[0]}{more}; tuning_magics.validate(records) lists them all",
+        how = f", method={method!r}" if method != "sft" else ""
+        raise UserError(f"{name}: {report.errors[0]}{more}; tuning_magics.validate(records{how}) lists them all",
                         field=name)
     with atomic_writer(target, overwrite=True) as fh:
         for row in rows:

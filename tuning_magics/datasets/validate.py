@@ -320,15 +320,19 @@ def preference_problems(record: dict, fmt: str) -> list[tuple[str, str | None]]:
         found.append(("must hold exactly two completions, the preferred one scored 1 and the other 0",
                       "completions"))
         return found
-    scores = []
+    scores, texts = [], []
     for i, item in enumerate(completions):
         completion = item.get("completion") if isinstance(item, dict) else None
         if not isinstance(completion, dict) or completion.get("role", "model") != "model" or \
                 parts_text(completion.get("parts")) is None:
             found.append((f"completion {i + 1} must be a model turn with text parts", "completions"))
+        else:
+            texts.append(parts_text(completion.get("parts")).strip())
         scores.append(item.get("score") if isinstance(item, dict) else None)
     if sorted(s for s in scores if isinstance(s, (int, float)) and not isinstance(s, bool)) != [0, 1]:
         found.append((f"scores must be 1 (preferred) and 0, not {scores}", "completions"))
+    elif len(texts) == 2 and texts[0] == texts[1]:
+        found.append(("hold the same answer twice; a pair teaches nothing when both answers are one", "completions"))
     return found
 
 
@@ -933,10 +937,10 @@ def _resolve_model(model):
 
 
 def _check_method(method: str) -> str:
-    from ..catalog import METHODS
+    from ..catalog import METHOD_SPELLINGS, METHODS
     from ..errors import UserError
 
-    m = method.lower() if isinstance(method, str) else None
+    m = METHOD_SPELLINGS.get(method.strip().lower()) if isinstance(method, str) else None
     if m not in METHODS:
         raise UserError(f"method must be {', '.join(METHODS[:-1])} or {METHODS[-1]}, not {method!r}", field="method")
     return m

@@ -25,9 +25,12 @@ def _e(value) -> str:
 
 
 def _answer_html(letter: str, text: str) -> str:
+    from ..datasets.validate import is_blank
+
+    shown = "<i>(an empty answer: nothing but white space)</i>" if is_blank(text) else _e(text)
     return (f"<div class='tm-arena-answer' style='border:1px solid {SOFT_INK};border-radius:4px;padding:6px;"
             f"color:{INK};min-height:3em'><b>{letter}</b><div style='white-space:pre-wrap;overflow-wrap:anywhere'>"
-            f"{_e(text) or '<i>(empty answer)</i>'}</div></div>")
+            f"{shown}</div></div>")
 
 
 def round_html(arena, shown: dict | None) -> str:
@@ -38,9 +41,12 @@ def round_html(arena, shown: dict | None) -> str:
         return head + arena.ranking().to_html(float_format="{:.2f}".format)
     prompt = "".join(f"<div><b>{_e(m['role'])}:</b> <span style='white-space:pre-wrap'>{_e(m['content'])}</span></div>"
                      for m in shown["prompt"])
+    same = shown["A"].strip() == shown["B"].strip()
+    note = (f"<div style='color:{SOFT_INK}'>the two answers are the same: a vote here makes no preference "
+            "pair</div>") if same else ""
     return (f"{head}<div style='color:{INK};margin:4px 0'>round {shown['round'] + 1}{prompt}</div>"
             f"<div style='display:grid;grid-template-columns:1fr 1fr;gap:8px'>"
-            f"{_answer_html('A', shown['A'])}{_answer_html('B', shown['B'])}</div>")
+            f"{_answer_html('A', shown['A'])}{_answer_html('B', shown['B'])}</div>{note}")
 
 
 class ArenaView:

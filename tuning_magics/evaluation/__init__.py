@@ -704,7 +704,9 @@ def evaluate_job(job, data=None, metrics=None, *, checkpoints="all", baseline: b
             except (OSError, UserError):
                 leaked = {}  # the training data could not be read: no leak check, nothing else lost
     title = f"Evaluation of {job.display_name or job.id}" + (" on its training set" if name == "train_dataset" else "")
-    return run(answerers, cases, metrics, max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+    # The answer length the job scored its checkpoints with, so those answers come from the cache.
+    during = (config.get("evaluation") or {}).get("max_new_tokens")
+    return run(answerers, cases, metrics, max_new_tokens=max_new_tokens or during or DEFAULT_MAX_NEW_TOKENS,
                leaked=leaked, title=title, judge=_as_judge(judge))
 
 

@@ -29,8 +29,9 @@ from ..errors import UserError
 
 #: Where each metric's mean goes in a job's metrics: ``eval_exact_match``, ...
 PREFIX = "eval_"
-#: Metrics of the trainer's own that share the prefix and are not task metrics.
-NOT_TASK = frozenset({"eval_loss", "eval_token_accuracy"})
+#: Metrics of the trainers' own that share the prefix and are not task metrics (validation loss and accuracy;
+#: a preference job's reward margin and how often chosen wins, on its validation pairs).
+NOT_TASK = frozenset({"eval_loss", "eval_token_accuracy", "eval_reward_margin", "eval_reward_accuracy"})
 #: The most examples evaluated at each checkpoint unless ``limit`` says otherwise: each one costs generation.
 DEFAULT_LIMIT = 200
 #: Tokens an answer may take during tuning unless ``max_new_tokens`` says otherwise.
@@ -44,7 +45,7 @@ class DuringTuning:
     data: object = None  # anything tune() takes; None: the validation set
     metrics: tuple = ("exact_match",)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    limit: int = DEFAULT_LIMIT
+    limit: int | None = DEFAULT_LIMIT  # None: every example
 
     def describe(self) -> dict:
         """What a job's config records (the data as the datasets are described)."""
@@ -93,9 +94,14 @@ def check(value) -> DuringTuning | None:
                             field="evaluation.metrics")
         if item not in names:
             names.append(item)
-    out = {}
-    for key, default in (("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), ("limit", DEFAULT_LIMIT)):
-        out[key] = params.whole_at_least_1(f"evaluation.{key}", value.get(key, default))
+    out = {"max_new_tokens": params.whole_at_least_1("evaluation.max_new_tokens",
+                                                     value.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))}
+    limit = value.get("limit", DEFAULT_LIMIT)
+    out["limit"] = None if limit is None else params.whole_at_least_1("evaluation.limit", limit)  # None: all
+    if isinstance(value.get("data"), str) and value["data"] in ("train", "training"):
+        raise UserError("evaluation.data: during tuning, give the examples themselves (the training data's own "
+                        "variable to measure recall), or leave it out for the validation set",
+                        field="evaluation.data")
     return DuringTuning(data=value.get("data"), metrics=tuple(names), **out)
 
 

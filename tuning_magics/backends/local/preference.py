@@ -31,13 +31,10 @@ from ...evaluation.during import PREFIX
 from ...storage import atomic_folder
 from . import checkpoints as ckpt
 from .metrics import METRICS_FILE, MetricsWriter
-from .trainer import (DEFAULT_LEARNING_RATES, FULL, LORA_TARGETS, PEFT, TINY_MAX_PARAMS, TrainConfig, TrainResult,
-                      TrainingCancelled, _best_checkpoint, _default_max_seq_len, _load_weights, normalise_mode)
+from .trainer import (DEFAULT_BETA, DEFAULT_LEARNING_RATES, FULL, LORA_TARGETS, PEFT,
+                      PREFERENCE_LEARNING_RATE_SHARE, TINY_MAX_PARAMS, TrainConfig, TrainResult, TrainingCancelled,
+                      _best_checkpoint, _default_max_seq_len, _load_weights, normalise_mode)
 
-#: DPO's beta unless the job says: how far the model may move from where it started (lower moves further).
-DEFAULT_BETA = 0.1
-#: Preference tuning starts from a model that already answers: a tenth of supervised tuning's learning rate.
-LEARNING_RATE_SHARE = 0.1
 #: TRL's log names -> the job's metrics.
 _LOGGED = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
            "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
@@ -88,8 +85,8 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
     emit({"event": "dataset", "examples": len(train_set), "dropped": 0,
           "validation_examples": len(val_set) if val_set is not None else 0, "max_seq_len": max_len})
     size_class = "tiny" if param_count(model_config) < TINY_MAX_PARAMS else "real"
-    lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[(size_class, mode)] * LEARNING_RATE_SHARE) * float(
-        config.learning_rate_multiplier)
+    lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[(size_class, mode)] * PREFERENCE_LEARNING_RATE_SHARE) \
+        * float(config.learning_rate_multiplier)
     ckpt.remove_stale_temp(out)
     start = ckpt.latest_checkpoint(out) if resume else None
     if not resume:
@@ -138,18 +135,23 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
                 "tuning_mode": mode, "learning_rate": lr, "method": "preference", "beta": beta or DEFAULT_BETA,
             }, indent=2), encoding="utf-8")
         emit({"event": "checkpoint", "path": str(target), "step": step, "epoch": epoch})
-        if evaluator is not None:
-            emit({"event": "substate", "substate": "EVALUATING"})
-            trainer_model.eval()
-            try:
-                with torch.no_grad():
-                    scores = evaluator(trainer_model, tokenizer, target.name, str(target))
-            finally:
-                trainer_model.train()
-            row = {"step": step, "epoch": epoch, **{PREFIX + k: round(v, 6) for k, v in scores.items()}}
-            metrics.write(row)
-            emit({"event": "metrics", **row})
-            emit({"event": "substate", "substate": "TUNING"})
+        score(trainer_model, target.name, str(target), step, epoch)
+
+    def score(trainer_model, label: str, folder: str | None, step: int, epoch) -> None:
+        """Evaluation during tuning: the task metrics of the model as it is now, as a metrics row."""
+        if evaluator is None:
+            return
+        emit({"event": "substate", "substate": "EVALUATING"})
+        trainer_model.eval()
+        try:
+            with torch.no_grad():
+                scores = evaluator(trainer_model, tokenizer, label, folder)
+        finally:
+            trainer_model.train()
+        row = {"step": step, "epoch": epoch, **{PREFIX + k: round(v, 6) for k, v in scores.items()}}
+        metrics.write(row)
+        emit({"event": "metrics", **row})
+        emit({"event": "substate", "substate": "TUNING"})
 
     class Bridge(TrainerCallback):
         """The engine's promises, kept from inside TRL's loop."""
@@ -193,6 +195,8 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[Bridge()])
     try:
+        if offset_step == 0:  # the model it starts from, scored as a supervised job scores its base
+            score(trainer.model, "base", None, 0, 0)
         if offset_epoch < int(config.epochs):  # a job resumed after its last epoch only writes its final model
             trainer.train()
         if state["cancelled"]:

@@ -240,13 +240,27 @@ def dry_run(request: TuneRequest):
     stats = prepare.predicted_stats(train.report, request.model, request.epochs)
     where = str(Path(output).expanduser().resolve()) if output is not None else str(local.jobs_root() / "<job id>")
     body = _config(request, custom, teacher, options, where)
-    defaults = effective_values(body, tiny=request.model.provider == "local" and custom is None)
+    defaults = effective_values(body, tiny=_tiny(request, custom))
     notes = ["the local engine bills nothing"]
     if defaults:
         notes.append("engine defaults that take effect: " + ", ".join(f"{k}={v:g}" if isinstance(v, float)
                                                                       else f"{k}={v}" for k, v in defaults.items()))
     return DryRun("local", request.model.id, {k: v for k, v in body.items() if v is not None},
                   stats["billable_tokens"], 0.0, stats, notes=tuple(notes))
+
+
+def _tiny(request: TuneRequest, custom: str | None) -> bool:
+    """Whether the trainer will take the model for a tiny one (its defaults differ): by its size, as it does."""
+    if custom is None:
+        return request.model.provider == "local"
+    try:
+        from .memory import param_count
+        from .models import load_config
+        from .trainer import TINY_MAX_PARAMS
+
+        return param_count(load_config(custom)) < TINY_MAX_PARAMS
+    except Exception:  # noqa: BLE001 - a folder whose config cannot be read: the trainer will say so
+        return False
 
 
 def _check_output_folder(output: str) -> None:

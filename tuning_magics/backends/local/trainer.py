@@ -54,6 +54,11 @@ DEFAULT_LEARNING_RATES = {
     ("real", FULL): 1e-5,
     ("real", PEFT): 2e-4,
 }
+#: Preference tuning (DPO): its beta unless the job says (how far the model may move from where it started;
+#: lower moves further), and its learning rate's share of supervised tuning's default, since it starts from a
+#: model that already answers.
+DEFAULT_BETA = 0.1
+PREFERENCE_LEARNING_RATE_SHARE = 0.1
 #: Models below this many weights count as "tiny" for the defaults above.
 TINY_MAX_PARAMS = 50_000_000
 MAX_SEQ_LEN_CAP = 4096
@@ -175,6 +180,10 @@ def effective_values(config: dict, *, tiny: bool) -> dict:
         if config.get(name) is None and (name != "adapter_size" or mode == PEFT):
             out[name] = defaults[name]
     multiplier = config.get("learning_rate_multiplier") or 1.0
+    if config.get("method") == "preference":
+        multiplier *= PREFERENCE_LEARNING_RATE_SHARE
+        if config.get("beta") is None:
+            out["beta"] = DEFAULT_BETA
     if config.get("learning_rate") is None:
         out["learning_rate"] = DEFAULT_LEARNING_RATES[("tiny" if tiny else "real", mode)] * multiplier
     elif config.get("learning_rate_multiplier") is not None:
