@@ -49,6 +49,7 @@ def test_votes_are_on_disk_as_cast_and_a_new_arena_continues_where_they_stop(tmp
     # A kernel restart: the same models and prompts are the same arena, and go on at round 5.
     again = Arena(Echo("polite"), Echo("curt"), prompts)
     assert again.path == arena.path and again.next()["round"] == 4 and len(again.votes) == 4
+    assert Arena(Echo("polite"), Echo("curt"), prompts, max_new_tokens=12).path != arena.path  # other answers
     again.vote("tie")
     again.vote("both bad")
     assert again.next() is None

@@ -142,7 +142,9 @@ class Arena:
             raise UserError("prompts must be a list of texts (or chat conversations), at least one", field="prompts")
         self.prompts = [_prompt(p, i) for i, p in enumerate(prompts, 1)]
         self.seed, self.max_new_tokens = int(seed), params.whole_at_least_1("max_new_tokens", max_new_tokens)
-        identity = json.dumps([[s.answerer.key for s in self.sides], self.prompts, self.seed], sort_keys=True)
+        # The answers voted on are the arena: other models, prompts, order or answer length make another.
+        identity = json.dumps([[s.answerer.key for s in self.sides], self.prompts, self.seed, self.max_new_tokens],
+                              sort_keys=True)
         self.name = name or "arena-" + hashlib.sha256(identity.encode()).hexdigest()[:12]
         from .paths import data_home
 
@@ -196,7 +198,8 @@ class Arena:
         return (self.sides[1], self.sides[0]) if swap else (self.sides[0], self.sides[1])
 
     def round(self, number: int) -> dict:
-        """Round ``number`` (0-based): ``prompt``, ``A`` and ``B`` (the answers), and ``vote`` if cast."""
+        """Round ``number`` (0-based here, as ``vote(round=)`` counts; the view says "round 1" for round 0):
+        ``prompt``, ``A`` and ``B`` (the answers), and ``vote`` if cast."""
         a, b = self._order(number)
         answers = self.answers()
         cast = [v for v in self.votes if v["round"] == number]
