@@ -59,6 +59,7 @@ def test_votes_are_on_disk_as_cast_and_a_new_arena_continues_where_they_stop(tmp
     assert ranking.loc["polite", "ties"] == 1 and ranking.loc["polite", "both bad"] == 1
     assert ranking.loc["polite", "win rate"] == pytest.approx(4.5 / 5)
     assert ranking.loc["polite", "win rate low"] < 0.9 < ranking.loc["polite", "win rate high"] + 1e-9
+    assert ranking.loc["curt", "win rate low"] == 0.0  # no win: the bound is 0, not a float's rounding error
     data = again.to_preference_dataset()
     assert data.report.ok and data.format == "preference" and data.examples == 4
     pair = json.loads(open(data.uri).readline())

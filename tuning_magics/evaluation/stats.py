@@ -46,7 +46,8 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - spread), min(1.0, centre + spread))
+    # Rounded far below any shown digit: at 0 of n the bound is 0, not a float's 2.8e-17.
+    return (max(0.0, round(centre - spread, 12)), min(1.0, round(centre + spread, 12)))
 
 
 def interval(scores, *, seed: int = 0) -> Interval:
