@@ -27,13 +27,13 @@ import shutil
 from pathlib import Path
 
 from ...errors import UserError
-from ...evaluation.during import PREFIX
 from ...storage import atomic_folder
 from . import checkpoints as ckpt
 from .metrics import METRICS_FILE, MetricsWriter
 from .trainer import (DEFAULT_BETA, DEFAULT_LEARNING_RATES, FULL, LORA_TARGETS, PEFT,
                       PREFERENCE_LEARNING_RATE_SHARE, TINY_MAX_PARAMS, TrainConfig, TrainResult, TrainingCancelled,
-                      _best_checkpoint, _default_max_seq_len, _load_weights, normalise_mode)
+                      _asked, _best_checkpoint, _default_max_seq_len, _load_weights, _save_final, _save_weights,
+                      _score, normalise_mode)
 
 #: TRL's log names -> the job's metrics.
 _LOGGED = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
@@ -65,9 +65,10 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
     from trl import DPOConfig, DPOTrainer
 
     from .memory import param_count
-    from .models import default_device, load_config, load_model_and_tokenizer, save_model
+    from .models import default_device, load_config, load_model_and_tokenizer
 
     config.check()
+    beta = beta or DEFAULT_BETA
     mode = normalise_mode(config.tuning_mode)
     emit = on_event or (lambda event: None)
     out = Path(config.output_dir)
@@ -114,44 +115,21 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
         emit({"event": "resumed", "step": offset_step, "epoch": offset_epoch, "checkpoint": str(start)})
     state = {"cancelled": False, "early": False, "last": {}}
 
-    def asked(check) -> bool:
-        try:
-            return bool(check and check())
-        except Exception:  # a broken callback must not end a long run
-            return False
-
     def save_checkpoint(trainer_model, step: int, epoch: int) -> None:
         target = ckpt.checkpoints_dir(out) / f"checkpoint-{step}"
         metrics.check()
         with atomic_folder(target) as tmp:
-            if mode == PEFT:
-                trainer_model.save_pretrained(tmp)
-            else:
-                save_model(trainer_model, tmp)
-            tokenizer.save_pretrained(tmp)
+            _save_weights(trainer_model, tokenizer, tmp, mode)
             (tmp / ckpt.TRAINER_STATE).write_text(json.dumps({
                 "global_step": step, "epoch": epoch, "epochs": int(config.epochs), "steps_per_epoch": steps_per_epoch,
                 "train_loss": state["last"].get("train_loss"), "eval_loss": state["last"].get("eval_loss"),
-                "tuning_mode": mode, "learning_rate": lr, "method": "preference", "beta": beta or DEFAULT_BETA,
+                "tuning_mode": mode, "learning_rate": lr, "method": "preference", "beta": beta,
             }, indent=2), encoding="utf-8")
         emit({"event": "checkpoint", "path": str(target), "step": step, "epoch": epoch})
         score(trainer_model, target.name, str(target), step, epoch)
 
     def score(trainer_model, label: str, folder: str | None, step: int, epoch) -> None:
-        """Evaluation during tuning: the task metrics of the model as it is now, as a metrics row."""
-        if evaluator is None:
-            return
-        emit({"event": "substate", "substate": "EVALUATING"})
-        trainer_model.eval()
-        try:
-            with torch.no_grad():
-                scores = evaluator(trainer_model, tokenizer, label, folder)
-        finally:
-            trainer_model.train()
-        row = {"step": step, "epoch": epoch, **{PREFIX + k: round(v, 6) for k, v in scores.items()}}
-        metrics.write(row)
-        emit({"event": "metrics", **row})
-        emit({"event": "substate", "substate": "TUNING"})
+        _score(evaluator, trainer_model, tokenizer, label, folder, step=step, epoch=epoch, metrics=metrics, emit=emit)
 
     class Bridge(TrainerCallback):
         """The engine's promises, kept from inside TRL's loop."""
@@ -171,9 +149,9 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
             emit({"event": "progress", "step": step, "total_steps": total_steps,
                   "epoch": round(offset_epoch + float(trainer_state.epoch or 0), 4), "epochs": int(config.epochs),
                   "fraction": round(step / max(1, total_steps), 6)})
-            if asked(should_stop):
+            if _asked(should_stop):
                 state["cancelled"] = control.should_training_stop = True
-            elif step < total_steps and asked(should_stop_early):
+            elif step < total_steps and _asked(should_stop_early):
                 state["early"] = control.should_training_stop = True
             return control
 
@@ -187,7 +165,7 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
         output_dir=str(out / ".trl"), per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=accum, num_train_epochs=int(config.epochs) - offset_epoch, learning_rate=lr,
         lr_scheduler_type=config.lr_scheduler, warmup_steps=int(round(total_steps * float(config.warmup_ratio))),
-        weight_decay=float(config.weight_decay), max_grad_norm=float(config.max_grad_norm), beta=beta or DEFAULT_BETA,
+        weight_decay=float(config.weight_decay), max_grad_norm=float(config.max_grad_norm), beta=beta,
         max_length=max_len, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=config.seed,
         eval_strategy="epoch" if val_set is not None else "no", use_cpu=device.type == "cpu",
         bf16=bool(config.bf16) and device.type == "cuda", dataloader_num_workers=0)
@@ -212,16 +190,9 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
             note = f"stopped early at step {step} of {total_steps}; final is {best.name}" + \
                 (f" ({reason})" if reason else "")
         emit({"event": "substate", "substate": "POST_PROCESSING"})
-        tuned = trainer.model
         metrics.check()
         with atomic_folder(ckpt.final_dir(out)) as tmp:
-            if mode == PEFT:
-                tuned.save_pretrained(tmp / "adapter")
-                tokenizer.save_pretrained(tmp / "adapter")
-                tuned = tuned.merge_and_unload()
-            tuned.config.use_cache = True
-            save_model(tuned, tmp)
-            tokenizer.save_pretrained(tmp)
+            _save_final(trainer.model, tokenizer, tmp, mode)
         metrics.check()
     finally:
         metrics.close()

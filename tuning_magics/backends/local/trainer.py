@@ -384,6 +384,62 @@ def _best_checkpoint(out: Path, with_validation: bool) -> tuple[Path, str | None
     return found[-1], None
 
 
+def _asked(check) -> bool:
+    """``check()`` as a bool (False without one); a callback that fails counts as False: it must not end a long
+    run."""
+    try:
+        return bool(check and check())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _save_weights(model, tokenizer, folder: Path, mode: str) -> None:
+    """A checkpoint's weights into ``folder``: the adapter alone for LoRA, the whole model for full tuning, and
+    the tokenizer."""
+    from .models import save_model
+
+    if mode == PEFT:
+        model.save_pretrained(folder)
+    else:
+        save_model(model, folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _save_final(model, tokenizer, folder: Path, mode: str) -> None:
+    """The tuned model into ``folder``, ready to serve: for LoRA the adapter in ``adapter/`` and the model with it
+    merged beside it; its KV cache on; the tokenizer with each."""
+    from .models import save_model
+
+    if mode == PEFT:
+        _save_weights(model, tokenizer, folder / "adapter", mode)
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    save_model(model, folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _score(evaluator, model, tokenizer, label: str, folder: str | None, *, step: int, epoch, metrics, emit) -> None:
+    """Evaluation during tuning: ``evaluator`` scores the model as it is now (in eval mode, its KV cache on, no
+    gradients), and its scores become a metrics row ``eval_<metric>`` at ``step``; nothing without an evaluator."""
+    import torch
+
+    if evaluator is None:
+        return
+    emit({"event": "substate", "substate": "EVALUATING"})
+    model.eval()
+    model.config.use_cache = True
+    try:
+        with torch.no_grad():
+            scores = evaluator(model, tokenizer, label, folder)
+    finally:
+        model.config.use_cache = False
+        model.train()
+    row = {"step": step, "epoch": epoch, **{PREFIX + name: round(value, 6) for name, value in scores.items()}}
+    metrics.write(row)
+    emit({"event": "metrics", **row})
+    emit({"event": "substate", "substate": "TUNING"})
+
+
 def _load_weights(model, folder: Path, mode: str, device) -> None:
     """Put the trained weights of checkpoint ``folder`` into ``model`` (the adapter's alone for LoRA)."""
     from safetensors.torch import load_file
@@ -421,7 +477,7 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     from ...datasets.formats import read_conversations
     from . import data as D
     from .memory import check_fits
-    from .models import default_device, load_config, load_model_and_tokenizer, load_tokenizer, save_model
+    from .models import default_device, load_config, load_model_and_tokenizer, load_tokenizer
 
     config.check()
     mode = normalise_mode(config.tuning_mode)
@@ -431,16 +487,10 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     out.mkdir(parents=True, exist_ok=True)
 
     def cancelled() -> bool:
-        try:
-            return bool(stop())
-        except Exception:  # a broken callback must not kill a long run
-            return False
+        return _asked(stop)
 
     def early() -> bool:
-        try:
-            return bool(should_stop_early and should_stop_early())
-        except Exception:
-            return False
+        return _asked(should_stop_early)
 
     emit({"event": "substate", "substate": "PROCESSING_DATASET"})
     device = default_device(config.device)
@@ -593,11 +643,7 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         target = ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}"
         metrics.check()  # a vanished job folder must not be made again by the write below
         with atomic_folder(target) as tmp:
-            if mode == PEFT:
-                model.save_pretrained(tmp)
-            else:
-                save_model(model, tmp)
-            tokenizer.save_pretrained(tmp)
+            _save_weights(model, tokenizer, tmp, mode)
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
             _torch_save(_rng_state(), tmp / "rng_state.pth")
@@ -611,23 +657,7 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
         score(epoch, target.name, str(target))
 
     def score(epoch, label: str, folder: str | None) -> None:
-        """Evaluation during tuning: the task metrics of the model as it is now, as a metrics row."""
-        if evaluator is None:
-            return
-        emit({"event": "substate", "substate": "EVALUATING"})
-        model.eval()
-        model.config.use_cache = True
-        try:
-            with torch.no_grad():
-                scores = evaluator(model, tokenizer, label, folder)
-        finally:
-            model.config.use_cache = False
-            model.train()
-        row = {"step": global_step, "epoch": epoch, **{PREFIX + name: round(value, 6) for name, value in
-                                                      scores.items()}}
-        metrics.write(row)
-        emit({"event": "metrics", **row})
-        emit({"event": "substate", "substate": "TUNING"})
+        _score(evaluator, model, tokenizer, label, folder, step=global_step, epoch=epoch, metrics=metrics, emit=emit)
 
     try:
         with writes:
@@ -712,16 +742,7 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
             final = ckpt.final_dir(out)
             metrics.check()
             with atomic_folder(final) as tmp:
-                if mode == PEFT:
-                    model.save_pretrained(tmp / "adapter")
-                    tokenizer.save_pretrained(tmp / "adapter")
-                    merged = model.merge_and_unload()
-                    merged.config.use_cache = True
-                    save_model(merged, tmp)
-                else:
-                    model.config.use_cache = True
-                    save_model(model, tmp)
-                tokenizer.save_pretrained(tmp)
+                _save_final(model, tokenizer, tmp, mode)
             metrics.check()  # the run is only a success if what it wrote is still there
     finally:
         metrics.close()
