@@ -181,15 +181,11 @@ class Arena:
     def answers(self) -> dict[str, list[str]]:
         """Each side's answers to every prompt (greedy, cached with the evaluation's answers), by label."""
         if self._answers is None:
-            from .evaluation import AnswerCache, _cached
+            from .evaluation import AnswerCache, answers_of
 
-            cache, settings = AnswerCache(), {"temperature": 0, "max_new_tokens": self.max_new_tokens}
-            self._answers = {
-                side.label: _cached(cache, lambda p, s=side: AnswerCache.key(s.answerer.key, p, settings),
-                                    self.prompts,
-                                    lambda part, s=side: s.answerer.answer(part, max_new_tokens=self.max_new_tokens),
-                                    chunk=getattr(side.answerer, "chunk_size", 16))
-                for side in self.sides}
+            cache = AnswerCache()
+            self._answers = {side.label: answers_of(side.answerer, self.prompts, max_new_tokens=self.max_new_tokens,
+                                                    cache=cache) for side in self.sides}
         return self._answers
 
     def _order(self, number: int) -> tuple[Contender, Contender]:

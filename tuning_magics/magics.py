@@ -748,11 +748,9 @@ class TuningMagics(Magics):
         if args is None:
             return None
         var = _variable_name(args.as_, "--as")
-        name = args.name
-        if _WHOLE_VAR.fullmatch(name):
-            name = _lookup(self.shell.user_ns, name[1:], "%tune_attach")
-            if not isinstance(name, str):
-                raise UsageError(f"%tune_attach: {args.name} must hold a job id as text, not {type(name).__name__}")
+        name = self._value(args.name, "%tune_attach")
+        if not isinstance(name, str):  # a $var holding something else
+            raise UsageError(f"%tune_attach: {args.name} must hold a job id as text, not {type(name).__name__}")
         from .api import get_job
 
         job = self._run(lambda: get_job(name, backend=args.backend), args.verbose)
@@ -832,12 +830,7 @@ class TuningMagics(Magics):
         if args is None:
             return None
         job = self._chat_job(args.job, args.verbose, prog="%tune_eval")
-        data = args.data
-        if data is not None and _WHOLE_VAR.fullmatch(data):
-            data = _lookup(self.shell.user_ns, data[1:], "%tune_eval")
-        judge = args.judge
-        if judge is not None and _WHOLE_VAR.fullmatch(judge):
-            judge = _lookup(self.shell.user_ns, judge[1:], "%tune_eval")
+        data, judge = self._value(args.data, "%tune_eval"), self._value(args.judge, "%tune_eval")
         checkpoints = {"all": "all", "final": None}.get(args.checkpoints,
                                                         [c.strip() for c in args.checkpoints.split(",") if c.strip()])
         var = _variable_name(args.as_, "--as") if args.as_ else None
@@ -868,16 +861,19 @@ class TuningMagics(Magics):
         job = self._chat_job(args.job, args.verbose, prog="%tune_arena")
         if not _WHOLE_VAR.fullmatch(args.prompts):
             raise UsageError("%tune_arena: --prompts takes a $variable holding a list of prompts")
-        prompts = _lookup(self.shell.user_ns, args.prompts[1:], "%tune_arena")
-        against = args.against
-        if _WHOLE_VAR.fullmatch(against):
-            against = _lookup(self.shell.user_ns, against[1:], "%tune_arena")
+        prompts, against = self._value(args.prompts, "%tune_arena"), self._value(args.against, "%tune_arena")
         var = _variable_name(args.as_, "--as") if args.as_ else None
         arena = self._run(lambda: job.arena(prompts, against=against, checkpoint=args.checkpoint, name=args.name),
                           args.verbose)
         if var is not None:
             self._keep(var, arena)
         return arena
+
+    def _value(self, word: str | None, prog: str):
+        """A word of a line as its value: the notebook variable a whole ``$var`` names, else the word itself."""
+        if word is not None and _WHOLE_VAR.fullmatch(word):
+            return _lookup(self.shell.user_ns, word[1:], prog)
+        return word
 
     def _chat_job(self, word: str | None, verbose: bool, prog: str = "%tune_chat"):
         from .jobs import Job

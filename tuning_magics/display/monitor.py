@@ -458,10 +458,21 @@ def read_snapshot(job, *, frame=None, rate: StepRate | None = None) -> Snapshot:
     return snap
 
 
+def _marked_best(scores) -> str | None:
+    """The checkpoint the monitor marks (in its picker, its text and its plot): ``best_checkpoint``'s by the first
+    task metric, unless every checkpoint scored the same, when none is the one to keep."""
+    from ..evaluation.during import best_checkpoint
+
+    first = next((c for c in scores.columns if c != "step"), None)
+    if first is None or scores[first].drop("base", errors="ignore").dropna().nunique() < 2:
+        return None
+    return best_checkpoint(scores)
+
+
 def _task_scores(snap: Snapshot, frame, checkpoints) -> None:
     """Evaluation during tuning: the latest score of each task metric, the best checkpoint by the first, and
     the picker's label of each checkpoint scored."""
-    from ..evaluation.during import best_checkpoint, checkpoint_scores
+    from ..evaluation.during import checkpoint_scores
 
     scores = checkpoint_scores(frame, checkpoints)
     names = [c for c in scores.columns if c != "step"]
@@ -471,8 +482,7 @@ def _task_scores(snap: Snapshot, frame, checkpoints) -> None:
         found = scores[name].dropna()
         if len(found):
             snap.task_scores[name] = float(found.iloc[-1])
-    kept = scores[names[0]].drop("base", errors="ignore").dropna()
-    best = best_checkpoint(scores) if kept.nunique() > 1 else None  # all the same: none is the one to keep
+    best = _marked_best(scores)
     if best is not None:
         snap.best_task = (best, names[0], float(scores.loc[best, names[0]]))
     for label, value in scores[names[0]].items():
@@ -620,7 +630,7 @@ class LossPlot:
             self.drawn.append((name, average is not None))
         self.best_point = _best(_series(frame, "eval_loss"))
         self.best.set_data(*(([self.best_point[1]], [self.best_point[0]]) if self.best_point else ([], [])))
-        from ..evaluation.during import PREFIX, task_metrics
+        from ..evaluation.during import PREFIX, checkpoint_scores, task_metrics
 
         self.task_name = next(iter(task_metrics(frame.columns)), None)
         found = _series(frame, PREFIX + self.task_name) if self.task_name else None
@@ -628,10 +638,10 @@ class LossPlot:
         self.task_point = None
         if found is not None:
             last = max(last, float(found[0][-1]))
-            scored = found[0] > 0  # the base model (step 0) is not a checkpoint to keep
-            if len(set(found[1][scored])) > 1:  # all the same: none is the one to keep
-                i = int(found[1][scored].argmax())
-                self.task_point = (float(found[1][scored][i]), int(found[0][scored][i]))
+            scores = checkpoint_scores(frame, [])  # by step: the picture needs no checkpoint's name
+            best = _marked_best(scores)
+            if best is not None:
+                self.task_point = (float(scores.loc[best, self.task_name]), int(scores.loc[best, "step"]))
         self.task_best.set_data(*(([self.task_point[1]], [self.task_point[0]]) if self.task_point else ([], [])))
         right = ("score, 0-1" if self.task_name else rate[1]) \
             if any(name == rate[1] for name, _ in self.drawn) or self.task_name else None

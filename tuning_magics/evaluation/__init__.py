@@ -452,12 +452,27 @@ def _cached(cache: AnswerCache, key_of, items: list, ask, *, progress=None, phas
     return [found[key] for key in keys]
 
 
+def greedy(max_new_tokens: int) -> dict:
+    """The generation settings every evaluation answer is asked with, and cached under."""
+    return {"temperature": 0, "max_new_tokens": int(max_new_tokens)}
+
+
+def answers_of(answerer: Answerer, prompts: list, *, max_new_tokens: int, cache: AnswerCache,
+               progress=None) -> list[str]:
+    """``answerer``'s greedy answers to ``prompts``, in order: those in the cache are not asked again, the rest
+    are asked and cached a chunk at a time (all at once where the answerer says so: a batch prediction)."""
+    settings = greedy(max_new_tokens)
+    return _cached(cache, lambda prompt: AnswerCache.key(answerer.key, prompt, settings), prompts,
+                   lambda part: answerer.answer(part, max_new_tokens=int(max_new_tokens)), progress=progress,
+                   phase=answerer.label, chunk=getattr(answerer, "chunk_size", CHUNK))
+
+
 def _judge(judge, cases: list[Example], answers: dict, labels: list[str], cache: AnswerCache, progress=None):
     """The judge's pointwise scores per label, its pairwise verdicts of the last model against the base, and
     what the judge cost (calls asked, cached, tokens, who bills them)."""
-    from .judge import pairwise_choice, pointwise_score
+    from .judge import JUDGE_MAX_TOKENS, pairwise_choice, pointwise_score
 
-    settings = {"judge_max_tokens": 32}
+    settings = {"judge_max_tokens": JUDGE_MAX_TOKENS}
     usage = {"calls": 0, "cached": 0, "tokens": 0, "billed": judge.billed}
 
     def grading(kind: str, values: list[dict], phase: str) -> list[str]:
@@ -516,17 +531,13 @@ def run(answerers: list[Answerer], cases: list[Example], metrics, *, max_new_tok
     if doubled:
         raise UserError(f"two models are labelled {', '.join(doubled)}; give each a label of its own", field="models")
     cache = cache or AnswerCache()
-    settings = {"temperature": 0, "max_new_tokens": int(max_new_tokens)}
+    settings = greedy(max_new_tokens)
     if progress is None:
         from ..display.evaluation import progress_view
 
         progress = progress_view(title)
-    answers: dict[str, list[str]] = {}
-    for answerer in answerers:
-        answers[answerer.label] = _cached(
-            cache, lambda prompt, a=answerer: AnswerCache.key(a.key, prompt, settings), [c.prompt for c in cases],
-            lambda prompts, a=answerer: a.answer(prompts, max_new_tokens=int(max_new_tokens)),
-            progress=progress or None, phase=answerer.label, chunk=getattr(answerer, "chunk_size", CHUNK))
+    answers = {a.label: answers_of(a, [c.prompt for c in cases], max_new_tokens=max_new_tokens, cache=cache,
+                                   progress=progress or None) for a in answerers}
     scores: dict[str, dict[str, list[float]]] = {}
     for label in labels:
         scores[label] = {}
