@@ -331,5 +331,18 @@ def test_the_arena_votes_by_button_and_the_monitor_marks_the_best_checkpoint_in_
         assert len(votes) == 1 and json.loads(votes[0])["vote"] == "A"  # on disk as soon as it was cast
         monitor.scroll_into_view_if_needed()
         _shot(page, "lab-dark-evaluated-monitor", full_page=False)
+        # In the light theme, the last round by key, typed at a person's pace into the vote box.
+        _theme(page, "light")
+        _readable(page, ".tm-arena", "lab, light theme, arena")
+        box = arena.locator(".tm-arena-keys input")
+        box.click()
+        box.press_sequentially("t", delay=120)
+        box.press("Enter")
+        page.wait_for_function("() => document.querySelector('.tm-arena')?.innerText.includes('2 of 2 rounds voted')",
+                               timeout=30_000)
+        votes = (root / "home" / "arenas" / "browser.jsonl").read_text().splitlines()
+        assert [json.loads(v)["vote"] for v in votes] == ["A", "tie"]
+        arena.scroll_into_view_if_needed()
+        _shot(page, "lab-light-arena-ranked", full_page=False)
     finally:
         page.close()
