@@ -384,6 +384,24 @@ def test_a_judge_grades_pointwise_and_pairwise_with_the_order_swapped_and_is_cac
     assert len(grader.asked) == 28  # graded again from the cache
 
 
+
+def test_a_judge_whose_verdicts_cannot_be_read_gives_no_win_rate_and_no_p_value(tmp_path):
+    from tuning_magics.evaluation.judge import Judge
+
+    answerers = [ChatAnswerer("base", "base-model", Scripted({"q0": "a0"}).chat),
+                 ChatAnswerer("final", "tuned-model", Scripted({f"q{i}": f"a{i}" for i in range(10)}).chat)]
+    class Mumbler:
+        def chat(self, messages, **gen):
+            return "Both answers have merit."  # no "Score: N", no "Better: A|B|tie"
+
+    mumbler = Judge(Mumbler(), model_name="mumbler")
+    result = run(answerers, CASES, ["exact_match"], cache=AnswerCache(tmp_path / "c.sqlite3"), judge=mumbler)
+    assert all(math.isnan(s) for s in result.pairwise["scores"])
+    assert result.win_rate() == ("judge mumbler: all 10 verdicts unreadable (none said which answer it preferred), "
+                                 "so there is no win rate; print(judge) shows what it was asked")
+    assert "p " not in result.win_rate() and result.win_rate() in result.text()
+
+
 def test_swapping_the_order_cancels_a_judge_that_always_picks_the_first_answer(tmp_path):
     from tuning_magics.evaluation.judge import Judge
 

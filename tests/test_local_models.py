@@ -243,6 +243,54 @@ def test_engine_options_have_one_check(tmp_path):
     assert str(unknown.value).startswith("tune() got an unknown parameter 'batch_sise'; engine options are ")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the machine has a GPU; the GPU benchmark "
+                                                                         "covers these options there")
+def test_gpu_options_are_refused_before_the_job_starts_where_the_machine_cannot(tmp_path):
+    import tuning_magics as tm
+    from tuning_magics.backends.local.trainer import TrainConfig
+
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "q", "completion": "a"}\n')
+    cases = [
+        (dict(load_in_4bit=True), "load_in_4bit",
+         "load_in_4bit=True (QLoRA) trains a LoRA adapter over 4-bit base weights; add tuning_mode='PEFT_ADAPTER', "
+         "or leave load_in_4bit out for full tuning"),
+        (dict(load_in_4bit=True, tuning_mode="PEFT_ADAPTER"), "load_in_4bit",
+         "load_in_4bit=True (QLoRA, 4-bit base weights) needs a CUDA GPU and this machine has none; leave "
+         "load_in_4bit out here"),
+        (dict(padding_free=True), "padding_free",
+         "padding_free=True (padding-free batches) needs a CUDA GPU and this machine has none; leave padding_free "
+         "out here"),
+        (dict(kernels=True, device="cpu"), "kernels",
+         "kernels=True (the Hub's optimised kernels) runs on a CUDA GPU, and device='cpu'; leave one of them out"),
+        (dict(padding_free="yes"), "padding_free", "padding_free must be True or False, not 'yes'"),
+    ]
+    for options, field, message in cases:
+        # The same line from tune() (before anything is written) and from the trainer called directly.
+        with pytest.raises(UserError) as submitted:
+            tm.tune("local/tiny-qwen3", str(data), output_uri=str(tmp_path / "job"), **options)
+        with pytest.raises(UserError) as direct:
+            TrainConfig(base_model="local/tiny-qwen3", train_path=str(data), output_dir=str(tmp_path / "out"),
+                        **options).check()
+        assert (str(submitted.value), submitted.value.field) == (str(direct.value), direct.value.field) == \
+            (message, field)
+    assert not (tmp_path / "job").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_sampler_hands_the_trainer_whole_length_grouped_batches_a_new_order_each_epoch():
+    from tuning_magics.backends.local.data import LengthGroupedSampler, length_grouped_batches
+
+    lengths = [10 + (i * 37) % 200 for i in range(101)]  # 12 full batches of 8 and one of 5
+    sampler = LengthGroupedSampler(lengths, 8, seed=2)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first) == sorted(second) == list(range(101)) and first != second
+    # Read back in batches of 8, as the DataLoader does, they are exactly the grouped batches: the short one last.
+    assert [first[i:i + 8] for i in range(0, 101, 8)] == length_grouped_batches(lengths, 8, seed=2000)
+    assert [len(b) for b in length_grouped_batches(lengths, 8, seed=2001)][-1] == 5
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("epochs", 0, "epochs must be a whole number of at least 1, not 0"),
     ("epochs", 1.5, "epochs must be a whole number of at least 1, not 1.5"),

@@ -190,6 +190,29 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert resumed.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
 
 
+def test_the_trainer_is_handed_exactly_the_tokens_the_preview_renders(tmp_path):
+    """TRL's trainer gets the engine's rendered sequences as they are: it neither tokenizes again nor adds or
+    drops a token (every token the preview shows for every example, once per epoch), in length-grouped batches."""
+    from tuning_magics.backends.local.models import load_tokenizer
+    from tuning_magics.datasets.formats import read_conversations
+    from tuning_magics.datasets.render import render
+
+    records = [{"messages": [{"role": "system", "content": "Answer briefly."},
+                             {"role": "user", "content": "word " * (3 + (i * 7) % 40)},
+                             {"role": "assistant", "content": "Old answer", "weight": 0},
+                             {"role": "user", "content": f"Again {i}?"},
+                             {"role": "assistant", "content": "yes " * (1 + i % 9)}]} for i in range(32)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = train(TrainConfig(base_model="local/tiny-qwen3", train_path=str(path), output_dir=str(tmp_path / "o"),
+                               epochs=2, batch_size=4))
+    tokenizer = load_tokenizer("local/tiny-qwen3")
+    rendered = sum(len(render(tokenizer, m).input_ids) for m in read_conversations(str(path)))
+    trained = [r["trained_tokens"] for r in read_metrics(tmp_path / "o") if "train_loss" in r]
+    assert (trained[len(trained) // 2 - 1], trained[-1]) == (rendered, 2 * rendered)
+    assert result.padding_share < 0.1, result.padding_share  # random batches of these lengths pad 21% or more
+
+
 def test_cancel_before_first_epoch_leaves_no_checkpoint(tmp_path):
     cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=write_jsonl(tmp_path / "t.jsonl", invented_facts(8)),
                       output_dir=str(tmp_path / "job"), epochs=2, batch_size=4)

@@ -27,7 +27,7 @@ class UserError(ValueError):
 #: require_extra finds the floor pyproject.toml declares for it.
 EXTRAS = {
     # psutil tells a live worker from a dead one; filelock guards the job queue.
-    "local": ("torch", "transformers", "tokenizers", "peft", "safetensors", "psutil", "filelock"),
+    "local": ("torch", "transformers", "tokenizers", "peft", "trl", "safetensors", "psutil", "filelock"),
     "vertex": ("google.genai", "google.cloud.storage", "google_crc32c"),
 }
 

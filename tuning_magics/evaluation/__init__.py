@@ -321,6 +321,9 @@ class Evaluation:
 
         scores = self.pairwise["scores"]
         read = [s for s in scores if not math.isnan(s)]
+        if not read:  # no verdict to count: no rate and no test, rather than figures made of nothing
+            return (f"judge {self.pairwise['judge']}: all {len(scores)} verdicts unreadable (none said which answer "
+                    "it preferred), so there is no win rate; print(judge) shows what it was asked")
         wins, losses, ties = read.count(1.0), read.count(0.0), read.count(0.5)
         found = interval(read)
         p = mcnemar([1] * wins + [0] * losses, [0] * wins + [1] * losses)

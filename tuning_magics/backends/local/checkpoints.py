@@ -77,8 +77,14 @@ def latest_checkpoint(output_dir) -> Path | None:
 
 
 def read_state(checkpoint: Path) -> dict:
-    """The trainer state stored in a checkpoint."""
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+    """The trainer state stored in a checkpoint (transformers' ``TrainerState``: ``global_step``, ``epoch``,
+    ``log_history``...), with ``train_loss`` and ``eval_loss`` as last logged before it."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
+    for row in state.get("log_history") or []:
+        for theirs, ours in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
+            if isinstance(row.get(theirs), (int, float)):
+                state[ours] = row[theirs]
+    return state
 
 
 def remove_stale_temp(output_dir) -> int:

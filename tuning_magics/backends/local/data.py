@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ...datasets.render import IGNORE_INDEX, assistant_spans, render
 
 __all__ = ["IGNORE_INDEX", "Example", "assistant_spans", "collate", "encode", "encode_all",
-           "length_grouped_batches"]
+           "length_grouped_batches", "LengthGroupedSampler"]
 
 
 @dataclass
@@ -71,7 +71,27 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, *, me
         group = sorted(order[start:start + chunk], key=lambda i: -lengths[i])
         batches.extend(group[j:j + batch_size] for j in range(0, len(group), batch_size))
     rng.shuffle(batches)
+    # At most one batch (the last chunk's) is short; it goes last, so the order reads as fixed-size batches.
+    batches.sort(key=lambda b: len(b) < batch_size)
     return batches
+
+
+class LengthGroupedSampler:
+    """:func:`length_grouped_batches` as a sampler for a training ``DataLoader`` of ``batch_size``: the epoch's
+    batches one after another, a new order each epoch (``set_epoch``, which transformers' Trainer calls)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        for batch in length_grouped_batches(self.lengths, self.batch_size, self.seed * 1000 + self.epoch):
+            yield from batch
 
 
 def collate(examples: list[Example], pad_id: int):

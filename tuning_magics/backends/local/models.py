@@ -332,19 +332,20 @@ def default_device(device=None):
 _LOADING = threading.RLock()
 
 
-def load_model_and_tokenizer(model_id_or_path, *, dtype=None, device=None):
+def load_model_and_tokenizer(model_id_or_path, *, dtype=None, device=None, **options):
     """Load a causal LM and its tokenizer from a model id or folder, offline, ready for training or chat.
 
     A PEFT adapter folder is loaded on top of its base model and merged, so the
     result is always a plain transformers model. ``dtype`` is a torch dtype or
-    a name (``float32``, ``bfloat16``, ``auto``); the default is float32.
-    Safe to call from several threads: loads happen one at a time.
+    a name (``float32``, ``bfloat16``, ``auto``); the default is float32. ``options`` go to ``from_pretrained``
+    (``quantization_config``, ``attn_implementation``, ``use_kernels``); a quantized model is placed on ``device``
+    as it loads. Safe to call from several threads: loads happen one at a time.
     """
     with _LOADING:
-        return _load_model_and_tokenizer(model_id_or_path, dtype=dtype, device=device)
+        return _load_model_and_tokenizer(model_id_or_path, dtype=dtype, device=device, **options)
 
 
-def _load_model_and_tokenizer(model_id_or_path, *, dtype=None, device=None):
+def _load_model_and_tokenizer(model_id_or_path, *, dtype=None, device=None, **options):
     from transformers import AutoModelForCausalLM
 
     _quiet()
@@ -360,10 +361,14 @@ def _load_model_and_tokenizer(model_id_or_path, *, dtype=None, device=None):
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(_load_failure(src, exc), field="custom_base_model") from None
     else:
+        if "quantization_config" in options:
+            options["device_map"] = {"": dev}  # a quantized model cannot be moved after loading
         try:
-            model = AutoModelForCausalLM.from_pretrained(src.location, local_files_only=True, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(src.location, local_files_only=True, dtype=torch_dtype,
+                                                         **options)
         except (OSError, ValueError) as exc:
             raise UserError(_load_failure(src, exc), field="base_model") from None
     tokenizer = load_tokenizer(model_id_or_path)
-    model.to(dev)
+    if "device_map" not in options:
+        model.to(dev)
     return model, tokenizer

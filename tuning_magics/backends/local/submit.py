@@ -25,9 +25,10 @@ def check(request: TuneRequest) -> tuple[str | None, str | None, dict]:
         raise UserError("pre_tuned_model_checkpoint_id continues a tuned Gemini model on Vertex AI; for the "
                         "local engine pass custom_base_model=job.tuned_model (or a checkpoint folder)",
                         field="pre_tuned_model_checkpoint_id")
-    from .trainer import check_engine_options
+    from .trainer import check_engine_options, check_gpu_options
 
     options = check_engine_options(dict(request.options))
+    check_gpu_options(options, request.tuning_mode, options.get("device"))
     custom = request.custom_base_model
     if model.provider == "open" and custom is None:
         _check_fits(model, request.tuning_mode, request.adapter_size, options)

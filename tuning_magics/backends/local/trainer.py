@@ -1,21 +1,25 @@
-"""Supervised fine-tuning on this machine: full tuning or LoRA, with transformers and PEFT.
+"""Tuning on this machine: full tuning or LoRA, on TRL's trainers, with transformers and PEFT.
 
 ``train(TrainConfig(...))`` reads a local JSONL file in any accepted format,
-renders it with the model's chat template, learns only the assistant's tokens,
-writes a metrics line per step to ``<output_dir>/metrics.jsonl`` and checkpoints
-in the managed service's layout (see :mod:`.checkpoints`), and returns a
-:class:`TrainResult`. ``on_event`` receives every metrics line and markers of the
-job's sub-state; ``should_stop`` cancels between steps; ``should_stop_early`` ends
-training after the current step and keeps the best checkpoint so far as ``final``
-(:attr:`TrainResult.note` says which); ``resume=True`` continues from the last
-complete checkpoint.
+renders it with the model's chat template (learning only the assistant's tokens),
+and tunes with TRL's ``SFTTrainer`` on exactly those tokens, in length-grouped
+batches; :mod:`.preference` tunes preference pairs with ``DPOTrainer``. Both go
+through :func:`_run`, which keeps the engine's promises from inside the trainer's
+loop: a metrics line per step in ``<output_dir>/metrics.jsonl``, checkpoints in the
+managed service's layout (see :mod:`.checkpoints`), and a :class:`TrainResult`.
+``on_event`` receives every metrics line and markers of the job's sub-state;
+``should_stop`` cancels between steps; ``should_stop_early`` ends training after
+the current step and keeps the best checkpoint so far as ``final``
+(:attr:`TrainResult.note` says which); ``resume=True`` continues exactly from the
+last complete checkpoint (weights, optimizer, schedule, random generators).
 
 Events passed to ``on_event`` (plain dicts):
 
 - ``{"event": "substate", "substate": "PROCESSING_DATASET" | "TUNING" | "POST_PROCESSING"}``
 - ``{"event": "dataset", "examples", "dropped", "validation_examples", "tokens", "loss_tokens", "max_seq_len"}``
 - ``{"event": "metrics", "step", "epoch", "train_loss", "learning_rate", "token_accuracy",
-  "tokens_per_second", "padding_share", "grad_norm"}`` (one per optimizer step)
+  "tokens_per_second", "padding_share", "grad_norm", "trained_tokens"}`` (one per optimizer step; a
+  preference job's have ``reward_margin`` and ``reward_accuracy`` instead of the token figures)
 - ``{"event": "metrics", "step", "epoch", "eval_loss", "eval_token_accuracy"}`` (one per epoch, with validation)
 - ``{"event": "progress", "step", "total_steps", "epoch", "epochs", "fraction"}``
 - ``{"event": "checkpoint", "path", "step", "epoch"}``
@@ -26,15 +30,15 @@ Events passed to ``on_event`` (plain dicts):
 
 from __future__ import annotations
 
+import collections
 import errno
-import json
 import math
 import os
 import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +48,7 @@ from ...errors import UserError
 from ...storage import atomic_folder
 from ...evaluation.during import PREFIX
 from . import checkpoints as ckpt
-from .metrics import METRICS_FILE, MetricsWriter
+from .metrics import METRICS_FILE
 
 #: Default learning rates by (model size class, mode). Toy models start from
 #: random weights and must learn fast; real models need the usual small values.
@@ -95,6 +99,10 @@ class TrainConfig:
     bf16: bool | None = None  # None: bf16 autocast on GPUs that support it
     device: str | None = None  # None: first GPU, else CPU
     check_memory: bool = True
+    # What TRL and transformers give a GPU (each needs CUDA and its package; see GPU_OPTIONS):
+    load_in_4bit: bool = False  # QLoRA: the frozen base weights in 4-bit NF4 under a LoRA adapter
+    kernels: bool = False  # the Hub's optimised layer kernels (Liger's and others), through the kernels package
+    padding_free: bool = False  # a batch as one sequence without padding, through FlashAttention 2
 
     def check(self) -> None:
         """Raise a one-line UserError naming the first option out of range, or a data file that is missing.
@@ -106,6 +114,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.name in _RULES and not (value is None and f.name in _NONE_MEANS_DEFAULT):
                 setattr(self, f.name, _RULES[f.name](f.name, value))
+        check_gpu_options({name: getattr(self, name) for name in GPU_OPTIONS}, self.tuning_mode, self.device)
         if not Path(self.train_path).is_file():
             raise UserError(f"training file {self.train_path!r} does not exist", field="train_path")
         if self.validation_path and not Path(self.validation_path).is_file():
@@ -154,12 +163,47 @@ _RULES = {
     "bf16": params.flag_or_auto,
     "device": _device,
     "check_memory": params.flag,
+    "load_in_4bit": params.flag,
+    "kernels": params.flag,
+    "padding_free": params.flag,
 }
 #: Options whose None means "the trainer's default".
 _NONE_MEANS_DEFAULT = {"learning_rate", "lora_alpha", "max_seq_len", "bf16", "device"}
 #: TrainConfig fields that tune() fills from its own parameters; the others are engine options.
 OWN_FIELDS = frozenset({"base_model", "custom_base_model", "tuning_mode", "epochs", "learning_rate",
                         "learning_rate_multiplier", "adapter_size", "train_path", "validation_path", "output_dir"})
+
+
+#: Engine options for a GPU: what each does, and the package it needs (its import name and its pip name).
+GPU_OPTIONS = {
+    "load_in_4bit": ("QLoRA, 4-bit base weights", "bitsandbytes", "bitsandbytes"),
+    "kernels": ("the Hub's optimised kernels", "kernels", "kernels"),
+    "padding_free": ("padding-free batches", "flash_attn", "flash-attn"),
+}
+
+
+def check_gpu_options(options: dict, tuning_mode, device=None) -> None:
+    """A one-line UserError for a GPU option (:data:`GPU_OPTIONS`) this job or machine cannot use: QLoRA on a
+    full tuning job, any of them without a CUDA GPU (or with ``device`` set to another), or without its package.
+    Checked when the job is submitted and again when it starts."""
+    import importlib.util
+
+    for name, (what, module, package) in GPU_OPTIONS.items():
+        if not options.get(name):
+            continue
+        if name == "load_in_4bit" and normalise_mode(tuning_mode) != PEFT:
+            raise UserError("load_in_4bit=True (QLoRA) trains a LoRA adapter over 4-bit base weights; add "
+                            "tuning_mode='PEFT_ADAPTER', or leave load_in_4bit out for full tuning", field=name)
+        if device is not None and not str(device).startswith(("cuda", "auto")):
+            raise UserError(f"{name}=True ({what}) runs on a CUDA GPU, and device={device!r}; leave one of them "
+                            "out", field=name)
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"{name}=True ({what}) needs a CUDA GPU and this machine has none; leave {name} out "
+                            "here", field=name)
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"{name}=True ({what}) needs the {package} package: pip install {package}", field=name)
 
 
 def engine_options() -> list[str]:
@@ -253,36 +297,15 @@ def _seed_all(seed: int) -> None:
 
 
 def _rng_state() -> dict:
+    """The random generators' states, as transformers' Trainer saves them (``rng_state.pth``) and reads them back
+    when it resumes."""
+    import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.random.get_rng_state()
     return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        progress = min(1.0, max(0.0, progress))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -412,7 +435,15 @@ def _save_final(model, tokenizer, folder: Path, mode: str) -> None:
 
     if mode == PEFT:
         _save_weights(model, tokenizer, folder / "adapter", mode)
-        model = model.merge_and_unload()
+        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
+            # QLoRA: the adapter merges into the base weights in 16 bits, not into their 4-bit copies.
+            import torch
+
+            from .models import load_model_and_tokenizer
+
+            model, _ = load_model_and_tokenizer(str(folder / "adapter"), dtype=torch.bfloat16, device="cpu")
+        else:
+            model = model.merge_and_unload()
     model.config.use_cache = True
     save_model(model, folder)
     tokenizer.save_pretrained(folder)
@@ -458,11 +489,265 @@ def _load_weights(model, folder: Path, mode: str, device) -> None:
         raise RuntimeError(f"{folder} holds weights the model does not have: {unexpected[:3]}")
 
 
+#: TRL's and transformers' log names -> the job's metric names.
+_LOGGED = {"loss": "train_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+           "mean_token_accuracy": "token_accuracy", "num_tokens": "trained_tokens", "eval_loss": "eval_loss",
+           "eval_mean_token_accuracy": "eval_token_accuracy",
+           "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+           "eval_rewards/margins": "eval_reward_margin", "eval_rewards/accuracies": "eval_reward_accuracy"}
+
+
+def _precision(config: TrainConfig, device) -> str:
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``: bf16 mixed precision on GPUs that have it, fp16 on those that do not
+    (a Colab T4), float32 on a CPU; ``bf16=True`` on a GPU without it is a one-line error."""
+    import torch
+
+    if device.type != "cuda":
+        return "fp32"
+    has_bf16 = torch.cuda.is_bf16_supported()
+    if config.bf16 and not has_bf16:
+        raise UserError(f"bf16=True, but {torch.cuda.get_device_name(device)} has no bfloat16; leave bf16 unset "
+                        "(fp16 mixed precision is used on this GPU)", field="bf16")
+    if config.bf16 is False:
+        return "fp32"
+    return "bf16" if has_bf16 else "fp16"
+
+
+def _training_args(config: TrainConfig, *, out: Path, device, lr: float, total_steps: int, precision: str,
+                   n_params: int) -> dict:
+    """What every engine job gives its TRL trainer: the job's hyperparameters, and the trainer's own saving,
+    logging, evaluation and progress bars off (the engine keeps them, see :func:`_run`)."""
+    from .memory import CHECKPOINTING_MIN_PARAMS
+
+    warmup = int(round(total_steps * float(config.warmup_ratio)))
+    schedule = "constant_with_warmup" if config.lr_scheduler == "constant" and warmup else config.lr_scheduler
+    return dict(
+        output_dir=str(out / ".trl"), per_device_train_batch_size=int(config.batch_size),
+        per_device_eval_batch_size=int(config.batch_size), gradient_accumulation_steps=int(config.gradient_accumulation_steps),
+        num_train_epochs=int(config.epochs), learning_rate=lr, lr_scheduler_type=schedule, warmup_steps=warmup,
+        weight_decay=float(config.weight_decay), max_grad_norm=float(config.max_grad_norm), seed=int(config.seed),
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
+        # Recompute activations in the backward pass for big models: they would not fit otherwise.
+        activation_checkpointing=n_params >= CHECKPOINTING_MIN_PARAMS,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", eval_strategy="no", report_to=[],
+        disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=device.type == "cuda")
+
+
+def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps_per_epoch: int, start: Path | None,
+         resume: bool, emit, should_stop, should_stop_early, evaluator) -> TrainResult:
+    """Train with ``trainer`` (a TRL trainer), keeping what the engine promises every job from inside its loop.
+
+    A ``TrainerCallback`` writes a metrics row per step (and per evaluation) to ``metrics.jsonl`` and TensorBoard,
+    emits progress, checks cancel before each step and Stop early after it, fails a diverged run in one line
+    before any checkpoint holds its weights, evaluates on the validation set at each epoch's end and writes a
+    checkpoint (whole or not at all, in the service's layout, at most 10) after each epoch it keeps, with what
+    transformers needs to resume exactly (optimizer, schedule, random generators, trainer state); evaluation
+    during tuning scores the model at step 0 and at each checkpoint. ``start`` is the checkpoint to resume from.
+    """
+    import torch
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from .metrics import MetricsWriter
+
+    out = Path(config.output_dir)
+    epochs = int(config.epochs)
+    total_steps = steps_per_epoch * epochs
+    keep_epochs = set(ckpt.checkpoint_epochs(epochs))
+    begin = int(ckpt.read_state(start)["global_step"]) if start is not None else 0
+    with _job_writes(out, None):
+        metrics = MetricsWriter(out, keep_until_step=begin if resume else None)
+    if start is not None:
+        emit({"event": "resumed", "step": begin, "epoch": begin // steps_per_epoch, "checkpoint": str(start)})
+    run = {"early": False, "last": {}, "eval_step": None, "t0": None, "time": 0.0, "total_real": 0,
+           "total_padded": 0, "speed": {}}
+    accum = int(config.gradient_accumulation_steps)
+    batches_per_epoch = len(trainer.train_dataset) // int(config.batch_size) + bool(
+        len(trainer.train_dataset) % int(config.batch_size))
+    counted = collections.deque()  # (real, padded) tokens of each batch collated, in order
+    collate = trainer.data_collator
+
+    def counting(features):
+        """The trainer's collator, counting each batch's real and padded tokens (for tokens/s and the padding
+        share; the data loader collates a batch ahead, so a step takes its own batches from the front)."""
+        batch = collate(features)
+        if "attention_mask" in batch and "input_ids" in batch:
+            counted.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting
+
+    def save_checkpoint(step: int, epoch) -> None:
+        target = ckpt.checkpoints_dir(out) / f"checkpoint-{step}"
+        metrics.check()  # a vanished job folder must not be made again by the write below
+        with atomic_folder(target) as tmp:
+            _save_weights(trainer.model, tokenizer, tmp, mode)
+            _torch_save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            _torch_save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            _torch_save(_rng_state(), tmp / "rng_state.pth")
+            trainer.state.save_to_json(str(tmp / ckpt.TRAINER_STATE))
+        emit({"event": "checkpoint", "path": str(target), "step": step, "epoch": epoch})
+        score(target.name, str(target), step, epoch)
+
+    def score(label: str, folder: str | None, step: int, epoch) -> None:
+        _score(evaluator, trainer.model, tokenizer, label, folder, step=step, epoch=epoch, metrics=metrics,
+               emit=emit)
+
+    def validate() -> None:
+        trainer.evaluate()
+        run["eval_step"] = trainer.state.global_step
+
+    class Bridge(TrainerCallback):
+        """The engine's promises, kept from inside the trainer's loop."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            run["t0"] = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if _asked(should_stop):
+                raise TrainingCancelled(f"cancelled at step {state.global_step}")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # A step's time runs from the end of the one before (its batches' collation and its metrics row
+            # included), leaving out only evaluation and checkpoint writing at an epoch's end.
+            if trainer.args.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            dt, run["t0"] = max(now - run["t0"], 1e-9), now
+            within = (state.global_step - 1) % steps_per_epoch  # this step's place in its epoch
+            mine = [counted.popleft() for _ in range(min(accum, batches_per_epoch - within * accum))
+                    if counted]
+            real, padded = sum(r for r, _ in mine), sum(p for _, p in mine)
+            run.update(time=run["time"] + dt, total_real=run["total_real"] + real,
+                       total_padded=run["total_padded"] + padded)
+            run["speed"] = {"tokens_per_second": round(real / dt, 1),
+                            "padding_share": round((padded - real) / max(1, padded), 6)} if padded else {}
+            if state.global_step < total_steps and _asked(should_stop_early):
+                run["early"] = control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            row = {"step": state.global_step, "epoch": round(float(state.epoch or 0), 4)}
+            row.update({ours: round(float(logs[theirs]), 6) if theirs != "learning_rate" else float(logs[theirs])
+                        for theirs, ours in _LOGGED.items() if isinstance(logs.get(theirs), (int, float))})
+            training = "train_loss" in row
+            if training:
+                loss, norm = row["train_loss"], row.get("grad_norm", 0.0)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    # Diverged: the run ends here, before any checkpoint or final model holds these weights.
+                    what = f"the gradient norm became {norm:g}" if math.isfinite(loss) else f"the loss became {loss:g}"
+                    raise UserError(f"training diverged: {what} at step {state.global_step} with learning_rate "
+                                    f"{row.get('learning_rate', lr):g}; lower learning_rate (or "
+                                    "learning_rate_multiplier)", field="learning_rate")
+                row.update(run["speed"])
+            if len(row) > 2:
+                run["last"].update(row)
+                metrics.write(row)
+                emit({"event": "metrics", **row})
+            if training:
+                emit({"event": "progress", "step": state.global_step, "total_steps": total_steps,
+                      "epoch": row["epoch"], "epochs": epochs,
+                      "fraction": round(state.global_step / max(1, total_steps), 6)})
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if run["early"] or step % steps_per_epoch or step == begin:
+                return  # stopped inside an epoch, or nothing trained
+            epoch = step // steps_per_epoch
+            if trainer.eval_dataset is not None:
+                validate()
+            if epoch in keep_epochs:
+                if _asked(should_stop):
+                    raise TrainingCancelled(f"cancelled at step {step}")
+                save_checkpoint(step, epoch)
+            run["t0"] = time.perf_counter()
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log line
+    trainer.add_callback(Bridge())
+    note = None
+    try:
+        with _job_writes(out, metrics.path):
+            emit({"event": "substate", "substate": "TUNING"})
+            if begin == 0:  # the model it starts from, scored as each checkpoint will be
+                score("base", None, 0, 0)
+            trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
+            step = trainer.state.global_step
+            if _asked(should_stop):
+                raise TrainingCancelled(f"cancelled at step {step}")
+            if run["early"]:  # this step's checkpoint, then the best so far becomes final
+                epoch = round(float(trainer.state.epoch or 0), 4)
+                if trainer.eval_dataset is not None and run["eval_step"] != step:
+                    validate()
+                if not (ckpt.checkpoints_dir(out) / f"checkpoint-{step}").is_dir():
+                    save_checkpoint(step, epoch)
+                best, reason = _best_checkpoint(out, trainer.eval_dataset is not None)
+                if best.name != f"checkpoint-{step}":
+                    _load_weights(trainer.model, best, mode, trainer.args.device)
+                note = f"stopped early at step {step} of {total_steps}; final is {best.name}" + \
+                    (f" ({reason})" if reason else "")
+            emit({"event": "substate", "substate": "POST_PROCESSING"})
+            metrics.check()
+            with atomic_folder(ckpt.final_dir(out)) as tmp:
+                _save_final(trainer.model, tokenizer, tmp, mode)
+            metrics.check()  # the run is only a success if what it wrote is still there
+    finally:
+        metrics.close()
+        shutil.rmtree(out / ".trl", ignore_errors=True)
+    last = run["last"]
+    done = ckpt.read_state(start) if start is not None else {}
+    return TrainResult(
+        final_dir=str(ckpt.final_dir(out)), steps=trainer.state.global_step, epochs=epochs,
+        train_loss=last.get("train_loss", done.get("train_loss")), eval_loss=last.get("eval_loss", done.get("eval_loss")),
+        tokens_per_second=round(run["total_real"] / run["time"], 1) if run["time"] else 0.0,
+        padding_share=round((run["total_padded"] - run["total_real"]) / run["total_padded"], 6)
+        if run["total_padded"] else 0.0,
+        checkpoints=[str(p) for p in ckpt.list_checkpoints(out)], learning_rate=lr,
+        metrics_path=str(out / METRICS_FILE), note=note)
+
+
+def _gpu_loading(config: TrainConfig, compute_dtype) -> dict:
+    """``from_pretrained``'s options for the job's GPU options (:data:`GPU_OPTIONS`, checked before)."""
+    options = {}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype)
+    if config.kernels:
+        options["use_kernels"] = True
+    if config.padding_free:
+        options["attn_implementation"] = "flash_attention_2"
+    return options
+
+
+def _start(config: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint a job continues from (``resume``: the last complete one), after settling a crashed writer's
+    leftovers; a job that starts over loses its old checkpoints."""
+    out = Path(config.output_dir)
+    ckpt.remove_stale_temp(out)
+    if resume:
+        return ckpt.latest_checkpoint(out)
+    shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
+    return None
+
+
+def _lora(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(config.adapter_size), lora_alpha=int(config.lora_alpha or 2 * config.adapter_size),
+                      lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM", bias="none")
+
+
 def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None,
           should_stop: Callable[[], bool] | None = None, should_stop_early: Callable[[], bool] | None = None,
           resume: bool = False, evaluator: Callable | None = None) -> TrainResult:
-    """Fine-tune ``config.base_model`` (or ``config.custom_base_model``) on ``config.train_path``.
+    """Fine-tune ``config.base_model`` (or ``config.custom_base_model``) on ``config.train_path``, with TRL's
+    ``SFTTrainer``.
 
+    The trainer is handed exactly the tokens and labels the dataset report's preview shows
+    (:func:`tuning_magics.datasets.render.render`), in length-grouped batches.
     Raises :class:`TrainingCancelled` when ``should_stop()`` turns True (the last
     complete checkpoint stays usable for ``resume=True``). When ``should_stop_early()``
     turns True, training ends after the step in progress: a checkpoint of that step
@@ -472,25 +757,20 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     and after each checkpoint; its scores are metrics rows ``eval_<metric>``. Raises UserError for
     anything the user can fix (missing weights, unreadable data, not enough memory).
     """
+    import datasets
     import torch
+    from trl import SFTConfig, SFTTrainer
 
     from ...datasets.formats import read_conversations
     from . import data as D
-    from .memory import check_fits
+    from .memory import check_fits, param_count
     from .models import default_device, load_config, load_model_and_tokenizer, load_tokenizer
 
     config.check()
     mode = normalise_mode(config.tuning_mode)
     emit = on_event or (lambda event: None)
-    stop = should_stop or (lambda: False)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    def cancelled() -> bool:
-        return _asked(stop)
-
-    def early() -> bool:
-        return _asked(should_stop_early)
 
     emit({"event": "substate", "substate": "PROCESSING_DATASET"})
     device = default_device(config.device)
@@ -514,251 +794,41 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
           "tokens": sum(len(e) for e in train_set), "loss_tokens": sum(e.loss_tokens for e in train_set),
           "max_seq_len": max_len})
 
-    from .memory import param_count
-
     n_params = param_count(model_config)
     _set_threads(device, n_params)
-    size_class = "tiny" if n_params < TINY_MAX_PARAMS else "real"
-    use_bf16 = config.bf16
-    if use_bf16 is None:
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    # Frozen base weights of a LoRA run on GPU can live in bf16; trained weights stay float32.
-    weight_dtype = torch.bfloat16 if (use_bf16 and mode == PEFT and device.type == "cuda") else torch.float32
+    precision = _precision(config, device)
+    # Frozen base weights of a LoRA run on GPU can live in half precision; trained weights stay float32.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    weight_dtype = half if (half is not None and mode == PEFT) else torch.float32
     if config.check_memory:
-        longest = max(len(e) for e in train_set)
-        check_fits(model_config, mode, longest, config.batch_size, weight_dtype, device=device,
-                   adapter_size=config.adapter_size, model_name=source)
+        check_fits(model_config, mode, max(len(e) for e in train_set), config.batch_size, weight_dtype,
+                   device=device, adapter_size=config.adapter_size, model_name=source)
+    start = _start(config, resume)
+    model, _ = load_model_and_tokenizer(source, dtype=weight_dtype, device=device,
+                                        **_gpu_loading(config, half or torch.float16))
+    lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[
+        ("tiny" if n_params < TINY_MAX_PARAMS else "real", mode)]) * float(config.learning_rate_multiplier)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / int(config.batch_size))
+                                / int(config.gradient_accumulation_steps))
 
-    # Where to start: a checkpoint when resuming, else the base weights.
-    ckpt.remove_stale_temp(out)
-    start_ckpt = ckpt.latest_checkpoint(out) if resume else None
-    if not resume:
-        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
-    state = ckpt.read_state(start_ckpt) if start_ckpt else None
+    def rows(examples):
+        return datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                                           "labels": [e.labels for e in examples]}) if examples else None
 
-    load_from = start_ckpt if (start_ckpt is not None and mode == FULL) else source
-    model, _ = load_model_and_tokenizer(str(load_from), dtype=weight_dtype, device=device)
-    if mode == PEFT:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=int(config.adapter_size), lora_alpha=int(config.lora_alpha or 2 * config.adapter_size),
-                          lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM", bias="none")
-        model = get_peft_model(model, lora)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        if start_ckpt is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(str(start_ckpt / "adapter_model.safetensors"),
-                                                       device=str(device)))
-    if n_params >= 100_000_000:
-        # Recompute activations in the backward pass: big models would not fit otherwise.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if mode == PEFT:
-            model.enable_input_require_grads()
-    model.config.use_cache = False
-    model.train()
-
-    lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[(size_class, mode)]) * float(
-        config.learning_rate_multiplier)
-    batch_size, accum = int(config.batch_size), int(config.gradient_accumulation_steps)
-    micro_per_epoch = math.ceil(len(train_set) / batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / accum)
-    total_steps = steps_per_epoch * int(config.epochs)
-    warmup = int(round(total_steps * float(config.warmup_ratio)))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(config.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_scheduler, warmup, total_steps))
-
-    global_step, start_epoch = 0, 0
-    if start_ckpt is not None:
-        optimizer.load_state_dict(torch.load(start_ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(start_ckpt / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(start_ckpt / "rng_state.pth", weights_only=False))
-        global_step, start_epoch = int(state["global_step"]), int(state["epoch"])
-        emit({"event": "resumed", "step": global_step, "epoch": start_epoch, "checkpoint": str(start_ckpt)})
-    with _job_writes(out, None):
-        metrics = MetricsWriter(out, keep_until_step=global_step if resume else None)
-    writes = _job_writes(out, metrics.path)
-
-    keep_epochs = set(ckpt.checkpoint_epochs(int(config.epochs)))
     lengths = [len(e) for e in train_set]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (use_bf16 and device.type == "cuda") \
-        else (lambda: torch.autocast("cpu", enabled=False))
-    total_real = total_padded = 0
-    total_time = 0.0
-    last_loss = last_eval = None
-    eval_step = None  # the step last_eval was measured at
-    stopped_early = False
-    note = None
-    written: list[str] = [str(p) for p in ckpt.list_checkpoints(out)]
 
-    def evaluate() -> tuple[float, float]:
-        model.eval()
-        loss_sum, n, right = 0.0, 0, 0
-        order = sorted(range(len(val_set)), key=lambda i: len(val_set[i]))
-        with torch.no_grad():
-            for j in range(0, len(order), batch_size):
-                ids, mask, labels, _ = D.collate([val_set[i] for i in order[j:j + batch_size]], pad_id)
-                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                with autocast():
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                ls, k, c = _loss_and_accuracy(logits, labels)
-                loss_sum += float(ls)
-                n += k
-                right += c
-        model.train()
-        return loss_sum / max(1, n), right / max(1, n)
+    class Engine(SFTTrainer):
+        """TRL's SFTTrainer with the engine's length-grouped batches: little padding, a new order each epoch."""
 
-    def run_evaluation(epoch) -> None:
-        nonlocal last_eval, eval_step
-        last_eval, eval_acc = evaluate()
-        eval_step = global_step
-        row = {"step": global_step, "epoch": epoch, "eval_loss": round(last_eval, 6),
-               "eval_token_accuracy": round(eval_acc, 6)}
-        metrics.write(row)
-        emit({"event": "metrics", **row})
+        def _get_train_sampler(self, train_dataset=None):
+            return D.LengthGroupedSampler(lengths, int(config.batch_size), int(config.seed))
 
-    def keep_best(epoch) -> str:
-        """Stopping early: checkpoint this step, then load the best checkpoint so far for ``final``."""
-        if val_set and eval_step != global_step:
-            run_evaluation(epoch)
-        if str(ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}") not in written:
-            save_checkpoint(epoch)
-        best, reason = _best_checkpoint(out, bool(val_set))
-        if best.name != f"checkpoint-{global_step}":
-            _load_weights(model, best, mode, device)
-        why = f" ({reason})" if reason is not None else ""
-        return f"stopped early at step {global_step} of {total_steps}; final is {best.name}{why}"
-
-    def save_checkpoint(epoch) -> None:
-        target = ckpt.checkpoints_dir(out) / f"checkpoint-{global_step}"
-        metrics.check()  # a vanished job folder must not be made again by the write below
-        with atomic_folder(target) as tmp:
-            _save_weights(model, tokenizer, tmp, mode)
-            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-            _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-            _torch_save(_rng_state(), tmp / "rng_state.pth")
-            (tmp / ckpt.TRAINER_STATE).write_text(json.dumps({
-                "global_step": global_step, "epoch": epoch, "epochs": int(config.epochs),
-                "steps_per_epoch": steps_per_epoch, "train_loss": last_loss, "eval_loss": last_eval,
-                "tuning_mode": mode, "learning_rate": lr, "config": asdict(config),
-            }, indent=2), encoding="utf-8")
-        written.append(str(target))
-        emit({"event": "checkpoint", "path": str(target), "step": global_step, "epoch": epoch})
-        score(epoch, target.name, str(target))
-
-    def score(epoch, label: str, folder: str | None) -> None:
-        _score(evaluator, model, tokenizer, label, folder, step=global_step, epoch=epoch, metrics=metrics, emit=emit)
-
-    try:
-        with writes:
-            emit({"event": "substate", "substate": "TUNING"})
-            if global_step == 0:
-                score(0, "base", None)
-            for epoch in range(start_epoch, int(config.epochs)):
-                batches = D.length_grouped_batches(lengths, batch_size, config.seed * 1000 + epoch)
-                for s in range(0, len(batches), accum):
-                    if cancelled():
-                        raise TrainingCancelled(f"cancelled at step {global_step}")
-                    group = [[train_set[i] for i in b] for b in batches[s:s + accum]]
-                    group_loss_tokens = sum(sum(max(0, e.loss_tokens) for e in b) for b in group)
-                    t0 = time.perf_counter()
-                    loss_sum, n_tok, n_right, real, padded = 0.0, 0, 0, 0, 0
-                    for b in group:
-                        ids, mask, labels, pads = D.collate(b, pad_id)
-                        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                        with autocast():
-                            logits = model(input_ids=ids, attention_mask=mask).logits
-                        ls, k, c = _loss_and_accuracy(logits, labels)
-                        # Normalise by the whole group's loss tokens so accumulation equals one big batch.
-                        (ls / max(1, group_loss_tokens)).backward()
-                        loss_sum += float(ls.detach())
-                        n_tok += k
-                        n_right += c
-                        padded += ids.numel()
-                        real += ids.numel() - pads
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(config.max_grad_norm))
-                    step_lr = optimizer.param_groups[0]["lr"]
-                    if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
-                        # Diverged: stop before the weights turn to NaN, so no checkpoint holds them.
-                        what = (f"the gradient norm became {float(grad_norm):g}" if math.isfinite(loss_sum)
-                                else f"the loss became {loss_sum:g}")
-                        raise UserError(
-                            f"training diverged: {what} at step {global_step + 1} with "
-                            f"learning_rate {step_lr:g}; lower learning_rate (or learning_rate_multiplier)",
-                            field="learning_rate")
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    dt = max(time.perf_counter() - t0, 1e-9)
-                    total_time += dt
-                    total_real += real
-                    total_padded += padded
-                    last_loss = loss_sum / max(1, n_tok)
-                    row = {
-                        "step": global_step,
-                        "epoch": round(epoch + (s // accum + 1) / steps_per_epoch, 4),
-                        "train_loss": round(last_loss, 6),
-                        "learning_rate": step_lr,
-                        "token_accuracy": round(n_right / max(1, n_tok), 6),
-                        "tokens_per_second": round(real / dt, 1),
-                        "padding_share": round((padded - real) / max(1, padded), 6),
-                        "grad_norm": round(float(grad_norm), 6),
-                    }
-                    metrics.write(row)
-                    emit({"event": "metrics", **row})
-                    emit({"event": "progress", "step": global_step, "total_steps": total_steps,
-                          "epoch": row["epoch"], "epochs": int(config.epochs),
-                          "fraction": round(global_step / total_steps, 6)})
-                    if global_step < total_steps and early():
-                        stopped_early = True
-                        break
-                if stopped_early:
-                    break
-                if val_set:
-                    run_evaluation(epoch + 1)
-                if epoch + 1 in keep_epochs:
-                    if cancelled():
-                        raise TrainingCancelled(f"cancelled at step {global_step}")
-                    save_checkpoint(epoch + 1)
-
-            if cancelled():
-                raise TrainingCancelled(f"cancelled at step {global_step}")
-            if stopped_early:
-                note = keep_best(row["epoch"])
-            emit({"event": "substate", "substate": "POST_PROCESSING"})
-            final = ckpt.final_dir(out)
-            metrics.check()
-            with atomic_folder(final) as tmp:
-                _save_final(model, tokenizer, tmp, mode)
-            metrics.check()  # the run is only a success if what it wrote is still there
-    finally:
-        metrics.close()
-
-    if last_eval is None and state is not None:
-        last_eval = state.get("eval_loss")
-    return TrainResult(
-        final_dir=str(ckpt.final_dir(out)),
-        steps=global_step,
-        epochs=int(config.epochs),
-        train_loss=last_loss if last_loss is not None else (state or {}).get("train_loss"),
-        eval_loss=last_eval,
-        tokens_per_second=round(total_real / total_time, 1) if total_time else 0.0,
-        padding_share=round((total_padded - total_real) / total_padded, 6) if total_padded else 0.0,
-        checkpoints=[str(p) for p in ckpt.list_checkpoints(out)],
-        learning_rate=lr,
-        metrics_path=str(out / METRICS_FILE),
-        note=note,
-    )
+    args = SFTConfig(max_length=max_len, dataset_kwargs={"skip_prepare_dataset": True},
+                     padding_free=bool(config.padding_free),
+                     **_training_args(config, out=out, device=device, lr=lr, total_steps=steps_per_epoch * int(
+                         config.epochs), precision=precision, n_params=n_params))
+    trainer = Engine(model=model, args=args, train_dataset=rows(train_set), eval_dataset=rows(val_set),
+                     processing_class=tokenizer, peft_config=_lora(config) if mode == PEFT else None)
+    return _run(trainer, config=config, mode=mode, tokenizer=tokenizer, lr=lr, steps_per_epoch=steps_per_epoch,
+                start=start, resume=resume, emit=emit, should_stop=should_stop,
+                should_stop_early=should_stop_early, evaluator=evaluator)
