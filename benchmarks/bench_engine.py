@@ -228,8 +228,8 @@ def main(argv=None) -> int:
                    help="CPU threads for both (default: every core this process may use); the engine alone would "
                         "take one for a model this small, the choice for a machine shared with a notebook")
     p.add_argument("--gpu-options", default="padding_free,kernels,load_in_4bit",
-                   help="with --gpu: the engine's GPU options to add a row each for (QLoRA rows tune LoRA); "
-                        "'' for none")
+                   help="with --gpu: the engine's GPU options to add a row each for (QLoRA rows tune LoRA; a "
+                        "machine with several GPUs adds gpus=N); '' for none")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = p.parse_args(argv)
     args.examples = args.examples or (4000 if args.gpu else 256)
@@ -264,10 +264,15 @@ def main(argv=None) -> int:
         print(f"  TRL done in {runs[-1]['wall_s']:.1f} s", flush=True)
         if args.trl_defaults:
             runs.append(run_trl(str(model_dir), examples, str(root / "trl-defaults"), args, stock_best=False))
-        for option in filter(None, (args.gpu_options.split(",") if args.gpu else [])):
-            extra = {option: True, **({"tuning_mode": "PEFT_ADAPTER"} if option == "load_in_4bit" else {})}
+        options = list(filter(None, args.gpu_options.split(","))) if args.gpu else []
+        if args.gpu and torch.cuda.device_count() > 1:
+            options.append(f"gpus={torch.cuda.device_count()}")  # data parallel over every GPU
+        for option in options:
+            name, _, value = option.partition("=")
+            extra = {name: int(value) if value else True,
+                     **({"tuning_mode": "PEFT_ADAPTER"} if name == "load_in_4bit" else {})}
             try:
-                runs.append(run_engine(str(model_dir), str(train_path), str(root / option), args, **extra))
+                runs.append(run_engine(str(model_dir), str(train_path), str(root / name), args, **extra))
                 print(f"  engine {option} done in {runs[-1]['wall_s']:.1f} s", flush=True)
             except Exception as exc:  # noqa: BLE001 - one option this machine lacks must not end the benchmark
                 print(f"  engine {option}: not run here ({str(exc).splitlines()[0]})", flush=True)

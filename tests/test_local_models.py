@@ -245,8 +245,11 @@ def test_engine_options_have_one_check(tmp_path):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the machine has a GPU; the GPU benchmark "
                                                                          "covers these options there")
-def test_gpu_options_are_refused_before_the_job_starts_where_the_machine_cannot(tmp_path):
+def test_gpu_options_are_refused_before_the_job_starts_where_the_machine_cannot(tmp_path, monkeypatch):
     import tuning_magics as tm
+    from tuning_magics.backends.local.trainer import PARALLEL_ON_CPU
+
+    monkeypatch.delenv(PARALLEL_ON_CPU, raising=False)
     from tuning_magics.backends.local.trainer import TrainConfig
 
     data = tmp_path / "t.jsonl"
@@ -264,6 +267,8 @@ def test_gpu_options_are_refused_before_the_job_starts_where_the_machine_cannot(
         (dict(kernels=True, device="cpu"), "kernels",
          "kernels=True (the Hub's optimised kernels) runs on a CUDA GPU, and device='cpu'; leave one of them out"),
         (dict(padding_free="yes"), "padding_free", "padding_free must be True or False, not 'yes'"),
+        (dict(gpus=2), "gpus", "gpus=2 trains on 2 CUDA GPUs and this machine has 0; leave gpus out"),
+        (dict(gpus=0), "gpus", "gpus must be a whole number of at least 1, not 0"),
     ]
     for options, field, message in cases:
         # The same line from tune() (before anything is written) and from the trainer called directly.

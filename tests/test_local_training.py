@@ -234,3 +234,38 @@ def test_divergence_fails_without_writing_a_checkpoint(tmp_path):
                           epochs=2, learning_rate=1e9))
     checkpoints = tmp_path / "out" / "postprocess" / "node-0" / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+@pytest.mark.timeout(600)
+def test_a_data_parallel_job_shares_each_epoch_between_its_processes_and_only_the_first_writes(tmp_path,
+                                                                                               monkeypatch):
+    """gpus=2, as two CPU processes joined by torch.distributed (gloo): each trains half of every epoch's
+    batches, rank 0 writes the metrics and checkpoints and decides cancel for both; resume continues."""
+    import psutil
+
+    from tuning_magics.backends.local.generate import LocalChatModel
+    from tuning_magics.backends.local.trainer import PARALLEL_ON_CPU
+
+    monkeypatch.setenv(PARALLEL_ON_CPU, "1")
+    facts = invented_facts(16, seed=7)
+    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=write_jsonl(tmp_path / "t.jsonl", facts),
+                      validation_path=write_jsonl(tmp_path / "v.jsonl", facts[:4]), output_dir=str(tmp_path / "job"),
+                      epochs=3, batch_size=2, gpus=2)  # 8 batches an epoch: 4 steps, each process a batch a step
+    progress = []
+    with pytest.raises(TrainingCancelled):
+        train(cfg, on_event=lambda e: progress.append(e) if e.get("event") == "progress" else None,
+              should_stop=lambda: len(progress) >= 6)  # in the second epoch
+    assert not psutil.Process().children(recursive=True)  # the other process ended with the job
+    assert progress[0]["total_steps"] == 12
+    events = []
+    result = train(cfg, resume=True, on_event=events.append)
+    assert any(e.get("event") == "resumed" and e["step"] == 4 for e in events)
+    rows = read_metrics(cfg.output_dir)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 12]
+    assert result.steps == 12 and [Path(p).name for p in result.checkpoints] == \
+        ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    steps = [r for r in rows if "train_loss" in r]
+    assert steps[-1]["train_loss"] < steps[0]["train_loss"]
+    assert isinstance(LocalChatModel(result.final_dir).reply("Hi", max_new_tokens=4), str)
+    assert not psutil.Process().children(recursive=True) and no_temp_folders(cfg.output_dir)

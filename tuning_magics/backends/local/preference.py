@@ -17,13 +17,12 @@ in memory.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ...errors import UserError
 from .trainer import (DEFAULT_BETA, DEFAULT_LEARNING_RATES, PEFT, PREFERENCE_LEARNING_RATE_SHARE, TINY_MAX_PARAMS,
-                      TrainConfig, TrainResult, _default_max_seq_len, _lora, _precision, _run, _set_threads, _start,
-                      _training_args,
+                      TrainConfig, TrainResult, _default_max_seq_len, _lora, _precision, _rank_device, _ranks, _run,
+                      _set_threads, _start, _steps_per_epoch, _training_args,
                       normalise_mode)
 
 
@@ -45,19 +44,26 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
                      should_stop_early=None, evaluator=None, resume: bool = False) -> TrainResult:
     """Tune ``config``'s model on its preference pairs with DPO; what :func:`.trainer.train` returns, the same
     events and files. Raises :class:`.trainer.TrainingCancelled` when ``should_stop()`` turns True."""
+    config.check()
+    with _ranks(config, resume=resume, method="preference", beta=beta):
+        return _train_preference(config, beta=beta, on_event=on_event, should_stop=should_stop,
+                                 should_stop_early=should_stop_early, evaluator=evaluator, resume=resume)
+
+
+def _train_preference(config: TrainConfig, *, beta, on_event, should_stop, should_stop_early, evaluator,
+                      resume: bool) -> TrainResult:
     import torch
     from trl import DPOConfig, DPOTrainer
 
     from .memory import param_count
-    from .models import default_device, load_config, load_model_and_tokenizer
+    from .models import load_config, load_model_and_tokenizer
 
-    config.check()
     mode = normalise_mode(config.tuning_mode)
     emit = on_event or (lambda event: None)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     emit({"event": "substate", "substate": "PROCESSING_DATASET"})
-    device = default_device(config.device)
+    device = _rank_device(config)
     source = config.custom_base_model or config.base_model
     model_config = load_config(source)
     max_len = int(config.max_seq_len or _default_max_seq_len(model_config, config.base_model))
@@ -74,8 +80,7 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
                * PREFERENCE_LEARNING_RATE_SHARE) * float(config.learning_rate_multiplier)
     start = _start(config, resume)
     model, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32, device=device)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / int(config.batch_size))
-                                / int(config.gradient_accumulation_steps))
+    steps_per_epoch = _steps_per_epoch(config, len(train_set))
     args = DPOConfig(beta=beta or DEFAULT_BETA, max_length=max_len, **_training_args(
         config, out=out, device=device, lr=lr, total_steps=steps_per_epoch * int(config.epochs),
         precision=_precision(config, device), n_params=n_params))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import json
 import math
 import os
 import random
@@ -103,6 +104,7 @@ class TrainConfig:
     load_in_4bit: bool = False  # QLoRA: the frozen base weights in 4-bit NF4 under a LoRA adapter
     kernels: bool = False  # the Hub's optimised layer kernels (Liger's and others), through the kernels package
     padding_free: bool = False  # a batch as one sequence without padding, through FlashAttention 2
+    gpus: int | None = None  # data parallel over this many GPUs of this machine, a process each (None: one)
 
     def check(self) -> None:
         """Raise a one-line UserError naming the first option out of range, or a data file that is missing.
@@ -114,7 +116,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.name in _RULES and not (value is None and f.name in _NONE_MEANS_DEFAULT):
                 setattr(self, f.name, _RULES[f.name](f.name, value))
-        check_gpu_options({name: getattr(self, name) for name in GPU_OPTIONS}, self.tuning_mode, self.device)
+        check_gpu_options({name: getattr(self, name) for name in (*GPU_OPTIONS, "gpus")}, self.tuning_mode,
+                          self.device)
         if not Path(self.train_path).is_file():
             raise UserError(f"training file {self.train_path!r} does not exist", field="train_path")
         if self.validation_path and not Path(self.validation_path).is_file():
@@ -166,9 +169,10 @@ _RULES = {
     "load_in_4bit": params.flag,
     "kernels": params.flag,
     "padding_free": params.flag,
+    "gpus": params.whole_at_least_1,
 }
 #: Options whose None means "the trainer's default".
-_NONE_MEANS_DEFAULT = {"learning_rate", "lora_alpha", "max_seq_len", "bf16", "device"}
+_NONE_MEANS_DEFAULT = {"learning_rate", "lora_alpha", "max_seq_len", "bf16", "device", "gpus"}
 #: TrainConfig fields that tune() fills from its own parameters; the others are engine options.
 OWN_FIELDS = frozenset({"base_model", "custom_base_model", "tuning_mode", "epochs", "learning_rate",
                         "learning_rate_multiplier", "adapter_size", "train_path", "validation_path", "output_dir"})
@@ -182,11 +186,29 @@ GPU_OPTIONS = {
 }
 
 
+#: Set (to anything) to run ``gpus=N`` as N CPU processes: the data-parallel path, on a machine without GPUs.
+PARALLEL_ON_CPU = "TUNING_MAGICS_PARALLEL_ON_CPU"
+
+
 def check_gpu_options(options: dict, tuning_mode, device=None) -> None:
-    """A one-line UserError for a GPU option (:data:`GPU_OPTIONS`) this job or machine cannot use: QLoRA on a
-    full tuning job, any of them without a CUDA GPU (or with ``device`` set to another), or without its package.
-    Checked when the job is submitted and again when it starts."""
+    """A one-line UserError for a GPU option (:data:`GPU_OPTIONS`, ``gpus``) this job or machine cannot use:
+    QLoRA on a full tuning job, any of them without a CUDA GPU (or with ``device`` set to another), or without
+    its package, more GPUs than the machine has. Checked when the job is submitted and again when it starts."""
     import importlib.util
+
+    if not any(options.get(name) for name in (*GPU_OPTIONS, "gpus")):
+        return  # (torch is imported only when a GPU option is asked for)
+    import torch
+
+    gpus = options.get("gpus") or 1
+    if gpus > 1 and not os.environ.get(PARALLEL_ON_CPU):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < gpus:
+            raise UserError(f"gpus={gpus} trains on {gpus} CUDA GPUs and this machine has {have}; leave gpus out"
+                            + (f", or ask for at most {have}" if have > 1 else ""), field="gpus")
+        if device is not None and str(device) not in ("cuda", "auto"):
+            raise UserError(f"gpus={gpus} trains on the first {gpus} GPUs, and device={device!r}; leave one of them "
+                            "out", field="gpus")
 
     for name, (what, module, package) in GPU_OPTIONS.items():
         if not options.get(name):
@@ -197,8 +219,6 @@ def check_gpu_options(options: dict, tuning_mode, device=None) -> None:
         if device is not None and not str(device).startswith(("cuda", "auto")):
             raise UserError(f"{name}=True ({what}) runs on a CUDA GPU, and device={device!r}; leave one of them "
                             "out", field=name)
-        import torch
-
         if not torch.cuda.is_available():
             raise UserError(f"{name}=True ({what}) needs a CUDA GPU and this machine has none; leave {name} out "
                             "here", field=name)
@@ -530,6 +550,7 @@ def _training_args(config: TrainConfig, *, out: Path, device, lr: float, total_s
         # Recompute activations in the backward pass for big models: they would not fit otherwise.
         activation_checkpointing=n_params >= CHECKPOINTING_MIN_PARAMS,
         activation_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
         logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=device.type == "cuda")
 
@@ -544,6 +565,8 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
     checkpoint (whole or not at all, in the service's layout, at most 10) after each epoch it keeps, with what
     transformers needs to resume exactly (optimizer, schedule, random generators, trainer state); evaluation
     during tuning scores the model at step 0 and at each checkpoint. ``start`` is the checkpoint to resume from.
+    In a data-parallel job (``gpus``) every rank runs this; only the first writes, and its cancel and Stop early
+    are every rank's.
     """
     import torch
     from transformers import TrainerCallback
@@ -556,15 +579,15 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
     total_steps = steps_per_epoch * epochs
     keep_epochs = set(ckpt.checkpoint_epochs(epochs))
     begin = int(ckpt.read_state(start)["global_step"]) if start is not None else 0
+    world, main = _world()
     with _job_writes(out, None):
-        metrics = MetricsWriter(out, keep_until_step=begin if resume else None)
+        metrics = MetricsWriter(out, keep_until_step=begin if resume else None) if main else _Unwritten()
     if start is not None:
         emit({"event": "resumed", "step": begin, "epoch": begin // steps_per_epoch, "checkpoint": str(start)})
     run = {"early": False, "last": {}, "eval_step": None, "t0": None, "time": 0.0, "total_real": 0,
            "total_padded": 0, "speed": {}}
     accum = int(config.gradient_accumulation_steps)
-    batches_per_epoch = len(trainer.train_dataset) // int(config.batch_size) + bool(
-        len(trainer.train_dataset) % int(config.batch_size))
+    batches_per_epoch = math.ceil(math.ceil(len(trainer.train_dataset) / int(config.batch_size)) / world)
     counted = collections.deque()  # (real, padded) tokens of each batch collated, in order
     collate = trainer.data_collator
 
@@ -579,6 +602,8 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
     trainer.data_collator = counting
 
     def save_checkpoint(step: int, epoch) -> None:
+        if not main:
+            return
         target = ckpt.checkpoints_dir(out) / f"checkpoint-{step}"
         metrics.check()  # a vanished job folder must not be made again by the write below
         with atomic_folder(target) as tmp:
@@ -591,8 +616,9 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
         score(target.name, str(target), step, epoch)
 
     def score(label: str, folder: str | None, step: int, epoch) -> None:
-        _score(evaluator, trainer.model, tokenizer, label, folder, step=step, epoch=epoch, metrics=metrics,
-               emit=emit)
+        if main:
+                _score(evaluator, trainer.model, tokenizer, label, folder, step=step, epoch=epoch, metrics=metrics,
+                   emit=emit)
 
     def validate() -> None:
         trainer.evaluate()
@@ -605,7 +631,7 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
             run["t0"] = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if _asked(should_stop):
+            if _agreed(_asked(should_stop), args.device):
                 raise TrainingCancelled(f"cancelled at step {state.global_step}")
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -618,12 +644,13 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
             within = (state.global_step - 1) % steps_per_epoch  # this step's place in its epoch
             mine = [counted.popleft() for _ in range(min(accum, batches_per_epoch - within * accum))
                     if counted]
-            real, padded = sum(r for r, _ in mine), sum(p for _, p in mine)
+            # This process's batches; the other ranks' are as many, of about the same lengths.
+            real, padded = world * sum(r for r, _ in mine), world * sum(p for _, p in mine)
             run.update(time=run["time"] + dt, total_real=run["total_real"] + real,
                        total_padded=run["total_padded"] + padded)
             run["speed"] = {"tokens_per_second": round(real / dt, 1),
                             "padding_share": round((padded - real) / max(1, padded), 6)} if padded else {}
-            if state.global_step < total_steps and _asked(should_stop_early):
+            if state.global_step < total_steps and _agreed(_asked(should_stop_early), args.device):
                 run["early"] = control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -658,7 +685,7 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
             if trainer.eval_dataset is not None:
                 validate()
             if epoch in keep_epochs:
-                if _asked(should_stop):
+                if _agreed(_asked(should_stop), args.device):
                     raise TrainingCancelled(f"cancelled at step {step}")
                 save_checkpoint(step, epoch)
             run["t0"] = time.perf_counter()
@@ -673,12 +700,14 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
                 score("base", None, 0, 0)
             trainer.train(resume_from_checkpoint=str(start) if start is not None else None)
             step = trainer.state.global_step
-            if _asked(should_stop):
+            if _agreed(_asked(should_stop), trainer.args.device):
                 raise TrainingCancelled(f"cancelled at step {step}")
+            if run["early"] and trainer.eval_dataset is not None and run["eval_step"] != step:
+                validate()  # (every rank takes part)
+            if not main:
+                return _result(trainer, run, config, lr, None, None)
             if run["early"]:  # this step's checkpoint, then the best so far becomes final
                 epoch = round(float(trainer.state.epoch or 0), 4)
-                if trainer.eval_dataset is not None and run["eval_step"] != step:
-                    validate()
                 if not (ckpt.checkpoints_dir(out) / f"checkpoint-{step}").is_dir():
                     save_checkpoint(step, epoch)
                 best, reason = _best_checkpoint(out, trainer.eval_dataset is not None)
@@ -693,11 +722,32 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
             metrics.check()  # the run is only a success if what it wrote is still there
     finally:
         metrics.close()
-        shutil.rmtree(out / ".trl", ignore_errors=True)
+        if main:
+            shutil.rmtree(out / ".trl", ignore_errors=True)
+    return _result(trainer, run, config, lr, start, note)
+
+
+class _Unwritten:
+    """The metrics of a rank that does not write (a data-parallel job's others): nothing kept."""
+
+    path = None
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _result(trainer, run: dict, config: TrainConfig, lr: float, start: Path | None, note: str | None) -> TrainResult:
+    out = Path(config.output_dir)
     last = run["last"]
     done = ckpt.read_state(start) if start is not None else {}
     return TrainResult(
-        final_dir=str(ckpt.final_dir(out)), steps=trainer.state.global_step, epochs=epochs,
+        final_dir=str(ckpt.final_dir(out)), steps=trainer.state.global_step, epochs=int(config.epochs),
         train_loss=last.get("train_loss", done.get("train_loss")), eval_loss=last.get("eval_loss", done.get("eval_loss")),
         tokens_per_second=round(run["total_real"] / run["time"], 1) if run["time"] else 0.0,
         padding_share=round((run["total_padded"] - run["total_real"]) / run["total_padded"], 6)
@@ -722,10 +772,97 @@ def _gpu_loading(config: TrainConfig, compute_dtype) -> dict:
     return options
 
 
+def _world() -> tuple[int, bool]:
+    """(processes training this job, whether this one is the first: the one that writes)."""
+    return int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0"
+
+
+@contextmanager
+def _ranks(config: TrainConfig, *, resume: bool, method: str = "supervised", beta: float | None = None):
+    """``gpus=N``: this process trains as rank 0 of N, and starts ranks 1..N-1 (``python -m .rank``, the same job
+    without callbacks), one per GPU, joined by torch.distributed through the environment accelerate reads. Only
+    rank 0 writes (metrics, checkpoints, the final model); it decides cancel and Stop early for all. The other
+    ranks end with it: they are stopped when it fails or is cancelled."""
+    import socket
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    n = int(config.gpus or 1)
+    if n == 1 or "RANK" in os.environ:
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(n)}
+    spec = json.dumps({"config": asdict(config), "method": method, "resume": resume, "beta": beta})
+    others = [subprocess.Popen([sys.executable, "-m", "tuning_magics.backends.local.rank", spec],
+                               env={**os.environ, **env, "RANK": str(i), "LOCAL_RANK": str(i)},
+                               stdout=subprocess.DEVNULL) for i in range(1, n)]
+    # (accelerate sets the thread variables for processes on CPUs)
+    saved = {k: os.environ.get(k) for k in (*env, "RANK", "LOCAL_RANK", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(env, RANK="0", LOCAL_RANK="0")
+    try:
+        yield
+        for proc in others:
+            proc.wait(timeout=600)
+    finally:
+        for proc in others:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        import torch.distributed as dist
+        from accelerate.state import AcceleratorState, PartialState
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        AcceleratorState._reset_state(True)  # the next job of this process starts on its own
+        PartialState._reset_state()
+
+
+def _agreed(flag: bool, device) -> bool:
+    """Rank 0's ``flag``, the same on every rank of a data-parallel job (``flag`` itself with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    import torch
+
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, 0)
+    return bool(value.item())
+
+
+def _rank_device(config: TrainConfig):
+    """The device this process trains on: the job's, or in a data-parallel job on GPUs this rank's own."""
+    from .models import default_device
+
+    device = default_device(config.device)
+    if device.type == "cuda" and _world()[0] > 1:
+        import torch
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _steps_per_epoch(config: TrainConfig, examples: int) -> int:
+    """Optimizer steps in an epoch: the batches, shared among a data-parallel job's processes, accumulated."""
+    batches = math.ceil(math.ceil(examples / int(config.batch_size)) / _world()[0])
+    return math.ceil(batches / int(config.gradient_accumulation_steps))
+
+
 def _start(config: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint a job continues from (``resume``: the last complete one), after settling a crashed writer's
     leftovers; a job that starts over loses its old checkpoints."""
     out = Path(config.output_dir)
+    if not _world()[1]:  # another rank: the first one settles the folder
+        return ckpt.latest_checkpoint(out) if resume else None
     ckpt.remove_stale_temp(out)
     if resume:
         return ckpt.latest_checkpoint(out)
@@ -757,6 +894,13 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     and after each checkpoint; its scores are metrics rows ``eval_<metric>``. Raises UserError for
     anything the user can fix (missing weights, unreadable data, not enough memory).
     """
+    config.check()
+    with _ranks(config, resume=resume):
+        return _train(config, on_event=on_event, should_stop=should_stop, should_stop_early=should_stop_early,
+                      resume=resume, evaluator=evaluator)
+
+
+def _train(config: TrainConfig, *, on_event, should_stop, should_stop_early, resume: bool, evaluator) -> TrainResult:
     import datasets
     import torch
     from trl import SFTConfig, SFTTrainer
@@ -764,16 +908,15 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     from ...datasets.formats import read_conversations
     from . import data as D
     from .memory import check_fits, param_count
-    from .models import default_device, load_config, load_model_and_tokenizer, load_tokenizer
+    from .models import load_config, load_model_and_tokenizer, load_tokenizer
 
-    config.check()
     mode = normalise_mode(config.tuning_mode)
     emit = on_event or (lambda event: None)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     emit({"event": "substate", "substate": "PROCESSING_DATASET"})
-    device = default_device(config.device)
+    device = _rank_device(config)
     _seed_all(config.seed)
     source = config.custom_base_model or config.base_model
     model_config = load_config(source)
@@ -808,8 +951,7 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
                                         **_gpu_loading(config, half or torch.float16))
     lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[
         ("tiny" if n_params < TINY_MAX_PARAMS else "real", mode)]) * float(config.learning_rate_multiplier)
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / int(config.batch_size))
-                                / int(config.gradient_accumulation_steps))
+    steps_per_epoch = _steps_per_epoch(config, len(train_set))
 
     def rows(examples):
         return datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
