@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib as _contextlib
+
 # ====================================================================== an isolated data folder
 # The suite never touches the user's own jobs, models or datasets: for the whole
 # session TUNING_MAGICS_HOME points at a temporary folder (tests that need a
@@ -206,6 +208,19 @@ class _Block(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, _Block())
 """
+
+
+@_contextlib.contextmanager
+def tmpfs(mount, options: str):
+    """A real tmpfs mounted at ``mount`` for the block (the test is skipped where mounting is not allowed)."""
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import tmpfs
 
 import tuning_magics as tm
 from tuning_magics.backends.local import registry, scheduler
@@ -764,19 +765,6 @@ def test_a_crash_while_rebuilding_never_leaves_no_registry(slot_taken, tmp_path,
         tm.list_jobs()
     assert tm.rebuild_registry().aside is not None
     assert job.id in {j.id for j in tm.list_jobs()}
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path, options: str):
-    """A real tmpfs mounted at ``mount`` for the block (the test is skipped where mounting is not allowed)."""
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_read_only_home_is_one_line(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def test_load_ext_imports_no_heavy_package():
     assert json.loads(out[0]) == []
     line_magics = set(json.loads(out[1]))
     assert {"dataset", "tuning_config", "tune_models", "tune", "tune_jobs", "tune_attach", "tune_compare",
-            "tune_chat"} <= line_magics
+            "tune_chat", "tune_eval", "tune_arena", "tune_export"} <= line_magics
 
 
 def test_line_magic_writes_validated_jsonl_and_stores_variable(ip, tmp_path):
@@ -708,6 +708,28 @@ def test_tune_arena_passes_its_options_to_job_arena(ip, jobs_home, tmp_path, mon
         ip.run_line_magic("tune_arena", "--prompts q1")
     for name in ("duel", "questions", "other"):
         ip.user_ns.pop(name, None)
+
+
+def test_tune_export_passes_its_options_to_job_export(ip, jobs_home, tmp_path, monkeypatch):
+    calls = []
+
+    def export(self, format="hf", path=None, **options):
+        calls.append((self.id, format, path, options))
+        return f"{format} export of {self.id}"
+
+    monkeypatch.setattr(Job, "export", export)
+    finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0], evals={}, age=300)
+    ip.push({"job": tm.get_job("tune-a")})
+    assert ip.run_line_magic("tune_export", "--as exported") == "hf export of tune-a"
+    assert calls[-1] == ("tune-a", "hf", None, {"checkpoint": "final", "verify": True, "overwrite": False})
+    assert ip.user_ns["exported"] == "hf export of tune-a"
+    ip.run_line_magic("tune_export", "peft")  # the format alone: the default job
+    assert calls[-1][:2] == ("tune-a", "peft")
+    ip.run_line_magic("tune_export", f"tune-a hf --path {tmp_path / 'out'} --checkpoint checkpoint-8 --overwrite "
+                                     "--no-verify")
+    assert calls[-1] == ("tune-a", "hf", str(tmp_path / "out"), {"checkpoint": "checkpoint-8", "verify": False,
+                                                                  "overwrite": True})
+    ip.user_ns.pop("exported", None)
 
 
 def test_config_and_tuning_config_share_one_store_last_one_wins(ip):

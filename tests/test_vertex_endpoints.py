@@ -741,3 +741,19 @@ def test_many_gemini_answers_come_from_one_batch_prediction_each_and_match_the_o
     assert again.answers["final"][:5] == result.answers["final"]
     with pytest.raises(UserError, match="batch_from must be a whole number of at least 1"):
         gemini.evaluate(data, checkpoints=None, batch_from=0)
+
+
+# ====================================================================== export
+
+
+def test_a_tuned_gemini_model_cannot_be_exported_and_says_where_it_can_be_used(vertex, gemini, llama, tmp_path):
+    before = len(vertex.requests)
+    with pytest.raises(UserError) as info:
+        gemini.export("hf", path=tmp_path / "model")
+    assert str(info.value) == (f"job {gemini.id} tuned Gemini, whose tuned weights stay inside Vertex AI and cannot "
+                               "be exported; serve it there with job.deploy() or job.chat(), or answer many prompts "
+                               "with batch prediction (job.evaluate(batch_from=...))")
+    with pytest.raises(UserError, match=rf"^job {llama.id} tuned an open model on Vertex AI: its checkpoints are "
+                                        r"folders in Cloud Storage \(gs://"):
+        llama.export("hf", path=tmp_path / "model")
+    assert len(vertex.requests) == before and not (tmp_path / "model").exists()  # refused before any request

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 JOB_STATE_QUEUED = "JOB_STATE_QUEUED"
@@ -416,6 +417,41 @@ class Job(ABC):
 
         other = (self, against) if isinstance(against, (str, int)) else against
         return Arena((self, checkpoint), other, prompts, name=name, max_new_tokens=max_new_tokens)
+
+    def export(self, format: str = "hf", path=None, *, checkpoint: str = "final", verify: bool = True,
+               sample: int = 8, overwrite: bool = False):
+        """Write the tuned model (or ``checkpoint``) for another runtime, and prove it answers the same.
+
+        ``format``: ``"hf"`` (a self-contained Hugging Face folder, a LoRA adapter merged in) or ``"peft"`` (a
+        LoRA job's adapter alone). ``path``: where (default: ``exports/<checkpoint>-<format>`` in the job's
+        folder). The exported model is loaded on its own and asked ``sample`` of the job's prompts; it is kept
+        only when every answer is identical to ``job.chat``'s. Returns an :class:`~tuning_magics.export.Export`.
+        """
+        from .export import export_job
+
+        return export_job(self, format, path, checkpoint=checkpoint, verify=verify, sample=sample,
+                          overwrite=overwrite)
+
+    def _check_export(self, format: str, checkpoint: str) -> None:
+        """A one-line UserError when this job cannot be exported in ``format``; backends that can override it."""
+        from .errors import UserError
+
+        raise UserError(f"job {self.id} cannot be exported from this backend ({self.backend or type(self).__name__})",
+                        field="format")
+
+    def _export_home(self) -> Path:
+        """Where exports go by default."""
+        from .paths import data_home
+
+        return data_home() / "exports" / self.id
+
+    def _export_bytes(self, format: str, checkpoint: str) -> int:
+        """About how many bytes the export takes (checked against the disk's free space first)."""
+        return 0
+
+    def _write_export(self, format: str, checkpoint: str, folder: Path) -> None:
+        """Write the export's files into the empty ``folder``."""
+        raise NotImplementedError
 
     def chat_panel(self, checkpoint: str | None = None, *, compare_base: bool = True):
         """A chat panel with the tuned model (or ``checkpoint``): streamed replies, history, a system prompt.

@@ -78,6 +78,10 @@ Jobs and experiments
 ``%tune_arena [JOB] --prompts $list [--against base|checkpoint-N|$job] [--as VAR]``
     ``job.arena()``: two models answer side by side, anonymous and in random
     order, and you vote; the votes rank them and become preference pairs.
+``%tune_export [JOB] [hf|peft] [--path P] [--checkpoint C] [--overwrite] [--no-verify] [--as VAR]``
+    ``job.export()``: the tuned model written for another runtime, loaded by it
+    on its own and asked the job's prompts; kept only when it answers as the
+    job does.
 
 Errors
 ------
@@ -837,6 +841,36 @@ class TuningMagics(Magics):
         result = self._run(lambda: job.evaluate(data, args.metrics, checkpoints=checkpoints,
                                                 baseline=not args.no_baseline, max_new_tokens=args.max_new_tokens,
                                                 judge=judge), args.verbose)
+        if var is not None:
+            self._keep(var, result)
+        return result
+
+    @line_magic
+    @no_var_expand
+    def tune_export(self, line: str = ""):
+        """Take the model elsewhere: ``%tune_export [JOB] [hf|peft] [--path P] [--checkpoint C] [--overwrite]
+        [--no-verify] [--as VAR]``: ``job.export()``, verified against the job's own answers."""
+        p = _ArgParser(prog="tune_export", description="Write a job's model for another runtime, and verify it.")
+        p.add_argument("job", nargs="?", help="a variable holding a job, $var, or a job id (default: job)")
+        p.add_argument("format", nargs="?", default="hf", help="hf (a Hugging Face folder, default) or peft (a "
+                                                               "LoRA job's adapter)")
+        p.add_argument("--path", help="where to write it (default: exports/ in the job's folder)")
+        p.add_argument("--checkpoint", default="final", help="which model (default: final)")
+        p.add_argument("--overwrite", action="store_true", help="replace what is at the path")
+        p.add_argument("--no-verify", action="store_true", help="skip asking the exported model the job's prompts")
+        p.add_argument("--as", dest="as_", metavar="VAR", help="keep the Export in this variable")
+        p.add_argument("--verbose", action="store_true", help="show tracebacks")
+        args = _parse(p, line)
+        if args is None:
+            return None
+        from .export import FORMATS
+
+        if args.job in FORMATS and args.format == "hf":  # %tune_export peft: the default job, that format
+            args.job, args.format = None, args.job
+        job = self._chat_job(args.job, args.verbose, prog="%tune_export")
+        var = _variable_name(args.as_, "--as") if args.as_ else None
+        result = self._run(lambda: job.export(args.format, args.path, checkpoint=args.checkpoint,
+                                              verify=not args.no_verify, overwrite=args.overwrite), args.verbose)
         if var is not None:
             self._keep(var, result)
         return result

@@ -388,6 +388,26 @@ class LocalJob(Job):
             self._base_model = LocalChatModel(source)  # loads one model at a time (models.load_model_and_tokenizer)
         return self._base_model
 
+    def _check_export(self, format: str, checkpoint: str) -> None:
+        from . import export
+
+        require_extra("local")
+        self._checkpoint_path(None if checkpoint == "final" else checkpoint)  # one the job lacks: said in one line
+        export.check(self._id, self.config or {}, format)
+
+    def _export_home(self) -> Path:
+        return self.output_dir / "exports"
+
+    def _export_bytes(self, format: str, checkpoint: str) -> int:
+        from . import export
+
+        return export.export_bytes(Path(self._checkpoint_path(None if checkpoint == "final" else checkpoint)), format)
+
+    def _write_export(self, format: str, checkpoint: str, folder: Path) -> None:
+        from . import export
+
+        export.write(Path(self._checkpoint_path(None if checkpoint == "final" else checkpoint)), format, folder)
+
     def deploy(self, **options):
         """Serve the tuned model on an OpenAI-compatible local endpoint; returns the endpoint.
 

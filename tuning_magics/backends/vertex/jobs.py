@@ -245,6 +245,15 @@ class VertexJob(Job):
         tuned = getattr(self.raw, "tuned_model", None)
         return getattr(tuned, "endpoint", None)
 
+    def _check_export(self, format: str, checkpoint: str) -> None:
+        if self.is_gemini:
+            raise UserError(f"job {self.id} tuned Gemini, whose tuned weights stay inside Vertex AI and cannot be "
+                            "exported; serve it there with job.deploy() or job.chat(), or answer many prompts with "
+                            "batch prediction (job.evaluate(batch_from=...))", field="format")
+        raise UserError(f"job {self.id} tuned an open model on Vertex AI: its checkpoints are folders in Cloud "
+                        f"Storage ({self.output_uri or 'its output_uri'}), which this version does not export yet",
+                        field="format")
+
     def chat(self, messages_or_text, *, checkpoint: str | None = None, stream: bool = False, **gen):
         """Reply with the tuned Gemini model (any checkpoint), or with the endpoint ``deploy()`` made."""
         from .endpoints import chat_with_job

@@ -1,0 +1,113 @@
+"""job.export(): the tuned model written for other runtimes, loaded by them on their own and proven to answer as
+job.chat does, on real local jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+import tuning_magics as tm  # noqa: E402
+from tuning_magics.errors import UserError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+FACTS = [{"prompt": f"What is the capital of Zorvia {i}?", "completion": f"Port {i}."} for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """A LoRA job and a full tuning job of local/tiny-qwen3 on the same invented facts."""
+    root = tmp_path_factory.mktemp("export-jobs")
+    lora = tm.tune("local/tiny-qwen3", FACTS, validation_dataset=FACTS[:4], tuning_mode="PEFT_ADAPTER", epochs=20,
+                   output_uri=str(root / "lora"))
+    lora.wait(timeout=600)
+    full = tm.tune("local/tiny-qwen3", FACTS, epochs=10, output_uri=str(root / "full"))
+    full.wait(timeout=600)
+    assert lora.succeeded and full.succeeded, (lora.error, full.error)
+    return {"lora": lora, "full": full}
+
+
+def test_a_lora_job_exported_as_a_merged_folder_answers_as_the_job_and_not_as_the_base(jobs):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    job = jobs["lora"]
+    done = job.export("hf")
+    folder = Path(done.path)
+    assert folder == Path(job.output_uri) / "exports" / "final-hf"
+    assert (done.prompts, done.identical, done.verified) == (4, 4, True)  # its validation prompts
+    assert done.differs_from_base == 4  # a merge that gave back the base model would answer as the base
+    assert str(done).endswith("4/4 answers identical to job.chat; differs from the base model on 4/4")
+    # Self-contained: plain weights (no adapter left), the training template, and a reply ends at <|im_end|>.
+    assert (folder / "model.safetensors").is_file() and not (folder / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True) == \
+        "<bos><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(folder).eos_token_id
+    # Each checkpoint exports too: an adapter checkpoint is merged into the base weights the same way.
+    early = job.export("hf", checkpoint=job.checkpoints[-2].name, path=folder.parent / "early")
+    assert early.verified and early.checkpoint == job.checkpoints[-2].name
+
+
+def test_the_adapter_alone_is_verified_on_its_base_with_peft(jobs):
+    done = jobs["lora"].export("peft")
+    names = {p.name for p in Path(done.path).iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= names
+    assert done.verified and done.bytes < 1e6
+    with pytest.raises(UserError, match=r"tuned all of the model's weights \(tuning_mode FULL\), so it has no "
+                                        r"adapter to export; use format='hf'$"):
+        jobs["full"].export("peft")
+
+
+def test_a_full_tuning_job_exports_and_an_existing_folder_is_kept_unless_overwritten(jobs):
+    job = jobs["full"]
+    done = job.export("hf")
+    assert done.verified and done.prompts == 8  # no validation set: its training prompts
+    stamp = (Path(done.path) / "config.json").stat().st_mtime_ns
+    with pytest.raises(UserError, match=r"final-hf already exists; pass overwrite=True to replace it"):
+        job.export("hf")
+    assert (Path(done.path) / "config.json").stat().st_mtime_ns == stamp
+    assert job.export("hf", overwrite=True, verify=False).identical is None
+
+
+def test_an_export_that_does_not_answer_as_the_job_is_not_kept(jobs, tmp_path, monkeypatch):
+    """A merge that silently gave back the base model (the field's most repeated complaint) is caught."""
+    from tuning_magics.backends.local import export
+
+    job = jobs["lora"]
+    written = export.write
+
+    def base_instead(checkpoint, format, folder):  # the fault: the base model's weights written as the merge
+        base = json.loads((Path(job.output_uri) / "postprocess/node-0/checkpoints/final/adapter/adapter_config.json")
+                          .read_text())["base_model_name_or_path"]
+        written(Path(base), format, folder)
+
+    monkeypatch.setattr(export, "write", base_instead)
+    with pytest.raises(UserError) as info:
+        job.export("hf", path=tmp_path / "broken")
+    assert str(info.value).startswith("the hf export did not verify, so it was not kept: 0/4 answers identical to "
+                                      "job.chat (all are needed); the first that differs, to 'What is the capital "
+                                      "of Zorvia 0?': exported ")
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_what_cannot_be_exported_is_one_line_before_anything_is_written(jobs, tmp_path):
+    from conftest import tmpfs
+
+    job = jobs["full"]
+    cases = [(dict(format="onnx"), "format must be one of hf, peft, not 'onnx'"),
+             (dict(checkpoint="checkpoint-999"), f"job {job.id} has no checkpoint 'checkpoint-999'; choose one of "),
+             (dict(sample=0), "sample must be a whole number of at least 1, not 0")]
+    for options, message in cases:
+        with pytest.raises(UserError) as info:
+            job.export(path=tmp_path / "x", **options)
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    with tmpfs(tmp_path / "disk", "size=1M") as disk:
+        with pytest.raises(UserError, match=r"^the hf export needs about \d\.\d MB and .*disk has 1\.0 MB free; "
+                                            r"free some space or give another path$"):
+            job.export("hf", path=disk / "model")
+        assert not list(disk.iterdir())
+    assert not (tmp_path / "x").exists()
