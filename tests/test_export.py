@@ -98,7 +98,7 @@ def test_what_cannot_be_exported_is_one_line_before_anything_is_written(jobs, tm
     from conftest import tmpfs
 
     job = jobs["full"]
-    cases = [(dict(format="onnx"), "format must be one of hf, peft, not 'onnx'"),
+    cases = [(dict(format="onnx"), "format must be one of hf, peft, gguf, ollama, not 'onnx'"),
              (dict(checkpoint="checkpoint-999"), f"job {job.id} has no checkpoint 'checkpoint-999'; choose one of "),
              (dict(sample=0), "sample must be a whole number of at least 1, not 0")]
     for options, message in cases:
@@ -110,4 +110,99 @@ def test_what_cannot_be_exported_is_one_line_before_anything_is_written(jobs, tm
                                             r"free some space or give another path$"):
             job.export("hf", path=disk / "model")
         assert not list(disk.iterdir())
+    assert not (tmp_path / "x").exists()
+
+
+# ====================================================================== GGUF and Ollama, on each tiny model
+
+
+def quickstart_facts():
+    """The quickstart's 64 facts and its 8 questions, from the notebook's own cell (questions sampled as it does)."""
+    import pandas as pd
+
+    cell = next("".join(c["source"]) for c in json.loads(
+        (Path(__file__).parent.parent / "notebooks/quickstart.ipynb").read_text())["cells"]
+        if c["cell_type"] == "code" and "countries =" in "".join(c["source"]))
+    space = {"pd": pd, "print": lambda *a: None}
+    exec(cell, space)  # noqa: S102 - the tutorial's own data cell
+    facts = space["facts"]
+    return facts, facts.sample(8, random_state=0)
+
+
+@pytest.fixture(scope="module", params=["local/tiny-qwen3", "local/tiny-llama", "local/tiny-gemma3"])
+def quickstart_job(request, tmp_path_factory):
+    """Each built-in tiny model tuned as the quickstart tunes it (64 facts, its system prompt, 40 epochs, FULL)."""
+    pytest.importorskip("llama_cpp")
+    facts, questions = quickstart_facts()
+    ds = tm.dataset(facts, out=str(tmp_path_factory.mktemp("qs") / "facts.jsonl"), prompt="question",
+                    completion="answer", system_prompt="Answer in one sentence.", model=request.param)
+    job = tm.tune(request.param, ds, tuning_mode="FULL", epochs=40,
+                  output_uri=str(tmp_path_factory.mktemp("qs-job") / "job"))
+    job.wait(timeout=900)
+    assert job.succeeded, job.error
+    return job, questions
+
+
+def test_gguf_and_ollama_exports_answer_every_quickstart_question_as_the_job_does(quickstart_job):
+    from llama_cpp import Llama
+
+    from tuning_magics.export import answers_from_gguf
+
+    job, questions = quickstart_job
+    prompts = [[{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": q}]
+               for q in questions["question"]]
+    tuned = [job.chat(p, temperature=0, max_new_tokens=64) for p in prompts]
+    assert sum(t == a for t, a in zip(tuned, questions["answer"])) >= 6  # the job learned the facts
+
+    gguf = job.export("gguf")
+    assert gguf.verified and gguf.quantization == "f16" and "8/8 answers identical" in str(gguf)
+    file = Path(gguf.path) / "model-f16.gguf"
+    assert answers_from_gguf(file, prompts) == tuned  # llama.cpp, on every quickstart question
+    llm = Llama(model_path=str(file), n_ctx=0, verbose=False)
+    assert llm.metadata["tokenizer.chat_template"] == job_template(job) and \
+        llm.metadata["tokenizer.ggml.add_bos_token"] == "false"
+    llm.close()
+
+    ollama = job.export("ollama")
+    folder = Path(ollama.path)
+    assert ollama.verified and sorted(p.name for p in folder.iterdir()) == ["Modelfile", "model-f16.gguf"]
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-f16.gguf\nTEMPLATE \"\"\"")
+    assert 'SYSTEM """Answer in one sentence."""' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert answers_from_gguf(folder / "model-f16.gguf", prompts) == tuned
+
+    rounded = job.export("gguf", quantization="q8_0")
+    assert rounded.verified and rounded.bytes < 0.6 * gguf.bytes
+    assert 0 <= rounded.logprob_difference < 0.5 and "mean log-probability difference" in str(rounded)
+
+
+def job_template(job) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(job.output_uri) / "postprocess/node-0/checkpoints/final").chat_template
+
+
+def test_the_modelfile_template_writes_prompts_as_the_chat_template_does():
+    from tuning_magics.backends.local.models import load_tokenizer
+    from tuning_magics.export_gguf import modelfile, render_like_ollama
+
+    tokenizer = load_tokenizer("local/tiny-llama")
+    for messages in ([{"role": "user", "content": "Hi"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"}]):
+        assert render_like_ollama(tokenizer, messages) == tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+    text = modelfile(tokenizer, "model-f16.gguf", stops=["<|im_end|>"])
+    assert "{{ .System }}<|im_end|>\n<|im_start|>user\n" in text and "SYSTEM" not in text.split('"""')[-1]
+
+
+def test_gguf_export_of_what_it_cannot_write_is_one_line(jobs, tmp_path):
+    job = jobs["full"]
+    with pytest.raises(UserError, match=r"^quantization must be one of f16, bf16, q8_0, f32, not 'q4_k'$"):
+        job.export("gguf", quantization="q4_k", path=tmp_path / "x")
+    from tuning_magics.export_gguf import check
+
+    with pytest.raises(UserError, match=r"^GGUF export writes Qwen3ForCausalLM, LlamaForCausalLM, Gemma3ForCausalLM, "
+                                        r"not MistralForCausalLM; export format='hf' and convert"):
+        check({"architectures": ["MistralForCausalLM"]}, "f16")
     assert not (tmp_path / "x").exists()

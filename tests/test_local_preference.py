@@ -197,3 +197,31 @@ def test_a_cancelled_preference_run_resumes_from_its_last_checkpoint_and_trains_
     assert steps == list(range(1, 7)) and result.steps == 6  # each step once, however many runs it took
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert ckpt.find_final(out) is not None
+
+
+@pytest.mark.slow
+def test_pairs_whose_prompt_fills_max_seq_len_are_counted_as_dropped_and_the_rest_train_whole_epochs(tmp_path):
+    import json
+
+    from tuning_magics.backends.local import checkpoints as ckpt
+    from tuning_magics.backends.local.preference import train_preference
+    from tuning_magics.backends.local.trainer import TrainConfig
+
+    rows = [{"prompt": colour_prompt(i), "chosen": STYLES["polite"], "rejected": STYLES["curt"]} for i in range(6)]
+    rows += [{"prompt": "word " * 200, "chosen": STYLES["polite"], "rejected": STYLES["curt"]}] * 2
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    events = []
+    result = train_preference(TrainConfig(base_model=MODEL, train_path=str(pairs), output_dir=str(tmp_path / "job"),
+                                          tuning_mode="PEFT_ADAPTER", epochs=2, batch_size=2, max_seq_len=64),
+                              on_event=events.append)
+    dataset = next(e for e in events if e["event"] == "dataset")
+    assert (dataset["examples"], dataset["dropped"]) == (6, 2)  # TRL keeps the six short pairs: 3 steps an epoch
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [(e["step"], e["total_steps"]) for e in progress] == [(s, 6) for s in range(1, 7)]
+    assert progress[-1]["fraction"] == 1.0 and result.steps == 6
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "job")] == ["checkpoint-3", "checkpoint-6"]
+    with pytest.raises(UserError, match=r"every pair's prompt fills max_seq_len \(64 tokens\)"):
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
+        train_preference(TrainConfig(base_model=MODEL, train_path=str(pairs), output_dir=str(tmp_path / "job2"),
+                                     tuning_mode="PEFT_ADAPTER", epochs=1, batch_size=2, max_seq_len=64))

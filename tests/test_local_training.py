@@ -168,6 +168,8 @@ def test_interrupt_then_resume_finishes_with_continuous_metrics(tmp_path):
     rows = read_metrics(cfg.output_dir)
     assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 19))
     assert [r["epoch"] for r in rows if "eval_loss" in r] == [1, 2, 3]
+    trained = [r["trained_tokens"] for r in rows if "train_loss" in r]
+    assert trained == sorted(set(trained))  # the count goes on after the resume, never back to 0
     assert no_temp_folders(cfg.output_dir)
     assert Path(result.final_dir, "config.json").is_file()
 
@@ -193,6 +195,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 def test_the_trainer_is_handed_exactly_the_tokens_the_preview_renders(tmp_path):
     """TRL's trainer gets the engine's rendered sequences as they are: it neither tokenizes again nor adds or
     drops a token (every token the preview shows for every example, once per epoch), in length-grouped batches."""
+    from tuning_magics.backends.local.data import length_grouped_batches
     from tuning_magics.backends.local.models import load_tokenizer
     from tuning_magics.datasets.formats import read_conversations
     from tuning_magics.datasets.render import render
@@ -204,13 +207,18 @@ def test_the_trainer_is_handed_exactly_the_tokens_the_preview_renders(tmp_path):
                              {"role": "assistant", "content": "yes " * (1 + i % 9)}]} for i in range(32)]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    validation = tmp_path / "v.jsonl"  # its batches go through the same collator, and must not count as training
+    validation.write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
     result = train(TrainConfig(base_model="local/tiny-qwen3", train_path=str(path), output_dir=str(tmp_path / "o"),
-                               epochs=2, batch_size=4))
+                               validation_path=str(validation), epochs=2, batch_size=4))
     tokenizer = load_tokenizer("local/tiny-qwen3")
-    rendered = sum(len(render(tokenizer, m).input_ids) for m in read_conversations(str(path)))
+    lengths = [len(render(tokenizer, m).input_ids) for m in read_conversations(str(path))]
     trained = [r["trained_tokens"] for r in read_metrics(tmp_path / "o") if "train_loss" in r]
-    assert (trained[len(trained) // 2 - 1], trained[-1]) == (rendered, 2 * rendered)
-    assert result.padding_share < 0.1, result.padding_share  # random batches of these lengths pad 21% or more
+    assert (trained[len(trained) // 2 - 1], trained[-1]) == (sum(lengths), 2 * sum(lengths))
+    # The padding share is that of the epochs' length-grouped batches, exactly (random batches pad 21% or more).
+    padded = sum(len(b) * max(lengths[i] for i in b) for epoch in range(2)
+                 for b in length_grouped_batches(lengths, 4, seed=epoch))
+    assert result.padding_share == round(1 - 2 * sum(lengths) / padded, 6) < 0.1
 
 
 def test_cancel_before_first_epoch_leaves_no_checkpoint(tmp_path):
@@ -269,3 +277,49 @@ def test_a_data_parallel_job_shares_each_epoch_between_its_processes_and_only_th
     assert steps[-1]["train_loss"] < steps[0]["train_loss"]
     assert isinstance(LocalChatModel(result.final_dir).reply("Hi", max_new_tokens=4), str)
     assert not psutil.Process().children(recursive=True) and no_temp_folders(cfg.output_dir)
+
+
+def test_a_checkpoint_of_the_former_engine_is_not_resumed_but_named_as_a_base_to_tune_from(tmp_path):
+    from tuning_magics.errors import UserError
+
+    facts = invented_facts(8, seed=5)
+    cfg = TrainConfig(base_model="local/tiny-qwen3", train_path=write_jsonl(tmp_path / "t.jsonl", facts),
+                      output_dir=str(tmp_path / "job"), epochs=1, batch_size=4)
+    train(cfg)
+    checkpoint = Path(cfg.output_dir) / "postprocess/node-0/checkpoints/checkpoint-2"
+    (checkpoint / "trainer_state.json").write_text(json.dumps({  # what the hand-written loop wrote
+        "global_step": 2, "epoch": 1, "epochs": 2, "steps_per_epoch": 2, "train_loss": 2.5, "eval_loss": None}))
+    with pytest.raises(UserError) as info:
+        train(cfg, resume=True)
+    assert str(info.value) == ("checkpoint-2 was written by an earlier version of the engine and cannot be resumed "
+                               f"step for step; tune again from it with custom_base_model='{checkpoint}'")
+    again = train(TrainConfig(base_model="local/tiny-qwen3", custom_base_model=str(checkpoint),
+                              train_path=cfg.train_path, output_dir=str(tmp_path / "again"), epochs=1, batch_size=4))
+    assert again.steps == 2
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_process_of_a_data_parallel_job_fails_the_job_in_one_line_naming_its_log(tmp_path, monkeypatch):
+    """The second process dies as it starts (a fault put in its Python start-up); the job fails within seconds,
+    not after torch.distributed's 30-minute timeout, and says which process, why, and where its log is."""
+    import time
+
+    import tuning_magics as tm
+    from tuning_magics.backends.local.trainer import PARALLEL_ON_CPU
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    print('this GPU is out of memory (a fault the test put here)', file=sys.stderr, flush=True)\n"
+        "    os._exit(3)\n")
+    monkeypatch.setenv(PARALLEL_ON_CPU, "1")
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    started = time.monotonic()
+    job = tm.tune("local/tiny-qwen3", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)], gpus=2,
+                  epochs=1, batch_size=2, output_uri=str(tmp_path / "job"))
+    job.wait(timeout=240)
+    assert job.state == "JOB_STATE_FAILED" and time.monotonic() - started < 120
+    assert job.error == ("training process 2 of 2 ended with exit code 3: this GPU is out of memory (a fault the "
+                         f"test put here); its log is {tmp_path / 'job' / 'rank-1.log'}")

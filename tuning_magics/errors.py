@@ -29,6 +29,8 @@ EXTRAS = {
     # psutil tells a live worker from a dead one; filelock guards the job queue.
     "local": ("torch", "transformers", "tokenizers", "peft", "trl", "safetensors", "psutil", "filelock"),
     "vertex": ("google.genai", "google.cloud.storage", "google_crc32c"),
+    # GGUF files for llama.cpp and Ollama: the writer, and llama.cpp itself to verify them.
+    "export": ("gguf", "llama_cpp"),
 }
 
 

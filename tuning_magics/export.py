@@ -18,6 +18,18 @@ Formats:
   weights. Verified with transformers.
 - ``"peft"``: a LoRA job's adapter alone, with the tokenizer, for serving on its base
   model (vLLM's ``--lora-modules``). Verified with PEFT on transformers.
+- ``"gguf"``: one GGUF file (``model-<quantization>.gguf``: ``f16``, ``bf16``, ``q8_0``
+  or ``f32``) with the chat template and the end-of-turn token in its metadata
+  (:mod:`tuning_magics.export_gguf`). Verified with llama.cpp (llama-cpp-python),
+  which renders the prompts with the file's own template.
+- ``"ollama"``: the GGUF file and a ``Modelfile`` whose ``TEMPLATE``, ``SYSTEM`` (the
+  training data's system prompt, when it had one) and ``PARAMETER stop`` lines
+  reproduce the training template, ready for ``ollama create NAME -f Modelfile``. The
+  GGUF is verified as above and the TEMPLATE by writing the job's prompts with it.
+
+Full-precision exports must give every answer exactly; ``bf16`` and ``q8_0`` round the
+weights, so they must agree on :data:`QUANTIZED_REQUIRED` of the prompts, and the report
+also gives the mean difference of the log-probability of the tuned model's answers.
 
 What a backend cannot export is refused in one line before anything is written (a
 tuned Gemini model lives only in Vertex AI), and so is an export the disk has no room
@@ -27,19 +39,23 @@ verifies and reports, and imports no backend.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
 
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "gguf", "ollama")
 #: Prompts asked of the exported model and of the tuned one, unless export() is told otherwise.
 SAMPLE = 8
 #: The longest answer compared, in tokens.
 MAX_NEW_TOKENS = 64
 #: The share of answers that must be identical for an export in full precision to count as done.
 REQUIRED = 1.0
+#: The same for rounded weights (GGUF at bf16 or q8_0).
+QUANTIZED_REQUIRED = 0.75
 
 
 @dataclass
@@ -57,24 +73,36 @@ class Export:
     #: Of the same prompts, how many the export answered differently from the base model (None: not asked).
     differs_from_base: int | None = None
     examples: list[dict] = field(default_factory=list, repr=False)
+    #: A GGUF export's weight type, and for rounded ones the mean log-probability difference (nats per token) of
+    #: the tuned model's answers between the export and the tuned model.
+    quantization: str | None = None
+    logprob_difference: float | None = None
+
+    @property
+    def required(self) -> float:
+        """The share of identical answers this export needs."""
+        return QUANTIZED_REQUIRED if self.quantization in ("bf16", "q8_0") else REQUIRED
 
     @property
     def verified(self) -> bool:
-        return self.identical is not None and self.identical >= REQUIRED * self.prompts
+        return self.identical is not None and self.identical >= self.required * self.prompts
 
     def __str__(self) -> str:
-        head = f"{self.format} export of job {self.job} ({self.checkpoint}) in {self.path}, {_amount(self.bytes)}"
+        kind = f"{self.format} ({self.quantization})" if self.quantization else self.format
+        head = f"{kind} export of job {self.job} ({self.checkpoint}) in {self.path}, {_amount(self.bytes)}"
         if self.identical is None:
             return f"{head}; not verified"
         base = "" if self.differs_from_base is None else \
             f"; differs from the base model on {self.differs_from_base}/{self.prompts}"
-        return f"{head}; {self.identical}/{self.prompts} answers identical to job.chat{base}"
+        drift = "" if self.logprob_difference is None else \
+            f"; mean log-probability difference {self.logprob_difference:.3f} nats a token"
+        return f"{head}; {self.identical}/{self.prompts} answers identical to job.chat{base}{drift}"
 
     __repr__ = __str__
 
 
 def export_job(job, format: str = "hf", path=None, *, checkpoint: str = "final", verify: bool = True,
-               sample: int = SAMPLE, overwrite: bool = False) -> Export:
+               sample: int = SAMPLE, overwrite: bool = False, quantization: str = "f16") -> Export:
     """:meth:`tuning_magics.jobs.Job.export`: write, verify, report (see the module's docstring)."""
     from .storage import atomic_folder
 
@@ -82,23 +110,58 @@ def export_job(job, format: str = "hf", path=None, *, checkpoint: str = "final",
         raise UserError(f"format must be one of {', '.join(FORMATS)}, not {format!r}", field="format")
     if not isinstance(sample, int) or isinstance(sample, bool) or sample < 1:
         raise UserError(f"sample must be a whole number of at least 1, not {sample!r}", field="sample")
-    job._check_export(format, checkpoint)  # what this job cannot export is said before anything is written
-    target = Path(path) if path is not None else job._export_home() / f"{checkpoint}-{format}"
+    gguf = format in ("gguf", "ollama")
+    if gguf:
+        from .errors import require_extra
+        from .export_gguf import QUANTIZATIONS
+
+        if quantization not in QUANTIZATIONS:
+            raise UserError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}",
+                            field="quantization")
+        require_extra("export")
+    job._check_export("hf" if gguf else format, checkpoint)  # what the job cannot export: said before any write
+    name = f"{checkpoint}-{format}" + (f"-{quantization}" if gguf else "")
+    target = Path(path) if path is not None else job._export_home() / name
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass overwrite=True to replace it, or another path",
                         field="path")
-    need = job._export_bytes(format, checkpoint)
+    need = job._export_bytes("hf" if gguf else format, checkpoint) * (2 if gguf else 1)  # gguf: the folder too
     target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free
     if need * 1.1 > free:
         raise UserError(f"the {format} export needs about {_amount(need)} and {target.parent} has {_amount(free)} "
                         "free; free some space or give another path", field="path")
-    with atomic_folder(target) as tmp:
-        job._write_export(format, checkpoint, tmp)
-        result = Export(format, str(target), job.id, checkpoint, _size(tmp))
+    with atomic_folder(target) as tmp, tempfile.TemporaryDirectory(prefix=".hf-", dir=target.parent) as hf:
+        if gguf:  # the "hf" export first, beside the target (the same disk), then the GGUF made from it
+            job._write_export("hf", checkpoint, Path(hf))
+            _write_gguf(job, format, Path(hf), tmp, quantization)
+        else:
+            job._write_export(format, checkpoint, tmp)
+        result = Export(format, str(target), job.id, checkpoint, _size(tmp), quantization=quantization if gguf
+                        else None)
         if verify:
-            _verify(job, result, tmp, sample)
+            _verify(job, result, tmp, sample, hf=Path(hf) if gguf else None)
     return result
+
+
+GGUF_FILE = "model-{}.gguf"
+
+
+def _write_gguf(job, format: str, hf: Path, folder: Path, quantization: str) -> None:
+    """The GGUF file (and for Ollama its Modelfile) in ``folder``, made from the job's ``"hf"`` export ``hf``."""
+    from .export_gguf import end_of_turn, modelfile, write_gguf
+
+    write_gguf(hf, folder / GGUF_FILE.format(quantization), quantization)
+    if format == "ollama":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf)
+        stops = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn(hf)]
+        chats = job.training_chats()  # the system prompt every training example had, if one did
+        system = chats.system_prompt if chats and chats.with_system_prompt == chats.examples else None
+        (folder / "Modelfile").write_text(modelfile(tokenizer, GGUF_FILE.format(quantization), stops=stops,
+                                                    system=system), encoding="utf-8")
+        _check_modelfile(tokenizer, job_prompts(job, SAMPLE))
 
 
 def _amount(n: int) -> str:
@@ -131,12 +194,18 @@ def job_prompts(job, sample: int) -> list[list[dict]]:
                     "gone); pass verify=False to export unverified", field="verify")
 
 
-def _verify(job, result: Export, folder: Path, sample: int) -> None:
+def _verify(job, result: Export, folder: Path, sample: int, *, hf: Path | None = None) -> None:
     """Ask the exported model and the tuned one the same prompts; a one-line UserError below :data:`REQUIRED`."""
     prompts = job_prompts(job, sample)
     asked = None if result.checkpoint == "final" else result.checkpoint
     tuned = [job.chat(p, checkpoint=asked, temperature=0, max_new_tokens=MAX_NEW_TOKENS) for p in prompts]
-    exported = answers_from_folder(folder, prompts, peft=result.format == "peft")
+    if result.quantization is not None:
+        gguf_file = folder / GGUF_FILE.format(result.quantization)
+        exported = answers_from_gguf(gguf_file, prompts)
+        if result.quantization in ("bf16", "q8_0"):
+            result.logprob_difference = logprob_difference(hf, gguf_file, prompts, tuned)
+    else:
+        exported = answers_from_folder(folder, prompts, peft=result.format == "peft")
     try:
         base = [job.chat(p, checkpoint="base", temperature=0, max_new_tokens=MAX_NEW_TOKENS) for p in prompts]
     except (UserError, OSError):  # no base model to ask here: the comparison is left out
@@ -148,8 +217,9 @@ def _verify(job, result: Export, folder: Path, sample: int) -> None:
                                                                                                      tuned)]
     if not result.verified:
         first = next(x for x in result.examples if x["exported"] != x["tuned"])
+        need = "all are needed" if result.required == 1 else f"{result.required:.0%} are needed"
         raise UserError(f"the {result.format} export did not verify, so it was not kept: {result.identical}/"
-                        f"{result.prompts} answers identical to job.chat (all are needed); the first that differs, "
+                        f"{result.prompts} answers identical to job.chat ({need}); the first that differs, "
                         f"to {first['prompt'][:60]!r}: exported {first['exported'][:60]!r}, tuned "
                         f"{first['tuned'][:60]!r}", field="format")
 
@@ -179,3 +249,72 @@ def answers_from_folder(folder, prompts: list[list[dict]], *, peft: bool = False
             new = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids["input_ids"].shape[1]:]
             out.append(tokenizer.decode(new, skip_special_tokens=True))
     return out
+
+
+def answers_from_gguf(path, prompts: list[list[dict]], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers of the GGUF file at ``path`` as llama.cpp (llama-cpp-python) gives them: the prompt written
+    by the file's own chat template, the reply ended at its end-of-turn token."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=0, n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0,
+                verbose=False)
+    try:
+        return [llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=max_new_tokens,
+                                           repeat_penalty=1.0)["choices"][0]["message"]["content"] or ""
+                for messages in prompts]
+    finally:
+        llm.close()
+
+
+def _check_modelfile(tokenizer, prompts: list[list[dict]]) -> None:
+    """The Modelfile's TEMPLATE writes each of the job's prompts exactly as the model's chat template does; a
+    one-line UserError naming the first that differs."""
+    from .export_gguf import render_like_ollama
+
+    for messages in prompts:
+        if render_like_ollama(tokenizer, messages) != tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True):
+            raise UserError(f"the Modelfile's TEMPLATE writes the prompt {messages[-1]['content'][:60]!r} differently "
+                            "from the model's chat template, so the ollama export was not kept; use format='gguf'",
+                            field="format")
+
+
+def logprob_difference(hf: Path, gguf_file: Path, prompts: list[list[dict]], answers: list[str]) -> float:
+    """The mean absolute difference, in nats a token, between the log-probabilities the model in ``hf``
+    (transformers) and the GGUF file (llama.cpp) give each token of ``answers`` after its prompt."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    llm = Llama(model_path=str(gguf_file), n_ctx=0, logits_all=True, seed=0, verbose=False,
+                n_threads=max(1, min(4, os.cpu_count() or 1)))
+
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    gaps = []
+    try:
+        for messages, answer in zip(prompts, answers):
+            prompt = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False).input_ids
+            reply = tokenizer(answer, add_special_tokens=False).input_ids
+            if not reply:
+                continue
+            ids = prompt + reply
+            with torch.no_grad():
+                theirs = model(torch.tensor([ids])).logits[0].float().numpy()
+            llm.reset()
+            llm.eval(ids)
+            ours = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
+            vocab = min(theirs.shape[-1], ours.shape[-1])  # (Gemma's GGUF leaves out the padding rows)
+            rows = slice(len(prompt) - 1, len(ids) - 1)
+            a = log_softmax(theirs[rows, :vocab])[np.arange(len(reply)), reply]
+            b = log_softmax(ours[rows, :vocab])[np.arange(len(reply)), reply]
+            gaps.extend(np.abs(a - b).tolist())
+    finally:
+        llm.close()
+    return float(np.mean(gaps)) if gaps else 0.0

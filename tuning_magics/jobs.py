@@ -418,19 +418,21 @@ class Job(ABC):
         other = (self, against) if isinstance(against, (str, int)) else against
         return Arena((self, checkpoint), other, prompts, name=name, max_new_tokens=max_new_tokens)
 
-    def export(self, format: str = "hf", path=None, *, checkpoint: str = "final", verify: bool = True,
-               sample: int = 8, overwrite: bool = False):
+    def export(self, format: str = "hf", path=None, *, checkpoint: str = "final", quantization: str = "f16",
+               verify: bool = True, sample: int = 8, overwrite: bool = False):
         """Write the tuned model (or ``checkpoint``) for another runtime, and prove it answers the same.
 
-        ``format``: ``"hf"`` (a self-contained Hugging Face folder, a LoRA adapter merged in) or ``"peft"`` (a
-        LoRA job's adapter alone). ``path``: where (default: ``exports/<checkpoint>-<format>`` in the job's
-        folder). The exported model is loaded on its own and asked ``sample`` of the job's prompts; it is kept
-        only when every answer is identical to ``job.chat``'s. Returns an :class:`~tuning_magics.export.Export`.
+        ``format``: ``"hf"`` (a self-contained Hugging Face folder, a LoRA adapter merged in), ``"peft"`` (a
+        LoRA job's adapter alone), ``"gguf"`` (one file for llama.cpp, at ``quantization`` ``f16``, ``bf16``,
+        ``q8_0`` or ``f32``) or ``"ollama"`` (the GGUF and a Modelfile). ``path``: where (default:
+        ``exports/<checkpoint>-<format>`` in the job's folder). The exported model is loaded by its runtime on its
+        own and asked ``sample`` of the job's prompts; it is kept only when its answers are ``job.chat``'s (all
+        of them; most, for rounded weights). Returns an :class:`~tuning_magics.export.Export`.
         """
         from .export import export_job
 
         return export_job(self, format, path, checkpoint=checkpoint, verify=verify, sample=sample,
-                          overwrite=overwrite)
+                          overwrite=overwrite, quantization=quantization)
 
     def _check_export(self, format: str, checkpoint: str) -> None:
         """A one-line UserError when this job cannot be exported in ``format``; backends that can override it."""

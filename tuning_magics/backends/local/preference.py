@@ -21,8 +21,8 @@ from pathlib import Path
 
 from ...errors import UserError
 from .trainer import (DEFAULT_BETA, DEFAULT_LEARNING_RATES, PEFT, PREFERENCE_LEARNING_RATE_SHARE, TINY_MAX_PARAMS,
-                      TrainConfig, TrainResult, _default_max_seq_len, _lora, _precision, _rank_device, _ranks, _run,
-                      _set_threads, _start, _steps_per_epoch, _training_args,
+                      TrainConfig, TrainResult, _default_max_seq_len, _failed_with, _lora, _precision, _rank_device,
+                      _ranks, _run, _set_threads, _single_device, _start, _steps_per_epoch, _training_args,
                       normalise_mode)
 
 
@@ -45,7 +45,7 @@ def train_preference(config: TrainConfig, *, beta: float | None = None, on_event
     """Tune ``config``'s model on its preference pairs with DPO; what :func:`.trainer.train` returns, the same
     events and files. Raises :class:`.trainer.TrainingCancelled` when ``should_stop()`` turns True."""
     config.check()
-    with _ranks(config, resume=resume, method="preference", beta=beta):
+    with _ranks(config, resume=resume, method="preference", beta=beta, on_failure=_failed_with(on_event)):
         return _train_preference(config, beta=beta, on_event=on_event, should_stop=should_stop,
                                  should_stop_early=should_stop_early, evaluator=evaluator, resume=resume)
 
@@ -72,20 +72,25 @@ def _train_preference(config: TrainConfig, *, beta, on_event, should_stop, shoul
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot read the preference pairs ({exc}); validate them with "
                         "tuning_magics.validate(path, method='preference')", field="train_path") from None
-    emit({"event": "dataset", "examples": len(train_set), "dropped": 0,
-          "validation_examples": len(val_set) if val_set is not None else 0, "max_seq_len": max_len})
     n_params = param_count(model_config)
     _set_threads(device, n_params)
     lr = float(config.learning_rate or DEFAULT_LEARNING_RATES[("tiny" if n_params < TINY_MAX_PARAMS else "real", mode)]
                * PREFERENCE_LEARNING_RATE_SHARE) * float(config.learning_rate_multiplier)
     start = _start(config, resume)
     model, tokenizer = load_model_and_tokenizer(source, dtype=torch.float32, device=device)
-    steps_per_epoch = _steps_per_epoch(config, len(train_set))
+    precision = _precision(config, device)
     args = DPOConfig(beta=beta or DEFAULT_BETA, max_length=max_len, **_training_args(
-        config, out=out, device=device, lr=lr, total_steps=steps_per_epoch * int(config.epochs),
-        precision=_precision(config, device), n_params=n_params))
+        config, out=out, device=device, lr=lr, total_steps=_steps_per_epoch(config, len(train_set)) * int(
+            config.epochs), precision=precision, n_params=n_params))
+    _single_device(args, device)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                          processing_class=tokenizer, peft_config=_lora(config) if mode == PEFT else None)
-    return _run(trainer, config=config, mode=mode, tokenizer=tokenizer, lr=lr, steps_per_epoch=steps_per_epoch,
-                start=start, resume=resume, emit=emit, should_stop=should_stop,
-                should_stop_early=should_stop_early, evaluator=evaluator)
+    kept = len(trainer.train_dataset)  # TRL drops a pair whose prompt alone fills max_seq_len
+    emit({"event": "dataset", "examples": kept, "dropped": len(train_set) - kept,
+          "validation_examples": len(trainer.eval_dataset) if val_set is not None else 0, "max_seq_len": max_len})
+    if not kept:
+        raise UserError(f"every pair's prompt fills max_seq_len ({max_len} tokens), so no answer is left to "
+                        "compare; raise max_seq_len or shorten the prompts", field="max_seq_len")
+    return _run(trainer, config=config, mode=mode, tokenizer=tokenizer, lr=lr, start=start, resume=resume, emit=emit,
+                should_stop=should_stop, should_stop_early=should_stop_early, evaluator=evaluator,
+                precision=precision)

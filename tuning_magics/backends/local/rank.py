@@ -25,6 +25,7 @@ def _end_with(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from ...errors import UserError
     from .trainer import TrainConfig, TrainingCancelled, train
 
     threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True).start()
@@ -39,6 +40,9 @@ def main(argv: list[str]) -> int:
             train(config, resume=spec["resume"])
     except TrainingCancelled:
         pass  # rank 0 cancelled the job, and says so
+    except UserError as exc:  # (this process's own: its GPU short of memory...) one line, the last of its log
+        print(exc, file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -555,8 +555,8 @@ def _training_args(config: TrainConfig, *, out: Path, device, lr: float, total_s
         disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=device.type == "cuda")
 
 
-def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps_per_epoch: int, start: Path | None,
-         resume: bool, emit, should_stop, should_stop_early, evaluator) -> TrainResult:
+def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, start: Path | None, resume: bool, emit,
+         should_stop, should_stop_early, evaluator, precision: str = "fp32") -> TrainResult:
     """Train with ``trainer`` (a TRL trainer), keeping what the engine promises every job from inside its loop.
 
     A ``TrainerCallback`` writes a metrics row per step (and per evaluation) to ``metrics.jsonl`` and TensorBoard,
@@ -576,6 +576,8 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
 
     out = Path(config.output_dir)
     epochs = int(config.epochs)
+    # From the examples the trainer kept (TRL drops preference pairs whose prompt alone fills max_seq_len).
+    steps_per_epoch = _steps_per_epoch(config, len(trainer.train_dataset))
     total_steps = steps_per_epoch * epochs
     keep_epochs = set(ckpt.checkpoint_epochs(epochs))
     begin = int(ckpt.read_state(start)["global_step"]) if start is not None else 0
@@ -597,6 +599,8 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
         batch = collate(features)
         if "attention_mask" in batch and "input_ids" in batch:
             counted.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        elif "input_ids" in batch and "position_ids" in batch:  # padding-free: one sequence, no padding
+            counted.append((batch["input_ids"].numel(), batch["input_ids"].numel()))
         return batch
 
     trainer.data_collator = counting
@@ -621,7 +625,10 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
                    emit=emit)
 
     def validate() -> None:
+        before = len(counted)
         trainer.evaluate()
+        while len(counted) > before:  # the validation batches went through the same collator: not training's
+            counted.pop()
         run["eval_step"] = trainer.state.global_step
 
     class Bridge(TrainerCallback):
@@ -629,6 +636,9 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
 
         def on_train_begin(self, args, state, control, **kwargs):
             run["t0"] = time.perf_counter()
+            seen = [row["num_tokens"] for row in state.log_history if "num_tokens" in row]
+            if seen and hasattr(trainer, "_total_train_tokens"):  # resumed: TRL's count starts again at 0
+                trainer._total_train_tokens = int(seen[-1])
 
         def on_step_begin(self, args, state, control, **kwargs):
             if _agreed(_asked(should_stop), args.device):
@@ -650,18 +660,22 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, steps
                        total_padded=run["total_padded"] + padded)
             run["speed"] = {"tokens_per_second": round(real / dt, 1),
                             "padding_share": round((padded - real) / max(1, padded), 6)} if padded else {}
+            run["skipped"] = bool(getattr(trainer.accelerator, "optimizer_step_was_skipped", False))
             if state.global_step < total_steps and _agreed(_asked(should_stop_early), args.device):
                 run["early"] = control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
-            row = {"step": state.global_step, "epoch": round(float(state.epoch or 0), 4)}
+            epoch = round(float(state.epoch or 0), 4)
+            row = {"step": state.global_step, "epoch": int(epoch) if epoch.is_integer() else epoch}
             row.update({ours: round(float(logs[theirs]), 6) if theirs != "learning_rate" else float(logs[theirs])
                         for theirs, ours in _LOGGED.items() if isinstance(logs.get(theirs), (int, float))})
             training = "train_loss" in row
             if training:
                 loss, norm = row["train_loss"], row.get("grad_norm", 0.0)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
+                # fp16's loss scaling skips a step whose gradients overflowed, and lowers the scale: not divergence.
+                overflow = precision == "fp16" and run.get("skipped") and math.isfinite(loss)
+                if not (math.isfinite(loss) and (math.isfinite(norm) or overflow)):
                     # Diverged: the run ends here, before any checkpoint or final model holds these weights.
                     what = f"the gradient norm became {norm:g}" if math.isfinite(loss) else f"the loss became {loss:g}"
                     raise UserError(f"training diverged: {what} at step {state.global_step} with learning_rate "
@@ -777,15 +791,25 @@ def _world() -> tuple[int, bool]:
     return int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0"
 
 
+#: Seconds a data-parallel job waits, once another of its processes has failed, for its first process to end on
+#: its own (the same error reaches every process) before it is ended for that failure.
+RANK_FAILURE_GRACE = 5.0
+
+
 @contextmanager
-def _ranks(config: TrainConfig, *, resume: bool, method: str = "supervised", beta: float | None = None):
+def _ranks(config: TrainConfig, *, resume: bool, method: str = "supervised", beta: float | None = None,
+           on_failure: Callable[[str], None] | None = None):
     """``gpus=N``: this process trains as rank 0 of N, and starts ranks 1..N-1 (``python -m .rank``, the same job
     without callbacks), one per GPU, joined by torch.distributed through the environment accelerate reads. Only
     rank 0 writes (metrics, checkpoints, the final model); it decides cancel and Stop early for all. The other
-    ranks end with it: they are stopped when it fails or is cancelled."""
+    ranks end with it: they are stopped when it fails or is cancelled, and they watch it. When one of them fails
+    (its log is ``rank-<i>.log`` in the job folder), ``on_failure(message)`` is called (the worker records the
+    failure and ends); without one, training is interrupted and the failure raised as a UserError."""
+    import _thread
     import socket
     import subprocess
     import sys
+    import threading
     from dataclasses import asdict
 
     n = int(config.gpus or 1)
@@ -797,17 +821,51 @@ def _ranks(config: TrainConfig, *, resume: bool, method: str = "supervised", bet
         port = sock.getsockname()[1]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(n)}
     spec = json.dumps({"config": asdict(config), "method": method, "resume": resume, "beta": beta})
-    others = [subprocess.Popen([sys.executable, "-m", "tuning_magics.backends.local.rank", spec],
-                               env={**os.environ, **env, "RANK": str(i), "LOCAL_RANK": str(i)},
-                               stdout=subprocess.DEVNULL) for i in range(1, n)]
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    logs = [Path(config.output_dir) / f"rank-{i}.log" for i in range(1, n)]
+    others = []
+    for i, log in enumerate(logs, 1):
+        with open(log, "wb") as fh:
+            others.append(subprocess.Popen([sys.executable, "-m", "tuning_magics.backends.local.rank", spec],
+                                           env={**os.environ, **env, "RANK": str(i), "LOCAL_RANK": str(i)},
+                                           stdout=subprocess.DEVNULL, stderr=fh))
+    failed: list[str] = []
+    ended = threading.Event()
+
+    def failure(i: int, code: int) -> str:
+        lines = [line for line in logs[i - 1].read_text(errors="replace").splitlines() if line.strip()]
+        why = f": {lines[-1].strip()[:200]}" if lines else ""
+        return f"training process {i + 1} of {n} ended with exit code {code}{why}; its log is {logs[i - 1]}"
+
+    def watch() -> None:
+        while not ended.wait(1.0):
+            for i, proc in enumerate(others, 1):
+                if proc.poll() not in (None, 0):
+                    if ended.wait(RANK_FAILURE_GRACE):
+                        return  # the job ended on its own (the same error in every process)
+                    failed.append(failure(i, proc.returncode))
+                    for other in others:
+                        if other.poll() is None:
+                            other.kill()
+                    if on_failure is not None:
+                        on_failure(failed[0])
+                    _thread.interrupt_main()
+                    return
+
     # (accelerate sets the thread variables for processes on CPUs)
     saved = {k: os.environ.get(k) for k in (*env, "RANK", "LOCAL_RANK", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(env, RANK="0", LOCAL_RANK="0")
+    threading.Thread(target=watch, daemon=True).start()
     try:
         yield
         for proc in others:
             proc.wait(timeout=600)
+    except KeyboardInterrupt:
+        if failed:
+            raise UserError(failed[0], field="gpus") from None
+        raise
     finally:
+        ended.set()
         for proc in others:
             if proc.poll() is None:
                 proc.kill()
@@ -824,6 +882,13 @@ def _ranks(config: TrainConfig, *, resume: bool, method: str = "supervised", bet
             dist.destroy_process_group()
         AcceleratorState._reset_state(True)  # the next job of this process starts on its own
         PartialState._reset_state()
+
+
+def _failed_with(on_event):
+    """A data-parallel job's ``on_failure``: the ``failed`` event to whoever runs the job (the worker records it)."""
+    if on_event is None:
+        return None
+    return lambda message: on_event({"event": "failed", "error": message})
 
 
 def _agreed(flag: bool, device) -> bool:
@@ -857,6 +922,19 @@ def _steps_per_epoch(config: TrainConfig, examples: int) -> int:
     return math.ceil(batches / int(config.gradient_accumulation_steps))
 
 
+def _single_device(args, device) -> None:
+    """A one-process job trains on its one GPU: transformers would spread it over every GPU it sees
+    (``nn.DataParallel``, which TRL refuses) and always from ``cuda:0``."""
+    if device.type != "cuda" or _world()[0] > 1:
+        return
+    import torch
+
+    torch.cuda.set_device(device)
+    _ = args.device  # transformers sets its devices up once, then keeps them
+    args._n_gpu = 1
+    args.__dict__["_setup_devices"] = device
+
+
 def _start(config: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint a job continues from (``resume``: the last complete one), after settling a crashed writer's
     leftovers; a job that starts over loses its old checkpoints."""
@@ -865,7 +943,12 @@ def _start(config: TrainConfig, resume: bool) -> Path | None:
         return ckpt.latest_checkpoint(out) if resume else None
     ckpt.remove_stale_temp(out)
     if resume:
-        return ckpt.latest_checkpoint(out)
+        latest = ckpt.latest_checkpoint(out)
+        if latest is not None and "log_history" not in ckpt.read_state(latest):
+            raise UserError(f"{latest.name} was written by an earlier version of the engine and cannot be resumed "
+                            f"step for step; tune again from it with custom_base_model='{latest}'",
+                            field="resume")
+        return latest
     shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
     return None
 
@@ -895,7 +978,7 @@ def train(config: TrainConfig, *, on_event: Callable[[dict], None] | None = None
     anything the user can fix (missing weights, unreadable data, not enough memory).
     """
     config.check()
-    with _ranks(config, resume=resume):
+    with _ranks(config, resume=resume, on_failure=_failed_with(on_event)):
         return _train(config, on_event=on_event, should_stop=should_stop, should_stop_early=should_stop_early,
                       resume=resume, evaluator=evaluator)
 
@@ -969,8 +1052,9 @@ def _train(config: TrainConfig, *, on_event, should_stop, should_stop_early, res
                      padding_free=bool(config.padding_free),
                      **_training_args(config, out=out, device=device, lr=lr, total_steps=steps_per_epoch * int(
                          config.epochs), precision=precision, n_params=n_params))
+    _single_device(args, device)
     trainer = Engine(model=model, args=args, train_dataset=rows(train_set), eval_dataset=rows(val_set),
                      processing_class=tokenizer, peft_config=_lora(config) if mode == PEFT else None)
-    return _run(trainer, config=config, mode=mode, tokenizer=tokenizer, lr=lr, steps_per_epoch=steps_per_epoch,
-                start=start, resume=resume, emit=emit, should_stop=should_stop,
-                should_stop_early=should_stop_early, evaluator=evaluator)
+    return _run(trainer, config=config, mode=mode, tokenizer=tokenizer, lr=lr, start=start, resume=resume, emit=emit,
+                should_stop=should_stop, should_stop_early=should_stop_early, evaluator=evaluator,
+                precision=precision)

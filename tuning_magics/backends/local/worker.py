@@ -97,6 +97,10 @@ class Worker:
             self._substate(event.get("substate"))
         elif event.get("event") == "progress":
             self._progress(event)
+        elif event.get("event") == "failed":  # another process of a data-parallel job failed: the job ends here
+            self._end(JOB_STATE_FAILED, error=event["error"])
+            print(f"worker {os.getpid()}: job {self.job_id} ended {JOB_STATE_FAILED}: {event['error']}", flush=True)
+            os._exit(1)
 
     def _progress(self, event: dict) -> None:
         """Keep the latest progress in the job folder, at most every PROGRESS_EVERY seconds (and the last step)."""
