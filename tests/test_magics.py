@@ -721,14 +721,15 @@ def test_tune_export_passes_its_options_to_job_export(ip, jobs_home, tmp_path, m
     finished_job("tune-a", tmp_path, lr=1e-4, train=[2.0], evals={}, age=300)
     ip.push({"job": tm.get_job("tune-a")})
     assert ip.run_line_magic("tune_export", "--as exported") == "hf export of tune-a"
-    assert calls[-1] == ("tune-a", "hf", None, {"checkpoint": "final", "verify": True, "overwrite": False})
+    assert calls[-1] == ("tune-a", "hf", None, {"checkpoint": "final", "quantization": "f16", "verify": True,
+                                                 "overwrite": False})
     assert ip.user_ns["exported"] == "hf export of tune-a"
-    ip.run_line_magic("tune_export", "peft")  # the format alone: the default job
-    assert calls[-1][:2] == ("tune-a", "peft")
-    ip.run_line_magic("tune_export", f"tune-a hf --path {tmp_path / 'out'} --checkpoint checkpoint-8 --overwrite "
-                                     "--no-verify")
-    assert calls[-1] == ("tune-a", "hf", str(tmp_path / "out"), {"checkpoint": "checkpoint-8", "verify": False,
-                                                                  "overwrite": True})
+    ip.run_line_magic("tune_export", "ollama")  # the format alone: the default job
+    assert calls[-1][:2] == ("tune-a", "ollama")
+    ip.run_line_magic("tune_export", f"tune-a gguf --quantization q8_0 --path {tmp_path / 'out'} --checkpoint "
+                                     "checkpoint-8 --overwrite --no-verify")
+    assert calls[-1] == ("tune-a", "gguf", str(tmp_path / "out"), {"checkpoint": "checkpoint-8", "quantization": "q8_0",
+                                                                    "verify": False, "overwrite": True})
     ip.user_ns.pop("exported", None)
 
 

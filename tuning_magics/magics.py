@@ -78,10 +78,10 @@ Jobs and experiments
 ``%tune_arena [JOB] --prompts $list [--against base|checkpoint-N|$job] [--as VAR]``
     ``job.arena()``: two models answer side by side, anonymous and in random
     order, and you vote; the votes rank them and become preference pairs.
-``%tune_export [JOB] [hf|peft] [--path P] [--checkpoint C] [--overwrite] [--no-verify] [--as VAR]``
-    ``job.export()``: the tuned model written for another runtime, loaded by it
-    on its own and asked the job's prompts; kept only when it answers as the
-    job does.
+``%tune_export [JOB] [hf|peft|gguf|ollama] [--quantization Q] [--path P] [--checkpoint C] ...``
+    ``job.export()``: the tuned model written for another runtime (transformers,
+    vLLM, llama.cpp, Ollama), loaded by it on its own and asked the job's
+    prompts; kept only when it answers as the job does.
 
 Errors
 ------
@@ -848,12 +848,14 @@ class TuningMagics(Magics):
     @line_magic
     @no_var_expand
     def tune_export(self, line: str = ""):
-        """Take the model elsewhere: ``%tune_export [JOB] [hf|peft] [--path P] [--checkpoint C] [--overwrite]
-        [--no-verify] [--as VAR]``: ``job.export()``, verified against the job's own answers."""
+        """Take the model elsewhere: ``%tune_export [JOB] [hf|peft|gguf|ollama] [--quantization f16|bf16|q8_0|f32]
+        [--path P] [--checkpoint C] [--overwrite] [--no-verify] [--as VAR]``: ``job.export()``, verified against
+        the job's own answers."""
         p = _ArgParser(prog="tune_export", description="Write a job's model for another runtime, and verify it.")
         p.add_argument("job", nargs="?", help="a variable holding a job, $var, or a job id (default: job)")
-        p.add_argument("format", nargs="?", default="hf", help="hf (a Hugging Face folder, default) or peft (a "
-                                                               "LoRA job's adapter)")
+        p.add_argument("format", nargs="?", default="hf", help="hf (a Hugging Face folder, default), peft (a LoRA "
+                                                               "job's adapter), gguf (llama.cpp) or ollama")
+        p.add_argument("--quantization", default="f16", help="gguf and ollama: f16 (default), bf16, q8_0 or f32")
         p.add_argument("--path", help="where to write it (default: exports/ in the job's folder)")
         p.add_argument("--checkpoint", default="final", help="which model (default: final)")
         p.add_argument("--overwrite", action="store_true", help="replace what is at the path")
@@ -870,7 +872,8 @@ class TuningMagics(Magics):
         job = self._chat_job(args.job, args.verbose, prog="%tune_export")
         var = _variable_name(args.as_, "--as") if args.as_ else None
         result = self._run(lambda: job.export(args.format, args.path, checkpoint=args.checkpoint,
-                                              verify=not args.no_verify, overwrite=args.overwrite), args.verbose)
+                                              quantization=args.quantization, verify=not args.no_verify,
+                                              overwrite=args.overwrite), args.verbose)
         if var is not None:
             self._keep(var, result)
         return result
