@@ -621,7 +621,7 @@ def _run(trainer, *, config: TrainConfig, mode: str, tokenizer, lr: float, start
 
     def score(label: str, folder: str | None, step: int, epoch) -> None:
         if main:
-                _score(evaluator, trainer.model, tokenizer, label, folder, step=step, epoch=epoch, metrics=metrics,
+            _score(evaluator, trainer.model, tokenizer, label, folder, step=step, epoch=epoch, metrics=metrics,
                    emit=emit)
 
     def validate() -> None:
