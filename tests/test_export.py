@@ -17,6 +17,14 @@ pytestmark = pytest.mark.slow
 FACTS = [{"prompt": f"What is the capital of Zorvia {i}?", "completion": f"Port {i}."} for i in range(16)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def home(tmp_path_factory):
+    """A registry of the module's own: no job another test left behind holds the one slot its jobs queue for."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNING_MAGICS_HOME", str(tmp_path_factory.mktemp("export-home")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     """A LoRA job and a full tuning job of local/tiny-qwen3 on the same invented facts."""

@@ -316,6 +316,7 @@ def test_a_failed_process_of_a_data_parallel_job_fails_the_job_in_one_line_namin
         "    os._exit(3)\n")
     monkeypatch.setenv(PARALLEL_ON_CPU, "1")
     monkeypatch.setenv("PYTHONPATH", str(inject))
+    monkeypatch.setenv("TUNING_MAGICS_HOME", str(tmp_path / "home"))  # a registry of its own: a free slot
     started = time.monotonic()
     job = tm.tune("local/tiny-qwen3", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)], gpus=2,
                   epochs=1, batch_size=2, output_uri=str(tmp_path / "job"))
