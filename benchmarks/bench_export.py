@@ -3,7 +3,7 @@
     python benchmarks/bench_export.py             # the three built-in tiny models and a ~0.5B Qwen3-shaped model
     python benchmarks/bench_export.py --no-large  # the tiny models only
 
-Each model is saved as an ``"hf"`` export would save it (float32 safetensors, its
+Each model is saved by the engine's ``"hf"`` export writer (float32 safetensors, its
 tokenizer and generation config), then written as GGUF at each type with
 :func:`tuning_magics.export_gguf.write_gguf`; every file is loaded by llama.cpp
 (llama-cpp-python) and evaluates a prompt, so a size is only reported for a file that
@@ -26,15 +26,6 @@ from pathlib import Path
 TARGETS = {"f16": 0.55, "q8_0": 0.3, "bf16": 0.55, "f32": 1.05}
 
 
-def save_hf(model, tokenizer, folder: Path) -> None:
-    from tuning_magics.backends.local.generate import LocalChatModel
-
-    chat = LocalChatModel.around(model, tokenizer)
-    model.generation_config.eos_token_id = chat.stop_ids()
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-
-
 def loads_and_runs(path: Path) -> bool:
     from llama_cpp import Llama
 
@@ -54,7 +45,8 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-export-"))
     os.environ.setdefault("TUNING_MAGICS_HOME", str(root / "home"))
     sys.path.insert(0, str(Path(__file__).parent))
-    from tuning_magics.backends.local.models import load_model_and_tokenizer
+    from tuning_magics.backends.local.export import write
+    from tuning_magics.backends.local.models import tiny_model_path
     from tuning_magics.export_gguf import write_gguf
 
     models = [("local/tiny-qwen3", None), ("local/tiny-llama", None), ("local/tiny-gemma3", None)]
@@ -67,14 +59,20 @@ def main(argv=None) -> int:
             if kind == "large":
                 from bench_engine import build_model
 
-                build_model(folder, gpu=True, hidden=None, layers=None)  # Qwen3-0.6B's body, a byte vocabulary
-                model, tokenizer = load_model_and_tokenizer(str(folder))
-                shutil.rmtree(folder)
+                source = root / "built"
+                params = build_model(source, gpu=True, hidden=None, layers=None)  # Qwen3-0.6B's body, bytes vocab
             else:
-                model, tokenizer = load_model_and_tokenizer(name)
-            save_hf(model, tokenizer, folder)
-            params = sum(t.numel() for t in model.parameters())
-            del model
+                source = tiny_model_path(name)
+                params = None
+            folder.mkdir()
+            write(Path(source), "hf", folder)
+            if kind == "large":
+                shutil.rmtree(source)
+            if params is None:
+                from tuning_magics.backends.local.memory import param_count
+                from tuning_magics.backends.local.models import load_config
+
+                params = param_count(load_config(str(folder)))
             weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             for kind_ in args.types.split(","):
                 out = root / f"{folder.name}-{kind_}.gguf"

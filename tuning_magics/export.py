@@ -45,6 +45,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import params
 from .errors import UserError
 
 FORMATS = ("hf", "peft", "gguf", "ollama")
@@ -108,16 +109,13 @@ def export_job(job, format: str = "hf", path=None, *, checkpoint: str = "final",
 
     if format not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, not {format!r}", field="format")
-    if not isinstance(sample, int) or isinstance(sample, bool) or sample < 1:
-        raise UserError(f"sample must be a whole number of at least 1, not {sample!r}", field="sample")
+    sample = params.whole_at_least_1("sample", sample)
     gguf = format in ("gguf", "ollama")
     if gguf:
         from .errors import require_extra
-        from .export_gguf import QUANTIZATIONS
+        from .export_gguf import check_quantization
 
-        if quantization not in QUANTIZATIONS:
-            raise UserError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}",
-                            field="quantization")
+        check_quantization(quantization)
         require_extra("export")
     job._check_export("hf" if gguf else format, checkpoint)  # what the job cannot export: said before any write
     name = f"{checkpoint}-{format}" + (f"-{quantization}" if gguf else "")
@@ -251,13 +249,18 @@ def answers_from_folder(folder, prompts: list[list[dict]], *, peft: bool = False
     return out
 
 
+def _llama(path, **options):
+    """The GGUF file at ``path`` loaded by llama.cpp, with the context it was trained for, quietly."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=0, n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0,
+                 verbose=False, **options)
+
+
 def answers_from_gguf(path, prompts: list[list[dict]], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy answers of the GGUF file at ``path`` as llama.cpp (llama-cpp-python) gives them: the prompt written
     by the file's own chat template, the reply ended at its end-of-turn token."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=0, n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0,
-                verbose=False)
+    llm = _llama(path)
     try:
         return [llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=max_new_tokens,
                                            repeat_penalty=1.0)["choices"][0]["message"]["content"] or ""
@@ -284,13 +287,11 @@ def logprob_difference(hf: Path, gguf_file: Path, prompts: list[list[dict]], ans
     (transformers) and the GGUF file (llama.cpp) give each token of ``answers`` after its prompt."""
     import numpy as np
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    llm = Llama(model_path=str(gguf_file), n_ctx=0, logits_all=True, seed=0, verbose=False,
-                n_threads=max(1, min(4, os.cpu_count() or 1)))
+    llm = _llama(gguf_file, logits_all=True)
 
     def log_softmax(x):
         x = x - x.max(axis=-1, keepdims=True)

@@ -30,11 +30,16 @@ ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Gemm
 _PRE = {"qwen3": "qwen2", "llama": "llama-bpe", "gemma3": "default"}
 
 
-def check(config: dict, quantization: str) -> str:
-    """llama.cpp's name for the model's architecture; a one-line UserError for one (or a type) it cannot write."""
+def check_quantization(quantization: str) -> None:
+    """A one-line UserError for a GGUF weight type this module does not write."""
     if quantization not in QUANTIZATIONS:
         raise UserError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}",
                         field="quantization")
+
+
+def check(config: dict, quantization: str) -> str:
+    """llama.cpp's name for the model's architecture; a one-line UserError for one (or a type) it cannot write."""
+    check_quantization(quantization)
     name = (config.get("architectures") or ["?"])[0]
     if name not in ARCHITECTURES:
         raise UserError(f"GGUF export writes {', '.join(ARCHITECTURES)}, not {name}; export format='hf' and convert "
