@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 from conftest import _free_port, _stop, _wait_until_up
 
-pytestmark = pytest.mark.slow
+# Longer than _run_all's own wait, so a notebook that does not finish is reported with what it waits for.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(720)]
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -127,13 +128,20 @@ def _theme(page, theme: str) -> None:
     page.wait_for_timeout(500)  # the theme's stylesheet applies after the attribute
 
 
-def _run_all(page, url: str, notebook: str, frontend: str = "lab", timeout: float = 600) -> list[dict]:
+def _open(page, url: str, notebook: str, frontend: str = "lab") -> None:
+    """Open ``notebook`` in ``frontend`` and wait until its kernel is idle."""
     page.goto(f"{url}{FRONTENDS[frontend]}{notebook}")
     page.wait_for_selector(".jp-Notebook", timeout=90_000)
     page.wait_for_function("() => window.jupyterapp.shell.currentWidget?.sessionContext?.session?.kernel?.status"
                            " === 'idle'", timeout=120_000)
+
+
+def _run_all(page, root: Path, timeout: float = 480) -> list[dict]:
+    """Run All in the open notebook, as the Run menu does, and wait until every cell ran; one failed cell, or the
+    cells still pending at ``timeout`` with the local jobs' worker logs, fails the test."""
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    # Not awaited: the command's promise lasts as long as the cells run, and this loop reports what is pending.
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
     deadline = time.monotonic() + timeout
     while True:
         state = page.evaluate(_CELLS_JS)
@@ -146,8 +154,11 @@ def _run_all(page, url: str, notebook: str, frontend: str = "lab", timeout: floa
         if done:
             return state["cells"]
         if time.monotonic() > deadline:
-            pytest.fail(f"the notebook did not finish in {timeout:g} s: "
-                        f"{[c['index'] for c in state['cells'] if c['count'] is None]} still pending")
+            pending = [c for c in state["cells"] if c["count"] is None]
+            logs = "\n".join(f"{log}:\n{log.read_text()[-1500:]}" for log in sorted(root.glob("home/**/worker.log")))
+            pytest.fail(f"the notebook did not finish in {timeout:g} s (kernel {state['kernel']}): cells "
+                        f"{[c['index'] for c in pending]} pending; the first one's outputs so far: "
+                        f"{json.dumps(pending[0]['outputs'])[-1500:] if pending else ''}\n{logs}")
         time.sleep(1)
 
 
@@ -236,12 +247,11 @@ def _check_panel(page, panel) -> None:
     _fits(panel, "chat panel")
 
 
-def _quickstart_in(page, url: str, frontend: str, first: str, then: str) -> None:
+def _quickstart_in(page, url: str, root: Path, frontend: str, first: str, then: str) -> None:
     """Run the quickstart in ``frontend`` in the ``first`` theme, chat with it, then look at it in ``then``."""
-    page.goto(f"{url}{FRONTENDS[frontend]}notebooks/quickstart.ipynb")
-    page.wait_for_selector(".jp-Notebook", timeout=90_000)
+    _open(page, url, "notebooks/quickstart.ipynb", frontend)
     _theme(page, first)
-    cells = _run_all(page, url, "notebooks/quickstart.ipynb", frontend)
+    cells = _run_all(page, root)
     _shot(page, f"{frontend}-{first}-done")
     # The user's own matplotlib plot of the training loss is drawn in the page.
     plot_cells = [c for c in cells if ".plot(" in c["source"]]
@@ -271,10 +281,10 @@ def _quickstart_in(page, url: str, frontend: str, first: str, then: str) -> None
 @pytest.mark.parametrize("frontend, first, then", [("lab", "light", "dark"), ("notebook7", "dark", "light")])
 def test_the_quickstart_in_the_browser_live_readable_in_both_themes_and_typed_into_fast(server, browser, frontend,
                                                                                        first, then):
-    url, _root = server
+    url, root = server
     page = browser.new_page(viewport={"width": 1000, "height": 1000})
     try:
-        _quickstart_in(page, url, frontend, first, then)
+        _quickstart_in(page, url, root, frontend, first, then)
     finally:
         page.close()
 
@@ -304,10 +314,9 @@ def test_the_arena_votes_by_button_and_the_monitor_marks_the_best_checkpoint_in_
     (root / "arena.ipynb").write_text(json.dumps(_ARENA_NOTEBOOK))
     page = browser.new_page(viewport={"width": 1000, "height": 1000})
     try:
-        page.goto(f"{url}/lab/tree/arena.ipynb")
-        page.wait_for_selector(".jp-Notebook", timeout=90_000)
+        _open(page, url, "arena.ipynb")
         _theme(page, "dark")
-        _run_all(page, url, "arena.ipynb")
+        _run_all(page, root)
         # The monitor of a job scored during tuning: the task metric beside the loss, the best checkpoint marked.
         monitor = page.locator(".tm-monitor").first
         page.wait_for_function("() => document.querySelector('.tm-monitor')?.innerText.includes('rouge_l')",

@@ -186,6 +186,32 @@ def test_three_jobs_with_limit_one_run_one_after_another(home):
 
 
 @pytest.mark.slow
+def test_a_local_job_looks_up_no_host_but_loopback(home, tmp_path, monkeypatch):
+    """Tuning stays on the machine: the worker (TRL's trainer inside it) names no host on the network, even
+    where nothing in the user's environment turned the libraries' usage pings off (TRL skips its own under CI)."""
+    for name in ("CI", "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    (spy / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import socket
+        open({str(tmp_path / "spied.txt")!r}, "a").close()
+        _lookup = socket.getaddrinfo
+        def getaddrinfo(host, *args, **kwargs):
+            if host not in ("127.0.0.1", "localhost", "::1", "", None):
+                with open({str(tmp_path / "hosts.txt")!r}, "a") as f:
+                    f.write(f"{{host}}\\n")
+            return _lookup(host, *args, **kwargs)
+        socket.getaddrinfo = getaddrinfo
+    """))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(spy), os.environ.get("PYTHONPATH")])))
+    job = tm.tune(MODEL, records(8), epochs=1, batch_size=4, wait=True)
+    assert job.state == JOB_STATE_SUCCEEDED, job.error
+    assert (tmp_path / "spied.txt").is_file(), "the worker ran with the spy in place"
+    assert not (tmp_path / "hosts.txt").exists(), (tmp_path / "hosts.txt").read_text()
+
+
+@pytest.mark.slow
 def test_cancel_queued_and_running_jobs(home):
     running = tm.tune(MODEL, records(16, long=True), epochs=3, batch_size=2)
     queued = tm.tune(MODEL, records(8), epochs=1)
