@@ -439,6 +439,15 @@ def gcs_faults(gcs_emulator_server, monkeypatch: pytest.MonkeyPatch):
 # Credentials for the SDKs: ``fake_vertex.credentials()`` (a static bearer token).
 
 
+def finish(fake, job, limit=30):
+    """A Vertex AI job on the fake run to its end: refresh it, moving the fake's clock a step each time, until it ends."""
+    for _ in range(limit):
+        if job.refresh().done:
+            return job
+        fake.advance(fake.step_seconds)
+    raise AssertionError(f"{job.name} did not end: {job.state}")
+
+
 @pytest.fixture
 def fake_vertex(gcs_emulator: GcsEmulator, monkeypatch: pytest.MonkeyPatch):
     """A running FakeVertex for this test, with the environment pointing tuning_magics at it."""

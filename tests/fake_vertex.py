@@ -59,6 +59,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # ====================================================================== what the service offers
@@ -279,6 +280,21 @@ def _safetensors(tag: str) -> bytes:
     header = json.dumps({"__metadata__": {"format": "pt", "checkpoint": tag}}).encode()
     header += b" " * (-len(header) % 8)
     return struct.pack("<Q", len(header)) + header
+
+
+def _checkpoint_files(folder: Path) -> dict[str, bytes]:
+    """A Hugging Face model folder in the service's layout (numbered shards with their index, as the local engine
+    writes them too) as an open-model tuning job leaves a checkpoint, with no more than the service documents:
+    the shards, the index, config.json and the tokenizer files, the chat template inside tokenizer_config.json; no
+    generation config ("Tune open models", Tuned model artifacts; "Deploy models with custom weights", Model files)."""
+    files = {p.name: p.read_bytes() for p in folder.glob("model-*.safetensors")}
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    if (folder / "chat_template.jinja").is_file():
+        tokenizer_config["chat_template"] = (folder / "chat_template.jinja").read_text()
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
+        files[name] = (folder / name).read_bytes()
+    files["tokenizer_config.json"] = json.dumps(tokenizer_config).encode()
+    return files
 
 
 # ====================================================================== datasets and the fake model
@@ -671,6 +687,9 @@ class FakeVertex:
         self._gets: dict[str, int] = {}
         self.project_numbers = {"fake-project": "123456789012", **(project_numbers or {})}
         self.regions: dict[str, set[str]] = {}  # base model -> regions that tune it (overrides the defaults)
+        #: A Hugging Face model folder whose weights an open-model job leaves in each checkpoint, in the service's
+        #: layout (None: empty placeholder weights, which nothing can load).
+        self.weights: Path | None = None
         self.requests: list[Recorded] = []
         #: Every instance the evaluation service graded: {"kind", "values", "model", "template"}.
         self.evaluations: list[dict] = []
@@ -1329,6 +1348,10 @@ class FakeVertex:
         folders = [f"checkpoint-{step}" for _, step in job.checkpoint_steps()] + ["final"]
         for folder in folders:
             base = f"{out}/postprocess/node-0/checkpoints/{folder}"
+            if self.weights is not None:
+                for name, data in _checkpoint_files(Path(self.weights)).items():
+                    self.storage.write(f"{base}/{name}", data)
+                continue
             self.storage.write(f"{base}/model-00001-of-00001.safetensors", _safetensors(folder))
             self.storage.write(f"{base}/config.json", config)
         if "distillationSpec" in job.body:

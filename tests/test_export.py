@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import finish
 
 pytest.importorskip("torch")
 
@@ -214,3 +215,54 @@ def test_gguf_export_of_what_it_cannot_write_is_one_line(jobs, tmp_path):
                                         r"not MistralForCausalLM; export format='hf' and convert"):
         check({"architectures": ["MistralForCausalLM"]}, "f16")
     assert not (tmp_path / "x").exists()
+
+
+# ====================================================================== a Vertex AI open-model job
+
+
+def test_a_vertex_open_model_job_is_exported_from_cloud_storage_and_answers_as_its_weights_do(jobs, vertex,
+                                                                                                tmp_path):
+    """The service leaves the tuned weights in Cloud Storage (here the local full job's, in the service's layout:
+    numbered shards with an index, the chat template inside tokenizer_config.json, no generation config); the
+    export downloads them, verified, and answers every prompt of the job's own training file (read from Cloud
+    Storage) exactly as the local engine answered from the same weights."""
+    local = jobs["full"]
+    vertex.weights = Path(local.output_uri) / "postprocess/node-0/checkpoints/final"
+    job = tm.tune("qwen/qwen3@qwen3-8b", FACTS, tuning_mode="FULL", epochs=2,
+                  output_uri=f"gs://{vertex.bucket}/export-{tmp_path.name}")
+    assert finish(vertex, job, limit=300).succeeded, job.error
+    folder = f"{job.output_uri}/postprocess/node-0/checkpoints/final/"
+    from tuning_magics import storage
+
+    assert "generation_config.json" not in {u[len(folder):] for u in storage.list_uris(folder)}
+
+    hf = job.export("hf")
+    from tuning_magics.paths import data_home
+
+    assert hf.path == str(data_home() / "exports" / job.id / "final-hf")
+    assert hf.verified and (hf.prompts, hf.answered, hf.identical) == (8, 8, None)
+    assert str(hf).endswith("loaded on its own and answered 8/8 of the job's prompts (nothing else here answers "
+                            "from these weights to compare with)")
+    # The export adds what the service leaves out: a reply ends at the chat template's end-of-turn token elsewhere.
+    from transformers import AutoTokenizer, GenerationConfig
+
+    end = AutoTokenizer.from_pretrained(hf.path).convert_tokens_to_ids("<|im_end|>")
+    assert (Path(hf.path) / "generation_config.json").is_file()
+    assert end in GenerationConfig.from_pretrained(hf.path).eos_token_id
+    from tuning_magics.export import answers_from_folder, job_prompts
+
+    prompts = job_prompts(job, 8)
+    assert [p[-1]["content"] for p in prompts] == [f["prompt"] for f in FACTS[:8]]  # its training file, from GCS
+    assert answers_from_folder(hf.path, prompts) == [local.chat(p, temperature=0, max_new_tokens=64) for p in prompts]
+
+    gguf = job.export("gguf", path=tmp_path / "gguf")
+    assert gguf.verified and str(gguf).endswith("8/8 answers identical to the checkpoint's weights in transformers")
+
+    for options, message in [(dict(format="peft"), f"checkpoint final of job {job.id} holds the tuned model's whole "
+                                                   "weights, no LoRA adapter; export it with format='hf'"),
+                             (dict(checkpoint="checkpoint-9"), f"job {job.id} has no checkpoint 'checkpoint-9'; it "
+                                                               "has checkpoint-")]:
+        with pytest.raises(UserError) as info:
+            job.export(path=tmp_path / "refused", **options)
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not (tmp_path / "refused").exists()

@@ -12,6 +12,7 @@ import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+from conftest import finish
 
 import tuning_magics as tm
 from tuning_magics.errors import UserError
@@ -34,15 +35,6 @@ def vertex(vertex):
 @pytest.fixture
 def train(vertex):
     return vertex.put(vertex.uri("train.jsonl"), CHAT)
-
-
-def finish(fake, job, limit=30):
-    """Refresh the job, moving the fake's clock a step each time, until it ends."""
-    for _ in range(limit):
-        if job.refresh().done:
-            return job
-        fake.advance(fake.step_seconds)
-    raise AssertionError(f"{job.name} did not end: {job.state}")
 
 
 @pytest.fixture
@@ -753,7 +745,10 @@ def test_a_tuned_gemini_model_cannot_be_exported_and_says_where_it_can_be_used(v
     assert str(info.value) == (f"job {gemini.id} tuned Gemini, whose tuned weights stay inside Vertex AI and cannot "
                                "be exported; serve it there with job.deploy() or job.chat(), or answer many prompts "
                                "with batch prediction (job.evaluate(batch_from=...))")
-    with pytest.raises(UserError, match=rf"^job {llama.id} tuned an open model on Vertex AI: its checkpoints are "
-                                        r"folders in Cloud Storage \(gs://"):
-        llama.export("hf", path=tmp_path / "model")
     assert len(vertex.requests) == before and not (tmp_path / "model").exists()  # refused before any request
+    # An open model's checkpoint whose folder nothing can load (the fake's placeholder weights): one line, nothing left.
+    with pytest.raises(UserError, match=rf"^checkpoint final of job {llama.id} has no tokenizer files in gs://.*/final/ "
+                                        r"\(tokenizer.json, tokenizer_config.json\), which a runtime needs to write "
+                                        r"its prompts$"):
+        llama.export("hf", path=tmp_path / "model")
+    assert not list(tmp_path.iterdir())

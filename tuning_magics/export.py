@@ -33,8 +33,10 @@ also gives the mean difference of the log-probability of the tuned model's answe
 
 What a backend cannot export is refused in one line before anything is written (a
 tuned Gemini model lives only in Vertex AI), and so is an export the disk has no room
-for. The backend writes the files (``Job._write_export``); this module checks,
-verifies and reports, and imports no backend.
+for. The backend writes the files (``Job._write_export``) and says what the export must
+answer (``Job._export_reference``: ``job.chat``, or for a Vertex AI open-model job,
+whose model answers only once deployed, its checkpoint's weights in transformers);
+this module checks, verifies and reports, and imports no backend.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ class Export:
     #: the tuned model's answers between the export and the tuned model.
     quantization: str | None = None
     logprob_difference: float | None = None
+    #: What the export's answers were compared with: the tuned model through the engine (``job.chat``), or, for a
+    #: job whose model answers only once deployed, its checkpoint's weights as transformers answers.
+    reference: str = "job.chat"
+    #: Of the prompts, how many the export answered when nothing else here answers from the same weights (an
+    #: ``"hf"`` export of a Vertex AI checkpoint is those weights): a check that it loads and answers on its own.
+    answered: int | None = None
 
     @property
     def required(self) -> float:
@@ -86,18 +94,23 @@ class Export:
 
     @property
     def verified(self) -> bool:
-        return self.identical is not None and self.identical >= self.required * self.prompts
+        if self.identical is None:
+            return self.answered is not None and self.answered == self.prompts > 0
+        return self.identical >= self.required * self.prompts
 
     def __str__(self) -> str:
         kind = f"{self.format} ({self.quantization})" if self.quantization else self.format
         head = f"{kind} export of job {self.job} ({self.checkpoint}) in {self.path}, {_amount(self.bytes)}"
+        if self.identical is None and self.answered is not None:
+            return f"{head}; loaded on its own and answered {self.answered}/{self.prompts} of the job's prompts " \
+                   "(nothing else here answers from these weights to compare with)"
         if self.identical is None:
             return f"{head}; not verified"
         base = "" if self.differs_from_base is None else \
             f"; differs from the base model on {self.differs_from_base}/{self.prompts}"
         drift = "" if self.logprob_difference is None else \
             f"; mean log-probability difference {self.logprob_difference:.3f} nats a token"
-        return f"{head}; {self.identical}/{self.prompts} answers identical to job.chat{base}{drift}"
+        return f"{head}; {self.identical}/{self.prompts} answers identical to {self.reference}{base}{drift}"
 
     __repr__ = __str__
 
@@ -162,6 +175,12 @@ def _write_gguf(job, format: str, hf: Path, folder: Path, quantization: str) -> 
         _check_modelfile(tokenizer, job_prompts(job, SAMPLE))
 
 
+def _reason(exc: BaseException) -> str:
+    """A library's error in a few words: its first line, cut short."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(":, ")[:120] if text else type(exc).__name__
+
+
 def _amount(n: int) -> str:
     """Bytes in words a person reads at a glance: 3.3 MB, 1.24 GB."""
     return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
@@ -174,13 +193,16 @@ def _size(folder: Path) -> int:
 def job_prompts(job, sample: int) -> list[list[dict]]:
     """Up to ``sample`` of the job's own prompts: its validation examples', else its training examples', each
     the conversation up to its last assistant turn."""
+    from . import storage
     from .datasets.formats import read_conversations
 
     for path in (job._validation_file(), job._training_file()):
-        if not path or str(path).startswith("gs://") or not Path(path).is_file():
+        if not path or not storage.exists(path):
             continue
         prompts = []
-        for conversation in read_conversations(path):
+        with storage.local_copy(path) as local:
+            conversations = read_conversations(local)
+        for conversation in conversations:
             last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=0)
             if last > 0:
                 prompts.append(conversation[:last])
@@ -195,8 +217,7 @@ def job_prompts(job, sample: int) -> list[list[dict]]:
 def _verify(job, result: Export, folder: Path, sample: int, *, hf: Path | None = None) -> None:
     """Ask the exported model and the tuned one the same prompts; a one-line UserError below :data:`REQUIRED`."""
     prompts = job_prompts(job, sample)
-    asked = None if result.checkpoint == "final" else result.checkpoint
-    tuned = [job.chat(p, checkpoint=asked, temperature=0, max_new_tokens=MAX_NEW_TOKENS) for p in prompts]
+    tuned, result.reference = job._export_reference(prompts, result.checkpoint, hf)
     if result.quantization is not None:
         gguf_file = folder / GGUF_FILE.format(result.quantization)
         exported = answers_from_gguf(gguf_file, prompts)
@@ -204,11 +225,14 @@ def _verify(job, result: Export, folder: Path, sample: int, *, hf: Path | None =
             result.logprob_difference = logprob_difference(hf, gguf_file, prompts, tuned)
     else:
         exported = answers_from_folder(folder, prompts, peft=result.format == "peft")
+    result.prompts = len(prompts)
+    if tuned is None:  # nothing else answers from these weights: the export loaded and answered on its own
+        result.answered = sum(isinstance(a, str) for a in exported)
+        return
     try:
         base = [job.chat(p, checkpoint="base", temperature=0, max_new_tokens=MAX_NEW_TOKENS) for p in prompts]
     except (UserError, OSError):  # no base model to ask here: the comparison is left out
         base = None
-    result.prompts = len(prompts)
     result.identical = sum(a == b for a, b in zip(exported, tuned))
     result.differs_from_base = None if base is None else sum(a != b for a, b in zip(exported, base))
     result.examples = [{"prompt": p[-1]["content"], "exported": e, "tuned": t} for p, e, t in zip(prompts, exported,
@@ -217,9 +241,35 @@ def _verify(job, result: Export, folder: Path, sample: int, *, hf: Path | None =
         first = next(x for x in result.examples if x["exported"] != x["tuned"])
         need = "all are needed" if result.required == 1 else f"{result.required:.0%} are needed"
         raise UserError(f"the {result.format} export did not verify, so it was not kept: {result.identical}/"
-                        f"{result.prompts} answers identical to job.chat ({need}); the first that differs, "
+                        f"{result.prompts} answers identical to {result.reference} ({need}); the first that differs, "
                         f"to {first['prompt'][:60]!r}: exported {first['exported'][:60]!r}, tuned "
                         f"{first['tuned'][:60]!r}", field="format")
+
+
+def complete_folder(folder: Path) -> None:
+    """Make a Hugging Face model folder answer elsewhere as the engine answers: a generation config whose end
+    tokens are the chat template's end-of-turn ones (vLLM and transformers stop there). A one-line UserError when
+    the folder has no tokenizer with a chat template, which every runtime needs to write the prompts."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from .datasets.tokenizer import stop_token_ids
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the model has no tokenizer another runtime can load ({_reason(exc)}), so it cannot be "
+                        "exported", field="checkpoint") from None
+    if not tokenizer.chat_template:
+        raise UserError("the model's tokenizer has no chat template, so another runtime could not write its prompts "
+                        "as training did; it cannot be exported", field="checkpoint")
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["eos_token_id"] = stop_token_ids(tokenizer, config.get("eos_token_id"))
+    if config.get("pad_token_id") is None and tokenizer.pad_token_id is not None:
+        config["pad_token_id"] = tokenizer.pad_token_id
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def answers_from_folder(folder, prompts: list[list[dict]], *, peft: bool = False,
@@ -232,12 +282,16 @@ def answers_from_folder(folder, prompts: list[list[dict]], *, peft: bool = False
 
     folder = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if peft:
-        from peft import AutoPeftModelForCausalLM
+    try:
+        if peft:
+            from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:  # weights or a config transformers does not read
+        raise UserError(f"transformers could not load the exported model ({_reason(exc)}), so the export was not "
+                        "kept", field="checkpoint") from None
     model.eval()
     out = []
     with torch.no_grad():

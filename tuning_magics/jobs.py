@@ -425,9 +425,10 @@ class Job(ABC):
         ``format``: ``"hf"`` (a self-contained Hugging Face folder, a LoRA adapter merged in), ``"peft"`` (a
         LoRA job's adapter alone), ``"gguf"`` (one file for llama.cpp, at ``quantization`` ``f16``, ``bf16``,
         ``q8_0`` or ``f32``) or ``"ollama"`` (the GGUF and a Modelfile). ``path``: where (default:
-        ``exports/<checkpoint>-<format>`` in the job's folder). The exported model is loaded by its runtime on its
-        own and asked ``sample`` of the job's prompts; it is kept only when its answers are ``job.chat``'s (all
-        of them; most, for rounded weights). Returns an :class:`~tuning_magics.export.Export`.
+        ``exports/<checkpoint>-<format>`` in a local job's folder; a Vertex AI open-model job's checkpoint is
+        downloaded from Cloud Storage into ``exports/<job id>/`` of the data home). The exported model is loaded
+        by its runtime on its own and asked ``sample`` of the job's prompts; it is kept only when its answers are
+        ``job.chat``'s (all of them; most, for rounded weights). Returns an :class:`~tuning_magics.export.Export`.
         """
         from .export import export_job
 
@@ -440,6 +441,15 @@ class Job(ABC):
 
         raise UserError(f"job {self.id} cannot be exported from this backend ({self.backend or type(self).__name__})",
                         field="format")
+
+    def _export_reference(self, prompts: list[list[dict]], checkpoint: str, hf: Path | None):
+        """The answers an export of ``checkpoint`` must give to ``prompts``, and what gave them: the tuned model
+        through the engine (``job.chat``, greedy). ``hf`` is the ``"hf"`` folder a GGUF export was made from."""
+        from .export import MAX_NEW_TOKENS
+
+        asked = None if checkpoint == "final" else checkpoint
+        return [self.chat(p, checkpoint=asked, temperature=0, max_new_tokens=MAX_NEW_TOKENS) for p in prompts], \
+            "job.chat"
 
     def _export_home(self) -> Path:
         """Where exports go by default."""

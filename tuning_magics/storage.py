@@ -1006,22 +1006,28 @@ def local_copy(uri: PathOrUri) -> Iterator[Path]:
 
 def list_uris(prefix: PathOrUri) -> list[str]:
     """Sorted files or objects whose path starts with ``prefix`` (a folder lists everything under it)."""
+    return sorted(list_sizes(prefix))
+
+
+def list_sizes(prefix: PathOrUri) -> dict[str, int]:
+    """The files or objects whose path starts with ``prefix`` (a folder: everything under it), each with its size in
+    bytes, read from one listing."""
     if is_gcs(prefix):
         prefix = str(prefix)
         bucket, name = split_folder_or_object(prefix, need_object=False)
         missing = f"bucket {bucket!r} not found (listing {prefix}); check the bucket name"
         with _gcs_errors(prefix, missing=missing):
             blobs = gcs_client().list_blobs(bucket, prefix=name or None, **_call_options())
-            return sorted(f"{_SCHEME}{bucket}/{b.name}" for b in blobs if not b.name.endswith("/"))
+            return {f"{_SCHEME}{bucket}/{b.name}": int(b.size or 0) for b in blobs if not b.name.endswith("/")}
     path = Path(prefix).expanduser()
     if path.is_dir():
         tops = [path]
     elif path.parent.is_dir():
         tops = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
     else:
-        return []
+        return {}
     files = (f for top in tops for f in ([top] if top.is_file() else top.rglob("*")))
-    return sorted(str(f) for f in files if f.is_file())
+    return {str(f): f.stat().st_size for f in files if f.is_file()}
 
 
 def _download(uri: str, stream: IO[bytes]) -> None:

@@ -207,6 +207,23 @@ class ByteTokenizer:
 # -- tokenizers read from disk -------------------------------------------------------------
 
 
+#: Tokens that close a turn in the chat templates of the model families the engine tunes (ChatML, Gemma, Llama 3).
+END_OF_TURN_TOKENS = (IM_END, "<end_of_turn>", "<|eot_id|>")
+
+
+def stop_token_ids(tokenizer, eos=None) -> list[int]:
+    """The token ids that end a reply: ``eos`` (a generation config's ``eos_token_id``: an id or a list), the
+    tokenizer's end-of-sequence token and each end-of-turn token its vocabulary has."""
+    ids = {eos} if isinstance(eos, int) else set(eos or ())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for token in END_OF_TURN_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(ids)
+
+
 def hf_cached_folder(repo: str) -> str | None:
     """The snapshot folder of ``repo`` in the local Hugging Face cache when its config is there, else None."""
     try:

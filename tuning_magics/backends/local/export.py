@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ...catalog import PEFT, normalise_mode
 from ...errors import UserError
+from ...export import complete_folder
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -60,9 +61,6 @@ def write(checkpoint: Path, format: str, folder: Path) -> None:
         load_tokenizer(str(adapter)).save_pretrained(folder)
         return
     chat = LocalChatModel(str(checkpoint))  # as job.chat loads it: an adapter merged into its base weights
-    model, tokenizer = chat.model, chat.tokenizer
-    model.generation_config.eos_token_id = chat.stop_ids()  # other runtimes end a reply where the engine does
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    chat.model.save_pretrained(folder, safe_serialization=True)
+    chat.tokenizer.save_pretrained(folder)
+    complete_folder(folder)  # other runtimes end a reply where the engine does

@@ -158,20 +158,10 @@ class LocalChatModel:
 
     def stop_ids(self) -> list[int]:
         """Token ids that end a reply (end of sequence and the template's end-of-turn markers)."""
-        ids = set()
+        from ...datasets.tokenizer import stop_token_ids
+
         gen = getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(eos)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return sorted(ids)
+        return stop_token_ids(self.tokenizer, getattr(gen, "eos_token_id", None) if gen is not None else None)
 
     def render(self, messages) -> str:
         """The prompt text: ``messages`` in the chat template, ending where the assistant's reply starts."""

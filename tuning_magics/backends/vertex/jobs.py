@@ -213,8 +213,9 @@ class VertexJob(Job):
         if not out or self.state not in (JOB_STATE_SUCCEEDED, JOB_STATE_FAILED, JOB_STATE_CANCELLED):
             return []
         from ... import storage
+        from .endpoints import CHECKPOINTS_FOLDER
 
-        root = out.rstrip("/") + "/postprocess/node-0/checkpoints/"
+        root = f"{out.rstrip('/')}/{CHECKPOINTS_FOLDER}/"
         with vc.api_errors(f"list the checkpoints of {self._name}", self.ctx):
             uris = storage.list_uris(root)
         names = sorted({u[len(root):].split("/", 1)[0] for u in uris if u.startswith(root) and "/" in u[len(root):]})
@@ -250,9 +251,26 @@ class VertexJob(Job):
             raise UserError(f"job {self.id} tuned Gemini, whose tuned weights stay inside Vertex AI and cannot be "
                             "exported; serve it there with job.deploy() or job.chat(), or answer many prompts with "
                             "batch prediction (job.evaluate(batch_from=...))", field="format")
-        raise UserError(f"job {self.id} tuned an open model on Vertex AI: its checkpoints are folders in Cloud "
-                        f"Storage ({self.output_uri or 'its output_uri'}), which this version does not export yet",
-                        field="format")
+        from ...errors import require_extra
+        from . import export
+
+        require_extra("local")  # transformers reads the checkpoint and answers with it
+        export.check(self, format, checkpoint)
+
+    def _export_bytes(self, format: str, checkpoint: str) -> int:
+        from . import export
+
+        return export.export_bytes(self, format, checkpoint)
+
+    def _write_export(self, format: str, checkpoint: str, folder) -> None:
+        from . import export
+
+        export.write(self, format, checkpoint, folder)
+
+    def _export_reference(self, prompts, checkpoint: str, hf):
+        from . import export
+
+        return export.reference(prompts, hf)
 
     def chat(self, messages_or_text, *, checkpoint: str | None = None, stream: bool = False, **gen):
         """Reply with the tuned Gemini model (any checkpoint), or with the endpoint ``deploy()`` made."""
