@@ -282,7 +282,7 @@ def _safetensors(tag: str) -> bytes:
     return struct.pack("<Q", len(header)) + header
 
 
-def _checkpoint_files(folder: Path) -> dict[str, bytes]:
+def _checkpoint_files(folder: Path, dtype: str | None = None) -> dict[str, bytes]:
     """A Hugging Face model folder in the service's layout (numbered shards with their index, as the local engine
     writes them too) as an open-model tuning job leaves a checkpoint, with no more than the service documents:
     the shards, the index, config.json and the tokenizer files, the chat template inside tokenizer_config.json; no
@@ -294,6 +294,16 @@ def _checkpoint_files(folder: Path) -> dict[str, bytes]:
     for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
         files[name] = (folder / name).read_bytes()
     files["tokenizer_config.json"] = json.dumps(tokenizer_config).encode()
+    if dtype == "bfloat16":  # as the service keeps open models: the shards in bfloat16, the config saying so
+        import torch
+        from safetensors.torch import load, save
+
+        for name in [n for n in files if n.endswith(".safetensors")]:
+            files[name] = save({k: v.to(torch.bfloat16) for k, v in load(files[name]).items()},
+                               metadata={"format": "pt"})
+        config = json.loads(files["config.json"])
+        config["dtype"] = "bfloat16"
+        files["config.json"] = json.dumps(config).encode()
     return files
 
 
@@ -688,8 +698,9 @@ class FakeVertex:
         self.project_numbers = {"fake-project": "123456789012", **(project_numbers or {})}
         self.regions: dict[str, set[str]] = {}  # base model -> regions that tune it (overrides the defaults)
         #: A Hugging Face model folder whose weights an open-model job leaves in each checkpoint, in the service's
-        #: layout (None: empty placeholder weights, which nothing can load).
+        #: layout (None: empty placeholder weights, which nothing can load), cast to ``weights_dtype`` if set.
         self.weights: Path | None = None
+        self.weights_dtype: str | None = None
         self.requests: list[Recorded] = []
         #: Every instance the evaluation service graded: {"kind", "values", "model", "template"}.
         self.evaluations: list[dict] = []
@@ -1349,7 +1360,7 @@ class FakeVertex:
         for folder in folders:
             base = f"{out}/postprocess/node-0/checkpoints/{folder}"
             if self.weights is not None:
-                for name, data in _checkpoint_files(Path(self.weights)).items():
+                for name, data in _checkpoint_files(Path(self.weights), self.weights_dtype).items():
                     self.storage.write(f"{base}/{name}", data)
                 continue
             self.storage.write(f"{base}/model-00001-of-00001.safetensors", _safetensors(folder))

@@ -29,7 +29,7 @@ import pytest
 from conftest import _free_port, _stop, _wait_until_up
 
 # Longer than _run_all's own wait, so a notebook that does not finish is reported with what it waits for.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(720)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -136,7 +136,7 @@ def _open(page, url: str, notebook: str, frontend: str = "lab") -> None:
                            " === 'idle'", timeout=120_000)
 
 
-def _run_all(page, root: Path, timeout: float = 480) -> list[dict]:
+def _run_all(page, root: Path, timeout: float = 540) -> list[dict]:
     """Run All in the open notebook, as the Run menu does, and wait until every cell ran; one failed cell, or the
     cells still pending at ``timeout`` with the local jobs' worker logs, fails the test."""
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")

@@ -258,11 +258,48 @@ def test_a_vertex_open_model_job_is_exported_from_cloud_storage_and_answers_as_i
     gguf = job.export("gguf", path=tmp_path / "gguf")
     assert gguf.verified and str(gguf).endswith("8/8 answers identical to the checkpoint's weights in transformers")
 
-    for options, message in [(dict(format="peft"), f"checkpoint final of job {job.id} holds the tuned model's whole "
-                                                   "weights, no LoRA adapter; export it with format='hf'"),
-                             (dict(checkpoint="checkpoint-9"), f"job {job.id} has no checkpoint 'checkpoint-9'; it "
-                                                               "has checkpoint-")]:
+    # What the checkpoint cannot be exported as is one line before anything is downloaded: an architecture the
+    # GGUF writer does not know is read from the checkpoint's config.json alone.
+    early = job.checkpoints[0]
+    config = json.loads(storage.read_bytes(f"{early.uri}/config.json"))
+    with storage.atomic_writer(f"{early.uri}/config.json", overwrite=True) as out:
+        out.write(json.dumps({**config, "architectures": ["Gemma3ForConditionalGeneration"]}).encode())
+    for options, message in [
+            (dict(format="peft"), f"job {job.id} tuned on Vertex AI, which keeps each checkpoint as the merged "
+                                  "weights, with no adapter to export alone; use format='hf'"),
+            (dict(checkpoint="checkpoint-9"), f"job {job.name} has no checkpoint 'checkpoint-9' under "
+                                              f"{job.output_uri}/postprocess/node-0/checkpoints; choose one of "),
+            (dict(format="gguf", checkpoint=early.step), "GGUF export writes Qwen3ForCausalLM, LlamaForCausalLM, "
+                                                         "Gemma3ForCausalLM, not Gemma3ForConditionalGeneration")]:
         with pytest.raises(UserError) as info:
             job.export(path=tmp_path / "refused", **options)
         assert str(info.value).startswith(message) and "\n" not in str(info.value)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_vertex_checkpoint_kept_in_bfloat16_exports_to_gguf_and_answers_as_it_does_in_transformers(jobs, vertex,
+                                                                                                     tmp_path):
+    """Open models are tuned and kept in bfloat16, which NumPy does not read: the GGUF writer reads through torch."""
+    vertex.weights = Path(jobs["full"].output_uri) / "postprocess/node-0/checkpoints/final"
+    vertex.weights_dtype = "bfloat16"
+    job = tm.tune("qwen/qwen3@qwen3-8b", FACTS[:4], tuning_mode="FULL", epochs=1,
+                  output_uri=f"gs://{vertex.bucket}/export-bf16-{tmp_path.name}")
+    assert finish(vertex, job, limit=300).succeeded, job.error
+    done = job.export("gguf", path=tmp_path / "gguf", sample=4)
+    assert done.verified and str(done).endswith("4/4 answers identical to the checkpoint's weights in transformers")
+    assert done.bytes < 0.75 * job._export_bytes("hf", "final") * 2  # f16 from bf16: about the checkpoint's size
+
+
+def test_verifying_needs_the_memory_to_load_the_model_in_float32_and_says_so_first(jobs, tmp_path, monkeypatch):
+    import psutil
+
+    class Small:  # a machine with 1 MB of memory left
+        available = 1_000_000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Small)
+    with pytest.raises(UserError, match=r"^verifying the hf export loads the model in float32, about \d+\.\d MB, and "
+                                        r"this machine has 1\.0 MB of memory available; pass verify=False to export "
+                                        r"it unverified, or export on a machine with more memory$"):
+        jobs["full"].export("hf", path=tmp_path / "model")
+    assert not list(tmp_path.iterdir())
+    assert not jobs["full"].export("hf", path=tmp_path / "model", verify=False).verified  # unverified, as asked

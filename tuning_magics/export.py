@@ -8,7 +8,11 @@ model's answer through the engine (``job.chat``). The export is kept only when t
 answers agree (:data:`REQUIRED` of them identical); otherwise nothing is left at
 ``path`` and one line says how many agreed and the first that did not. A merge that
 silently gave back the base model is caught the same way, and the report also says
-on how many prompts the export answers differently from the base model.
+on how many prompts the export answers differently from the base model. Where nothing
+here answers from the same weights (the ``"hf"`` export of a Vertex AI open-model job
+is its checkpoint's weights themselves), the export is kept when it loads on its own
+and answers every prompt, and the report says that is what was checked. Verification
+loads the model in float32; a machine without the memory for it is told so first.
 
 Formats:
 
@@ -51,6 +55,9 @@ from . import params
 from .errors import UserError
 
 FORMATS = ("hf", "peft", "gguf", "ollama")
+#: The tokenizer files a Hugging Face model folder may hold.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt")
 #: Prompts asked of the exported model and of the tuned one, unless export() is told otherwise.
 SAMPLE = 8
 #: The longest answer compared, in tokens.
@@ -70,7 +77,7 @@ class Export:
     job: str
     checkpoint: str
     bytes: int
-    #: Prompts asked, and how many the export answered exactly as ``job.chat`` did (None: not verified).
+    #: Prompts asked, and how many the export answered exactly as :attr:`reference` did (None: not compared).
     prompts: int = 0
     identical: int | None = None
     #: Of the same prompts, how many the export answered differently from the base model (None: not asked).
@@ -130,18 +137,26 @@ def export_job(job, format: str = "hf", path=None, *, checkpoint: str = "final",
 
         check_quantization(quantization)
         require_extra("export")
-    job._check_export("hf" if gguf else format, checkpoint)  # what the job cannot export: said before any write
+    job._check_export(format, checkpoint)  # what the job cannot export: said before any write
+    config = job._export_config(checkpoint)
+    if gguf:
+        from .export_gguf import check
+
+        check(config, quantization)  # an architecture llama.cpp's writer here does not know: before any download
     name = f"{checkpoint}-{format}" + (f"-{quantization}" if gguf else "")
     target = Path(path) if path is not None else job._export_home() / name
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass overwrite=True to replace it, or another path",
                         field="path")
-    need = job._export_bytes("hf" if gguf else format, checkpoint) * (2 if gguf else 1)  # gguf: the folder too
-    target.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(target.parent).free
+    weights = job._export_bytes("hf" if gguf else format, checkpoint)
+    need = weights + (_gguf_bytes(config, weights, quantization) if gguf else 0)  # gguf: the hf folder too
+    free = shutil.disk_usage(_existing(target.parent)).free
     if need * 1.1 > free:
         raise UserError(f"the {format} export needs about {_amount(need)} and {target.parent} has {_amount(free)} "
                         "free; free some space or give another path", field="path")
+    if verify:
+        _check_memory(format, config, weights if format != "peft" else job._export_bytes("hf", checkpoint))
+    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(target) as tmp, tempfile.TemporaryDirectory(prefix=".hf-", dir=target.parent) as hf:
         if gguf:  # the "hf" export first, beside the target (the same disk), then the GGUF made from it
             job._write_export("hf", checkpoint, Path(hf))
@@ -156,6 +171,45 @@ def export_job(job, format: str = "hf", path=None, *, checkpoint: str = "final",
 
 
 GGUF_FILE = "model-{}.gguf"
+#: Bytes a weight takes in each dtype a config names, and in each GGUF type (q8_0: 34 bytes a block of 32).
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
+
+
+def _dtype_bytes(config: dict) -> float:
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return _BYTES.get(dtype, 4)
+
+
+def _gguf_bytes(config: dict, weights: int, quantization: str) -> int:
+    """About the size of the GGUF file made from ``weights`` bytes of safetensors in the config's dtype."""
+    return int(weights / _dtype_bytes(config) * _BYTES[quantization])
+
+
+def _check_memory(format: str, config: dict, weights: int) -> None:
+    """Verification loads the model in float32: a one-line UserError where the machine has not the memory."""
+    try:
+        import psutil
+    except ImportError:  # the [local] extra brings it; without it the memory is not known
+        return
+    need = int(weights / _dtype_bytes(config) * 4)
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise UserError(f"verifying the {format} export loads the model in float32, about {_amount(need)}, and this "
+                        f"machine has {_amount(free)} of memory available; pass verify=False to export it unverified, "
+                        "or export on a machine with more memory", field="verify")
+
+
+def _existing(folder: Path) -> Path:
+    """``folder``, or the nearest folder above it that exists (where a new one would be made)."""
+    folder = folder.expanduser().absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def is_weights(name: str) -> bool:
+    """Whether a file of a model folder holds the model's weights (a safetensors shard that is not an adapter's)."""
+    return name.endswith(".safetensors") and not name.startswith("adapter_")
 
 
 def _write_gguf(job, format: str, hf: Path, folder: Path, quantization: str) -> None:
@@ -227,7 +281,12 @@ def _verify(job, result: Export, folder: Path, sample: int, *, hf: Path | None =
         exported = answers_from_folder(folder, prompts, peft=result.format == "peft")
     result.prompts = len(prompts)
     if tuned is None:  # nothing else answers from these weights: the export loaded and answered on its own
-        result.answered = sum(isinstance(a, str) for a in exported)
+        result.answered = sum(bool(a.strip()) for a in exported)
+        result.examples = [{"prompt": p[-1]["content"], "exported": e} for p, e in zip(prompts, exported)]
+        if not result.verified:
+            raise UserError(f"the {result.format} export answered only {result.answered} of the job's "
+                            f"{result.prompts} prompts (an empty reply each other time), so it was not kept",
+                            field="format")
         return
     try:
         base = [job.chat(p, checkpoint="base", temperature=0, max_new_tokens=MAX_NEW_TOKENS) for p in prompts]
@@ -258,7 +317,7 @@ def complete_folder(folder: Path) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own plain Exception
         raise UserError(f"the model has no tokenizer another runtime can load ({_reason(exc)}), so it cannot be "
                         "exported", field="checkpoint") from None
     if not tokenizer.chat_template:
@@ -266,6 +325,9 @@ def complete_folder(folder: Path) -> None:
                         "as training did; it cannot be exported", field="checkpoint")
     path = folder / "generation_config.json"
     config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if "eos_token_id" not in config:  # where transformers and vLLM look without one: the model's config
+        model = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config["eos_token_id"] = model.get("eos_token_id", (model.get("text_config") or {}).get("eos_token_id"))
     config["eos_token_id"] = stop_token_ids(tokenizer, config.get("eos_token_id"))
     if config.get("pad_token_id") is None and tokenizer.pad_token_id is not None:
         config["pad_token_id"] = tokenizer.pad_token_id
@@ -281,15 +343,15 @@ def answers_from_folder(folder, prompts: list[list[dict]], *, peft: bool = False
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = str(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         if peft:
             from peft import AutoPeftModelForCausalLM
 
             model = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:  # weights or a config transformers does not read
+    except Exception as exc:  # noqa: BLE001 - weights, a config or a tokenizer transformers does not read
         raise UserError(f"transformers could not load the exported model ({_reason(exc)}), so the export was not "
                         "kept", field="checkpoint") from None
     model.eval()

@@ -95,7 +95,6 @@ def write_gguf(folder, out_file, quantization: str = "f16") -> None:
     """The Hugging Face model in ``folder`` (an ``"hf"`` export) as the GGUF file ``out_file``."""
     import gguf
     import numpy as np
-    from safetensors.numpy import load_file
 
     folder, out_file = Path(folder), Path(out_file)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -157,13 +156,9 @@ def write_gguf(folder, out_file, quantization: str = "f16") -> None:
 
     # The tensors, under llama.cpp's names.
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], layers)
-    weights = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(str(shard)))
-    for name, data in weights.items():
+    for name, data in _tensors(folder):
         if name == "lm_head.weight" and config.get("tie_word_embeddings", True):
             continue
-        data = data.astype(np.float32)
         if arch == "llama" and name.endswith("q_proj.weight"):
             data = _permute(data, heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
@@ -189,6 +184,17 @@ def write_gguf(folder, out_file, quantization: str = "f16") -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _tensors(folder: Path):
+    """Each weight of the folder's safetensors shards as a float32 array, one at a time (through torch, which reads
+    bfloat16: the dtype open models are tuned and kept in, and one NumPy has not)."""
+    from safetensors import safe_open
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, weights.get_tensor(name).float().numpy()
 
 
 def end_of_turn(folder: Path) -> list[int]:

@@ -428,7 +428,9 @@ class Job(ABC):
         ``exports/<checkpoint>-<format>`` in a local job's folder; a Vertex AI open-model job's checkpoint is
         downloaded from Cloud Storage into ``exports/<job id>/`` of the data home). The exported model is loaded
         by its runtime on its own and asked ``sample`` of the job's prompts; it is kept only when its answers are
-        ``job.chat``'s (all of them; most, for rounded weights). Returns an :class:`~tuning_magics.export.Export`.
+        ``job.chat``'s (all of them; most, for rounded weights; for a Vertex AI job, whose model answers only once
+        deployed, a GGUF's must be its checkpoint's in transformers, and an ``"hf"`` folder, which is that
+        checkpoint, must answer every prompt). Returns an :class:`~tuning_magics.export.Export`.
         """
         from .export import export_job
 
@@ -456,6 +458,10 @@ class Job(ABC):
         from .paths import data_home
 
         return data_home() / "exports" / self.id
+
+    def _export_config(self, checkpoint: str) -> dict:
+        """The checkpoint's model config (``config.json``), read before anything is written."""
+        return {}
 
     def _export_bytes(self, format: str, checkpoint: str) -> int:
         """About how many bytes the export takes (checked against the disk's free space first)."""

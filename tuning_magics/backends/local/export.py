@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ...catalog import PEFT, normalise_mode
 from ...errors import UserError
-from ...export import complete_folder
+from ...export import complete_folder, is_weights
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -43,10 +43,17 @@ def export_bytes(checkpoint: Path, format: str) -> int:
     adapter = adapter_folder(checkpoint)
     if format == "peft":
         return sum((adapter / name).stat().st_size for name in _ADAPTER_FILES if (adapter / name).is_file())
-    weights = [p for p in checkpoint.glob("*.safetensors") if not p.name.startswith("adapter_")]
+    weights = [p for p in checkpoint.iterdir() if is_weights(p.name)]
     if weights:
         return sum(p.stat().st_size for p in weights)
     return param_count(load_config(str(checkpoint))) * 4  # an adapter's checkpoint: the merged float32 weights
+
+
+def config(checkpoint: Path) -> dict:
+    """The model's config (an adapter's: its base model's)."""
+    from .models import load_config
+
+    return load_config(str(checkpoint)).to_dict()
 
 
 def write(checkpoint: Path, format: str, folder: Path) -> None:

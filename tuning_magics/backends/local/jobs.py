@@ -398,6 +398,11 @@ class LocalJob(Job):
     def _export_home(self) -> Path:
         return self.output_dir / "exports"
 
+    def _export_config(self, checkpoint: str) -> dict:
+        from . import export
+
+        return export.config(Path(self._checkpoint_path(None if checkpoint == "final" else checkpoint)))
+
     def _export_bytes(self, format: str, checkpoint: str) -> int:
         from . import export
 

@@ -90,7 +90,7 @@ def _spawn(rec: registry.JobRecord) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # A local job stays on the machine: the trainers' usage pings to the Hugging Face Hub (TRL sends one per
-    # trainer) are off unless the user turned them on in the environment the job was submitted from.
+    # trainer) are off unless the process that starts the worker has HF_HUB_DISABLE_TELEMETRY set otherwise.
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # The worker must find this same registry even if the home came from a default.
     env.setdefault("TUNING_MAGICS_HOME", str(registry.home()))

@@ -679,11 +679,11 @@ def _gemini_endpoint(job, checkpoint) -> tuple[str, str]:
     return chosen.name, chosen.uri
 
 
-def _open_checkpoint(job, checkpoint) -> tuple[str, str]:
+def open_checkpoint(job, checkpoint, doing: str = "be deployed") -> tuple[str, str]:
     """(checkpoint name, gs:// folder) of a succeeded open-model job: ``final``, or ``checkpoint`` (name or step)."""
-    _check_succeeded(job, "be deployed")
+    _check_succeeded(job, doing)
     if not job.output_uri:
-        raise UserError(f"job {job.name} has no output folder to deploy from", field="job")
+        raise UserError(f"job {job.name} has no output folder to take its model from", field="job")
     name = "final" if checkpoint is None else checkpoint
     if isinstance(name, bool) or not isinstance(name, (str, int)):
         raise UserError(f"checkpoint must be a name such as 'checkpoint-8' or a step number, not {checkpoint!r}",
@@ -746,7 +746,7 @@ def deploy_job(job, *, checkpoint=None, machine_type: str = DEFAULT_MACHINE_TYPE
                                   source=f"{job.name} {name}")
         _remember(job, name, endpoint)
         return endpoint
-    name, uri = _open_checkpoint(job, checkpoint)
+    name, uri = open_checkpoint(job, checkpoint)
     machine = f"{machine_type.strip()} with {int(accelerator_count)} {accelerator_type.strip()}"
     endpoint_id = _endpoint_id(job, name)
     # The request aiplatform's CustomModel(gcs_uri=...).deploy() sends (vertexai/model_garden/_model_garden.py,

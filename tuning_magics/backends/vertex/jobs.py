@@ -257,15 +257,20 @@ class VertexJob(Job):
         require_extra("local")  # transformers reads the checkpoint and answers with it
         export.check(self, format, checkpoint)
 
+    def _export_config(self, checkpoint: str) -> dict:
+        from . import export
+
+        return export.config(self, checkpoint)
+
     def _export_bytes(self, format: str, checkpoint: str) -> int:
         from . import export
 
-        return export.export_bytes(self, format, checkpoint)
+        return export.export_bytes(self, checkpoint)
 
     def _write_export(self, format: str, checkpoint: str, folder) -> None:
         from . import export
 
-        export.write(self, format, checkpoint, folder)
+        export.write(self, checkpoint, folder)
 
     def _export_reference(self, prompts, checkpoint: str, hf):
         from . import export
