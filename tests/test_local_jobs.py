@@ -32,7 +32,6 @@ from tuning_magics.errors import UserError
 from tuning_magics.jobs import (
     JOB_STATE_CANCELLED,
     JOB_STATE_FAILED,
-    JOB_STATE_PENDING,
     JOB_STATE_QUEUED,
     JOB_STATE_RUNNING,
     JOB_STATE_SUCCEEDED,

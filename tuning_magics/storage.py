@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import hashlib
 import mimetypes
 import os
