@@ -698,8 +698,9 @@ class FakeVertex:
         self.project_numbers = {"fake-project": "123456789012", **(project_numbers or {})}
         self.regions: dict[str, set[str]] = {}  # base model -> regions that tune it (overrides the defaults)
         #: A Hugging Face model folder whose weights an open-model job leaves in each checkpoint, in the service's
-        #: layout (None: empty placeholder weights, which nothing can load), cast to ``weights_dtype`` if set.
-        self.weights: Path | None = None
+        #: layout (None: empty placeholder weights, which nothing can load), cast to ``weights_dtype`` if set; or a
+        #: list of folders, one for each checkpoint in order (the last for ``final`` and any checkpoint beyond).
+        self.weights: Path | list[Path] | None = None
         self.weights_dtype: str | None = None
         self.requests: list[Recorded] = []
         #: Every instance the evaluation service graded: {"kind", "values", "model", "template"}.
@@ -1357,10 +1358,12 @@ class FakeVertex:
         out = job.body["outputUri"].rstrip("/")
         config = json.dumps({"architectures": ["FakeForCausalLM"], "base_model": job.base_model}).encode()
         folders = [f"checkpoint-{step}" for _, step in job.checkpoint_steps()] + ["final"]
-        for folder in folders:
+        sources = self.weights if isinstance(self.weights, list) else [self.weights]
+        for number, folder in enumerate(folders):
             base = f"{out}/postprocess/node-0/checkpoints/{folder}"
             if self.weights is not None:
-                for name, data in _checkpoint_files(Path(self.weights), self.weights_dtype).items():
+                source = sources[-1] if folder == "final" else sources[min(number, len(sources) - 1)]
+                for name, data in _checkpoint_files(Path(source), self.weights_dtype).items():
                     self.storage.write(f"{base}/{name}", data)
                 continue
             self.storage.write(f"{base}/model-00001-of-00001.safetensors", _safetensors(folder))

@@ -227,7 +227,9 @@ def test_a_vertex_open_model_job_is_exported_from_cloud_storage_and_answers_as_i
     export downloads them, verified, and answers every prompt of the job's own training file (read from Cloud
     Storage) exactly as the local engine answered from the same weights."""
     local = jobs["full"]
-    vertex.weights = Path(local.output_uri) / "postprocess/node-0/checkpoints/final"
+    folder = Path(local.output_uri) / "postprocess/node-0/checkpoints"
+    middle = local.checkpoints[len(local.checkpoints) // 2].name
+    vertex.weights = [folder / middle, folder / "final"]  # a checkpoint halfway through tuning, then its last
     job = tm.tune("qwen/qwen3@qwen3-8b", FACTS, tuning_mode="FULL", epochs=2,
                   output_uri=f"gs://{vertex.bucket}/export-{tmp_path.name}")
     assert finish(vertex, job, limit=300).succeeded, job.error
@@ -241,8 +243,8 @@ def test_a_vertex_open_model_job_is_exported_from_cloud_storage_and_answers_as_i
 
     assert hf.path == str(data_home() / "exports" / job.id / "final-hf")
     assert hf.verified and (hf.prompts, hf.answered, hf.identical) == (8, 8, None)
-    assert str(hf).endswith("loaded on its own and answered 8/8 of the job's prompts (nothing else here answers "
-                            "from these weights to compare with)")
+    assert str(hf).endswith("loaded on its own and asked 8 of the job's prompts, 8 answered with text (nothing else "
+                            "here answers from these weights to compare with)")
     # The export adds what the service leaves out: a reply ends at the chat template's end-of-turn token elsewhere.
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -254,6 +256,12 @@ def test_a_vertex_open_model_job_is_exported_from_cloud_storage_and_answers_as_i
     prompts = job_prompts(job, 8)
     assert [p[-1]["content"] for p in prompts] == [f["prompt"] for f in FACTS[:8]]  # its training file, from GCS
     assert answers_from_folder(hf.path, prompts) == [local.chat(p, temperature=0, max_new_tokens=64) for p in prompts]
+
+    # Each checkpoint exports its own weights: the first answers as the local job did halfway through its tuning.
+    first = job.export("hf", checkpoint=job.checkpoints[0].step, path=tmp_path / "first", sample=4)
+    early = [local.chat(p, checkpoint=middle, temperature=0, max_new_tokens=64) for p in prompts[:4]]
+    assert first.verified and first.answered == 4 and answers_from_folder(first.path, prompts[:4]) == early
+    assert early != [local.chat(p, temperature=0, max_new_tokens=64) for p in prompts[:4]]
 
     gguf = job.export("gguf", path=tmp_path / "gguf")
     assert gguf.verified and str(gguf).endswith("8/8 answers identical to the checkpoint's weights in transformers")

@@ -430,7 +430,7 @@ class Job(ABC):
         by its runtime on its own and asked ``sample`` of the job's prompts; it is kept only when its answers are
         ``job.chat``'s (all of them; most, for rounded weights; for a Vertex AI job, whose model answers only once
         deployed, a GGUF's must be its checkpoint's in transformers, and an ``"hf"`` folder, which is that
-        checkpoint, must answer every prompt). Returns an :class:`~tuning_magics.export.Export`.
+        checkpoint, must load on its own and answer the prompts). Returns an :class:`~tuning_magics.export.Export`.
         """
         from .export import export_job
 
