@@ -187,13 +187,11 @@ def _gguf_bytes(config: dict, weights: int, quantization: str) -> int:
 
 def _check_memory(format: str, config: dict, weights: int) -> None:
     """Verification loads the model in float32: a one-line UserError where the machine has not the memory."""
-    try:
-        import psutil
-    except ImportError:  # the [local] extra brings it; without it the memory is not known
-        return
+    from .machine import available_ram
+
     need = int(weights / _dtype_bytes(config) * 4)
-    free = psutil.virtual_memory().available
-    if need > free:
+    free = available_ram()
+    if 0 < free < need:  # (0: the system does not say)
         raise UserError(f"verifying the {format} export loads the model in float32, about {_amount(need)}, and this "
                         f"machine has {_amount(free)} of memory available; pass verify=False to export it unverified, "
                         "or export on a machine with more memory", field="verify")

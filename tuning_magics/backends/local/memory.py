@@ -9,11 +9,11 @@ really have been slow or crashed.
 
 from __future__ import annotations
 
-import os
 import re
 
 from ...catalog import FULL, PEFT, normalise_mode
 from ...errors import UserError
+from ...machine import available_ram
 
 GiB = 1024**3
 _LORA_PROJECTIONS = 7  # q, k, v, o, gate, up, down
@@ -135,22 +135,7 @@ def available_memory(device=None) -> int:
         index = int(dev.split(":")[1]) if ":" in dev else torch.cuda.current_device()
         free, _total = torch.cuda.mem_get_info(index)
         return int(free)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if hasattr(os, "sysconf"):
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-    return 0
+    return available_ram()
 
 
 def _gib(n: int) -> str:

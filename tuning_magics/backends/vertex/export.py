@@ -63,10 +63,11 @@ def check(job, format: str, checkpoint) -> None:
 def config(job, checkpoint) -> dict:
     """The checkpoint's ``config.json``."""
     from . import client as vc
+    from .endpoints import open_checkpoint
 
-    name, uri, _ = _files(job, checkpoint)
+    name, uri = open_checkpoint(job, checkpoint, "be exported")
     with vc.api_errors(f"read checkpoint {name} of job {job.id}", job.ctx):
-        return json.loads(storage.read_bytes(uri + _CONFIG))
+        return json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{_CONFIG}"))
 
 
 def export_bytes(job, checkpoint) -> int:
